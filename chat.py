@@ -1,0 +1,2667 @@
+#!/usr/bin/env python3
+"""chat.py - a terminal chat: one server relays lines between many clients.
+
+    python chat.py server        # listen on 127.0.0.1:50000
+    python chat.py client        # join it (in as many terminals as you like)
+
+One file, standard library only. It reads top to bottom:
+
+  1. Wire codec: length-prefixed JSON frames (PROTOCOL.md). Pure, no sockets.
+  2. Text rules: nicks, room names, cleaning text, showing it safely.
+  3. Command tables: slash commands for the client and the operator console;
+     the same table writes /help.
+  4. Chat: the server's state and rules (users, rooms, history, limits). It
+     turns frames into bytes queued per connection and never touches a socket.
+  5. Server loop: one thread, one selector. Accepts, reads, writes, TLS
+     handshakes, timers, signals. It only moves bytes.
+  6. Client: connection, terminal, rendering, reconnect.
+  7. Benchmark, certificate helper and the command line.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import collections
+import dataclasses
+import errno
+import getpass
+import hashlib
+import heapq
+import itertools
+import hmac
+import json
+import logging
+import os
+import queue
+import random
+import re
+import secrets
+import select
+import selectors
+import shutil
+import signal
+import socket
+import ssl
+import struct
+import subprocess
+import sys
+import threading
+import time
+import unicodedata
+from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple
+
+VERSION = "1.0"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 50000
+log = logging.getLogger("chat")
+
+
+# ---------------------------------------------------------------------------
+# 1. Wire codec
+# ---------------------------------------------------------------------------
+
+MAX_CLIENT_PAYLOAD = 65536      # largest frame a client may send (PROTOCOL.md)
+MAX_SERVER_PAYLOAD = 1 << 20    # largest frame a server may send (PROTOCOL.md)
+_LENGTH = struct.Struct(">I")
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+class ProtocolError(Exception):
+    """Something a peer sent that the protocol refuses; `code` is the wire code."""
+
+    def __init__(self, code: str, text: str):
+        super().__init__(text)
+        self.code = code
+        self.text = text
+
+    def frame(self) -> dict:
+        return {"type": "error", "code": self.code, "text": self.text}
+
+
+def encode(frame: dict) -> bytes:
+    """One frame on the wire: 4-byte big-endian length, then compact UTF-8 JSON."""
+    payload = _dumps(frame).encode("utf-8")
+    return _LENGTH.pack(len(payload)) + payload
+
+
+def parse_payload(payload: bytes) -> dict:
+    """The JSON object inside a frame, or ProtocolError('bad-frame')."""
+    try:
+        obj = json.loads(payload.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ProtocolError("bad-frame", "frame is not valid UTF-8") from None
+    except (ValueError, RecursionError):
+        raise ProtocolError("bad-frame", "frame is not valid JSON") from None
+    if type(obj) is not dict:
+        raise ProtocolError("bad-frame", "frame is not a JSON object")
+    if type(obj.get("type")) is not str:
+        raise ProtocolError("bad-frame", 'frame has no string "type"')
+    return obj
+
+
+class FrameDecoder:
+    """Reassembles frames from a byte stream, however TCP split or merged it.
+
+    feed() bytes in, then call next_frame() until it returns None. It never
+    allocates what a length prefix announces: a frame over `max_payload` is
+    refused as soon as its 4-byte prefix is seen."""
+
+    def __init__(self, max_payload: int = MAX_CLIENT_PAYLOAD):
+        self.max_payload = max_payload
+        self._buf = bytearray()
+        self._pos = 0   # start of the first unread frame; consumed bytes are dropped lazily
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet returned as a frame."""
+        return len(self._buf) - self._pos
+
+    def next_frame(self) -> Optional[dict]:
+        buf, pos = self._buf, self._pos
+        if len(buf) - pos >= 4:
+            (size,) = _LENGTH.unpack_from(buf, pos)
+            if size > self.max_payload:
+                raise ProtocolError("frame-too-large",
+                                    f"frame of {size} bytes announced; the limit is {self.max_payload}")
+            end = pos + 4 + size
+            if len(buf) >= end:
+                self._pos = end
+                return parse_payload(bytes(buf[pos + 4:end]))
+        if pos:   # compact once per batch: deleting a bytearray's head is cheap in CPython
+            del buf[:pos]
+            self._pos = 0
+        return None
+
+
+# ---------------------------------------------------------------------------
+# 2. Text rules
+# ---------------------------------------------------------------------------
+
+NAME_MAX = 32          # nicks and room names
+TEXT_MAX = 4096        # characters in one chat line
+TEXT_MAX_LINES = 50    # newlines in one chat line, so one frame cannot fill a screen
+REASON_MAX = 200       # quit and kick reasons
+LOBBY = "lobby"
+
+
+def check_name(name: object, what: str = "nick") -> str:
+    """A valid nick or room name, NFC-normalised, or ProtocolError.
+
+    1-32 letters (any script), digits, `_`, `-`, `.`. That rules out spaces,
+    control, invisible and bidi-override characters by construction."""
+    code = "bad-nick" if what == "nick" else "bad-room"
+    if type(name) is not str:
+        raise ProtocolError(code, f"{what} must be a string")
+    name = unicodedata.normalize("NFC", name)
+    if not 1 <= len(name) <= NAME_MAX:
+        raise ProtocolError(code, f"{what} must be 1-{NAME_MAX} characters long")
+    for ch in name:
+        if ch not in "_-." and unicodedata.category(ch) not in _NAME_CATEGORIES:
+            raise ProtocolError(code, f"{what} may hold only letters, digits, '_', '-' and '.'"
+                                      f" (not {ch!r})")
+    return name
+
+
+_NAME_CATEGORIES = {"Lu", "Ll", "Lt", "Lm", "Lo", "Nd"}
+
+
+def check_room(name: object) -> str:
+    """A room name as the protocol carries it: without the '#' people type."""
+    if type(name) is str and name.startswith("#"):
+        name = name[1:]
+    return check_name(name, "room")
+
+
+def name_key(name: str) -> str:
+    """Nicks and rooms are unique without regard to case."""
+    return name.casefold()
+
+
+# Characters the server never relays: C0 and C1 controls except tab and
+# newline, DEL, bidi embeddings/overrides/isolates (they reorder what others
+# see), BOM, and lone surrogates (not encodable). \r and U+2028/9 become \n.
+_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ufeff\ud800-\udfff]")
+_ESCAPE_SEQUENCE = re.compile(
+    "\x1b(?:\\[[0-?]*[ -/]*[@-~]"          # CSI: colours, cursor movement
+    "|\\][^\x07\x1b]*(?:\x07|\x1b\\\\)?"   # OSC: window title, hyperlinks
+    "|[ -~]?)"                             # any other two-byte escape
+    "|\x9b[0-?]*[ -/]*[@-~]")              # 8-bit CSI
+_NEWLINES = re.compile("\r\n?|[\u2028\u2029]")
+
+
+def clean_text(text: str) -> str:
+    """Text as the server relays it: escape sequences removed whole (so no
+    stray '[31m' is left), other unsafe characters removed, newlines unified."""
+    if not _UNSAFE.search(text):   # the common case costs one C-level scan
+        return text
+    text = _NEWLINES.sub("\n", _ESCAPE_SEQUENCE.sub("", text))
+    return _UNSAFE.sub("", text)
+
+
+def check_text(text: object, limit: int = TEXT_MAX) -> str:
+    """Chat text from a client, cleaned, or ProtocolError."""
+    if type(text) is not str:
+        raise ProtocolError("bad-field", '"text" must be a string')
+    if len(text) > limit:
+        raise ProtocolError("text-too-long", f"text of {len(text)} characters; the limit is {limit}")
+    text = clean_text(text).strip("\n")
+    if not text.strip():
+        raise ProtocolError("bad-field", "text is empty")
+    if text.count("\n") >= TEXT_MAX_LINES:
+        raise ProtocolError("text-too-long", f"text has more than {TEXT_MAX_LINES} lines")
+    return text
+
+
+# What a terminal must never receive raw from someone else: every control
+# character but newline, bidi controls and lone surrogates. The client shows
+# them escaped (\x1b), so nothing is hidden and nothing is obeyed.
+_UNPRINTABLE = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+def printable(text: str) -> str:
+    """Text safe to write to a terminal: tabs become spaces, every other
+    control character is shown as an escape. Valid UTF-8 stays as it is."""
+    if not _UNPRINTABLE.search(text):
+        return text
+    text = text.replace("\t", "    ")
+    return _UNPRINTABLE.sub(lambda m: repr(m.group())[1:-1], text)
+
+
+def display_width(text: str) -> int:
+    """Terminal columns `text` takes: wide East Asian characters take two,
+    combining marks none. (Close enough to wcwidth for redrawing a prompt.)"""
+    if text.isascii():
+        return len(text)
+    width = 0
+    for ch in text:
+        if unicodedata.combining(ch) or unicodedata.category(ch) in ("Mn", "Me", "Cf"):
+            continue
+        width += 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
+    return width
+
+
+# ---------------------------------------------------------------------------
+# 3. Command tables
+# ---------------------------------------------------------------------------
+
+class Command(NamedTuple):
+    name: str
+    usage: str          # e.g. "NICK TEXT" or "[REASON]": the last parameter takes the rest of the line
+    help: str
+    run: Callable       # run(*arguments); arguments as parsed from `usage`
+
+
+class CommandTable:
+    """Slash commands: parses '/name args' by each command's usage line and
+    writes /help from the same table, so the two never disagree."""
+
+    def __init__(self, commands: Iterable[Command]):
+        self.commands = {c.name: c for c in commands}
+
+    def parse(self, line: str) -> Tuple[Command, List[str]]:
+        """The command a '/...' line names and its arguments, or ValueError
+        with a message fit for the user."""
+        name, _, rest = line[1:].partition(" ")
+        command = self.commands.get(name.lower())
+        if command is None:
+            raise ValueError(f"unknown command /{name}; /help lists them")
+        params = command.usage.split()
+        words = rest.split(None, len(params) - 1) if params else []
+        required = [p for p in params if not p.startswith("[")]
+        if len(words) < len(required) or (not params and rest.strip()):
+            raise ValueError(f"usage: /{command.name} {command.usage}".rstrip())
+        return command, words
+
+    def run(self, line: str) -> None:
+        command, words = self.parse(line)
+        command.run(*words)
+
+    def help_lines(self) -> List[str]:
+        width = max(len(f"/{c.name} {c.usage}") for c in self.commands.values())
+        return [f"/{c.name} {c.usage}".ljust(width) + f"  {c.help}" for c in self.commands.values()]
+
+
+# ---------------------------------------------------------------------------
+# 4. Chat: the server's state and rules (no sockets here)
+# ---------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class ServerConfig:
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    max_connections: int = 100
+    max_payload: int = MAX_CLIENT_PAYLOAD
+    max_buffer: int = 1 << 20          # unsent bytes per client before it counts as too slow
+    history: int = 50                  # lines kept per room for welcome and replay
+    history_file: Optional[str] = None
+    history_file_max: int = 4 << 20    # bytes before the file is compacted
+    flood_rate: float = 100.0          # chat lines per second per client, sustained...
+    flood_burst: int = 1000            # ...after a burst of this many
+    hello_timeout: float = 10.0
+    ping_interval: float = 30.0
+    idle_timeout: float = 75.0
+    auth_delay: float = 1.0            # seconds added per failed password from one address
+    password: Optional[str] = None
+    tls_cert: Optional[str] = None
+    tls_key: Optional[str] = None
+    max_rooms: int = 1000
+    rooms_per_user: int = 20
+    name: str = f"chat.py {VERSION}"
+
+
+# Session states. A connection moves down this list and never back. (A TLS
+# handshake in progress is the loop's business: see Conn.handshake.)
+HELLO, AUTH, JOINED, CLOSING, CLOSED = "hello", "auth", "joined", "closing", "closed"
+CHAT_LINE_TYPES = frozenset(("msg", "me", "pm"))   # what flood control counts
+
+
+class Conn:
+    """One client connection: the socket side (the loop's) and the session
+    side (the chat's). `out` holds bytes queued for the client."""
+
+    __slots__ = ("sock", "fd", "addr", "ip", "tls", "handshake", "shut", "events", "state", "decoder", "out",
+                 "nick", "key", "session", "rooms", "tokens", "refilled", "held", "paused",
+                 "last_heard", "flood_noticed", "linger_until")
+
+    def __init__(self, sock, addr: str, ip: str, max_payload: int, now: float, burst: float):
+        self.sock = sock
+        self.fd = sock.fileno() if sock is not None else -1
+        self.addr, self.ip = addr, ip
+        self.tls = False                # TLS established
+        self.handshake = None           # None, or the TLS step the loop waits for
+        self.shut = False               # our side of the TCP stream is closed
+        self.events = 0                 # what the selector watches for
+        self.state = HELLO
+        self.decoder = FrameDecoder(max_payload)
+        self.out = bytearray()
+        self.nick = self.key = self.session = None
+        self.rooms: List[Room] = []
+        self.tokens, self.refilled = float(burst), now    # flood-control token bucket
+        self.held: Optional[dict] = None   # a frame waiting for a token
+        self.paused = False             # not reading: flood control or a pending refusal
+        self.last_heard = now
+        self.flood_noticed = -1e9
+
+    def __repr__(self) -> str:
+        return f"{self.nick or '?'}@{self.addr}"
+
+
+class Room:
+    __slots__ = ("name", "members", "history", "seq")
+
+    def __init__(self, name: str, history: int):
+        self.name = name
+        self.members: set = set()
+        self.history: collections.deque = collections.deque(maxlen=history)
+        self.seq = 0    # lines ever said here; the `seq` of the newest line
+
+    def nicks(self) -> List[str]:
+        return sorted((m.nick for m in self.members), key=name_key)
+
+
+class HistoryFile:
+    """Chat lines kept on disk as JSON lines, so a restart loses nothing.
+
+    The first line is a header with the history's instance id: clients use it
+    to know that message ids they remember still mean the same lines. Lines
+    are written once per loop turn (flushed to the OS, so a crash or SIGKILL
+    loses nothing) and fsync'd at most once a second (a power cut may lose
+    that last second). A torn last line is skipped with a warning. Past
+    `max_bytes` the file is rewritten with only what the server keeps in
+    memory (the newest lines of each room)."""
+
+    def __init__(self, path: str, max_bytes: int):
+        self.path, self.max_bytes = path, max_bytes
+        self.instance = None
+        self._pending: List[bytes] = []
+        self._unsynced = False
+        self._file = None
+
+    def load(self) -> List[dict]:
+        """Lines on disk, oldest first; sets `instance` (a new one for a new file)."""
+        lines, torn = [], 0
+        try:
+            with open(self.path, "rb") as f:
+                for number, raw in enumerate(f, 1):
+                    try:
+                        obj = json.loads(raw)
+                    except ValueError:
+                        torn += 1
+                        log.warning("history %s: line %d is damaged; skipped", self.path, number)
+                        continue
+                    if number == 1 and isinstance(obj, dict) and "instance" in obj:
+                        self.instance = str(obj["instance"])
+                    elif _is_history_line(obj):
+                        lines.append(obj)
+        except FileNotFoundError:
+            pass
+        if self.instance is None or torn:
+            self.instance = self.instance or secrets.token_hex(8)
+            self.rewrite(lines)
+        self._file = open(self.path, "ab")
+        return lines
+
+    def rewrite(self, lines: List[dict]) -> None:
+        """Replace the file atomically with a header and `lines`."""
+        tmp = self.path + ".tmp"
+        with open(tmp, "wb") as f:
+            f.write(_dumps({"instance": self.instance, "format": 1}).encode() + b"\n")
+            f.writelines(_dumps(line).encode("utf-8") + b"\n" for line in lines)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+    def append(self, payload: bytes) -> None:
+        self._pending.append(payload)
+
+    def write(self, keep: Callable[[], List[dict]]) -> bool:
+        """Once per loop turn: write what this turn added; compact when too
+        big. True when an fsync should now be scheduled."""
+        if not self._pending:
+            return False
+        self._file.write(b"\n".join(self._pending) + b"\n")
+        self._file.flush()
+        self._pending.clear()
+        if self._file.tell() > self.max_bytes:
+            self._file.close()
+            self.rewrite(keep())
+            self._file = open(self.path, "ab")
+            return False
+        was_synced, self._unsynced = not self._unsynced, True
+        return was_synced
+
+    def sync(self) -> None:
+        if self._unsynced:
+            os.fsync(self._file.fileno())
+            self._unsynced = False
+
+    def close(self) -> None:
+        if self._file:
+            self.sync()
+            self._file.close()
+
+
+def _is_history_line(obj: object) -> bool:
+    return (isinstance(obj, dict) and obj.get("type") == "msg" and type(obj.get("id")) is int
+            and type(obj.get("seq")) is int and type(obj.get("room")) is str
+            and type(obj.get("text")) is str and type(obj.get("from")) is str)
+
+
+class Chat:
+    """Users, rooms, history and the rules of the protocol.
+
+    The loop hands it connections and bytes; it answers by appending encoded
+    frames to `conn.out` and listing those connections in `dirty`. Chat lines
+    said during one loop turn are fanned out together by flush(): each room
+    joins its lines into one blob and appends that to every member, so the
+    per-recipient cost is one append per turn, not one per line."""
+
+    def __init__(self, config: ServerConfig, io):
+        self.config = config
+        self.io = io        # the loop: call_later(), update_interest(), close_soon(), stop()
+        self.ts = round(time.time(), 3)
+        self.clock = time.monotonic()
+        self.conns: set = set()                  # every connection not yet closing
+        self.users: Dict[str, Conn] = {}         # nick key -> joined connection
+        self.rooms: Dict[str, Room] = {}
+        self.pending: List[tuple] = []           # (room, sender, frame bytes) not yet fanned out
+        self.dirty: List[Conn] = []              # connections whose `out` became non-empty
+        self.slow: List[Conn] = []               # connections over their buffer limit
+        self.auth_failures: Dict[str, Tuple[int, float]] = {}
+        self.next_id = 1
+        self.history_file = HistoryFile(config.history_file, config.history_file_max) \
+            if config.history_file else None
+        self.instance = secrets.token_hex(8)
+        self.lobby = self._room(LOBBY)
+        if self.history_file:
+            self._load_history()
+        self.before_hello = {"hello": self.on_hello, "quit": self.on_quit}
+        self.handlers = {
+            "hello": self.on_second_hello, "msg": self.on_msg, "me": self.on_me, "pm": self.on_pm,
+            "nick": self.on_nick, "who": self.on_who, "ping": self.on_ping, "pong": self.on_pong,
+            "quit": self.on_quit, "join": self.on_join, "part": self.on_part, "rooms": self.on_rooms,
+        }
+
+    # -- time and the loop's entry points ------------------------------------
+
+    def tick(self) -> None:
+        """Called by the loop once per turn: one clock read serves every frame."""
+        self.ts = round(time.time(), 3)
+        self.clock = time.monotonic()
+
+    def open(self, conn: Conn) -> bool:
+        """A new connection. False if the server is full (the connection then
+        gets `server-full` and is closed; nobody else notices)."""
+        if len(self.conns) >= self.config.max_connections:
+            log.warning("%s refused: server full (%d connections)", conn.addr, len(self.conns))
+            self._refuse(conn, ProtocolError(
+                "server-full", f"the server is full ({self.config.max_connections} connections);"
+                               " try again later"))
+            return False
+        self.conns.add(conn)
+        self.io.call_later(self.config.hello_timeout, self._hello_deadline, conn)
+        return True
+
+    def received(self, conn: Conn, data) -> None:
+        if conn.state not in (HELLO, JOINED):
+            return          # refused or closing: whatever it sends is ignored
+        if conn.state is HELLO and not conn.decoder.buffered and data[:1] == b"\x16":
+            self.drop(conn, "sent a TLS handshake, but this server has no --tls-cert")
+            return
+        conn.decoder.feed(data)
+        self.process(conn)
+
+    def process(self, conn: Conn) -> None:
+        """Handle every complete frame from `conn`, unless flood control or a
+        refusal pauses it; paused frames stay in the decoder (TCP backpressure)."""
+        decoder = conn.decoder
+        while not conn.paused and conn.state in (HELLO, JOINED):
+            frame, conn.held = conn.held, None
+            if frame is None:
+                try:
+                    frame = decoder.next_frame()
+                except ProtocolError as error:
+                    self.drop(conn, f"sent a bad frame: {error.text}", error)
+                    return
+                if frame is None:
+                    return
+            conn.last_heard = self.clock
+            kind = frame["type"]
+            if kind in CHAT_LINE_TYPES and not self._take_token(conn):
+                conn.held = frame
+                self._pause_for_flood(conn)
+                return
+            self.dispatch(conn, kind, frame)
+
+    def dispatch(self, conn: Conn, kind: str, frame: dict) -> None:
+        if conn.state is HELLO:
+            handler = self.before_hello.get(kind)
+            if handler is None:
+                self.drop(conn, f"sent {kind!r} before hello",
+                          ProtocolError("not-joined", "send hello first"))
+                return
+        else:
+            handler = self.handlers.get(kind)
+        try:
+            if handler is None:
+                raise ProtocolError("unknown-type", f"unknown frame type {kind!r}")
+            handler(conn, frame)
+        except ProtocolError as error:     # refused, but the connection stays
+            log.info("%r: %s: %s", conn, error.code, error.text)
+            self.send(conn, self._stamped(error.frame()))
+
+    def lost(self, conn: Conn, reason: str) -> None:
+        """The socket is gone (closed by the peer or broken)."""
+        if conn.state in (CLOSING, CLOSED):
+            conn.state = CLOSED
+            return
+        if conn.decoder.buffered:
+            reason += f" (in the middle of a frame, {conn.decoder.buffered} bytes unread)"
+        self._leave(conn, reason)
+        conn.state = CLOSED
+
+    def drop(self, conn: Conn, reason: str, error: Optional[ProtocolError] = None) -> None:
+        """Disconnect `conn` on the server's initiative, telling it why."""
+        if conn.state in (CLOSING, CLOSED):
+            return
+        self.flush()
+        if error is not None:
+            self._queue(conn, encode(self._stamped(error.frame())))
+        self._leave(conn, reason)
+        conn.state = CLOSING
+        self.io.close_soon(conn)
+
+    def shutdown(self, reason: str) -> None:
+        """Say `bye` to everyone and close every connection (no leave events:
+        everybody is leaving)."""
+        bye = encode({"type": "bye", "reason": reason, "ts": self.ts})
+        self.flush()
+        for conn in list(self.conns):
+            if conn.state in (HELLO, JOINED, AUTH):
+                self._queue(conn, bye)
+            conn.state = CLOSING
+            self.io.close_soon(conn)
+        self.conns.clear()
+        self.users.clear()
+        self.end_turn()
+
+    def end_turn(self) -> None:
+        """Called by the loop after each turn's events."""
+        self.flush()
+        if self.history_file and self.history_file.write(self._history_in_memory):
+            self.io.call_later(1.0, self.history_file.sync)
+
+    # -- sending -------------------------------------------------------------
+
+    def _stamped(self, frame: dict) -> dict:
+        frame["ts"] = self.ts
+        return frame
+
+    def _queue(self, conn: Conn, data: bytes) -> None:
+        out = conn.out
+        if not out:
+            self.dirty.append(conn)
+        out += data
+        if len(out) > self.config.max_buffer and conn.state is JOINED:
+            self.slow.append(conn)
+
+    def send(self, conn: Conn, frame: dict) -> None:
+        """Queue one frame for one connection, after everything said before it."""
+        self.flush()
+        self._queue(conn, encode(frame))
+
+    def send_each(self, conns: Iterable[Conn], frame: dict) -> None:
+        self.flush()
+        data = encode(frame)
+        for conn in conns:
+            self._queue(conn, data)
+
+    def to_room(self, room: Room, frame: dict, sender: Optional[Conn] = None) -> None:
+        """Queue a frame for everyone in `room` but `sender`, in order with its lines."""
+        self.pending.append((room, sender, encode(frame)))
+
+    def flush(self) -> None:
+        """Fan out what this turn said, then drop whoever fell too far behind.
+        Called before anything that changes who receives what (joins, parts,
+        drops) and before every unicast, so nobody sees lines out of order."""
+        while self.pending or self.slow:
+            if self.pending:
+                batch, self.pending = self.pending, []
+                start = 0
+                while start < len(batch):   # runs of consecutive entries for one room
+                    room, end = batch[start][0], start + 1
+                    while end < len(batch) and batch[end][0] is room:
+                        end += 1
+                    self._fan_out(room, batch[start:end])
+                    start = end
+            while self.slow:
+                conn = self.slow.pop()
+                self.drop(conn, f"too slow: over {self.config.max_buffer} bytes unread",
+                          ProtocolError("too-slow", "you stopped reading; disconnected"))
+
+    def _fan_out(self, room: Room, run: List[tuple]) -> None:
+        # The hot path: per recipient, one set lookup and one bytearray append.
+        if len(run) == 1:
+            senders, blob = (run[0][1],), run[0][2]
+        else:
+            senders, blob = {entry[1] for entry in run}, b"".join([entry[2] for entry in run])
+        limit, dirty, slow = self.config.max_buffer, self.dirty, self.slow
+        for member in room.members:
+            data = blob
+            if member in senders:   # nobody gets their own lines back
+                data = b"".join([entry[2] for entry in run if entry[1] is not member])
+                if not data:
+                    continue
+            out = member.out
+            if not out:
+                dirty.append(member)
+            out += data
+            if len(out) > limit:
+                slow.append(member)
+
+    # -- flood control -------------------------------------------------------
+
+    def _take_token(self, conn: Conn) -> bool:
+        config = self.config
+        tokens = conn.tokens + (self.clock - conn.refilled) * config.flood_rate
+        conn.refilled = self.clock
+        if tokens > config.flood_burst:
+            tokens = config.flood_burst
+        if tokens < 1.0:
+            conn.tokens = tokens
+            return False
+        conn.tokens = tokens - 1.0
+        return True
+
+    def _pause_for_flood(self, conn: Conn) -> None:
+        """Stop reading from a flooder until it has a token again. Its lines
+        wait in its socket (TCP slows it down); none are dropped."""
+        conn.paused = True
+        self.io.update_interest(conn)
+        self.io.call_later((1.0 - conn.tokens) / self.config.flood_rate, self._resume, conn)
+        if self.clock - conn.flood_noticed > 10:
+            conn.flood_noticed = self.clock
+            log.info("%r is over the flood limit; slowing it down", conn)
+            self.send(conn, self._stamped({
+                "type": "notice", "text": f"you are sending more than {self.config.flood_rate:g}"
+                f" lines a second; the server is slowing you down (nothing is lost)"}))
+
+    def _resume(self, conn: Conn) -> None:
+        if conn.state is JOINED:
+            conn.paused = False
+            self.io.update_interest(conn)
+            self.process(conn)
+
+    # -- timers --------------------------------------------------------------
+
+    def _hello_deadline(self, conn: Conn) -> None:
+        if conn.state is HELLO:
+            self.drop(conn, f"no hello within {self.config.hello_timeout:g}s",
+                      ProtocolError("timeout", "no hello in time"))
+
+    def _keepalive(self, conn: Conn) -> None:
+        """Ping a client silent for ping_interval; drop it when silent for
+        idle_timeout (a vanished peer never answers, half-open or not)."""
+        if conn.state is not JOINED:
+            return
+        config = self.config
+        silent = self.clock - conn.last_heard
+        if silent >= config.idle_timeout:
+            self.drop(conn, f"ping timeout ({silent:.0f}s silent)",
+                      ProtocolError("timeout", "no answer to ping"))
+            return
+        if silent >= config.ping_interval:
+            self.send(conn, {"type": "ping", "ts": self.ts})
+            delay = config.idle_timeout - silent
+        else:
+            delay = config.ping_interval - silent
+        self.io.call_later(delay, self._keepalive, conn)
+
+    # -- joining -------------------------------------------------------------
+
+    def on_hello(self, conn: Conn, frame: dict) -> None:
+        try:
+            nick = check_name(frame.get("nick"))
+            if self.config.password is not None and not self._password_ok(frame.get("password")):
+                self._refuse_password(conn, frame.get("password"))
+                return
+            self._claim_nick(conn, nick, frame.get("session"))
+        except ProtocolError as error:
+            self.drop(conn, f"refused: {error.text}", error)
+            return
+        self._welcome(conn, frame)
+
+    def _password_ok(self, given: object) -> bool:
+        return type(given) is str and hmac.compare_digest(given.encode("utf-8", "surrogatepass"),
+                                                          self.config.password.encode())
+
+    def _refuse_password(self, conn: Conn, given: object) -> None:
+        """Refuse after a delay that grows with each failure from the same
+        address, without blocking anyone else."""
+        count, _ = self.auth_failures.get(conn.ip, (0, 0.0))
+        self.auth_failures[conn.ip] = (count + 1, self.clock)
+        if len(self.auth_failures) > 10000:    # bound the table: forget quiet addresses
+            self.auth_failures = {ip: v for ip, v in self.auth_failures.items()
+                                  if self.clock - v[1] < 600}
+        delay = min(self.config.auth_delay * (count + 1), 10.0)
+        text = "this server needs a password" if given is None else "wrong password"
+        log.warning("%s: %s (failure %d from this address)", conn.addr, text, count + 1)
+        conn.state, conn.paused = AUTH, True
+        self.io.update_interest(conn)
+        self.io.call_later(delay, self._refuse, conn, ProtocolError("auth-failed", text))
+
+    def _refuse(self, conn: Conn, error: ProtocolError) -> None:
+        if conn.state not in (CLOSING, CLOSED):
+            self.conns.discard(conn)
+            self._queue(conn, encode(self._stamped(error.frame())))
+            conn.state = CLOSING
+            self.io.close_soon(conn)
+
+    def _claim_nick(self, conn: Conn, nick: str, session: object) -> None:
+        key = name_key(nick)
+        holder = self.users.get(key)
+        if holder is not None:
+            if not (type(session) is str and holder.session
+                    and hmac.compare_digest(session, holder.session)):
+                raise ProtocolError("nick-taken", f"the nick {nick} is taken")
+            # The same user reconnecting while its old connection lingers
+            # (half-open): the new connection wins.
+            self.drop(holder, "reconnected", ProtocolError("replaced", "you connected again elsewhere"))
+        conn.nick, conn.key = nick, key
+        conn.session = secrets.token_urlsafe(16)
+
+    def _welcome(self, conn: Conn, hello: dict) -> None:
+        self.flush()
+        conn.state = JOINED
+        self.users[conn.key] = conn
+        rooms = self._rooms_to_rejoin(hello.get("rooms")) or [self.lobby]
+        since = hello.get("since") if hello.get("instance") == self.instance else None
+        history, missed = self._replay(rooms, since)
+        welcome = {"type": "welcome", "nick": conn.nick, "users": [], "history": history,
+                   "server": self.config.name, "max_payload": self.config.max_payload,
+                   "max_text": TEXT_MAX, "rooms": [room.name for room in rooms], "room": rooms[0].name,
+                   "instance": self.instance, "session": conn.session,
+                   "ping_interval": self.config.ping_interval, "idle_timeout": self.config.idle_timeout,
+                   "ts": self.ts}
+        if missed is not None:
+            welcome["missed"] = missed
+        for room in rooms:
+            room.members.add(conn)
+            conn.rooms.append(room)
+        welcome["users"] = rooms[0].nicks()
+        self._queue(conn, _fitted(welcome, "history", "users"))
+        log.info("%r joined (%d users)", conn, len(self.users))
+        for room in rooms:
+            self._announce_join(conn, room)
+        self.io.call_later(self.config.ping_interval, self._keepalive, conn)
+
+    def _rooms_to_rejoin(self, names: object) -> List[Room]:
+        """Rooms a reconnecting client was in; names that are not valid are skipped."""
+        rooms: List[Room] = []
+        if type(names) is list:
+            for name in names[:self.config.rooms_per_user]:
+                try:
+                    room = self._room(check_room(name))
+                except ProtocolError:
+                    continue
+                if room not in rooms:
+                    rooms.append(room)
+        return rooms
+
+    def _replay(self, rooms: List[Room], since: object) -> Tuple[List[dict], Optional[dict]]:
+        """History for a welcome: each room's recent lines, or, for a client
+        resuming, the lines after the last one it saw (`since`: room -> seq)
+        and how many of those are no longer kept (`missed`)."""
+        if not isinstance(since, dict):
+            lines = [line for room in rooms for line in room.history]
+            return sorted(lines, key=_by_id), None
+        lines, missed = [], {}
+        for room in rooms:
+            last = since.get(room.name)
+            if type(last) is not int:
+                continue
+            newer = [line for line in room.history if line["seq"] > last]
+            lines += newer
+            first_kept = newer[0]["seq"] if newer else room.seq + 1
+            if first_kept - last - 1 > 0:
+                missed[room.name] = first_kept - last - 1
+        return sorted(lines, key=_by_id), missed
+
+    def _announce_join(self, conn: Conn, room: Room) -> None:
+        if len(room.members) == 1:
+            self.send(conn, self._stamped({
+                "type": "notice", "room": room.name,
+                "text": f"you are alone in #{room.name}; the last {self.config.history} lines"
+                        " said here are shown to whoever joins later"}))
+        else:
+            self.to_room(room, {"type": "join", "nick": conn.nick, "users": len(room.members),
+                                "room": room.name, "ts": self.ts}, sender=conn)
+
+    def on_second_hello(self, conn: Conn, frame: dict) -> None:
+        raise ProtocolError("already-joined", f"you are already here as {conn.nick}")
+
+    # -- leaving -------------------------------------------------------------
+
+    def _leave(self, conn: Conn, reason: str) -> None:
+        """Forget `conn` and tell the rooms it was in."""
+        self.flush()
+        self.conns.discard(conn)
+        if conn.state is not JOINED:
+            log.info("%s closed before joining: %s", conn.addr, reason)
+            return
+        del self.users[conn.key]
+        for room in conn.rooms:
+            room.members.discard(conn)
+            self.to_room(room, {"type": "leave", "nick": conn.nick, "reason": reason,
+                                "users": len(room.members), "room": room.name, "ts": self.ts})
+        log.info("%r left: %s (%d users)", conn, reason, len(self.users))
+
+    def on_quit(self, conn: Conn, frame: dict) -> None:
+        reason = frame.get("reason")
+        reason = clean_text(reason)[:REASON_MAX].replace("\n", " ").strip() if type(reason) is str else ""
+        self.drop(conn, f"quit: {reason}" if reason else "quit")
+
+    # -- chat lines ----------------------------------------------------------
+
+    def on_msg(self, conn: Conn, frame: dict) -> None:
+        room = self._room_of(conn, frame.get("room"))
+        self.post(room, conn, check_text(frame.get("text")))
+
+    def on_me(self, conn: Conn, frame: dict) -> None:
+        room = self._room_of(conn, frame.get("room"))
+        self.post(room, conn, check_text(frame.get("text")), action=True)
+
+    def post(self, room: Room, sender: Conn, text: str, action: bool = False) -> None:
+        """A chat line said in `room`: numbered, kept, queued for fan-out."""
+        room.seq += 1
+        line = {"type": "msg", "id": self.next_id, "from": sender.nick, "text": text,
+                "ts": self.ts, "room": room.name, "seq": room.seq}
+        if action:
+            line["action"] = True
+        self.next_id += 1
+        room.history.append(line)
+        data = encode(line)
+        if self.history_file:
+            self.history_file.append(data[4:])
+        self.pending.append((room, sender, data))
+
+    def on_pm(self, conn: Conn, frame: dict) -> None:
+        to, text = frame.get("to"), check_text(frame.get("text"))
+        target = self.users.get(name_key(to)) if type(to) is str else None
+        if target is None:
+            raise ProtocolError("no-such-user", f"nobody here is called {to}")
+        line = {"type": "msg", "id": self.next_id, "from": conn.nick, "to": target.nick,
+                "text": text, "ts": self.ts}
+        self.next_id += 1
+        self.send(target, line)
+
+    def _room_of(self, conn: Conn, name: object) -> Room:
+        """The room a line is for: the one named, or the lobby for clients
+        that know nothing of rooms."""
+        if name is None:
+            if self.lobby in conn.rooms:
+                return self.lobby
+            raise ProtocolError("not-in-room", "you are not in #lobby; say which room")
+        room = self.rooms.get(name_key(check_room(name)))
+        if room is None or room not in conn.rooms:
+            raise ProtocolError("not-in-room", f"you are not in #{check_room(name)}")
+        return room
+
+    # -- everything else -----------------------------------------------------
+
+    def on_nick(self, conn: Conn, frame: dict) -> None:
+        new = check_name(frame.get("nick"))
+        key = name_key(new)
+        if key != conn.key and key in self.users:
+            raise ProtocolError("nick-taken", f"the nick {new} is taken")
+        if new == conn.nick:
+            return
+        old = conn.nick
+        del self.users[conn.key]
+        conn.nick, conn.key = new, key
+        self.users[key] = conn
+        log.info("%s is now known as %s", old, new)
+        self.send_each(self._neighbours(conn), {"type": "nick", "old": old, "new": new, "ts": self.ts})
+
+    def _neighbours(self, conn: Conn) -> set:
+        """Everyone who shares a room with `conn`, and `conn` itself."""
+        return {conn}.union(*(room.members for room in conn.rooms))
+
+    def on_who(self, conn: Conn, frame: dict) -> None:
+        name = frame.get("room")
+        if name is None:
+            reply = {"type": "who", "users": sorted((c.nick for c in self.users.values()), key=name_key)}
+        else:
+            room = self.rooms.get(name_key(check_room(name)))
+            if room is None:
+                raise ProtocolError("no-such-room", f"there is no room #{check_room(name)}")
+            reply = {"type": "who", "room": room.name, "users": room.nicks()}
+        self.flush()
+        self._queue(conn, _fitted(self._stamped(reply), "users"))
+
+    def on_ping(self, conn: Conn, frame: dict) -> None:
+        pong = dict(frame, type="pong")
+        pong.setdefault("ts", self.ts)
+        data = encode(pong)
+        if len(data) - 4 > MAX_SERVER_PAYLOAD:   # cannot happen with sane limits; never send it
+            raise ProtocolError("bad-field", "ping too large to echo")
+        self.flush()
+        self._queue(conn, data)
+
+    def on_pong(self, conn: Conn, frame: dict) -> None:
+        pass    # its arrival already counted as a sign of life
+
+    def _room(self, name: str) -> Room:
+        """The room called `name`, created if new."""
+        key = name_key(name)
+        room = self.rooms.get(key)
+        if room is None:
+            if len(self.rooms) >= self.config.max_rooms:
+                raise ProtocolError("too-many-rooms", f"the server has {self.config.max_rooms} rooms already")
+            room = self.rooms[key] = Room(name, self.config.history)
+        return room
+
+    def on_join(self, conn: Conn, frame: dict) -> None:
+        name = check_room(frame.get("room"))
+        existing = self.rooms.get(name_key(name))
+        if existing not in conn.rooms and len(conn.rooms) >= self.config.rooms_per_user:
+            raise ProtocolError("too-many-rooms", f"you are in {len(conn.rooms)} rooms already")
+        room = existing or self._room(name)
+        self.flush()
+        fresh = room not in conn.rooms
+        if fresh:
+            room.members.add(conn)
+            conn.rooms.append(room)
+        self._queue(conn, _fitted(self._stamped({
+            "type": "joined", "room": room.name, "users": room.nicks(),
+            "history": list(room.history)}), "history", "users"))
+        if fresh:
+            self._announce_join(conn, room)
+
+    def on_part(self, conn: Conn, frame: dict) -> None:
+        room = self._room_of(conn, frame.get("room"))
+        self.flush()
+        room.members.discard(conn)
+        conn.rooms.remove(room)
+        self.to_room(room, {"type": "leave", "nick": conn.nick, "reason": "parted",
+                            "users": len(room.members), "room": room.name, "ts": self.ts})
+        self.send(conn, self._stamped({"type": "parted", "room": room.name}))
+
+    def on_rooms(self, conn: Conn, frame: dict) -> None:
+        rooms = [{"name": room.name, "users": len(room.members)} for room in self.rooms.values()
+                 if room.members or room is self.lobby]
+        rooms.sort(key=lambda r: name_key(r["name"]))
+        self.send(conn, self._stamped({"type": "rooms", "rooms": rooms}))
+
+    # -- operator ------------------------------------------------------------
+
+    def announce(self, text: str) -> None:
+        """A notice from the operator to everyone."""
+        self.send_each(self.users.values(), {"type": "notice", "text": clean_text(text), "ts": self.ts})
+
+    def kick(self, nick: str, reason: str) -> bool:
+        conn = self.users.get(name_key(nick))
+        if conn is None:
+            return False
+        why = f"kicked by the operator: {reason}" if reason else "kicked by the operator"
+        self.drop(conn, why, ProtocolError("kicked", why))
+        return True
+
+    # -- durable history -----------------------------------------------------
+
+    def _load_history(self) -> None:
+        lines = self.history_file.load()
+        self.instance = self.history_file.instance
+        for line in lines:
+            try:
+                room = self._room(check_room(line["room"]))
+            except ProtocolError:
+                continue
+            room.history.append(line)
+            room.seq = max(room.seq, line["seq"])
+            self.next_id = max(self.next_id, line["id"] + 1)
+        log.info("history: %d lines from %s", len(lines), self.history_file.path)
+
+    def _history_in_memory(self) -> List[dict]:
+        return sorted((line for room in self.rooms.values() for line in room.history), key=_by_id)
+
+
+def _by_id(line: dict) -> int:
+    return line["id"]
+
+
+def _fitted(frame: dict, *lists: str) -> bytes:
+    """Encode `frame`, halving its longest lists until it fits the protocol's
+    1 MiB limit for server frames (oldest history and last names go first)."""
+    data = encode(frame)
+    for key in lists:
+        while len(data) - 4 > MAX_SERVER_PAYLOAD and frame[key]:
+            items = frame[key]
+            frame[key] = items[len(items) // 2:] if key == "history" else items[:len(items) // 2]
+            frame["truncated"] = True
+            data = encode(frame)
+    return data
+
+
+# ---------------------------------------------------------------------------
+# 5. Server loop: sockets, TLS, timers, signals. It only moves bytes.
+# ---------------------------------------------------------------------------
+
+RECV_SIZE = 256 * 1024      # one read per readable socket per turn: big reads, many frames each
+LINGER = 2.0                # seconds a closing connection gets to receive its last frames
+SHUTDOWN_GRACE = 0.8        # seconds to deliver `bye` before the server exits
+ACCEPTS_PER_TURN = 64       # a connect storm cannot starve the clients already here
+_WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+
+
+def server_tls_context(cert: str, key: str) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert, key)
+    return context
+
+
+def fingerprint(der: bytes) -> str:
+    """SHA-256 fingerprint of a certificate, written as SSH writes host keys."""
+    return "SHA256:" + base64.b64encode(hashlib.sha256(der).digest()).decode().rstrip("=")
+
+
+def certificate_fingerprint(cert_file: str) -> str:
+    with open(cert_file, encoding="ascii") as f:
+        return fingerprint(ssl.PEM_cert_to_DER_cert(f.read()))
+
+
+class ServerLoop:
+    """The server's only thread. Each turn: wait for sockets or the nearest
+    timer, read what is readable (the chat handles the frames), run due
+    timers, fan out, and write to every connection with something queued.
+    A socket is watched for writing only while its kernel buffer is full."""
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.selector = selectors.DefaultSelector()
+        self.timers: List[tuple] = []       # heap of (when, seq, function, args)
+        self._timer_seq = itertools.count()
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()   # from signal handlers and threads
+        self.tls = server_tls_context(config.tls_cert, config.tls_key) if config.tls_cert else None
+        self.chat = Chat(config, self)
+        self.open: set = set()              # connections whose socket is open
+        self.stopping = False
+        self._deadline = 0.0
+        self._rbuf = bytearray(RECV_SIZE)
+        self._rview = memoryview(self._rbuf)
+        self._wake_r, self._wake_w = socket.socketpair()
+        for s in (self._wake_r, self._wake_w):
+            s.setblocking(False)
+        self.selector.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
+        self.listener = self._listen(config.host, config.port)
+        self.address = self.listener.getsockname()[:2]
+
+    def _listen(self, host: str, port: int) -> socket.socket:
+        family, _, _, _, address = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        dualstack = family == socket.AF_INET6 and host in ("::", "") and socket.has_dualstack_ipv6()
+        listener = socket.create_server(address, family=family, backlog=1024, dualstack_ipv6=dualstack)
+        listener.setblocking(False)
+        self.selector.register(listener, selectors.EVENT_READ, self._on_accept)
+        return listener
+
+    # -- what the chat asks of the loop --------------------------------------
+
+    def call_later(self, delay: float, function: Callable, *args) -> None:
+        heapq.heappush(self.timers, (self.chat.clock + delay, next(self._timer_seq), function, args))
+
+    def call_soon_threadsafe(self, function: Callable, *args) -> None:
+        """Run `function` in the loop's thread; safe from threads and signal handlers."""
+        self._calls.put((function, args))
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:
+            pass    # the wake-up socket is full: the loop will wake anyway
+
+    def update_interest(self, conn: Conn) -> None:
+        """Watch `conn` for what it needs now: reading unless paused, writing
+        only while bytes wait (or the TLS handshake wants to write)."""
+        if conn.state is CLOSED:
+            return
+        want = 0
+        if conn.handshake == "tls-write" or (conn.out and conn.handshake is None):
+            want = selectors.EVENT_WRITE
+        if not conn.paused or conn.state is CLOSING:
+            want |= selectors.EVENT_READ
+        if want != conn.events:
+            if conn.events == 0:
+                self.selector.register(conn.fd, want, conn)
+            elif want == 0:
+                self.selector.unregister(conn.fd)
+            else:
+                self.selector.modify(conn.fd, want, conn)
+            conn.events = want
+
+    def close_soon(self, conn: Conn) -> None:
+        """Deliver what is queued for `conn`, then close it; give up after LINGER."""
+        self.call_later(LINGER, self._linger_over, conn)
+        if conn.handshake is None and not conn.out:
+            self._shut(conn)
+        else:
+            self.update_interest(conn)
+
+    def stop(self, reason: str = "server shutting down") -> None:
+        self.call_soon_threadsafe(self._begin_shutdown, reason)
+
+    # -- the loop ------------------------------------------------------------
+
+    def serve_forever(self) -> None:
+        """Run until stop() (or SIGINT/SIGTERM when in the main thread)."""
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(signum, lambda *_: self.stop())
+        try:
+            while not self.stopping or (self.open and self.chat.clock < self._deadline):
+                self._turn()
+        finally:
+            for conn in list(self.open):
+                self._close(conn, "server stopped")
+            self.selector.close()
+            self.listener.close()
+            self._wake_r.close()
+            self._wake_w.close()
+            if self.chat.history_file:
+                self.chat.history_file.close()
+            log.info("server stopped")
+
+    def _turn(self) -> None:
+        timeout = None
+        if self.timers:
+            timeout = max(0.0, self.timers[0][0] - time.monotonic())
+        if self.stopping:
+            timeout = min(timeout if timeout is not None else SHUTDOWN_GRACE, 0.05)
+        events = self.selector.select(timeout)
+        chat = self.chat
+        chat.tick()
+        for key, mask in events:
+            target = key.data
+            if target.__class__ is Conn:
+                self._on_conn_event(target, mask)
+            else:
+                target(mask)
+        timers = self.timers
+        while timers and timers[0][0] <= chat.clock:
+            _, _, function, args = heapq.heappop(timers)
+            function(*args)
+        while True:         # fan out, then write; writing may find dead peers, whose leaves fan out
+            chat.end_turn()
+            if not chat.dirty:
+                break
+            dirty, chat.dirty = chat.dirty, []
+            for conn in dirty:
+                self._write(conn)
+
+    def _on_wake(self, mask: int) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except OSError:
+            pass
+        while not self._calls.empty():
+            function, args = self._calls.get()
+            function(*args)
+
+    def _begin_shutdown(self, reason: str) -> None:
+        if self.stopping:
+            return
+        log.info("shutting down: %s", reason)
+        self.stopping = True
+        self._deadline = self.chat.clock + SHUTDOWN_GRACE
+        self.selector.unregister(self.listener)
+        self.chat.shutdown(reason)
+
+    # -- accepting -----------------------------------------------------------
+
+    def _on_accept(self, mask: int) -> None:
+        for _ in range(ACCEPTS_PER_TURN):
+            try:
+                sock, address = self.listener.accept()
+            except _WOULD_BLOCK:
+                return
+            except OSError as error:
+                if error.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # Out of file descriptors: the listener stays readable, so
+                    # accepting again at once would spin. Pause for a moment.
+                    log.error("cannot accept: %s; pausing new connections for 1s", error.strerror)
+                    self.selector.unregister(self.listener)
+                    self.call_later(1.0, self._resume_accepting)
+                    return
+                continue    # e.g. ECONNABORTED: that client gave up; others may wait
+            self._adopt(sock, address)
+
+    def _resume_accepting(self) -> None:
+        if not self.stopping:
+            self.selector.register(self.listener, selectors.EVENT_READ, self._on_accept)
+
+    def _adopt(self, sock: socket.socket, address: tuple) -> None:
+        sock.setblocking(False)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # we batch writes ourselves
+        except OSError:
+            pass
+        host = address[0]
+        addr = f"[{host}]:{address[1]}" if ":" in host else f"{host}:{address[1]}"
+        conn = Conn(sock, addr, host, self.config.max_payload, self.chat.clock, self.config.flood_burst)
+        if self.tls:
+            conn.handshake = "peek"
+        self.open.add(conn)
+        if self.chat.open(conn):
+            self.update_interest(conn)
+
+    # -- reading and writing -------------------------------------------------
+
+    def _on_conn_event(self, conn: Conn, mask: int) -> None:
+        if conn.handshake is not None:
+            self._handshake(conn)
+            return
+        if mask & selectors.EVENT_READ:
+            self._read(conn)
+        if mask & selectors.EVENT_WRITE and conn.state is not CLOSED:
+            self._write(conn)
+
+    def _read(self, conn: Conn) -> None:
+        sock = conn.sock
+        while True:
+            try:
+                n = sock.recv_into(self._rbuf)
+            except _WOULD_BLOCK:
+                return
+            except OSError as error:
+                self._close(conn, f"connection error: {error.strerror or error}")
+                return
+            if n == 0:
+                self._close(conn, "connection closed")
+                return
+            self.chat.received(conn, self._rview[:n])
+            # TLS may hold decrypted bytes the selector cannot see; plain TCP needs one read.
+            if not (conn.tls and conn.state is not CLOSED and sock.pending()):
+                return
+
+    def _write(self, conn: Conn) -> None:
+        out = conn.out
+        if not out or conn.handshake is not None or conn.state is CLOSED or conn.shut:
+            return
+        try:
+            sent = conn.sock.send(out)
+            while conn.tls and 0 < sent < len(out):     # TLS sends one 16 KiB record per call
+                del out[:sent]
+                sent = conn.sock.send(out)
+        except _WOULD_BLOCK:
+            sent = 0
+        except OSError as error:
+            self._close(conn, f"connection error: {error.strerror or error}")
+            return
+        if sent == len(out):
+            out.clear()
+        elif sent:
+            del out[:sent]      # cheap: CPython moves a bytearray's start instead of copying
+        if not out and conn.state is CLOSING:
+            self._shut(conn)
+        else:
+            self.update_interest(conn)
+
+    def _shut(self, conn: Conn) -> None:
+        """Everything is sent: close our side and read (discarding) until the
+        peer closes too. Closing at once while unread bytes remain would make
+        the kernel send RST, which can destroy our last frame in flight."""
+        if conn.shut or conn.state is CLOSED:
+            return
+        conn.shut = True
+        try:
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._close(conn, "closed")
+            return
+        conn.paused = False
+        self.update_interest(conn)
+
+    def _linger_over(self, conn: Conn) -> None:
+        if conn.state is not CLOSED:
+            self._close(conn, "closed")
+
+    def _close(self, conn: Conn, reason: str) -> None:
+        if conn.state is CLOSED and conn not in self.open:
+            return
+        self.chat.lost(conn, reason)
+        self.open.discard(conn)
+        if conn.events:
+            self.selector.unregister(conn.fd)
+            conn.events = 0
+        conn.sock.close()
+        conn.out.clear()
+
+    # -- TLS -----------------------------------------------------------------
+
+    def _handshake(self, conn: Conn) -> None:
+        """One non-blocking step of a TLS handshake. The first byte tells a
+        TLS client (0x16, a handshake record) from a plaintext one, which gets
+        a readable `tls-required` error instead of garbage."""
+        if conn.handshake == "peek":
+            try:
+                first = conn.sock.recv(1, socket.MSG_PEEK)
+            except _WOULD_BLOCK:
+                return
+            except OSError as error:
+                self._close(conn, f"connection error: {error.strerror or error}")
+                return
+            if not first:
+                self._close(conn, "closed before the TLS handshake")
+                return
+            if first != b"\x16":
+                conn.handshake = None
+                self.chat.drop(conn, "plaintext client on a TLS server",
+                               ProtocolError("tls-required", "this server requires TLS: connect with --tls"))
+                self._write(conn)
+                return
+            conn.sock = self.tls.wrap_socket(conn.sock, server_side=True, do_handshake_on_connect=False)
+        try:
+            conn.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            conn.handshake = "tls-read"
+        except ssl.SSLWantWriteError:
+            conn.handshake = "tls-write"
+        except (ssl.SSLError, OSError) as error:
+            log.info("%s: TLS handshake failed: %s", conn.addr, getattr(error, "reason", None) or error)
+            self._close(conn, "TLS handshake failed")
+            return
+        else:
+            conn.handshake, conn.tls = None, True
+            if conn.state is CLOSING and not conn.out:    # refused or timed out meanwhile
+                self._shut(conn)
+                return
+            self._write(conn)
+            if conn.state is not CLOSED:
+                self._read(conn)
+        self.update_interest(conn)
+
+
+# ---------------------------------------------------------------------------
+# 6. The terminal, shared by the client and the server's operator console
+# ---------------------------------------------------------------------------
+
+class Console:
+    """Lines in from the keyboard (or a pipe), lines out to the screen.
+
+    A thread reads stdin and wakes the owner's select() through a socket
+    pair: select() cannot watch a Windows console, and this way one loop
+    serves sockets and keyboard everywhere. On a terminal, input() gives
+    readline's editing and history; show() prints above the line being typed
+    and redraws it, so incoming lines never corrupt it."""
+
+    QUEUE_LINES = 1000      # a pipe faster than the network waits here (backpressure)
+
+    def __init__(self, interactive: bool, prompt: str = ""):
+        self.interactive = interactive
+        self.lines: queue.Queue = queue.Queue(self.QUEUE_LINES)
+        self.wake_r, self.wake_w = socket.socketpair()
+        self.wake_r.setblocking(False)
+        self.prompt = prompt
+        self._lock = threading.Lock()
+        self._reading = False       # input() is showing the prompt
+        self._echo = ""             # a line just entered, still on screen as typed
+        self._may_prompt = threading.Event()
+        self._may_prompt.set()
+        self._saved_tty = None
+        self._readline = None
+        if interactive:
+            try:
+                import readline     # editing and history for input(), where available
+                self._readline = readline
+            except ImportError:
+                pass
+            try:
+                import termios
+                self._saved_tty = termios.tcgetattr(sys.stdin.fileno())
+            except (ImportError, OSError):
+                pass
+
+    def start(self) -> None:
+        threading.Thread(target=self._read_forever, name="stdin", daemon=True).start()
+
+    def _read_forever(self) -> None:
+        while True:
+            if self.interactive:
+                self._may_prompt.wait()
+                self._may_prompt.clear()
+                with self._lock:
+                    self._reading = True
+                try:
+                    line = input(self.prompt)
+                except (EOFError, OSError):
+                    line = None
+                with self._lock:
+                    self._reading = False
+                    self._echo = "" if line is None else _plain(self.prompt) + line
+            else:
+                raw = sys.stdin.buffer.readline()
+                line = raw.decode("utf-8", "replace").rstrip("\r\n") if raw else None
+            self.lines.put(line)
+            try:
+                self.wake_w.send(b"\0")
+            except OSError:
+                return      # the console was closed
+            if line is None:
+                return
+
+    def take_line(self) -> Tuple[bool, Optional[str]]:
+        """(True, line) for the next line typed, (True, None) at end of input,
+        (False, None) when nothing is waiting."""
+        try:
+            self.wake_r.recv(1)
+        except OSError:
+            pass
+        try:
+            return True, self.lines.get_nowait()
+        except queue.Empty:
+            return False, None
+
+    def next_prompt(self) -> None:
+        """The line just read has been handled: the reader may prompt again."""
+        self._may_prompt.set()
+
+    def show(self, text: str) -> None:
+        """Print `text` on its own lines, keeping the prompt and half-typed input intact."""
+        if not self.interactive:
+            sys.stdout.write(text + "\n")
+            sys.stdout.flush()
+            return
+        with self._lock:
+            columns = shutil.get_terminal_size().columns or 80
+            if self._echo:      # replace the echo of the line just entered
+                sys.stdout.write(f"\r\x1b[{_rows(self._echo, columns)}F\x1b[J{text}\n")
+                self._echo = ""
+            elif self._reading:
+                typed = self._readline.get_line_buffer() if self._readline else ""
+                above = max(0, display_width(_plain(self.prompt) + typed) - 1) // columns
+                up = f"\x1b[{above}A" if above else ""
+                sys.stdout.write(f"\r{up}\x1b[J{text}\n{self.prompt.replace(chr(1), '').replace(chr(2), '')}{typed}")
+            else:
+                sys.stdout.write(text + "\n")
+            sys.stdout.flush()
+
+    def restore(self) -> None:
+        """Leave the terminal as we found it, even if readline was mid-line."""
+        if self._saved_tty is not None:
+            import termios
+            try:
+                termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, self._saved_tty)
+            except OSError:
+                pass
+        if self.interactive:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+
+
+def _plain(text: str) -> str:
+    """`text` without colour codes and readline's invisible-text markers."""
+    return re.sub("\x01[^\x02]*\x02|\x1b\\[[0-9;]*m", "", text)
+
+
+def _rows(text: str, columns: int) -> int:
+    """Screen rows `text` took when typed at the start of a line."""
+    return sum(max(1, -(-display_width(part) // columns)) for part in text.split("\n"))
+
+
+class ConsoleLogHandler(logging.Handler):
+    """Log lines go through the console, so they do not break a typed command."""
+
+    def __init__(self, console: Console):
+        super().__init__()
+        self.console = console
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.console.show(self.format(record))
+        except Exception:
+            self.handleError(record)
+
+
+def operator_commands(loop: ServerLoop, show: Callable[[str], None]) -> CommandTable:
+    """What the server's operator can type at its terminal."""
+    chat = loop.chat
+
+    def who() -> None:
+        for room in sorted(chat.rooms.values(), key=lambda r: name_key(r.name)):
+            if room.members:
+                show(f"#{room.name} ({len(room.members)}): {', '.join(room.nicks())}")
+        show(f"{len(chat.users)} users, {len(chat.conns)} connections")
+
+    def kick(nick: str, reason: str = "") -> None:
+        if not chat.kick(nick, reason):
+            show(f"nobody here is called {nick}")
+
+    table = CommandTable([
+        Command("say", "TEXT", "send a notice to everyone", chat.announce),
+        Command("who", "", "list rooms and who is in them", who),
+        Command("kick", "NICK [REASON]", "disconnect someone", kick),
+        Command("shutdown", "", "say bye to everyone and stop the server", loop.stop),
+        Command("help", "", "show this list", lambda: [show(line) for line in table.help_lines()]),
+    ])
+    return table
+
+
+def attach_operator_console(loop: ServerLoop) -> Console:
+    """When the server runs in a terminal, typed lines are operator commands."""
+    console = Console(interactive=True, prompt="")
+    table = operator_commands(loop, console.show)
+
+    def on_line(line: Optional[str]) -> None:
+        if line is None:
+            return      # Ctrl-D at the console does not stop the server; /shutdown does
+        line = line.strip()
+        if line:
+            try:
+                table.run(line if line.startswith("/") else "/" + line)
+            except ValueError as error:
+                console.show(str(error))
+        console.next_prompt()
+
+    def pump() -> None:
+        ok, line = console.take_line()
+        while ok:
+            on_line(line)
+            ok, line = console.take_line()
+
+    loop.selector.register(console.wake_r, selectors.EVENT_READ, lambda mask: pump())
+    console.start()
+    return console
+
+
+# ---------------------------------------------------------------------------
+# 7. Client
+# ---------------------------------------------------------------------------
+
+class View(NamedTuple):
+    """How to render: who I am, and what the terminal can show."""
+    me: str = ""
+    color: bool = False
+    timestamps: bool = False
+    rooms: bool = False         # tag lines with their room (when in more than one)
+
+
+_NICK_COLORS = (31, 33, 34, 35, 36, 91, 93, 94, 95, 96)    # green is kept for your own lines
+
+
+def paint(text: str, code: str, view: View) -> str:
+    return f"\x1b[{code}m{text}\x1b[0m" if view.color else text
+
+
+def nick_color(nick: str) -> str:
+    return str(_NICK_COLORS[sum(map(ord, name_key(nick))) % len(_NICK_COLORS)])
+
+
+def render(frame: dict, view: View) -> Optional[str]:
+    """A frame from the server as the user sees it, or None for frames not
+    shown. Everything that came over the network goes through printable()."""
+    renderer = _RENDERERS.get(frame.get("type"))
+    if renderer is None:
+        return None
+    body = renderer(frame, view)
+    if body is None:
+        return None
+    prefix = ""
+    ts = frame.get("ts")
+    if view.timestamps and type(ts) in (int, float):
+        prefix = paint(time.strftime("%H:%M ", time.localtime(ts)), "2", view)
+    room = frame.get("room")
+    if view.rooms and type(room) is str and frame.get("type") in ("msg", "join", "leave", "notice"):
+        prefix += paint(f"#{printable(room)} ", "2", view)
+    indent = "\n" + " " * display_width(_plain(prefix))
+    return prefix + body.replace("\n", indent)
+
+
+def _field(frame: dict, key: str) -> str:
+    value = frame.get(key)
+    return printable(value if type(value) is str else "" if value is None else str(value))
+
+
+def _render_msg(frame: dict, view: View) -> str:
+    sender, text = _field(frame, "from"), _field(frame, "text")
+    mine = name_key(sender) == name_key(view.me)
+    color = "1;32" if mine else nick_color(sender)
+    if frame.get("action"):
+        return paint(f"* {sender} {text}", color, view)
+    if frame.get("to") is not None:
+        if mine:
+            return paint(f"[pm to {_field(frame, 'to')}]", color, view) + f" {text}"
+        return paint(f"[pm from {sender}]", "1;" + color, view) + f" {text}"
+    return paint(f"[{sender}]" if mine and not view.color else f"<{sender}>", color, view) + f" {text}"
+
+
+def _render_event(text: str, view: View) -> str:
+    return paint(f"-- {text}", "33", view)
+
+
+def _count(frame: dict) -> str:
+    n = frame.get("users")
+    return f" ({n} here)" if type(n) is int else ""
+
+
+_RENDERERS: Dict[str, Callable[[dict, View], Optional[str]]] = {
+    "msg": _render_msg,
+    "join": lambda f, v: _render_event(f"{_field(f, 'nick')} joined{_count(f)}", v),
+    "leave": lambda f, v: _render_event(
+        f"{_field(f, 'nick')} left" + (f": {_field(f, 'reason')}" if f.get("reason") else "") + _count(f), v),
+    "nick": lambda f, v: _render_event(f"{_field(f, 'old')} is now known as {_field(f, 'new')}", v),
+    "notice": lambda f, v: paint(f"*** {_field(f, 'text')}", "1;33", v),
+    "error": lambda f, v: paint(f"!!! {_field(f, 'text')} ({_field(f, 'code')})", "1;31", v),
+    "who": lambda f, v: _render_event(
+        (f"in #{_field(f, 'room')}" if f.get("room") else "online") + f": {_names(f.get('users'))}", v),
+    "rooms": lambda f, v: _render_event("rooms: " + ", ".join(
+        f"#{_field(r, 'name')} ({_field(r, 'users')})" for r in f.get("rooms") or [] if isinstance(r, dict)), v),
+    "parted": lambda f, v: _render_event(f"you left #{_field(f, 'room')}", v),
+    "bye": lambda f, v: paint(f"*** the server is going away: {_field(f, 'reason')}", "1;33", v),
+}
+
+
+def _names(users: object) -> str:
+    names = [printable(u) for u in users if type(u) is str] if type(users) is list else []
+    return f"{', '.join(names)} ({len(names)})"
+
+
+class ClientExit(Exception):
+    """Ends the client with an exit code and a last line for the user."""
+
+    def __init__(self, code: int, message: str = ""):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+class ConnectionLost(Exception):
+    pass
+
+
+# Errors after which reconnecting would not help (the server meant it).
+_FINAL_ERRORS = {"kicked", "bad-frame", "frame-too-large", "auth-failed", "bad-nick", "tls-required",
+                 "server-full", "replaced"}
+EXIT_OK, EXIT_LOST, EXIT_USAGE, EXIT_REFUSED = 0, 1, 2, 3
+
+
+class Link:
+    """One connection to the server: a non-blocking socket (maybe TLS), a
+    frame decoder and the bytes waiting to be sent."""
+
+    def __init__(self, sock: socket.socket, where: str):
+        self.sock, self.where = sock, where
+        self.decoder = FrameDecoder(MAX_SERVER_PAYLOAD)
+        self.out = bytearray()
+        sock.setblocking(False)
+
+    def send(self, frame: dict) -> None:
+        self.out += encode(frame)
+
+    def flush(self) -> None:
+        try:
+            while self.out:
+                sent = self.sock.send(self.out)
+                del self.out[:sent]
+        except _WOULD_BLOCK:
+            pass
+        except OSError as error:
+            raise ConnectionLost(f"connection lost ({error.strerror or error})") from None
+
+    def receive(self) -> List[dict]:
+        """Frames that have arrived; ConnectionLost when the server is gone."""
+        while True:
+            try:
+                data = self.sock.recv(RECV_SIZE)
+            except _WOULD_BLOCK:
+                break
+            except OSError as error:
+                raise ConnectionLost(f"connection lost ({error.strerror or error})") from None
+            if not data:
+                raise ConnectionLost("connection lost (the server closed it)")
+            self.decoder.feed(data)
+            if not (isinstance(self.sock, ssl.SSLSocket) and self.sock.pending()):
+                break
+        frames = []
+        try:
+            while True:
+                frame = self.decoder.next_frame()
+                if frame is None:
+                    return frames
+                frames.append(frame)
+        except ProtocolError as error:
+            raise ConnectionLost(f"connection lost (the server sent a bad frame: {error.text})") from None
+
+    def wait_frame(self, timeout: float) -> dict:
+        """Block until the next frame (for the login exchange)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            frame = self.decoder.next_frame()
+            if frame is not None:
+                return frame
+            self.flush()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ConnectionLost("the server did not answer")
+            readable, _, _ = wait_io([self.sock], [self.sock] if self.out else [], left)
+            if readable or (isinstance(self.sock, ssl.SSLSocket) and self.sock.pending()):
+                try:
+                    data = self.sock.recv(RECV_SIZE)
+                except _WOULD_BLOCK:
+                    continue
+                except OSError as error:
+                    raise ConnectionLost(f"connection lost ({error.strerror or error})") from None
+                if not data:
+                    raise ConnectionLost("the server closed the connection")
+                self.decoder.feed(data)
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def wait_io(readers: list, writers: list, timeout: Optional[float]) -> tuple:
+    """select() that takes a timeout of None (forever) or below zero (none)."""
+    return select.select(readers, writers, [], None if timeout is None else max(0.0, timeout))
+
+
+def connect(host: str, port: int, tls: Optional["TlsOptions"] = None, timeout: float = 10.0) -> Link:
+    """A connected Link, or ClientExit with one line saying what went wrong."""
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except ConnectionRefusedError:
+        raise ClientExit(EXIT_LOST, f"cannot connect to {where}: connection refused"
+                                    " - is the server running?") from None
+    except socket.gaierror as error:
+        raise ClientExit(EXIT_LOST, f"cannot connect to {where}: {error.strerror}") from None
+    except socket.timeout:
+        raise ClientExit(EXIT_LOST, f"cannot connect to {where}: timed out") from None
+    except OSError as error:
+        raise ClientExit(EXIT_LOST, f"cannot connect to {where}: {error.strerror or error}") from None
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        pass
+    if tls is not None:
+        sock = tls.wrap(sock, host, port, where)
+    return Link(sock, where)
+
+
+class TlsOptions(NamedTuple):
+    """How the client trusts a server: a CA file, a pinned fingerprint, or
+    trust on first use remembered in a known-hosts file (like SSH)."""
+    cafile: Optional[str] = None
+    fingerprint: Optional[str] = None
+    known_hosts: str = ""
+    ask: Optional[Callable[[str], bool]] = None     # asks the user to trust a new server
+
+    def wrap(self, sock: socket.socket, host: str, port: int, where: str) -> ssl.SSLSocket:
+        if self.cafile:
+            context = ssl.create_default_context(cafile=self.cafile)
+        else:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE    # we check the fingerprint ourselves below
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            tls_sock = context.wrap_socket(sock, server_hostname=host)
+        except ssl.SSLCertVerificationError as error:
+            sock.close()
+            raise ClientExit(EXIT_LOST, f"cannot connect to {where}: the certificate is not trusted"
+                                        f" ({error.verify_message})") from None
+        except (ssl.SSLError, OSError) as error:
+            sock.close()
+            raise ClientExit(EXIT_LOST, f"cannot connect to {where}: TLS handshake failed"
+                                        f" ({getattr(error, 'reason', None) or error})"
+                                        " - is the server using TLS (--tls-cert)?") from None
+        if not self.cafile:
+            try:
+                self.check(fingerprint(tls_sock.getpeercert(binary_form=True)), f"{host}:{port}")
+            except ClientExit:
+                tls_sock.close()
+                raise
+        return tls_sock
+
+    def check(self, seen: str, where: str) -> None:
+        if self.fingerprint:
+            if not hmac.compare_digest(seen, self.fingerprint):
+                raise ClientExit(EXIT_LOST, f"REFUSING {where}: its certificate is {seen},"
+                                            f" not the {self.fingerprint} you pinned")
+            return
+        known = read_known_hosts(self.known_hosts).get(where)
+        if known == seen:
+            return
+        if known is not None:
+            raise ClientExit(EXIT_LOST,
+                             f"REFUSING {where}: ITS CERTIFICATE HAS CHANGED (now {seen}, was {known})."
+                             f" Someone may be intercepting you. If the server really has a new"
+                             f" certificate, delete its line from {self.known_hosts}")
+        if self.ask is None or not self.ask(f"The server at {where} presents a certificate never seen"
+                                            f" before:\n  {seen}\nTrust it and remember it? [y/N] "):
+            raise ClientExit(EXIT_LOST, f"not connecting to {where}: its certificate {seen} is not trusted"
+                                        " (pin it with --fingerprint, or connect once from a terminal)")
+        remember_host(self.known_hosts, where, seen)
+
+
+def default_known_hosts() -> str:
+    base = os.environ.get("XDG_CONFIG_HOME") or os.environ.get("APPDATA") \
+        or os.path.join(os.path.expanduser("~"), ".config")
+    return os.path.join(base, "chat.py", "known_hosts")
+
+
+def read_known_hosts(path: str) -> Dict[str, str]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return dict(line.split()[:2] for line in f if len(line.split()) >= 2)
+    except OSError:
+        return {}
+
+
+def remember_host(path: str, where: str, seen: str) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(f"{where} {seen}\n")
+
+
+class ChatClient:
+    """The client program: logs in, then one select() loop over the server
+    and the keyboard; reconnects when the connection is lost."""
+
+    OUTBOX_LINES = 100      # lines kept while disconnected
+    RECONNECT_CAP = 30.0    # seconds between attempts, at most
+
+    def __init__(self, args: argparse.Namespace, console: Console, view: View):
+        self.args, self.console, self.view = args, console, view
+        self.json = args.json
+        self.nick = args.nick or default_nick()
+        self.password = args.password
+        self.link: Optional[Link] = None
+        self.welcomed = False
+        self.rooms: List[str] = []
+        self.room = LOBBY                  # where typed lines go
+        self.seen: Dict[str, int] = {}     # room -> seq of the newest line seen there
+        self.instance = self.session = None
+        self.max_text = TEXT_MAX
+        self.ping_interval, self.idle_timeout = 30.0, 75.0
+        self.last_heard = self.pinged = 0.0
+        self.outbox: List[dict] = []       # frames waiting for a connection
+        self.last_error = ""
+        self.quitting = False
+        self.commands = CommandTable([
+            Command("help", "", "show this list", self.cmd_help),
+            Command("who", "", "who is in the current room", lambda: self.send({"type": "who", "room": self.room})),
+            Command("me", "TEXT", "an action: /me waves shows '* you waves'", lambda text: self.say(text, "me")),
+            Command("msg", "NICK TEXT", "a private message to one person", self.cmd_msg),
+            Command("nick", "NEW", "change your nick", lambda new: self.send({"type": "nick", "nick": new})),
+            Command("join", "ROOM", "join a room (creating it) and talk there",
+                    lambda room: self.send({"type": "join", "room": room.lstrip("#")})),
+            Command("part", "[ROOM]", "leave a room (this one if none is named)", self.cmd_part),
+            Command("switch", "ROOM", "talk in another room you are in", self.cmd_switch),
+            Command("rooms", "", "list the rooms", lambda: self.send({"type": "rooms"})),
+            Command("quit", "[REASON]", "leave the chat", self.cmd_quit),
+        ])
+
+    # -- output --------------------------------------------------------------
+
+    def show(self, text: str) -> None:
+        self.console.show(text)
+
+    def note(self, text: str, code: str = "33") -> None:
+        """A line from the client itself (to stderr when output is a pipe or JSON)."""
+        if self.console.interactive:
+            self.show(paint(text, code, self.view))
+        else:
+            sys.stderr.write(text + "\n")
+            sys.stderr.flush()
+
+    def show_frame(self, frame: dict) -> None:
+        if self.json:
+            self.show(json.dumps(frame, ensure_ascii=False))
+            return
+        line = render(frame, self.view._replace(me=self.nick, rooms=len(self.rooms) > 1))
+        if line is not None:
+            self.show(line)
+
+    def set_prompt(self) -> None:
+        if self.console.interactive:
+            self.console.prompt = (f"\x01\x1b[1;32m\x02#{self.room}>\x01\x1b[0m\x02 " if self.view.color
+                                   else f"#{self.room}> ")
+
+    # -- sending -------------------------------------------------------------
+
+    def send(self, frame: dict) -> None:
+        if self.link is not None and self.welcomed:
+            self.link.send(frame)
+        elif len(self.outbox) < self.OUTBOX_LINES:
+            self.outbox.append(frame)
+            if self.link is None:
+                self.note(f"(not connected: kept to send after reconnecting; {len(self.outbox)} waiting)")
+        else:
+            self.note(f"not sent: {self.OUTBOX_LINES} lines are already waiting for the connection", "31")
+
+    def say(self, text: str, kind: str = "msg") -> None:
+        """Send typed text; long text is split to fit the server's limit."""
+        for start in range(0, len(text), self.max_text):
+            frame = {"type": kind, "text": text[start:start + self.max_text], "room": self.room}
+            self.send(frame)
+            if self.console.interactive:
+                self.show_frame({"type": "msg", "from": self.nick, "action": kind == "me",
+                                 "text": frame["text"], "room": self.room, "ts": time.time()})
+
+    def handle_input(self, line: str) -> None:
+        if self.json:
+            self.send_json_line(line)
+            return
+        for part in line.split("\n"):     # a paste of several lines: one message each
+            if not part.strip():
+                continue
+            if part.startswith("//"):
+                self.say(part[1:])
+            elif part.startswith("/"):
+                try:
+                    self.commands.run(part)
+                except ValueError as error:
+                    self.note(str(error), "31")
+            else:
+                self.say(part)
+
+    def send_json_line(self, line: str) -> None:
+        """Bot mode: a JSON object is sent as a frame, anything else as a msg."""
+        try:
+            frame = json.loads(line)
+        except ValueError:
+            frame = None
+        if not (isinstance(frame, dict) and type(frame.get("type")) is str):
+            if not line.strip():
+                return
+            frame = {"type": "msg", "text": line}
+        if frame["type"] == "quit":
+            self.quitting = True
+        self.send(frame)
+
+    # -- commands ------------------------------------------------------------
+
+    def cmd_help(self) -> None:
+        for line in self.commands.help_lines() + ["//text sends a line that starts with /"]:
+            self.note(line, "0")
+
+    def cmd_msg(self, nick: str, text: str) -> None:
+        self.send({"type": "pm", "to": nick, "text": text})
+        if self.console.interactive:
+            self.show_frame({"type": "msg", "from": self.nick, "to": nick, "text": text, "ts": time.time()})
+
+    def cmd_part(self, room: str = "") -> None:
+        self.send({"type": "part", "room": room.lstrip("#") or self.room})
+
+    def cmd_switch(self, room: str) -> None:
+        room = room.lstrip("#")
+        match = [r for r in self.rooms if name_key(r) == name_key(room)]
+        if not match:
+            self.note(f"you are not in #{room}; /join #{room} first", "31")
+            return
+        self.room = match[0]
+        self.set_prompt()
+        self.note(f"now talking in #{self.room}")
+
+    def cmd_quit(self, reason: str = "") -> None:
+        if self.link is not None and self.welcomed:
+            self.link.send({"type": "quit", "reason": reason} if reason else {"type": "quit"})
+        self.quitting = True
+
+    # -- frames from the server ----------------------------------------------
+
+    def handle_frame(self, frame: dict) -> None:
+        kind = frame["type"]
+        if kind == "msg" and type(frame.get("room")) is str and type(frame.get("seq")) is int:
+            self.seen[frame["room"]] = max(self.seen.get(frame["room"], 0), frame["seq"])
+        elif kind == "ping":
+            self.link.send({"type": "pong"})
+            return
+        elif kind == "pong":
+            return
+        elif kind == "nick" and frame.get("old") == self.nick:
+            self.nick = frame.get("new") or self.nick
+        elif kind == "joined":
+            self.on_joined(frame)
+        elif kind == "parted":
+            self.on_parted(frame)
+        elif kind == "error":
+            self.last_error = frame.get("code", "")
+        elif kind == "bye":
+            self.show_frame(frame)
+            raise ClientExit(EXIT_OK)
+        self.show_frame(frame)
+
+    def on_joined(self, frame: dict) -> None:
+        room = frame.get("room")
+        if type(room) is not str:
+            return
+        if room not in self.rooms:
+            self.rooms.append(room)
+        self.room = room
+        self.set_prompt()
+        if self.json:
+            return
+        self.show_history(frame.get("history"))
+        self.note(f"you are in #{room} with {_names(frame.get('users'))}; your lines go here now")
+
+    def on_parted(self, frame: dict) -> None:
+        room = frame.get("room")
+        if room in self.rooms:
+            self.rooms.remove(room)
+        if self.room == room:
+            self.room = self.rooms[0] if self.rooms else LOBBY
+            self.set_prompt()
+            if self.rooms:
+                self.note(f"now talking in #{self.room}")
+            else:
+                self.note("you are in no room now; /join one")
+
+    def show_history(self, history: object) -> None:
+        lines = [line for line in history if isinstance(line, dict)] if type(history) is list else []
+        for line in lines:
+            if type(line.get("room")) is str and type(line.get("seq")) is int:
+                self.seen[line["room"]] = max(self.seen.get(line["room"], 0), line["seq"])
+        if lines and not self.json:
+            self.note(f"--- {len(lines)} earlier line{'s' if len(lines) != 1 else ''} ---", "2")
+            for line in lines:
+                self.show_frame(line)
+            self.note("--- now ---", "2")
+
+    def on_welcome(self, frame: dict, reconnected: bool) -> None:
+        resumed = reconnected and frame.get("instance") == self.instance
+        self.nick = frame.get("nick") or self.nick
+        self.rooms = [r for r in frame.get("rooms") or [LOBBY] if type(r) is str]
+        if self.room not in self.rooms:
+            self.room = frame.get("room") if type(frame.get("room")) is str else LOBBY
+        self.instance, self.session = frame.get("instance"), frame.get("session")
+        self.max_text = frame.get("max_text") if type(frame.get("max_text")) is int else TEXT_MAX
+        for key in ("ping_interval", "idle_timeout"):
+            if type(frame.get(key)) in (int, float) and frame[key] > 0:
+                setattr(self, key, float(frame[key]))
+        self.welcomed = True
+        self.set_prompt()
+        if self.json:
+            self.show_frame(frame)
+            return
+        if reconnected:
+            self.note(f"=== RECONNECTED TO {self.link.where} ===", "1;32")
+            if not resumed:
+                self.note("the server restarted: lines said while you were away are gone", "33")
+        else:
+            self.note(f"=== CONNECTED TO SERVER AT {self.link.where} ===", "1;32")
+        self.show_history(frame.get("history"))
+        for room, count in (frame.get("missed") or {}).items():
+            self.note(f"{count} line{'s' if count != 1 else ''} said in #{printable(str(room))} while you"
+                      " were away can no longer be replayed", "33")
+        if not reconnected:
+            self.note(f"you are {self.nick} in #{self.room} with {_names(frame.get('users'))}."
+                      + (" Type /help for commands." if self.console.interactive else ""), "0")
+
+    # -- connecting ----------------------------------------------------------
+
+    def hello(self) -> dict:
+        frame = {"type": "hello", "nick": self.nick}
+        if self.password is not None:
+            frame["password"] = self.password
+        if self.session:    # resuming: same nick, same rooms, what was missed
+            frame.update(session=self.session, instance=self.instance, rooms=self.rooms, since=self.seen)
+        return frame
+
+    def login(self, reconnecting: bool = False) -> None:
+        """Connect and exchange hello/welcome, retrying a taken nick with a
+        suffix and (on a terminal) asking for a password the server wants."""
+        base, tries = self.nick, 1
+        while True:
+            link = connect(self.args.host, self.args.port, self.args.tls_options)
+            link.send(self.hello())
+            try:
+                frame = link.wait_frame(10.0)
+            except ConnectionLost as error:
+                link.close()
+                raise ClientExit(EXIT_LOST, f"{link.where}: {error}") from None
+            if frame["type"] == "welcome":
+                self.link, self.last_heard = link, time.monotonic()
+                self.on_welcome(frame, reconnecting)
+                return
+            link.close()
+            code, text = frame.get("code"), printable(str(frame.get("text", frame.get("reason", ""))))
+            if code == "nick-taken" and tries < 20:
+                tries += 1
+                self.nick = f"{base[:NAME_MAX - 3]}_{tries}"
+                self.note(f"the nick {base} is taken; trying {self.nick}")
+            elif code == "auth-failed" and self.console.interactive and not reconnecting and tries < 4:
+                tries += 1
+                if self.password is not None:
+                    self.note("wrong password", "31")
+                self.password = getpass.getpass(f"password for {link.where}: ")
+            elif frame["type"] == "bye":
+                raise ClientExit(EXIT_LOST, f"{link.where}: the server is going away: {text}")
+            else:
+                raise ClientExit(EXIT_REFUSED, f"{link.where} refused: {text} ({code})")
+
+    def flush_outbox(self) -> None:
+        waiting, self.outbox = self.outbox, []
+        for frame in waiting:
+            self.link.send(frame)
+        if waiting:
+            self.note(f"(sent {len(waiting)} line{'s' if len(waiting) != 1 else ''} kept while disconnected)")
+
+    # -- the loop ------------------------------------------------------------
+
+    def run(self) -> int:
+        try:
+            self.login()
+        except ClientExit as exit_:
+            self.note(exit_.message, "31")
+            return exit_.code
+        self.console.start()
+        while True:
+            try:
+                self.converse()
+            except ClientExit as exit_:
+                if exit_.message:
+                    self.note(exit_.message, "31" if exit_.code else "0")
+                return exit_.code
+            except ConnectionLost as lost:
+                self.link.close()
+                self.link, self.welcomed = None, False
+                if self.last_error in _FINAL_ERRORS or self.args.reconnect <= 0:
+                    self.note(str(lost), "31")
+                    return EXIT_REFUSED if self.last_error in _FINAL_ERRORS else EXIT_LOST
+                if not self.reconnect(str(lost)):
+                    return EXIT_LOST if not self.quitting else EXIT_OK
+
+    def converse(self) -> None:
+        """Relay between keyboard and server until the connection ends."""
+        self.flush_outbox()
+        link = self.link
+        while True:
+            link.flush()
+            if self.quitting and not link.out:
+                self.finish_quit()
+            now = time.monotonic()
+            silent = now - self.last_heard
+            if silent >= self.idle_timeout:
+                raise ConnectionLost(f"connection lost (nothing from the server for {silent:.0f}s)")
+            if silent >= self.ping_interval and self.pinged < self.last_heard:
+                link.send({"type": "ping"})
+                self.pinged = now
+                continue
+            wait = (self.idle_timeout if self.pinged >= self.last_heard else self.ping_interval) - silent
+            # Take typed lines only while the server keeps up (a pipe waits in the Console queue).
+            readers = [link.sock] + ([self.console.wake_r] if len(link.out) < RECV_SIZE else [])
+            readable, _, _ = wait_io(readers, [link.sock] if link.out else [], wait)
+            if self.console.wake_r in readable:
+                self.take_input()
+            if link.sock in readable or (isinstance(link.sock, ssl.SSLSocket) and link.sock.pending()):
+                frames = link.receive()
+                self.last_heard = time.monotonic()
+                for frame in frames:
+                    self.handle_frame(frame)
+
+    def take_input(self) -> None:
+        ok, line = self.console.take_line()
+        if not ok:
+            return
+        if line is None:    # Ctrl-D, or the end of piped input
+            self.cmd_quit()
+            return
+        self.handle_input(line)
+        self.console.next_prompt()
+
+    def finish_quit(self) -> None:
+        """Everything is sent: wait briefly for the server to close (so errors
+        about our last lines are shown), then leave."""
+        link = self.link
+        deadline = time.monotonic() + 2.0
+        try:
+            while time.monotonic() < deadline:
+                readable, _, _ = wait_io([link.sock], [], deadline - time.monotonic())
+                if readable:
+                    for frame in link.receive():
+                        if frame["type"] != "bye":
+                            self.handle_frame(frame)
+        except ConnectionLost:
+            pass
+        raise ClientExit(EXIT_OK)
+
+    def reconnect(self, why: str) -> bool:
+        """Try again with exponential backoff and jitter, for up to
+        --reconnect seconds. Typed lines are kept meanwhile."""
+        give_up = time.monotonic() + self.args.reconnect
+        delay = 1.0
+        self.note(f"{why}", "31")
+        while time.monotonic() < give_up:
+            wait = min(delay, self.RECONNECT_CAP, give_up - time.monotonic()) * random.uniform(0.5, 1.0)
+            self.note(f"reconnecting in {wait:.0f}s (Ctrl-C or /quit to give up)" if wait >= 1
+                      else "reconnecting...")
+            if not self.wait_input(wait):
+                return False
+            try:
+                self.login(reconnecting=True)
+                return True
+            except ClientExit as exit_:
+                if exit_.code == EXIT_REFUSED and self.last_error != "server-full":
+                    self.note(exit_.message, "31")
+                    return False
+                self.note(exit_.message, "31")
+            delay *= 2
+        self.note(f"gave up reconnecting after {self.args.reconnect:g}s", "31")
+        return False
+
+    def wait_input(self, seconds: float) -> bool:
+        """Handle typed lines for `seconds`; False if the user quit meanwhile."""
+        deadline = time.monotonic() + seconds
+        while not self.quitting:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return True
+            readable, _, _ = wait_io([self.console.wake_r], [], left)
+            if readable:
+                self.take_input()
+        return False
+
+
+def default_nick() -> str:
+    """The login name, made into a valid nick (or 'guest')."""
+    try:
+        name = getpass.getuser()
+    except Exception:
+        name = ""
+    name = "".join(ch for ch in name if ch in "_-." or unicodedata.category(ch) in _NAME_CATEGORIES)
+    return name[:NAME_MAX] or "guest"
+
+
+def run_client(args: argparse.Namespace) -> int:
+    interactive = sys.stdin.isatty() and sys.stdout.isatty() and not args.json
+    color = interactive and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
+    console = Console(interactive)
+    ask = (lambda question: input(question).strip().lower() in ("y", "yes")) if interactive else None
+    args.tls_options = TlsOptions(args.cafile, args.fingerprint, args.known_hosts or default_known_hosts(),
+                                  ask) if args.tls else None
+    client = ChatClient(args, console, View(color=color, timestamps=interactive))
+    try:
+        return client.run()
+    except KeyboardInterrupt:       # Ctrl-C: leave politely
+        if client.link is not None and client.welcomed:
+            client.link.send({"type": "quit"})
+            try:
+                client.link.sock.setblocking(True)
+                client.link.sock.settimeout(1.0)
+                client.link.sock.sendall(client.link.out)
+            except OSError:
+                pass
+        return EXIT_OK
+    finally:
+        if client.link is not None:
+            client.link.close()
+        console.restore()
+
+
+# ---------------------------------------------------------------------------
+# 8. Benchmark: `python chat.py bench`, a load test an operator can run
+# ---------------------------------------------------------------------------
+
+BENCH_MARKER = b"BENCH:"
+BENCH_PROBES = 4            # clients that decode every frame to time it; the rest just count
+
+
+class BenchClient:
+    __slots__ = ("sock", "out", "carry", "got", "decoder", "sent", "probe")
+
+    def __init__(self, sock: socket.socket, probe: bool):
+        self.sock, self.out, self.carry, self.got, self.sent = sock, bytearray(), b"", 0, 0
+        self.decoder = FrameDecoder(MAX_SERVER_PAYLOAD)
+        self.probe = probe
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """Connect `clients`, let `senders` of them send `messages` lines each,
+    count every line at every other client and time them at a few probes.
+    Lines carry 'BENCH:<send time ns>:' like ../shared/bench/loadgen's, so
+    either tool can drive the same server."""
+    server = None
+    if args.host is None and args.port is None:
+        server, (host, port) = _start_bench_server(args.clients + 16)
+    else:
+        host, port = args.host or DEFAULT_HOST, args.port or DEFAULT_PORT
+    try:
+        return _bench(host, port, args)
+    finally:
+        if server is not None:
+            server.send_signal(signal.SIGTERM)
+            server.wait()
+
+
+def _start_bench_server(max_connections: int):
+    command = [sys.executable, os.path.abspath(__file__), "server", "-p", "0", "-m", str(max_connections)]
+    server = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    for line in server.stderr:
+        match = re.search(r"listening on \[?([^\]\s]+?)\]?:(\d+)", line)
+        if match:
+            threading.Thread(target=server.stderr.read, daemon=True).start()   # keep draining it
+            print(f"bench: started a server on {match[1]}:{match[2]}", file=sys.stderr)
+            return server, (match[1], int(match[2]))
+    raise SystemExit("bench: the server did not start")
+
+
+def _bench(host: str, port: int, args: argparse.Namespace) -> int:
+    clients = []
+    tag = secrets.token_hex(3)
+    for i in range(args.clients):
+        try:
+            sock = socket.create_connection((host, port), timeout=10)
+        except OSError as error:
+            print(f"bench: cannot connect to {host}:{port}: {error.strerror or error}", file=sys.stderr)
+            return EXIT_LOST
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(encode({"type": "hello", "nick": f"bench{tag}-{i}"}))
+        clients.append(BenchClient(sock, probe=i >= args.clients - BENCH_PROBES))
+    for client in clients:
+        link = Link(client.sock, f"{host}:{port}")
+        frame = link.wait_frame(10.0)
+        if frame["type"] != "welcome":
+            print(f"bench: refused: {frame.get('text')}", file=sys.stderr)
+            return EXIT_REFUSED
+        client.decoder = link.decoder
+    selector = selectors.DefaultSelector()
+    for client in clients:
+        selector.register(client.sock, selectors.EVENT_READ, client)
+    _bench_pump(selector, clients, quiet_for=0.3, latencies=None)     # let join notices settle
+    for client in clients:
+        client.got = 0
+    senders = clients[:min(args.senders, len(clients))]
+    expected = len(senders) * args.messages * (len(clients) - 1)
+    latencies: List[float] = []
+    print(f"bench: {len(clients)} clients, {len(senders)} senders x {args.messages} lines of"
+          f" {args.bytes} bytes{f' at {args.rate:g}/s' if args.rate else ''}", file=sys.stderr)
+    started = time.monotonic()
+    last_delivery = _bench_pump(selector, clients, quiet_for=args.timeout, latencies=latencies,
+                                senders=senders, args=args, expected=expected, started=started)
+    delivered = sum(client.got for client in clients)
+    elapsed = max(last_delivery - started, 1e-9)
+    latencies.sort()
+
+    def pct(p: float) -> str:
+        return f"{latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1e3:.1f}" if latencies else "-"
+    print(f"deliveries={delivered} expected={expected} lost={expected - delivered}"
+          f" elapsed_s={elapsed:.3f} deliveries_per_s={delivered / elapsed:.0f}"
+          f" p50_ms={pct(0.5)} p99_ms={pct(0.99)} p999_ms={pct(0.999)}"
+          f" max_ms={latencies[-1] * 1e3 if latencies else 0:.1f}")
+    for client in clients:
+        client.sock.close()
+    return EXIT_OK if delivered >= expected else EXIT_LOST
+
+
+def _bench_pump(selector, clients, quiet_for, latencies, senders=(), args=None, expected=0, started=0.0):
+    """Send and receive until everything expected arrived or nothing arrives
+    for `quiet_for` seconds; returns when the last delivery came."""
+    last = time.monotonic()
+    next_report = last + 1.0
+    writing: set = set()
+    total = len(senders) * (args.messages if args else 0)
+    queued = 0
+    while True:
+        now = time.monotonic()
+        if senders:
+            due = total if not args.rate else min(total, int(args.rate * (now - started)) + 1)
+            while queued < due:
+                sender = senders[queued % len(senders)]
+                if len(sender.out) > 65536 and not args.rate:
+                    break
+                text = f"BENCH:{time.monotonic_ns():019d}:{queued % len(senders)}:{sender.sent}:"
+                sender.out += encode({"type": "msg", "text": text.ljust(args.bytes, "x")})
+                sender.sent += 1
+                queued += 1
+            for sender in senders:
+                if sender.out and sender not in writing:
+                    selector.modify(sender.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, sender)
+                    writing.add(sender)
+        delivered = sum(client.got for client in clients) if expected else 0
+        if expected and delivered >= expected:
+            return last
+        if now - last > quiet_for:
+            return last
+        if now >= next_report and expected:
+            print(f"  {now - started:5.1f}s {delivered:>10,} of {expected:,} delivered", file=sys.stderr)
+            next_report = now + 1.0
+        for key, mask in selector.select(0.05 if queued < total else 0.2):
+            client = key.data
+            if mask & selectors.EVENT_WRITE:
+                try:
+                    del client.out[:client.sock.send(client.out)]
+                except BlockingIOError:
+                    pass
+                if not client.out:
+                    selector.modify(client.sock, selectors.EVENT_READ, client)
+                    writing.discard(client)
+            if mask & selectors.EVENT_READ:
+                data = client.sock.recv(RECV_SIZE)
+                if not data:
+                    raise SystemExit("bench: the server closed a connection")
+                last = time.monotonic()
+                if client.probe and latencies is not None:
+                    _bench_probe(client, data, latencies)
+                else:   # counting markers in C is what lets one Python process keep up
+                    seen = client.carry + data
+                    client.got += seen.count(BENCH_MARKER)
+                    client.carry = seen[-(len(BENCH_MARKER) - 1):]
+
+
+def _bench_probe(client: BenchClient, data: bytes, latencies: List[float]) -> None:
+    client.decoder.feed(data)
+    now = time.monotonic_ns()
+    while True:
+        frame = client.decoder.next_frame()
+        if frame is None:
+            return
+        text = frame.get("text")
+        if frame["type"] == "msg" and type(text) is str and text.startswith("BENCH:"):
+            client.got += 1
+            latencies.append((now - int(text[6:25])) / 1e9)
+
+
+# ---------------------------------------------------------------------------
+# 9. Certificates and the command line
+# ---------------------------------------------------------------------------
+
+def gencert_command(cert: str, key: str, name: str, days: int) -> List[str]:
+    return ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+            "-nodes", "-keyout", key, "-out", cert, "-days", str(days), "-subj", f"/CN={name}",
+            "-addext", f"subjectAltName=DNS:{name},DNS:localhost,IP:127.0.0.1,IP:::1"]
+
+
+def run_gencert(args: argparse.Namespace) -> int:
+    """Write a self-signed certificate and key with openssl."""
+    command = gencert_command(args.cert, args.key, args.name, args.days)
+    if shutil.which("openssl") is None:
+        print("openssl is not installed here; on a machine that has it, run:\n  "
+              + " ".join(command), file=sys.stderr)
+        return 1
+    for path in (args.cert, args.key):
+        if os.path.exists(path) and not args.force:
+            print(f"{path} exists; not overwriting it (use --force)", file=sys.stderr)
+            return 1
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        print(f"openssl failed:\n{result.stderr}", file=sys.stderr)
+        return 1
+    os.chmod(args.key, 0o600)
+    print(f"wrote {args.cert} and {args.key} (valid {args.days} days)\n"
+          f"fingerprint: {certificate_fingerprint(args.cert)}\n"
+          f"start:  python chat.py server --tls-cert {args.cert} --tls-key {args.key}\n"
+          f"join:   python chat.py client --tls")
+    return 0
+
+
+def read_password(path: Optional[str]) -> Optional[str]:
+    """The first line of `path`, else $CHAT_PASSWORD, else None."""
+    if path:
+        with open(path, encoding="utf-8") as f:
+            return f.readline().rstrip("\r\n")
+    return os.environ.get("CHAT_PASSWORD")
+
+
+def run_server(args: argparse.Namespace) -> int:
+    level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+    try:
+        password = read_password(args.password_file)
+    except OSError as error:
+        log.error("cannot read the password file: %s", error.strerror)
+        return 1
+    config = ServerConfig(
+        host=args.host, port=args.port, max_connections=args.max_connections, password=password,
+        max_payload=args.max_payload, max_buffer=args.max_buffer, history=args.history,
+        history_file=args.history_file, flood_rate=args.flood_rate, flood_burst=args.flood_burst,
+        hello_timeout=args.hello_timeout, ping_interval=args.ping_interval,
+        idle_timeout=args.idle_timeout, tls_cert=args.tls_cert, tls_key=args.tls_key or args.tls_cert)
+    _raise_file_limit(config.max_connections + 64)
+    try:
+        loop = ServerLoop(config)
+    except (OSError, ssl.SSLError) as error:
+        where = f"{config.host}:{config.port}"
+        if isinstance(error, ssl.SSLError) or (config.tls_cert and error.filename):
+            log.error("cannot load the TLS certificate/key: %s", getattr(error, "strerror", None) or error)
+        else:
+            log.error("cannot listen on %s: %s", where, error.strerror or error)
+        return 1
+    host, port = loop.address
+    log.info("chat.py server listening on %s:%d (up to %d connections, %s%s)",
+             f"[{host}]" if ":" in host else host, port, config.max_connections,
+             "TLS" if config.tls_cert else "plaintext", ", password" if password is not None else "")
+    if config.tls_cert:
+        log.info("TLS certificate fingerprint: %s", certificate_fingerprint(config.tls_cert))
+    if sys.stdin.isatty() and sys.stdout.isatty():
+        console = attach_operator_console(loop)
+        handler = ConsoleLogHandler(console)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        logging.getLogger().handlers = [handler]
+        log.info("type /help for operator commands")
+        try:
+            loop.serve_forever()
+        finally:
+            console.restore()
+    else:
+        loop.serve_forever()
+    return 0
+
+
+def _raise_file_limit(wanted: int) -> None:
+    """Let the process hold as many sockets as -m allows (where the OS lets us)."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and soft < wanted:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, hard) if hard != resource.RLIM_INFINITY
+                                                         else wanted, hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    formatter = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="chat.py", formatter_class=formatter,
+        description="A terminal chat: one server relays lines between many clients.",
+        epilog="Run 'python chat.py COMMAND --help' for the options of each command.")
+    parser.add_argument("--version", action="version", version=f"chat.py {VERSION}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+
+    server = commands.add_parser("server", help="run a chat server", formatter_class=formatter,
+                                 description="Run a chat server. Logs go to stderr. When started in a"
+                                             " terminal, type /help there for operator commands.")
+    server.add_argument("-p", "--port", type=int, default=DEFAULT_PORT, help="TCP port (0: any free port)")
+    server.add_argument("-H", "--host", default=DEFAULT_HOST,
+                        help="address to listen on (0.0.0.0: all IPv4, '::': all IPv4 and IPv6)")
+    server.add_argument("-m", "--max-connections", type=int, default=100,
+                        help="connections at once, counting those not yet joined")
+    server.add_argument("--password-file", metavar="FILE",
+                        help="require the password on the first line of FILE (or set $CHAT_PASSWORD)")
+    server.add_argument("--tls-cert", metavar="FILE", help="serve TLS with this certificate (PEM)")
+    server.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (PEM)")
+    server.add_argument("--history", type=int, default=50, metavar="N", help="lines kept per room")
+    server.add_argument("--history-file", metavar="FILE", help="keep history in FILE across restarts")
+    server.add_argument("--max-buffer", type=int, default=1 << 20, metavar="BYTES",
+                        help="unsent bytes per client before it is dropped as too slow")
+    server.add_argument("--max-payload", type=int, default=MAX_CLIENT_PAYLOAD, metavar="BYTES",
+                        help="largest frame a client may send")
+    server.add_argument("--flood-rate", type=float, default=100.0, metavar="LINES",
+                        help="chat lines per second a client may send, sustained")
+    server.add_argument("--flood-burst", type=int, default=1000, metavar="LINES",
+                        help="chat lines a client may send at once before --flood-rate applies")
+    server.add_argument("--hello-timeout", type=float, default=10.0, metavar="SECONDS",
+                        help="drop connections that have not said hello by then")
+    server.add_argument("--ping-interval", type=float, default=30.0, metavar="SECONDS",
+                        help="ping clients silent this long")
+    server.add_argument("--idle-timeout", type=float, default=75.0, metavar="SECONDS",
+                        help="drop clients silent this long")
+    server.add_argument("-q", "--quiet", action="store_true", help="log only warnings and errors")
+    server.add_argument("-v", "--verbose", action="store_true", help="log more")
+
+    client = commands.add_parser("client", help="join a chat server", formatter_class=formatter,
+                                 description="Join a chat server. Type lines to talk; /help lists"
+                                             " commands. With stdin not a terminal, each input line"
+                                             " is sent and the client exits at its end.")
+    client.add_argument("-p", "--port", type=int, default=DEFAULT_PORT, help="server port")
+    client.add_argument("-H", "--host", default=DEFAULT_HOST, help="server host")
+    client.add_argument("-n", "--nick", help="your nick (default: your login name)")
+    client.add_argument("--tls", action="store_true", help="connect with TLS")
+    client.add_argument("--cafile", metavar="FILE", help="with --tls: verify the server against this CA")
+    client.add_argument("--fingerprint", metavar="SHA256:...",
+                        help="with --tls: accept only a server certificate with this fingerprint")
+    client.add_argument("--known-hosts", metavar="FILE",
+                        help="with --tls: where trusted fingerprints are kept"
+                             " (default: ~/.config/chat.py/known_hosts)")
+    client.add_argument("--password-file", metavar="FILE",
+                        help="send the password on the first line of FILE (or set $CHAT_PASSWORD;"
+                             " on a terminal you are asked when the server wants one)")
+    client.add_argument("--json", action="store_true",
+                        help="bot mode: print every frame as a JSON line; send JSON lines as frames"
+                             " and other lines as messages")
+    client.add_argument("--reconnect", type=float, default=300.0, metavar="SECONDS",
+                        help="when the connection is lost, keep trying this long (0: exit at once)")
+
+    bench = commands.add_parser("bench", help="load-test a server", formatter_class=formatter,
+                                description="Load-test a server (or one started for the test when"
+                                            " neither -H nor -p is given).")
+    bench.add_argument("-H", "--host", help="server host")
+    bench.add_argument("-p", "--port", type=int, help="server port")
+    bench.add_argument("-c", "--clients", type=int, default=100, help="clients connected")
+    bench.add_argument("-s", "--senders", type=int, default=10, help="how many of them send")
+    bench.add_argument("-n", "--messages", type=int, default=1000, help="lines per sender")
+    bench.add_argument("-b", "--bytes", type=int, default=64, help="length of each line")
+    bench.add_argument("-r", "--rate", type=float, default=0.0, help="lines per second in all (0: flat out)")
+    bench.add_argument("--timeout", type=float, default=10.0, help="give up after this long without a delivery")
+
+    gencert = commands.add_parser("gencert", help="make a self-signed TLS certificate (needs openssl)",
+                                  formatter_class=formatter)
+    gencert.add_argument("--cert", default="chat-cert.pem", help="certificate file to write")
+    gencert.add_argument("--key", default="chat-key.pem", help="private key file to write")
+    gencert.add_argument("--name", default="localhost", help="the server's host name")
+    gencert.add_argument("--days", type=int, default=825, help="validity")
+    gencert.add_argument("--force", action="store_true", help="overwrite existing files")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "client":
+        try:
+            args.password = read_password(args.password_file)
+        except OSError as error:
+            print(f"cannot read the password file: {error.strerror}", file=sys.stderr)
+            return EXIT_USAGE
+    runners = {"server": run_server, "client": run_client, "bench": run_bench, "gencert": run_gencert}
+    return runners[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
