@@ -316,6 +316,7 @@ class ServerConfig:
 # handshake in progress is the loop's business: see Conn.handshake.)
 HELLO, AUTH, JOINED, CLOSING, CLOSED = "hello", "auth", "joined", "closing", "closed"
 CHAT_LINE_TYPES = frozenset(("msg", "me", "pm"))   # what flood control counts
+FANOUT_BUDGET = 32 << 20    # bytes one loop turn may append to all buffers together
 
 
 class Conn:
@@ -323,8 +324,8 @@ class Conn:
     side (the chat's). `out` holds bytes queued for the client."""
 
     __slots__ = ("sock", "fd", "addr", "ip", "tls", "handshake", "shut", "events", "state", "decoder", "out",
-                 "nick", "key", "session", "rooms", "tokens", "refilled", "held", "paused",
-                 "last_heard", "flood_noticed", "linger_until")
+                 "nick", "key", "session", "rooms", "tokens", "refilled", "held", "paused", "deferred",
+                 "last_heard", "flood_noticed")
 
     def __init__(self, sock, addr: str, ip: str, max_payload: int, now: float, burst: float):
         self.sock = sock
@@ -342,6 +343,7 @@ class Conn:
         self.tokens, self.refilled = float(burst), now    # flood-control token bucket
         self.held: Optional[dict] = None   # a frame waiting for a token
         self.paused = False             # not reading: flood control or a pending refusal
+        self.deferred = False           # has frames waiting for the next turn's budget
         self.last_heard = now
         self.flood_noticed = -1e9
 
@@ -470,6 +472,10 @@ class Chat:
         self.pending: List[tuple] = []           # (room, sender, frame bytes) not yet fanned out
         self.dirty: List[Conn] = []              # connections whose `out` became non-empty
         self.slow: List[Conn] = []               # connections over their buffer limit
+        self.deferred: collections.deque = collections.deque()   # connections with frames left over
+        self.turn_bytes = self.turn_fanout = 0   # what this turn's lines cost (see post())
+        self.budget_spent = False
+        self.turn_byte_budget = max(4096, config.max_buffer // 4)
         self.auth_failures: Dict[str, Tuple[int, float]] = {}
         self.next_id = 1
         self.history_file = HistoryFile(config.history_file, config.history_file_max) \
@@ -488,9 +494,16 @@ class Chat:
     # -- time and the loop's entry points ------------------------------------
 
     def tick(self) -> None:
-        """Called by the loop once per turn: one clock read serves every frame."""
+        """Called by the loop at the start of each turn: one clock read serves
+        every frame, a fresh budget, and first go to those left over last turn."""
         self.ts = round(time.time(), 3)
         self.clock = time.monotonic()
+        self.turn_bytes = self.turn_fanout = 0
+        self.budget_spent = False
+        for _ in range(len(self.deferred)):
+            conn = self.deferred.popleft()
+            conn.deferred = False
+            self.process(conn)
 
     def open(self, conn: Conn) -> bool:
         """A new connection. False if the server is full (the connection then
@@ -516,9 +529,15 @@ class Chat:
 
     def process(self, conn: Conn) -> None:
         """Handle every complete frame from `conn`, unless flood control or a
-        refusal pauses it; paused frames stay in the decoder (TCP backpressure)."""
+        refusal pauses it (its frames wait in the decoder and TCP slows it
+        down), or this turn's budget is spent (they wait for the next turn)."""
         decoder = conn.decoder
         while not conn.paused and conn.state in (HELLO, JOINED):
+            if self.budget_spent:
+                if not conn.deferred and (conn.held or decoder.buffered):
+                    conn.deferred = True
+                    self.deferred.append(conn)
+                return
             frame, conn.held = conn.held, None
             if frame is None:
                 try:
@@ -605,7 +624,7 @@ class Chat:
         if not out:
             self.dirty.append(conn)
         out += data
-        if len(out) > self.config.max_buffer and conn.state is JOINED:
+        if len(out) > self.config.max_buffer:
             self.slow.append(conn)
 
     def send(self, conn: Conn, frame: dict) -> None:
@@ -624,23 +643,23 @@ class Chat:
         self.pending.append((room, sender, encode(frame)))
 
     def flush(self) -> None:
-        """Fan out what this turn said, then drop whoever fell too far behind.
-        Called before anything that changes who receives what (joins, parts,
-        drops) and before every unicast, so nobody sees lines out of order."""
-        while self.pending or self.slow:
-            if self.pending:
-                batch, self.pending = self.pending, []
-                start = 0
-                while start < len(batch):   # runs of consecutive entries for one room
-                    room, end = batch[start][0], start + 1
-                    while end < len(batch) and batch[end][0] is room:
-                        end += 1
-                    self._fan_out(room, batch[start:end])
-                    start = end
-            while self.slow:
-                conn = self.slow.pop()
-                self.drop(conn, f"too slow: over {self.config.max_buffer} bytes unread",
-                          ProtocolError("too-slow", "you stopped reading; disconnected"))
+        """Fan out what this turn said. Called before anything that changes
+        who receives what (joins, parts, drops) and before every unicast, so
+        nobody sees lines out of order."""
+        while self.pending:
+            batch, self.pending = self.pending, []
+            start = 0
+            while start < len(batch):   # runs of consecutive entries for one room
+                room, end = batch[start][0], start + 1
+                while end < len(batch) and batch[end][0] is room:
+                    end += 1
+                self._fan_out(room, batch[start:end])
+                start = end
+
+    def too_slow(self, conn: Conn) -> None:
+        """The loop found `conn` still over its buffer limit after writing."""
+        self.drop(conn, f"too slow: over {self.config.max_buffer} bytes unread",
+                  ProtocolError("too-slow", "you stopped reading; disconnected"))
 
     def _fan_out(self, room: Room, run: List[tuple]) -> None:
         # The hot path: per recipient, one set lookup and one bytearray append.
@@ -887,6 +906,12 @@ class Chat:
         if self.history_file:
             self.history_file.append(data[4:])
         self.pending.append((room, sender, data))
+        # Bound what one turn adds to buffers: any one recipient's growth
+        # (turn_bytes) and the memory fan-out takes in all (turn_fanout).
+        self.turn_bytes += len(data)
+        self.turn_fanout += len(data) * len(room.members)
+        if self.turn_bytes >= self.turn_byte_budget or self.turn_fanout >= FANOUT_BUDGET:
+            self.budget_spent = True
 
     def on_pm(self, conn: Conn, frame: dict) -> None:
         to, text = frame.get("to"), check_text(frame.get("text"))
@@ -1175,7 +1200,9 @@ class ServerLoop:
 
     def _turn(self) -> None:
         timeout = None
-        if self.timers:
+        if self.chat.deferred:
+            timeout = 0.0
+        elif self.timers:
             timeout = max(0.0, self.timers[0][0] - time.monotonic())
         if self.stopping:
             timeout = min(timeout if timeout is not None else SHUTDOWN_GRACE, 0.05)
@@ -1192,13 +1219,26 @@ class ServerLoop:
         while timers and timers[0][0] <= chat.clock:
             _, _, function, args = heapq.heappop(timers)
             function(*args)
-        while True:         # fan out, then write; writing may find dead peers, whose leaves fan out
+        self._deliver()
+
+    def _deliver(self) -> None:
+        """Fan out, write to every connection with bytes queued, and drop those
+        still over their limit after writing. Writing may find dead peers,
+        whose leave events fan out in turn."""
+        chat, limit = self.chat, self.config.max_buffer
+        while True:
             chat.end_turn()
-            if not chat.dirty:
-                break
+            if not (chat.dirty or chat.slow):
+                return
             dirty, chat.dirty = chat.dirty, []
             for conn in dirty:
                 self._write(conn)
+            slow, chat.slow = chat.slow, []
+            for conn in slow:
+                if len(conn.out) > limit and conn.state is JOINED:
+                    self._write(conn)
+                    if len(conn.out) > limit and conn.state is JOINED:
+                        chat.too_slow(conn)
 
     def _on_wake(self, mask: int) -> None:
         try:
@@ -1269,6 +1309,8 @@ class ServerLoop:
             self._write(conn)
 
     def _read(self, conn: Conn) -> None:
+        if conn.deferred or self.chat.budget_spent:
+            return      # frames are waiting already; the socket stays readable for the next turn
         sock = conn.sock
         while True:
             try:
