@@ -1470,22 +1470,8 @@ class Console:
         threading.Thread(target=self._read_forever, name="stdin", daemon=True).start()
 
     def _read_forever(self) -> None:
-        while True:
-            if self.interactive:
-                self._may_prompt.wait()
-                self._may_prompt.clear()
-                with self._lock:
-                    self._reading = True
-                try:
-                    line = input(self.prompt)
-                except (EOFError, OSError):
-                    line = None
-                with self._lock:
-                    self._reading = False
-                    self._echo = "" if line is None else _plain(self.prompt) + line
-            else:
-                raw = sys.stdin.buffer.readline()
-                line = raw.decode("utf-8", "replace").rstrip("\r\n") if raw else None
+        lines = self._typed_lines() if self.interactive else self._piped_lines()
+        for line in lines:
             self.lines.put(line)
             try:
                 self.wake_w.send(b"\0")
@@ -1493,6 +1479,40 @@ class Console:
                 return      # the console was closed
             if line is None:
                 return
+
+    def _typed_lines(self):
+        while True:
+            self._may_prompt.wait()
+            self._may_prompt.clear()
+            with self._lock:
+                self._reading = True
+            try:
+                line = input(self.prompt)
+            except (EOFError, OSError):
+                line = None
+            with self._lock:
+                self._reading = False
+                self._echo = "" if line is None else _plain(self.prompt) + line
+            yield line
+
+    @staticmethod
+    def _piped_lines():
+        # os.read, not sys.stdin: a daemon thread blocked inside sys.stdin's
+        # buffered reader holds its lock, and Python aborts at exit over it.
+        pending = b""
+        while True:
+            try:
+                chunk = os.read(sys.stdin.fileno(), 65536)
+            except OSError:
+                chunk = b""
+            if not chunk:
+                if pending:
+                    yield pending.decode("utf-8", "replace").rstrip("\r")
+                yield None
+                return
+            *complete, pending = (pending + chunk).split(b"\n")
+            for raw in complete:
+                yield raw.decode("utf-8", "replace").rstrip("\r")
 
     def take_line(self) -> Tuple[bool, Optional[str]]:
         """(True, line) for the next line typed, (True, None) at end of input,

@@ -1,0 +1,769 @@
+"""Tests for chat.py. Run: python3 -m unittest -v
+
+Pure parts first (codec, text rules, commands, rendering), then a real
+server on 127.0.0.1 port 0, in a thread or a subprocess, with real sockets
+and real client processes. Nothing waits by sleeping: every wait is for a
+condition (a frame, a line of output, an exit) with a timeout.
+"""
+import collections
+import io
+import json
+import logging
+import os
+import queue
+import re
+import resource
+import selectors
+import signal
+import socket
+import ssl
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+
+import chat
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CHAT = os.path.join(HERE, "chat.py")
+TIMEOUT = 5.0
+logging.getLogger("chat").setLevel(logging.CRITICAL)    # the server's log is not test output
+
+# A self-signed test certificate (CN=localhost, valid until 2126), and a second one for "changed".
+TEST_CERT = """-----BEGIN CERTIFICATE-----
+MIIBmzCCAUGgAwIBAgIUG5shICawWPdxg/Rwhmq+5vZIxrAwCgYIKoZIzj0EAwIw
+FDESMBAGA1UEAwwJbG9jYWxob3N0MCAXDTI2MTEyNjA4NTg1OVoYDzIxMjYxMTAy
+MDg1ODU5WjAUMRIwEAYDVQQDDAlsb2NhbGhvc3QwWTATBgcqhkjOPQIBBggqhkjO
+PQMBBwNCAAR/3vhgdyiWRWvYgbwR2bUFejz2eqF/vsltQV9NhtwDgHVkGzp1cipx
+RlNC4Qz+2JXSrFh0Pp1rzX1+TM6zWwnLo28wbTAdBgNVHQ4EFgQUrfTHapMa09bt
+UMJqEx/CCXlY0KAwHwYDVR0jBBgwFoAUrfTHapMa09btUMJqEx/CCXlY0KAwDwYD
+VR0TAQH/BAUwAwEB/zAaBgNVHREEEzARgglsb2NhbGhvc3SHBH8AAAEwCgYIKoZI
+zj0EAwIDSAAwRQIhALkTgX0jxxoPsBEMJJOV/k3DnL7nqgdyb5wfTn+QY8ptAiAg
+of5Y/sxdVZIxoDrZxDeGvXOpIbPUp24iJBQ7ckCImA==
+-----END CERTIFICATE-----
+"""
+TEST_KEY = """-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgpjSEy/8NP97KYDiU
+wBy9WB+Xd58gY2C14DM8n9aj+dChRANCAAR/3vhgdyiWRWvYgbwR2bUFejz2eqF/
+vsltQV9NhtwDgHVkGzp1cipxRlNC4Qz+2JXSrFh0Pp1rzX1+TM6zWwnL
+-----END PRIVATE KEY-----
+"""
+OTHER_CERT = """-----BEGIN CERTIFICATE-----
+MIIBgDCCASWgAwIBAgIUWEZB6jnRaXwLhdaTC8DMerKKEoQwCgYIKoZIzj0EAwIw
+FDESMBAGA1UEAwwJbG9jYWxob3N0MCAXDTI2MTEyNjA4NTg1OVoYDzIxMjYxMTAy
+MDg1ODU5WjAUMRIwEAYDVQQDDAlsb2NhbGhvc3QwWTATBgcqhkjOPQIBBggqhkjO
+PQMBBwNCAARf3H7D+qFocxkvzkV7VddJL+fvYVJm6h1YsGbUbumN9f6LlOPHI+YQ
+WbshcAAWImJaOwcY9e8t1tTyZCon01fUo1MwUTAdBgNVHQ4EFgQUEYEjd53jFEIy
+TWKrCnGHHutE9SswHwYDVR0jBBgwFoAUEYEjd53jFEIyTWKrCnGHHutE9SswDwYD
+VR0TAQH/BAUwAwEB/zAKBggqhkjOPQQDAgNJADBGAiEA38TrCBEc4byI1tg60KNG
+oUvx81DKzjaAVegBeEgoqdcCIQDO47LMv+jgXTRzVg31zapNIwI3YbwaI+Uh0t2N
+oXYU4Q==
+-----END CERTIFICATE-----
+"""
+OTHER_KEY = """-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgnOuuPGw0r6GEL5ak
+6QUpjh8oAzo1w+VgOZQuOFEe43GhRANCAARf3H7D+qFocxkvzkV7VddJL+fvYVJm
+6h1YsGbUbumN9f6LlOPHI+YQWbshcAAWImJaOwcY9e8t1tTyZCon01fU
+-----END PRIVATE KEY-----
+"""
+
+
+def frame_bytes(payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + payload
+
+
+# ---------------------------------------------------------------------------
+# Pure parts
+# ---------------------------------------------------------------------------
+
+class CodecTest(unittest.TestCase):
+    def decode_all(self, data: bytes, chunk: int, max_payload=chat.MAX_CLIENT_PAYLOAD):
+        decoder, frames = chat.FrameDecoder(max_payload), []
+        for i in range(0, len(data), chunk):
+            decoder.feed(data[i:i + chunk])
+            while True:
+                frame = decoder.next_frame()
+                if frame is None:
+                    break
+                frames.append(frame)
+        return frames, decoder
+
+    def test_encode_is_length_prefixed_compact_utf8_json(self):
+        data = chat.encode({"type": "msg", "text": "héllo 你好 🎉"})
+        payload = data[4:]
+        self.assertEqual(struct.unpack(">I", data[:4])[0], len(payload))
+        self.assertEqual(payload.decode("utf-8"), '{"type":"msg","text":"héllo 你好 🎉"}')
+
+    def test_frames_split_at_every_byte_and_merged_come_out_whole(self):
+        frames = [{"type": "msg", "text": "x" * n} for n in (0, 1, 300, 70000 // 2)]
+        stream = b"".join(chat.encode(f) for f in frames)
+        for chunk in (1, 3, 7, 4096, len(stream)):
+            with self.subTest(chunk=chunk):
+                self.assertEqual(self.decode_all(stream, chunk)[0], frames)
+
+    def test_oversized_frame_is_refused_from_its_prefix_alone(self):
+        decoder = chat.FrameDecoder(100)
+        decoder.feed(struct.pack(">I", 101))
+        with self.assertRaises(chat.ProtocolError) as caught:
+            decoder.next_frame()
+        self.assertEqual(caught.exception.code, "frame-too-large")
+        decoder = chat.FrameDecoder(100)
+        decoder.feed(frame_bytes(b'{"type":"' + b"x" * 88 + b'"}'))   # exactly 100 bytes is fine
+        self.assertEqual(len(decoder.next_frame()["type"]), 88)
+
+    def test_bad_payloads_are_bad_frames(self):
+        deep = b"[" * 100000 + b"]" * 100000
+        for payload, why in [(b"\xff\xfe{}", "UTF-8"), (b'{"type":"msg",', "JSON"), (b"[1,2]", "object"),
+                             (b'"hi"', "object"), (b'{"text":"hi"}', "type"), (b'{"type":5}', "type"),
+                             (b"", "JSON"), (deep, "JSON"), (b'{"type":"msg","n":' + b"9" * 5000 + b"}", "JSON")]:
+            with self.subTest(payload=payload[:20]):
+                decoder = chat.FrameDecoder(1 << 20)
+                decoder.feed(frame_bytes(payload))
+                with self.assertRaises(chat.ProtocolError) as caught:
+                    decoder.next_frame()
+                self.assertEqual(caught.exception.code, "bad-frame")
+                self.assertIn(why, caught.exception.text)
+
+    def test_buffered_counts_unread_bytes(self):
+        decoder = chat.FrameDecoder()
+        data = chat.encode({"type": "ping"})
+        decoder.feed(data + data[:5])
+        self.assertEqual(decoder.next_frame(), {"type": "ping"})
+        self.assertIsNone(decoder.next_frame())
+        self.assertEqual(decoder.buffered, 5)
+
+
+class TextRulesTest(unittest.TestCase):
+    def test_valid_nicks_in_any_script(self):
+        for nick in ["alice", "Bob_2", "a.b-c", "Zoë", "李雷", "Ünïcödé", "x" * 32, "e\u0301cole"]:
+            with self.subTest(nick=nick):
+                self.assertTrue(chat.check_name(nick))
+        self.assertEqual(chat.check_name("e\u0301cole"), "\u00e9cole")    # NFC
+
+    def test_invalid_nicks(self):
+        for nick in ["", "x" * 33, "two words", "tab\there", "bell\x07", "esc\x1b[31m", "rtl\u202eevil",
+                     "zero\u200bwidth", "emoji🎉", "semi;colon", "new\nline", 5, None, ["a"]]:
+            with self.subTest(nick=nick):
+                with self.assertRaises(chat.ProtocolError) as caught:
+                    chat.check_name(nick)
+                self.assertEqual(caught.exception.code, "bad-nick")
+
+    def test_room_names_take_an_optional_hash(self):
+        self.assertEqual(chat.check_room("#dev"), "dev")
+        self.assertEqual(chat.check_room("dev"), "dev")
+        with self.assertRaises(chat.ProtocolError) as caught:
+            chat.check_room("#no spaces")
+        self.assertEqual(caught.exception.code, "bad-room")
+
+    def test_clean_text_removes_escape_sequences_whole(self):
+        self.assertEqual(chat.clean_text("plain text"), "plain text")
+        self.assertEqual(chat.clean_text("\x1b[31mred\x1b[0m"), "red")
+        self.assertEqual(chat.clean_text("\x1b]0;pwned\x07title"), "title")
+        self.assertEqual(chat.clean_text("a\x1b]8;;http://x\x1b\\link\x1b]8;;\x1b\\b"), "alinkb")
+        self.assertEqual(chat.clean_text("bell\x07 nul\x00 del\x7f c1\x9b2J"), "bell nul del c1")
+        self.assertEqual(chat.clean_text("crlf\r\nline\rsep\u2028end"), "crlf\nline\nsep\nend")
+        self.assertEqual(chat.clean_text("bidi\u202eevil\u2066x\u2069"), "bidievilx")
+        self.assertEqual(chat.clean_text("tab\tkept, café 你好 🎉 kept"), "tab\tkept, café 你好 🎉 kept")
+
+    def test_check_text_limits(self):
+        self.assertEqual(chat.check_text("\x1b[1mhi\n"), "hi")
+        for text, code in [(5, "bad-field"), ("", "bad-field"), ("\x1b[0m", "bad-field"), (" \n ", "bad-field"),
+                           ("x" * (chat.TEXT_MAX + 1), "text-too-long"), ("a\n" * 60 + "b", "text-too-long")]:
+            with self.subTest(text=str(text)[:20]):
+                with self.assertRaises(chat.ProtocolError) as caught:
+                    chat.check_text(text)
+                self.assertEqual(caught.exception.code, code)
+
+    def test_printable_escapes_controls_and_keeps_unicode(self):
+        self.assertEqual(chat.printable("café 你好 🎉"), "café 你好 🎉")
+        self.assertEqual(chat.printable("\x1b[2J"), "\\x1b[2J")
+        self.assertEqual(chat.printable("a\tb"), "a    b")
+        self.assertEqual(chat.printable("x\u202ey"), "x\\u202ey")
+        self.assertEqual(chat.printable("lone \ud800"), "lone \\ud800")
+        self.assertEqual(chat.printable("two\nlines"), "two\nlines")
+
+    def test_display_width(self):
+        self.assertEqual(chat.display_width("abc"), 3)
+        self.assertEqual(chat.display_width("你好"), 4)
+        self.assertEqual(chat.display_width("e\u0301"), 1)
+
+
+class CommandTableTest(unittest.TestCase):
+    def setUp(self):
+        self.calls = []
+        self.table = chat.CommandTable([
+            chat.Command("msg", "NICK TEXT", "private message", lambda *a: self.calls.append(("msg",) + a)),
+            chat.Command("quit", "[REASON]", "leave", lambda *a: self.calls.append(("quit",) + a)),
+            chat.Command("who", "", "who is here", lambda: self.calls.append(("who",))),
+        ])
+
+    def test_the_last_parameter_takes_the_rest_of_the_line(self):
+        self.table.run("/msg bob hello there  you")
+        self.table.run("/MSG bob x")
+        self.table.run("/quit")
+        self.table.run("/quit see you")
+        self.table.run("/who")
+        self.assertEqual(self.calls, [("msg", "bob", "hello there  you"), ("msg", "bob", "x"), ("quit",),
+                                      ("quit", "see you"), ("who",)])
+
+    def test_errors_say_what_to_type(self):
+        for line, message in [("/msg bob", "usage: /msg NICK TEXT"), ("/nope", "unknown command /nope"),
+                              ("/who extra", "usage: /who")]:
+            with self.subTest(line=line):
+                with self.assertRaises(ValueError) as caught:
+                    self.table.run(line)
+                self.assertIn(message, str(caught.exception))
+        self.assertEqual(self.calls, [])
+
+    def test_help_comes_from_the_table(self):
+        self.assertEqual(self.table.help_lines(), ["/msg NICK TEXT  private message",
+                                                   "/quit [REASON]  leave",
+                                                   "/who            who is here"])
+
+
+class RenderTest(unittest.TestCase):
+    view = chat.View(me="alice")
+
+    def test_lines(self):
+        cases = [
+            ({"type": "msg", "from": "bob", "text": "hi"}, "<bob> hi"),
+            ({"type": "msg", "from": "alice", "text": "mine"}, "[alice] mine"),
+            ({"type": "msg", "from": "bob", "text": "waves", "action": True}, "* bob waves"),
+            ({"type": "msg", "from": "bob", "to": "alice", "text": "psst"}, "[pm from bob] psst"),
+            ({"type": "msg", "from": "alice", "to": "bob", "text": "psst"}, "[pm to bob] psst"),
+            ({"type": "join", "nick": "bob", "users": 2}, "-- bob joined (2 here)"),
+            ({"type": "leave", "nick": "bob", "reason": "quit", "users": 1}, "-- bob left: quit (1 here)"),
+            ({"type": "nick", "old": "bob", "new": "rob"}, "-- bob is now known as rob"),
+            ({"type": "error", "code": "no-such-user", "text": "nobody"}, "!!! nobody (no-such-user)"),
+            ({"type": "bye", "reason": "maintenance"}, "*** the server is going away: maintenance"),
+            ({"type": "pong"}, None),
+            ({"type": "from-the-future"}, None),
+        ]
+        for frame, expected in cases:
+            with self.subTest(frame=frame):
+                self.assertEqual(chat.render(frame, self.view), expected)
+
+    def test_hostile_text_never_reaches_the_terminal_raw(self):
+        frame = {"type": "msg", "from": "ev\x1bil", "text": "\x1b]0;owned\x07\x1b[2Jgone\u202e 你好"}
+        line = chat.render(frame, self.view)
+        self.assertNotIn("\x1b", line)
+        self.assertNotIn("\x07", line)
+        self.assertNotIn("\u202e", line)
+        self.assertIn("你好", line)
+
+    def test_colour_timestamps_rooms_and_continuation_lines(self):
+        view = chat.View(me="alice", color=True, timestamps=True, rooms=True)
+        line = chat.render({"type": "msg", "from": "bob", "text": "a\nb", "room": "dev", "ts": 0}, view)
+        self.assertIn("\x1b[", line)
+        plain = chat._plain(line)
+        first, second = plain.split("\n")
+        self.assertRegex(first, r"^\d\d:\d\d #dev <bob> a$")
+        self.assertEqual(second.strip(), "b")
+        self.assertEqual(len(second) - len(second.lstrip()), len("00:00 #dev "))
+
+
+class FittingTest(unittest.TestCase):
+    def test_history_is_trimmed_oldest_first_to_fit_one_mebibyte(self):
+        history = [{"type": "msg", "id": i, "text": "x" * 4000} for i in range(400)]
+        data = chat._fitted({"type": "welcome", "history": history, "users": ["a"]}, "history", "users")
+        self.assertLessEqual(len(data) - 4, chat.MAX_SERVER_PAYLOAD)
+        frame = json.loads(data[4:])
+        self.assertTrue(frame["truncated"])
+        self.assertEqual(frame["history"][-1]["id"], 399)
+
+
+class HistoryFileTest(unittest.TestCase):
+    def test_a_torn_last_line_is_skipped_with_a_warning(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "history.jsonl")
+            line = {"type": "msg", "id": 7, "from": "a", "text": "kept", "ts": 1.0, "room": "lobby", "seq": 3}
+            with open(path, "w") as f:
+                f.write('{"instance":"abc","format":1}\n' + json.dumps(line) + '\n{"type":"msg","id":8,"fr')
+            history = chat.HistoryFile(path, 1 << 20)
+            with self.assertLogs("chat", logging.WARNING) as logs:
+                lines = history.load()
+            history.close()
+            self.assertEqual(lines, [line])
+            self.assertEqual(history.instance, "abc")
+            self.assertIn("damaged", logs.output[0])
+            with open(path) as f:
+                self.assertEqual(len(f.read().splitlines()), 2)     # the torn line is gone from disk
+
+
+# ---------------------------------------------------------------------------
+# Harness: a real server, real sockets, real client processes
+# ---------------------------------------------------------------------------
+
+class ServerThread:
+    """A ServerLoop on 127.0.0.1, port 0, in a thread of this process."""
+
+    def __init__(self, **config):
+        config.setdefault("host", "127.0.0.1")
+        self.loop = chat.ServerLoop(chat.ServerConfig(port=0, **config))
+        self.port = self.loop.address[1]
+        self.thread = threading.Thread(target=self.loop.serve_forever, daemon=True)
+        self.thread.start()
+
+    def call(self, function, *args):
+        """Run `function` in the server's thread and return its result."""
+        done = queue.Queue()
+        self.loop.call_soon_threadsafe(lambda: done.put(function(*args)))
+        return done.get(timeout=TIMEOUT)
+
+    def stop(self):
+        self.loop.stop()
+        self.thread.join(TIMEOUT)
+
+
+class Peer:
+    """A protocol-level test client on a blocking socket."""
+
+    def __init__(self, port, nick=None, host="127.0.0.1", sock=None, **hello):
+        self.sock = sock or socket.create_connection((host, port), timeout=TIMEOUT)
+        self.sock.settimeout(TIMEOUT)
+        self.decoder = chat.FrameDecoder(chat.MAX_SERVER_PAYLOAD)
+        self.welcome = None
+        if nick is not None:
+            self.send({"type": "hello", "nick": nick, **hello})
+            self.welcome = self.expect("welcome")
+
+    def send(self, frame):
+        self.sock.sendall(chat.encode(frame))
+
+    def send_raw(self, data):
+        self.sock.sendall(data)
+
+    def next(self, timeout=TIMEOUT):
+        """The next frame; AssertionError on timeout or when the server closes."""
+        deadline = time.monotonic() + timeout
+        while True:
+            frame = self.decoder.next_frame()
+            if frame is not None:
+                return frame
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError("no frame arrived in time")
+            self.sock.settimeout(left)
+            try:
+                data = self.sock.recv(65536)
+            except socket.timeout:
+                raise AssertionError("no frame arrived in time") from None
+            if not data:
+                raise AssertionError("the server closed the connection")
+            self.decoder.feed(data)
+
+    def expect(self, kind, timeout=TIMEOUT, **fields):
+        """Skip frames until one of type `kind` (with `fields`) arrives."""
+        deadline = time.monotonic() + timeout
+        while True:
+            frame = self.next(deadline - time.monotonic())
+            if frame["type"] == kind and all(frame.get(k) == v for k, v in fields.items()):
+                return frame
+
+    def sync(self):
+        """Everything the server sent us before now: ping, collect until pong.
+        (The server answers in order, so this proves what did not arrive.)"""
+        token = os.urandom(4).hex()
+        self.send({"type": "ping", "token": token})
+        frames = []
+        while True:
+            frame = self.next()
+            if frame["type"] == "pong" and frame.get("token") == token:
+                return frames
+            frames.append(frame)
+
+    def closed(self, timeout=TIMEOUT):
+        """Frames received until the server closes the connection."""
+        frames, deadline = [], time.monotonic() + timeout
+        while True:
+            frame = self.decoder.next_frame()
+            if frame is not None:
+                frames.append(frame)
+                continue
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"still open; got {frames}")
+            self.sock.settimeout(left)
+            try:
+                data = self.sock.recv(65536)
+            except socket.timeout:
+                continue
+            except ConnectionResetError:
+                return frames
+            if not data:
+                return frames
+            self.decoder.feed(data)
+
+    def close(self):
+        self.sock.close()
+
+
+class Process:
+    """A chat.py subprocess whose output lines are collected as they come."""
+
+    def __init__(self, *args, stdin=subprocess.PIPE, env=None):
+        self.proc = subprocess.Popen([sys.executable, CHAT] + [str(a) for a in args], stdin=stdin,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     env=dict(os.environ, **(env or {})), encoding="utf-8")
+        self.stdout, self.stderr = queue.Queue(), queue.Queue()
+        self.out_lines, self.err_lines = [], []
+        for stream, lines, sink in ((self.proc.stdout, self.out_lines, self.stdout),
+                                    (self.proc.stderr, self.err_lines, self.stderr)):
+            threading.Thread(target=self._pump, args=(stream, lines, sink), daemon=True).start()
+
+    @staticmethod
+    def _pump(stream, lines, sink):
+        for line in stream:
+            lines.append(line.rstrip("\n"))
+            sink.put(line.rstrip("\n"))
+        sink.put(None)
+
+    def wait_line(self, pattern, stream="stdout", timeout=TIMEOUT):
+        """The first new line on `stream` matching `pattern` (a regex)."""
+        sink = self.stdout if stream == "stdout" else self.stderr
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = sink.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"no line matching {pattern!r} on {stream}; "
+                                     f"stdout={self.out_lines} stderr={self.err_lines}") from None
+            if line is None:
+                raise AssertionError(f"{stream} ended before {pattern!r}; "
+                                     f"stdout={self.out_lines} stderr={self.err_lines}")
+            match = re.search(pattern, line)
+            if match:
+                return match
+
+    def write(self, text):
+        self.proc.stdin.write(text)
+        self.proc.stdin.flush()
+
+    def wait(self, timeout=TIMEOUT):
+        return self.proc.wait(timeout)
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if stream:
+                stream.close()
+
+
+def server_process(*args, env=None):
+    """A `chat.py server` subprocess on a free port; returns (process, port)."""
+    server = Process("server", "-p", 0, *args, stdin=subprocess.DEVNULL, env=env)
+    port = int(server.wait_line(r"listening on \S+:(\d+)", "stderr")[1])
+    return server, port
+
+
+class ServerTestCase(unittest.TestCase):
+    config = {}
+
+    def setUp(self):
+        self.server = ServerThread(**self.config)
+        self.addCleanup(self.server.stop)
+        self.port = self.server.port
+
+    def peer(self, nick=None, **hello):
+        peer = Peer(self.port, nick, **hello)
+        self.addCleanup(peer.close)
+        return peer
+
+    def client(self, *args, **kwargs):
+        process = Process("client", "-p", self.port, *args, **kwargs)
+        self.addCleanup(process.kill)
+        return process
+
+
+# ---------------------------------------------------------------------------
+# The core (issue 3)
+# ---------------------------------------------------------------------------
+
+class SessionTest(ServerTestCase):
+    def test_welcome_and_the_alone_notice(self):
+        alice = self.peer("alice")
+        self.assertEqual(alice.welcome["nick"], "alice")
+        self.assertEqual(alice.welcome["users"], ["alice"])
+        self.assertEqual(alice.welcome["history"], [])
+        self.assertEqual(alice.welcome["max_payload"], chat.MAX_CLIENT_PAYLOAD)
+        self.assertIn("chat.py", alice.welcome["server"])
+        notice = alice.next()
+        self.assertEqual(notice["type"], "notice")
+        self.assertIn("alone", notice["text"])
+
+    def test_everybody_already_there_hears_a_join_and_lines_reach_everyone_else(self):
+        alice = self.peer("alice")
+        bob = self.peer("bob")
+        self.assertEqual(alice.expect("join")["nick"], "bob")
+        self.assertEqual(bob.welcome["users"], ["alice", "bob"])
+        carol = self.peer("carol")
+        self.assertEqual(alice.expect("join", nick="carol")["users"], 3)
+        self.assertEqual(bob.expect("join")["nick"], "carol")
+        alice.send({"type": "msg", "text": "hi all"})
+        for peer in (bob, carol):
+            line = peer.expect("msg")
+            self.assertEqual((line["from"], line["text"]), ("alice", "hi all"))
+            self.assertIsInstance(line["id"], int)
+            self.assertIsInstance(line["ts"], float)
+        self.assertEqual(alice.sync(), [], "a line is not echoed to its sender")
+
+    def test_me_pm_nick_who_ping(self):
+        alice, bob = self.peer("alice"), self.peer("bob")
+        alice.send({"type": "me", "text": "waves"})
+        self.assertTrue(bob.expect("msg")["action"])
+        bob.send({"type": "pm", "to": "ALICE", "text": "psst"})
+        pm = alice.expect("msg")
+        self.assertEqual((pm["from"], pm["to"], pm["text"]), ("bob", "alice", "psst"))
+        bob.send({"type": "pm", "to": "nobody", "text": "hello?"})
+        self.assertEqual(bob.expect("error")["code"], "no-such-user")
+        bob.send({"type": "nick", "nick": "robert"})
+        for peer in (alice, bob):
+            event = peer.expect("nick")
+            self.assertEqual((event["old"], event["new"]), ("bob", "robert"))
+        alice.send({"type": "who"})
+        self.assertEqual(alice.expect("who")["users"], ["alice", "robert"])
+        alice.send({"type": "ping", "n": 42, "s": "x"})
+        pong = alice.expect("pong")
+        self.assertEqual((pong["n"], pong["s"]), (42, "x"))
+
+    def test_nicks_are_unique_without_regard_to_case(self):
+        self.peer("alice")
+        other = self.peer()
+        other.send({"type": "hello", "nick": "ALICE"})
+        self.assertEqual(other.expect("error")["code"], "nick-taken")
+        other.closed()
+        carol = self.peer("carol")
+        carol.send({"type": "nick", "nick": "Alice"})
+        self.assertEqual(carol.expect("error")["code"], "nick-taken")
+        carol.send({"type": "nick", "nick": "CAROL"})      # a new case of one's own nick is fine
+        self.assertEqual(carol.expect("nick")["new"], "CAROL")
+
+    def test_invalid_nick_is_refused_and_closed(self):
+        for nick in ["", "has space", "x" * 33, "\x1b[31mred", "rtl\u202e", 7]:
+            with self.subTest(nick=nick):
+                peer = self.peer()
+                peer.send({"type": "hello", "nick": nick})
+                self.assertEqual(peer.expect("error")["code"], "bad-nick")
+                peer.closed()
+
+    def test_quit_tells_the_others_with_the_reason(self):
+        alice, bob = self.peer("alice"), self.peer("bob")
+        bob.send({"type": "quit", "reason": "dinner \x1b[5mtime"})
+        self.assertEqual(bob.closed(), [])
+        leave = alice.expect("leave")
+        self.assertEqual((leave["nick"], leave["reason"], leave["users"]), ("bob", "quit: dinner time", 1))
+
+    def test_a_vanished_client_is_a_leave_too(self):
+        alice, bob = self.peer("alice"), self.peer("bob")
+        bob.close()
+        self.assertEqual(alice.expect("leave")["nick"], "bob")
+
+    def test_history_holds_the_last_50_lines_oldest_first(self):
+        alice = self.peer("alice")
+        for i in range(60):
+            alice.send({"type": "msg", "text": f"line {i}"})
+        alice.sync()
+        bob = self.peer("bob")
+        self.assertEqual([line["text"] for line in bob.welcome["history"]], [f"line {i}" for i in range(10, 60)])
+        ids = [line["id"] for line in bob.welcome["history"]]
+        self.assertEqual(ids, sorted(ids))
+
+    def test_private_messages_are_never_in_history(self):
+        alice, bob = self.peer("alice"), self.peer("bob")
+        alice.send({"type": "pm", "to": "bob", "text": "secret"})
+        bob.expect("msg")
+        self.assertEqual(self.peer("carol").welcome["history"], [])
+
+
+class ConnectionLimitTest(ServerTestCase):
+    config = {"max_connections": 2}
+
+    def test_the_extra_connection_is_refused_and_the_others_carry_on(self):
+        alice, bob = self.peer("alice"), self.peer("bob")
+        carol = self.peer()
+        error = carol.expect("error")
+        self.assertEqual(error["code"], "server-full")
+        self.assertIn("full", error["text"])
+        carol.closed()
+        alice.send({"type": "msg", "text": "still here"})
+        self.assertEqual(bob.expect("msg")["text"], "still here")
+        bob.send({"type": "quit"})
+        bob.closed()
+        self.peer("dave")       # a place came free
+
+    def test_sockets_that_have_not_said_hello_count(self):
+        self.peer()
+        self.peer()
+        late = self.peer()
+        self.assertEqual(late.expect("error")["code"], "server-full")
+
+
+class OperatorConsoleTest(ServerTestCase):
+    def test_say_who_kick(self):
+        alice, bob = self.peer("alice"), self.peer("bob")
+        shown = []
+        table = self.server.call(chat.operator_commands, self.server.loop, shown.append)
+        self.server.call(table.run, "/say maintenance at noon")
+        for peer in (alice, bob):
+            self.assertEqual(peer.expect("notice", text="maintenance at noon")["type"], "notice")
+        self.server.call(table.run, "/who")
+        self.assertIn("#lobby (2): alice, bob", shown)
+        self.server.call(table.run, "/kick bob spamming")
+        error = bob.expect("error")
+        self.assertEqual(error["code"], "kicked")
+        bob.closed()
+        self.assertIn("spamming", alice.expect("leave")["reason"])
+        self.server.call(table.run, "/kick nobody")
+        self.assertIn("nobody here is called nobody", shown)
+        self.server.call(table.run, "/help")
+        self.assertTrue(any(line.startswith("/kick NICK [REASON]") for line in shown))
+
+
+class ServerProcessTest(unittest.TestCase):
+    def test_sigint_says_bye_to_every_client_and_exits_0_quickly(self):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            with self.subTest(signal=signum):
+                server, port = server_process()
+                try:
+                    peers = [Peer(port, f"peer{i}") for i in range(3)]
+                    client = Process("client", "-p", port, "-n", "piped")
+                    try:
+                        peers[0].expect("join", nick="piped")
+                        started = time.monotonic()
+                        server.proc.send_signal(signum)
+                        for peer in peers:
+                            frames = peer.closed()
+                            self.assertEqual(frames[-1]["type"], "bye")
+                            self.assertIn("shutting down", frames[-1]["reason"])
+                        self.assertEqual(server.wait(), 0)
+                        self.assertLess(time.monotonic() - started, 1.5)
+                        self.assertEqual(client.wait(), 0)
+                        self.assertTrue(any("going away" in line for line in client.out_lines))
+                        self.assertFalse(any("Traceback" in line for line in server.err_lines + client.err_lines))
+                    finally:
+                        client.kill()
+                        for peer in peers:
+                            peer.close()
+                finally:
+                    server.kill()
+
+    def test_logs_have_timestamps_and_quiet_silences_them(self):
+        server, port = server_process()
+        try:
+            Peer(port, "alice").close()
+            self.assertRegex(server.wait_line("alice.*joined", "stderr")[0], r"alice")
+            self.assertRegex(server.err_lines[0], r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ")
+        finally:
+            server.kill()
+
+    def test_a_port_in_use_is_one_clear_line(self):
+        with socket.create_server(("127.0.0.1", 0)) as taken:
+            server = Process("server", "-p", taken.getsockname()[1], stdin=subprocess.DEVNULL)
+            self.assertEqual(server.wait(), 1)
+            server.kill()
+            self.assertTrue(any("cannot listen on" in line and "in use" in line for line in server.err_lines))
+            self.assertFalse(any("Traceback" in line for line in server.err_lines))
+
+    @unittest.skipUnless(socket.has_ipv6, "no IPv6")
+    def test_ipv6(self):
+        try:
+            socket.create_server(("::1", 0), family=socket.AF_INET6).close()
+        except OSError:
+            self.skipTest("::1 is not usable here")
+        server, port = server_process("-H", "::1")
+        try:
+            alice = Peer(port, "alice", host="::1")
+            bob = Process("client", "-H", "::1", "-p", port, "-n", "bob")
+            alice.expect("join", nick="bob")
+            alice.send({"type": "msg", "text": "over v6"})
+            bob.wait_line("<alice> over v6")
+            bob.kill()
+            alice.close()
+        finally:
+            server.kill()
+
+
+class ClientProcessTest(ServerTestCase):
+    def test_piped_lines_are_sent_and_the_client_exits_0_at_their_end(self):
+        alice = self.peer("alice")
+        client = self.client("-n", "bot", stdin=subprocess.PIPE)
+        alice.expect("join", nick="bot")
+        client.write("hello from a pipe\n\n/me pipes up\n//slash line\ncafé 你好 🎉\n")
+        client.proc.stdin.close()
+        self.assertEqual([alice.expect("msg")["text"] for _ in range(4)],
+                         ["hello from a pipe", "pipes up", "/slash line", "café 你好 🎉"])
+        self.assertEqual(alice.expect("leave")["nick"], "bot")
+        self.assertEqual(client.wait(), 0)
+
+    def test_incoming_lines_are_printed_plainly_and_safely(self):
+        alice = self.peer("alice")
+        client = self.client("-n", "reader")
+        alice.expect("join", nick="reader")
+        alice.send({"type": "msg", "text": "hi \x1b[2Jthere\x07 你好"})
+        line = client.wait_line("<alice>")[0]
+        self.assertNotIn("\x1b", "".join(client.out_lines))
+        self.assertIn("你好", "".join(client.out_lines))
+        client.proc.stdin.close()
+        self.assertEqual(client.wait(), 0)
+
+    def test_printf_pipe_exactly_as_the_readme_says(self):
+        alice = self.peer("alice")
+        result = subprocess.run(f"printf 'hi\\n' | {sys.executable} {CHAT} client -p {self.port} -n printer",
+                                shell=True, capture_output=True, text=True, timeout=TIMEOUT)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(alice.expect("msg")["text"], "hi")
+
+    def test_a_taken_nick_is_retried_with_a_suffix(self):
+        alice = self.peer("alice")
+        client = self.client("-n", "alice")
+        client.wait_line("taken; trying alice_2", "stderr")
+        self.assertEqual(alice.expect("join")["nick"], "alice_2")
+
+    def test_unknown_command_is_a_local_error_and_nothing_is_sent(self):
+        alice = self.peer("alice")
+        client = self.client("-n", "bob")
+        alice.expect("join", nick="bob")
+        client.write("/frobnicate now\n/msg alice private\n")
+        client.wait_line("unknown command /frobnicate", "stderr")
+        self.assertEqual(alice.expect("msg")["to"], "alice")
+
+    def test_no_server_is_one_clear_line_and_exit_1(self):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]       # bound but not listening: connections are refused
+            result = subprocess.run([sys.executable, CHAT, "client", "-p", str(port)], stdin=subprocess.DEVNULL,
+                                    capture_output=True, text=True, timeout=TIMEOUT)
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(result.stderr.strip(),
+                         f"cannot connect to 127.0.0.1:{port}: connection refused - is the server running?")
+        self.assertEqual(result.stdout, "")
+
+    def test_a_dying_server_is_connection_lost_and_exit_1(self):
+        server, port = server_process()
+        try:
+            client = Process("client", "-p", port, "-n", "x", "--reconnect", 0)
+            client.wait_line("CONNECTED", "stderr")
+            server.proc.kill()
+            self.assertEqual(client.wait(), 1)
+            self.assertTrue(any("connection lost" in line for line in client.err_lines))
+            self.assertFalse(any("Traceback" in line for line in client.err_lines))
+            client.kill()
+        finally:
+            server.kill()
+
+    def test_help_of_every_command_shows_defaults(self):
+        for command in ([], ["server"], ["client"], ["bench"], ["gencert"]):
+            with self.subTest(command=command):
+                result = subprocess.run([sys.executable, CHAT] + command + ["--help"], capture_output=True,
+                                        text=True, timeout=TIMEOUT)
+                self.assertEqual(result.returncode, 0)
+                if command:
+                    self.assertIn("(default:", result.stdout)
+        result = subprocess.run([sys.executable, CHAT, "server", "--help"], capture_output=True, text=True)
+        self.assertIn("50000", result.stdout)
+        self.assertIn("127.0.0.1", result.stdout)
