@@ -1123,6 +1123,7 @@ class ServerLoop:
             s.setblocking(False)
         self.selector.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
         self.listener = self._listen(config.host, config.port)
+        self.accepting = True
         self.address = self.listener.getsockname()[:2]
 
     def _listen(self, host: str, port: int) -> socket.socket:
@@ -1256,7 +1257,7 @@ class ServerLoop:
         log.info("shutting down: %s", reason)
         self.stopping = True
         self._deadline = self.chat.clock + SHUTDOWN_GRACE
-        self.selector.unregister(self.listener)
+        self._stop_accepting()
         self.chat.shutdown(reason)
 
     # -- accepting -----------------------------------------------------------
@@ -1272,15 +1273,21 @@ class ServerLoop:
                     # Out of file descriptors: the listener stays readable, so
                     # accepting again at once would spin. Pause for a moment.
                     log.error("cannot accept: %s; pausing new connections for 1s", error.strerror)
-                    self.selector.unregister(self.listener)
+                    self._stop_accepting()
                     self.call_later(1.0, self._resume_accepting)
                     return
                 continue    # e.g. ECONNABORTED: that client gave up; others may wait
             self._adopt(sock, address)
 
+    def _stop_accepting(self) -> None:
+        if self.accepting:
+            self.selector.unregister(self.listener)
+            self.accepting = False
+
     def _resume_accepting(self) -> None:
-        if not self.stopping:
+        if not self.stopping and not self.accepting:
             self.selector.register(self.listener, selectors.EVENT_READ, self._on_accept)
+            self.accepting = True
 
     def _adopt(self, sock: socket.socket, address: tuple) -> None:
         sock.setblocking(False)

@@ -321,9 +321,10 @@ class ServerThread:
 class Peer:
     """A protocol-level test client on a blocking socket."""
 
-    def __init__(self, port, nick=None, host="127.0.0.1", sock=None, **hello):
+    def __init__(self, port, nick=None, host="127.0.0.1", sock=None, autopong=True, **hello):
         self.sock = sock or socket.create_connection((host, port), timeout=TIMEOUT)
         self.sock.settimeout(TIMEOUT)
+        self.autopong = autopong    # answer the server's keepalive pings while reading
         self.decoder = chat.FrameDecoder(chat.MAX_SERVER_PAYLOAD)
         self.welcome = None
         if nick is not None:
@@ -341,6 +342,9 @@ class Peer:
         deadline = time.monotonic() + timeout
         while True:
             frame = self.decoder.next_frame()
+            if frame is not None and frame["type"] == "ping" and self.autopong and "token" not in frame:
+                self.send({"type": "pong"})
+                continue
             if frame is not None:
                 return frame
             left = deadline - time.monotonic()
@@ -469,8 +473,8 @@ class ServerTestCase(unittest.TestCase):
         self.addCleanup(self.server.stop)
         self.port = self.server.port
 
-    def peer(self, nick=None, **hello):
-        peer = Peer(self.port, nick, **hello)
+    def peer(self, nick=None, **options):
+        peer = Peer(self.port, nick, **options)
         self.addCleanup(peer.close)
         return peer
 
@@ -767,3 +771,281 @@ class ClientProcessTest(ServerTestCase):
         result = subprocess.run([sys.executable, CHAT, "server", "--help"], capture_output=True, text=True)
         self.assertIn("50000", result.stdout)
         self.assertIn("127.0.0.1", result.stdout)
+
+
+# ---------------------------------------------------------------------------
+# Hostile network and hostile users (issue 4)
+# ---------------------------------------------------------------------------
+
+def wait_until(predicate, timeout=TIMEOUT, what="a condition"):
+    """Poll `predicate` until true (for server state that sends no frame)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+class BadInputTest(ServerTestCase):
+    config = {"hello_timeout": 0.5}
+
+    def setUp(self):
+        super().setUp()
+        self.alice, self.bob = self.peer("alice"), self.peer("bob")
+        self.alice.expect("join", nick="bob")
+
+    def assert_unaffected(self):
+        """Everyone else still chats as before."""
+        self.alice.send({"type": "msg", "text": "still fine?"})
+        self.assertEqual(self.bob.expect("msg")["text"], "still fine?")
+
+    def check(self, data, code, closes, joined=True):
+        peer = self.peer("mallory" if joined else None)
+        with self.assertLogs("chat", logging.INFO) as logs:
+            peer.send_raw(data)
+            if closes:
+                frames = peer.closed()
+                self.assertEqual([f["code"] for f in frames if f["type"] == "error"], [code])
+                if joined:
+                    self.assertEqual(self.alice.expect("leave")["nick"], "mallory")
+            else:
+                self.assertEqual(peer.expect("error")["code"], code)
+                peer.send({"type": "ping"})
+                peer.expect("pong")     # still open
+            wait_until(lambda: logs.output, what="a log line")
+        self.assert_unaffected()
+        peer.close()
+        return logs.output
+
+    def test_every_class_of_bad_input(self):
+        cases = [
+            ("length over the maximum", struct.pack(">I", 2**31) + b"x", "frame-too-large", True),
+            ("invalid UTF-8", frame_bytes(b'{"type":"msg","text":"\xff"}'), "bad-frame", True),
+            ("invalid JSON", frame_bytes(b'{"type":"msg"'), "bad-frame", True),
+            ("not an object", frame_bytes(b'["msg"]'), "bad-frame", True),
+            ("no type", frame_bytes(b'{"text":"hi"}'), "bad-frame", True),
+            ("type not a string", frame_bytes(b'{"type":["msg"]}'), "bad-frame", True),
+            ("deep nesting", frame_bytes(b"[" * 30000 + b"]" * 30000), "bad-frame", True),
+            ("unknown type", chat.encode({"type": "teleport"}), "unknown-type", False),
+            ("text not a string", chat.encode({"type": "msg", "text": 5}), "bad-field", False),
+            ("text too long", chat.encode({"type": "msg", "text": "x" * 5000}), "text-too-long", False),
+            ("text of escapes only", chat.encode({"type": "msg", "text": "\x1b[2J"}), "bad-field", False),
+            ("pm without to", chat.encode({"type": "pm", "text": "x"}), "no-such-user", False),
+            ("nick with bidi override", chat.encode({"type": "nick", "nick": "a\u202eb"}), "bad-nick", False),
+            ("over-long nick", chat.encode({"type": "nick", "nick": "n" * 33}), "bad-nick", False),
+            ("second hello", chat.encode({"type": "hello", "nick": "again"}), "already-joined", False),
+            ("room that does not exist", chat.encode({"type": "msg", "text": "x", "room": "nope"}),
+             "not-in-room", False),
+        ]
+        for name, data, code, closes in cases:
+            with self.subTest(name):
+                self.check(data, code, closes)
+
+    def test_before_hello(self):
+        for name, data, code in [
+            ("msg before hello", chat.encode({"type": "msg", "text": "hi"}), "not-joined"),
+            ("hello with an over-long nick", chat.encode({"type": "hello", "nick": "n" * 40}), "bad-nick"),
+            ("hello with control characters", chat.encode({"type": "hello", "nick": "a\x07"}), "bad-nick"),
+            ("hello without a nick", chat.encode({"type": "hello"}), "bad-nick"),
+        ]:
+            with self.subTest(name):
+                self.check(data, code, closes=True, joined=False)
+
+    def test_escape_sequences_are_stripped_before_relaying(self):
+        self.alice.send({"type": "msg", "text": "\x1b]0;owned\x07\x1b[31mred\x1b[0m\x00 and\ttab\r\nline \u202eok"})
+        self.assertEqual(self.bob.expect("msg")["text"], "red and\ttab\nline ok")
+
+    def test_a_truncated_frame_then_close_is_a_leave(self):
+        mallory = self.peer("mallory")
+        with self.assertLogs("chat", logging.INFO) as logs:
+            mallory.send_raw(chat.encode({"type": "msg", "text": "cut short"})[:10])
+            mallory.close()
+            self.assertEqual(self.alice.expect("leave")["nick"], "mallory")
+        self.assertTrue(any("middle of a frame" in line for line in logs.output))
+        self.assert_unaffected()
+
+    def test_a_silent_connection_is_dropped_after_the_hello_timeout(self):
+        silent = self.peer()
+        frames = silent.closed()
+        self.assertEqual(frames[-1]["code"], "timeout")
+        self.assert_unaffected()
+
+    def test_slowloris_trickling_a_hello_is_dropped_at_the_hello_timeout(self):
+        slow = self.peer()
+        data, started = chat.encode({"type": "hello", "nick": "slowpoke"}), time.monotonic()
+        stop = threading.Event()
+
+        def trickle():
+            for byte in data[:-1]:      # never completes the frame
+                if stop.wait(0.05):
+                    return
+                try:
+                    slow.send_raw(bytes([byte]))
+                except OSError:
+                    return
+        threading.Thread(target=trickle, daemon=True).start()
+        self.addCleanup(stop.set)
+        self.assertEqual(slow.closed()[-1]["code"], "timeout")
+        self.assertLess(time.monotonic() - started, 0.5 + 1.0)
+        self.assert_unaffected()
+
+    def test_a_burst_of_1000_connects_and_disconnects(self):
+        baseline = self.server.call(lambda: len(self.server.loop.open))
+        for _ in range(1000):
+            socket.create_connection(("127.0.0.1", self.port)).close()
+        wait_until(lambda: self.server.call(lambda: len(self.server.loop.open)) == baseline,
+                   what="every burst connection to be closed")
+        self.assert_unaffected()
+        self.peer("latecomer")
+
+
+@unittest.skipUnless(os.path.exists("/proc/self/stat"), "measures CPU through /proc")
+class ResourceLimitTest(unittest.TestCase):
+    def test_out_of_file_descriptors_pauses_accepting_instead_of_spinning(self):
+        def few_fds():
+            resource.setrlimit(resource.RLIMIT_NOFILE, (24, 24))
+        server = subprocess.Popen([sys.executable, CHAT, "server", "-p", "0"], stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                  preexec_fn=few_fds)
+        self.addCleanup(server.stderr.close)
+        self.addCleanup(server.wait)
+        self.addCleanup(server.kill)
+        port = int(re.search(r"listening on \S+:(\d+)", server.stderr.readline())[1])
+        hogs = [socket.create_connection(("127.0.0.1", port)) for _ in range(30)]
+        try:
+            while "cannot accept" not in server.stderr.readline():
+                pass
+            def cpu():
+                with open(f"/proc/{server.pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            before, started = cpu(), time.monotonic()
+            time.sleep(1.0)     # a measurement window, not synchronisation
+            used = (cpu() - before) / (time.monotonic() - started)
+            self.assertLess(used, 0.5, "the server spins while it cannot accept")
+        finally:
+            for hog in hogs:
+                hog.close()
+        peer = Peer(port, "after")      # accepted again once descriptors are free
+        self.assertEqual(peer.welcome["nick"], "after")
+        peer.close()
+
+
+class SlowReaderTest(ServerTestCase):
+    config = {"max_buffer": 256 * 1024, "flood_rate": 1e6, "flood_burst": 1e6}
+
+    def test_a_client_that_never_reads_is_dropped_and_nobody_else_waits(self):
+        alice, bob = self.peer("alice"), self.peer("bob")
+        sleeper_sock = socket.socket()
+        sleeper_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sleeper_sock.connect(("127.0.0.1", self.port))
+        sleeper = Peer(self.port, "sleeper", sock=sleeper_sock)
+        self.addCleanup(sleeper.close)
+        bob.expect("join", nick="sleeper")
+        text = "y" * 4000
+        received, sent, dropped = 0, 0, None
+        deadline = time.monotonic() + 20
+        while dropped is None:      # alice talks flat out; bob keeps up; the sleeper never reads
+            self.assertLess(time.monotonic(), deadline, "the sleeper was never dropped")
+            for _ in range(20):
+                alice.send({"type": "msg", "text": text})
+                sent += 1
+            while received < sent:
+                frame = bob.next()
+                if frame["type"] == "msg":
+                    received += 1
+                elif frame["type"] == "leave":
+                    dropped = frame
+        self.assertEqual(dropped["nick"], "sleeper")
+        self.assertIn("too slow", dropped["reason"])
+        self.assertEqual(alice.expect("leave")["nick"], "sleeper")
+        self.assertGreater(sent * 4000, 256 * 1024)
+        alice.send({"type": "msg", "text": "after"})
+        self.assertEqual(bob.expect("msg", text="after")["text"], "after")
+        self.assertLessEqual(self.server.call(lambda: max(len(c.out) for c in self.server.loop.open)),
+                             256 * 1024 + 65536)
+
+
+class FloodTest(ServerTestCase):
+    def test_a_paste_of_50_lines_arrives_complete_and_in_order(self):
+        alice, bob = self.peer("alice"), self.peer("bob")
+        client = self.client("-n", "paster")
+        alice.expect("join", nick="paster")
+        client.write("".join(f"pasted line {i:02d}\n" for i in range(50)))
+        for peer in (alice, bob):
+            self.assertEqual([peer.expect("msg")["text"] for _ in range(50)],
+                             [f"pasted line {i:02d}" for i in range(50)])
+        self.assertEqual(client.proc.poll(), None)
+
+
+class FloodLimitTest(ServerTestCase):
+    config = {"flood_rate": 20.0, "flood_burst": 5}
+
+    def test_a_flooder_is_slowed_down_without_losing_lines_or_starving_others(self):
+        flooder, talker, observer = self.peer("flooder"), self.peer("talker"), self.peer("observer")
+        for i in range(40):
+            flooder.send({"type": "msg", "text": f"flood {i}"})
+        while "slowing you down" not in flooder.expect("notice")["text"]:
+            pass
+        started = time.monotonic()
+        talker.send({"type": "msg", "text": "can I speak?"})
+        texts = []
+        while len(texts) < 41:
+            frame = observer.expect("msg")
+            texts.append(frame["text"])
+        self.assertEqual([t for t in texts if t.startswith("flood")], [f"flood {i}" for i in range(40)])
+        self.assertLess(texts.index("can I speak?"), 20, "the talker was starved by the flooder")
+        self.assertGreater(time.monotonic() - started, 1.0, "35 lines over the burst at 20/s take ~1.75s")
+
+
+class KeepaliveTest(ServerTestCase):
+    config = {"ping_interval": 0.2, "idle_timeout": 0.6}
+
+    def test_a_silent_client_is_pinged_then_dropped(self):
+        mute = self.peer("mute", autopong=False)
+        self.assertEqual(mute.expect("ping")["type"], "ping")
+        alice = self.peer("alice")
+        self.assertEqual(mute.closed()[-1]["code"], "timeout")
+        self.assertIn("ping timeout", alice.expect("leave", nick="mute")["reason"])
+
+    def test_a_client_that_answers_stays(self):
+        alive = self.peer("alive", autopong=False)
+        started = time.monotonic()
+        for _ in range(5):
+            alive.expect("ping")
+            alive.send({"type": "pong"})
+        self.assertGreater(time.monotonic() - started, 0.6)
+        alive.sync()
+
+    def test_a_joined_client_trickling_a_frame_is_dropped_as_silent(self):
+        alice, slow = self.peer("alice"), self.peer("trickler")
+        data = chat.encode({"type": "msg", "text": "x" * 200})
+        stop = threading.Event()
+        self.addCleanup(stop.set)
+
+        def trickle():
+            for byte in data:
+                if stop.wait(0.05):
+                    return
+                try:
+                    slow.send_raw(bytes([byte]))
+                except OSError:
+                    return
+        threading.Thread(target=trickle, daemon=True).start()
+        self.assertEqual(alice.expect("leave", nick="trickler")["reason"][:12], "ping timeout")
+        self.assertEqual(slow.closed()[-1]["code"], "timeout")
+
+    def test_the_client_notices_a_frozen_server(self):
+        server, port = server_process("--ping-interval", 0.3, "--idle-timeout", 1)
+        try:
+            client = Process("client", "-p", port, "-n", "watcher", "--reconnect", 0)
+            client.wait_line("CONNECTED", "stderr")
+            server.proc.send_signal(signal.SIGSTOP)     # alive but silent, like a half-open peer
+            try:
+                self.assertEqual(client.wait(timeout=5), 1)
+            finally:
+                server.proc.send_signal(signal.SIGCONT)
+            self.assertTrue(any("nothing from the server" in line for line in client.err_lines))
+            client.kill()
+        finally:
+            server.kill()
