@@ -1049,3 +1049,200 @@ class KeepaliveTest(ServerTestCase):
             client.kill()
         finally:
             server.kill()
+
+
+class TlsFiles:
+    """The embedded test certificates written to a temporary directory."""
+
+    def __init__(self, test):
+        tmp = tempfile.TemporaryDirectory()
+        test.addCleanup(tmp.cleanup)
+        self.dir = tmp.name
+        self.cert, self.key = self.write("cert.pem", TEST_CERT), self.write("key.pem", TEST_KEY)
+        self.other_cert, self.other_key = self.write("other.pem", OTHER_CERT), self.write("okey.pem", OTHER_KEY)
+        self.known_hosts = os.path.join(self.dir, "known_hosts")
+        self.fingerprint = chat.certificate_fingerprint(self.cert)
+
+    def write(self, name, text):
+        path = os.path.join(self.dir, name)
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+
+def tls_peer(port, nick=None, **options):
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    raw = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+    return Peer(port, nick, sock=context.wrap_socket(raw), **options)
+
+
+class TlsTest(unittest.TestCase):
+    def setUp(self):
+        self.files = TlsFiles(self)
+        self.server = ServerThread(tls_cert=self.files.cert, tls_key=self.files.key, hello_timeout=1.0)
+        self.addCleanup(self.server.stop)
+        self.port = self.server.port
+
+    def client(self, *args):
+        process = Process("client", "-p", self.port, "--tls", "--known-hosts", self.files.known_hosts, *args)
+        self.addCleanup(process.kill)
+        return process
+
+    def test_chat_over_tls_with_a_pinned_fingerprint(self):
+        alice = tls_peer(self.port, "alice")
+        self.addCleanup(alice.close)
+        bob = self.client("-n", "bob", "--fingerprint", self.files.fingerprint)
+        alice.expect("join", nick="bob")
+        bob.write("secret hello\n")
+        self.assertEqual(alice.expect("msg")["text"], "secret hello")
+        alice.send({"type": "msg", "text": "x" * 4000})     # several TLS records at once
+        bob.wait_line("<alice> x{4000}")
+
+    def test_a_wrong_pin_is_refused_loudly(self):
+        other = chat.certificate_fingerprint(self.files.other_cert)
+        bob = self.client("-n", "bob", "--fingerprint", other)
+        self.assertEqual(bob.wait(), 1)
+        self.assertTrue(any("REFUSING" in line and self.files.fingerprint in line for line in bob.err_lines))
+
+    def test_trust_on_first_use_then_remember_then_refuse_a_change(self):
+        first = self.client("-n", "bob")
+        self.assertEqual(first.wait(), 1)       # not a terminal, nobody to ask: not trusted
+        self.assertTrue(any("not trusted" in line and "--fingerprint" in line for line in first.err_lines))
+        chat.remember_host(self.files.known_hosts, f"127.0.0.1:{self.port}", self.files.fingerprint)
+        trusted = self.client("-n", "bob")
+        trusted.wait_line("CONNECTED", "stderr")
+        trusted.proc.stdin.close()
+        self.assertEqual(trusted.wait(), 0)
+        changed = ServerThread(tls_cert=self.files.other_cert, tls_key=self.files.other_key)
+        self.addCleanup(changed.stop)
+        with open(self.files.known_hosts, "a") as f:
+            f.write(f"127.0.0.1:{changed.port} {self.files.fingerprint}\n")
+        intercepted = Process("client", "-p", changed.port, "--tls", "--known-hosts", self.files.known_hosts)
+        self.addCleanup(intercepted.kill)
+        self.assertEqual(intercepted.wait(), 1)
+        self.assertTrue(any("CHANGED" in line for line in intercepted.err_lines))
+
+    def test_the_tofu_question_decides(self):
+        options = chat.TlsOptions(known_hosts=self.files.known_hosts, ask=lambda question: False)
+        with self.assertRaises(chat.ClientExit):
+            chat.connect("127.0.0.1", self.port, options).close()
+        self.assertFalse(os.path.exists(self.files.known_hosts))
+        options = options._replace(ask=lambda question: self.files.fingerprint in question)
+        chat.connect("127.0.0.1", self.port, options).close()
+        self.assertEqual(chat.read_known_hosts(self.files.known_hosts),
+                         {f"127.0.0.1:{self.port}": self.files.fingerprint})
+
+    def test_a_ca_file_verifies_normally(self):
+        good = self.client("-H", "localhost", "-n", "bob", "--cafile", self.files.cert)
+        good.wait_line("CONNECTED", "stderr")
+        bad = self.client("-H", "localhost", "-n", "eve", "--cafile", self.files.other_cert)
+        self.assertEqual(bad.wait(), 1)
+        self.assertTrue(any("not trusted" in line for line in bad.err_lines))
+
+    def test_plaintext_client_to_a_tls_server_gets_one_clear_line(self):
+        with self.assertLogs("chat", logging.INFO) as logs:
+            plain = Process("client", "-p", self.port, "-n", "plain")
+            self.addCleanup(plain.kill)
+            self.assertEqual(plain.wait(), 3)
+        self.assertTrue(any("requires TLS" in line for line in plain.err_lines), plain.err_lines)
+        self.assertTrue(any("plaintext client on a TLS server" in line for line in logs.output))
+
+    def test_tls_client_to_a_plaintext_server_gets_one_clear_line(self):
+        plain_server = ServerThread()
+        self.addCleanup(plain_server.stop)
+        with self.assertLogs("chat", logging.INFO) as logs:
+            client = Process("client", "-p", plain_server.port, "--tls", "--known-hosts", self.files.known_hosts)
+            self.addCleanup(client.kill)
+            self.assertEqual(client.wait(), 1)
+        self.assertTrue(any("TLS handshake failed" in line and "is the server using TLS" in line
+                            for line in client.err_lines), client.err_lines)
+        self.assertTrue(any("TLS handshake, but this server has no --tls-cert" in line for line in logs.output))
+
+    def test_a_stalled_handshake_does_not_stall_anyone(self):
+        stalled = socket.create_connection(("127.0.0.1", self.port))
+        self.addCleanup(stalled.close)
+        stalled.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")    # the start of a ClientHello
+        alice = tls_peer(self.port, "alice")
+        bob = tls_peer(self.port, "bob")
+        self.addCleanup(alice.close)
+        self.addCleanup(bob.close)
+        alice.send({"type": "msg", "text": "not blocked"})
+        self.assertEqual(bob.expect("msg")["text"], "not blocked")
+        stalled.settimeout(TIMEOUT)
+        self.assertEqual(stalled.recv(100), b"")      # dropped at the hello timeout
+
+    def test_the_server_prints_its_fingerprint(self):
+        server, port = server_process("--tls-cert", self.files.cert, "--tls-key", self.files.key)
+        try:
+            self.assertEqual(server.wait_line(r"fingerprint: (\S+)", "stderr")[1], self.files.fingerprint)
+        finally:
+            server.kill()
+
+    @unittest.skipUnless(chat.shutil.which("openssl"), "openssl is not installed")
+    def test_gencert_writes_a_usable_pair(self):
+        cert, key = os.path.join(self.files.dir, "new.pem"), os.path.join(self.files.dir, "new-key.pem")
+        result = subprocess.run([sys.executable, CHAT, "gencert", "--cert", cert, "--key", key],
+                                capture_output=True, text=True, timeout=30)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn(chat.certificate_fingerprint(cert), result.stdout)
+        self.assertEqual(os.stat(key).st_mode & 0o777, 0o600)
+        chat.server_tls_context(cert, key)
+        again = subprocess.run([sys.executable, CHAT, "gencert", "--cert", cert, "--key", key],
+                               capture_output=True, text=True, timeout=30)
+        self.assertEqual(again.returncode, 1)
+        self.assertIn("not overwriting", again.stderr)
+
+
+class PasswordTest(ServerTestCase):
+    config = {"password": "s3cret", "auth_delay": 0.2}
+
+    def test_the_right_password_joins(self):
+        self.assertEqual(self.peer("alice", password="s3cret").welcome["nick"], "alice")
+
+    def test_a_wrong_or_missing_password_is_refused_after_a_growing_delay(self):
+        delays = []
+        for password in ("wrong", "guess", None):
+            peer = self.peer()
+            started = time.monotonic()
+            peer.send({"type": "hello", "nick": "mallory", **({"password": password} if password else {})})
+            error = peer.expect("error")
+            delays.append(time.monotonic() - started)
+            self.assertEqual(error["code"], "auth-failed")
+            peer.closed()
+        self.assertIn("needs a password", error["text"])
+        self.assertGreaterEqual(delays[0], 0.2)
+        self.assertGreaterEqual(delays[1], 0.4)
+        self.assertGreaterEqual(delays[2], 0.6)
+
+    def test_waiting_refusals_do_not_block_anyone(self):
+        alice = self.peer("alice", password="s3cret")
+        for _ in range(5):
+            self.peer().send({"type": "hello", "nick": "x", "password": "no"})
+        bob = self.peer("bob", password="s3cret")
+        bob.send({"type": "msg", "text": "quick"})
+        self.assertEqual(alice.expect("msg")["text"], "quick")
+
+    def test_the_client_takes_the_password_from_env_or_file(self):
+        alice = self.peer("alice", password="s3cret")
+        self.client("-n", "envy", env={"CHAT_PASSWORD": "s3cret"})
+        alice.expect("join", nick="envy")
+        with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
+            f.write("s3cret\n")
+        self.addCleanup(os.unlink, f.name)
+        self.client("-n", "filed", "--password-file", f.name)
+        alice.expect("join", nick="filed")
+        refused = self.client("-n", "nopass")
+        self.assertEqual(refused.wait(), 3)
+        self.assertTrue(any("needs a password" in line for line in refused.err_lines))
+
+    def test_the_server_takes_the_password_from_env(self):
+        server, port = server_process(env={"CHAT_PASSWORD": "envpass"})
+        try:
+            refused = Peer(port)
+            refused.send({"type": "hello", "nick": "a", "password": "no"})
+            self.assertEqual(refused.expect("error")["code"], "auth-failed")
+            self.assertEqual(Peer(port, "b", password="envpass").welcome["nick"], "b")
+            self.assertTrue(any(", password" in line for line in server.err_lines))
+        finally:
+            server.kill()
