@@ -718,8 +718,9 @@ class Chat:
 
     def _hello_deadline(self, conn: Conn) -> None:
         if conn.state is HELLO:
-            self.drop(conn, f"no hello within {self.config.hello_timeout:g}s",
-                      ProtocolError("timeout", "no hello in time"))
+            # Over a TLS handshake still in progress, nothing can be delivered.
+            error = ProtocolError("timeout", "no hello in time") if conn.handshake is None else None
+            self.drop(conn, f"no hello within {self.config.hello_timeout:g}s", error)
 
     def _keepalive(self, conn: Conn) -> None:
         """Ping a client silent for ping_interval; drop it when silent for
@@ -811,6 +812,7 @@ class Chat:
             room.members.add(conn)
             conn.rooms.append(room)
         welcome["users"] = rooms[0].nicks()
+        welcome["seq"] = {room.name: room.seq for room in rooms}   # resume points for rooms with no lines
         self._queue(conn, _fitted(welcome, "history", "users"))
         log.info("%r joined (%d users)", conn, len(self.users))
         for room in rooms:
@@ -1001,7 +1003,7 @@ class Chat:
             room.members.add(conn)
             conn.rooms.append(room)
         self._queue(conn, _fitted(self._stamped({
-            "type": "joined", "room": room.name, "users": room.nicks(),
+            "type": "joined", "room": room.name, "users": room.nicks(), "seq": room.seq,
             "history": list(room.history)}), "history", "users"))
         if fresh:
             self._announce_join(conn, room)
@@ -1169,6 +1171,9 @@ class ServerLoop:
 
     def close_soon(self, conn: Conn) -> None:
         """Deliver what is queued for `conn`, then close it; give up after LINGER."""
+        if conn.handshake is not None and not conn.out:
+            self._close(conn, "closed")     # nothing to say over an unfinished TLS handshake
+            return
         self.call_later(LINGER, self._linger_over, conn)
         if conn.handshake is None and not conn.out:
             self._shut(conn)
@@ -1989,7 +1994,7 @@ class ChatClient:
 
     def show_frame(self, frame: dict) -> None:
         if self.json:
-            self.show(json.dumps(frame, ensure_ascii=False))
+            self.show(_dumps(frame))
             return
         line = render(frame, self.view._replace(me=self.nick, rooms=len(self.rooms) > 1))
         if line is not None:
@@ -2085,12 +2090,13 @@ class ChatClient:
 
     def handle_frame(self, frame: dict) -> None:
         kind = frame["type"]
-        if kind == "msg" and type(frame.get("room")) is str and type(frame.get("seq")) is int:
-            self.seen[frame["room"]] = max(self.seen.get(frame["room"], 0), frame["seq"])
-        elif kind == "ping":
-            self.link.send({"type": "pong"})
-            return
-        elif kind == "pong":
+        if kind == "msg":
+            self.saw(frame.get("room"), frame.get("seq"))
+        elif kind in ("ping", "pong"):
+            if kind == "ping":
+                self.link.send({"type": "pong"})
+            if self.json:
+                self.show_frame(frame)
             return
         elif kind == "nick" and frame.get("old") == self.nick:
             self.nick = frame.get("new") or self.nick
@@ -2111,6 +2117,7 @@ class ChatClient:
             return
         if room not in self.rooms:
             self.rooms.append(room)
+        self.saw(room, frame.get("seq"))
         self.room = room
         self.set_prompt()
         if self.json:
@@ -2130,11 +2137,15 @@ class ChatClient:
             else:
                 self.note("you are in no room now; /join one")
 
+    def saw(self, room: object, seq: object) -> None:
+        """Remember the newest line seen in `room`: where a resume starts."""
+        if type(room) is str and type(seq) is int:
+            self.seen[room] = max(self.seen.get(room, 0), seq)
+
     def show_history(self, history: object) -> None:
         lines = [line for line in history if isinstance(line, dict)] if type(history) is list else []
         for line in lines:
-            if type(line.get("room")) is str and type(line.get("seq")) is int:
-                self.seen[line["room"]] = max(self.seen.get(line["room"], 0), line["seq"])
+            self.saw(line.get("room"), line.get("seq"))
         if lines and not self.json:
             self.note(f"--- {len(lines)} earlier line{'s' if len(lines) != 1 else ''} ---", "2")
             for line in lines:
@@ -2148,6 +2159,10 @@ class ChatClient:
         if self.room not in self.rooms:
             self.room = frame.get("room") if type(frame.get("room")) is str else LOBBY
         self.instance, self.session = frame.get("instance"), frame.get("session")
+        if not resumed:
+            self.seen = {}
+        for room, seq in (frame.get("seq") or {}).items() if isinstance(frame.get("seq"), dict) else ():
+            self.saw(room, seq)
         self.max_text = frame.get("max_text") if type(frame.get("max_text")) is int else TEXT_MAX
         for key in ("ping_interval", "idle_timeout"):
             if type(frame.get(key)) in (int, float) and frame[key] > 0:
@@ -2324,13 +2339,15 @@ class ChatClient:
         return False
 
     def wait_input(self, seconds: float) -> bool:
-        """Handle typed lines for `seconds`; False if the user quit meanwhile."""
+        """Handle typed lines for `seconds`; False if the user quit meanwhile.
+        (Piped input waits in its pipe once the outbox is full.)"""
         deadline = time.monotonic() + seconds
         while not self.quitting:
             left = deadline - time.monotonic()
             if left <= 0:
                 return True
-            readable, _, _ = wait_io([self.console.wake_r], [], left)
+            taking = self.console.interactive or len(self.outbox) < self.OUTBOX_LINES
+            readable, _, _ = wait_io([self.console.wake_r] if taking else [], [], left)
             if readable:
                 self.take_input()
         return False

@@ -1246,3 +1246,253 @@ class PasswordTest(ServerTestCase):
             self.assertTrue(any(", password" in line for line in server.err_lines))
         finally:
             server.kill()
+
+
+# ---------------------------------------------------------------------------
+# Rooms, reconnect, durable history, bot mode (issue 6)
+# ---------------------------------------------------------------------------
+
+class RoomsTest(ServerTestCase):
+    def test_rooms_isolate_traffic(self):
+        alice, bob, carol = self.peer("alice"), self.peer("bob"), self.peer("carol")
+        alice.send({"type": "join", "room": "#dev"})
+        joined = alice.expect("joined")
+        self.assertEqual((joined["room"], joined["users"], joined["history"]), ("dev", ["alice"], []))
+        self.assertIn("alone in #dev", alice.expect("notice")["text"])
+        carol.send({"type": "join", "room": "DEV"})        # room names ignore case too
+        self.assertEqual(carol.expect("joined")["users"], ["alice", "carol"])
+        self.assertEqual(alice.expect("join", room="dev")["nick"], "carol")
+        alice.send({"type": "msg", "text": "dev talk", "room": "dev"})
+        line = carol.expect("msg")
+        self.assertEqual((line["text"], line["room"]), ("dev talk", "dev"))
+        bob.expect("join", nick="carol")
+        self.assertEqual(bob.sync(), [], "bob is not in #dev")
+        bob.send({"type": "msg", "text": "lobby talk"})
+        self.assertEqual(alice.expect("msg")["room"], "lobby")
+        bob.send({"type": "msg", "text": "sneaky", "room": "dev"})
+        self.assertEqual(bob.expect("error")["code"], "not-in-room")
+        dave = self.peer("dave")
+        dave.send({"type": "join", "room": "dev"})
+        self.assertEqual([h["text"] for h in dave.expect("joined")["history"]], ["dev talk"])
+        self.assertEqual([h["text"] for h in dave.welcome["history"]], ["lobby talk"])
+
+    def test_who_rooms_part_and_pm_across_rooms(self):
+        alice, bob = self.peer("alice"), self.peer("bob")
+        alice.send({"type": "join", "room": "dev"})
+        alice.expect("joined")
+        alice.send({"type": "part", "room": "lobby"})
+        self.assertEqual(alice.expect("parted")["room"], "lobby")
+        leave = bob.expect("leave")
+        self.assertEqual((leave["nick"], leave["reason"], leave["room"]), ("alice", "parted", "lobby"))
+        bob.send({"type": "who", "room": "lobby"})
+        self.assertEqual(bob.expect("who")["users"], ["bob"])
+        bob.send({"type": "who", "room": "dev"})
+        self.assertEqual(bob.expect("who")["users"], ["alice"])
+        bob.send({"type": "rooms"})
+        self.assertEqual(bob.expect("rooms")["rooms"], [{"name": "dev", "users": 1}, {"name": "lobby", "users": 1}])
+        bob.send({"type": "pm", "to": "alice", "text": "across rooms"})
+        self.assertEqual(alice.expect("msg")["text"], "across rooms")
+        alice.send({"type": "msg", "text": "no room named"})     # a legacy client's msg: the lobby
+        self.assertEqual(alice.expect("error")["code"], "not-in-room")
+
+    def test_limits_on_rooms(self):
+        alice = self.peer("alice")
+        for i in range(chat.ServerConfig.rooms_per_user - 1):
+            alice.send({"type": "join", "room": f"r{i}"})
+        alice.send({"type": "join", "room": "one-too-many"})
+        self.assertEqual(alice.expect("error")["code"], "too-many-rooms")
+        alice.send({"type": "join", "room": "bad name"})
+        self.assertEqual(alice.expect("error")["code"], "bad-room")
+
+    def test_the_client_joins_switches_and_tags_lines_with_rooms(self):
+        alice = self.peer("alice")
+        alice.send({"type": "join", "room": "dev"})
+        alice.expect("joined")
+        client = self.client("-n", "bob")
+        alice.expect("join", nick="bob", room="lobby")
+        client.write("/join #dev\n")
+        client.wait_line("you are in #dev", "stderr")
+        client.write("in dev\n/switch #lobby\nin the lobby\n")
+        self.assertEqual((alice.expect("msg")["room"], alice.expect("msg")["room"]), ("dev", "lobby"))
+        alice.send({"type": "msg", "text": "tagged", "room": "dev"})
+        client.wait_line("#dev <alice> tagged")
+
+
+def cut(server, nick):
+    """Break `nick`'s connection from the server's side, as a network fault would."""
+    def shutdown():
+        server.loop.chat.users[chat.name_key(nick)].sock.shutdown(socket.SHUT_RDWR)
+    server.call(shutdown)
+
+
+class ReconnectTest(ServerTestCase):
+    def test_a_cut_client_reconnects_and_gets_exactly_what_it_missed(self):
+        alice = self.peer("alice")
+        client = self.client("-n", "bob")
+        alice.expect("join", nick="bob")
+        client.write("/join #dev\n")
+        client.wait_line("you are in #dev", "stderr")
+        client.write("/switch #lobby\n")
+        client.wait_line("now talking in #lobby", "stderr")
+        alice.send({"type": "msg", "text": "before"})
+        client.wait_line("<alice> before")
+        cut(self.server, "bob")
+        alice.expect("leave", nick="bob")
+        for i in range(5):
+            alice.send({"type": "msg", "text": f"missed {i}"})
+        client.wait_line("reconnecting", "stderr")
+        client.write("typed while away\n")
+        client.wait_line("RECONNECTED", "stderr")
+        self.assertEqual(alice.expect("msg")["text"], "typed while away")
+        alice.send({"type": "msg", "text": "after"})
+        client.wait_line("<alice> after")
+        said = [line for line in client.out_lines if "<alice>" in line]
+        self.assertEqual(said, [f"#lobby <alice> {text}" for text in
+                                ["before"] + [f"missed {i}" for i in range(5)] + ["after"]])
+        alice.send({"type": "who", "room": "dev"})
+        self.assertEqual(alice.expect("who")["users"], ["bob"], "bob is back in #dev")
+
+    def test_lines_no_longer_kept_are_counted(self):
+        self.server.stop()
+        self.server = ServerThread(history=3)
+        self.addCleanup(self.server.stop)
+        self.port = self.server.port
+        alice = self.peer("alice")
+        client = self.client("-n", "bob")
+        alice.expect("join", nick="bob")
+        cut(self.server, "bob")
+        alice.expect("leave", nick="bob")
+        for i in range(8):
+            alice.send({"type": "msg", "text": f"missed {i}"})
+        client.wait_line("5 lines said in #lobby while you were away can no longer be replayed", "stderr",
+                         timeout=10)
+        client.wait_line("<alice> missed 7")
+        self.assertEqual([line for line in client.out_lines if "<alice>" in line],
+                         [f"<alice> missed {i}" for i in (5, 6, 7)])
+
+    def test_a_half_open_old_connection_is_replaced_by_the_same_user(self):
+        alice = self.peer("alice")
+        ghost = self.peer("ghost")
+        session = ghost.welcome["session"]
+        thief = self.peer()
+        thief.send({"type": "hello", "nick": "ghost", "session": "guessed"})
+        self.assertEqual(thief.expect("error")["code"], "nick-taken")
+        back = self.peer("ghost", session=session)
+        self.assertEqual(back.welcome["nick"], "ghost")
+        self.assertEqual(ghost.expect("error")["code"], "replaced")
+        ghost.closed()
+        self.assertEqual(alice.expect("leave")["reason"], "reconnected")
+
+    def test_kicked_clients_do_not_reconnect(self):
+        alice = self.peer("alice")
+        client = self.client("-n", "bob")
+        alice.expect("join", nick="bob")
+        self.server.call(self.server.loop.chat.kick, "bob", "bye")
+        self.assertEqual(client.wait(), 3)
+        self.assertFalse(any("reconnecting" in line for line in client.err_lines))
+
+
+class DurableHistoryTest(unittest.TestCase):
+    def setUp(self):
+        tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(tmp.cleanup)
+        self.path = os.path.join(tmp.name, "history.jsonl")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+
+    def start(self):
+        server = Process("server", "-p", self.port, "--history-file", self.path, stdin=subprocess.DEVNULL)
+        self.addCleanup(server.kill)
+        server.wait_line("listening on", "stderr")
+        return server
+
+    def test_sigkill_and_restart_loses_nothing_and_resumes_clients(self):
+        server = self.start()
+        alice = Peer(self.port, "alice")
+        self.addCleanup(alice.close)
+        client = Process("client", "-p", self.port, "-n", "bob")
+        self.addCleanup(client.kill)
+        alice.expect("join", nick="bob")
+        for i in range(3):
+            alice.send({"type": "msg", "text": f"kept {i}"})
+        client.wait_line("<alice> kept 2")
+        server.proc.kill()          # SIGKILL: no chance to flush anything more
+        server.wait()
+        client.wait_line("reconnecting", "stderr")
+        server = self.start()
+        client.wait_line("RECONNECTED", "stderr")
+        newcomer = Peer(self.port, "carol")
+        self.addCleanup(newcomer.close)
+        history = newcomer.welcome["history"]
+        self.assertEqual([line["text"] for line in history], ["kept 0", "kept 1", "kept 2"])
+        newcomer.send({"type": "msg", "text": "after restart"})
+        client.wait_line("<carol> after restart")
+        self.assertFalse(any("restarted" in line for line in client.err_lines), "ids stayed valid")
+        self.assertEqual(len([line for line in client.out_lines if "kept" in line]), 3, "nothing replayed twice")
+        probe = Peer(self.port, "dave")
+        self.addCleanup(probe.close)
+        carol_line = probe.welcome["history"][-1]
+        self.assertGreater(carol_line["id"], history[-1]["id"])
+        self.assertEqual(carol_line["seq"], 4)
+
+    def test_a_torn_line_is_skipped_with_a_warning(self):
+        server = self.start()
+        Peer(self.port, "alice").send({"type": "msg", "text": "whole"})
+        wait_until(lambda: os.path.exists(self.path) and b"whole" in open(self.path, "rb").read())
+        server.proc.kill()
+        server.wait()
+        with open(self.path, "ab") as f:
+            f.write(b'{"type":"msg","id":99,"fr')
+        server = self.start()
+        self.assertTrue(any("damaged" in line for line in server.err_lines))
+        self.assertEqual([line["text"] for line in Peer(self.port, "bob").welcome["history"]], ["whole"])
+
+    def test_the_file_is_compacted_to_stay_bounded(self):
+        server = ServerThread(history_file=self.path, history_file_max=4000, history=5)
+        alice = Peer(server.port, "alice")
+        for i in range(200):
+            alice.send({"type": "msg", "text": f"line {i:03d} " + "x" * 50})
+        alice.sync()
+        server.stop()
+        alice.close()
+        self.assertLess(os.path.getsize(self.path), 4000 + 1000)
+        again = ServerThread(history_file=self.path, history=5)
+        self.addCleanup(again.stop)
+        peer = Peer(again.port, "bob")
+        self.addCleanup(peer.close)
+        self.assertEqual([line["text"][:8] for line in peer.welcome["history"]], [f"line {i}" for i in range(195, 200)])
+
+
+class BotModeTest(ServerTestCase):
+    def test_json_mode_prints_frames_and_sends_json_or_text(self):
+        alice = self.peer("alice")
+        bot = self.client("-n", "robot", "--json")
+        welcome = json.loads(bot.wait_line(r'^\{.*"welcome"').string)
+        self.assertEqual(welcome["nick"], "robot")
+        alice.send({"type": "msg", "text": "hello robot"})
+        frame = json.loads(bot.wait_line(r'"hello robot"').string)
+        self.assertEqual((frame["type"], frame["from"]), ("msg", "alice"))
+        bot.write('{"type":"pm","to":"alice","text":"as a frame"}\nplain text line\n')
+        self.assertEqual(alice.expect("msg")["to"], "alice")
+        self.assertEqual(alice.expect("msg")["text"], "plain text line")
+        bot.proc.stdin.close()
+        self.assertEqual(bot.wait(), 0)
+
+    def test_the_readme_bot_answers_time(self):
+        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+            readme = f.read()
+        code = re.search(r"<!-- bot -->\s*```python\n(.*?)```", readme, re.S)[1]
+        with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+            f.write(code)
+        self.addCleanup(os.unlink, f.name)
+        bot = subprocess.Popen([sys.executable, f.name, "-p", str(self.port)], cwd=HERE,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.addCleanup(bot.wait)
+        self.addCleanup(bot.kill)
+        alice = self.peer("alice")
+        alice.expect("join", nick="timebot")
+        alice.send({"type": "msg", "text": "!time"})
+        answer = alice.expect("msg")
+        self.assertEqual(answer["from"], "timebot")
+        self.assertRegex(answer["text"], r"\d\d:\d\d:\d\d")
