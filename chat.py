@@ -230,6 +230,10 @@ def printable(text: str) -> str:
     return _UNPRINTABLE.sub(lambda m: repr(m.group())[1:-1], text)
 
 
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
 def display_width(text: str) -> int:
     """Terminal columns `text` takes: wide East Asian characters take two,
     combining marks none. (Close enough to wcwidth for redrawing a prompt.)"""
@@ -814,7 +818,7 @@ class Chat:
         welcome["users"] = rooms[0].nicks()
         welcome["seq"] = {room.name: room.seq for room in rooms}   # resume points for rooms with no lines
         self._queue(conn, _fitted(welcome, "history", "users"))
-        log.info("%r joined (%d users)", conn, len(self.users))
+        log.info("%r joined (%s)", conn, plural(len(self.users), "user"))
         for room in rooms:
             self._announce_join(conn, room)
         self.io.call_later(self.config.ping_interval, self._keepalive, conn)
@@ -878,7 +882,7 @@ class Chat:
             room.members.discard(conn)
             self.to_room(room, {"type": "leave", "nick": conn.nick, "reason": reason,
                                 "users": len(room.members), "room": room.name, "ts": self.ts})
-        log.info("%r left: %s (%d users)", conn, reason, len(self.users))
+        log.info("%r left: %s (%s)", conn, reason, plural(len(self.users), "user"))
 
     def on_quit(self, conn: Conn, frame: dict) -> None:
         reason = frame.get("reason")
@@ -1607,7 +1611,7 @@ def operator_commands(loop: ServerLoop, show: Callable[[str], None]) -> CommandT
         for room in sorted(chat.rooms.values(), key=lambda r: name_key(r.name)):
             if room.members:
                 show(f"#{room.name} ({len(room.members)}): {', '.join(room.nicks())}")
-        show(f"{len(chat.users)} users, {len(chat.conns)} connections")
+        show(f"{plural(len(chat.users), 'user')}, {plural(len(chat.conns), 'connection')}")
 
     def kick(nick: str, reason: str = "") -> None:
         if not chat.kick(nick, reason):
@@ -1740,6 +1744,16 @@ _RENDERERS: Dict[str, Callable[[dict, View], Optional[str]]] = {
 def _names(users: object) -> str:
     names = [printable(u) for u in users if type(u) is str] if type(users) is list else []
     return f"{', '.join(names)} ({len(names)})"
+
+
+def _company(users: object, me: str) -> str:
+    """'with alice, bob' or 'on your own', for the lines that greet you."""
+    others = [printable(u) for u in users if type(u) is str and name_key(u) != name_key(me)] \
+        if type(users) is list else []
+    if not others:
+        return "on your own so far"
+    shown = ", ".join(others[:10])
+    return f"with {shown}" + (f" and {len(others) - 10} more" if len(others) > 10 else "")
 
 
 class ClientExit(Exception):
@@ -2123,7 +2137,7 @@ class ChatClient:
         if self.json:
             return
         self.show_history(frame.get("history"))
-        self.note(f"you are in #{room} with {_names(frame.get('users'))}; your lines go here now")
+        self.note(f"you are in #{room} {_company(frame.get('users'), self.nick)}; your lines go here now")
 
     def on_parted(self, frame: dict) -> None:
         room = frame.get("room")
@@ -2147,7 +2161,7 @@ class ChatClient:
         for line in lines:
             self.saw(line.get("room"), line.get("seq"))
         if lines and not self.json:
-            self.note(f"--- {len(lines)} earlier line{'s' if len(lines) != 1 else ''} ---", "2")
+            self.note(f"--- {plural(len(lines), 'earlier line')} ---", "2")
             for line in lines:
                 self.show_frame(line)
             self.note("--- now ---", "2")
@@ -2180,10 +2194,10 @@ class ChatClient:
             self.note(f"=== CONNECTED TO SERVER AT {self.link.where} ===", "1;32")
         self.show_history(frame.get("history"))
         for room, count in (frame.get("missed") or {}).items():
-            self.note(f"{count} line{'s' if count != 1 else ''} said in #{printable(str(room))} while you"
+            self.note(f"{plural(count, 'line')} said in #{printable(str(room))} while you"
                       " were away can no longer be replayed", "33")
         if not reconnected:
-            self.note(f"you are {self.nick} in #{self.room} with {_names(frame.get('users'))}."
+            self.note(f"you are {self.nick} in #{self.room} {_company(frame.get('users'), self.nick)}."
                       + (" Type /help for commands." if self.console.interactive else ""), "0")
 
     # -- connecting ----------------------------------------------------------
@@ -2233,7 +2247,7 @@ class ChatClient:
         for frame in waiting:
             self.link.send(frame)
         if waiting:
-            self.note(f"(sent {len(waiting)} line{'s' if len(waiting) != 1 else ''} kept while disconnected)")
+            self.note(f"(sent {plural(len(waiting), 'line')} kept while disconnected)")
 
     # -- the loop ------------------------------------------------------------
 
@@ -2626,9 +2640,10 @@ def run_server(args: argparse.Namespace) -> int:
         log.info("TLS certificate fingerprint: %s", certificate_fingerprint(config.tls_cert))
     if sys.stdin.isatty() and sys.stdout.isatty():
         console = attach_operator_console(loop)
-        handler = ConsoleLogHandler(console)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-        logging.getLogger().handlers = [handler]
+        if sys.stderr.isatty():     # the log shares the terminal: print it above the typed line
+            handler = ConsoleLogHandler(console)
+            handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+            logging.getLogger().handlers = [handler]
         log.info("type /help for operator commands")
         try:
             loop.serve_forever()
