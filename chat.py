@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import bisect
 import collections
 import dataclasses
 import errno
@@ -320,14 +321,17 @@ class ServerConfig:
 # handshake in progress is the loop's business: see Conn.handshake.)
 HELLO, AUTH, JOINED, CLOSING, CLOSED = "hello", "auth", "joined", "closing", "closed"
 CHAT_LINE_TYPES = frozenset(("msg", "me", "pm"))   # what flood control counts
-FANOUT_BUDGET = 32 << 20    # bytes one loop turn may append to all buffers together
+FANOUT_BUDGET = 16 << 20    # bytes one loop turn may append to all buffers together
 
 
 class Conn:
     """One client connection: the socket side (the loop's) and the session
-    side (the chat's). `out` holds bytes queued for the client."""
+    side (the chat's). `out` lists the chunks of bytes queued for the client,
+    `queued` their total: a line fanned out to a room is one bytes object
+    shared by every member's list, never a copy per member."""
 
-    __slots__ = ("sock", "fd", "addr", "ip", "tls", "handshake", "shut", "events", "state", "decoder", "out",
+    __slots__ = ("sock", "fd", "addr", "ip", "tls", "handshake", "shut", "events", "state", "decoder",
+                 "out", "queued",
                  "nick", "key", "session", "rooms", "tokens", "refilled", "held", "paused", "deferred",
                  "last_heard", "flood_noticed")
 
@@ -341,7 +345,8 @@ class Conn:
         self.events = 0                 # what the selector watches for
         self.state = HELLO
         self.decoder = FrameDecoder(max_payload)
-        self.out = bytearray()
+        self.out: List[bytes] = []
+        self.queued = 0
         self.nick = self.key = self.session = None
         self.rooms: List[Room] = []
         self.tokens, self.refilled = float(burst), now    # flood-control token bucket
@@ -356,16 +361,36 @@ class Conn:
 
 
 class Room:
-    __slots__ = ("name", "members", "history", "seq")
+    __slots__ = ("name", "members", "roster", "arrivals", "history", "seq")
 
     def __init__(self, name: str, history: int):
         self.name = name
         self.members: set = set()
+        self.roster: List[Tuple[str, str]] = []     # (key, nick), kept sorted: no sort per welcome
+        self.arrivals: Dict[Conn, int] = {}         # newcomer -> where it arrived in Chat.pending
         self.history: collections.deque = collections.deque(maxlen=history)
         self.seq = 0    # lines ever said here; the `seq` of the newest line
 
+    def add(self, conn: Conn) -> None:
+        self.members.add(conn)
+        bisect.insort(self.roster, (conn.key, conn.nick))
+
+    def remove(self, conn: Conn) -> None:
+        self.members.discard(conn)
+        self.arrivals.pop(conn, None)
+        self._unlist(conn.key, conn.nick)
+
+    def renamed(self, conn: Conn, old_key: str, old_nick: str) -> None:
+        self._unlist(old_key, old_nick)
+        bisect.insort(self.roster, (conn.key, conn.nick))
+
+    def _unlist(self, key: str, nick: str) -> None:
+        index = bisect.bisect_left(self.roster, (key, nick))
+        if index < len(self.roster) and self.roster[index] == (key, nick):
+            del self.roster[index]
+
     def nicks(self) -> List[str]:
-        return sorted((m.nick for m in self.members), key=name_key)
+        return [nick for _, nick in self.roster]
 
 
 class HistoryFile:
@@ -474,6 +499,7 @@ class Chat:
         self.users: Dict[str, Conn] = {}         # nick key -> joined connection
         self.rooms: Dict[str, Room] = {}
         self.pending: List[tuple] = []           # (room, sender, frame bytes) not yet fanned out
+        self.arrived: List[Room] = []            # rooms with arrivals during `pending`
         self.dirty: List[Conn] = []              # connections whose `out` became non-empty
         self.slow: List[Conn] = []               # connections over their buffer limit
         self.deferred: collections.deque = collections.deque()   # connections with frames left over
@@ -590,7 +616,6 @@ class Chat:
         """Disconnect `conn` on the server's initiative, telling it why."""
         if conn.state in (CLOSING, CLOSED):
             return
-        self.flush()
         if error is not None:
             self._queue(conn, encode(self._stamped(error.frame())))
         self._leave(conn, reason)
@@ -627,8 +652,9 @@ class Chat:
         out = conn.out
         if not out:
             self.dirty.append(conn)
-        out += data
-        if len(out) > self.config.max_buffer:
+        out.append(data)
+        conn.queued += len(data)
+        if conn.queued > self.config.max_buffer:
             self.slow.append(conn)
 
     def send(self, conn: Conn, frame: dict) -> None:
@@ -644,12 +670,32 @@ class Chat:
 
     def to_room(self, room: Room, frame: dict, sender: Optional[Conn] = None) -> None:
         """Queue a frame for everyone in `room` but `sender`, in order with its lines."""
-        self.pending.append((room, sender, encode(frame)))
+        self._pend(room, sender, encode(frame))
+
+    def _pend(self, room: Room, sender: Optional[Conn], data: bytes) -> None:
+        self.pending.append((room, sender, data))
+        # Bound what one turn adds to buffers: any one recipient's growth
+        # (turn_bytes) and the memory fan-out takes in all (turn_fanout).
+        self.turn_bytes += len(data)
+        self.turn_fanout += len(data) * len(room.members)
+        if self.turn_bytes >= self.turn_byte_budget or self.turn_fanout >= FANOUT_BUDGET:
+            self.budget_spent = True
+
+    def enter(self, conn: Conn, room: Room) -> None:
+        """Put `conn` in `room`. What was queued for the room before this
+        moment is not for it: fan-out starts it where it arrived, so joining
+        needs no flush and a storm of joins fans out in one go."""
+        room.add(conn)
+        conn.rooms.append(room)
+        if self.pending:
+            if not room.arrivals:
+                self.arrived.append(room)
+            room.arrivals[conn] = len(self.pending)
 
     def flush(self) -> None:
-        """Fan out what this turn said. Called before anything that changes
-        who receives what (joins, parts, drops) and before every unicast, so
-        nobody sees lines out of order."""
+        """Fan out what this turn said. Called before every unicast (and
+        before a member changes rooms), so nobody sees lines out of order.
+        (Someone who leaves needs no flush: they just stop receiving.)"""
         while self.pending:
             batch, self.pending = self.pending, []
             start = 0
@@ -657,32 +703,48 @@ class Chat:
                 room, end = batch[start][0], start + 1
                 while end < len(batch) and batch[end][0] is room:
                     end += 1
-                self._fan_out(room, batch[start:end])
+                self._fan_out(room, batch, start, end)
                 start = end
+            for room in self.arrived:
+                room.arrivals.clear()
+            self.arrived.clear()
 
     def too_slow(self, conn: Conn) -> None:
         """The loop found `conn` still over its buffer limit after writing."""
         self.drop(conn, f"too slow: over {self.config.max_buffer} bytes unread",
                   ProtocolError("too-slow", "you stopped reading; disconnected"))
 
-    def _fan_out(self, room: Room, run: List[tuple]) -> None:
-        # The hot path: per recipient, one set lookup and one bytearray append.
+    def _fan_out(self, room: Room, batch: List[tuple], start: int, end: int) -> None:
+        """Queue batch[start:end] (all for `room`) for its members. The hot
+        path: per recipient, a set lookup and appending a shared bytes object."""
+        run = batch[start:end]
         if len(run) == 1:
             senders, blob = (run[0][1],), run[0][2]
         else:
             senders, blob = {entry[1] for entry in run}, b"".join([entry[2] for entry in run])
-        limit, dirty, slow = self.config.max_buffer, self.dirty, self.slow
+        limit, dirty, slow, arrivals = self.config.max_buffer, self.dirty, self.slow, room.arrivals
+        size = len(blob)
         for member in room.members:
             data = blob
-            if member in senders:   # nobody gets their own lines back
+            arrived = arrivals.get(member, 0) if arrivals else 0
+            if arrived > start:     # joined during this batch: only what came after
+                if arrived >= end:
+                    continue
+                data = b"".join([entry[2] for entry in batch[arrived:end] if entry[1] is not member])
+            elif member in senders:     # nobody gets their own lines back
                 data = b"".join([entry[2] for entry in run if entry[1] is not member])
+            if data is not blob:
                 if not data:
                     continue
+                queued = member.queued + len(data)
+            else:
+                queued = member.queued + size
             out = member.out
             if not out:
                 dirty.append(member)
-            out += data
-            if len(out) > limit:
+            out.append(data)
+            member.queued = queued
+            if queued > limit:
                 slow.append(member)
 
     # -- flood control -------------------------------------------------------
@@ -798,7 +860,6 @@ class Chat:
         conn.session = secrets.token_urlsafe(16)
 
     def _welcome(self, conn: Conn, hello: dict) -> None:
-        self.flush()
         conn.state = JOINED
         self.users[conn.key] = conn
         rooms = self._rooms_to_rejoin(hello.get("rooms")) or [self.lobby]
@@ -813,8 +874,7 @@ class Chat:
         if missed is not None:
             welcome["missed"] = missed
         for room in rooms:
-            room.members.add(conn)
-            conn.rooms.append(room)
+            self.enter(conn, room)
         welcome["users"] = rooms[0].nicks()
         welcome["seq"] = {room.name: room.seq for room in rooms}   # resume points for rooms with no lines
         self._queue(conn, _fitted(welcome, "history", "users"))
@@ -856,11 +916,11 @@ class Chat:
         return sorted(lines, key=_by_id), missed
 
     def _announce_join(self, conn: Conn, room: Room) -> None:
-        if len(room.members) == 1:
-            self.send(conn, self._stamped({
+        if len(room.members) == 1:   # a newcomer has nothing pending: no flush needed
+            self._queue(conn, encode(self._stamped({
                 "type": "notice", "room": room.name,
                 "text": f"you are alone in #{room.name}; the last {self.config.history} lines"
-                        " said here are shown to whoever joins later"}))
+                        " said here are shown to whoever joins later"})))
         else:
             self.to_room(room, {"type": "join", "nick": conn.nick, "users": len(room.members),
                                 "room": room.name, "ts": self.ts}, sender=conn)
@@ -872,14 +932,13 @@ class Chat:
 
     def _leave(self, conn: Conn, reason: str) -> None:
         """Forget `conn` and tell the rooms it was in."""
-        self.flush()
         self.conns.discard(conn)
         if conn.state is not JOINED:
             log.info("%s closed before joining: %s", conn.addr, reason)
             return
         del self.users[conn.key]
         for room in conn.rooms:
-            room.members.discard(conn)
+            room.remove(conn)
             self.to_room(room, {"type": "leave", "nick": conn.nick, "reason": reason,
                                 "users": len(room.members), "room": room.name, "ts": self.ts})
         log.info("%r left: %s (%s)", conn, reason, plural(len(self.users), "user"))
@@ -911,13 +970,7 @@ class Chat:
         data = encode(line)
         if self.history_file:
             self.history_file.append(data[4:])
-        self.pending.append((room, sender, data))
-        # Bound what one turn adds to buffers: any one recipient's growth
-        # (turn_bytes) and the memory fan-out takes in all (turn_fanout).
-        self.turn_bytes += len(data)
-        self.turn_fanout += len(data) * len(room.members)
-        if self.turn_bytes >= self.turn_byte_budget or self.turn_fanout >= FANOUT_BUDGET:
-            self.budget_spent = True
+        self._pend(room, sender, data)
 
     def on_pm(self, conn: Conn, frame: dict) -> None:
         to, text = frame.get("to"), check_text(frame.get("text"))
@@ -950,10 +1003,12 @@ class Chat:
             raise ProtocolError("nick-taken", f"the nick {new} is taken")
         if new == conn.nick:
             return
-        old = conn.nick
+        old, old_key = conn.nick, conn.key
         del self.users[conn.key]
         conn.nick, conn.key = new, key
         self.users[key] = conn
+        for room in conn.rooms:
+            room.renamed(conn, old_key, old)
         log.info("%s is now known as %s", old, new)
         self.send_each(self._neighbours(conn), {"type": "nick", "old": old, "new": new, "ts": self.ts})
 
@@ -1004,8 +1059,7 @@ class Chat:
         self.flush()
         fresh = room not in conn.rooms
         if fresh:
-            room.members.add(conn)
-            conn.rooms.append(room)
+            self.enter(conn, room)
         self._queue(conn, _fitted(self._stamped({
             "type": "joined", "room": room.name, "users": room.nicks(), "seq": room.seq,
             "history": list(room.history)}), "history", "users"))
@@ -1014,8 +1068,7 @@ class Chat:
 
     def on_part(self, conn: Conn, frame: dict) -> None:
         room = self._room_of(conn, frame.get("room"))
-        self.flush()
-        room.members.discard(conn)
+        room.remove(conn)
         conn.rooms.remove(room)
         self.to_room(room, {"type": "leave", "nick": conn.nick, "reason": "parted",
                             "users": len(room.members), "room": room.name, "ts": self.ts})
@@ -1085,7 +1138,40 @@ RECV_SIZE = 256 * 1024      # one read per readable socket per turn: big reads, 
 LINGER = 2.0                # seconds a closing connection gets to receive its last frames
 SHUTDOWN_GRACE = 0.8        # seconds to deliver `bye` before the server exits
 ACCEPTS_PER_TURN = 64       # a connect storm cannot starve the clients already here
+WRITE_CHUNK = 256 * 1024     # what one send() takes at most where there is no sendmsg (TLS, Windows)
+IOV_MAX = 1024              # chunks one sendmsg() may gather (the POSIX minimum for IOV_MAX)
+_HAVE_SENDMSG = hasattr(socket.socket, "sendmsg")
 _WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+
+
+def _head(chunks: List[bytes], skip: int, limit: int) -> bytes:
+    """About `limit` bytes from the front of `chunks`, after the first `skip`."""
+    for index, chunk in enumerate(chunks):
+        if skip < len(chunk):
+            break
+        skip -= len(chunk)
+    else:
+        return b""
+    taken, total = [chunks[index][skip:]], len(chunks[index]) - skip
+    for chunk in chunks[index + 1:]:
+        if total >= limit:
+            break
+        taken.append(chunk)
+        total += len(chunk)
+    return taken[0] if len(taken) == 1 else b"".join(taken)
+
+
+def _consume(chunks: List[bytes], sent: int) -> None:
+    """Drop the first `sent` bytes from `chunks` (whole chunks, then a slice)."""
+    whole = 0
+    for chunk in chunks:
+        if sent < len(chunk):
+            break
+        sent -= len(chunk)
+        whole += 1
+    del chunks[:whole]
+    if sent:
+        chunks[0] = memoryview(chunks[0])[sent:]
 
 
 def server_tls_context(cert: str, key: str) -> ssl.SSLContext:
@@ -1245,9 +1331,9 @@ class ServerLoop:
                 self._write(conn)
             slow, chat.slow = chat.slow, []
             for conn in slow:
-                if len(conn.out) > limit and conn.state is JOINED:
+                if conn.queued > limit and conn.state is JOINED:
                     self._write(conn)
-                    if len(conn.out) > limit and conn.state is JOINED:
+                    if conn.queued > limit and conn.state is JOINED:
                         chat.too_slow(conn)
 
     def _on_wake(self, mask: int) -> None:
@@ -1345,23 +1431,30 @@ class ServerLoop:
                 return
 
     def _write(self, conn: Conn) -> None:
+        """One system call hands the kernel everything queued for `conn`
+        (sendmsg gathers the chunks without joining them), however many
+        lines were fanned out to it this turn."""
         out = conn.out
         if not out or conn.handshake is not None or conn.state is CLOSED or conn.shut:
             return
         try:
-            sent = conn.sock.send(out)
-            while conn.tls and 0 < sent < len(out):     # TLS sends one 16 KiB record per call
-                del out[:sent]
-                sent = conn.sock.send(out)
+            if conn.tls or not _HAVE_SENDMSG:
+                sent = 0
+                while True:     # TLS writes one record (16 KiB) per call
+                    n = conn.sock.send(_head(out, sent, WRITE_CHUNK))
+                    sent += n
+                    if not conn.tls or sent == conn.queued or n == 0:
+                        break
+            else:
+                sent = conn.sock.sendmsg(out if len(out) <= IOV_MAX else out[:IOV_MAX])
         except _WOULD_BLOCK:
             sent = 0
         except OSError as error:
             self._close(conn, f"connection error: {error.strerror or error}")
             return
-        if sent == len(out):
-            out.clear()
-        elif sent:
-            del out[:sent]      # cheap: CPython moves a bytearray's start instead of copying
+        if sent:
+            _consume(out, sent)
+            conn.queued -= sent
         if not out and conn.state is CLOSING:
             self._shut(conn)
         else:
@@ -1396,6 +1489,7 @@ class ServerLoop:
             conn.events = 0
         conn.sock.close()
         conn.out.clear()
+        conn.queued = 0
 
     # -- TLS -----------------------------------------------------------------
 

@@ -962,7 +962,7 @@ class SlowReaderTest(ServerTestCase):
         self.assertGreater(sent * 4000, 256 * 1024)
         alice.send({"type": "msg", "text": "after"})
         self.assertEqual(bob.expect("msg", text="after")["text"], "after")
-        self.assertLessEqual(self.server.call(lambda: max(len(c.out) for c in self.server.loop.open)),
+        self.assertLessEqual(self.server.call(lambda: max(c.queued for c in self.server.loop.open)),
                              256 * 1024 + 65536)
 
 
