@@ -484,11 +484,11 @@ def _is_history_line(obj: object) -> bool:
 class Chat:
     """Users, rooms, history and the rules of the protocol.
 
-    The loop hands it connections and bytes; it answers by appending encoded
-    frames to `conn.out` and listing those connections in `dirty`. Chat lines
+    The loop hands it connections and bytes; it answers by queueing encoded
+    frames on `conn.out` and listing those connections in `dirty`. Chat lines
     said during one loop turn are fanned out together by flush(): each room
-    joins its lines into one blob and appends that to every member, so the
-    per-recipient cost is one append per turn, not one per line."""
+    joins its lines into one bytes object queued for every member, so the
+    per-recipient cost is one list append per turn, not one per line."""
 
     def __init__(self, config: ServerConfig, io):
         self.config = config
@@ -503,7 +503,7 @@ class Chat:
         self.dirty: List[Conn] = []              # connections whose `out` became non-empty
         self.slow: List[Conn] = []               # connections over their buffer limit
         self.deferred: collections.deque = collections.deque()   # connections with frames left over
-        self.turn_bytes = self.turn_fanout = 0   # what this turn's lines cost (see post())
+        self.turn_bytes = self.turn_fanout = 0   # what this turn has queued (see _pend())
         self.budget_spent = False
         self.turn_byte_budget = max(4096, config.max_buffer // 4)
         self.auth_failures: Dict[str, Tuple[int, float]] = {}
@@ -1893,33 +1893,20 @@ class Link:
 
     def receive(self) -> List[dict]:
         """Frames that have arrived; ConnectionLost when the server is gone."""
-        while True:
-            try:
-                data = self.sock.recv(RECV_SIZE)
-            except _WOULD_BLOCK:
-                break
-            except OSError as error:
-                raise ConnectionLost(f"connection lost ({error.strerror or error})") from None
-            if not data:
-                raise ConnectionLost("connection lost (the server closed it)")
-            self.decoder.feed(data)
-            if not (isinstance(self.sock, ssl.SSLSocket) and self.sock.pending()):
-                break
+        while self._fill() and self.tls_pending():
+            pass
         frames = []
-        try:
-            while True:
-                frame = self.decoder.next_frame()
-                if frame is None:
-                    return frames
-                frames.append(frame)
-        except ProtocolError as error:
-            raise ConnectionLost(f"connection lost (the server sent a bad frame: {error.text})") from None
+        while True:
+            frame = self._next()
+            if frame is None:
+                return frames
+            frames.append(frame)
 
     def wait_frame(self, timeout: float) -> dict:
         """Block until the next frame (for the login exchange)."""
         deadline = time.monotonic() + timeout
         while True:
-            frame = self.decoder.next_frame()
+            frame = self._next()
             if frame is not None:
                 return frame
             self.flush()
@@ -1927,16 +1914,31 @@ class Link:
             if left <= 0:
                 raise ConnectionLost("the server did not answer")
             readable, _, _ = wait_io([self.sock], [self.sock] if self.out else [], left)
-            if readable or (isinstance(self.sock, ssl.SSLSocket) and self.sock.pending()):
-                try:
-                    data = self.sock.recv(RECV_SIZE)
-                except _WOULD_BLOCK:
-                    continue
-                except OSError as error:
-                    raise ConnectionLost(f"connection lost ({error.strerror or error})") from None
-                if not data:
-                    raise ConnectionLost("the server closed the connection")
-                self.decoder.feed(data)
+            if readable or self.tls_pending():
+                self._fill()
+
+    def _fill(self) -> bool:
+        """Feed what has arrived to the decoder; False if nothing had."""
+        try:
+            data = self.sock.recv(RECV_SIZE)
+        except _WOULD_BLOCK:
+            return False
+        except OSError as error:
+            raise ConnectionLost(f"connection lost ({error.strerror or error})") from None
+        if not data:
+            raise ConnectionLost("connection lost (the server closed it)")
+        self.decoder.feed(data)
+        return True
+
+    def _next(self) -> Optional[dict]:
+        try:
+            return self.decoder.next_frame()
+        except ProtocolError as error:
+            raise ConnectionLost(f"connection lost (the server sent a bad frame: {error.text})") from None
+
+    def tls_pending(self) -> bool:
+        """TLS may hold decrypted bytes that select() cannot see."""
+        return isinstance(self.sock, ssl.SSLSocket) and self.sock.pending() > 0
 
     def close(self) -> None:
         try:
@@ -2390,7 +2392,7 @@ class ChatClient:
             readable, _, _ = wait_io(readers, [link.sock] if link.out else [], wait)
             if self.console.wake_r in readable:
                 self.take_input()
-            if link.sock in readable or (isinstance(link.sock, ssl.SSLSocket) and link.sock.pending()):
+            if link.sock in readable or link.tls_pending():
                 frames = link.receive()
                 self.last_heard = time.monotonic()
                 for frame in frames:
