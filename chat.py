@@ -1640,6 +1640,15 @@ class Console:
         """The line just read has been handled: the reader may prompt again."""
         self._may_prompt.set()
 
+    def erase_echo(self) -> None:
+        """Remove the echo of a line that produced nothing (an empty Enter)."""
+        with self._lock:
+            if self._echo:
+                columns = shutil.get_terminal_size().columns or 80
+                sys.stdout.write(f"\r\x1b[{_rows(self._echo, columns)}F\x1b[J")
+                sys.stdout.flush()
+                self._echo = ""
+
     def show(self, text: str) -> None:
         """Print `text` on its own lines, keeping the prompt and half-typed input intact."""
         if not self.interactive:
@@ -2288,7 +2297,11 @@ class ChatClient:
                 self.note("the server restarted: lines said while you were away are gone", "33")
         else:
             self.note(f"=== CONNECTED TO SERVER AT {self.link.where} ===", "1;32")
-        self.show_history(frame.get("history"))
+        history = frame.get("history")
+        if resumed and type(history) is list:   # your own lines were shown as you typed them
+            history = [line for line in history if not (isinstance(line, dict) and type(line.get("from")) is str
+                                                        and name_key(line["from"]) == name_key(self.nick))]
+        self.show_history(history)
         for room, count in (frame.get("missed") or {}).items():
             self.note(f"{plural(count, 'line')} said in #{printable(str(room))} while you"
                       " were away can no longer be replayed", "33")
@@ -2406,7 +2419,10 @@ class ChatClient:
             self.cmd_quit()
             return
         self.handle_input(line)
-        self.console.next_prompt()
+        if self.console.interactive and not line.strip():
+            self.console.erase_echo()
+        if not self.quitting:
+            self.console.next_prompt()
 
     def finish_quit(self) -> None:
         """Everything is sent: wait briefly for the server to close (so errors

@@ -1336,6 +1336,8 @@ class ReconnectTest(ServerTestCase):
         client.wait_line("now talking in #lobby", "stderr")
         alice.send({"type": "msg", "text": "before"})
         client.wait_line("<alice> before")
+        client.write("mine, before the cut\n")
+        alice.expect("msg", text="mine, before the cut")
         cut(self.server, "bob")
         alice.expect("leave", nick="bob")
         for i in range(5):
@@ -1349,6 +1351,8 @@ class ReconnectTest(ServerTestCase):
         said = [line for line in client.out_lines if "<alice>" in line]
         self.assertEqual(said, [f"#lobby <alice> {text}" for text in
                                 ["before"] + [f"missed {i}" for i in range(5)] + ["after"]])
+        self.assertFalse(any("mine, before the cut" in line for line in client.out_lines),
+                         "the replay does not show bob his own line again")
         alice.send({"type": "who", "room": "dev"})
         self.assertEqual(alice.expect("who")["users"], ["bob"], "bob is back in #dev")
 
