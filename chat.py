@@ -14,8 +14,11 @@ One file, standard library only. It reads top to bottom:
      turns frames into bytes queued per connection and never touches a socket.
   5. Server loop: one thread, one selector. Accepts, reads, writes, TLS
      handshakes, timers, signals. It only moves bytes.
-  6. Client: connection, terminal, rendering, reconnect.
-  7. Benchmark, certificate helper and the command line.
+  6. Cluster (optional): several servers as one chat through Redis, with a
+     small RESP2 client that lives in the same loop.
+  7. The terminal: reading lines and printing without breaking them.
+  8. Client: connection, rendering, commands, reconnect.
+  9. Benchmark, certificate helper and the command line.
 """
 from __future__ import annotations
 
@@ -314,6 +317,10 @@ class ServerConfig:
     tls_key: Optional[str] = None
     max_rooms: int = 1000
     rooms_per_user: int = 20
+    redis: Optional[str] = None        # redis://HOST:PORT/DB: one chat with the other servers there
+    cluster_ttl: float = 15.0          # seconds without a heartbeat before a server counts as gone
+    reuse_port: bool = False           # share the port with other processes (--workers)
+    supervisor: Optional[int] = None   # a worker's parent: if it goes, the worker goes too
     name: str = f"chat.py {VERSION}"
 
 
@@ -361,12 +368,13 @@ class Conn:
 
 
 class Room:
-    __slots__ = ("name", "members", "roster", "arrivals", "history", "seq")
+    __slots__ = ("name", "members", "remote", "roster", "arrivals", "history", "seq")
 
     def __init__(self, name: str, history: int):
         self.name = name
         self.members: set = set()
-        self.roster: List[Tuple[str, str]] = []     # (key, nick), kept sorted: no sort per welcome
+        self.remote: Dict[str, str] = {}            # key -> nick of members on other servers
+        self.roster: List[Tuple[str, str]] = []     # (key, nick) of members here, kept sorted
         self.arrivals: Dict[Conn, int] = {}         # newcomer -> where it arrived in Chat.pending
         self.history: collections.deque = collections.deque(maxlen=history)
         self.seq = 0    # lines ever said here; the `seq` of the newest line
@@ -390,7 +398,12 @@ class Room:
             del self.roster[index]
 
     def nicks(self) -> List[str]:
+        if self.remote:
+            return [nick for _, nick in sorted(self.roster + [(k, n) for k, n in self.remote.items()])]
         return [nick for _, nick in self.roster]
+
+    def count(self) -> int:
+        return len(self.members) + len(self.remote)
 
 
 class HistoryFile:
@@ -507,6 +520,8 @@ class Chat:
         self.budget_spent = False
         self.turn_byte_budget = max(4096, config.max_buffer // 4)
         self.auth_failures: Dict[str, Tuple[int, float]] = {}
+        self.claiming: Dict[str, Conn] = {}      # nick key -> connection waiting for the cluster's answer
+        self.cluster: Optional[Cluster] = None   # set by the loop with --redis
         self.next_id = 1
         self.history_file = HistoryFile(config.history_file, config.history_file_max) \
             if config.history_file else None
@@ -601,6 +616,9 @@ class Chat:
         except ProtocolError as error:     # refused, but the connection stays
             log.info("%r: %s: %s", conn, error.code, error.text)
             self.send(conn, self._stamped(error.frame()))
+        except Exception:   # a bug of ours: it costs this connection, not the server
+            log.exception("%r: internal error handling %r", conn, kind)
+            self.drop(conn, "internal error", ProtocolError("internal", "the server failed on that frame"))
 
     def lost(self, conn: Conn, reason: str) -> None:
         """The socket is gone (closed by the peer or broken)."""
@@ -635,12 +653,16 @@ class Chat:
         self.conns.clear()
         self.users.clear()
         self.end_turn()
+        if self.cluster is not None:
+            self.cluster.shutdown()
 
     def end_turn(self) -> None:
         """Called by the loop after each turn's events."""
         self.flush()
         if self.history_file and self.history_file.write(self._history_in_memory):
             self.io.call_later(1.0, self.history_file.sync)
+        if self.cluster is not None:
+            self.cluster.end_turn()
 
     # -- sending -------------------------------------------------------------
 
@@ -659,8 +681,11 @@ class Chat:
 
     def send(self, conn: Conn, frame: dict) -> None:
         """Queue one frame for one connection, after everything said before it."""
+        self.send_data(conn, encode(frame))
+
+    def send_data(self, conn: Conn, data: bytes) -> None:
         self.flush()
-        self._queue(conn, encode(frame))
+        self._queue(conn, data)
 
     def send_each(self, conns: Iterable[Conn], frame: dict) -> None:
         self.flush()
@@ -818,7 +843,31 @@ class Chat:
         except ProtocolError as error:
             self.drop(conn, f"refused: {error.text}", error)
             return
-        self._welcome(conn, frame)
+        if self.cluster is None:
+            self._welcome(conn, frame)
+            return
+        # Clustered: the nick must be free on every server; Redis decides.
+        conn.state, conn.paused = AUTH, True
+        self.io.update_interest(conn)
+        self.claiming[conn.key] = conn
+        session = frame.get("session") if type(frame.get("session")) is str else ""
+        self.cluster.claim(conn, conn.key, session, lambda ok: self._claimed(conn, frame, ok))
+
+    def _claimed(self, conn: Conn, hello: dict, ok: bool) -> None:
+        del self.claiming[conn.key]
+        if conn.state is not AUTH:      # gone while Redis answered
+            if ok:
+                self.cluster.release(conn.key)
+            return
+        conn.paused = False
+        self.io.update_interest(conn)
+        if not ok:
+            self.drop(conn, "refused: nick taken on another server",
+                      ProtocolError("nick-taken", f"the nick {conn.nick} is taken"))
+            return
+        conn.state = HELLO
+        self._welcome(conn, hello)
+        self.process(conn)      # frames that arrived while we waited
 
     def _password_ok(self, given: object) -> bool:
         return type(given) is str and hmac.compare_digest(given.encode("utf-8", "surrogatepass"),
@@ -848,6 +897,8 @@ class Chat:
 
     def _claim_nick(self, conn: Conn, nick: str, session: object) -> None:
         key = name_key(nick)
+        if key in self.claiming:
+            raise ProtocolError("nick-taken", f"the nick {nick} is taken")
         holder = self.users.get(key)
         if holder is not None:
             if not (type(session) is str and holder.session
@@ -877,6 +928,8 @@ class Chat:
             self.enter(conn, room)
         welcome["users"] = rooms[0].nicks()
         welcome["seq"] = {room.name: room.seq for room in rooms}   # resume points for rooms with no lines
+        if self.cluster is not None:
+            self.cluster.presence(conn)
         self._queue(conn, _fitted(welcome, "history", "users"))
         log.info("%r joined (%s)", conn, plural(len(self.users), "user"))
         for room in rooms:
@@ -916,14 +969,14 @@ class Chat:
         return sorted(lines, key=_by_id), missed
 
     def _announce_join(self, conn: Conn, room: Room) -> None:
-        if len(room.members) == 1:   # a newcomer has nothing pending: no flush needed
+        if room.count() == 1:   # a newcomer has nothing pending: no flush needed
             self._queue(conn, encode(self._stamped({
                 "type": "notice", "room": room.name,
                 "text": f"you are alone in #{room.name}; the last {self.config.history} lines"
                         " said here are shown to whoever joins later"})))
         else:
-            self.to_room(room, {"type": "join", "nick": conn.nick, "users": len(room.members),
-                                "room": room.name, "ts": self.ts}, sender=conn)
+            self._event(room, {"type": "join", "nick": conn.nick, "users": room.count(),
+                               "room": room.name, "ts": self.ts}, sender=conn)
 
     def on_second_hello(self, conn: Conn, frame: dict) -> None:
         raise ProtocolError("already-joined", f"you are already here as {conn.nick}")
@@ -937,10 +990,12 @@ class Chat:
             log.info("%s closed before joining: %s", conn.addr, reason)
             return
         del self.users[conn.key]
+        if self.cluster is not None:    # first, so that other servers count the room without them
+            self.cluster.release(conn.key)
         for room in conn.rooms:
             room.remove(conn)
-            self.to_room(room, {"type": "leave", "nick": conn.nick, "reason": reason,
-                                "users": len(room.members), "room": room.name, "ts": self.ts})
+            self._event(room, {"type": "leave", "nick": conn.nick, "reason": reason,
+                               "users": room.count(), "room": room.name, "ts": self.ts})
         log.info("%r left: %s (%s)", conn, reason, plural(len(self.users), "user"))
 
     def on_quit(self, conn: Conn, frame: dict) -> None:
@@ -959,26 +1014,37 @@ class Chat:
         self.post(room, conn, check_text(frame.get("text")), action=True)
 
     def post(self, room: Room, sender: Conn, text: str, action: bool = False) -> None:
-        """A chat line said in `room`: numbered, kept, queued for fan-out."""
-        room.seq += 1
+        """A chat line said in `room`: numbered (here, or by the cluster), kept, fanned out."""
         line = {"type": "msg", "id": self.next_id, "from": sender.nick, "text": text,
-                "ts": self.ts, "room": room.name, "seq": room.seq}
+                "ts": self.ts, "room": room.name, "seq": room.seq + 1}
         if action:
             line["action"] = True
+        if self.cluster is not None:
+            self.cluster.post(room, sender, line)     # it comes back numbered through deliver_line()
+            return
         self.next_id += 1
-        room.history.append(line)
-        data = encode(line)
-        if self.history_file:
-            self.history_file.append(data[4:])
+        room.seq += 1
+        self.deliver_line(room, sender, line, encode(line))
+
+    def deliver_line(self, room: Room, sender: Optional[Conn], line: dict, data: bytes,
+                     keep: bool = True) -> None:
+        """A numbered line goes into the room's history and out to its members."""
+        if keep and "seq" in line:
+            room.history.append(line)
+            if self.history_file:
+                self.history_file.append(data[4:])
         self._pend(room, sender, data)
 
     def on_pm(self, conn: Conn, frame: dict) -> None:
         to, text = frame.get("to"), check_text(frame.get("text"))
-        target = self.users.get(name_key(to)) if type(to) is str else None
-        if target is None:
-            raise ProtocolError("no-such-user", f"nobody here is called {to}")
-        line = {"type": "msg", "id": self.next_id, "from": conn.nick, "to": target.nick,
+        key = name_key(to) if type(to) is str else ""
+        target = self.users.get(key)
+        line = {"type": "msg", "id": self.next_id, "from": conn.nick, "to": target.nick if target else to,
                 "text": text, "ts": self.ts}
+        if target is None:
+            if self.cluster is not None and self.cluster.pm(conn, key, line):
+                return
+            raise ProtocolError("no-such-user", f"nobody here is called {to}")
         self.next_id += 1
         self.send(target, line)
 
@@ -999,18 +1065,41 @@ class Chat:
     def on_nick(self, conn: Conn, frame: dict) -> None:
         new = check_name(frame.get("nick"))
         key = name_key(new)
-        if key != conn.key and key in self.users:
+        if key != conn.key and (key in self.users or key in self.claiming):
             raise ProtocolError("nick-taken", f"the nick {new} is taken")
         if new == conn.nick:
             return
-        old, old_key = conn.nick, conn.key
+        if self.cluster is None or key == conn.key:
+            self._rename(conn, new)
+            return
+        self.claiming[key] = conn
+
+        def claimed(ok: bool) -> None:
+            del self.claiming[key]
+            if conn.state is not JOINED:
+                if ok:
+                    self.cluster.release(key)
+            elif ok:
+                self._rename(conn, new)
+            else:
+                self.send(conn, self._stamped(ProtocolError("nick-taken", f"the nick {new} is taken").frame()))
+        self.cluster.claim(conn, key, "", claimed)
+
+    def _rename(self, conn: Conn, new: str) -> None:
+        old, old_key, key = conn.nick, conn.key, name_key(new)
         del self.users[conn.key]
         conn.nick, conn.key = new, key
         self.users[key] = conn
         for room in conn.rooms:
             room.renamed(conn, old_key, old)
         log.info("%s is now known as %s", old, new)
-        self.send_each(self._neighbours(conn), {"type": "nick", "old": old, "new": new, "ts": self.ts})
+        event = {"type": "nick", "old": old, "new": new, "ts": self.ts}
+        self.send_each(self._neighbours(conn), event)
+        if self.cluster is not None:
+            if old_key != conn.key:
+                self.cluster.release(old_key)
+            self.cluster.presence(conn)
+            self.cluster.event([room.name for room in conn.rooms], event)
 
     def _neighbours(self, conn: Conn) -> set:
         """Everyone who shares a room with `conn`, and `conn` itself."""
@@ -1019,7 +1108,10 @@ class Chat:
     def on_who(self, conn: Conn, frame: dict) -> None:
         name = frame.get("room")
         if name is None:
-            reply = {"type": "who", "users": sorted((c.nick for c in self.users.values()), key=name_key)}
+            everyone = [c.nick for c in self.users.values()]
+            if self.cluster is not None:
+                everyone += [user.nick for user in self.cluster.remote.values()]
+            reply = {"type": "who", "users": sorted(everyone, key=name_key)}
         else:
             room = self.rooms.get(name_key(check_room(name)))
             if room is None:
@@ -1060,6 +1152,8 @@ class Chat:
         fresh = room not in conn.rooms
         if fresh:
             self.enter(conn, room)
+            if self.cluster is not None:
+                self.cluster.presence(conn)
         self._queue(conn, _fitted(self._stamped({
             "type": "joined", "room": room.name, "users": room.nicks(), "seq": room.seq,
             "history": list(room.history)}), "history", "users"))
@@ -1070,21 +1164,32 @@ class Chat:
         room = self._room_of(conn, frame.get("room"))
         room.remove(conn)
         conn.rooms.remove(room)
-        self.to_room(room, {"type": "leave", "nick": conn.nick, "reason": "parted",
-                            "users": len(room.members), "room": room.name, "ts": self.ts})
+        if self.cluster is not None:
+            self.cluster.presence(conn)
+        self._event(room, {"type": "leave", "nick": conn.nick, "reason": "parted",
+                           "users": room.count(), "room": room.name, "ts": self.ts})
         self.send(conn, self._stamped({"type": "parted", "room": room.name}))
 
     def on_rooms(self, conn: Conn, frame: dict) -> None:
-        rooms = [{"name": room.name, "users": len(room.members)} for room in self.rooms.values()
-                 if room.members or room is self.lobby]
+        rooms = [{"name": room.name, "users": room.count()} for room in self.rooms.values()
+                 if room.count() or room is self.lobby]
         rooms.sort(key=lambda r: name_key(r["name"]))
         self.send(conn, self._stamped({"type": "rooms", "rooms": rooms}))
 
     # -- operator ------------------------------------------------------------
 
     def announce(self, text: str) -> None:
-        """A notice from the operator to everyone."""
-        self.send_each(self.users.values(), {"type": "notice", "text": clean_text(text), "ts": self.ts})
+        """A notice from the operator to everyone (on every server)."""
+        notice = {"type": "notice", "text": clean_text(text), "ts": self.ts}
+        self.send_each(self.users.values(), notice)
+        if self.cluster is not None:
+            self.cluster.event(None, notice)
+
+    def _event(self, room: Room, frame: dict, sender: Optional[Conn] = None) -> None:
+        """A join or leave: this server's members of `room` now, the others' through the cluster."""
+        self.to_room(room, frame, sender)
+        if self.cluster is not None:
+            self.cluster.event([room.name], frame)
 
     def kick(self, nick: str, reason: str) -> bool:
         conn = self.users.get(name_key(nick))
@@ -1217,12 +1322,19 @@ class ServerLoop:
         self.listener = self._listen(config.host, config.port)
         self.accepting = True
         self.address = self.listener.getsockname()[:2]
+        if config.redis:
+            self.chat.cluster = Cluster(self.chat, self, RedisUrl.parse(config.redis), config.cluster_ttl,
+                                        config.history)
+            self.chat.cluster.start()
+        if config.supervisor is not None:
+            self.call_later(1.0, self._check_supervisor)
 
     def _listen(self, host: str, port: int) -> socket.socket:
         family, _, _, _, address = socket.getaddrinfo(
             host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
         dualstack = family == socket.AF_INET6 and host in ("::", "") and socket.has_dualstack_ipv6()
-        listener = socket.create_server(address, family=family, backlog=1024, dualstack_ipv6=dualstack)
+        listener = socket.create_server(address, family=family, backlog=1024, dualstack_ipv6=dualstack,
+                                        reuse_port=self.config.reuse_port)
         listener.setblocking(False)
         self.selector.register(listener, selectors.EVENT_READ, self._on_accept)
         return listener
@@ -1344,7 +1456,17 @@ class ServerLoop:
             pass
         while not self._calls.empty():
             function, args = self._calls.get()
-            function(*args)
+            try:
+                function(*args)
+            except Exception:   # e.g. an operator command that failed: the server goes on
+                log.exception("error in %s", getattr(function, "__name__", function))
+
+    def _check_supervisor(self) -> None:
+        """A --workers worker stops when the process that started it is gone."""
+        if os.getppid() != self.config.supervisor:
+            self._begin_shutdown("the supervisor process is gone")
+        else:
+            self.call_later(1.0, self._check_supervisor)
 
     def _begin_shutdown(self, reason: str) -> None:
         if self.stopping:
@@ -1537,7 +1659,710 @@ class ServerLoop:
 
 
 # ---------------------------------------------------------------------------
-# 6. The terminal, shared by the client and the server's operator console
+# 6. Cluster: several servers as one chat, through Redis (server --redis)
+# ---------------------------------------------------------------------------
+#
+#   clients --> server A --+                      +-- server B <-- clients
+#                          |  PUBLISH/SUBSCRIBE   |
+#                          +---->  Redis  <-------+
+#                                  chatpy:bus                 every line and event
+#                                  chatpy:id, chatpy:seq      ids (global), seq (per room)
+#                                  chatpy:hist:<room>         the newest lines of each room
+#                                  chatpy:owner/presence/session   who is where, by nick
+#                                  chatpy:servers             heartbeats (Redis TIME)
+#
+# A line is numbered, stored and published by one Lua script, atomically,
+# so every server (the one it was said on included) delivers lines in the
+# order Redis gave them. Events (join, leave, nick) are delivered on their
+# own server at once and published for the others. A server missing from
+# the heartbeats for `cluster_ttl` seconds is gone: its users leave.
+
+REDIS_PREFIX = "chatpy:"
+
+
+class RespError(Exception):
+    """An error reply from Redis."""
+
+
+def resp_command(*args) -> bytes:
+    """A command in RESP2: an array of bulk strings."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = arg if isinstance(arg, bytes) else str(arg).encode("utf-8")
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
+class RespParser:
+    """Turns Redis's byte stream into replies: str for +OK, int, bytes (or
+    None) for bulk strings, lists for arrays, RespError for errors."""
+
+    def __init__(self):
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+
+    def replies(self) -> list:
+        found, pos = [], 0
+        while True:
+            try:
+                value, pos2 = self._parse(pos)
+            except IndexError:      # incomplete: wait for more bytes
+                break
+            found.append(value)
+            pos = pos2
+        del self._buf[:pos]
+        return found
+
+    def _parse(self, pos: int):
+        buf = self._buf
+        end = buf.index(b"\r\n", pos) if b"\r\n" in buf[pos:] else -1
+        if end < 0:
+            raise IndexError
+        kind, body = buf[pos:pos + 1], bytes(buf[pos + 1:end])
+        if kind == b"+":
+            return body.decode(), end + 2
+        if kind == b"-":
+            return RespError(body.decode()), end + 2
+        if kind == b":":
+            return int(body), end + 2
+        if kind == b"$":
+            size = int(body)
+            if size < 0:
+                return None, end + 2
+            if len(buf) < end + 2 + size + 2:
+                raise IndexError
+            return bytes(buf[end + 2:end + 2 + size]), end + 2 + size + 2
+        if kind == b"*":
+            count, items, pos = int(body), [], end + 2
+            for _ in range(max(count, 0)):
+                item, pos = self._parse(pos)
+                items.append(item)
+            return (items if count >= 0 else None), pos
+        raise RespError(f"unexpected reply from Redis: {bytes(buf[pos:end])[:40]!r}")
+
+
+class RedisUrl(NamedTuple):
+    host: str
+    port: int
+    db: int
+    username: Optional[str]
+    password: Optional[str]
+
+    @classmethod
+    def parse(cls, url: str) -> "RedisUrl":
+        from urllib.parse import urlsplit, unquote
+        parts = urlsplit(url)
+        if parts.scheme != "redis" or not parts.hostname:
+            raise ValueError(f"not a redis://HOST[:PORT][/DB] URL: {url}")
+        db = parts.path.strip("/") or "0"
+        if not db.isdigit():
+            raise ValueError(f"the database in {url} must be a number")
+        return cls(parts.hostname, parts.port or 6379, int(db), unquote(parts.username) if parts.username else None,
+                   unquote(parts.password) if parts.password else None)
+
+    def __str__(self) -> str:
+        return f"redis://{self.host}:{self.port}/{self.db}"
+
+
+class RedisLink:
+    """One non-blocking connection to Redis, inside the server's loop.
+
+    Commands are pipelined: written together at the end of the turn, each
+    reply handed to the callback given with its command, in order. On a
+    subscribed link, published messages go to `on_message`. If Redis stops
+    answering or the connection breaks, `on_down` is called and the link
+    reconnects with exponential backoff; nothing here ever blocks the loop."""
+
+    CONNECT_TIMEOUT = 3.0
+    REPLY_TIMEOUT = 5.0
+    MAX_BACKLOG = 64 << 20      # unsent command bytes before Redis counts as gone
+
+    def __init__(self, loop: "ServerLoop", url: RedisUrl, name: str, on_up: Callable, on_down: Callable,
+                 on_message: Optional[Callable] = None):
+        self.loop, self.url, self.name = loop, url, name
+        self.on_up, self.on_down, self.on_message = on_up, on_down, on_message
+        self.sock: Optional[socket.socket] = None
+        self.up = False
+        self.out = bytearray()
+        self.callbacks: collections.deque = collections.deque()
+        self.parser = RespParser()
+        self.backoff = 0.5
+        self.last_reply = 0.0
+        self.address = None
+
+    def start(self) -> None:
+        try:
+            family, _, _, _, self.address = socket.getaddrinfo(
+                self.url.host, self.url.port, type=socket.SOCK_STREAM)[0]
+        except socket.gaierror as error:
+            log.error("redis: cannot resolve %s: %s; retrying", self.url.host, error.strerror)
+            self.loop.call_later(self.backoff, self.start)
+            return
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.setblocking(False)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        error = self.sock.connect_ex(self.address)
+        if error not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
+            self._fail(f"cannot connect: {os.strerror(error)}")
+            return
+        self.loop.selector.register(self.sock, selectors.EVENT_WRITE, self._on_event)
+        self.loop.call_later(self.CONNECT_TIMEOUT, self._connect_deadline, self.sock)
+
+    def command(self, *args, reply: Optional[Callable] = None) -> None:
+        """Queue a command; `reply(value)` gets its answer (RespError on error)."""
+        if not self.up:
+            return
+        self.out += resp_command(*args)
+        self.callbacks.append(reply)
+        if len(self.out) > self.MAX_BACKLOG:
+            self._fail("Redis is not keeping up")
+
+    def flush(self) -> None:
+        """Write what is queued (once per loop turn)."""
+        if not self.up or not self.out:
+            return
+        try:
+            sent = self.sock.send(self.out)
+            del self.out[:sent]
+        except _WOULD_BLOCK:
+            pass
+        except OSError as error:
+            self._fail(f"connection lost ({error.strerror or error})")
+            return
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.out else 0)
+        self.loop.selector.modify(self.sock, events, self._on_event)
+
+    def check(self, now: float) -> None:
+        """Called by the heartbeat: a Redis that owes replies and has said
+        nothing for REPLY_TIMEOUT is treated as gone (e.g. frozen)."""
+        if self.up and self.callbacks and now - self.last_reply > self.REPLY_TIMEOUT:
+            self._fail(f"no answer for {now - self.last_reply:.0f}s")
+
+    def _connect_deadline(self, sock: socket.socket) -> None:
+        if sock is self.sock and not self.up:
+            self._fail("connection timed out")
+
+    def _on_event(self, mask: int) -> None:
+        if self.sock is None:
+            return      # closed earlier in this same turn
+        try:
+            self._handle(mask)
+        except Exception:   # a bug of ours: reset the link (and resync) rather than stop the server
+            log.exception("redis (%s): internal error", self.name)
+            self._fail("internal error")
+
+    def _handle(self, mask: int) -> None:
+        if not self.up:
+            error = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if error:
+                self._fail(f"cannot connect: {os.strerror(error)}")
+                return
+            self.up, self.backoff, self.last_reply = True, 0.5, time.monotonic()
+            self.loop.selector.modify(self.sock, selectors.EVENT_READ, self._on_event)
+            if self.url.password is not None:
+                auth = (self.url.username, self.url.password) if self.url.username else (self.url.password,)
+                self.command("AUTH", *auth, reply=self._expect_ok)
+            if self.url.db:
+                self.command("SELECT", self.url.db, reply=self._expect_ok)
+            self.on_up()
+            self.flush()
+            return
+        if mask & selectors.EVENT_READ:
+            try:
+                data = self.sock.recv(RECV_SIZE)
+            except _WOULD_BLOCK:
+                data = None
+            except OSError as error:
+                self._fail(f"connection lost ({error.strerror or error})")
+                return
+            if data == b"":
+                self._fail("Redis closed the connection")
+                return
+            if data:
+                self.last_reply = time.monotonic()
+                self.parser.feed(data)
+                try:
+                    replies = self.parser.replies()
+                except (RespError, ValueError) as error:
+                    self._fail(f"bad reply: {error}")
+                    return
+                for value in replies:
+                    self._dispatch(value)
+                    if not self.up:
+                        return
+        if self.up and mask & selectors.EVENT_WRITE:
+            self.flush()
+
+    def _dispatch(self, value) -> None:
+        if self.on_message is not None and isinstance(value, list) and value and value[0] == b"message":
+            self.on_message(value[2])
+            return
+        reply = self.callbacks.popleft() if self.callbacks else None
+        if reply is not None:
+            reply(value)
+        elif isinstance(value, RespError):
+            log.warning("redis (%s): %s", self.name, value)
+
+    def _expect_ok(self, value) -> None:
+        if isinstance(value, RespError):
+            self._fail(f"refused: {value}")
+
+    def _fail(self, reason: str) -> None:
+        was_up = self.up
+        if self.sock is not None:
+            try:
+                self.loop.selector.unregister(self.sock)
+            except (KeyError, ValueError):
+                pass
+            self.sock.close()
+        self.sock, self.up = None, False
+        self.out.clear()
+        self.callbacks.clear()
+        self.parser = RespParser()
+        log.warning("redis (%s) %s: %s; retrying in %.1fs", self.name, self.url, reason, self.backoff)
+        self.loop.call_later(self.backoff, self.start)
+        self.backoff = min(self.backoff * 2, 10.0) * random.uniform(0.8, 1.2)
+        if was_up:
+            self.on_down()
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.flush()
+            try:
+                self.loop.selector.unregister(self.sock)
+            except (KeyError, ValueError):
+                pass
+            self.sock.close()
+            self.sock, self.up = None, False
+
+
+# The Lua scripts run atomically in Redis. KEYS and ARGV are named where called.
+_LINE_SCRIPT = """
+local id = redis.call('INCR', KEYS[1])
+local line
+if ARGV[2] == '' then
+  line = ARGV[4] .. id .. ARGV[5]
+else
+  local seq = redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
+  line = ARGV[4] .. id .. ARGV[5] .. seq .. ARGV[6]
+  redis.call('RPUSH', KEYS[3], line)
+  redis.call('LTRIM', KEYS[3], -tonumber(ARGV[3]), -1)
+  redis.call('SADD', KEYS[5], ARGV[2])
+end
+redis.call('PUBLISH', KEYS[4], ARGV[1] .. line .. '}')
+return id
+"""
+_SEED_SCRIPT = """
+redis.call('SET', KEYS[1], ARGV[1], 'NX')
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return redis.call('GET', KEYS[1]) end
+if tonumber(redis.call('GET', KEYS[2]) or '0') < tonumber(ARGV[2]) then redis.call('SET', KEYS[2], ARGV[2]) end
+for i = 3, #ARGV, 2 do
+  if tonumber(redis.call('HGET', KEYS[3], ARGV[i]) or '0') < tonumber(ARGV[i + 1]) then
+    redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1])
+  end
+end
+return ARGV[1]
+"""
+_RESTORE_SCRIPT = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] or redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+for i = 3, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
+redis.call('SADD', KEYS[3], ARGV[2])
+return 1
+"""
+_CLAIM_SCRIPT = """
+local owner = redis.call('HGET', KEYS[1], ARGV[1])
+local taken_over = 1
+if owner and owner ~= ARGV[2] then
+  local beat = redis.call('ZSCORE', KEYS[2], owner)
+  local now = tonumber(redis.call('TIME')[1])
+  if beat and tonumber(beat) >= now - tonumber(ARGV[4]) then
+    local session = redis.call('HGET', KEYS[3], ARGV[1])
+    if ARGV[3] == '' or session ~= ARGV[3] then return 0 end
+    taken_over = 2
+  end
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[5])
+redis.call('HSET', KEYS[4], ARGV[1], ARGV[6])
+return taken_over
+"""
+_RELEASE_SCRIPT = """
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  redis.call('HDEL', KEYS[2], ARGV[1])
+  redis.call('HDEL', KEYS[3], ARGV[1])
+end
+return 1
+"""
+_HEARTBEAT_SCRIPT = """
+local now = tonumber(redis.call('TIME')[1])
+if ARGV[3] == 'beat' then redis.call('ZADD', KEYS[1], now, ARGV[1]) else redis.call('ZREM', KEYS[1], ARGV[1]) end
+local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. (now - tonumber(ARGV[2])))
+if #dead > 0 or ARGV[3] ~= 'beat' then
+  local gone = {}
+  for _, sid in ipairs(dead) do gone[sid] = true; redis.call('ZREM', KEYS[1], sid) end
+  if ARGV[3] ~= 'beat' then gone[ARGV[1]] = true end
+  local owners = redis.call('HGETALL', KEYS[2])
+  for i = 1, #owners, 2 do
+    if gone[owners[i + 1]] then
+      redis.call('HDEL', KEYS[2], owners[i]); redis.call('HDEL', KEYS[3], owners[i]); redis.call('HDEL', KEYS[4], owners[i])
+    end
+  end
+end
+return redis.call('ZRANGEBYSCORE', KEYS[1], now - tonumber(ARGV[2]), '+inf')
+"""
+
+
+class RemoteUser(NamedTuple):
+    nick: str
+    sid: str
+    rooms: Tuple[str, ...]
+
+
+class Cluster:
+    """This server's link to the others (see the diagram above).
+
+    Chat calls it where something crosses servers: a line said (post), a
+    private message to someone elsewhere (pm), an event (event), a nick to
+    claim (claim/release) and a user's rooms (presence). It keeps a replica
+    of who is on the other servers (`remote`, and each Room's `remote`), and
+    while Redis is unreachable (`up` false) the server is an island: local
+    chat goes on and its users are told."""
+
+    def __init__(self, chat: "Chat", loop: "ServerLoop", url: RedisUrl, ttl: float, history: int):
+        self.chat, self.loop, self.ttl, self.history = chat, loop, ttl, history
+        self.sid = secrets.token_hex(6)
+        self.up = False
+        self.was_up = False
+        self.remote: Dict[str, RemoteUser] = {}
+        self.in_flight: Dict[str, tuple] = {}       # nonce -> (room, sender key, line): said, not yet back
+        self.syncing: Optional[List[bytes]] = None  # bus messages held while the state loads
+        self.nonces = itertools.count()
+        self.commands = RedisLink(loop, url, "commands", self._link_up, self._link_down)
+        self.bus = RedisLink(loop, url, "bus", self._link_up, self._link_down, on_message=self._on_bus)
+
+    @staticmethod
+    def _key(*parts: str) -> str:
+        return REDIS_PREFIX + ":".join(parts)
+
+    def start(self) -> None:
+        self.commands.start()
+        self.bus.start()
+        self.loop.call_later(self.ttl / 3, self._heartbeat)
+
+    def end_turn(self) -> None:
+        self.commands.flush()
+        self.bus.flush()
+
+    # -- the links -----------------------------------------------------------
+
+    def _link_up(self) -> None:
+        if not (self.commands.up and self.bus.up):
+            return
+        self.syncing = []
+        self.bus.command("SUBSCRIBE", self._key("bus"), reply=lambda _: self._load())
+
+    def _load(self) -> None:
+        """Subscribed: now load the shared state (bus messages wait meanwhile).
+        If Redis lost its data (a restart without persistence), what this
+        server remembers seeds it again, so ids keep increasing and clients
+        can still resume: counters only go up, history only fills an empty list."""
+        chat, run, k = self.chat, self.commands.command, self._key
+        seqs = [part for room in chat.rooms.values() for part in (room.name, room.seq)]
+        run("EVAL", _SEED_SCRIPT, 3, k("instance"), k("id"), k("seq"), chat.instance, chat.next_id - 1, *seqs,
+            reply=lambda value: setattr(chat, "instance", value.decode()))
+        for room in chat.rooms.values():
+            if room.history:
+                run("EVAL", _RESTORE_SCRIPT, 3, k("instance"), k("hist", room.name), k("rooms"), chat.instance,
+                    room.name, *(_dumps(line) for line in room.history))
+        self._beat("beat", then=self._load_people)
+
+    def _load_people(self, live: list) -> None:
+        self.commands.command("HGETALL", self._key("presence"), reply=lambda v: self._load_presence(v, live))
+        self.commands.command("HGETALL", self._key("seq"), reply=self._load_seq)
+        self.commands.command("SMEMBERS", self._key("rooms"), reply=self._load_rooms)
+
+    def _load_presence(self, flat: list, live: list) -> None:
+        live_sids = {sid.decode() for sid in live}
+        self._forget_remote()
+        for key, record in zip(flat[::2], flat[1::2]):
+            user = json.loads(record)
+            if user["sid"] != self.sid and user["sid"] in live_sids:
+                self._add_remote(key.decode(), RemoteUser(user["nick"], user["sid"], tuple(user["rooms"])))
+
+    def _load_seq(self, flat: list) -> None:
+        for name, seq in zip(flat[::2], flat[1::2]):
+            self._room(name.decode()).seq = max(self._room(name.decode()).seq, int(seq))
+
+    def _load_rooms(self, names: list) -> None:
+        names = [name.decode() for name in names]
+        for name in names:
+            self.commands.command("LRANGE", self._key("hist", name), -self.history, -1,
+                                  reply=lambda lines, name=name: self._load_history(name, lines))
+        self.commands.command("PING", reply=lambda _: self._synced())
+
+    def _load_history(self, name: str, lines: list) -> None:
+        room = self._room(name)
+        room.history.clear()
+        room.history.extend(json.loads(line) for line in lines)
+
+    def _synced(self) -> None:
+        held, self.syncing = self.syncing or [], None
+        self.up = True
+        for conn in list(self.chat.users.values()):      # our users, back in the shared presence
+            self.claim(conn, conn.key, "", lambda ok, conn=conn: ok or log.warning(
+                "cluster: the nick %s is also in use on another server", conn.nick))
+            self.presence(conn)
+        log.info("cluster: linked through Redis as server %s (%d users elsewhere)", self.sid, len(self.remote))
+        if self.was_up:
+            self.chat.announce("the link to the other servers is back")
+        self.was_up = True
+        for message in held:
+            self._on_bus(message)
+
+    def _link_down(self) -> None:
+        """Redis is gone: deliver what we said that did not come back, and be
+        an island until it returns."""
+        if self.syncing is None and not self.up:
+            return
+        self.up, self.syncing = False, None
+        self._forget_remote()
+        self.chat.announce("the link to the other servers is down; until it is back you are"
+                           " talking with the people on this server only")
+        for room_name, sender_key, line in self.in_flight.values():
+            room, sender = self.chat.rooms.get(name_key(room_name)), self.chat.users.get(sender_key)
+            if room is not None:
+                self._deliver_locally(room, sender, line)
+                if sender is not None:
+                    self.chat.send(sender, self.chat._stamped({
+                        "type": "notice", "text": "your last line may not have reached the other servers"}))
+        self.in_flight.clear()
+
+    def _heartbeat(self) -> None:
+        if self.commands.up:
+            self._beat("beat", then=self._prune)
+        now = time.monotonic()
+        self.commands.check(now)
+        self.bus.check(now)
+        self.loop.call_later(self.ttl / 3, self._heartbeat)
+
+    def _beat(self, mode: str, then: Optional[Callable] = None) -> None:
+        k = self._key
+        self.commands.command("EVAL", _HEARTBEAT_SCRIPT, 4, k("servers"), k("owner"), k("presence"),
+                              k("session"), self.sid, self.ttl, mode, reply=then)
+
+    def _prune(self, live: list) -> None:
+        """Users of servers that stopped beating leave."""
+        if isinstance(live, RespError):
+            return
+        live_sids = {sid.decode() for sid in live}
+        for key, user in list(self.remote.items()):
+            if user.sid not in live_sids:
+                self._remove_remote(key, "their server went away")
+
+    # -- what Chat asks ------------------------------------------------------
+
+    def post(self, room: "Room", sender: "Conn", line: dict) -> None:
+        """Number, store and publish a room line; it comes back on the bus."""
+        if not self.up:
+            self._deliver_locally(room, sender, line)
+            return
+        nonce = f"{self.sid}.{next(self.nonces)}"
+        self.in_flight[nonce] = (room.name, sender.key, line)
+        line = dict(line, id="\0", seq="\0")
+        head, middle, tail = _dumps(line).split('"\\u0000"')
+        prefix = _dumps({"kind": "line", "sid": self.sid, "from": sender.key, "nonce": nonce})[:-1] + ',"line":'
+        k = self._key
+        self.commands.command("EVAL", _LINE_SCRIPT, 5, k("id"), k("seq"), k("hist", room.name), k("bus"),
+                              k("rooms"), prefix, room.name, self.history, head, middle, tail)
+
+    def pm(self, sender: "Conn", to_key: str, line: dict) -> bool:
+        """A private message to someone on another server; False if nobody has that nick."""
+        if not self.up or to_key not in self.remote:
+            return False
+        line = dict(line, id="\0", to=self.remote[to_key].nick)
+        head, tail = _dumps(line).split('"\\u0000"')
+        prefix = _dumps({"kind": "pm", "sid": self.sid, "to": to_key})[:-1] + ',"line":'
+        k = self._key
+        self.commands.command("EVAL", _LINE_SCRIPT, 5, k("id"), k("seq"), k("hist", ""), k("bus"), k("rooms"),
+                              prefix, "", self.history, head, tail, "")
+        return True
+
+    def event(self, rooms: Optional[List[str]], frame: dict) -> None:
+        """An event for the members of `rooms` (None: everyone) elsewhere."""
+        self._publish({"kind": "event", "sid": self.sid, "rooms": rooms, "frame": frame})
+
+    def presence(self, conn: "Conn") -> None:
+        """`conn` joined, changed rooms or nick: tell the others (and Redis)."""
+        record = self._record(conn)
+        if self.up:
+            self.commands.command("HSET", self._key("presence"), conn.key, record)
+        self._publish({"kind": "user", "sid": self.sid, "key": conn.key, "user": json.loads(record)})
+
+    def claim(self, conn: "Conn", key: str, session: str, done: Callable[[bool], None]) -> None:
+        """Claim the nick `key` cluster-wide for `conn`; `done(ok)` when Redis answers.
+        While Redis is away, only this server's users count (and done is called at once)."""
+        if not self.up:
+            done(True)
+            return
+
+        def answer(value) -> None:
+            if value == 2:      # the same user, still connected elsewhere: that connection goes
+                self._publish({"kind": "replaced", "sid": self.sid, "key": key})
+            done(isinstance(value, int) and value > 0)
+        k = self._key
+        self.commands.command("EVAL", _CLAIM_SCRIPT, 4, k("owner"), k("servers"), k("session"), k("presence"),
+                              key, self.sid, session or "", self.ttl, conn.session or "", self._record(conn),
+                              reply=answer)
+
+    def release(self, key: str) -> None:
+        """`key` is no longer used here (left, or renamed)."""
+        if self.up:
+            k = self._key
+            self.commands.command("EVAL", _RELEASE_SCRIPT, 3, k("owner"), k("presence"), k("session"),
+                                  key, self.sid)
+        self._publish({"kind": "user", "sid": self.sid, "key": key, "user": None})
+
+    def shutdown(self) -> None:
+        """Leaving for good: our users leave the others' lists now, not after a timeout."""
+        if self.up:
+            self._beat("leave")
+            self._publish({"kind": "gone", "sid": self.sid})
+            self.end_turn()
+        self.commands.close()
+        self.bus.close()
+
+    def count(self, room: "Room") -> int:
+        return len(room.members) + len(room.remote)
+
+    # -- the bus -------------------------------------------------------------
+
+    def _publish(self, message: dict) -> None:
+        if self.up:
+            self.commands.command("PUBLISH", self._key("bus"), _dumps(message))
+
+    def _on_bus(self, message: bytes) -> None:
+        if self.syncing is not None:
+            self.syncing.append(message)
+            return
+        if not self.up:
+            return
+        kind = message[9:message.index(b'"', 9)] if message.startswith(b'{"kind":"') else b""
+        if kind in (b"line", b"pm"):
+            self._on_line(kind, message)
+            return
+        try:
+            obj = json.loads(message)
+        except ValueError:
+            log.warning("cluster: a bus message that is not JSON: %.60r", message)
+            return
+        if obj.get("sid") == self.sid:
+            return
+        handler = {"event": self._on_event, "user": self._on_user, "replaced": self._on_replaced,
+                   "gone": self._on_gone}.get(obj.get("kind"))
+        if handler is not None:
+            handler(obj)
+
+    def _on_line(self, kind: bytes, message: bytes) -> None:
+        # The line's JSON is spliced from the bus message as is: never re-encoded.
+        split = message.index(b',"line":')
+        head, raw = json.loads(message[:split] + b"}"), message[split + 8:-1]
+        line = json.loads(raw)
+        chat = self.chat
+        chat.next_id = max(chat.next_id, line["id"] + 1)
+        data = _LENGTH.pack(len(raw)) + raw
+        if kind == b"pm":
+            target = chat.users.get(head["to"])
+            if target is not None:
+                chat.send_data(target, data)
+            return
+        if head["sid"] == self.sid:
+            self.in_flight.pop(head["nonce"], None)
+        room = self._room(line["room"])
+        fresh = line["seq"] > room.seq      # not if loaded from Redis while we were syncing
+        room.seq = max(room.seq, line["seq"])
+        sender = chat.users.get(head["from"]) if head["sid"] == self.sid else None
+        chat.deliver_line(room, sender, line, data, keep=fresh)
+
+    def _on_event(self, obj: dict) -> None:
+        frame, rooms, chat = obj["frame"], obj.get("rooms"), self.chat
+        frame["ts"] = chat.ts
+        if rooms is None:       # for everyone (an operator's notice)
+            chat.send_each(chat.users.values(), frame)
+        elif frame["type"] in ("join", "leave"):    # one per room, with this server's count
+            for name in rooms:
+                room = chat.rooms.get(name_key(name))
+                if room is not None:
+                    chat.to_room(room, dict(frame, room=room.name, users=self.count(room)))
+        else:                   # a nick change: once to everyone sharing a room with them
+            members = set().union(*(chat.rooms[name_key(name)].members for name in rooms
+                                    if name_key(name) in chat.rooms))
+            chat.send_each(members, frame)
+
+    def _on_user(self, obj: dict) -> None:
+        key, user = obj["key"], obj.get("user")
+        if user is None:
+            self._remove_remote(key, None)
+        else:
+            self._add_remote(key, RemoteUser(user["nick"], obj["sid"], tuple(user["rooms"])))
+
+    def _on_replaced(self, obj: dict) -> None:
+        conn = self.chat.users.get(obj["key"])
+        if conn is not None:
+            self.chat.drop(conn, "reconnected elsewhere", ProtocolError("replaced", "you connected again elsewhere"))
+
+    def _on_gone(self, obj: dict) -> None:
+        for key, user in list(self.remote.items()):
+            if user.sid == obj["sid"]:
+                self._remove_remote(key, "their server shut down")
+
+    # -- the replica of who is elsewhere --------------------------------------
+
+    def _add_remote(self, key: str, user: RemoteUser) -> None:
+        old = self.remote.get(key)
+        if old is not None:
+            for name in old.rooms:
+                self._room(name).remote.pop(key, None)
+        self.remote[key] = user
+        for name in user.rooms:
+            self._room(name).remote[key] = user.nick
+
+    def _remove_remote(self, key: str, announce: Optional[str]) -> None:
+        """Forget a user elsewhere; `announce` a leave to the rooms it was in."""
+        user = self.remote.pop(key, None)
+        if user is None:
+            return
+        for name in user.rooms:
+            room = self._room(name)
+            room.remote.pop(key, None)
+            if announce:
+                self.chat.to_room(room, {"type": "leave", "nick": user.nick, "reason": announce,
+                                         "users": self.count(room), "room": room.name, "ts": self.chat.ts})
+
+    def _forget_remote(self) -> None:
+        for room in self.chat.rooms.values():
+            room.remote.clear()
+        self.remote.clear()
+
+    def _room(self, name: str) -> "Room":
+        return self.chat._room(check_room(name))
+
+    def _record(self, conn: "Conn") -> str:
+        return _dumps({"nick": conn.nick, "sid": self.sid, "rooms": [room.name for room in conn.rooms]})
+
+    def _deliver_locally(self, room: "Room", sender: Optional["Conn"], line: dict) -> None:
+        """While Redis is away a line is numbered here and reaches this
+        server's users only; it has no `seq` (it is not in the shared history)."""
+        line = dict(line, id=self.chat.next_id)
+        line.pop("seq", None)
+        self.chat.next_id += 1
+        self.chat.deliver_line(room, sender, line, encode(line))
+
+
+# ---------------------------------------------------------------------------
+# 7. The terminal, shared by the client and the server's operator console
 # ---------------------------------------------------------------------------
 
 class Console:
@@ -1758,7 +2583,7 @@ def attach_operator_console(loop: ServerLoop) -> Console:
 
 
 # ---------------------------------------------------------------------------
-# 7. Client
+# 8. Client
 # ---------------------------------------------------------------------------
 
 class View(NamedTuple):
@@ -2516,7 +3341,7 @@ def run_client(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------
-# 8. Benchmark: `python chat.py bench`, a load test an operator can run
+# 9. Benchmark: `python chat.py bench`, a load test an operator can run
 # ---------------------------------------------------------------------------
 
 BENCH_MARKER = b"BENCH:"
@@ -2680,7 +3505,7 @@ def _bench_probe(client: BenchClient, data: bytes, latencies: List[float]) -> No
 
 
 # ---------------------------------------------------------------------------
-# 9. Certificates and the command line
+# 10. Certificates and the command line
 # ---------------------------------------------------------------------------
 
 def gencert_command(cert: str, key: str, name: str, days: int) -> List[str]:
@@ -2722,18 +3547,30 @@ def read_password(path: Optional[str]) -> Optional[str]:
 
 def run_server(args: argparse.Namespace) -> int:
     level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+    worker = f"[worker {args.worker}] " if args.worker is not None else ""
+    logging.basicConfig(level=level, format=f"%(asctime)s {worker}%(message)s", datefmt="%Y-%m-%d %H:%M:%S")
     try:
         password = read_password(args.password_file)
+        redis = args.redis and str(RedisUrl.parse(args.redis))
     except OSError as error:
         log.error("cannot read the password file: %s", error.strerror)
         return 1
+    except ValueError as error:
+        log.error("--redis: %s", error)
+        return 1
+    if args.redis and args.history_file:
+        log.error("--history-file and --redis do not go together: with Redis, history is kept there")
+        return 1
+    if args.workers > 1:
+        return run_workers(args, redis)
     config = ServerConfig(
         host=args.host, port=args.port, max_connections=args.max_connections, password=password,
         max_payload=args.max_payload, max_buffer=args.max_buffer, history=args.history,
         history_file=args.history_file, flood_rate=args.flood_rate, flood_burst=args.flood_burst,
         hello_timeout=args.hello_timeout, ping_interval=args.ping_interval,
-        idle_timeout=args.idle_timeout, tls_cert=args.tls_cert, tls_key=args.tls_key or args.tls_cert)
+        idle_timeout=args.idle_timeout, tls_cert=args.tls_cert, tls_key=args.tls_key or args.tls_cert,
+        redis=args.redis, cluster_ttl=args.cluster_ttl, reuse_port=args.reuse_port,
+        supervisor=os.getppid() if args.worker is not None else None)
     _raise_file_limit(config.max_connections + 64)
     try:
         loop = ServerLoop(config)
@@ -2745,9 +3582,10 @@ def run_server(args: argparse.Namespace) -> int:
             log.error("cannot listen on %s: %s", where, error.strerror or error)
         return 1
     host, port = loop.address
-    log.info("chat.py server listening on %s:%d (up to %d connections, %s%s)",
+    log.info("chat.py server listening on %s:%d (up to %d connections, %s%s%s)",
              f"[{host}]" if ":" in host else host, port, config.max_connections,
-             "TLS" if config.tls_cert else "plaintext", ", password" if password is not None else "")
+             "TLS" if config.tls_cert else "plaintext", ", password" if password is not None else "",
+             f", linked through {redis}" if redis else "")
     if config.tls_cert:
         log.info("TLS certificate fingerprint: %s", certificate_fingerprint(config.tls_cert))
     if sys.stdin.isatty() and sys.stdout.isatty():
@@ -2764,6 +3602,42 @@ def run_server(args: argparse.Namespace) -> int:
     else:
         loop.serve_forever()
     return 0
+
+
+def run_workers(args: argparse.Namespace, redis: Optional[str]) -> int:
+    """Start N copies of this server on one port (SO_REUSEPORT: the kernel
+    spreads connections over them), linked through Redis; stop them together."""
+    if not sys.platform.startswith("linux"):
+        log.error("--workers needs Linux (only there does SO_REUSEPORT spread connections)")
+        return 1
+    if not redis:
+        log.error("--workers needs --redis: each worker is a server of its own, linked through Redis")
+        return 1
+    family, _, _, _, address = socket.getaddrinfo(args.host or None, args.port, type=socket.SOCK_STREAM,
+                                                  flags=socket.AI_PASSIVE)[0]
+    holder = socket.socket(family, socket.SOCK_STREAM)     # bound, never listening: reserves the port
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        holder.bind(address)
+    except OSError as error:
+        log.error("cannot listen on %s:%s: %s", args.host, args.port, error.strerror)
+        return 1
+    port = holder.getsockname()[1]
+    command = [sys.executable, os.path.abspath(__file__)] + args.argv + ["-p", str(port), "--workers", "1",
+                                                                      "--reuse-port"]
+    workers = [subprocess.Popen(command + ["--worker", str(i)], stdin=subprocess.DEVNULL)
+               for i in range(args.workers)]
+    log.info("chat.py server: %d workers on %s:%d, linked through %s", args.workers, args.host, port, redis)
+
+    def stop(*_) -> None:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.send_signal(signal.SIGTERM)
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    codes = [worker.wait() for worker in workers]
+    holder.close()
+    return max(codes)
 
 
 def _raise_file_limit(wanted: int) -> None:
@@ -2816,6 +3690,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="ping clients silent this long")
     server.add_argument("--idle-timeout", type=float, default=75.0, metavar="SECONDS",
                         help="drop clients silent this long")
+    server.add_argument("--redis", metavar="URL",
+                        help="be one chat with the other servers linked through this Redis:"
+                             " redis://[:PASSWORD@]HOST[:PORT][/DB]")
+    server.add_argument("--cluster-ttl", type=float, default=15.0, metavar="SECONDS",
+                        help="with --redis: a server silent this long is gone, and its users leave")
+    server.add_argument("--workers", type=int, default=1, metavar="N",
+                        help="run N server processes on the one port (Linux; needs --redis)")
+    server.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
+    server.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     server.add_argument("-q", "--quiet", action="store_true", help="log only warnings and errors")
     server.add_argument("-v", "--verbose", action="store_true", help="log more")
 
@@ -2865,7 +3748,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv
     if args.command == "client":
         try:
             args.password = read_password(args.password_file)

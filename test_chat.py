@@ -411,7 +411,8 @@ class Process:
     def __init__(self, *args, stdin=subprocess.PIPE, env=None):
         self.proc = subprocess.Popen([sys.executable, CHAT] + [str(a) for a in args], stdin=stdin,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     env=dict(os.environ, **(env or {})), encoding="utf-8")
+                                     env=dict(os.environ, **(env or {})), encoding="utf-8",
+                                     start_new_session=True)
         self.stdout, self.stderr = queue.Queue(), queue.Queue()
         self.out_lines, self.err_lines = [], []
         for stream, lines, sink in ((self.proc.stdout, self.out_lines, self.stdout),
@@ -450,8 +451,11 @@ class Process:
         return self.proc.wait(timeout)
 
     def kill(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
+        """Kill it and anything it started (so no pipe is left open)."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
         self.proc.wait()
         for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
             if stream:
@@ -1500,3 +1504,220 @@ class BotModeTest(ServerTestCase):
         answer = alice.expect("msg")
         self.assertEqual(answer["from"], "timebot")
         self.assertRegex(answer["text"], r"\d\d:\d\d:\d\d")
+
+
+# ---------------------------------------------------------------------------
+# Several servers as one chat through Redis (issue 7)
+# ---------------------------------------------------------------------------
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """A throwaway redis-server on a free port, without persistence."""
+
+    def __init__(self, test, port=None):
+        self.port = port or free_port()
+        self.url = f"redis://127.0.0.1:{self.port}"
+        self.proc = None
+        self.start()
+        test.addCleanup(self.stop)
+
+    def start(self):
+        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+                                      "--save", "", "--appendonly", "no"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        def answers():
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                    s.sendall(b"PING\r\n")
+                    return s.recv(16).startswith(b"+PONG")
+            except OSError:
+                return False
+        wait_until(answers, what="redis-server to start")
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@unittest.skipUnless(chat.shutil.which("redis-server"), "redis-server is not installed (.ci/run installs it)")
+class ClusterTest(unittest.TestCase):
+    TTL = 1.5
+
+    def setUp(self):
+        self.redis = RedisServer(self)
+        self.a, self.b = self.server(), self.server()
+
+    def server(self):
+        server = ServerThread(redis=self.redis.url, cluster_ttl=self.TTL)
+        self.addCleanup(server.stop)
+        wait_until(lambda: server.call(lambda: server.loop.chat.cluster.up), what="the cluster link")
+        return server
+
+    def peer(self, server, nick=None, **options):
+        peer = Peer(server.port if isinstance(server, ServerThread) else server, nick, **options)
+        self.addCleanup(peer.close)
+        return peer
+
+    def test_lines_joins_pms_and_who_cross_servers(self):
+        alice = self.peer(self.a, "alice")
+        bob = self.peer(self.b, "bob")
+        self.assertEqual(bob.welcome["users"], ["alice", "bob"])
+        self.assertEqual(alice.expect("join")["nick"], "bob")
+        carol = self.peer(self.a, "carol")
+        self.assertEqual(bob.expect("join", nick="carol")["users"], 3)
+        alice.send({"type": "msg", "text": "from A"})
+        self.assertEqual(bob.expect("msg")["text"], "from A")
+        self.assertEqual(carol.expect("msg")["text"], "from A")
+        bob.send({"type": "msg", "text": "from B"})
+        line_a, line_c = alice.expect("msg"), carol.expect("msg")
+        self.assertEqual((line_a["text"], line_a["id"], line_a["seq"]), ("from B", line_c["id"], line_c["seq"]))
+        self.assertEqual(alice.sync(), [], "nobody gets their own line back through Redis")
+        bob.send({"type": "pm", "to": "Carol", "text": "across"})
+        self.assertEqual((carol.expect("msg")["to"], alice.sync()), ("carol", []))
+        for peer in (alice, bob):
+            peer.send({"type": "who"})
+            self.assertEqual(peer.expect("who")["users"], ["alice", "bob", "carol"])
+        bob.send({"type": "quit"})
+        self.assertEqual(alice.expect("leave", nick="bob")["users"], 2)
+
+    def test_ids_and_seqs_are_one_sequence_across_servers(self):
+        alice, bob = self.peer(self.a, "alice"), self.peer(self.b, "bob")
+        alice.expect("join", nick="bob")
+        for i in range(20):
+            (alice if i % 2 else bob).send({"type": "msg", "text": f"n{i}"})
+        seen_by_alice = [alice.expect("msg") for _ in range(10)]
+        seen_by_bob = [bob.expect("msg") for _ in range(10)]
+        history = self.peer(self.b, "watcher").welcome["history"]
+        self.assertEqual([line["seq"] for line in history], list(range(1, 21)))
+        ids = [line["id"] for line in history]
+        self.assertEqual(ids, sorted(set(ids)))
+        self.assertEqual(sorted(seen_by_alice + seen_by_bob, key=lambda line: line["seq"]), history)
+
+    def test_nick_collisions_across_servers(self):
+        self.peer(self.a, "alice")
+        twin = self.peer(self.b)
+        twin.send({"type": "hello", "nick": "ALICE"})
+        self.assertEqual(twin.expect("error")["code"], "nick-taken")
+        bob = self.peer(self.b, "bob")
+        bob.send({"type": "nick", "nick": "alice"})
+        self.assertEqual(bob.expect("error")["code"], "nick-taken")
+        bob.send({"type": "nick", "nick": "robert"})
+        self.assertEqual(bob.expect("nick")["new"], "robert")
+        self.peer(self.a, "bob")        # the old nick is free again everywhere
+
+    def test_rooms_span_servers(self):
+        alice, bob, carol = self.peer(self.a, "alice"), self.peer(self.b, "bob"), self.peer(self.b, "carol")
+        alice.send({"type": "join", "room": "dev"})
+        alice.expect("joined")
+        wait_until(lambda: self.b.call(lambda: "alice" in getattr(self.b.loop.chat.rooms.get("dev"), "remote", ())),
+                   what="server B to hear that alice is in #dev")
+        bob.send({"type": "join", "room": "dev"})
+        self.assertEqual(bob.expect("joined")["users"], ["alice", "bob"])
+        self.assertEqual(alice.expect("join", room="dev")["nick"], "bob")
+        alice.send({"type": "msg", "room": "dev", "text": "dev only"})
+        self.assertEqual(bob.expect("msg")["room"], "dev")
+        self.assertFalse([f for f in carol.sync() if f["type"] == "msg"], "carol is not in #dev")
+        carol.send({"type": "rooms"})
+        self.assertIn({"name": "dev", "users": 2}, carol.expect("rooms")["rooms"])
+
+    def test_history_and_resume_come_from_redis(self):
+        alice = self.peer(self.a, "alice")
+        bob = self.peer(self.a, "bob")
+        alice.expect("join", nick="bob")
+        alice.send({"type": "msg", "text": "before"})
+        bob.expect("msg")
+        welcome = bob.welcome
+        bob.close()
+        alice.expect("leave", nick="bob")
+        for i in range(3):
+            alice.send({"type": "msg", "text": f"missed {i}"})
+        alice.sync()
+        back = self.peer(self.b, "bob", session=welcome["session"], instance=welcome["instance"],
+                         rooms=welcome["rooms"], since={"lobby": welcome["seq"]["lobby"] + 1})
+        self.assertEqual([line["text"] for line in back.welcome["history"]], [f"missed {i}" for i in range(3)])
+        self.assertEqual(back.welcome["instance"], welcome["instance"], "one instance for the whole cluster")
+        fresh = self.peer(self.b, "carol")
+        self.assertEqual([line["text"] for line in fresh.welcome["history"]],
+                         ["before"] + [f"missed {i}" for i in range(3)])
+
+    def test_a_redis_restart_mid_chat(self):
+        alice, carol = self.peer(self.a, "alice"), self.peer(self.a, "carol")
+        bob = self.peer(self.b, "bob")
+        alice.expect("join", nick="bob")
+        alice.send({"type": "msg", "text": "before the restart"})
+        before = bob.expect("msg")
+        carol.expect("msg", text="before the restart")     # back through Redis on A too: not in flight
+        self.redis.stop()
+        self.assertIn("down", alice.expect("notice")["text"])
+        self.assertIn("down", bob.expect("notice")["text"])
+        alice.send({"type": "msg", "text": "local while Redis is away"})
+        line = carol.expect("msg", text="local while Redis is away")
+        self.assertNotIn("seq", line, "a line said while Redis is away is not in the shared history")
+        self.redis.start()
+        self.assertIn("back", alice.expect("notice", timeout=15)["text"])
+        bob.expect("notice", timeout=15)
+        alice.send({"type": "msg", "text": "across again"})
+        after = bob.expect("msg")
+        self.assertEqual(after["text"], "across again")
+        self.assertGreater(after["id"], before["id"], "ids keep increasing though Redis lost its data")
+        self.assertEqual(after["seq"], before["seq"] + 1)
+        self.assertEqual([line["text"] for line in self.peer(self.b, "dave").welcome["history"]],
+                         ["before the restart", "across again"])
+        bob.send({"type": "who"})
+        self.assertEqual(bob.expect("who")["users"], ["alice", "bob", "carol", "dave"])
+
+    def test_a_killed_server_users_leave_within_the_bound(self):
+        server, port = server_process("--redis", self.redis.url, "--cluster-ttl", self.TTL)
+        self.addCleanup(server.kill)
+        server.wait_line("linked through Redis", "stderr")
+        alice = self.peer(self.a, "alice")
+        self.peer(port, "bob")
+        alice.expect("join", nick="bob")
+        server.proc.kill()
+        started = time.monotonic()
+        leave = alice.expect("leave", nick="bob", timeout=10)
+        self.assertEqual(leave["reason"], "their server went away")
+        self.assertLess(time.monotonic() - started, self.TTL * 4 / 3 + 1.0)
+        alice.send({"type": "who"})
+        self.assertEqual(alice.expect("who")["users"], ["alice"])
+
+    def test_a_stopped_server_users_leave_at_once(self):
+        alice = self.peer(self.a, "alice")
+        self.peer(self.b, "bob")
+        alice.expect("join", nick="bob")
+        self.b.stop()
+        self.assertEqual(alice.expect("leave", nick="bob", timeout=1.0)["reason"], "their server shut down")
+
+    @unittest.skipUnless(sys.platform.startswith("linux"), "SO_REUSEPORT spreads connections on Linux only")
+    def test_workers_share_one_port(self):
+        port = free_port()
+        server = Process("server", "-p", port, "--workers", 2, "--redis", self.redis.url, stdin=subprocess.DEVNULL)
+        self.addCleanup(server.kill)
+        for _ in range(2):
+            server.wait_line(r"\[worker \d\].*linked through Redis as server", "stderr")
+        peers = [self.peer(port, f"p{i}") for i in range(6)]
+        peers[0].send({"type": "who"})
+        self.assertEqual(peers[0].expect("who")["users"], [f"p{i}" for i in range(6)])
+        peers[5].send({"type": "msg", "text": "to all workers"})
+        for peer in peers[:5]:
+            self.assertEqual(peer.expect("msg")["text"], "to all workers")
+        server.proc.send_signal(signal.SIGINT)
+        self.assertEqual(server.wait(), 0)
+
+    @unittest.skipUnless(sys.platform.startswith("linux"), "SO_REUSEPORT spreads connections on Linux only")
+    def test_workers_do_not_outlive_their_supervisor(self):
+        port = free_port()
+        server = Process("server", "-p", port, "--workers", 2, "--redis", self.redis.url, stdin=subprocess.DEVNULL)
+        self.addCleanup(server.kill)
+        for _ in range(2):
+            server.wait_line(r"\[worker \d\].*linked through Redis as server", "stderr")
+        server.proc.kill()      # SIGKILL: the supervisor cannot tell its workers
+        server.wait_line(r"\[worker \d\] shutting down: the supervisor process is gone", "stderr")
+        server.wait_line(r"\[worker \d\] shutting down: the supervisor process is gone", "stderr")
