@@ -1671,9 +1671,10 @@ class ServerLoop:
 #                                  chatpy:owner/presence/session   who is where, by nick
 #                                  chatpy:servers             heartbeats (Redis TIME)
 #
-# A line is numbered, stored and published by one Lua script, atomically,
-# so every server (the one it was said on included) delivers lines in the
-# order Redis gave them. Events (join, leave, nick) are delivered on their
+# Lines are numbered, stored and published by one Lua script, atomically
+# (one call per room per loop turn, for all the lines said there), so every
+# server (the one they were said on included) delivers them in the order
+# Redis gave them. Events (join, leave, nick) are delivered on their
 # own server at once and published for the others. A server missing from
 # the heartbeats for `cluster_ttl` seconds is gone: its users leave.
 
@@ -1717,24 +1718,24 @@ class RespParser:
 
     def _parse(self, pos: int):
         buf = self._buf
-        end = buf.index(b"\r\n", pos) if b"\r\n" in buf[pos:] else -1
+        end = buf.find(b"\r\n", pos)
         if end < 0:
             raise IndexError
-        kind, body = buf[pos:pos + 1], bytes(buf[pos + 1:end])
-        if kind == b"+":
+        kind, body = buf[pos], buf[pos + 1:end]
+        if kind == 43:      # +
             return body.decode(), end + 2
-        if kind == b"-":
+        if kind == 45:      # -
             return RespError(body.decode()), end + 2
-        if kind == b":":
+        if kind == 58:      # :
             return int(body), end + 2
-        if kind == b"$":
+        if kind == 36:      # $
             size = int(body)
             if size < 0:
                 return None, end + 2
             if len(buf) < end + 2 + size + 2:
                 raise IndexError
             return bytes(buf[end + 2:end + 2 + size]), end + 2 + size + 2
-        if kind == b"*":
+        if kind == 42:      # *
             count, items, pos = int(body), [], end + 2
             for _ in range(max(count, 0)):
                 item, pos = self._parse(pos)
@@ -1939,20 +1940,24 @@ class RedisLink:
 
 
 # The Lua scripts run atomically in Redis. KEYS and ARGV are named where called.
-_LINE_SCRIPT = """
-local id = redis.call('INCR', KEYS[1])
-local line
-if ARGV[2] == '' then
-  line = ARGV[4] .. id .. ARGV[5]
-else
-  local seq = redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
-  line = ARGV[4] .. id .. ARGV[5] .. seq .. ARGV[6]
-  redis.call('RPUSH', KEYS[3], line)
-  redis.call('LTRIM', KEYS[3], -tonumber(ARGV[3]), -1)
-  redis.call('SADD', KEYS[5], ARGV[2])
+_LINES_SCRIPT = """
+local room = ARGV[1]
+for i = 3, #ARGV, 4 do
+  local id = redis.call('INCR', KEYS[1])
+  local line
+  if room == '' then
+    line = ARGV[i + 1] .. id .. ARGV[i + 2]
+  else
+    line = ARGV[i + 1] .. id .. ARGV[i + 2] .. redis.call('HINCRBY', KEYS[2], room, 1) .. ARGV[i + 3]
+    redis.call('RPUSH', KEYS[3], line)
+  end
+  redis.call('PUBLISH', KEYS[4], ARGV[i] .. line .. '}')
 end
-redis.call('PUBLISH', KEYS[4], ARGV[1] .. line .. '}')
-return id
+if room ~= '' then
+  redis.call('LTRIM', KEYS[3], -tonumber(ARGV[2]), -1)
+  redis.call('SADD', KEYS[5], room)
+end
+return 1
 """
 _SEED_SCRIPT = """
 redis.call('SET', KEYS[1], ARGV[1], 'NX')
@@ -2040,6 +2045,7 @@ class Cluster:
         self.in_flight: Dict[str, tuple] = {}       # nonce -> (room, sender key, line): said, not yet back
         self.syncing: Optional[List[bytes]] = None  # bus messages held while the state loads
         self.nonces = itertools.count()
+        self.outgoing: Dict[str, list] = {}         # room -> this turn's lines, as script arguments
         self.commands = RedisLink(loop, url, "commands", self._link_up, self._link_down)
         self.bus = RedisLink(loop, url, "bus", self._link_up, self._link_down, on_message=self._on_bus)
 
@@ -2053,6 +2059,11 @@ class Cluster:
         self.loop.call_later(self.ttl / 3, self._heartbeat)
 
     def end_turn(self) -> None:
+        k = self._key
+        for room, lines in self.outgoing.items():
+            self.commands.command("EVAL", _LINES_SCRIPT, 5, k("id"), k("seq"), k("hist", room), k("bus"),
+                                  k("rooms"), room, self.history, *lines)
+        self.outgoing.clear()
         self.commands.flush()
         self.bus.flush()
 
@@ -2171,23 +2182,17 @@ class Cluster:
             return
         nonce = f"{self.sid}.{next(self.nonces)}"
         self.in_flight[nonce] = (room.name, sender.key, line)
-        line = dict(line, id="\0", seq="\0")
-        head, middle, tail = _dumps(line).split('"\\u0000"')
+        head, middle, tail = _dumps(dict(line, id="\0", seq="\0")).split('"\\u0000"')
         prefix = _dumps({"kind": "line", "sid": self.sid, "from": sender.key, "nonce": nonce})[:-1] + ',"line":'
-        k = self._key
-        self.commands.command("EVAL", _LINE_SCRIPT, 5, k("id"), k("seq"), k("hist", room.name), k("bus"),
-                              k("rooms"), prefix, room.name, self.history, head, middle, tail)
+        self.outgoing.setdefault(room.name, []).extend((prefix, head, middle, tail))
 
     def pm(self, sender: "Conn", to_key: str, line: dict) -> bool:
         """A private message to someone on another server; False if nobody has that nick."""
         if not self.up or to_key not in self.remote:
             return False
-        line = dict(line, id="\0", to=self.remote[to_key].nick)
-        head, tail = _dumps(line).split('"\\u0000"')
+        head, tail = _dumps(dict(line, id="\0", to=self.remote[to_key].nick)).split('"\\u0000"')
         prefix = _dumps({"kind": "pm", "sid": self.sid, "to": to_key})[:-1] + ',"line":'
-        k = self._key
-        self.commands.command("EVAL", _LINE_SCRIPT, 5, k("id"), k("seq"), k("hist", ""), k("bus"), k("rooms"),
-                              prefix, "", self.history, head, tail, "")
+        self.outgoing.setdefault("", []).extend((prefix, head, tail, ""))
         return True
 
     def event(self, rooms: Optional[List[str]], frame: dict) -> None:
