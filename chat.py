@@ -2734,6 +2734,10 @@ class Link:
         """Frames that have arrived; ConnectionLost when the server is gone."""
         while self._fill() and self.tls_pending():
             pass
+        return self.frames()
+
+    def frames(self) -> List[dict]:
+        """Frames already received and buffered (e.g. behind the welcome)."""
         frames = []
         while True:
             frame = self._next()
@@ -3217,6 +3221,8 @@ class ChatClient:
         """Relay between keyboard and server until the connection ends."""
         self.flush_outbox()
         link = self.link
+        for frame in link.frames():     # what arrived together with the welcome
+            self.handle_frame(frame)
         while True:
             link.flush()
             if self.quitting and not link.out:

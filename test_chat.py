@@ -740,6 +740,19 @@ class ClientProcessTest(ServerTestCase):
         client.wait_line("unknown command /frobnicate", "stderr")
         self.assertEqual(alice.expect("msg")["to"], "alice")
 
+    def test_frames_that_arrive_with_the_welcome_are_shown(self):
+        with socket.create_server(("127.0.0.1", 0)) as listener:    # a fake server, to control the bytes
+            client = self.client("-n", "bob", "-p", listener.getsockname()[1])
+            conn, _ = listener.accept()
+            with conn:
+                fake = Peer(0, sock=conn)
+                self.assertEqual(fake.next()["type"], "hello")
+                conn.sendall(chat.encode({"type": "welcome", "nick": "bob", "users": ["alice", "bob"],
+                                          "history": [], "server": "fake", "max_payload": 65536})
+                             + chat.encode({"type": "msg", "id": 1, "from": "alice", "text": "right behind",
+                                            "ts": 0.0}))     # one segment: both frames in one read
+                client.wait_line("<alice> right behind")
+
     def test_no_server_is_one_clear_line_and_exit_1(self):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
