@@ -1734,3 +1734,21 @@ class ClusterTest(unittest.TestCase):
         server.proc.kill()      # SIGKILL: the supervisor cannot tell its workers
         server.wait_line(r"\[worker \d\] shutting down: the supervisor process is gone", "stderr")
         server.wait_line(r"\[worker \d\] shutting down: the supervisor process is gone", "stderr")
+
+
+class InternalErrorTest(ServerTestCase):
+    def test_a_bug_in_a_handler_costs_that_connection_only(self):
+        alice, bob = self.peer("alice"), self.peer("bob")
+
+        def broken(conn, frame):
+            raise RuntimeError("a bug")
+        self.server.call(lambda: self.server.loop.chat.handlers.__setitem__("rooms", broken))
+        with self.assertLogs("chat", logging.ERROR) as logs:
+            bob.send({"type": "rooms"})
+            self.assertEqual(bob.expect("error")["code"], "internal")
+            bob.closed()
+        self.assertIn("a bug", "\n".join(logs.output))
+        self.assertEqual(alice.expect("leave")["nick"], "bob")
+        alice.send({"type": "ping"})
+        alice.expect("pong")
+        self.peer("carol")
