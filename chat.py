@@ -932,6 +932,10 @@ class Chat:
             self.cluster.presence(conn)
         self._queue(conn, _fitted(welcome, "history", "users"))
         log.info("%r joined (%s)", conn, plural(len(self.users), "user"))
+        if self.cluster is not None and not self.cluster.up:
+            self._queue(conn, encode(self._stamped({
+                "type": "notice", "text": "the link to the other servers is down; for now you are"
+                                          " talking with the people on this server only"})))
         for room in rooms:
             self._announce_join(conn, room)
         self.io.call_later(self.config.ping_interval, self._keepalive, conn)
@@ -1912,13 +1916,7 @@ class RedisLink:
 
     def _fail(self, reason: str) -> None:
         was_up = self.up
-        if self.sock is not None:
-            try:
-                self.loop.selector.unregister(self.sock)
-            except (KeyError, ValueError):
-                pass
-            self.sock.close()
-        self.sock, self.up = None, False
+        self._close_socket()
         self.out.clear()
         self.callbacks.clear()
         self.parser = RespParser()
@@ -1929,17 +1927,23 @@ class RedisLink:
             self.on_down()
 
     def close(self) -> None:
+        """At shutdown: send what is queued (best effort) and close."""
+        self.flush()
+        self._close_socket()
+
+    def _close_socket(self) -> None:
         if self.sock is not None:
-            self.flush()
             try:
                 self.loop.selector.unregister(self.sock)
             except (KeyError, ValueError):
                 pass
             self.sock.close()
-            self.sock, self.up = None, False
+        self.sock, self.up = None, False
 
 
-# The Lua scripts run atomically in Redis. KEYS and ARGV are named where called.
+# The Lua scripts run atomically in Redis, so no other server sees a half-done step.
+# Lines of one room: KEYS id, seq, hist:ROOM, bus, rooms; ARGV room, history length,
+# then per line the bus-message prefix and the line's JSON cut where id and seq go.
 _LINES_SCRIPT = """
 local room = ARGV[1]
 for i = 3, #ARGV, 4 do
@@ -1959,6 +1963,7 @@ if room ~= '' then
 end
 return 1
 """
+# After (re)connecting: KEYS instance, id, seq; ARGV our instance, our last id, room/seq pairs.
 _SEED_SCRIPT = """
 redis.call('SET', KEYS[1], ARGV[1], 'NX')
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return redis.call('GET', KEYS[1]) end
@@ -1970,12 +1975,15 @@ for i = 3, #ARGV, 2 do
 end
 return ARGV[1]
 """
+# KEYS instance, hist:ROOM, rooms; ARGV our instance, room, the lines we keep.
 _RESTORE_SCRIPT = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] or redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
 for i = 3, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
 redis.call('SADD', KEYS[3], ARGV[2])
 return 1
 """
+# A nick: KEYS owner, servers, session, presence; ARGV key, our server id, the session the
+# client presented, ttl, the new session, the presence record. 0 taken, 1 ours, 2 taken over.
 _CLAIM_SCRIPT = """
 local owner = redis.call('HGET', KEYS[1], ARGV[1])
 local taken_over = 1
@@ -1993,6 +2001,7 @@ redis.call('HSET', KEYS[3], ARGV[1], ARGV[5])
 redis.call('HSET', KEYS[4], ARGV[1], ARGV[6])
 return taken_over
 """
+# KEYS owner, presence, session; ARGV key, our server id.
 _RELEASE_SCRIPT = """
 if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
   redis.call('HDEL', KEYS[1], ARGV[1])
@@ -2001,6 +2010,8 @@ if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
 end
 return 1
 """
+# KEYS servers, owner, presence, session; ARGV our server id, ttl, 'beat' or 'leave'.
+# Forgets servers (and their users) silent for ttl; returns the live servers.
 _HEARTBEAT_SCRIPT = """
 local now = tonumber(redis.call('TIME')[1])
 if ARGV[3] == 'beat' then redis.call('ZADD', KEYS[1], now, ARGV[1]) else redis.call('ZREM', KEYS[1], ARGV[1]) end
@@ -2040,7 +2051,6 @@ class Cluster:
         self.chat, self.loop, self.ttl, self.history = chat, loop, ttl, history
         self.sid = secrets.token_hex(6)
         self.up = False
-        self.was_up = False
         self.remote: Dict[str, RemoteUser] = {}
         self.in_flight: Dict[str, tuple] = {}       # nonce -> (room, sender key, line): said, not yet back
         self.syncing: Optional[List[bytes]] = None  # bus messages held while the state loads
@@ -2105,7 +2115,8 @@ class Cluster:
 
     def _load_seq(self, flat: list) -> None:
         for name, seq in zip(flat[::2], flat[1::2]):
-            self._room(name.decode()).seq = max(self._room(name.decode()).seq, int(seq))
+            for room in self._rooms([name.decode()]):
+                room.seq = max(room.seq, int(seq))
 
     def _load_rooms(self, names: list) -> None:
         names = [name.decode() for name in names]
@@ -2115,9 +2126,9 @@ class Cluster:
         self.commands.command("PING", reply=lambda _: self._synced())
 
     def _load_history(self, name: str, lines: list) -> None:
-        room = self._room(name)
-        room.history.clear()
-        room.history.extend(json.loads(line) for line in lines)
+        for room in self._rooms([name]):
+            room.history.clear()
+            room.history.extend(json.loads(line) for line in lines)
 
     def _synced(self) -> None:
         held, self.syncing = self.syncing or [], None
@@ -2127,9 +2138,8 @@ class Cluster:
                 "cluster: the nick %s is also in use on another server", conn.nick))
             self.presence(conn)
         log.info("cluster: linked through Redis as server %s (%d users elsewhere)", self.sid, len(self.remote))
-        if self.was_up:
-            self.chat.announce("the link to the other servers is back")
-        self.was_up = True
+        if self.chat.users:     # they were told it was down
+            self.chat.announce("the link to the other servers is back up")
         for message in held:
             self._on_bus(message)
 
@@ -2285,7 +2295,10 @@ class Cluster:
             return
         if head["sid"] == self.sid:
             self.in_flight.pop(head["nonce"], None)
-        room = self._room(line["room"])
+        rooms = self._rooms([line["room"]])
+        if not rooms:
+            return
+        room = rooms[0]
         fresh = line["seq"] > room.seq      # not if loaded from Redis while we were syncing
         room.seq = max(room.seq, line["seq"])
         sender = chat.users.get(head["from"]) if head["sid"] == self.sid else None
@@ -2328,19 +2341,18 @@ class Cluster:
     def _add_remote(self, key: str, user: RemoteUser) -> None:
         old = self.remote.get(key)
         if old is not None:
-            for name in old.rooms:
-                self._room(name).remote.pop(key, None)
+            for room in self._rooms(old.rooms):
+                room.remote.pop(key, None)
         self.remote[key] = user
-        for name in user.rooms:
-            self._room(name).remote[key] = user.nick
+        for room in self._rooms(user.rooms):
+            room.remote[key] = user.nick
 
     def _remove_remote(self, key: str, announce: Optional[str]) -> None:
         """Forget a user elsewhere; `announce` a leave to the rooms it was in."""
         user = self.remote.pop(key, None)
         if user is None:
             return
-        for name in user.rooms:
-            room = self._room(name)
+        for room in self._rooms(user.rooms):
             room.remote.pop(key, None)
             if announce:
                 self.chat.to_room(room, {"type": "leave", "nick": user.nick, "reason": announce,
@@ -2351,8 +2363,16 @@ class Cluster:
             room.remote.clear()
         self.remote.clear()
 
-    def _room(self, name: str) -> "Room":
-        return self.chat._room(check_room(name))
+    def _rooms(self, names: Iterable[str]) -> List["Room"]:
+        """The rooms named by another server (created here if new); a name
+        this server does not accept (or one room too many) is skipped."""
+        rooms = []
+        for name in names:
+            try:
+                rooms.append(self.chat._room(check_room(name)))
+            except ProtocolError as error:
+                log.warning("cluster: ignoring room %.40r: %s", name, error.text)
+        return rooms
 
     def _record(self, conn: "Conn") -> str:
         return _dumps({"nick": conn.nick, "sid": self.sid, "rooms": [room.name for room in conn.rooms]})

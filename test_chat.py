@@ -1686,6 +1686,16 @@ class ClusterTest(unittest.TestCase):
         bob.send({"type": "who"})
         self.assertEqual(bob.expect("who")["users"], ["alice", "bob", "carol", "dave"])
 
+    def test_a_server_whose_redis_is_not_up_yet_says_so_and_links_later(self):
+        redis_port = free_port()
+        early = ServerThread(redis=f"redis://127.0.0.1:{redis_port}", cluster_ttl=self.TTL)
+        self.addCleanup(early.stop)
+        alice = self.peer(early, "alice")
+        self.assertIn("down", alice.expect("notice")["text"])
+        RedisServer(self, redis_port)
+        while "back up" not in alice.expect("notice", timeout=15)["text"]:
+            pass
+
     def test_a_killed_server_users_leave_within_the_bound(self):
         server, port = server_process("--redis", self.redis.url, "--cluster-ttl", self.TTL)
         self.addCleanup(server.kill)
