@@ -1257,9 +1257,12 @@ class PasswordTest(ServerTestCase):
         server, port = server_process(env={"CHAT_PASSWORD": "envpass"})
         try:
             refused = Peer(port)
+            self.addCleanup(refused.close)
             refused.send({"type": "hello", "nick": "a", "password": "no"})
             self.assertEqual(refused.expect("error")["code"], "auth-failed")
-            self.assertEqual(Peer(port, "b", password="envpass").welcome["nick"], "b")
+            accepted = Peer(port, "b", password="envpass")
+            self.addCleanup(accepted.close)
+            self.assertEqual(accepted.welcome["nick"], "b")
             self.assertTrue(any(", password" in line for line in server.err_lines))
         finally:
             server.kill()
@@ -1459,15 +1462,23 @@ class DurableHistoryTest(unittest.TestCase):
 
     def test_a_torn_line_is_skipped_with_a_warning(self):
         server = self.start()
-        Peer(self.port, "alice").send({"type": "msg", "text": "whole"})
-        wait_until(lambda: os.path.exists(self.path) and b"whole" in open(self.path, "rb").read())
+        alice = Peer(self.port, "alice")
+        self.addCleanup(alice.close)
+        alice.send({"type": "msg", "text": "whole"})
+
+        def written():
+            with open(self.path, "rb") as f:
+                return b"whole" in f.read()
+        wait_until(written, what="the line on disk")
         server.proc.kill()
         server.wait()
         with open(self.path, "ab") as f:
             f.write(b'{"type":"msg","id":99,"fr')
         server = self.start()
         self.assertTrue(any("damaged" in line for line in server.err_lines))
-        self.assertEqual([line["text"] for line in Peer(self.port, "bob").welcome["history"]], ["whole"])
+        bob = Peer(self.port, "bob")
+        self.addCleanup(bob.close)
+        self.assertEqual([line["text"] for line in bob.welcome["history"]], ["whole"])
 
     def test_the_file_is_compacted_to_stay_bounded(self):
         server = ServerThread(history_file=self.path, history_file_max=4000, history=5)
@@ -1711,10 +1722,20 @@ class ClusterTest(unittest.TestCase):
         alice.send({"type": "who"})
         self.assertEqual(alice.expect("who")["users"], ["alice"])
 
+    def state(self, server):
+        def read():
+            cluster = server.loop.chat.cluster
+            return dict(up=cluster.up, sid=cluster.sid, remote=dict(cluster.remote), users=list(server.loop.chat.users),
+                        cmd_up=cluster.commands.up, bus_up=cluster.bus.up, syncing=cluster.syncing is not None)
+        return server.call(read)
+
     def test_a_stopped_server_users_leave_at_once(self):
         alice = self.peer(self.a, "alice")
         self.peer(self.b, "bob")
-        alice.expect("join", nick="bob")
+        try:
+            alice.expect("join", nick="bob")
+        except AssertionError:
+            raise AssertionError(f"A={self.state(self.a)} B={self.state(self.b)}") from None
         self.b.stop()
         self.assertEqual(alice.expect("leave", nick="bob", timeout=1.0)["reason"], "their server shut down")
 
