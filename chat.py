@@ -328,7 +328,8 @@ class ServerConfig:
 # handshake in progress is the loop's business: see Conn.handshake.)
 HELLO, AUTH, JOINED, CLOSING, CLOSED = "hello", "auth", "joined", "closing", "closed"
 CHAT_LINE_TYPES = frozenset(("msg", "me", "pm"))   # what flood control counts
-FANOUT_BUDGET = 16 << 20    # bytes one loop turn may append to all buffers together
+FANOUT_BUDGET = 64 << 20    # bytes one turn may queue for all recipients together: bounds a turn's
+                            # work (the recipients share the bytes, so not its memory), and so latency
 
 
 class Conn:
