@@ -3116,12 +3116,12 @@ class ChatClient:
         if type(room) is str and type(seq) is int:
             self.seen[room] = max(self.seen.get(room, 0), seq)
 
-    def show_history(self, history: object) -> None:
+    def show_history(self, history: object, label: str = "earlier line") -> None:
         lines = [line for line in history if isinstance(line, dict)] if type(history) is list else []
         for line in lines:
             self.saw(line.get("room"), line.get("seq"))
         if lines and not self.json:
-            self.note(f"--- {plural(len(lines), 'earlier line')} ---", "2")
+            self.note(f"--- {plural(len(lines), label)} ---", "2")
             for line in lines:
                 self.show_frame(line)
             self.note("--- now ---", "2")
@@ -3156,7 +3156,7 @@ class ChatClient:
         if resumed and type(history) is list:   # your own lines were shown as you typed them
             history = [line for line in history if not (isinstance(line, dict) and type(line.get("from")) is str
                                                         and name_key(line["from"]) == name_key(self.nick))]
-        self.show_history(history)
+        self.show_history(history, "line you missed" if resumed else "earlier line")
         for room, count in (frame.get("missed") or {}).items():
             self.note(f"{plural(count, 'line')} said in #{printable(str(room))} while you"
                       " were away can no longer be replayed", "33")
