@@ -345,7 +345,7 @@ class Conn:
 
     def __init__(self, sock, addr: str, ip: str, max_payload: int, now: float, burst: float):
         self.sock = sock
-        self.fd = sock.fileno() if sock is not None else -1
+        self.fd = sock.fileno()
         self.addr, self.ip = addr, ip
         self.tls = False                # TLS established
         self.handshake = None           # None, or the TLS step the loop waits for
@@ -400,7 +400,7 @@ class Room:
 
     def nicks(self) -> List[str]:
         if self.remote:
-            return [nick for _, nick in sorted(self.roster + [(k, n) for k, n in self.remote.items()])]
+            return [nick for _, nick in sorted(self.roster + list(self.remote.items()))]
         return [nick for _, nick in self.roster]
 
     def count(self) -> int:
