@@ -979,9 +979,10 @@ class Chat:
                 "type": "notice", "room": room.name,
                 "text": f"you are alone in #{room.name}; the last {self.config.history} lines"
                         " said here are shown to whoever joins later"})))
-        else:
-            self._event(room, {"type": "join", "nick": conn.nick, "users": room.count(),
-                               "room": room.name, "ts": self.ts}, sender=conn)
+        # Announced even when this server sees nobody else: in a cluster its
+        # view of the other servers' members may be a moment behind.
+        self._event(room, {"type": "join", "nick": conn.nick, "users": room.count(),
+                           "room": room.name, "ts": self.ts}, sender=conn)
 
     def on_second_hello(self, conn: Conn, frame: dict) -> None:
         raise ProtocolError("already-joined", f"you are already here as {conn.nick}")

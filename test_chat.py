@@ -1608,6 +1608,22 @@ class ClusterTest(unittest.TestCase):
         bob.send({"type": "quit"})
         self.assertEqual(alice.expect("leave", nick="bob")["users"], 2)
 
+    def test_a_join_reaches_members_this_server_has_not_heard_of_yet(self):
+        cluster, held = self.b.loop.chat.cluster, []
+        self.b.call(lambda: setattr(cluster.bus, "on_message", held.append))   # B hears nothing for now
+        alice = self.peer(self.a, "alice")
+        bob = self.peer(self.b, "bob")
+        self.assertIn("alone", bob.expect("notice")["text"])    # B's view is behind...
+        self.assertEqual(alice.expect("join")["nick"], "bob")   # ...but alice still hears bob arrive
+
+        def catch_up():
+            cluster.bus.on_message = cluster._on_bus
+            for message in held:
+                cluster._on_bus(message)
+        self.b.call(catch_up)
+        bob.send({"type": "who"})
+        self.assertEqual(bob.expect("who")["users"], ["alice", "bob"])
+
     def test_ids_and_seqs_are_one_sequence_across_servers(self):
         alice, bob = self.peer(self.a, "alice"), self.peer(self.b, "bob")
         alice.expect("join", nick="bob")
