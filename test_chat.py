@@ -1760,8 +1760,11 @@ class ClusterTest(unittest.TestCase):
         for _ in range(2):
             server.wait_line(r"\[worker \d\].*linked through Redis as server", "stderr")
         peers = [self.peer(port, f"p{i}") for i in range(6)]
-        peers[0].send({"type": "who"})
-        self.assertEqual(peers[0].expect("who")["users"], [f"p{i}" for i in range(6)])
+
+        def everyone_listed():     # presence from the other worker arrives within milliseconds
+            peers[0].send({"type": "who"})
+            return peers[0].expect("who")["users"] == [f"p{i}" for i in range(6)]
+        wait_until(everyone_listed, what="both workers' users in who")
         peers[5].send({"type": "msg", "text": "to all workers"})
         for peer in peers[:5]:
             self.assertEqual(peer.expect("msg")["text"], "to all workers")
