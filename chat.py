@@ -2411,6 +2411,8 @@ class Console:
         self.prompt = prompt
         self._lock = threading.Lock()
         self._reading = False       # input() is showing the prompt
+        self._drawing = False       # input() was called; its prompt may not be on screen yet
+        self._prompt_lost = False   # show() cleared a prompt readline believes is drawn
         self._echo = ""             # a line just entered, still on screen as typed
         self._may_prompt = threading.Event()
         self._may_prompt.set()
@@ -2420,6 +2422,8 @@ class Console:
             try:
                 import readline     # editing and history for input(), where available
                 self._readline = readline
+                if hasattr(readline, "set_pre_input_hook"):
+                    readline.set_pre_input_hook(self._prompt_drawn)
             except ImportError:
                 pass
             try:
@@ -2447,15 +2451,33 @@ class Console:
             self._may_prompt.wait()
             self._may_prompt.clear()
             with self._lock:
-                self._reading = True
+                # Without readline's pre-input hook we cannot know when the
+                # prompt appears; assume at once (a rare doubled prompt).
+                if self._knows_when_drawn():
+                    self._drawing = True
+                else:
+                    self._reading = True
             try:
                 line = input(self.prompt)
             except (EOFError, OSError):
                 line = None
             with self._lock:
-                self._reading = False
+                self._reading = self._drawing = False
                 self._echo = "" if line is None else _plain(self.prompt) + line
             yield line
+
+    def _knows_when_drawn(self) -> bool:
+        return self._readline is not None and hasattr(self._readline, "set_pre_input_hook")
+
+    def _prompt_drawn(self) -> None:
+        """readline's pre-input hook: the prompt is on screen now."""
+        with self._lock:
+            if self._prompt_lost:
+                sys.stdout.write(f"\r\x1b[K{_bare(self.prompt)}")
+                sys.stdout.flush()
+                self._prompt_lost = False
+            self._drawing = False
+            self._reading = True
 
     @staticmethod
     def _piped_lines():
@@ -2509,16 +2531,19 @@ class Console:
             return
         with self._lock:
             columns = shutil.get_terminal_size().columns or 80
-            if self._echo:      # replace the echo of the line just entered
-                sys.stdout.write(f"\r\x1b[{_rows(self._echo, columns)}F\x1b[J{text}\n")
-                self._echo = ""
-            elif self._reading:
+            # Go up to the first row we overwrite: the echo of the line just
+            # entered (replaced by `text`), then the prompt and typed input.
+            up = _rows(self._echo, columns) if self._echo else 0
+            self._echo = ""
+            redraw = ""
+            if self._reading:
                 typed = self._readline.get_line_buffer() if self._readline else ""
-                above = max(0, display_width(_plain(self.prompt) + typed) - 1) // columns
-                up = f"\x1b[{above}A" if above else ""
-                sys.stdout.write(f"\r{up}\x1b[J{text}\n{self.prompt.replace(chr(1), '').replace(chr(2), '')}{typed}")
-            else:
-                sys.stdout.write(text + "\n")
+                up += max(0, display_width(_plain(self.prompt) + typed) - 1) // columns
+                redraw = _bare(self.prompt) + typed
+            elif self._drawing:     # on this row, or about to be: the hook redraws it
+                self._prompt_lost = True
+            sys.stdout.write(f"\r\x1b[{up}F\x1b[J" if up else "\r\x1b[J")
+            sys.stdout.write(f"{text}\n{redraw}")
             sys.stdout.flush()
 
     def restore(self) -> None:
@@ -2537,6 +2562,11 @@ class Console:
 def _plain(text: str) -> str:
     """`text` without colour codes and readline's invisible-text markers."""
     return re.sub("\x01[^\x02]*\x02|\x1b\\[[0-9;]*m", "", text)
+
+
+def _bare(prompt: str) -> str:
+    """`prompt` as printed: readline's invisible-text markers removed, colours kept."""
+    return prompt.replace("\x01", "").replace("\x02", "")
 
 
 def _rows(text: str, columns: int) -> int:

@@ -5,6 +5,7 @@ server on 127.0.0.1 port 0, in a thread or a subprocess, with real sockets
 and real client processes. Nothing waits by sleeping: every wait is for a
 condition (a frame, a line of output, an exit) with a timeout.
 """
+import io
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ import tempfile
 import threading
 import time
 import unittest
+import unittest.mock
 
 import chat
 
@@ -260,6 +262,37 @@ class RenderTest(unittest.TestCase):
         self.assertRegex(first, r"^\d\d:\d\d #dev <bob> a$")
         self.assertEqual(second.strip(), "b")
         self.assertEqual(len(second) - len(second.lstrip()), len("00:00 #dev "))
+
+
+class ConsoleScreenTest(unittest.TestCase):
+    """What Console.show() writes around the prompt (no terminal needed)."""
+
+    def setUp(self):
+        self.console = chat.Console(interactive=False, prompt="#lobby> ")
+        self.console.interactive = True     # as on a terminal, but without readline
+        self.addCleanup(self.console.wake_r.close)
+        self.addCleanup(self.console.wake_w.close)
+
+    def written(self, action) -> str:
+        with unittest.mock.patch("sys.stdout", new_callable=io.StringIO) as out:
+            action()
+        return out.getvalue()
+
+    def test_incoming_line_redraws_the_prompt_and_typed_text(self):
+        self.console._reading = True
+        self.assertEqual(self.written(lambda: self.console.show("<bob> hi")), "\r\x1b[J<bob> hi\n#lobby> ")
+
+    def test_a_late_reply_replaces_the_echo_and_keeps_the_prompt_below(self):
+        self.console._echo = "#lobby> /who"     # entered; the prompt is drawn again below it
+        self.console._reading = True
+        self.assertEqual(self.written(lambda: self.console.show("-- in #lobby: alice")),
+                         "\r\x1b[1F\x1b[J-- in #lobby: alice\n#lobby> ")
+
+    def test_a_line_while_the_prompt_is_being_drawn_shows_one_prompt(self):
+        self.console._drawing = True    # input() called; readline has not said the prompt is up
+        self.assertEqual(self.written(lambda: self.console.show("*** alone")), "\r\x1b[J*** alone\n")
+        self.assertEqual(self.written(self.console._prompt_drawn), "\r\x1b[K#lobby> ")
+        self.assertEqual(self.written(self.console._prompt_drawn), "", "redrawn only when it was lost")
 
 
 class FittingTest(unittest.TestCase):
