@@ -2413,6 +2413,7 @@ class Console:
         self._reading = False       # input() is showing the prompt
         self._drawing = False       # input() was called; its prompt may not be on screen yet
         self._prompt_lost = False   # show() cleared a prompt readline believes is drawn
+        self._hooked = False        # readline tells us when its prompt is drawn
         self._echo = ""             # a line just entered, still on screen as typed
         self._may_prompt = threading.Event()
         self._may_prompt.set()
@@ -2424,6 +2425,7 @@ class Console:
                 self._readline = readline
                 if hasattr(readline, "set_pre_input_hook"):
                     readline.set_pre_input_hook(self._prompt_drawn)
+                    self._hooked = True
             except ImportError:
                 pass
             try:
@@ -2453,7 +2455,7 @@ class Console:
             with self._lock:
                 # Without readline's pre-input hook we cannot know when the
                 # prompt appears; assume at once (a rare doubled prompt).
-                if self._knows_when_drawn():
+                if self._hooked:
                     self._drawing = True
                 else:
                     self._reading = True
@@ -2465,9 +2467,6 @@ class Console:
                 self._reading = self._drawing = False
                 self._echo = "" if line is None else _plain(self.prompt) + line
             yield line
-
-    def _knows_when_drawn(self) -> bool:
-        return self._readline is not None and hasattr(self._readline, "set_pre_input_hook")
 
     def _prompt_drawn(self) -> None:
         """readline's pre-input hook: the prompt is on screen now."""
