@@ -532,7 +532,7 @@ class Chat:
             self._load_history()
         self.before_hello = {"hello": self.on_hello, "quit": self.on_quit}
         self.handlers = {
-            "hello": self.on_second_hello, "msg": self.on_msg, "me": self.on_me, "pm": self.on_pm,
+            "hello": self.on_second_hello, "msg": self.on_msg, "me": self.on_msg, "pm": self.on_pm,
             "nick": self.on_nick, "who": self.on_who, "ping": self.on_ping, "pong": self.on_pong,
             "quit": self.on_quit, "join": self.on_join, "part": self.on_part, "rooms": self.on_rooms,
         }
@@ -1012,12 +1012,9 @@ class Chat:
     # -- chat lines ----------------------------------------------------------
 
     def on_msg(self, conn: Conn, frame: dict) -> None:
+        """A `msg`, or a `me` (an action: "* nick waves")."""
         room = self._room_of(conn, frame.get("room"))
-        self.post(room, conn, check_text(frame.get("text")))
-
-    def on_me(self, conn: Conn, frame: dict) -> None:
-        room = self._room_of(conn, frame.get("room"))
-        self.post(room, conn, check_text(frame.get("text")), action=True)
+        self.post(room, conn, check_text(frame.get("text")), action=frame["type"] == "me")
 
     def post(self, room: Room, sender: Conn, text: str, action: bool = False) -> None:
         """A chat line said in `room`: numbered (here, or by the cluster), kept, fanned out."""
