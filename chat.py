@@ -3634,11 +3634,10 @@ def run_server(args: argparse.Namespace) -> int:
     try:
         loop = ServerLoop(config)
     except (OSError, ssl.SSLError) as error:
-        where = f"{config.host}:{config.port}"
         if isinstance(error, ssl.SSLError) or (config.tls_cert and error.filename):
             log.error("cannot load the TLS certificate/key: %s", getattr(error, "strerror", None) or error)
         else:
-            log.error("cannot listen on %s: %s", where, error.strerror or error)
+            log.error("%s", cannot_listen(config.host, config.port, error))
         return 1
     host, port = loop.address
     log.info("chat.py server listening on %s:%d (up to %d connections, %s%s%s)",
@@ -3663,6 +3662,17 @@ def run_server(args: argparse.Namespace) -> int:
     return 0
 
 
+def cannot_listen(host: str, port: int, error: OSError) -> str:
+    """One line for an operator whose server cannot bind, with what to do."""
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if error.errno == errno.EADDRINUSE:
+        return (f"cannot listen on {where}: the port is in use (another server, or a connection that"
+                " closed within the last minute); choose another with -p")
+    if error.errno == errno.EACCES:
+        return f"cannot listen on {where}: permission denied (ports below 1024 need privileges)"
+    return f"cannot listen on {where}: {os.strerror(error.errno) if error.errno else error}"
+
+
 def run_workers(args: argparse.Namespace, redis: Optional[str]) -> int:
     """Start N copies of this server on one port (SO_REUSEPORT: the kernel
     spreads connections over them), linked through Redis; stop them together."""
@@ -3679,7 +3689,7 @@ def run_workers(args: argparse.Namespace, redis: Optional[str]) -> int:
     try:
         holder.bind(address)
     except OSError as error:
-        log.error("cannot listen on %s:%s: %s", args.host, args.port, error.strerror)
+        log.error("%s", cannot_listen(args.host, args.port, error))
         return 1
     port = holder.getsockname()[1]
     command = [sys.executable, os.path.abspath(__file__)] + args.argv + ["-p", str(port), "--workers", "1",

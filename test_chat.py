@@ -705,6 +705,7 @@ class ServerProcessTest(unittest.TestCase):
             self.assertEqual(server.wait(), 1)
             server.kill()
             self.assertTrue(any("cannot listen on" in line and "in use" in line for line in server.err_lines))
+            self.assertTrue(any("choose another with -p" in line for line in server.err_lines), server.err_lines)
             self.assertFalse(any("Traceback" in line for line in server.err_lines))
 
     @unittest.skipUnless(socket.has_ipv6, "no IPv6")
