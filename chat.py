@@ -100,7 +100,32 @@ def parse_payload(payload: bytes) -> dict:
         raise ProtocolError("bad-frame", "frame is not a JSON object")
     if type(obj.get("type")) is not str:
         raise ProtocolError("bad-frame", 'frame has no string "type"')
+    if _SURROGATE_ESCAPE.search(payload) and _holds_lone_surrogate(obj):
+        raise ProtocolError("bad-frame", "frame holds a lone surrogate (\\uD800-\\uDFFF), which is not text")
     return obj
+
+
+# JSON may spell a lone UTF-16 surrogate as an escape ("\ud800"): json.loads
+# accepts it, but such a string can be neither encoded nor printed, so it is
+# refused like invalid UTF-8. Only frames that contain such an escape are
+# walked (a valid pair is joined into one character by json.loads).
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _holds_lone_surrogate(value: object) -> bool:
+    stack = [value]
+    while stack:      # a loop, not recursion: nesting as deep as json.loads allows
+        value = stack.pop()
+        if type(value) is str:
+            if _SURROGATE.search(value):
+                return True
+        elif type(value) is dict:
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif type(value) is list:
+            stack.extend(value)
+    return False
 
 
 class FrameDecoder:
@@ -232,6 +257,18 @@ def printable(text: str) -> str:
         return text
     text = text.replace("\t", "    ")
     return _UNPRINTABLE.sub(lambda m: repr(m.group())[1:-1], text)
+
+
+def shown(value: object, limit: int = 40) -> str:
+    """A client's string as it may appear in a log line or an error text:
+    cut to `limit` characters, and every control, format (invisible, bidi),
+    line-separator or unassigned character escaped, so it can neither forge
+    a log line nor reach a terminal raw."""
+    text = value if type(value) is str else repr(value)[:limit + 1]
+    cut = len(text) > limit
+    text = "".join(ch if unicodedata.category(ch)[0] not in "CZ" or ch == " "
+                   else ascii(ch)[1:-1] for ch in text[:limit])
+    return text + "..." if cut else text
 
 
 def plural(count: int, noun: str) -> str:
@@ -467,14 +504,20 @@ class HistoryFile:
         big. True when an fsync should now be scheduled."""
         if not self._pending:
             return False
-        self._file.write(b"\n".join(self._pending) + b"\n")
-        self._file.flush()
-        self._pending.clear()
-        if self._file.tell() > self.max_bytes:
-            self._file.close()
-            self.rewrite(keep())
-            self._file = open(self.path, "ab")
+        try:
+            self._file.write(b"\n".join(self._pending) + b"\n")
+            self._file.flush()
+            if self._file.tell() > self.max_bytes:
+                self.rewrite(keep())    # if this fails, the old file stays, whole and open
+                self._file.close()
+                self._file = open(self.path, "ab")
+                return False
+        except OSError as error:     # e.g. the disk is full: chat goes on, the operator is told
+            log.error("history %s: cannot write %s: %s", self.path, plural(len(self._pending), "line"),
+                      error.strerror or error)
             return False
+        finally:
+            self._pending.clear()
         was_synced, self._unsynced = not self._unsynced, True
         return was_synced
 
@@ -605,20 +648,21 @@ class Chat:
         if conn.state is HELLO:
             handler = self.before_hello.get(kind)
             if handler is None:
-                self.drop(conn, f"sent {kind!r} before hello",
+                self.drop(conn, f'sent "{shown(kind)}" before hello',
                           ProtocolError("not-joined", "send hello first"))
                 return
         else:
             handler = self.handlers.get(kind)
         try:
-            if handler is None:
-                raise ProtocolError("unknown-type", f"unknown frame type {kind!r}")
-            handler(conn, frame)
-        except ProtocolError as error:     # refused, but the connection stays
-            log.info("%r: %s: %s", conn, error.code, error.text)
-            self.send(conn, self._stamped(error.frame()))
-        except Exception:   # a bug of ours: it costs this connection, not the server
-            log.exception("%r: internal error handling %r", conn, kind)
+            try:
+                if handler is None:
+                    raise ProtocolError("unknown-type", f'unknown frame type "{shown(kind)}"')
+                handler(conn, frame)
+            except ProtocolError as error:     # refused, but the connection stays
+                log.info("%r: %s: %s", conn, error.code, error.text)
+                self.send(conn, self._stamped(error.frame()))
+        except Exception:   # a bug of ours, even in answering: it costs this connection, not the server
+            log.exception("%r: internal error handling %s", conn, shown(kind))
             self.drop(conn, "internal error", ProtocolError("internal", "the server failed on that frame"))
 
     def lost(self, conn: Conn, reason: str) -> None:
@@ -903,7 +947,7 @@ class Chat:
         holder = self.users.get(key)
         if holder is not None:
             if not (type(session) is str and holder.session
-                    and hmac.compare_digest(session, holder.session)):
+                    and hmac.compare_digest(session.encode(), holder.session.encode())):
                 raise ProtocolError("nick-taken", f"the nick {nick} is taken")
             # The same user reconnecting while its old connection lingers
             # (half-open): the new connection wins.
@@ -1047,7 +1091,7 @@ class Chat:
         if target is None:
             if self.cluster is not None and self.cluster.pm(conn, key, line):
                 return
-            raise ProtocolError("no-such-user", f"nobody here is called {to}")
+            raise ProtocolError("no-such-user", f"nobody here is called {shown(to)}")
         self.next_id += 1
         self.send(target, line)
 
@@ -1422,15 +1466,32 @@ class ServerLoop:
         chat.tick()
         for key, mask in events:
             target = key.data
-            if target.__class__ is Conn:
-                self._on_conn_event(target, mask)
-            else:
-                target(mask)
+            try:
+                if target.__class__ is Conn:
+                    self._on_conn_event(target, mask)
+                else:
+                    target(mask)
+            except Exception:
+                self._failed(target)
         timers = self.timers
         while timers and timers[0][0] <= chat.clock:
             _, _, function, args = heapq.heappop(timers)
-            function(*args)
+            try:
+                function(*args)
+            except Exception:
+                self._failed(function, *args)
         self._deliver()
+
+    def _failed(self, target, *args) -> None:
+        """A bug of ours surfaced in a callback: it costs the connection it
+        concerns (if any), never the server."""
+        log.exception("internal error in %s", getattr(target, "__qualname__", target))
+        for conn in (target, *args):
+            if conn.__class__ is Conn and conn.state is not CLOSED:
+                try:
+                    self._close(conn, "internal error")
+                except Exception:
+                    log.exception("internal error closing %r", conn)
 
     def _deliver(self) -> None:
         """Fan out, write to every connection with bytes queued, and drop those

@@ -1833,3 +1833,90 @@ class InternalErrorTest(ServerTestCase):
         alice.send({"type": "ping"})
         alice.expect("pong")
         self.peer("carol")
+
+
+# ---------------------------------------------------------------------------
+# Hostile users (issue 11): each attack as it was measured, and what must hold
+# ---------------------------------------------------------------------------
+
+LONE = '"\\ud800"'     # a lone surrogate, spelled as JSON escapes it
+
+
+class LoneSurrogateTest(BadInputTest):
+    """Item 1: one 45-byte frame killed the server."""
+
+    def test_the_45_byte_frame_that_killed_the_server(self):
+        data = frame_bytes(b'{"type":"pm","to":"\\ud800","text":"hi"}')
+        self.assertEqual(len(data), 43)
+        self.check(data, "bad-frame", closes=True)
+
+    def test_a_lone_surrogate_in_any_field_of_any_frame(self):
+        fields = {"hello": ["nick", "session", "password", "instance"], "msg": ["text", "room"], "me": ["text"],
+                  "pm": ["to", "text"], "nick": ["nick"], "who": ["room"], "ping": ["token"],
+                  "pong": ["x"], "join": ["room"], "part": ["room"], "rooms": ["x"], "quit": ["reason"],
+                  "teleport": ["x"]}
+        cases = [('{"type":%s}' % LONE).encode()]
+        for kind, names in fields.items():
+            for name in names:
+                cases.append(('{"type":"%s","%s":%s}' % (kind, name, LONE)).encode())
+                cases.append(('{"type":"%s","%s":["a",{"b":%s}]}' % (kind, name, LONE)).encode())
+            cases.append(('{"type":"%s",%s:"key"}' % (kind, LONE)).encode())
+        for payload in cases:
+            with self.subTest(payload):
+                self.check(frame_bytes(payload), "bad-frame", closes=True)
+
+    def test_surrogates_before_hello_and_in_hello(self):
+        for payload in (b'{"type":"hello","nick":"x","session":"\\udfff"}',
+                        b'{"type":"hello","nick":"x","since":{"\\ud800":1},"rooms":["\\ud800"]}'):
+            with self.subTest(payload):
+                self.check(frame_bytes(payload), "bad-frame", closes=True, joined=False)
+
+    def test_a_valid_surrogate_pair_is_an_ordinary_character(self):
+        self.alice.send_raw(frame_bytes(b'{"type":"msg","text":"\\ud83d\\ude00 ok"}'))
+        self.assertEqual(self.bob.expect("msg")["text"], "\U0001F600 ok")
+
+    def test_a_non_ascii_session_is_compared_not_crashed_on(self):
+        self.check(chat.encode({"type": "hello", "nick": "alice", "session": "\u00e9t\u00e9"}), "nick-taken",
+                   closes=True, joined=False)
+
+
+class ErrorPathTest(ServerTestCase):
+    def test_a_failure_while_answering_a_refusal_costs_that_connection_only(self):
+        alice, bob = self.peer("alice"), self.peer("bob")
+        real_send = chat.Chat.send
+
+        def failing_send(chat_, conn, frame):
+            if frame.get("type") == "error":
+                raise UnicodeEncodeError("utf-8", "x", 0, 1, "a bug while answering")
+            return real_send(chat_, conn, frame)
+        with unittest.mock.patch.object(chat.Chat, "send", failing_send), \
+                self.assertLogs("chat", logging.ERROR) as logs:
+            bob.send({"type": "teleport"})
+            self.assertEqual(bob.closed()[-1]["code"], "internal")
+        self.assertIn("a bug while answering", "\n".join(logs.output))
+        self.assertEqual(alice.expect("leave")["nick"], "bob")
+        alice.send({"type": "ping"})
+        alice.expect("pong")
+
+    def test_a_failing_timer_costs_its_connection_only(self):
+        alice, bob = self.peer("alice"), self.peer("bob")
+        bob_conn = self.server.call(lambda: self.server.loop.chat.users["bob"])
+
+        def broken(conn):
+            raise RuntimeError("a timer bug")
+        with self.assertLogs("chat", logging.ERROR) as logs:
+            self.server.call(lambda: self.server.loop.call_later(0, broken, bob_conn))
+            self.assertEqual(alice.expect("leave")["nick"], "bob")
+        self.assertIn("a timer bug", "\n".join(logs.output))
+        alice.send({"type": "ping"})
+        alice.expect("pong")
+
+
+class ShownTest(unittest.TestCase):
+    def test_client_strings_are_escaped_and_cut_for_logs_and_errors(self):
+        forged = "nobody\n2099-01-01 00:00:00 alice@127.0.0.1:1 joined"
+        self.assertNotIn("\n", chat.shown(forged))
+        self.assertTrue(chat.shown(forged).endswith("..."))
+        self.assertEqual(chat.shown("\x1b]0;t\x07\u202e\u200b"), "\\x1b]0;t\\x07\\u202e\\u200b")
+        self.assertEqual(chat.shown("h\u00e9llo \u4e16\u754c"), "h\u00e9llo \u4e16\u754c")
+        self.assertEqual(chat.shown(None), "None")
