@@ -382,7 +382,7 @@ class Conn:
 
     def __init__(self, sock, addr: str, ip: str, max_payload: int, now: float, burst: float):
         self.sock = sock
-        self.fd = sock.fileno()
+        self.fd = sock.fileno() if sock is not None else -1   # None: a test's connection in memory
         self.addr, self.ip = addr, ip
         self.tls = False                # TLS established
         self.handshake = None           # None, or the TLS step the loop waits for
@@ -550,8 +550,8 @@ class Chat:
     def __init__(self, config: ServerConfig, io):
         self.config = config
         self.io = io        # the loop: call_later(), update_interest(), close_soon(), stop()
-        self.ts = round(time.time(), 3)
-        self.clock = time.monotonic()
+        self.ts = 0.0       # the time as the loop last told it (tick): wall clock, for frames...
+        self.clock = 0.0    # ...and monotonic, for timers, flood control and timeouts
         self.conns: set = set()                  # every connection not yet closing
         self.users: Dict[str, Conn] = {}         # nick key -> joined connection
         self.rooms: Dict[str, Room] = {}
@@ -582,11 +582,13 @@ class Chat:
 
     # -- time and the loop's entry points ------------------------------------
 
-    def tick(self) -> None:
-        """Called by the loop at the start of each turn: one clock read serves
-        every frame, a fresh budget, and first go to those left over last turn."""
-        self.ts = round(time.time(), 3)
-        self.clock = time.monotonic()
+    def tick(self, now: float, wall: float) -> None:
+        """Called by the loop at the start of each turn with the time (monotonic
+        and wall clock; the core never reads a clock itself, so tests can run it
+        on a fake one): one clock read serves every frame, a fresh budget, and
+        first go to those left over last turn."""
+        self.ts = round(wall, 3)
+        self.clock = now
         self.turn_bytes = self.turn_fanout = 0
         self.budget_spent = False
         for _ in range(len(self.deferred)):
@@ -825,7 +827,7 @@ class Chat:
         conn.refilled = self.clock
         if tokens > config.flood_burst:
             tokens = config.flood_burst
-        if tokens < 1.0:
+        if tokens < 1.0 - 1e-9:     # (a refill timed to the token can fall short by a rounding error)
             conn.tokens = tokens
             return False
         conn.tokens = tokens - 1.0
@@ -1355,8 +1357,10 @@ class ServerLoop:
         self.timers: List[tuple] = []       # heap of (when, seq, function, args)
         self._timer_seq = itertools.count()
         self._calls: queue.SimpleQueue = queue.SimpleQueue()   # from signal handlers and threads
+        self.now = time.monotonic()         # read once per turn; timers and the chat run on it
         self.tls = server_tls_context(config.tls_cert, config.tls_key) if config.tls_cert else None
         self.chat = Chat(config, self)
+        self.chat.tick(self.now, time.time())
         self.open: set = set()              # connections whose socket is open
         self.stopping = False
         self._deadline = 0.0
@@ -1389,7 +1393,7 @@ class ServerLoop:
     # -- what the chat asks of the loop --------------------------------------
 
     def call_later(self, delay: float, function: Callable, *args) -> None:
-        heapq.heappush(self.timers, (self.chat.clock + delay, next(self._timer_seq), function, args))
+        heapq.heappush(self.timers, (self.now + delay, next(self._timer_seq), function, args))
 
     def call_soon_threadsafe(self, function: Callable, *args) -> None:
         """Run `function` in the loop's thread; safe from threads and signal handlers."""
@@ -1440,7 +1444,7 @@ class ServerLoop:
             for signum in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(signum, lambda *_: self.stop())
         try:
-            while not self.stopping or (self.open and self.chat.clock < self._deadline):
+            while not self.stopping or (self.open and self.now < self._deadline):
                 self._turn()
         finally:
             for conn in list(self.open):
@@ -1463,7 +1467,8 @@ class ServerLoop:
             timeout = min(timeout if timeout is not None else SHUTDOWN_GRACE, 0.05)
         events = self.selector.select(timeout)
         chat = self.chat
-        chat.tick()
+        self.now = time.monotonic()
+        chat.tick(self.now, time.time())
         for key, mask in events:
             target = key.data
             try:
@@ -1474,7 +1479,7 @@ class ServerLoop:
             except Exception:
                 self._failed(target)
         timers = self.timers
-        while timers and timers[0][0] <= chat.clock:
+        while timers and timers[0][0] <= self.now:
             _, _, function, args = heapq.heappop(timers)
             try:
                 function(*args)
@@ -1537,7 +1542,7 @@ class ServerLoop:
             return
         log.info("shutting down: %s", reason)
         self.stopping = True
-        self._deadline = self.chat.clock + SHUTDOWN_GRACE
+        self._deadline = self.now + SHUTDOWN_GRACE
         self._stop_accepting()
         self.chat.shutdown(reason)
 
@@ -1578,7 +1583,7 @@ class ServerLoop:
             pass
         host = address[0]
         addr = f"[{host}]:{address[1]}" if ":" in host else f"{host}:{address[1]}"
-        conn = Conn(sock, addr, host, self.config.max_payload, self.chat.clock, self.config.flood_burst)
+        conn = Conn(sock, addr, host, self.config.max_payload, self.now, self.config.flood_burst)
         if self.tls:
             conn.handshake = "peek"
         self.open.add(conn)
@@ -2224,9 +2229,8 @@ class Cluster:
     def _heartbeat(self) -> None:
         if self.commands.up:
             self._beat("beat", then=self._prune)
-        now = time.monotonic()
-        self.commands.check(now)
-        self.bus.check(now)
+        self.commands.check(self.loop.now)
+        self.bus.check(self.loop.now)
         self.loop.call_later(self.ttl / 3, self._heartbeat)
 
     def _beat(self, mode: str, then: Optional[Callable] = None) -> None:

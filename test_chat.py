@@ -5,7 +5,9 @@ server on 127.0.0.1 port 0, in a thread or a subprocess, with real sockets
 and real client processes. Nothing waits by sleeping: every wait is for a
 condition (a frame, a line of output, an exit) with a timeout.
 """
+import heapq
 import io
+import itertools
 import json
 import logging
 import os
@@ -321,6 +323,155 @@ class HistoryFileTest(unittest.TestCase):
             self.assertIn("damaged", logs.output[0])
             with open(path) as f:
                 self.assertEqual(len(f.read().splitlines()), 2)     # the torn line is gone from disk
+
+
+# ---------------------------------------------------------------------------
+# Harness: the server's core in memory, on a fake clock
+# ---------------------------------------------------------------------------
+
+class Harness:
+    """The loop's side of chat.Chat with no socket and no real time, as h11
+    tests its Connection: a fake clock, a heap of timers, and each
+    connection's bytes in both directions. Everything runs synchronously,
+    so what a test sends has been handled when send() returns."""
+
+    def __init__(self, **config):
+        self.now, self.wall = 1000.0, 1.8e9
+        self.timers = []
+        self._seq = itertools.count()
+        self.config = chat.ServerConfig(port=0, **config)
+        self.chat = chat.Chat(self.config, self)
+        self.clients = {}       # conn -> FakeClient
+        self.ports = itertools.count(40000)
+        self.stopped = None
+        self.turn()
+
+    # -- what the core asks of its loop --------------------------------------
+
+    def call_later(self, delay, function, *args):
+        heapq.heappush(self.timers, (self.now + delay, next(self._seq), function, args))
+
+    def update_interest(self, conn):
+        pass    # reading is modelled in pump(): a paused connection is not read
+
+    def close_soon(self, conn):
+        self.clients[conn].closing = True
+
+    def stop(self, reason="server shutting down"):
+        self.stopped = reason
+
+    # -- driving it ----------------------------------------------------------
+
+    def connect(self, nick=None, ip="192.0.2.1", **hello):
+        conn = chat.Conn(None, f"{ip}:{next(self.ports)}", ip, self.config.max_payload, self.now,
+                         self.config.flood_burst)
+        client = self.clients[conn] = FakeClient(self, conn)
+        self.turn(lambda: self.chat.open(conn))
+        if nick is not None:
+            client.send({"type": "hello", "nick": nick, **hello})
+            client.welcome = client.expect("welcome")
+        return client
+
+    def turn(self, action=None):
+        """One loop turn: the time, what happened, then fan-out and writing."""
+        self.chat.tick(self.now, self.wall)
+        if action is not None:
+            action()
+        self._deliver()
+        while self.chat.deferred:       # the real loop takes another turn at once
+            self.chat.tick(self.now, self.wall)
+            self._deliver()
+        for client in list(self.clients.values()):
+            client.pump()
+
+    def _deliver(self):
+        chat_ = self.chat
+        while True:
+            chat_.end_turn()
+            if not (chat_.dirty or chat_.slow):
+                return
+            dirty, chat_.dirty = chat_.dirty, []
+            for conn in dirty:
+                self.clients[conn].take()
+            slow, chat_.slow = chat_.slow, []
+            for conn in slow:
+                if conn.queued > self.config.max_buffer and conn.state is chat.JOINED:
+                    chat_.too_slow(conn)
+
+    def advance(self, seconds):
+        """Let `seconds` of fake time pass, firing each timer in a turn of its own."""
+        end = self.now + seconds
+        while self.timers and self.timers[0][0] <= end:
+            when, _, function, args = heapq.heappop(self.timers)
+            self.wall += max(0.0, when - self.now)
+            self.now = max(self.now, when)
+            self.turn(lambda: function(*args))
+        self.wall += end - self.now
+        self.now = end
+        self.turn()
+
+
+class FakeClient:
+    """One connection of a Harness, seen from the client's side."""
+
+    def __init__(self, harness, conn):
+        self.harness, self.conn = harness, conn
+        self.outbound = bytearray()     # sent, not yet read by the server (its socket buffer)
+        self.decoder = chat.FrameDecoder(chat.MAX_SERVER_PAYLOAD)
+        self.received = []
+        self.reading = True             # False: a client that stopped reading
+        self.closing = self.closed = False
+        self.welcome = None
+
+    def send(self, *frames):
+        self.send_raw(b"".join(chat.encode(frame) for frame in frames))
+
+    def send_raw(self, data):
+        self.outbound += data
+        self.pump()
+
+    def pump(self):
+        """The server reads what it is willing to: nothing while paused."""
+        conn = self.conn
+        while self.outbound and not self.closed and (not conn.paused or conn.state is chat.CLOSING):
+            data = bytes(self.outbound[:chat.RECV_SIZE])
+            del self.outbound[:len(data)]
+            self.harness.turn(lambda: self.harness.chat.received(conn, memoryview(data)))
+
+    def take(self):
+        """The server writes: the client reads everything queued (unless it stopped reading)."""
+        conn = self.conn
+        if self.reading and conn.out:
+            for chunk in conn.out:
+                self.decoder.feed(bytes(chunk))
+            conn.out.clear()
+            conn.queued = 0
+            while True:
+                frame = self.decoder.next_frame()
+                if frame is None:
+                    break
+                self.received.append(frame)
+        if self.closing and not conn.out and not self.closed:
+            self.close("closed")
+
+    def close(self, reason="connection closed"):
+        if not self.closed:
+            self.closed = True
+            self.harness.chat.lost(self.conn, reason)
+            self.harness._deliver()
+
+    def frames(self, kind=None):
+        """What arrived since the last call (of `kind`, if given)."""
+        frames, self.received = self.received, []
+        return [f for f in frames if kind is None or f["type"] == kind]
+
+    def expect(self, kind, **fields):
+        """The first frame of type `kind` (with `fields`) received so far; the frames before it are consumed."""
+        while self.received:
+            frame = self.received.pop(0)
+            if frame["type"] == kind and all(frame.get(k) == v for k, v in fields.items()):
+                return frame
+        raise AssertionError(f"no {kind} {fields} arrived")
 
 
 # ---------------------------------------------------------------------------
@@ -1024,26 +1175,6 @@ class FloodTest(ServerTestCase):
             self.assertEqual([peer.expect("msg")["text"] for _ in range(50)],
                              [f"pasted line {i:02d}" for i in range(50)])
         self.assertEqual(client.proc.poll(), None)
-
-
-class FloodLimitTest(ServerTestCase):
-    config = {"flood_rate": 20.0, "flood_burst": 5}
-
-    def test_a_flooder_is_slowed_down_without_losing_lines_or_starving_others(self):
-        flooder, talker, observer = self.peer("flooder"), self.peer("talker"), self.peer("observer")
-        for i in range(40):
-            flooder.send({"type": "msg", "text": f"flood {i}"})
-        while "slowing you down" not in flooder.expect("notice")["text"]:
-            pass
-        started = time.monotonic()
-        talker.send({"type": "msg", "text": "can I speak?"})
-        texts = []
-        while len(texts) < 41:
-            frame = observer.expect("msg")
-            texts.append(frame["text"])
-        self.assertEqual([t for t in texts if t.startswith("flood")], [f"flood {i}" for i in range(40)])
-        self.assertLess(texts.index("can I speak?"), 20, "the talker was starved by the flooder")
-        self.assertGreater(time.monotonic() - started, 1.0, "35 lines over the burst at 20/s take ~1.75s")
 
 
 class KeepaliveTest(ServerTestCase):
@@ -1920,3 +2051,23 @@ class ShownTest(unittest.TestCase):
         self.assertEqual(chat.shown("\x1b]0;t\x07\u202e\u200b"), "\\x1b]0;t\\x07\\u202e\\u200b")
         self.assertEqual(chat.shown("h\u00e9llo \u4e16\u754c"), "h\u00e9llo \u4e16\u754c")
         self.assertEqual(chat.shown(None), "None")
+
+
+# ---------------------------------------------------------------------------
+# Protocol rules in memory (Harness: no socket, fake clock)
+# ---------------------------------------------------------------------------
+
+class HarnessFloodTest(unittest.TestCase):
+    def test_a_flooder_is_slowed_down_without_losing_lines_or_starving_others(self):
+        server = Harness(flood_rate=20.0, flood_burst=5)
+        flooder, talker, observer = (server.connect(nick) for nick in ("flooder", "talker", "observer"))
+        flooder.send(*({"type": "msg", "text": f"flood {i}"} for i in range(40)))
+        self.assertTrue(any("slowing you down" in f["text"] for f in flooder.frames("notice")))
+        self.assertEqual(len(observer.frames("msg")), 5, "the burst, then nothing until a token is back")
+        talker.send({"type": "msg", "text": "can I speak?"})
+        self.assertEqual(observer.frames("msg")[0]["text"], "can I speak?", "the talker is not starved")
+        server.advance(1.0)
+        self.assertEqual(len(observer.frames("msg")), 20, "20 lines a second")
+        server.advance(0.75)
+        texts = [f["text"] for f in observer.frames("msg")]
+        self.assertEqual(texts[-1], "flood 39", "35 lines over the burst at 20/s take 1.75s")
