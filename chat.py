@@ -364,7 +364,7 @@ class ServerConfig:
 # Session states. A connection moves down this list and never back. (A TLS
 # handshake in progress is the loop's business: see Conn.handshake.)
 HELLO, AUTH, JOINED, CLOSING, CLOSED = "hello", "auth", "joined", "closing", "closed"
-CHAT_LINE_TYPES = frozenset(("msg", "me", "pm"))   # what flood control counts
+REPLY_BYTES_PER_TOKEN = 4096   # after hello every frame costs a flood token, and a reply one more per this
 FANOUT_BUDGET = 64 << 20    # bytes one turn may queue for all recipients together: bounds a turn's
                             # work (the recipients share the bytes, so not its memory), and so latency
 
@@ -377,7 +377,7 @@ class Conn:
 
     __slots__ = ("sock", "fd", "addr", "ip", "tls", "handshake", "shut", "events", "state", "decoder",
                  "out", "queued",
-                 "nick", "key", "session", "rooms", "tokens", "refilled", "held", "paused", "deferred",
+                 "nick", "key", "session", "rooms", "tokens", "refilled", "held", "paused", "backlogged", "deferred",
                  "last_heard", "flood_noticed")
 
     def __init__(self, sock, addr: str, ip: str, max_payload: int, now: float, burst: float):
@@ -396,7 +396,8 @@ class Conn:
         self.rooms: List[Room] = []
         self.tokens, self.refilled = float(burst), now    # flood-control token bucket
         self.held: Optional[dict] = None   # a frame waiting for a token
-        self.paused = False             # not reading: flood control or a pending refusal
+        self.paused = False             # not reading: flood control, a backlog or a pending refusal
+        self.backlogged = False         # paused until what is queued for it drains below Chat.share
         self.deferred = False           # has frames waiting for the next turn's budget
         self.last_heard = now
         self.flood_noticed = -1e9
@@ -562,7 +563,9 @@ class Chat:
         self.deferred: collections.deque = collections.deque()   # connections with frames left over
         self.turn_bytes = self.turn_fanout = 0   # what this turn has queued (see _pend())
         self.budget_spent = False
-        self.turn_byte_budget = max(4096, config.max_buffer // 4)
+        # What one connection may have queued before it is no longer read, and
+        # what one turn may add for any one recipient.
+        self.share = self.turn_byte_budget = max(4096, config.max_buffer // 4)
         self.auth_failures: Dict[str, Tuple[int, float]] = {}
         self.claiming: Dict[str, Conn] = {}      # nick key -> connection waiting for the cluster's answer
         self.cluster: Optional[Cluster] = None   # set by the loop with --redis
@@ -624,6 +627,9 @@ class Chat:
         down), or this turn's budget is spent (they wait for the next turn)."""
         decoder = conn.decoder
         while not conn.paused and conn.state in (HELLO, JOINED):
+            if conn.queued > self.share:
+                self._pause_for_backlog(conn)
+                return
             if self.budget_spent:
                 if not conn.deferred and (conn.held or decoder.buffered):
                     conn.deferred = True
@@ -639,12 +645,11 @@ class Chat:
                 if frame is None:
                     return
             conn.last_heard = self.clock
-            kind = frame["type"]
-            if kind in CHAT_LINE_TYPES and not self._take_token(conn):
+            if conn.state is JOINED and not self._take_token(conn):
                 conn.held = frame
                 self._pause_for_flood(conn)
                 return
-            self.dispatch(conn, kind, frame)
+            self.dispatch(conn, frame["type"], frame)
 
     def dispatch(self, conn: Conn, kind: str, frame: dict) -> None:
         if conn.state is HELLO:
@@ -725,6 +730,16 @@ class Chat:
         conn.queued += len(data)
         if conn.queued > self.config.max_buffer:
             self.slow.append(conn)
+
+    def reply(self, conn: Conn, data: bytes) -> None:
+        """Queue an answer to `conn`'s own request. It costs `conn` flood
+        tokens by its size (so no cheap request buys a big answer for free)
+        and counts against this turn's budget."""
+        self.send_data(conn, data)
+        conn.tokens -= len(data) / REPLY_BYTES_PER_TOKEN
+        self.turn_bytes += len(data)
+        if self.turn_bytes >= self.turn_byte_budget:
+            self.budget_spent = True
 
     def send(self, conn: Conn, frame: dict) -> None:
         """Queue one frame for one connection, after everything said before it."""
@@ -844,13 +859,26 @@ class Chat:
             log.info("%r is over the flood limit; slowing it down", conn)
             self.send(conn, self._stamped({
                 "type": "notice", "text": f"you are sending more than {self.config.flood_rate:g}"
-                f" lines a second; the server is slowing you down (nothing is lost)"}))
+                f" lines or requests a second; the server is slowing you down (nothing is lost)"}))
 
     def _resume(self, conn: Conn) -> None:
-        if conn.state is JOINED:
+        if conn.state is JOINED and not conn.backlogged:
             conn.paused = False
             self.io.update_interest(conn)
             self.process(conn)
+
+    def _pause_for_backlog(self, conn: Conn) -> None:
+        """Stop reading from a connection that has more queued for it than its
+        share, until drained() says it read enough: however cheap its requests,
+        it cannot make the server hold more for it than that."""
+        conn.paused = conn.backlogged = True
+        self.io.update_interest(conn)
+
+    def drained(self, conn: Conn) -> None:
+        """Called by the loop when a backlogged connection's queue is below its share again."""
+        conn.backlogged = False
+        if conn.state is JOINED:
+            self._resume(conn)
 
     # -- timers --------------------------------------------------------------
 
@@ -1166,8 +1194,7 @@ class Chat:
             if room is None:
                 raise ProtocolError("no-such-room", f"there is no room #{check_room(name)}")
             reply = {"type": "who", "room": room.name, "users": room.nicks()}
-        self.flush()
-        self._queue(conn, _fitted(self._stamped(reply), "users"))
+        self.reply(conn, _fitted(self._stamped(reply), "users"))
 
     def on_ping(self, conn: Conn, frame: dict) -> None:
         pong = dict(frame, type="pong")
@@ -1175,8 +1202,7 @@ class Chat:
         data = encode(pong)
         if len(data) - 4 > MAX_SERVER_PAYLOAD:   # cannot happen with sane limits; never send it
             raise ProtocolError("bad-field", "ping too large to echo")
-        self.flush()
-        self._queue(conn, data)
+        self.reply(conn, data)
 
     def on_pong(self, conn: Conn, frame: dict) -> None:
         pass    # its arrival already counted as a sign of life
@@ -1203,7 +1229,7 @@ class Chat:
             self.enter(conn, room)
             if self.cluster is not None:
                 self.cluster.presence(conn)
-        self._queue(conn, _fitted(self._stamped({
+        self.reply(conn, _fitted(self._stamped({
             "type": "joined", "room": room.name, "users": room.nicks(), "seq": room.seq,
             "history": list(room.history)}), "history", "users"))
         if fresh:
@@ -1223,7 +1249,7 @@ class Chat:
         rooms = [{"name": room.name, "users": room.count()} for room in self.rooms.values()
                  if room.count() or room is self.lobby]
         rooms.sort(key=lambda r: name_key(r["name"]))
-        self.send(conn, self._stamped({"type": "rooms", "rooms": rooms}))
+        self.reply(conn, _fitted(self._stamped({"type": "rooms", "rooms": rooms}), "rooms"))
 
     # -- operator ------------------------------------------------------------
 
@@ -1602,8 +1628,8 @@ class ServerLoop:
             self._write(conn)
 
     def _read(self, conn: Conn) -> None:
-        if conn.deferred or self.chat.budget_spent:
-            return      # frames are waiting already; the socket stays readable for the next turn
+        if conn.deferred:
+            return      # frames are waiting already; the socket stays readable for their turn
         sock = conn.sock
         while True:
             try:
@@ -1646,6 +1672,8 @@ class ServerLoop:
         if sent:
             _consume(out, sent)
             conn.queued -= sent
+            if conn.backlogged and conn.queued <= self.chat.share:
+                self.chat.drained(conn)
         if not out and conn.state is CLOSING:
             self._shut(conn)
         else:

@@ -446,6 +446,8 @@ class FakeClient:
                 self.decoder.feed(bytes(chunk))
             conn.out.clear()
             conn.queued = 0
+            if conn.backlogged:
+                self.harness.chat.drained(conn)
             while True:
                 frame = self.decoder.next_frame()
                 if frame is None:
@@ -2071,3 +2073,101 @@ class HarnessFloodTest(unittest.TestCase):
         server.advance(0.75)
         texts = [f["text"] for f in observer.frames("msg")]
         self.assertEqual(texts[-1], "flood 39", "35 lines over the burst at 20/s take 1.75s")
+
+
+class RequestCostTest(unittest.TestCase):
+    """Items 2 and 3: every request costs flood tokens, big answers cost more,
+    and a connection is not read while more than its share is queued for it."""
+
+    def populated(self, rooms=40, **config):
+        server = Harness(**{"flood_rate": 10.0, "flood_burst": 50, **config})
+        for i in range(rooms):
+            server.connect(f"u{i}").send({"type": "join", "room": f"room-with-a-long-name-{i:04d}"})
+        return server
+
+    def test_cheap_requests_with_big_answers_are_paid_for(self):
+        server = self.populated()
+        attacker = server.connect("attacker")
+        attacker.send(*[{"type": "rooms"}] * 1000)
+        answered = len(attacker.frames("rooms"))
+        size = len(chat.encode({"type": "rooms", "rooms": [{"name": "room-with-a-long-name-0000", "users": 1}] * 41}))
+        self.assertLessEqual(answered, 50 / (1 + size / chat.REPLY_BYTES_PER_TOKEN) + 1)
+        server.advance(1.0)
+        self.assertLessEqual(len(attacker.frames("rooms")), 10 / (1 + size / chat.REPLY_BYTES_PER_TOKEN) + 1)
+
+    def test_every_request_type_costs_a_token(self):
+        for frame in ({"type": "who"}, {"type": "ping"}, {"type": "nick", "nick": "x"},
+                      {"type": "join", "room": "r"}, {"type": "part", "room": "r"}, {"type": "pong"},
+                      {"type": "teleport"}, {"type": "msg", "text": 5}):
+            with self.subTest(frame["type"]):
+                server = Harness(flood_rate=10.0, flood_burst=20)
+                attacker, watcher = server.connect("attacker"), server.connect("watcher")
+                attacker.send(*[frame] * 200)
+                self.assertTrue(attacker.conn.paused and attacker.conn.held is not None)
+                self.assertLess(attacker.conn.tokens, 1.0)
+
+    def test_join_part_nick_churn_is_capped_like_a_flood(self):
+        server = Harness(flood_rate=10.0, flood_burst=20)
+        attacker, victim = server.connect("attacker"), server.connect("victim")
+        victim.frames()
+        churn = [{"type": "part", "room": "lobby"}, {"type": "join", "room": "lobby"},
+                 {"type": "nick", "nick": "attacker2"}, {"type": "nick", "nick": "attacker"}]
+        attacker.send(*churn * 1000)
+        server.advance(10.0)
+        events = victim.frames()
+        self.assertLessEqual(len(events), 20 + 10 * 10 + 1, "a burst, then the flood rate")
+        self.assertGreater(len(events), 100, "slowed, not stopped")
+        self.assertFalse(victim.closed)
+
+    def test_a_connection_that_does_not_read_its_answers_is_not_read_either(self):
+        server = self.populated(flood_rate=1e9, flood_burst=1e9, max_buffer=64 * 1024)
+        attacker = server.connect("attacker")
+        attacker.reading = False
+        attacker.send(*[{"type": "rooms"}] * 10000)
+        self.assertTrue(attacker.conn.backlogged)
+        self.assertLessEqual(attacker.conn.queued, server.chat.share + 4096)
+        self.assertGreater(len(attacker.outbound) + attacker.conn.decoder.buffered, 100000,
+                           "the rest waits unhandled, in its socket or the one read taken")
+        attacker.reading = True
+        attacker.take()
+        self.assertFalse(attacker.conn.backlogged)
+        self.assertGreater(len(attacker.frames("rooms")), 5, "read again once it reads")
+
+
+def ping_ms(peer):
+    """How long the server takes to answer `peer`'s ping, in milliseconds."""
+    started = time.monotonic()
+    peer.sync()
+    return (time.monotonic() - started) * 1000
+
+
+class ReplyFloodTest(ServerTestCase):
+    """Item 2 on real sockets: 253 KB of `rooms` from 4 connections that do
+    not read froze the server for 34 s and took 2.7 GB. Stated bound: what is
+    queued for each of them stays under its share plus one answer."""
+
+    def test_attackers_that_never_read_cannot_freeze_the_server_or_grow_it(self):
+        for i in range(10):
+            member = self.peer(f"member{i}")
+            for j in range(10):
+                member.send({"type": "join", "room": f"populated-room-{i:02d}-{j:02d}"})
+            member.sync()
+        watcher = self.peer("watcher")
+        attackers = []
+        for i in range(4):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)     # a small window: its queue fills
+            sock.connect(("127.0.0.1", self.port))
+            attackers.append(self.peer(f"attacker{i}", sock=sock))
+        flood = chat.encode({"type": "rooms"}) * (253000 // 16)
+        for attacker in attackers:
+            threading.Thread(target=attacker.sock.sendall, args=(flood,), daemon=True).start()
+        worst = max(ping_ms(watcher) for _ in range(10))
+        wait_until(lambda: self.server.call(
+            lambda: sum(c.paused for c in self.server.loop.open)) == 4, what="all four to be paused")
+        worst = max([worst] + [ping_ms(watcher) for _ in range(10)])
+        self.assertLess(worst, 500, "the watcher's ping was answered late")
+        share = self.server.loop.chat.share
+        queued = self.server.call(lambda: [c.queued for c in self.server.loop.open if c.nick.startswith("att")])
+        self.assertEqual(len(queued), 4, "the attackers are paused, not dropped")
+        self.assertLessEqual(max(queued), share + chat.MAX_SERVER_PAYLOAD)
