@@ -341,8 +341,9 @@ class ServerConfig:
     max_payload: int = MAX_CLIENT_PAYLOAD
     max_buffer: int = 1 << 20          # unsent bytes per client before it counts as too slow
     history: int = 50                  # lines kept per room for welcome and replay
+    history_bytes: int = 32 << 20      # what the history of all rooms together may hold
     history_file: Optional[str] = None
-    history_file_max: int = 4 << 20    # bytes before the file is compacted
+    history_file_max: int = 4 << 20    # bytes before the file is compacted (or twice its compacted size)
     flood_rate: float = 100.0          # chat lines per second per client, sustained...
     flood_burst: int = 1000            # ...after a burst of this many
     hello_timeout: float = 10.0
@@ -406,16 +407,30 @@ class Conn:
         return f"{self.nick or '?'}@{self.addr}"
 
 
-class Room:
-    __slots__ = ("name", "members", "remote", "roster", "arrivals", "history", "seq")
+class HistoryLine(NamedTuple):
+    """A room line as kept for replay: encoded once, as it was sent (with its
+    length prefix), and spliced into welcome and joined frames as it is."""
+    id: int
+    room: str
+    seq: int
+    data: bytes
 
-    def __init__(self, name: str, history: int):
-        self.name = name
+
+HISTORY_LINE_COST = 100     # what a kept line costs beyond its bytes (tuple, bytes header, deque slot)
+REPLAY_MAX = 256 << 10      # history bytes one welcome or joined carries at most (the newest lines)
+
+
+class Room:
+    __slots__ = ("name", "key", "members", "remote", "roster", "arrivals", "history", "history_bytes", "seq")
+
+    def __init__(self, name: str):
+        self.name, self.key = name, name_key(name)
         self.members: set = set()
         self.remote: Dict[str, str] = {}            # key -> nick of members on other servers
         self.roster: List[Tuple[str, str]] = []     # (key, nick) of members here, kept sorted
         self.arrivals: Dict[Conn, int] = {}         # newcomer -> where it arrived in Chat.pending
-        self.history: collections.deque = collections.deque(maxlen=history)
+        self.history: collections.deque = collections.deque()    # HistoryLine, oldest first (Chat trims it)
+        self.history_bytes = 0                      # what `history` costs, counted as Chat.keep() does
         self.seq = 0    # lines ever said here; the `seq` of the newest line
 
     def add(self, conn: Conn) -> None:
@@ -449,22 +464,31 @@ class HistoryFile:
     """Chat lines kept on disk as JSON lines, so a restart loses nothing.
 
     The first line is a header with the history's instance id: clients use it
-    to know that message ids they remember still mean the same lines. Lines
-    are written once per loop turn (flushed to the OS, so a crash or SIGKILL
-    loses nothing) and fsync'd at most once a second (a power cut may lose
-    that last second). A torn last line is skipped with a warning. Past
-    `max_bytes` the file is rewritten with only what the server keeps in
-    memory (the newest lines of each room)."""
+    to know that message ids they remember still mean the same lines. Then
+    come the room lines as they were sent, and now and then an `{"ids": N}`
+    record: ids below N may have been given (to private messages too, which
+    are not kept), so after a restart ids continue from there and never
+    repeat. Lines are written once per loop turn (flushed to the OS, so a
+    crash or SIGKILL loses nothing) and fsync'd at most once a second (a
+    power cut may lose that last second). A torn line is skipped with a
+    warning. Past `max_bytes`, or twice the size of its last compaction, the
+    file is rewritten with only what the server keeps in memory."""
+
+    ID_BLOCK = 1024     # ids reserved on disk at a time
 
     def __init__(self, path: str, max_bytes: int):
         self.path, self.max_bytes = path, max_bytes
         self.instance = None
+        self.reserved = 1           # ids below this may have been used
+        self._compacted = 0         # size of the file after its last rewrite
         self._pending: List[bytes] = []
         self._unsynced = False
         self._file = None
 
-    def load(self) -> List[dict]:
-        """Lines on disk, oldest first; sets `instance` (a new one for a new file)."""
+    def load(self) -> List[Tuple[dict, bytes]]:
+        """Lines on disk, oldest first, each parsed and as written; sets
+        `instance` (a new one for a new or empty file) and `reserved`.
+        ValueError for a file that is not a chat.py history (left untouched)."""
         lines, torn = [], 0
         try:
             with open(self.path, "rb") as f:
@@ -472,35 +496,50 @@ class HistoryFile:
                     try:
                         obj = json.loads(raw)
                     except ValueError:
+                        obj = None
+                    if number == 1:
+                        if not _is_history_header(obj):
+                            raise ValueError(f"{self.path} is not a chat.py history file (its first line is"
+                                             " not a chat.py header); it was left as it is")
+                        self.instance = obj["instance"]
+                        self.reserved = max(self.reserved, obj.get("ids", 1))
+                    elif obj is None:
                         torn += 1
                         log.warning("history %s: line %d is damaged; skipped", self.path, number)
-                        continue
-                    if number == 1 and isinstance(obj, dict) and "instance" in obj:
-                        self.instance = str(obj["instance"])
                     elif _is_history_line(obj):
-                        lines.append(obj)
+                        lines.append((obj, raw.strip()))
+                    elif isinstance(obj, dict) and type(obj.get("ids")) is int:
+                        self.reserved = max(self.reserved, obj["ids"])
         except FileNotFoundError:
             pass
+        if lines:
+            self.reserved = max(self.reserved, max(obj["id"] for obj, _ in lines) + 1)
         if self.instance is None or torn:
             self.instance = self.instance or secrets.token_hex(8)
-            self.rewrite(lines)
+            self.rewrite([raw for _, raw in lines])
         self._file = open(self.path, "ab")
         return lines
 
-    def rewrite(self, lines: List[dict]) -> None:
-        """Replace the file atomically with a header and `lines`."""
+    def rewrite(self, lines: List[bytes]) -> None:
+        """Replace the file atomically with a header and `lines` (payloads)."""
         tmp = self.path + ".tmp"
         with open(tmp, "wb") as f:
-            f.write(_dumps({"instance": self.instance, "format": 1}).encode() + b"\n")
-            f.writelines(_dumps(line).encode("utf-8") + b"\n" for line in lines)
+            f.write(_dumps({"instance": self.instance, "format": 1, "ids": self.reserved}).encode() + b"\n")
+            f.writelines(bytes(line) + b"\n" for line in lines)
             f.flush()
             os.fsync(f.fileno())
+            self._compacted = f.tell()
         os.replace(tmp, self.path)
 
     def append(self, payload: bytes) -> None:
         self._pending.append(payload)
 
-    def write(self, keep: Callable[[], List[dict]]) -> bool:
+    def reserve(self, below: int) -> None:
+        """Record that ids up to `below` may be given before the next reservation."""
+        self.reserved = below
+        self._pending.append(_dumps({"ids": below}).encode())
+
+    def write(self, keep: Callable[[], List[bytes]]) -> bool:
         """Once per loop turn: write what this turn added; compact when too
         big. True when an fsync should now be scheduled."""
         if not self._pending:
@@ -508,7 +547,7 @@ class HistoryFile:
         try:
             self._file.write(b"\n".join(self._pending) + b"\n")
             self._file.flush()
-            if self._file.tell() > self.max_bytes:
+            if self._file.tell() > max(self.max_bytes, 2 * self._compacted):
                 self.rewrite(keep())    # if this fails, the old file stays, whole and open
                 self._file.close()
                 self._file = open(self.path, "ab")
@@ -531,6 +570,11 @@ class HistoryFile:
         if self._file:
             self.sync()
             self._file.close()
+
+
+def _is_history_header(obj: object) -> bool:
+    return (isinstance(obj, dict) and type(obj.get("instance")) is str and obj.get("format") == 1
+            and type(obj.get("ids", 1)) is int)
 
 
 def _is_history_line(obj: object) -> bool:
@@ -556,6 +600,12 @@ class Chat:
         self.conns: set = set()                  # every connection not yet closing
         self.users: Dict[str, Conn] = {}         # nick key -> joined connection
         self.rooms: Dict[str, Room] = {}
+        # Empty rooms are kept only for their history (oldest first), at most
+        # max_rooms of them and within the history budget; they do not count
+        # against max_rooms, so nobody can use up the room table.
+        self.dormant: "collections.OrderedDict[str, Room]" = collections.OrderedDict()
+        self.retired: "collections.OrderedDict[str, int]" = collections.OrderedDict()  # freed room -> its seq
+        self.history_bytes = 0                   # all rooms' history, as keep() counts it
         self.pending: List[tuple] = []           # (room, sender, frame bytes) not yet fanned out
         self.arrived: List[Room] = []            # rooms with arrivals during `pending`
         self.dirty: List[Conn] = []              # connections whose `out` became non-empty
@@ -711,6 +761,8 @@ class Chat:
     def end_turn(self) -> None:
         """Called by the loop after each turn's events."""
         self.flush()
+        if self.history_bytes > self.config.history_bytes:
+            self._trim_history()
         if self.history_file and self.history_file.write(self._history_in_memory):
             self.io.call_later(1.0, self.history_file.sync)
         if self.cluster is not None:
@@ -774,6 +826,7 @@ class Chat:
         needs no flush and a storm of joins fans out in one go."""
         room.add(conn)
         conn.rooms.append(room)
+        self.occupied(room)
         if self.pending:
             if not room.arrivals:
                 self.arrived.append(room)
@@ -991,7 +1044,11 @@ class Chat:
         rooms = self._rooms_to_rejoin(hello.get("rooms")) or [self.lobby]
         since = hello.get("since") if hello.get("instance") == self.instance else None
         history, missed = self._replay(rooms, since)
-        welcome = {"type": "welcome", "nick": conn.nick, "users": [], "history": history,
+        start = _newest_within(history, REPLAY_MAX)
+        if missed is not None:      # lines a resume cannot carry are missed too
+            for line in history[:start]:
+                missed[line.room] = missed.get(line.room, 0) + 1
+        welcome = {"type": "welcome", "nick": conn.nick, "users": [],
                    "server": self.config.name, "max_payload": self.config.max_payload,
                    "max_text": TEXT_MAX, "rooms": [room.name for room in rooms], "room": rooms[0].name,
                    "instance": self.instance, "session": conn.session,
@@ -1005,7 +1062,9 @@ class Chat:
         welcome["seq"] = {room.name: room.seq for room in rooms}   # resume points for rooms with no lines
         if self.cluster is not None:
             self.cluster.presence(conn)
-        self._queue(conn, _fitted(welcome, "history", "users"))
+        if start:
+            welcome["truncated"] = True
+        self._queue(conn, _with_history(welcome, history[start:]))
         log.info("%r joined (%s)", conn, plural(len(self.users), "user"))
         if self.cluster is not None and not self.cluster.up:
             self._queue(conn, encode(self._stamped({
@@ -1028,24 +1087,25 @@ class Chat:
                     rooms.append(room)
         return rooms
 
-    def _replay(self, rooms: List[Room], since: object) -> Tuple[List[dict], Optional[dict]]:
+    def _replay(self, rooms: List[Room], since: object) -> Tuple[List[HistoryLine], Optional[dict]]:
         """History for a welcome: each room's recent lines, or, for a client
         resuming, the lines after the last one it saw (`since`: room -> seq)
         and how many of those are no longer kept (`missed`)."""
         if not isinstance(since, dict):
-            lines = [line for room in rooms for line in room.history]
-            return sorted(lines, key=_by_id), None
+            return sorted(line for room in rooms for line in room.history), None
         lines, missed = [], {}
         for room in rooms:
             last = since.get(room.name)
             if type(last) is not int:
                 continue
-            newer = [line for line in room.history if line["seq"] > last]
+            if last > room.seq:     # the room was freed and begun anew: all it has is new
+                last = 0
+            newer = [line for line in room.history if line.seq > last]
             lines += newer
-            first_kept = newer[0]["seq"] if newer else room.seq + 1
+            first_kept = newer[0].seq if newer else room.seq + 1
             if first_kept - last - 1 > 0:
                 missed[room.name] = first_kept - last - 1
-        return sorted(lines, key=_by_id), missed
+        return sorted(lines), missed
 
     def _announce_join(self, conn: Conn, room: Room) -> None:
         if room.count() == 1:   # a newcomer has nothing pending: no flush needed
@@ -1076,6 +1136,7 @@ class Chat:
             room.remove(conn)
             self._event(room, {"type": "leave", "nick": conn.nick, "reason": reason,
                                "users": room.count(), "room": room.name, "ts": self.ts})
+            self.vacated(room)
         log.info("%r left: %s (%s)", conn, reason, plural(len(self.users), "user"))
 
     def on_quit(self, conn: Conn, frame: dict) -> None:
@@ -1092,22 +1153,31 @@ class Chat:
 
     def post(self, room: Room, sender: Conn, text: str, action: bool = False) -> None:
         """A chat line said in `room`: numbered (here, or by the cluster), kept, fanned out."""
-        line = {"type": "msg", "id": self.next_id, "from": sender.nick, "text": text,
+        line = {"type": "msg", "id": 0, "from": sender.nick, "text": text,
                 "ts": self.ts, "room": room.name, "seq": room.seq + 1}
         if action:
             line["action"] = True
         if self.cluster is not None:
             self.cluster.post(room, sender, line)     # it comes back numbered through deliver_line()
             return
-        self.next_id += 1
+        line["id"] = self.new_id()
         room.seq += 1
         self.deliver_line(room, sender, line, encode(line))
+
+    def new_id(self) -> int:
+        """The next message id; with a history file, ids are reserved on disk
+        ahead of use, so none repeats after a restart."""
+        given = self.next_id
+        self.next_id += 1
+        if self.history_file and self.next_id > self.history_file.reserved:
+            self.history_file.reserve(self.next_id + HistoryFile.ID_BLOCK)
+        return given
 
     def deliver_line(self, room: Room, sender: Optional[Conn], line: dict, data: bytes,
                      keep: bool = True) -> None:
         """A numbered line goes into the room's history and out to its members."""
         if keep and "seq" in line:
-            room.history.append(line)
+            self.keep(room, HistoryLine(line["id"], room.name, line["seq"], data))
             if self.history_file:
                 self.history_file.append(data[4:])
         self._pend(room, sender, data)
@@ -1116,13 +1186,13 @@ class Chat:
         to, text = frame.get("to"), check_text(frame.get("text"))
         key = name_key(to) if type(to) is str else ""
         target = self.users.get(key)
-        line = {"type": "msg", "id": self.next_id, "from": conn.nick, "to": target.nick if target else to,
+        line = {"type": "msg", "id": 0, "from": conn.nick, "to": target.nick if target else to,
                 "text": text, "ts": self.ts}
         if target is None:
             if self.cluster is not None and self.cluster.pm(conn, key, line):
                 return
             raise ProtocolError("no-such-user", f"nobody here is called {shown(to)}")
-        self.next_id += 1
+        line["id"] = self.new_id()
         self.send(target, line)
 
     def _room_of(self, conn: Conn, name: object) -> Room:
@@ -1208,14 +1278,75 @@ class Chat:
         pass    # its arrival already counted as a sign of life
 
     def _room(self, name: str) -> Room:
-        """The room called `name`, created if new."""
+        """The room called `name`, created if new. A room that comes back after
+        it was freed numbers its lines on from where it stopped."""
         key = name_key(name)
         room = self.rooms.get(key)
         if room is None:
-            if len(self.rooms) >= self.config.max_rooms:
-                raise ProtocolError("too-many-rooms", f"the server has {self.config.max_rooms} rooms already")
-            room = self.rooms[key] = Room(name, self.config.history)
+            if len(self.rooms) - len(self.dormant) >= self.config.max_rooms:
+                raise ProtocolError("too-many-rooms", f"the server has {self.config.max_rooms} rooms in use")
+            room = self.rooms[key] = Room(name)
+            room.seq = self.retired.pop(key, 0)
         return room
+
+    # -- rooms come and go, history stays within its budget ------------------
+
+    def vacated(self, room: Room) -> None:
+        """`room` may have lost its last member: an empty room is freed, or
+        kept dormant while it has history (the oldest dormant room goes first)."""
+        if room.count() or room is self.lobby or room.key in self.dormant or room.key not in self.rooms:
+            return
+        if not room.history:
+            self._free(room)
+            return
+        self.dormant[room.key] = room
+        if len(self.dormant) > self.config.max_rooms:
+            self._free(next(iter(self.dormant.values())))
+
+    def occupied(self, room: Room) -> None:
+        """`room` has a member again."""
+        if self.dormant:
+            self.dormant.pop(room.key, None)
+
+    def _free(self, room: Room) -> None:
+        del self.rooms[room.key]
+        self.dormant.pop(room.key, None)
+        self._forget(room, len(room.history))
+        if room.seq:    # a few bytes, so that line numbers never go back; the oldest are forgotten
+            self.retired[room.key] = room.seq
+            if len(self.retired) > 10 * self.config.max_rooms:
+                self.retired.popitem(last=False)
+
+    def keep(self, room: Room, line: HistoryLine) -> None:
+        """Add a line to `room`'s history, dropping its oldest past --history lines."""
+        cost = len(line.data) + HISTORY_LINE_COST
+        room.history.append(line)
+        room.history_bytes += cost
+        self.history_bytes += cost
+        if len(room.history) > self.config.history:
+            self._forget(room, 1)
+
+    def _forget(self, room: Room, count: int) -> None:
+        """Drop `room`'s `count` oldest lines."""
+        for _ in range(count):
+            cost = len(room.history.popleft().data) + HISTORY_LINE_COST
+            room.history_bytes -= cost
+            self.history_bytes -= cost
+
+    def _trim_history(self) -> None:
+        """Over the history budget: free dormant rooms, oldest first, then
+        take the oldest lines of the rooms holding the most, down to 7/8 of
+        the budget (so this runs now and then, not for every line)."""
+        target = self.config.history_bytes * 7 // 8
+        while self.history_bytes > target and self.dormant:
+            self._free(next(iter(self.dormant.values())))
+        heap = [(-room.history_bytes, room.key, room) for room in self.rooms.values() if room.history]
+        heapq.heapify(heap)
+        while self.history_bytes > target and heap:
+            _, key, room = heapq.heappop(heap)
+            self._forget(room, 1)
+            if room.history:
+                heapq.heappush(heap, (-room.history_bytes, key, room))
 
     def on_join(self, conn: Conn, frame: dict) -> None:
         name = check_room(frame.get("room"))
@@ -1229,9 +1360,12 @@ class Chat:
             self.enter(conn, room)
             if self.cluster is not None:
                 self.cluster.presence(conn)
-        self.reply(conn, _fitted(self._stamped({
-            "type": "joined", "room": room.name, "users": room.nicks(), "seq": room.seq,
-            "history": list(room.history)}), "history", "users"))
+        history = list(room.history)
+        start = _newest_within(history, REPLAY_MAX)
+        joined = {"type": "joined", "room": room.name, "users": room.nicks(), "seq": room.seq, "ts": self.ts}
+        if start:
+            joined["truncated"] = True
+        self.reply(conn, _with_history(joined, history[start:]))
         if fresh:
             self._announce_join(conn, room)
 
@@ -1243,6 +1377,7 @@ class Chat:
             self.cluster.presence(conn)
         self._event(room, {"type": "leave", "nick": conn.nick, "reason": "parted",
                            "users": room.count(), "room": room.name, "ts": self.ts})
+        self.vacated(room)
         self.send(conn, self._stamped({"type": "parted", "room": room.name}))
 
     def on_rooms(self, conn: Conn, frame: dict) -> None:
@@ -1277,37 +1412,66 @@ class Chat:
     # -- durable history -----------------------------------------------------
 
     def _load_history(self) -> None:
+        """Rooms and their lines from the history file. The rooms are dormant
+        (nobody is in them yet), so they never lock anyone out of making one."""
         lines = self.history_file.load()
         self.instance = self.history_file.instance
-        for line in lines:
+        self.next_id = self.history_file.reserved
+        for obj, payload in lines:
             try:
-                room = self._room(check_room(line["room"]))
+                room = self.rooms.get(name_key(obj["room"])) or self._room(check_room(obj["room"]))
             except ProtocolError:
                 continue
-            room.history.append(line)
-            room.seq = max(room.seq, line["seq"])
-            self.next_id = max(self.next_id, line["id"] + 1)
+            self.keep(room, HistoryLine(obj["id"], room.name, obj["seq"], _LENGTH.pack(len(payload)) + payload))
+            room.seq = max(room.seq, obj["seq"])
+            if room is not self.lobby:
+                self.dormant.pop(room.key, None)
+                self.vacated(room)      # (again) the newest dormant room
+        if self.history_bytes > self.config.history_bytes:
+            self._trim_history()
         log.info("history: %d lines from %s", len(lines), self.history_file.path)
 
-    def _history_in_memory(self) -> List[dict]:
-        return sorted((line for room in self.rooms.values() for line in room.history), key=_by_id)
+    def restore_history(self, room: Room, payloads: List[bytes]) -> None:
+        """Replace `room`'s history with these lines (from Redis, as they were sent)."""
+        self._forget(room, len(room.history))
+        for payload in payloads:
+            line = json.loads(payload)
+            self.keep(room, HistoryLine(line["id"], room.name, line["seq"], _LENGTH.pack(len(payload)) + payload))
+        self.vacated(room)
+
+    def _history_in_memory(self) -> List[bytes]:
+        return [line.data[4:] for line in sorted(line for room in self.rooms.values() for line in room.history)]
 
 
-def _by_id(line: dict) -> int:
-    return line["id"]
-
-
-def _fitted(frame: dict, *lists: str) -> bytes:
-    """Encode `frame`, halving its longest lists until it fits the protocol's
-    1 MiB limit for server frames (oldest history and last names go first)."""
+def _fitted(frame: dict, key: str, limit: int = MAX_SERVER_PAYLOAD) -> bytes:
+    """Encode `frame`, halving its list `key` (the last items go) until it
+    fits `limit` (the protocol's 1 MiB limit for server frames)."""
     data = encode(frame)
-    for key in lists:
-        while len(data) - 4 > MAX_SERVER_PAYLOAD and frame[key]:
-            items = frame[key]
-            frame[key] = items[len(items) // 2:] if key == "history" else items[:len(items) // 2]
-            frame["truncated"] = True
-            data = encode(frame)
+    while len(data) - 4 > limit and frame[key]:
+        frame[key] = frame[key][:len(frame[key]) // 2]
+        frame["truncated"] = True
+        data = encode(frame)
     return data
+
+
+def _newest_within(lines: List[HistoryLine], budget: int) -> int:
+    """Where the newest of `lines` that fit in `budget` bytes begin."""
+    start, size = len(lines), 0
+    while start and size + len(lines[start - 1].data) - 3 <= budget:    # the payload and a comma
+        start -= 1
+        size += len(lines[start].data) - 3
+    return start
+
+
+def _with_history(frame: dict, lines: List[HistoryLine]) -> bytes:
+    """Encode `frame` (a welcome or joined) with `lines` as its "history"
+    (cut to REPLAY_MAX by the caller, who says "truncated" if it cut): the
+    lines are kept encoded, so they are spliced in, not encoded again. Its
+    "users" are cut to fit what the history leaves of the 1 MiB limit."""
+    spliced = b",".join([memoryview(line.data)[4:] for line in lines])
+    head = _fitted(frame, "users", MAX_SERVER_PAYLOAD - len(spliced) - 16)
+    payload = head[4:-1] + b',"history":[' + spliced + b"]}"
+    return _LENGTH.pack(len(payload)) + payload
 
 
 # ---------------------------------------------------------------------------
@@ -2190,7 +2354,7 @@ class Cluster:
         for room in chat.rooms.values():
             if room.history:
                 run("EVAL", _RESTORE_SCRIPT, 3, k("instance"), k("hist", room.name), k("rooms"), chat.instance,
-                    room.name, *(_dumps(line) for line in room.history))
+                    room.name, *(line.data[4:] for line in room.history))
         self._beat("beat", then=self._load_people)
 
     def _load_people(self, live: list) -> None:
@@ -2220,8 +2384,7 @@ class Cluster:
 
     def _load_history(self, name: str, lines: list) -> None:
         for room in self._rooms([name]):
-            room.history.clear()
-            room.history.extend(json.loads(line) for line in lines)
+            self.chat.restore_history(room, lines)
 
     def _synced(self) -> None:
         held, self.syncing = self.syncing or [], None
@@ -2432,12 +2595,14 @@ class Cluster:
 
     def _add_remote(self, key: str, user: RemoteUser) -> None:
         old = self.remote.get(key)
-        if old is not None:
-            for room in self._rooms(old.rooms):
-                room.remote.pop(key, None)
         self.remote[key] = user
         for room in self._rooms(user.rooms):
             room.remote[key] = user.nick
+            self.chat.occupied(room)
+        if old is not None:
+            for room in self._rooms(set(old.rooms) - set(user.rooms)):
+                room.remote.pop(key, None)
+                self.chat.vacated(room)
 
     def _remove_remote(self, key: str, announce: Optional[str]) -> None:
         """Forget a user elsewhere; `announce` a leave to the rooms it was in."""
@@ -2449,10 +2614,12 @@ class Cluster:
             if announce:
                 self.chat.to_room(room, {"type": "leave", "nick": user.nick, "reason": announce,
                                          "users": self.count(room), "room": room.name, "ts": self.chat.ts})
+            self.chat.vacated(room)
 
     def _forget_remote(self) -> None:
-        for room in self.chat.rooms.values():
+        for room in list(self.chat.rooms.values()):
             room.remote.clear()
+            self.chat.vacated(room)
         self.remote.clear()
 
     def _rooms(self, names: Iterable[str]) -> List["Room"]:

@@ -298,13 +298,19 @@ class ConsoleScreenTest(unittest.TestCase):
 
 
 class FittingTest(unittest.TestCase):
-    def test_history_is_trimmed_oldest_first_to_fit_one_mebibyte(self):
-        history = [{"type": "msg", "id": i, "text": "x" * 4000} for i in range(400)]
-        data = chat._fitted({"type": "welcome", "history": history, "users": ["a"]}, "history", "users")
+    def test_history_is_trimmed_oldest_first_and_spliced_as_it_was_sent(self):
+        history = [chat.HistoryLine(i, "lobby", i, chat.encode({"type": "msg", "id": i, "text": "x" * 4000}))
+                   for i in range(400)]
+        start = chat._newest_within(history, chat.REPLAY_MAX)
+        data = chat._with_history({"type": "welcome", "users": ["u%d" % i for i in range(200000)]},
+                                  history[start:])
         self.assertLessEqual(len(data) - 4, chat.MAX_SERVER_PAYLOAD)
         frame = json.loads(data[4:])
-        self.assertTrue(frame["truncated"])
+        self.assertTrue(frame["truncated"], "the users were cut to fit")
         self.assertEqual(frame["history"][-1]["id"], 399)
+        self.assertEqual(len(frame["history"]), 400 - start)
+        self.assertLessEqual(sum(len(line.data) for line in history[start:]), chat.REPLAY_MAX)
+        self.assertGreater(sum(len(line.data) for line in history[start - 1:]), chat.REPLAY_MAX)
 
 
 class HistoryFileTest(unittest.TestCase):
@@ -318,7 +324,7 @@ class HistoryFileTest(unittest.TestCase):
             with self.assertLogs("chat", logging.WARNING) as logs:
                 lines = history.load()
             history.close()
-            self.assertEqual(lines, [line])
+            self.assertEqual([obj for obj, _ in lines], [line])
             self.assertEqual(history.instance, "abc")
             self.assertIn("damaged", logs.output[0])
             with open(path) as f:
@@ -2171,3 +2177,158 @@ class ReplyFloodTest(ServerTestCase):
         queued = self.server.call(lambda: [c.queued for c in self.server.loop.open if c.nick.startswith("att")])
         self.assertEqual(len(queued), 4, "the attackers are paused, not dropped")
         self.assertLessEqual(max(queued), share + chat.MAX_SERVER_PAYLOAD)
+
+
+class RoomTableTest(unittest.TestCase):
+    """Item 4: the room table shrinks, and no one user can fill it."""
+
+    def test_join_part_churn_leaves_no_empty_rooms(self):
+        server = Harness(flood_rate=1e6, flood_burst=1e6, max_rooms=1000)
+        churner, other = server.connect("churner"), server.connect("other")
+        for i in range(1100):
+            churner.send({"type": "join", "room": f"r{i}"}, {"type": "part", "room": f"r{i}"})
+        self.assertEqual(set(server.chat.rooms), {"lobby"})
+        other.send({"type": "join", "room": "mine"})
+        self.assertEqual(other.expect("joined")["room"], "mine")
+
+    def test_rooms_kept_for_their_history_never_lock_anyone_out(self):
+        server = Harness(flood_rate=1e6, flood_burst=1e6, max_rooms=10)
+        churner, other = server.connect("churner"), server.connect("other")
+        for i in range(30):
+            churner.send({"type": "join", "room": f"r{i}"}, {"type": "msg", "room": f"r{i}", "text": "mark"},
+                         {"type": "part", "room": f"r{i}"})
+        self.assertLessEqual(len(server.chat.dormant), 10, "at most max_rooms dormant rooms")
+        self.assertIn("r29", server.chat.rooms, "the newest are kept")
+        self.assertNotIn("r0", server.chat.rooms, "the oldest went")
+        other.send({"type": "join", "room": "mine"})
+        self.assertEqual(other.expect("joined")["room"], "mine")
+
+    def test_a_dormant_room_keeps_its_history_and_a_freed_one_numbers_on(self):
+        server = Harness(max_rooms=2)
+        alice = server.connect("alice")
+        alice.send({"type": "join", "room": "dev"}, {"type": "msg", "room": "dev", "text": "one"},
+                   {"type": "part", "room": "dev"})
+        alice.frames()
+        alice.send({"type": "join", "room": "dev"})
+        joined = alice.expect("joined", room="dev")
+        self.assertEqual([line["text"] for line in joined["history"]], ["one"])
+        alice.send({"type": "part", "room": "dev"})
+        for name in ("a", "b", "c"):    # pushes dev out of the dormant rooms
+            alice.send({"type": "join", "room": name}, {"type": "msg", "room": name, "text": "x"},
+                       {"type": "part", "room": name})
+        self.assertNotIn("dev", server.chat.rooms)
+        alice.frames()
+        alice.send({"type": "join", "room": "dev"}, {"type": "msg", "room": "dev", "text": "two"})
+        self.assertEqual(alice.expect("joined", room="dev")["seq"], 1, "numbering goes on, not back to 0")
+        self.assertEqual(server.chat.rooms["dev"].history[-1].seq, 2)
+
+    def test_a_history_file_full_of_rooms_does_not_lock_out_after_a_restart(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "history.jsonl")
+            server = Harness(flood_rate=1e6, flood_burst=1e6, max_rooms=20, history_file=path)
+            churner = server.connect("churner")
+            for i in range(40):
+                churner.send({"type": "join", "room": f"r{i}"}, {"type": "msg", "room": f"r{i}", "text": "x"},
+                             {"type": "part", "room": f"r{i}"})
+            server.chat.history_file.close()
+            again = Harness(max_rooms=20, history_file=path)
+            self.addCleanup(again.chat.history_file.close)
+            self.assertLessEqual(len(again.chat.dormant), 20)
+            newcomer = again.connect("newcomer")
+            newcomer.send({"type": "join", "room": "fresh"})
+            self.assertEqual(newcomer.expect("joined")["room"], "fresh")
+
+
+class HistoryBudgetTest(unittest.TestCase):
+    """Item 5: 1,000 rooms x 50 lines x 16 KiB took 800 MiB. Stated bound:
+    the history of all rooms stays under --history-bytes, and one joined
+    or welcome carries at most REPLAY_MAX bytes of it."""
+
+    def test_big_lines_in_many_rooms_stay_within_the_budget(self):
+        budget = 2 << 20
+        server = Harness(flood_rate=1e6, flood_burst=1e6, history_bytes=budget, max_rooms=100)
+        big = "\U0001F600" * 4096     # 16 KiB of UTF-8
+        for user in range(5):
+            spammer = server.connect(f"spammer{user}")
+            for room in range(20):
+                name = f"s{user}-{room}"
+                spammer.send({"type": "join", "room": name}, *[{"type": "msg", "room": name, "text": big}] * 20)
+                spammer.frames()
+            self.assertLessEqual(server.chat.history_bytes, budget)
+        self.assertEqual(server.chat.history_bytes,
+                         sum(room.history_bytes for room in server.chat.rooms.values()), "counted right")
+        newcomer = server.connect("newcomer")
+        newcomer.send({"type": "join", "room": "s4-19"})
+        self.assertLessEqual(len(chat.encode(newcomer.expect("joined"))), chat.REPLAY_MAX + 4096)
+        for client in list(server.clients.values()):
+            client.close()
+        self.assertLessEqual(server.chat.history_bytes, budget)
+        self.assertLessEqual(len(server.chat.rooms), 101)
+
+    def test_a_resume_counts_what_the_replay_could_not_carry_as_missed(self):
+        server = Harness(flood_rate=1e6, flood_burst=1e6)
+        alice, bob = server.connect("alice"), server.connect("bob")
+        seen = bob.welcome["seq"]["lobby"]
+        session, instance = bob.welcome["session"], bob.welcome["instance"]
+        bob.close()
+        alice.send(*[{"type": "msg", "text": "x" * 4000}] * 50)
+        alice.send(*[{"type": "msg", "text": "\U0001F600" * 4000}] * 50)
+        bob = server.connect("bob", session=session, instance=instance, rooms=["lobby"], since={"lobby": seen})
+        history, missed = bob.welcome["history"], bob.welcome["missed"]
+        self.assertTrue(bob.welcome["truncated"])
+        self.assertEqual(len(history) + missed["lobby"], 100)
+        self.assertEqual(history[-1]["seq"], 100)
+
+
+class HistoryFileCompactionTest(unittest.TestCase):
+    """Item 6: past the compaction threshold the whole file was rewritten and
+    fsync'd every turn. Now a compaction happens once the file has doubled."""
+
+    def test_compaction_makes_progress(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "history.jsonl")
+            server = Harness(flood_rate=1e6, flood_burst=1e6, history_file=path, history_file_max=20000)
+            self.addCleanup(server.chat.history_file.close)
+            alice = server.connect("alice")
+            for room in range(5):     # 5 rooms x 50 kept lines x ~150 bytes: ~40 KB kept, twice the threshold
+                alice.send({"type": "join", "room": f"r{room}"})
+            rewrites = []
+            real = chat.HistoryFile.rewrite
+            with unittest.mock.patch.object(chat.HistoryFile, "rewrite",
+                                            lambda self_, lines: rewrites.append(len(lines)) or real(self_, lines)):
+                for i in range(1000):
+                    alice.send({"type": "msg", "room": f"r{i % 5}", "text": f"line {i:04d} " + "x" * 80})
+            self.assertLess(len(rewrites), 20, "not a rewrite per line")
+            self.assertGreater(len(rewrites), 2, "but compacted all the same")
+            self.assertLess(os.path.getsize(path), 2 * 250 * 200)
+
+
+class IdsTest(unittest.TestCase):
+    """Item 13: a pm's id was given again to a room line after a restart."""
+
+    def test_ids_never_repeat_across_a_restart(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "history.jsonl")
+            server = Harness(history_file=path)
+            alice, bob = server.connect("alice"), server.connect("bob")
+            alice.send({"type": "msg", "text": "room line"})
+            for _ in range(3):
+                alice.send({"type": "pm", "to": "bob", "text": "private"})
+            ids = [frame["id"] for frame in bob.frames("msg")]
+            server.chat.history_file.close()
+            again = Harness(history_file=path)
+            self.addCleanup(again.chat.history_file.close)
+            carol, dave = again.connect("carol"), again.connect("dave")
+            carol.send({"type": "msg", "text": "after the restart"})
+            self.assertGreater(dave.expect("msg")["id"], max(ids))
+
+    def test_a_file_that_is_not_a_history_is_refused_and_left_as_it_is(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "notes.txt")
+            with open(path, "w") as f:
+                f.write("my notes\nbuy milk\n")
+            with self.assertRaises(ValueError) as refused:
+                chat.HistoryFile(path, 1 << 20).load()
+            self.assertIn("not a chat.py history", str(refused.exception))
+            with open(path) as f:
+                self.assertEqual(f.read(), "my notes\nbuy milk\n")
