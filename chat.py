@@ -33,8 +33,10 @@ import hashlib
 import heapq
 import itertools
 import hmac
+import ipaddress
 import json
 import logging
+import math
 import os
 import queue
 import random
@@ -73,13 +75,14 @@ _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 class ProtocolError(Exception):
     """Something a peer sent that the protocol refuses; `code` is the wire code."""
 
-    def __init__(self, code: str, text: str):
+    def __init__(self, code: str, text: str, **fields):
         super().__init__(text)
         self.code = code
         self.text = text
+        self.fields = fields    # more for the error frame, e.g. retry_after
 
     def frame(self) -> dict:
-        return {"type": "error", "code": self.code, "text": self.text}
+        return {"type": "error", "code": self.code, "text": self.text, **self.fields}
 
 
 def encode(frame: dict) -> bytes:
@@ -349,7 +352,7 @@ class ServerConfig:
     hello_timeout: float = 10.0
     ping_interval: float = 30.0
     idle_timeout: float = 75.0
-    auth_delay: float = 1.0            # seconds added per failed password from one address
+    auth_delay: float = 1.0            # an address's wait after its first wrong password (it doubles)
     password: Optional[str] = None
     tls_cert: Optional[str] = None
     tls_key: Optional[str] = None
@@ -376,7 +379,7 @@ class Conn:
     `queued` their total: a line fanned out to a room is one bytes object
     shared by every member's list, never a copy per member."""
 
-    __slots__ = ("sock", "fd", "addr", "ip", "tls", "handshake", "shut", "events", "state", "decoder",
+    __slots__ = ("sock", "fd", "addr", "ip", "source", "tls", "handshake", "shut", "events", "state", "decoder",
                  "out", "queued",
                  "nick", "key", "session", "rooms", "tokens", "refilled", "held", "paused", "backlogged", "deferred",
                  "last_heard", "flood_noticed")
@@ -385,6 +388,7 @@ class Conn:
         self.sock = sock
         self.fd = sock.fileno() if sock is not None else -1   # None: a test's connection in memory
         self.addr, self.ip = addr, ip
+        self.source = network_of(ip)    # what per-source limits count by
         self.tls = False                # TLS established
         self.handshake = None           # None, or the TLS step the loop waits for
         self.shut = False               # our side of the TCP stream is closed
@@ -583,6 +587,144 @@ def _is_history_line(obj: object) -> bool:
             and type(obj.get("text")) is str and type(obj.get("from")) is str)
 
 
+def network_of(ip: str, prefix_v4: int = 32, prefix_v6: int = 64) -> str:
+    """The network an address belongs to, for limits per source: by default
+    an IPv4 address itself, or an IPv6 /64 (what one subscriber gets, so
+    rotating through it changes nothing)."""
+    try:
+        address = ipaddress.ip_address(ip.split("%")[0])
+    except ValueError:
+        return ip
+    if address.version == 6 and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    prefix = prefix_v4 if address.version == 4 else prefix_v6
+    return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
+
+
+class Strikes:
+    """Wrong passwords counted per key (an address, a network), each key's
+    count forgotten after `forget` quiet seconds; at most `limit` keys."""
+
+    def __init__(self, forget: float, limit: int = 10000):
+        self.forget, self.limit = forget, limit
+        self.table: Dict[str, Tuple[int, float]] = {}   # key -> (strikes, when the last one was)
+
+    def get(self, key: str, now: float) -> Tuple[int, float]:
+        count, last = self.table.get(key, (0, 0.0))
+        return (count, last) if now - last < self.forget else (0, 0.0)
+
+    def add(self, key: str, now: float) -> int:
+        count = self.get(key, now)[0] + 1
+        self.table[key] = (count, now)
+        if len(self.table) > self.limit:    # forget the quiet, then the oldest half
+            self.table = {k: v for k, v in self.table.items() if now - v[1] < self.forget}
+            if len(self.table) > self.limit:
+                kept = sorted(self.table.items(), key=lambda item: item[1][1])[self.limit // 2:]
+                self.table = dict(kept)
+        return count
+
+
+class Gate:
+    """Who may hold a connection slot and try a password. Sans-I/O, like Chat.
+
+    Slots: at most max_connections; one source (an address, or an IPv6 /64)
+    may have at most `pending_per_source` connections that have not joined;
+    and when the server is full, a connection that has not joined after
+    PREEMPT_AFTER seconds gives its slot to a newcomer. So silent
+    connections, stalled TLS handshakes and slow guessers cannot lock people
+    out.
+
+    Passwords: each wrong one is a strike against its address, its network
+    (IPv4 /24, IPv6 /48) and the whole server. A source still paying for
+    its strikes is refused at once (`rate-limited`, with `retry_after`)
+    without its password being checked, so waiting costs the server no slot
+    and guessing goes no faster than the penalties allow, whatever addresses
+    are used: an address waits auth_delay after its first strike, doubling
+    with each (at most 5 minutes), a network doubles every 4 strikes, and
+    the whole server allows a burst of GLOBAL_BURST strikes, then one per
+    auth_delay. A right password is answered at once; only while the whole
+    server's allowance is spent must an address that never logged in wait
+    too. A hello without a password is a question, not a strike."""
+
+    PREEMPT_AFTER = 2.0         # seconds a connection may sit silent on a full server
+    MAX_PENALTY = 300.0
+    GLOBAL_BURST = 50
+    FORGET = 900.0              # strikes are forgotten after this many quiet seconds
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.pending_per_source = max(8, config.max_connections // 10)
+        self.unjoined: "collections.OrderedDict[Conn, float]" = collections.OrderedDict()  # -> when it came
+        self.pending: Dict[str, int] = collections.Counter()    # source -> connections not joined
+        self.by_address, self.by_network = Strikes(self.FORGET), Strikes(self.FORGET)
+        self.allowance, self.refilled = float(self.GLOBAL_BURST), 0.0     # the whole server's, in strikes
+        self.proven: "collections.OrderedDict[str, float]" = collections.OrderedDict()  # address -> last login
+
+    # -- slots ---------------------------------------------------------------
+
+    def admit(self, conn: Conn, connections: int, now: float) -> Tuple[Optional[ProtocolError], Optional[Conn]]:
+        """(refusal, None) for a newcomer that may not have a slot, or (None,
+        a connection to drop to make room for it, if the server is full)."""
+        if self.pending[conn.source] >= self.pending_per_source:
+            return ProtocolError("server-full", f"{self.pending[conn.source]} connections from your address"
+                                                " are already waiting to join; try again in a moment"), None
+        victim = None
+        if connections >= self.config.max_connections:
+            oldest = next(iter(self.unjoined.items()), None)
+            if oldest is None or now - oldest[1] < self.PREEMPT_AFTER:
+                return ProtocolError("server-full", f"the server is full ({self.config.max_connections}"
+                                                    " connections); try again later"), None
+            victim = oldest[0]
+        self.unjoined[conn] = now
+        self.pending[conn.source] += 1
+        return None, victim
+
+    def settled(self, conn: Conn) -> None:
+        """`conn` joined or left: it no longer counts as waiting."""
+        if self.unjoined.pop(conn, None) is not None:
+            self.pending[conn.source] -= 1
+            if not self.pending[conn.source]:
+                del self.pending[conn.source]
+
+    # -- passwords -----------------------------------------------------------
+
+    def wait(self, conn: Conn, now: float) -> float:
+        """Seconds before `conn`'s source may have a password checked (0: now)."""
+        delay = self.config.auth_delay
+        count, last = self.by_address.get(conn.ip, now)
+        wait = last + min(delay * 2 ** (count - 1), self.MAX_PENALTY) - now if count else 0.0
+        count, last = self.by_network.get(self._network(conn), now)
+        if count >= 4:
+            wait = max(wait, last + min(delay * 2 ** (count // 4 - 1), self.MAX_PENALTY) - now)
+        if conn.ip not in self.proven:
+            self._refill(now)
+            if self.allowance < 1.0:
+                wait = max(wait, (1.0 - self.allowance) * delay)
+        return max(0.0, wait)
+
+    def failed(self, conn: Conn, now: float) -> int:
+        """A wrong password from `conn`: a strike everywhere; returns its address's count."""
+        self.by_network.add(self._network(conn), now)
+        self._refill(now)
+        self.allowance -= 1.0
+        return self.by_address.add(conn.ip, now)
+
+    def succeeded(self, conn: Conn, now: float) -> None:
+        self.proven[conn.ip] = now
+        self.proven.move_to_end(conn.ip)
+        if len(self.proven) > 10000:
+            self.proven.popitem(last=False)
+
+    def _refill(self, now: float) -> None:
+        self.allowance = min(self.GLOBAL_BURST, self.allowance + (now - self.refilled) / self.config.auth_delay)
+        self.refilled = now
+
+    @staticmethod
+    def _network(conn: Conn) -> str:
+        return network_of(conn.ip, 24, 48)
+
+
+
 class Chat:
     """Users, rooms, history and the rules of the protocol.
 
@@ -616,7 +758,7 @@ class Chat:
         # What one connection may have queued before it is no longer read, and
         # what one turn may add for any one recipient.
         self.share = self.turn_byte_budget = max(4096, config.max_buffer // 4)
-        self.auth_failures: Dict[str, Tuple[int, float]] = {}
+        self.gate = Gate(config)
         self.claiming: Dict[str, Conn] = {}      # nick key -> connection waiting for the cluster's answer
         self.cluster: Optional[Cluster] = None   # set by the loop with --redis
         self.next_id = 1
@@ -650,14 +792,17 @@ class Chat:
             self.process(conn)
 
     def open(self, conn: Conn) -> bool:
-        """A new connection. False if the server is full (the connection then
-        gets `server-full` and is closed; nobody else notices)."""
-        if len(self.conns) >= self.config.max_connections:
-            log.warning("%s refused: server full (%d connections)", conn.addr, len(self.conns))
-            self._refuse(conn, ProtocolError(
-                "server-full", f"the server is full ({self.config.max_connections} connections);"
-                               " try again later"))
+        """A new connection. False if it may not have a slot (see Gate; it
+        then gets `server-full` and is closed; nobody else notices)."""
+        refusal, victim = self.gate.admit(conn, len(self.conns), self.clock)
+        if refusal is not None:
+            log.warning("%s refused: %s", conn.addr, refusal.text)
+            self._refuse(conn, refusal)
             return False
+        if victim is not None:
+            self.drop(victim, f"made room for a newcomer: no hello within {Gate.PREEMPT_AFTER:g}s on a full server",
+                      ProtocolError("timeout", "the server is full and you had not said hello")
+                      if victim.handshake is None else None)
         self.conns.add(conn)
         self.io.call_later(self.config.hello_timeout, self._hello_deadline, conn)
         return True
@@ -964,9 +1109,8 @@ class Chat:
     def on_hello(self, conn: Conn, frame: dict) -> None:
         try:
             nick = check_name(frame.get("nick"))
-            if self.config.password is not None and not self._password_ok(frame.get("password")):
-                self._refuse_password(conn, frame.get("password"))
-                return
+            if self.config.password is not None:
+                self._check_password(conn, frame.get("password"))
             self._claim_nick(conn, nick, frame.get("session"))
         except ProtocolError as error:
             self.drop(conn, f"refused: {error.text}", error)
@@ -997,24 +1141,22 @@ class Chat:
         self._welcome(conn, hello)
         self.process(conn)      # frames that arrived while we waited
 
-    def _password_ok(self, given: object) -> bool:
-        return type(given) is str and hmac.compare_digest(given.encode("utf-8", "surrogatepass"),
-                                                          self.config.password.encode())
-
-    def _refuse_password(self, conn: Conn, given: object) -> None:
-        """Refuse after a delay that grows with each failure from the same
-        address, without blocking anyone else."""
-        count, _ = self.auth_failures.get(conn.ip, (0, 0.0))
-        self.auth_failures[conn.ip] = (count + 1, self.clock)
-        if len(self.auth_failures) > 10000:    # bound the table: forget quiet addresses
-            self.auth_failures = {ip: v for ip, v in self.auth_failures.items()
-                                  if self.clock - v[1] < 600}
-        delay = min(self.config.auth_delay * (count + 1), 10.0)
-        text = "this server needs a password" if given is None else "wrong password"
-        log.warning("%s: %s (failure %d from this address)", conn.addr, text, count + 1)
-        conn.state, conn.paused = AUTH, True
-        self.io.update_interest(conn)
-        self.io.call_later(delay, self._refuse, conn, ProtocolError("auth-failed", text))
+    def _check_password(self, conn: Conn, given: object) -> None:
+        """Return if `given` is the password; else ProtocolError, at once
+        (the penalty for wrong ones applies to the next attempt: see Gate)."""
+        if given is None:       # a client asking whether a password is needed
+            raise ProtocolError("auth-failed", "this server needs a password")
+        wait = self.gate.wait(conn, self.clock)
+        if wait > 0:
+            seconds = math.ceil(wait)
+            raise ProtocolError("rate-limited", f"too many wrong passwords from your network; try again in"
+                                                f" {plural(seconds, 'second')}", retry_after=seconds)
+        if type(given) is str and hmac.compare_digest(given.encode("utf-8"), self.config.password.encode()):
+            self.gate.succeeded(conn, self.clock)
+            return
+        strikes = self.gate.failed(conn, self.clock)
+        log.warning("%s: wrong password (%s from this address)", conn.addr, plural(strikes, "strike"))
+        raise ProtocolError("auth-failed", "wrong password")
 
     def _refuse(self, conn: Conn, error: ProtocolError) -> None:
         if conn.state not in (CLOSING, CLOSED):
@@ -1040,6 +1182,7 @@ class Chat:
 
     def _welcome(self, conn: Conn, hello: dict) -> None:
         conn.state = JOINED
+        self.gate.settled(conn)
         self.users[conn.key] = conn
         rooms = self._rooms_to_rejoin(hello.get("rooms")) or [self.lobby]
         since = hello.get("since") if hello.get("instance") == self.instance else None
@@ -1126,8 +1269,9 @@ class Chat:
     def _leave(self, conn: Conn, reason: str) -> None:
         """Forget `conn` and tell the rooms it was in."""
         self.conns.discard(conn)
+        self.gate.settled(conn)
         if conn.state is not JOINED:
-            log.info("%s closed before joining: %s", conn.addr, reason)
+            log.info("%s closed before joining: %s", conn.addr, shown(reason, 160))
             return
         del self.users[conn.key]
         if self.cluster is not None:    # first, so that other servers count the room without them
@@ -1137,7 +1281,7 @@ class Chat:
             self._event(room, {"type": "leave", "nick": conn.nick, "reason": reason,
                                "users": room.count(), "room": room.name, "ts": self.ts})
             self.vacated(room)
-        log.info("%r left: %s (%s)", conn, reason, plural(len(self.users), "user"))
+        log.info("%r left: %s (%s)", conn, shown(reason, 160), plural(len(self.users), "user"))
 
     def on_quit(self, conn: Conn, frame: dict) -> None:
         reason = frame.get("reason")
@@ -2830,6 +2974,36 @@ def _rows(text: str, columns: int) -> int:
     return sum(max(1, -(-display_width(part) // columns)) for part in text.split("\n"))
 
 
+class LogLimiter(logging.Filter):
+    """Log lines of one kind (one format string) pass in a burst of `burst`,
+    then `rate` a second; the next line that passes says how many were held
+    back. So a flood of refusals or bad frames cannot flood the log."""
+
+    def __init__(self, burst: int = 20, rate: float = 1.0, clock: Callable[[], float] = time.monotonic):
+        super().__init__()
+        self.burst, self.rate, self.clock = burst, rate, clock
+        self.kinds: Dict[str, list] = {}      # format string -> [tokens, when refilled, lines held back]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now, kind = self.clock(), str(record.msg)
+        bucket = self.kinds.get(kind)
+        if bucket is None:
+            if len(self.kinds) > 1000:      # format strings are few; this only bounds the table
+                self.kinds.clear()
+            bucket = self.kinds[kind] = [float(self.burst), now, 0]
+        tokens = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate)
+        bucket[1] = now
+        if tokens < 1.0:
+            bucket[0] = tokens
+            bucket[2] += 1
+            return False
+        bucket[0] = tokens - 1.0
+        if bucket[2]:
+            record.msg = f"{kind} ({plural(bucket[2], 'more line')} like this not logged)"
+            bucket[2] = 0
+        return True
+
+
 class ConsoleLogHandler(logging.Handler):
     """Log lines go through the console, so they do not break a typed command."""
 
@@ -3868,6 +4042,7 @@ def run_server(args: argparse.Namespace) -> int:
     level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
     worker = f"[worker {args.worker}] " if args.worker is not None else ""
     logging.basicConfig(level=level, format=f"%(asctime)s {worker}%(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+    log.addFilter(LogLimiter())
     try:
         password = read_password(args.password_file)
         redis = args.redis and str(RedisUrl.parse(args.redis))
@@ -3893,6 +4068,9 @@ def run_server(args: argparse.Namespace) -> int:
     _raise_file_limit(config.max_connections + 64)
     try:
         loop = ServerLoop(config)
+    except ValueError as error:     # a --history-file that is not ours
+        log.error("%s", error)
+        return 1
     except (OSError, ssl.SSLError) as error:
         if isinstance(error, ssl.SSLError) or (config.tls_cert and error.filename):
             log.error("cannot load the TLS certificate/key: %s", getattr(error, "strerror", None) or error)
