@@ -28,6 +28,7 @@ import bisect
 import collections
 import dataclasses
 import errno
+import functools
 import getpass
 import hashlib
 import heapq
@@ -180,24 +181,52 @@ LOBBY = "lobby"
 
 
 def check_name(name: object, what: str = "nick") -> str:
-    """A valid nick or room name, NFC-normalised, or ProtocolError.
+    """A valid nick or room name, NFKC-normalised, or ProtocolError.
 
-    1-32 letters (any script), digits, `_`, `-`, `.`. That rules out spaces,
-    control, invisible and bidi-override characters by construction."""
-    code = "bad-nick" if what == "nick" else "bad-room"
+    1-32 letters, digits, `_`, `-`, `.`: that rules out spaces, control,
+    invisible and bidi-override characters by construction. Letters may be
+    of any script, but of one script per name (or a CJK mix), so a name
+    cannot hide a look-alike from another script; letters that draw nothing
+    (Hangul fillers) are refused. NFKC turns fullwidth and mathematical
+    letters into plain ones."""
     if type(name) is not str:
-        raise ProtocolError(code, f"{what} must be a string")
-    name = unicodedata.normalize("NFC", name)
+        raise ProtocolError("bad-nick" if what == "nick" else "bad-room", f"{what} must be a string")
+    return _checked_name(name[:NAME_MAX + 1], what)
+
+
+@functools.lru_cache(maxsize=4096)      # a room name comes with every line
+def _checked_name(name: str, what: str) -> str:
+    code = "bad-nick" if what == "nick" else "bad-room"
+    name = unicodedata.normalize("NFKC", name)
     if not 1 <= len(name) <= NAME_MAX:
         raise ProtocolError(code, f"{what} must be 1-{NAME_MAX} characters long")
     for ch in name:
         if ch not in "_-." and unicodedata.category(ch) not in _NAME_CATEGORIES:
             raise ProtocolError(code, f"{what} may hold only letters, digits, '_', '-' and '.'"
-                                      f" (not {ch!r})")
+                                      f" (not {shown(ch)!r})")
+        if ch in _FILLERS:
+            raise ProtocolError(code, f"{what} may not hold {ascii(ch)[1:-1]}, a letter that draws nothing")
+    scripts = {script for script in map(_script, name) if script}
+    if len(scripts) > 1 and not any(scripts <= mix for mix in _SCRIPT_MIXES):
+        raise ProtocolError(code, f"{what} mixes scripts ({' and '.join(sorted(s.title() for s in scripts))});"
+                                  " use letters of one")
     return name
 
 
 _NAME_CATEGORIES = {"Lu", "Ll", "Lt", "Lm", "Lo", "Nd"}
+_FILLERS = frozenset("\u115f\u1160\u3164\uffa0\u2800")     # Hangul fillers, braille blank
+# Scripts that may share a name (Unicode TR39's "highly restrictive" level).
+_SCRIPT_MIXES = (frozenset({"LATIN", "CJK", "HIRAGANA", "KATAKANA"}), frozenset({"LATIN", "CJK", "BOPOMOFO"}),
+                 frozenset({"LATIN", "CJK", "HANGUL"}))
+
+
+def _script(ch: str) -> str:
+    """The script of a name's character by its Unicode name ("LATIN SMALL
+    LETTER A"), or "" for ASCII digits and _-. that go with any script."""
+    if ch in "_-.0123456789":
+        return ""
+    word = unicodedata.name(ch, "?").split(" ", 1)[0]
+    return "KATAKANA" if word == "KATAKANA-HIRAGANA" else word
 
 
 def check_room(name: object) -> str:
@@ -207,9 +236,31 @@ def check_room(name: object) -> str:
     return check_name(name, "room")
 
 
+# Letters that look alike, mapped to one (after NFKC and case folding, so a
+# capital's look-alike is found through its small letter): the Cyrillic and
+# Greek letters that draw as Latin ones, and the Latin letters and digits
+# that draw as each other. A small part of Unicode TR39's confusables.txt:
+# the part that lets a name pass for a Latin one.
+_CONFUSABLES = str.maketrans({
+    "а": "a", "в": "b", "е": "e", "к": "k", "м": "m", "н": "h", "о": "o", "р": "p", "с": "c", "т": "t",
+    "у": "y", "х": "x", "ѕ": "s", "і": "i", "ј": "j", "һ": "h", "ԁ": "d", "ԛ": "q", "ԝ": "w", "ӏ": "i",
+    "ү": "y", "ɡ": "g", "α": "a", "β": "b", "ε": "e", "ζ": "z", "η": "h", "ι": "i", "κ": "k", "μ": "m",
+    "ν": "n", "ο": "o", "ρ": "p", "τ": "t", "υ": "y", "χ": "x", "ϲ": "c", "ϳ": "j", "ı": "i", "ɩ": "i",
+    "l": "i", "1": "i", "0": "o",
+})
+
+
 def name_key(name: str) -> str:
-    """Nicks and rooms are unique without regard to case."""
-    return name.casefold()
+    """What makes two nicks or room names the same one: their skeleton.
+    Case, width and look-alike letters do not count, so `alice`, `ALICE`,
+    `аlice` (Cyrillic а), `ａｌｉｃｅ`, `alıce` and `aIice` are one name."""
+    return _skeleton(name) if len(name) <= NAME_MAX else _skeleton.__wrapped__(name)   # only short ones cached
+
+
+@functools.lru_cache(maxsize=4096)
+def _skeleton(name: str) -> str:
+    key = unicodedata.normalize("NFKC", name).casefold().translate(_CONFUSABLES)
+    return key.replace("rn", "m").replace("vv", "w")
 
 
 # Characters the server never relays: C0 and C1 controls except tab and
@@ -431,7 +482,7 @@ class Room:
         self.name, self.key = name, name_key(name)
         self.members: set = set()
         self.remote: Dict[str, str] = {}            # key -> nick of members on other servers
-        self.roster: List[Tuple[str, str]] = []     # (key, nick) of members here, kept sorted
+        self.roster: List[Tuple[str, str]] = []     # (casefolded nick, nick) of members here, kept sorted
         self.arrivals: Dict[Conn, int] = {}         # newcomer -> where it arrived in Chat.pending
         self.history: collections.deque = collections.deque()    # HistoryLine, oldest first (Chat trims it)
         self.history_bytes = 0                      # what `history` costs, counted as Chat.keep() does
@@ -439,25 +490,27 @@ class Room:
 
     def add(self, conn: Conn) -> None:
         self.members.add(conn)
-        bisect.insort(self.roster, (conn.key, conn.nick))
+        bisect.insort(self.roster, (conn.nick.casefold(), conn.nick))
 
     def remove(self, conn: Conn) -> None:
         self.members.discard(conn)
         self.arrivals.pop(conn, None)
-        self._unlist(conn.key, conn.nick)
+        self._unlist(conn.nick)
 
-    def renamed(self, conn: Conn, old_key: str, old_nick: str) -> None:
-        self._unlist(old_key, old_nick)
-        bisect.insort(self.roster, (conn.key, conn.nick))
+    def renamed(self, conn: Conn, old_nick: str) -> None:
+        self._unlist(old_nick)
+        bisect.insort(self.roster, (conn.nick.casefold(), conn.nick))
 
-    def _unlist(self, key: str, nick: str) -> None:
-        index = bisect.bisect_left(self.roster, (key, nick))
-        if index < len(self.roster) and self.roster[index] == (key, nick):
+    def _unlist(self, nick: str) -> None:
+        entry = (nick.casefold(), nick)
+        index = bisect.bisect_left(self.roster, entry)
+        if index < len(self.roster) and self.roster[index] == entry:
             del self.roster[index]
 
     def nicks(self) -> List[str]:
+        """Who is here (on every server), in alphabetical order."""
         if self.remote:
-            return [nick for _, nick in sorted(self.roster + list(self.remote.items()))]
+            return sorted([nick for _, nick in self.roster] + list(self.remote.values()), key=str.casefold)
         return [nick for _, nick in self.roster]
 
     def count(self) -> int:
@@ -1382,7 +1435,7 @@ class Chat:
         conn.nick, conn.key = new, key
         self.users[key] = conn
         for room in conn.rooms:
-            room.renamed(conn, old_key, old)
+            room.renamed(conn, old)
         log.info("%s is now known as %s", old, new)
         event = {"type": "nick", "old": old, "new": new, "ts": self.ts}
         self.send_each(self._neighbours(conn), event)
@@ -1402,7 +1455,7 @@ class Chat:
             everyone = [c.nick for c in self.users.values()]
             if self.cluster is not None:
                 everyone += [user.nick for user in self.cluster.remote.values()]
-            reply = {"type": "who", "users": sorted(everyone, key=name_key)}
+            reply = {"type": "who", "users": sorted(everyone, key=str.casefold)}
         else:
             room = self.rooms.get(name_key(check_room(name)))
             if room is None:
@@ -1527,7 +1580,7 @@ class Chat:
     def on_rooms(self, conn: Conn, frame: dict) -> None:
         rooms = [{"name": room.name, "users": room.count()} for room in self.rooms.values()
                  if room.count() or room is self.lobby]
-        rooms.sort(key=lambda r: name_key(r["name"]))
+        rooms.sort(key=lambda r: r["name"].casefold())
         self.reply(conn, _fitted(self._stamped({"type": "rooms", "rooms": rooms}), "rooms"))
 
     # -- operator ------------------------------------------------------------

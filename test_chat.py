@@ -1831,7 +1831,8 @@ class ClusterTest(unittest.TestCase):
         alice, bob, carol = self.peer(self.a, "alice"), self.peer(self.b, "bob"), self.peer(self.b, "carol")
         alice.send({"type": "join", "room": "dev"})
         alice.expect("joined")
-        wait_until(lambda: self.b.call(lambda: "alice" in getattr(self.b.loop.chat.rooms.get("dev"), "remote", ())),
+        wait_until(lambda: self.b.call(lambda: chat.name_key("alice") in
+                                       getattr(self.b.loop.chat.rooms.get("dev"), "remote", ())),
                    what="server B to hear that alice is in #dev")
         bob.send({"type": "join", "room": "dev"})
         self.assertEqual(bob.expect("joined")["users"], ["alice", "bob"])
@@ -2044,7 +2045,7 @@ class ErrorPathTest(ServerTestCase):
 
     def test_a_failing_timer_costs_its_connection_only(self):
         alice, bob = self.peer("alice"), self.peer("bob")
-        bob_conn = self.server.call(lambda: self.server.loop.chat.users["bob"])
+        bob_conn = self.server.call(lambda: self.server.loop.chat.users[chat.name_key("bob")])
 
         def broken(conn):
             raise RuntimeError("a timer bug")
@@ -2192,7 +2193,7 @@ class RoomTableTest(unittest.TestCase):
         churner, other = server.connect("churner"), server.connect("other")
         for i in range(1100):
             churner.send({"type": "join", "room": f"r{i}"}, {"type": "part", "room": f"r{i}"})
-        self.assertEqual(set(server.chat.rooms), {"lobby"})
+        self.assertEqual([room.name for room in server.chat.rooms.values()], ["lobby"])
         other.send({"type": "join", "room": "mine"})
         self.assertEqual(other.expect("joined")["room"], "mine")
 
@@ -2501,3 +2502,52 @@ class SlotAttackTest(unittest.TestCase):
 
     def test_stalled_tls_client_hellos(self):
         self.attack(b"\x16\x03\x01", tls_peer)
+
+
+class LookAlikeTest(unittest.TestCase):
+    """Item 9: look-alike nicks were accepted while `alice` was online."""
+
+    def test_look_alikes_of_an_online_nick_are_taken(self):
+        server = Harness()
+        server.connect("alice")
+        for nick in ("ALICE", "\uff41\uff4c\uff49\uff43\uff45", "\U0001d41a\U0001d425\U0001d422\U0001d41c\U0001d41e",
+                     "al\u0131ce", "aIice", "a1ice"):
+            with self.subTest(nick):
+                client = server.connect()
+                client.send({"type": "hello", "nick": nick})
+                self.assertEqual(client.expect("error")["code"], "nick-taken")
+
+    def test_mixed_scripts_and_letters_that_draw_nothing_are_refused(self):
+        server = Harness()
+        for nick, why in (("\u0430lice", "mixes scripts"), ("alice\u3164", "draws nothing"),
+                          ("alice\u1160", "draws nothing"), ("alice\uffa0", "draws nothing"),
+                          ("\u115falice", "draws nothing"), ("al\u03b9ce", "mixes scripts")):
+            with self.subTest(nick):
+                client = server.connect()
+                client.send({"type": "hello", "nick": nick})
+                error = client.expect("error")
+                self.assertEqual(error["code"], "bad-nick")
+                self.assertIn(why, error["text"])
+
+    def test_one_script_names_are_fine_and_collide_only_with_their_look_alikes(self):
+        server = Harness()
+        for nick in ("\u0430\u043b\u0438\u0441\u0430", "\u4e2d\u6587", "\u65e5\u672c\u8a9e\u3072\u3089\u30ab\u30bf",
+                     "Bob\u540d\u524d", "\u00e9lodie", "\uc9c0\ubbfc"):
+            with self.subTest(nick):
+                self.assertEqual(server.connect(nick).welcome["nick"], nick)
+        server.connect("aoe")
+        impostor = server.connect()
+        impostor.send({"type": "hello", "nick": "\u0430\u043e\u0435"})     # all Cyrillic, draws as "aoe"
+        self.assertEqual(impostor.expect("error")["code"], "nick-taken")
+
+    def test_rooms_follow_the_same_rules(self):
+        server = Harness()
+        alice = server.connect("alice")
+        alice.send({"type": "join", "room": "eo"}, {"type": "join", "room": "\u0435\u043e"})
+        self.assertEqual([f["room"] for f in alice.frames("joined")], ["eo", "eo"], "one room")
+        alice.send({"type": "join", "room": "d\u0435v"})
+        self.assertEqual(alice.expect("error")["code"], "bad-room")
+
+    def test_a_nick_is_coloured_by_its_skeleton(self):
+        self.assertEqual(chat.nick_color("alice"), chat.nick_color("AIice"))
+        self.assertEqual(chat.name_key("\uff41lice"), chat.name_key("alice"))
