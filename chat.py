@@ -264,9 +264,15 @@ def _skeleton(name: str) -> str:
 
 
 # Characters the server never relays: C0 and C1 controls except tab and
-# newline, DEL, bidi embeddings/overrides/isolates (they reorder what others
-# see), BOM, and lone surrogates (not encodable). \r and U+2028/9 become \n.
-_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ufeff\ud800-\udfff]")
+# newline, DEL, bidi embeddings/overrides/isolates and marks (they reorder
+# what others see), lone surrogates (not encodable), and the characters that
+# draw nothing: soft hyphen, zero-width space, word joiner and invisible
+# operators, BOM, Hangul fillers, tag characters, interlinear annotations.
+# (Zero-width joiners and variation selectors stay: emoji and scripts need
+# them.) \r and U+2028/9 become \n.
+_INVISIBLE = ("\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180e\u200b\u200e\u200f\u202a-\u202e"
+              "\u2060-\u2064\u2066-\u206f\u3164\ufeff\uffa0\ufff9-\ufffb\U000e0000-\U000e007f")
+_UNSAFE = re.compile(f"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029{_INVISIBLE}\ud800-\udfff]")
 _ESCAPE_SEQUENCE = re.compile(
     "\x1b(?:\\[[0-?]*[ -/]*[@-~]"          # CSI: colours, cursor movement
     "|\\][^\x07\x1b]*(?:\x07|\x1b\\\\)?"   # OSC: window title, hyperlinks
@@ -301,7 +307,7 @@ def check_text(text: object, limit: int = TEXT_MAX) -> str:
 # What a terminal must never receive raw from someone else: every control
 # character but newline, bidi controls and lone surrogates. The client shows
 # them escaped (\x1b), so nothing is hidden and nothing is obeyed.
-_UNPRINTABLE = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+_UNPRINTABLE = re.compile(f"[\x00-\x09\x0b-\x1f\x7f-\x9f\u2028\u2029{_INVISIBLE}\ud800-\udfff]")
 
 
 def printable(text: str) -> str:
@@ -310,7 +316,7 @@ def printable(text: str) -> str:
     if not _UNPRINTABLE.search(text):
         return text
     text = text.replace("\t", "    ")
-    return _UNPRINTABLE.sub(lambda m: repr(m.group())[1:-1], text)
+    return _UNPRINTABLE.sub(lambda m: ascii(m.group())[1:-1], text)
 
 
 def shown(value: object, limit: int = 40) -> str:
@@ -2963,6 +2969,10 @@ class Console:
         except queue.Empty:
             return False, None
 
+    def columns(self) -> int:
+        """Where lines wrap: the terminal's width now, or 0 (no wrapping) for a pipe."""
+        return (shutil.get_terminal_size().columns or 80) if self.interactive else 0
+
     def next_prompt(self) -> None:
         """The line just read has been handled: the reader may prompt again."""
         self._may_prompt.set()
@@ -3132,37 +3142,89 @@ class View(NamedTuple):
     color: bool = False
     timestamps: bool = False
     rooms: bool = False         # tag lines with their room (when in more than one)
+    width: int = 0              # columns to wrap at (0: no wrapping, e.g. output to a pipe)
+
+
+class Shown(NamedTuple):
+    """A frame as the user sees it: `head` (who said it, or what kind of
+    line: "<bob>", "--", "***") then `text`, each with its colour."""
+    head: str
+    text: str
+    head_code: str = ""
+    text_code: str = ""
 
 
 _NICK_COLORS = (31, 33, 34, 35, 36, 91, 93, 94, 95, 96)    # green is kept for your own lines
 
 
 def paint(text: str, code: str, view: View) -> str:
-    return f"\x1b[{code}m{text}\x1b[0m" if view.color else text
+    return f"\x1b[{code}m{text}\x1b[0m" if view.color and code and text else text
 
 
 def nick_color(nick: str) -> str:
+    """A nick's colour, from its skeleton: look-alikes get the same one."""
     return str(_NICK_COLORS[sum(map(ord, name_key(nick))) % len(_NICK_COLORS)])
 
 
 def render(frame: dict, view: View) -> Optional[str]:
     """A frame from the server as the user sees it, or None for frames not
-    shown. Everything that came over the network goes through printable()."""
+    shown. Everything that came over the network goes through printable().
+    Rows after the first (the text's own lines, and with view.width, the
+    rows it wraps to) are indented under the text, so no text can pass for
+    a line of its own."""
     renderer = _RENDERERS.get(frame.get("type"))
-    if renderer is None:
-        return None
-    body = renderer(frame, view)
-    if body is None:
+    shown = renderer(frame, view) if renderer is not None else None
+    if shown is None:
         return None
     prefix = ""
     ts = frame.get("ts")
     if view.timestamps and type(ts) in (int, float):
-        prefix = paint(time.strftime("%H:%M ", time.localtime(ts)), "2", view)
+        prefix = time.strftime("%H:%M ", time.localtime(ts))
     room = frame.get("room")
     if view.rooms and type(room) is str and frame.get("type") in ("msg", "join", "leave", "notice"):
-        prefix += paint(f"#{printable(room)} ", "2", view)
-    indent = "\n" + " " * display_width(_plain(prefix))
-    return prefix + body.replace("\n", indent)
+        prefix += f"#{printable(room)} "
+    indent = display_width(prefix + shown.head) + 1
+    if view.width:      # a terminal too narrow for the indent gets a small one
+        indent = min(indent, max(2, view.width - 20))
+    rows = [row for part in shown.text.split("\n")
+            for row in (wrap(part, view.width - indent) if view.width else [part])]
+    rows = [paint(row, shown.text_code, view) for row in rows]
+    first = paint(prefix, "2", view) + paint(shown.head, shown.head_code, view) + " " + rows[0]
+    return "\n".join([first] + [" " * indent + row for row in rows[1:]])
+
+
+_TOKENS = re.compile(r" +|[^ ]+")
+
+
+def wrap(text: str, width: int) -> List[str]:
+    """`text` (one line) cut into rows of at most `width` terminal columns:
+    between words where it can (the spaces there are dropped), inside a word
+    wider than a row. Wide (CJK, emoji) characters count two columns."""
+    width = max(width, 1)
+    if display_width(text) <= width:
+        return [text]
+    rows: List[str] = []
+    row, used = "", 0
+    for token in _TOKENS.findall(text):
+        size = display_width(token)
+        if used + size <= width:
+            row, used = row + token, used + size
+            continue
+        if token[0] == " ":     # a break: the spaces go
+            rows.append(row)
+            row, used = "", 0
+            continue
+        if row:
+            rows.append(row.rstrip(" "))
+        row, used = "", 0
+        for ch in token:        # what does not fit goes on in the next row
+            size = display_width(ch)
+            if used + size > width:
+                rows.append(row)
+                row, used = "", 0
+            row, used = row + ch, used + size
+    rows.append(row.rstrip(" "))
+    return [row for row in rows if row] or [""]
 
 
 def _field(frame: dict, key: str) -> str:
@@ -3170,21 +3232,21 @@ def _field(frame: dict, key: str) -> str:
     return printable(value if type(value) is str else "" if value is None else str(value))
 
 
-def _render_msg(frame: dict, view: View) -> str:
+def _render_msg(frame: dict, view: View) -> Shown:
     sender, text = _field(frame, "from"), _field(frame, "text")
     mine = name_key(sender) == name_key(view.me)
     color = "1;32" if mine else nick_color(sender)
     if frame.get("action"):
-        return paint(f"* {sender} {text}", color, view)
+        return Shown(f"* {sender}", text, color, color)
     if frame.get("to") is not None:
         if mine:
-            return paint(f"[pm to {_field(frame, 'to')}]", color, view) + f" {text}"
-        return paint(f"[pm from {sender}]", "1;" + color, view) + f" {text}"
-    return paint(f"[{sender}]" if mine and not view.color else f"<{sender}>", color, view) + f" {text}"
+            return Shown(f"[pm to {_field(frame, 'to')}]", text, color)
+        return Shown(f"[pm from {sender}]", text, "1;" + color)
+    return Shown(f"[{sender}]" if mine and not view.color else f"<{sender}>", text, color)
 
 
-def _render_event(text: str, view: View) -> str:
-    return paint(f"-- {text}", "33", view)
+def _event(text: str) -> Shown:
+    return Shown("--", text, "33", "33")
 
 
 def _count(frame: dict) -> str:
@@ -3192,20 +3254,20 @@ def _count(frame: dict) -> str:
     return f" ({n} here)" if type(n) is int else ""
 
 
-_RENDERERS: Dict[str, Callable[[dict, View], Optional[str]]] = {
+_RENDERERS: Dict[str, Callable[[dict, View], Optional[Shown]]] = {
     "msg": _render_msg,
-    "join": lambda f, v: _render_event(f"{_field(f, 'nick')} joined{_count(f)}", v),
-    "leave": lambda f, v: _render_event(
-        f"{_field(f, 'nick')} left" + (f": {_field(f, 'reason')}" if f.get("reason") else "") + _count(f), v),
-    "nick": lambda f, v: _render_event(f"{_field(f, 'old')} is now known as {_field(f, 'new')}", v),
-    "notice": lambda f, v: paint(f"*** {_field(f, 'text')}", "1;33", v),
-    "error": lambda f, v: paint(f"!!! {_field(f, 'text')} ({_field(f, 'code')})", "1;31", v),
-    "who": lambda f, v: _render_event(
-        (f"in #{_field(f, 'room')}" if f.get("room") else "online") + f": {_names(f.get('users'))}", v),
-    "rooms": lambda f, v: _render_event("rooms: " + ", ".join(
-        f"#{_field(r, 'name')} ({_field(r, 'users')})" for r in f.get("rooms") or [] if isinstance(r, dict)), v),
-    "parted": lambda f, v: _render_event(f"you left #{_field(f, 'room')}", v),
-    "bye": lambda f, v: paint(f"*** the server is going away: {_field(f, 'reason')}", "1;33", v),
+    "join": lambda f, v: _event(f"{_field(f, 'nick')} joined{_count(f)}"),
+    "leave": lambda f, v: _event(
+        f"{_field(f, 'nick')} left" + (f": {_field(f, 'reason')}" if f.get("reason") else "") + _count(f)),
+    "nick": lambda f, v: _event(f"{_field(f, 'old')} is now known as {_field(f, 'new')}"),
+    "notice": lambda f, v: Shown("***", _field(f, "text"), "1;33", "1;33"),
+    "error": lambda f, v: Shown("!!!", f"{_field(f, 'text')} ({_field(f, 'code')})", "1;31", "1;31"),
+    "who": lambda f, v: _event(
+        (f"in #{_field(f, 'room')}" if f.get("room") else "online") + f": {_names(f.get('users'))}"),
+    "rooms": lambda f, v: _event("rooms: " + ", ".join(
+        f"#{_field(r, 'name')} ({_field(r, 'users')})" for r in f.get("rooms") or [] if isinstance(r, dict))),
+    "parted": lambda f, v: _event(f"you left #{_field(f, 'room')}"),
+    "bye": lambda f, v: Shown("***", f"the server is going away: {_field(f, 'reason')}", "1;33", "1;33"),
 }
 
 
@@ -3484,7 +3546,7 @@ class ChatClient:
         if self.json:
             self.show(_dumps(frame))
             return
-        line = render(frame, self.view._replace(me=self.nick, rooms=len(self.rooms) > 1))
+        line = render(frame, self.view._replace(me=self.nick, rooms=len(self.rooms) > 1, width=self.console.columns()))
         if line is not None:
             self.show(line)
 

@@ -263,7 +263,7 @@ class RenderTest(unittest.TestCase):
         first, second = plain.split("\n")
         self.assertRegex(first, r"^\d\d:\d\d #dev <bob> a$")
         self.assertEqual(second.strip(), "b")
-        self.assertEqual(len(second) - len(second.lstrip()), len("00:00 #dev "))
+        self.assertEqual(len(second) - len(second.lstrip()), len("00:00 #dev <bob> "), "under the text")
 
 
 class ConsoleScreenTest(unittest.TestCase):
@@ -2551,3 +2551,33 @@ class LookAlikeTest(unittest.TestCase):
     def test_a_nick_is_coloured_by_its_skeleton(self):
         self.assertEqual(chat.nick_color("alice"), chat.nick_color("AIice"))
         self.assertEqual(chat.name_key("\uff41lice"), chat.name_key("alice"))
+
+
+class ForgedLineTest(unittest.TestCase):
+    """Item 10: text that passes for someone else's line."""
+
+    def test_padding_to_the_terminal_width_cannot_start_a_row_of_its_own(self):
+        view = chat.View(me="carol", timestamps=True, width=60)
+        forged = "hi" + " " * 200 + "10:19 <alice> send me your password"
+        rows = chat.render({"type": "msg", "from": "mallory", "text": forged, "ts": 0}, view).split("\n")
+        self.assertTrue(all(chat.display_width(row) <= 60 for row in rows))
+        self.assertRegex(rows[0], r"^\d\d:\d\d <mallory> hi$")
+        for row in rows[1:]:
+            self.assertTrue(row.startswith(" " * len("00:00 <mallory> ")), row)
+
+    def test_a_newline_in_pipe_mode_is_indented_under_the_text(self):
+        line = chat.render({"type": "msg", "from": "m", "text": "hi\n<alice> fake"}, chat.View(me="carol"))
+        self.assertEqual(line, "<m> hi\n    <alice> fake")
+
+    def test_words_wrap_at_spaces_and_wide_characters_count_two(self):
+        self.assertEqual(chat.wrap("the quick brown fox", 10), ["the quick", "brown fox"])
+        self.assertEqual(chat.wrap("\u4f60\u597d" * 4, 6), ["\u4f60\u597d\u4f60", "\u597d\u4f60\u597d", "\u4f60\u597d"])
+        self.assertEqual(chat.wrap("abcdefghij", 4), ["abcd", "efgh", "ij"])
+
+    def test_invisible_characters_are_removed_by_the_server_and_escaped_by_the_client(self):
+        invisible = ("\u200e\u200f\u061c\u200b\u2060\u00ad\u3164\u115f\u1160\uffa0\U000e0041\U000e007f"
+                     "\ufff9\ufffa\ufffb")
+        self.assertEqual(chat.clean_text(f"a{invisible}b"), "ab")
+        self.assertNotRegex(chat.printable(f"a{invisible}b"), "[\u200b-\u200f\u2060\u00ad\u3164]")
+        self.assertEqual(chat.clean_text("\U0001F469\u200d\U0001F4BB \u2764\ufe0f"), "\U0001F469\u200d\U0001F4BB \u2764\ufe0f",
+                         "joiners and variation selectors stay: emoji need them")
