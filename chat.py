@@ -409,6 +409,7 @@ class ServerConfig:
     hello_timeout: float = 10.0
     ping_interval: float = 30.0
     idle_timeout: float = 75.0
+    nick_hold: float = 60.0            # seconds a lost connection's nick waits for its owner to reconnect
     auth_delay: float = 1.0            # an address's wait after its first wrong password (it doubles)
     password: Optional[str] = None
     tls_cert: Optional[str] = None
@@ -819,6 +820,7 @@ class Chat:
         self.share = self.turn_byte_budget = max(4096, config.max_buffer // 4)
         self.gate = Gate(config)
         self.claiming: Dict[str, Conn] = {}      # nick key -> connection waiting for the cluster's answer
+        self.holds: "collections.OrderedDict[str, Hold]" = collections.OrderedDict()   # nick key -> lost owner
         self.cluster: Optional[Cluster] = None   # set by the loop with --redis
         self.next_id = 1
         self.history_file = HistoryFile(config.history_file, config.history_file_max) \
@@ -933,7 +935,7 @@ class Chat:
             return
         if conn.decoder.buffered:
             reason += f" (in the middle of a frame, {conn.decoder.buffered} bytes unread)"
-        self._leave(conn, reason)
+        self._leave(conn, reason, hold=True)
         conn.state = CLOSED
 
     def drop(self, conn: Conn, reason: str, error: Optional[ProtocolError] = None) -> None:
@@ -942,7 +944,8 @@ class Chat:
             return
         if error is not None:
             self._queue(conn, encode(self._stamped(error.frame())))
-        self._leave(conn, reason)
+        # Dropped for being slow or silent, a client reconnects: its nick waits for it.
+        self._leave(conn, reason, hold=error is not None and error.code in ("too-slow", "timeout"))
         conn.state = CLOSING
         self.io.close_soon(conn)
 
@@ -1228,16 +1231,39 @@ class Chat:
         key = name_key(nick)
         if key in self.claiming:
             raise ProtocolError("nick-taken", f"the nick {nick} is taken")
+        held = self.holds.get(key)
+        if held is not None:
+            if not _same_session(session, held.session):
+                raise ProtocolError("nick-taken", f"the nick {nick} is taken: {held.nick} lost their connection"
+                                                  " and it waits for them to come back")
+            del self.holds[key]
         holder = self.users.get(key)
         if holder is not None:
-            if not (type(session) is str and holder.session
-                    and hmac.compare_digest(session.encode(), holder.session.encode())):
+            if not _same_session(session, holder.session):
                 raise ProtocolError("nick-taken", f"the nick {nick} is taken")
             # The same user reconnecting while its old connection lingers
             # (half-open): the new connection wins.
             self.drop(holder, "reconnected", ProtocolError("replaced", "you connected again elsewhere"))
         conn.nick, conn.key = nick, key
         conn.session = secrets.token_urlsafe(16)
+
+    def _hold(self, conn: Conn) -> None:
+        """Keep `conn`'s nick for its session a while: its owner is likely
+        reconnecting, and must find the nick (and its private messages) theirs."""
+        self.holds[conn.key] = Hold(conn.nick, conn.session)
+        if len(self.holds) > self.config.max_connections:   # bounded like the connections that made them
+            self._release(*self.holds.popitem(last=False))
+        self.io.call_later(self.config.nick_hold, self._hold_over, conn.key, conn.session)
+
+    def _hold_over(self, key: str, session: str) -> None:
+        held = self.holds.get(key)
+        if held is not None and held.session == session:
+            del self.holds[key]
+            self._release(key, held)
+
+    def _release(self, key: str, held: "Hold") -> None:
+        if self.cluster is not None:
+            self.cluster.release(key)
 
     def _welcome(self, conn: Conn, hello: dict) -> None:
         conn.state = JOINED
@@ -1325,15 +1351,19 @@ class Chat:
 
     # -- leaving -------------------------------------------------------------
 
-    def _leave(self, conn: Conn, reason: str) -> None:
-        """Forget `conn` and tell the rooms it was in."""
+    def _leave(self, conn: Conn, reason: str, hold: bool = False) -> None:
+        """Forget `conn` and tell the rooms it was in; `hold` its nick for it."""
         self.conns.discard(conn)
         self.gate.settled(conn)
         if conn.state is not JOINED:
             log.info("%s closed before joining: %s", conn.addr, shown(reason, 160))
             return
         del self.users[conn.key]
-        if self.cluster is not None:    # first, so that other servers count the room without them
+        if hold and self.config.nick_hold > 0:
+            self._hold(conn)
+            if self.cluster is not None:    # gone from the lists, the nick still claimed in Redis
+                self.cluster.vanished(conn.key)
+        elif self.cluster is not None:      # first, so that other servers count the room without them
             self.cluster.release(conn.key)
         for room in conn.rooms:
             room.remove(conn)
@@ -1394,6 +1424,9 @@ class Chat:
         if target is None:
             if self.cluster is not None and self.cluster.pm(conn, key, line):
                 return
+            if key in self.holds:
+                raise ProtocolError("no-such-user", f"{self.holds[key].nick} lost their connection and may be"
+                                                    " back in a moment; nothing was sent")
             raise ProtocolError("no-such-user", f"nobody here is called {shown(to)}")
         line["id"] = self.new_id()
         self.send(target, line)
@@ -1415,7 +1448,7 @@ class Chat:
     def on_nick(self, conn: Conn, frame: dict) -> None:
         new = check_name(frame.get("nick"))
         key = name_key(new)
-        if key != conn.key and (key in self.users or key in self.claiming):
+        if key != conn.key and (key in self.users or key in self.claiming or key in self.holds):
             raise ProtocolError("nick-taken", f"the nick {new} is taken")
         if new == conn.nick:
             return
@@ -1644,6 +1677,16 @@ class Chat:
 
     def _history_in_memory(self) -> List[bytes]:
         return [line.data[4:] for line in sorted(line for room in self.rooms.values() for line in room.history)]
+
+
+class Hold(NamedTuple):
+    """A nick kept for the session of a connection that was lost."""
+    nick: str
+    session: str
+
+
+def _same_session(given: object, session: Optional[str]) -> bool:
+    return type(given) is str and bool(session) and hmac.compare_digest(given.encode(), session.encode())
 
 
 def _fitted(frame: dict, key: str, limit: int = MAX_SERVER_PAYLOAD) -> bytes:
@@ -2690,6 +2733,10 @@ class Cluster:
                               key, self.sid, session or "", self.ttl, conn.session or "", self._record(conn),
                               reply=answer)
 
+    def vanished(self, key: str) -> None:
+        """`key` lost its connection: gone from the lists, its nick still claimed (held for it)."""
+        self._publish({"kind": "user", "sid": self.sid, "key": key, "user": None})
+
     def release(self, key: str) -> None:
         """`key` is no longer used here (left, or renamed)."""
         if self.up:
@@ -2785,6 +2832,7 @@ class Cluster:
             self._add_remote(key, RemoteUser(user["nick"], obj["sid"], tuple(user["rooms"])))
 
     def _on_replaced(self, obj: dict) -> None:
+        self.chat.holds.pop(obj["key"], None)     # its owner is back, on another server
         conn = self.chat.users.get(obj["key"])
         if conn is not None:
             self.chat.drop(conn, "reconnected elsewhere", ProtocolError("replaced", "you connected again elsewhere"))

@@ -1008,14 +1008,15 @@ class BadInputTest(ServerTestCase):
         self.assertEqual(self.bob.expect("msg")["text"], "still fine?")
 
     def check(self, data, code, closes, joined=True):
-        peer = self.peer("mallory" if joined else None)
+        self.attempts = getattr(self, "attempts", 0) + 1     # a nick of its own: a lost one is held
+        peer = self.peer(f"mallory{self.attempts}" if joined else None)
         with self.assertLogs("chat", logging.INFO) as logs:
             peer.send_raw(data)
             if closes:
                 frames = peer.closed()
                 self.assertEqual([f["code"] for f in frames if f["type"] == "error"], [code])
                 if joined:
-                    self.assertEqual(self.alice.expect("leave")["nick"], "mallory")
+                    self.assertEqual(self.alice.expect("leave")["nick"], f"mallory{self.attempts}")
             else:
                 self.assertEqual(peer.expect("error")["code"], code)
                 peer.send({"type": "ping"})
@@ -2391,7 +2392,7 @@ class PasswordGuessingTest(unittest.TestCase):
                     {"type": "hello", "nick": "x"})
         frame = next(f for f in client.frames() if f["type"] in ("welcome", "error"))
         if frame["type"] == "welcome":
-            client.close()
+            client.send({"type": "quit"})
         return frame["type"] if frame["type"] == "welcome" else frame["code"]
 
     def test_one_address_waits_longer_after_each_wrong_password(self):
@@ -2581,3 +2582,42 @@ class ForgedLineTest(unittest.TestCase):
         self.assertNotRegex(chat.printable(f"a{invisible}b"), "[\u200b-\u200f\u2060\u00ad\u3164]")
         self.assertEqual(chat.clean_text("\U0001F469\u200d\U0001F4BB \u2764\ufe0f"), "\U0001F469\u200d\U0001F4BB \u2764\ufe0f",
                          "joiners and variation selectors stay: emoji need them")
+
+
+class NickHoldTest(unittest.TestCase):
+    """Item 11: a nick was taken 9 ms after its owner's connection dropped."""
+
+    def lose(self, server, nick):
+        client = server.connect(nick)
+        client.close()
+        return client.welcome
+
+    def test_a_lost_connection_keeps_its_nick_for_its_session(self):
+        server = Harness()
+        bob = server.connect("bob")
+        welcome = self.lose(server, "alice")
+        taker = server.connect()
+        taker.send({"type": "hello", "nick": "ALICE"})
+        self.assertIn("waits for them", taker.expect("error")["text"])
+        bob.send({"type": "pm", "to": "alice", "text": "secret"}, {"type": "nick", "nick": "alice"})
+        self.assertIn("lost their connection", bob.expect("error", code="no-such-user")["text"])
+        self.assertEqual(bob.expect("error")["code"], "nick-taken")
+        server.advance(30)
+        back = server.connect("alice", session=welcome["session"], instance=welcome["instance"])
+        self.assertEqual(back.welcome["nick"], "alice")
+
+    def test_the_hold_ends_after_a_while_or_at_a_quit(self):
+        server = Harness(nick_hold=60)
+        self.lose(server, "alice")
+        server.advance(60)
+        self.assertEqual(server.connect("alice").welcome["nick"], "alice")
+        quitter = server.connect("carol")
+        quitter.send({"type": "quit"})
+        self.assertEqual(server.connect("carol").welcome["nick"], "carol", "a quit leaves nothing held")
+
+    def test_dropped_as_too_slow_or_silent_is_held_too(self):
+        server = Harness(ping_interval=1, idle_timeout=2)
+        silent = server.connect("silent")
+        silent.reading = False
+        server.advance(2)
+        self.assertIn(chat.name_key("silent"), server.chat.holds)
