@@ -4223,6 +4223,7 @@ def run_server(args: argparse.Namespace) -> int:
     config = ServerConfig(
         host=args.host, port=args.port, max_connections=args.max_connections, password=password,
         max_payload=args.max_payload, max_buffer=args.max_buffer, history=args.history,
+        history_bytes=args.history_bytes,
         history_file=args.history_file, flood_rate=args.flood_rate, flood_burst=args.flood_burst,
         hello_timeout=args.hello_timeout, ping_interval=args.ping_interval,
         idle_timeout=args.idle_timeout, tls_cert=args.tls_cert, tls_key=args.tls_key or args.tls_cert,
@@ -4345,6 +4346,8 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--tls-cert", metavar="FILE", help="serve TLS with this certificate (PEM)")
     server.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (PEM)")
     server.add_argument("--history", type=int, default=50, metavar="N", help="lines kept per room")
+    server.add_argument("--history-bytes", type=int, default=32 << 20, metavar="BYTES",
+                        help="what the history of all rooms together may hold")
     server.add_argument("--history-file", metavar="FILE", help="keep history in FILE across restarts")
     server.add_argument("--max-buffer", type=int, default=1 << 20, metavar="BYTES",
                         help="unsent bytes per client before it is dropped as too slow")
