@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import queue
+import random
 import re
 import resource
 import signal
@@ -2621,3 +2622,43 @@ class NickHoldTest(unittest.TestCase):
         silent.reading = False
         server.advance(2)
         self.assertIn(chat.name_key("silent"), server.chat.holds)
+
+
+class FuzzTest(unittest.TestCase):
+    """Random frames of every type, with fields of every shape, from several
+    connections: each is refused or handled, never an internal error."""
+
+    VALUES = [None, True, 0, -1, 2 ** 63, 1.5, float("inf"), "", "x", "#lobby", "lobby", "a" * 40,
+              "\x1b[2J", "\u202e", "\u3164", "\U0001F600", [], ["lobby"], [1, [2, {}]], {}, {"lobby": 3},
+              {"lobby": "x"}, {"x": None}]
+    TYPES = ["hello", "msg", "me", "pm", "nick", "who", "ping", "pong", "quit", "join", "part", "rooms",
+             "teleport", ""]
+    FIELDS = ["nick", "text", "to", "room", "rooms", "since", "session", "instance", "password", "reason",
+              "token", "type"]
+
+    def test_random_frames_never_break_the_server(self):
+        rng = random.Random(11)
+        server = Harness(flood_rate=1e6, flood_burst=1e6, password=None)
+        watcher = server.connect("watcher")
+        with self.assertLogs("chat", logging.DEBUG) as logs:
+            for round_ in range(200):
+                client = server.connect(f"fuzz{round_}" if rng.random() < 0.8 else None)
+                for _ in range(rng.randrange(1, 20)):
+                    frame = {"type": rng.choice(self.TYPES)}
+                    for field in rng.sample(self.FIELDS, rng.randrange(0, 4)):
+                        frame[field] = rng.choice(self.VALUES)
+                    if type(frame["type"]) is not str:
+                        frame["type"] = "msg"
+                    try:
+                        data = chat.encode(frame)
+                    except ValueError:      # inf is not JSON
+                        continue
+                    client.send_raw(data)
+                    if client.closed:
+                        break
+                if not client.closed and rng.random() < 0.5:
+                    client.close()
+            chat.log.info("done")
+        self.assertFalse([line for line in logs.output if "internal error" in line])
+        watcher.send({"type": "ping", "token": "alive"})
+        self.assertEqual(watcher.expect("pong")["token"], "alive")
