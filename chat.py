@@ -55,7 +55,7 @@ import sys
 import threading
 import time
 import unicodedata
-from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Protocol, Tuple
 
 VERSION = "1.0"
 DEFAULT_HOST = "127.0.0.1"
@@ -390,11 +390,27 @@ class CommandTable:
 
 
 # ---------------------------------------------------------------------------
-# 4. Chat: the server's state and rules (no sockets here)
+# 4. The server's core: state and rules, with no socket and no clock
 # ---------------------------------------------------------------------------
+#
+# A loop (section 5, or the tests' Harness) drives the core through Chat:
+#
+#   chat.tick(now, wall)        a turn begins, at this time (the core reads no clock)
+#   chat.open(conn)             a connection came; False if it was refused
+#   chat.received(conn, data)   bytes from it
+#   (the timers it asked for)   fire as plain calls
+#   chat.end_turn()             -> (connections with bytes to write, connections over their limit)
+#   chat.drained(conn)          a backlogged connection has read enough
+#   chat.lost(conn, reason)     its socket is gone
+#
+# and the core asks the loop only for what ServerIO lists. Where lines are
+# numbered, and what crosses to other servers, is a Relay's job: LocalRelay
+# for one server, Cluster (section 6) for several.
 
 @dataclasses.dataclass
 class ServerConfig:
+    """Every server setting, with its default: the command line takes its
+    defaults from here."""
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     max_connections: int = 100
@@ -404,7 +420,7 @@ class ServerConfig:
     history_bytes: int = 32 << 20      # what the history of all rooms together may hold
     history_file: Optional[str] = None
     history_file_max: int = 4 << 20    # bytes before the file is compacted (or twice its compacted size)
-    flood_rate: float = 100.0          # chat lines per second per client, sustained...
+    flood_rate: float = 100.0          # requests per second per client, sustained...
     flood_burst: int = 1000            # ...after a burst of this many
     hello_timeout: float = 10.0
     ping_interval: float = 30.0
@@ -433,7 +449,7 @@ FANOUT_BUDGET = 64 << 20    # bytes one turn may queue for all recipients togeth
 
 class Conn:
     """One client connection: the socket side (the loop's) and the session
-    side (the chat's). `out` lists the chunks of bytes queued for the client,
+    side (the core's). `out` lists the chunks of bytes queued for the client,
     `queued` their total: a line fanned out to a room is one bytes object
     shared by every member's list, never a copy per member."""
 
@@ -459,8 +475,8 @@ class Conn:
         self.rooms: List[Room] = []
         self.tokens, self.refilled = float(burst), now    # flood-control token bucket
         self.held: Optional[dict] = None   # a frame waiting for a token
-        self.paused = False             # not reading: flood control, a backlog or a pending refusal
-        self.backlogged = False         # paused until what is queued for it drains below Chat.share
+        self.paused = False             # not reading: flood control, a backlog or a pending answer
+        self.backlogged = False         # paused until what is queued for it drains below Output.share
         self.deferred = False           # has frames waiting for the next turn's budget
         self.last_heard = now
         self.flood_noticed = -1e9
@@ -468,6 +484,27 @@ class Conn:
     def __repr__(self) -> str:
         return f"{self.nick or '?'}@{self.addr}"
 
+
+class ServerIO(Protocol):
+    """What the core may ask of the loop that drives it (ServerLoop, or the
+    tests' Harness). Nothing more: the core never touches a socket."""
+
+    def call_later(self, delay: float, function: Callable, *args) -> None:
+        """Call function(*args) in a turn `delay` seconds from now. An error
+        in it costs the connection among `args`, if any, never the loop."""
+
+    def update_interest(self, conn: Conn) -> None:
+        """conn.paused (or conn.out) changed: read from it only while it is not paused."""
+
+    def close_soon(self, conn: Conn) -> None:
+        """Deliver what is queued for `conn`, then close it."""
+
+    def stop(self, reason: str = "server shutting down") -> None:
+        """Say bye to everyone (through Chat.shutdown) and stop."""
+
+
+# ---------------------------------------------------------------------------
+# 4a. Rooms and their history
 
 class HistoryLine(NamedTuple):
     """A room line as kept for replay: encoded once, as it was sent (with its
@@ -490,9 +527,9 @@ class Room:
         self.members: set = set()
         self.remote: Dict[str, str] = {}            # key -> nick of members on other servers
         self.roster: List[Tuple[str, str]] = []     # (casefolded nick, nick) of members here, kept sorted
-        self.arrivals: Dict[Conn, int] = {}         # newcomer -> where it arrived in Chat.pending
-        self.history: collections.deque = collections.deque()    # HistoryLine, oldest first (Chat trims it)
-        self.history_bytes = 0                      # what `history` costs, counted as Chat.keep() does
+        self.arrivals: Dict[Conn, int] = {}         # newcomer -> where it arrived in Output.pending
+        self.history: collections.deque = collections.deque()    # HistoryLine, oldest first (Rooms trims it)
+        self.history_bytes = 0                      # what `history` costs, counted as Rooms.keep() does
         self.seq = 0    # lines ever said here; the `seq` of the newest line
 
     def add(self, conn: Conn) -> None:
@@ -522,6 +559,469 @@ class Room:
 
     def count(self) -> int:
         return len(self.members) + len(self.remote)
+
+
+class Rooms:
+    """The room table and every room's history, within their limits.
+
+    A room lives while someone is in it (here or on another server). An empty
+    room is freed, or kept dormant while it has history; dormant rooms do not
+    count against max_rooms (at most max_rooms of them are kept, the oldest
+    freed first), so nobody can fill the table. A freed room's seq is
+    remembered, so a room that comes back numbers on. The history of all
+    rooms together stays under history_bytes: dormant rooms go first, then
+    the oldest lines of the rooms holding the most."""
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.table: Dict[str, Room] = {}            # name key -> room
+        self.dormant: "collections.OrderedDict[str, Room]" = collections.OrderedDict()   # oldest first
+        self.retired: "collections.OrderedDict[str, int]" = collections.OrderedDict()    # freed room -> its seq
+        self.history_bytes = 0                      # all rooms' history, as keep() counts it
+        self.lobby = self.open(LOBBY)
+
+    def __iter__(self):
+        return iter(list(self.table.values()))
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def get(self, name: str) -> Optional[Room]:
+        return self.table.get(name_key(name))
+
+    def open(self, name: str) -> Room:
+        """The room called `name` (valid already), created if new."""
+        key = name_key(name)
+        room = self.table.get(key)
+        if room is None:
+            if len(self.table) - len(self.dormant) >= self.config.max_rooms:
+                raise ProtocolError("too-many-rooms", f"the server has {self.config.max_rooms} rooms in use")
+            room = self.table[key] = Room(name)
+            room.seq = self.retired.pop(key, 0)
+        return room
+
+    def rejoin(self, names: object, limit: int) -> List[Room]:
+        """The rooms a reconnecting client says it was in (at most `limit`; names not valid are skipped)."""
+        rooms: List[Room] = []
+        for name in names[:limit] if type(names) is list else ():
+            try:
+                room = self.open(check_room(name))
+            except ProtocolError:
+                continue
+            if room not in rooms:
+                rooms.append(room)
+        return rooms
+
+    def listing(self) -> List[dict]:
+        """The rooms in use, for `rooms`."""
+        rooms = [{"name": room.name, "users": room.count()} for room in self.table.values()
+                 if room.count() or room is self.lobby]
+        return sorted(rooms, key=lambda r: r["name"].casefold())
+
+    # -- rooms come and go ---------------------------------------------------
+
+    def vacated(self, room: Room) -> None:
+        """`room` may have lost its last member: free it, or keep it dormant
+        while it has history (the newest dormant room)."""
+        if room.count() or room is self.lobby or room.key in self.dormant or self.table.get(room.key) is not room:
+            return
+        if not room.history:
+            self._free(room)
+            return
+        self.dormant[room.key] = room
+        if len(self.dormant) > self.config.max_rooms:
+            self._free(next(iter(self.dormant.values())))
+
+    def occupied(self, room: Room) -> None:
+        """`room` has a member again."""
+        if self.dormant:
+            self.dormant.pop(room.key, None)
+
+    def _free(self, room: Room) -> None:
+        del self.table[room.key]
+        self.dormant.pop(room.key, None)
+        self.forget(room, len(room.history))
+        if room.seq:    # a few bytes, so that line numbers never go back; the oldest are forgotten
+            self.retired[room.key] = room.seq
+            if len(self.retired) > 10 * self.config.max_rooms:
+                self.retired.popitem(last=False)
+
+    # -- history -------------------------------------------------------------
+
+    def keep(self, room: Room, line: HistoryLine) -> None:
+        """Add a line to `room`'s history, dropping its oldest past --history lines."""
+        cost = len(line.data) + HISTORY_LINE_COST
+        room.history.append(line)
+        room.history_bytes += cost
+        self.history_bytes += cost
+        if len(room.history) > self.config.history:
+            self.forget(room, 1)
+
+    def forget(self, room: Room, count: int) -> None:
+        """Drop `room`'s `count` oldest lines."""
+        for _ in range(count):
+            cost = len(room.history.popleft().data) + HISTORY_LINE_COST
+            room.history_bytes -= cost
+            self.history_bytes -= cost
+
+    def end_turn(self) -> None:
+        """Over the history budget: free dormant rooms, oldest first, then
+        take the oldest lines of the rooms holding the most, down to 7/8 of
+        the budget (so this runs now and then, not for every line)."""
+        if self.history_bytes <= self.config.history_bytes:
+            return
+        target = self.config.history_bytes * 7 // 8
+        while self.history_bytes > target and self.dormant:
+            self._free(next(iter(self.dormant.values())))
+        heap = [(-room.history_bytes, room.key, room) for room in self.table.values() if room.history]
+        heapq.heapify(heap)
+        while self.history_bytes > target and heap:
+            _, key, room = heapq.heappop(heap)
+            self.forget(room, 1)
+            if room.history:
+                heapq.heappush(heap, (-room.history_bytes, key, room))
+
+    def replay(self, rooms: List[Room], since: object) -> Tuple[List[HistoryLine], Optional[dict]]:
+        """History for a welcome: each room's recent lines, or, for a client
+        resuming, the lines after the last one it saw (`since`: room -> seq)
+        and how many of those are no longer kept (`missed`)."""
+        if not isinstance(since, dict):
+            return sorted(line for room in rooms for line in room.history), None
+        lines, missed = [], {}
+        for room in rooms:
+            last = since.get(room.name)
+            if type(last) is not int:
+                continue
+            if last > room.seq:     # the room was freed and begun anew: all it has is new
+                last = 0
+            newer = [line for line in room.history if line.seq > last]
+            lines += newer
+            first_kept = newer[0].seq if newer else room.seq + 1
+            if first_kept - last - 1 > 0:
+                missed[room.name] = first_kept - last - 1
+        return sorted(lines), missed
+
+    def load(self, lines: Iterable[Tuple[dict, bytes]]) -> None:
+        """Rooms and their lines from a history file, oldest first. The rooms
+        are dormant (nobody is in them yet), so they lock nobody out."""
+        for obj, payload in lines:
+            try:
+                room = self.get(obj["room"]) or self.open(check_room(obj["room"]))
+            except ProtocolError:
+                continue
+            self.keep(room, HistoryLine(obj["id"], room.name, obj["seq"], _LENGTH.pack(len(payload)) + payload))
+            room.seq = max(room.seq, obj["seq"])
+            self.dormant.pop(room.key, None)
+            self.vacated(room)      # (again) the newest dormant room
+        self.end_turn()
+
+    def restore(self, room: Room, payloads: List[bytes]) -> None:
+        """Replace `room`'s history with these lines (from Redis, as they were sent)."""
+        self.forget(room, len(room.history))
+        for payload in payloads:
+            line = json.loads(payload)
+            self.keep(room, HistoryLine(line["id"], room.name, line["seq"], _LENGTH.pack(len(payload)) + payload))
+        self.vacated(room)
+
+    def in_memory(self) -> List[bytes]:
+        """Every kept line as it was sent, oldest first (to compact a history file)."""
+        return [line.data[4:] for line in sorted(line for room in self.table.values() for line in room.history)]
+
+
+def _newest_within(lines: List[HistoryLine], budget: int) -> int:
+    """Where the newest of `lines` that fit in `budget` bytes begin."""
+    start, size = len(lines), 0
+    while start and size + len(lines[start - 1].data) - 3 <= budget:    # the payload and a comma
+        start -= 1
+        size += len(lines[start].data) - 3
+    return start
+
+
+# ---------------------------------------------------------------------------
+# 4b. Output: what the core sends, batched per loop turn
+
+class Output:
+    """Frames for the clients, queued per connection and batched per turn.
+
+    A frame for one connection goes on its `out` at once, after a flush(),
+    so nobody sees lines out of order. Frames for a room wait in `pending`
+    until flush(): each room's run of lines is joined into one bytes object
+    queued for every member, so the per-recipient cost of a turn is one list
+    append, not one per line. A turn's budget bounds what it may add for any
+    one recipient (`share`) and in all (FANOUT_BUDGET); once spent, the core
+    reads no more frames this turn. Every frame is stamped with the turn's
+    time here, in encode()."""
+
+    def __init__(self, max_buffer: int):
+        self.limit = max_buffer
+        # What one turn may add for any one recipient, and what one connection
+        # may have queued before its own frames are no longer read.
+        self.share = max(4096, max_buffer // 4)
+        self.ts = 0.0
+        self.pending: List[tuple] = []      # (room, sender, frame bytes) not yet fanned out
+        self.arrived: List[Room] = []       # rooms with arrivals during `pending`
+        self.dirty: List[Conn] = []         # connections whose `out` became non-empty
+        self.slow: List[Conn] = []          # connections over their buffer limit
+        self.turn_bytes = self.turn_fanout = 0
+        self.spent = False                  # this turn's budget is used up
+
+    def new_turn(self, wall: float) -> None:
+        self.ts = round(wall, 3)
+        self.turn_bytes = self.turn_fanout = 0
+        self.spent = False
+
+    def stamp(self, frame: dict) -> dict:
+        """`frame` with the turn's time, unless it has one (a pong echoes its ping's)."""
+        frame.setdefault("ts", self.ts)
+        return frame
+
+    def encode(self, frame: dict, fit: str = "", limit: int = MAX_SERVER_PAYLOAD) -> bytes:
+        """`frame` on the wire, stamped. With `fit`, that list is halved (its
+        last items go) until the frame fits `limit`, and marked "truncated"."""
+        data = encode(self.stamp(frame))
+        while fit and len(data) - 4 > limit and frame[fit]:
+            frame[fit] = frame[fit][:len(frame[fit]) // 2]
+            frame["truncated"] = True
+            data = encode(frame)
+        return data
+
+    def with_history(self, frame: dict, lines: List[HistoryLine]) -> bytes:
+        """`frame` (a welcome or joined) on the wire with `lines` as its
+        "history", newest kept: the oldest are left out past REPLAY_MAX (and
+        the frame says "truncated"). The lines are kept encoded, so they are
+        spliced in, not encoded again; "users" is cut to fit what they leave
+        of the 1 MiB limit."""
+        lines = lines[_newest_within(lines, REPLAY_MAX):] if lines else lines
+        spliced = b",".join([memoryview(line.data)[4:] for line in lines])
+        head = self.encode(frame, "users", MAX_SERVER_PAYLOAD - len(spliced) - 16)
+        payload = head[4:-1] + b',"history":[' + spliced + b"]}"
+        return _LENGTH.pack(len(payload)) + payload
+
+    def end(self) -> Tuple[List[Conn], List[Conn]]:
+        """Fan out what is pending; the connections to write to, and those over their limit."""
+        self.flush()
+        dirty, slow = self.dirty, self.slow
+        self.dirty, self.slow = [], []
+        return dirty, slow
+
+    # -- to one connection ---------------------------------------------------
+
+    def queue(self, conn: Conn, data: bytes) -> None:
+        """Queue `data` for `conn` now, without a flush: for a connection that
+        has nothing pending (a newcomer), or for bytes that may go first."""
+        out = conn.out
+        if not out:
+            self.dirty.append(conn)
+        out.append(data)
+        conn.queued += len(data)
+        if conn.queued > self.limit:
+            self.slow.append(conn)
+
+    def send(self, conn: Conn, frame: dict) -> None:
+        """Queue one frame for one connection, after everything said before it."""
+        self.send_data(conn, self.encode(frame))
+
+    def send_data(self, conn: Conn, data: bytes) -> None:
+        self.flush()
+        self.queue(conn, data)
+
+    def send_each(self, conns: Iterable[Conn], frame: dict) -> None:
+        self.flush()
+        data = self.encode(frame)
+        for conn in conns:
+            self.queue(conn, data)
+
+    def charge(self, size: int) -> None:
+        """An answer of `size` bytes was queued: it counts against the turn's budget."""
+        self.turn_bytes += size
+        if self.turn_bytes >= self.share:
+            self.spent = True
+
+    # -- to a room -----------------------------------------------------------
+
+    def to_room(self, room: Room, frame: dict, sender: Optional[Conn] = None) -> None:
+        """Queue a frame for everyone in `room` but `sender`, in order with its lines."""
+        self.to_room_data(room, self.encode(frame), sender)
+
+    def to_room_data(self, room: Room, data: bytes, sender: Optional[Conn] = None) -> None:
+        self.pending.append((room, sender, data))
+        # Bound what one turn adds to buffers: any one recipient's growth
+        # (turn_bytes) and the memory fan-out takes in all (turn_fanout).
+        self.turn_bytes += len(data)
+        self.turn_fanout += len(data) * len(room.members)
+        if self.turn_bytes >= self.share or self.turn_fanout >= FANOUT_BUDGET:
+            self.spent = True
+
+    def arrive(self, conn: Conn, room: Room) -> None:
+        """`conn` just joined `room`: what is pending for the room was said
+        before it came, so fan-out starts it where it arrived. So a join
+        needs no flush, and a storm of joins fans out in one go."""
+        if self.pending:
+            if not room.arrivals:
+                self.arrived.append(room)
+            room.arrivals[conn] = len(self.pending)
+
+    def flush(self) -> None:
+        """Fan out what this turn said. Called before every unicast (and
+        before a member changes rooms), so nobody sees lines out of order.
+        (Someone who leaves needs no flush: they just stop receiving.)"""
+        while self.pending:
+            batch, self.pending = self.pending, []
+            start = 0
+            while start < len(batch):   # runs of consecutive entries for one room
+                room, end = batch[start][0], start + 1
+                while end < len(batch) and batch[end][0] is room:
+                    end += 1
+                self._fan_out(room, batch, start, end)
+                start = end
+            for room in self.arrived:
+                room.arrivals.clear()
+            self.arrived.clear()
+
+    def _fan_out(self, room: Room, batch: List[tuple], start: int, end: int) -> None:
+        """Queue batch[start:end] (all for `room`) for its members. The hot
+        path: per recipient, a set lookup and appending a shared bytes object."""
+        run = batch[start:end]
+        if len(run) == 1:
+            senders, blob = (run[0][1],), run[0][2]
+        else:
+            senders, blob = {entry[1] for entry in run}, b"".join([entry[2] for entry in run])
+        limit, dirty, slow, arrivals = self.limit, self.dirty, self.slow, room.arrivals
+        size = len(blob)
+        for member in room.members:
+            data = blob
+            arrived = arrivals.get(member, 0) if arrivals else 0
+            if arrived > start:     # joined during this batch: only what came after
+                if arrived >= end:
+                    continue
+                data = b"".join([entry[2] for entry in batch[arrived:end] if entry[1] is not member])
+            elif member in senders:     # nobody gets their own lines back
+                data = b"".join([entry[2] for entry in run if entry[1] is not member])
+            if data is not blob:
+                if not data:
+                    continue
+                queued = member.queued + len(data)
+            else:
+                queued = member.queued + size
+            out = member.out
+            if not out:
+                dirty.append(member)
+            out.append(data)
+            member.queued = queued
+            if queued > limit:
+                slow.append(member)
+
+
+# ---------------------------------------------------------------------------
+# 4c. Relays: where lines are numbered, and what crosses to other servers
+
+class Relay(Protocol):
+    """Where lines get their ids, and what crosses to other servers:
+    LocalRelay for one server on its own, Cluster (section 6) for several
+    linked through Redis. Chosen once, at start; Chat asks it and never asks
+    which one it is."""
+
+    instance: str       # the history's identity: clients resume only within one
+    up: bool            # linked to every server there is (always, on its own)
+
+    def post(self, room: Room, sender: Conn, line: dict) -> None:
+        """Give a room line its id and seq, and hand it to Chat.deliver_line(), now or later."""
+
+    def new_id(self) -> int:
+        """An id for a private message delivered on this server."""
+
+    def pm(self, sender: Conn, key: str, line: dict) -> bool:
+        """Deliver a private message to `key` on another server; False if nobody there has it."""
+
+    def claim(self, conn: Conn, key: str, session: str, done: Callable[[bool], None]) -> None:
+        """Claim the nick `key` for `conn` wherever users are; done(ok), now or later."""
+
+    def release(self, key: str) -> None:
+        """The nick `key` is free again."""
+
+    def vanished(self, key: str) -> None:
+        """`key` lost its connection: out of the lists, its nick still held."""
+
+    def presence(self, conn: Conn) -> None:
+        """`conn` joined, or changed rooms or nick."""
+
+    def event(self, rooms: Optional[List[str]], frame: dict) -> None:
+        """A join, leave or nick event for the members of `rooms` elsewhere (None: everyone)."""
+
+    def others(self) -> List[str]:
+        """The nicks on the other servers."""
+
+    def end_turn(self) -> None:
+        """The loop turn is over: write what it produced."""
+
+    def close(self) -> None:
+        """The server stops."""
+
+
+class LocalRelay:
+    """One server on its own: it numbers lines itself and, with a history
+    file, keeps them across restarts (loading them first)."""
+
+    up = True
+
+    def __init__(self, chat: "Chat"):
+        config = chat.config
+        self.chat = chat
+        self.history = HistoryFile(config.history_file, config.history_file_max) if config.history_file else None
+        self.next_id = 1
+        self.instance = secrets.token_hex(8)
+        history = self.history
+        if history is not None:
+            lines = history.load()
+            self.instance, self.next_id = history.instance, history.reserved
+            chat.rooms.load(lines)
+            log.info("history: %s from %s", plural(len(lines), "line"), history.path)
+
+    def post(self, room: Room, sender: Conn, line: dict) -> None:
+        room.seq += 1
+        line["id"], line["seq"] = self.new_id(), room.seq
+        data = self.chat.deliver_line(room, sender, line)
+        if self.history is not None:
+            self.history.append(data[4:])
+
+    def new_id(self) -> int:
+        """The next id. With a history file, ids are reserved on disk ahead of
+        use, so none is given twice, even across a restart."""
+        given = self.next_id
+        self.next_id += 1
+        if self.history is not None and self.next_id > self.history.reserved:
+            self.history.reserve(self.next_id + HistoryFile.ID_BLOCK)
+        return given
+
+    def pm(self, sender: Conn, key: str, line: dict) -> bool:
+        return False
+
+    def claim(self, conn: Conn, key: str, session: str, done: Callable[[bool], None]) -> None:
+        done(True)      # Chat has checked this server's users: there are no others
+
+    def release(self, key: str) -> None:
+        pass
+
+    def vanished(self, key: str) -> None:
+        pass
+
+    def presence(self, conn: Conn) -> None:
+        pass
+
+    def event(self, rooms: Optional[List[str]], frame: dict) -> None:
+        pass
+
+    def others(self) -> List[str]:
+        return []
+
+    def end_turn(self) -> None:
+        if self.history is not None and self.history.write(self.chat.rooms.in_memory):
+            self.chat.io.call_later(1.0, self.history.sync)
+
+    def close(self) -> None:
+        if self.history is not None:
+            self.history.write(self.chat.rooms.in_memory)
+            self.history.close()
 
 
 class HistoryFile:
@@ -626,14 +1126,15 @@ class HistoryFile:
         return was_synced
 
     def sync(self) -> None:
-        if self._unsynced:
+        if self._unsynced and self._file is not None:
             os.fsync(self._file.fileno())
             self._unsynced = False
 
     def close(self) -> None:
-        if self._file:
+        if self._file is not None:
             self.sync()
             self._file.close()
+            self._file = None
 
 
 def _is_history_header(obj: object) -> bool:
@@ -646,6 +1147,9 @@ def _is_history_line(obj: object) -> bool:
             and type(obj.get("seq")) is int and type(obj.get("room")) is str
             and type(obj.get("text")) is str and type(obj.get("from")) is str)
 
+
+# ---------------------------------------------------------------------------
+# 4d. Gate: who may hold a connection slot and try a password
 
 def network_of(ip: str, prefix_v4: int = 32, prefix_v6: int = 64) -> str:
     """The network an address belongs to, for limits per source: by default
@@ -762,6 +1266,23 @@ class Gate:
                 wait = max(wait, (1.0 - self.allowance) * delay)
         return max(0.0, wait)
 
+    def check_password(self, conn: Conn, given: object, now: float) -> None:
+        """Return if `given` is the password; else ProtocolError, at once
+        (the penalty for wrong ones applies to the next attempt)."""
+        if given is None:       # a client asking whether a password is needed
+            raise ProtocolError("auth-failed", "this server needs a password")
+        wait = self.wait(conn, now)
+        if wait > 0:
+            seconds = math.ceil(wait)
+            raise ProtocolError("rate-limited", f"too many wrong passwords from your network; try again in"
+                                                f" {plural(seconds, 'second')}", retry_after=seconds)
+        if type(given) is str and hmac.compare_digest(given.encode("utf-8"), self.config.password.encode()):
+            self.succeeded(conn, now)
+            return
+        strikes = self.failed(conn, now)
+        log.warning("%s: wrong password (%s from this address)", conn.addr, plural(strikes, "strike"))
+        raise ProtocolError("auth-failed", "wrong password")
+
     def failed(self, conn: Conn, now: float) -> int:
         """A wrong password from `conn`: a strike everywhere; returns its address's count."""
         self.by_network.add(self._network(conn), now)
@@ -784,51 +1305,200 @@ class Gate:
         return network_of(conn.ip, 24, 48)
 
 
+# ---------------------------------------------------------------------------
+# 4e. Intake: frames from each connection, as fast as the rules allow
+
+class Intake:
+    """Takes each connection's frames in order and hands them to Chat, but
+    only as fast as the rules allow. A connection is paused (not read: its
+    frames wait in its socket, and TCP slows the sender down; nothing is
+    lost) while it is out of flood tokens, while more than its share is
+    queued for it, or while an answer about it is pending; and when the
+    turn's budget is spent, its frames wait for the next turn, behind the
+    connections already waiting."""
+
+    def __init__(self, config: ServerConfig, io: ServerIO, out: Output, chat: "Chat"):
+        self.config, self.io, self.out, self.chat = config, io, out, chat
+        self.clock = 0.0
+        self.deferred: collections.deque = collections.deque()   # connections with frames left over
+
+    def tick(self, now: float) -> None:
+        """A turn begins: a go for those left over last turn, in order."""
+        self.clock = now
+        for _ in range(len(self.deferred)):
+            conn = self.deferred.popleft()
+            conn.deferred = False
+            self.process(conn)
+
+    def process(self, conn: Conn) -> None:
+        """Hand Chat every complete frame from `conn` that the rules allow now."""
+        decoder = conn.decoder
+        while not conn.paused and conn.state in (HELLO, JOINED):
+            if conn.queued > self.out.share:
+                conn.backlogged = True
+                self.pause(conn)
+                return
+            if self.out.spent:
+                if not conn.deferred and (conn.held or decoder.buffered):
+                    conn.deferred = True
+                    self.deferred.append(conn)
+                return
+            frame, conn.held = conn.held, None
+            if frame is None:
+                try:
+                    frame = decoder.next_frame()
+                except ProtocolError as error:
+                    self.chat.drop(conn, f"sent a bad frame: {error.text}", error)
+                    return
+                if frame is None:
+                    return
+            conn.last_heard = self.clock
+            if conn.state is JOINED and not self._take_token(conn):
+                conn.held = frame
+                self._pause_for_flood(conn)
+                return
+            self.chat.dispatch(conn, frame["type"], frame)
+
+    def _take_token(self, conn: Conn) -> bool:
+        """Every frame after hello costs a token; tokens come back at flood_rate, up to flood_burst."""
+        config = self.config
+        tokens = conn.tokens + (self.clock - conn.refilled) * config.flood_rate
+        conn.refilled = self.clock
+        if tokens > config.flood_burst:
+            tokens = config.flood_burst
+        if tokens < 1.0 - 1e-9:     # (a refill timed to the token can fall short by a rounding error)
+            conn.tokens = tokens
+            return False
+        conn.tokens = tokens - 1.0
+        return True
+
+    def _pause_for_flood(self, conn: Conn) -> None:
+        self.pause(conn)
+        self.io.call_later((1.0 - conn.tokens) / self.config.flood_rate, self.resume, conn)
+        if self.clock - conn.flood_noticed > 10:
+            conn.flood_noticed = self.clock
+            log.info("%r is over the flood limit; slowing it down", conn)
+            self.out.send(conn, {"type": "notice", "text": f"you are sending more than {self.config.flood_rate:g}"
+                                 f" lines or requests a second; the server is slowing you down (nothing is lost)"})
+
+    def drained(self, conn: Conn) -> None:
+        """The loop wrote to a backlogged connection: read it again once its
+        queue is below its share. However cheap its requests, it cannot make
+        the server hold more for it than that."""
+        if conn.queued <= self.out.share:
+            conn.backlogged = False
+            self.resume(conn)
+
+    def pause(self, conn: Conn) -> None:
+        conn.paused = True
+        self.io.update_interest(conn)
+
+    def resume(self, conn: Conn) -> None:
+        if conn.state is JOINED and conn.paused and not conn.backlogged:
+            conn.paused = False
+            self.io.update_interest(conn)
+            self.process(conn)
+
+
+class Nicks:
+    """Who has which nick: the joined users, the nicks being claimed (while
+    the relay answers), and the nicks held for the session of a connection
+    that was lost: its owner is likely reconnecting and must find the nick
+    theirs, so for nick_hold seconds nobody else may take it."""
+
+    def __init__(self, chat: "Chat"):
+        self.chat = chat
+        self.users: Dict[str, Conn] = {}         # nick key -> joined connection
+        self.claiming: Dict[str, Conn] = {}      # nick key -> connection waiting for the relay's answer
+        self.holds: "collections.OrderedDict[str, Hold]" = collections.OrderedDict()   # nick key -> lost owner
+
+    def taken(self, key: str) -> bool:
+        return key in self.users or key in self.claiming or key in self.holds
+
+    def check(self, nick: str, session: object) -> Optional[Conn]:
+        """ProtocolError if `nick` is not to be had with `session`; else the
+        connection of the same session it replaces, if any (a reconnecting
+        user whose old connection lingers, half-open: the new one wins)."""
+        key = name_key(nick)
+        if key in self.claiming:
+            raise nick_taken(nick)
+        held = self.holds.get(key)
+        if held is not None:
+            if not _same_session(session, held.session):
+                raise nick_taken(nick, f"{held.nick} lost their connection and it waits for them to come back")
+            del self.holds[key]
+        holder = self.users.get(key)
+        if holder is not None and not _same_session(session, holder.session):
+            raise nick_taken(nick)
+        return holder
+
+    def away(self, key: str) -> Optional[str]:
+        """The nick held for its lost owner, if `key` is one."""
+        held = self.holds.get(key)
+        return held.nick if held is not None else None
+
+    def hold(self, conn: Conn) -> None:
+        relay = self.chat.relay
+        self.holds[conn.key] = Hold(conn.nick, conn.session)
+        if len(self.holds) > self.chat.config.max_connections:   # bounded like the connections that made them
+            relay.release(self.holds.popitem(last=False)[0])
+        relay.vanished(conn.key)
+        self.chat.io.call_later(self.chat.config.nick_hold, self._hold_over, conn.key, conn.session)
+
+    def _hold_over(self, key: str, session: str) -> None:
+        held = self.holds.get(key)
+        if held is not None and held.session == session:
+            del self.holds[key]
+            self.chat.relay.release(key)
+
+    def back_elsewhere(self, key: str) -> Optional[Conn]:
+        """The owner of `key` connected again on another server: no hold
+        stays; the connection here, if any, is to go."""
+        self.holds.pop(key, None)
+        return self.users.get(key)
+
+
+# ---------------------------------------------------------------------------
+# 4f. Chat: the protocol's rules
+
+class Hold(NamedTuple):
+    """A nick kept for the session of a connection that was lost."""
+    nick: str
+    session: str
+
+
+def nick_taken(nick: str, why: str = "") -> ProtocolError:
+    return ProtocolError("nick-taken", f"the nick {nick} is taken" + (f": {why}" if why else ""))
+
+
+def leave_frame(nick: str, reason: str, room: Room) -> dict:
+    return {"type": "leave", "nick": nick, "reason": reason, "users": room.count(), "room": room.name}
+
+
+def _same_session(given: object, session: Optional[str]) -> bool:
+    return type(given) is str and bool(session) and hmac.compare_digest(given.encode(), session.encode())
+
 
 class Chat:
-    """Users, rooms, history and the rules of the protocol.
+    """Users, rooms and the rules of the protocol: the frames a connection
+    sends become frames queued for connections (see Output), and the calls
+    the loop makes are listed at the top of this section. Each frame type
+    has a handler in `handlers`; a handler refuses by raising ProtocolError,
+    which becomes an `error` frame, and the connection stays."""
 
-    The loop hands it connections and bytes; it answers by queueing encoded
-    frames on `conn.out` and listing those connections in `dirty`. Chat lines
-    said during one loop turn are fanned out together by flush(): each room
-    joins its lines into one bytes object queued for every member, so the
-    per-recipient cost is one list append per turn, not one per line."""
-
-    def __init__(self, config: ServerConfig, io):
+    def __init__(self, config: ServerConfig, io: ServerIO,
+                 relay: Optional[Callable[["Chat"], Relay]] = None):
         self.config = config
-        self.io = io        # the loop: call_later(), update_interest(), close_soon(), stop()
-        self.ts = 0.0       # the time as the loop last told it (tick): wall clock, for frames...
-        self.clock = 0.0    # ...and monotonic, for timers, flood control and timeouts
-        self.conns: set = set()                  # every connection not yet closing
-        self.users: Dict[str, Conn] = {}         # nick key -> joined connection
-        self.rooms: Dict[str, Room] = {}
-        # Empty rooms are kept only for their history (oldest first), at most
-        # max_rooms of them and within the history budget; they do not count
-        # against max_rooms, so nobody can use up the room table.
-        self.dormant: "collections.OrderedDict[str, Room]" = collections.OrderedDict()
-        self.retired: "collections.OrderedDict[str, int]" = collections.OrderedDict()  # freed room -> its seq
-        self.history_bytes = 0                   # all rooms' history, as keep() counts it
-        self.pending: List[tuple] = []           # (room, sender, frame bytes) not yet fanned out
-        self.arrived: List[Room] = []            # rooms with arrivals during `pending`
-        self.dirty: List[Conn] = []              # connections whose `out` became non-empty
-        self.slow: List[Conn] = []               # connections over their buffer limit
-        self.deferred: collections.deque = collections.deque()   # connections with frames left over
-        self.turn_bytes = self.turn_fanout = 0   # what this turn has queued (see _pend())
-        self.budget_spent = False
-        # What one connection may have queued before it is no longer read, and
-        # what one turn may add for any one recipient.
-        self.share = self.turn_byte_budget = max(4096, config.max_buffer // 4)
+        self.io = io
+        self.clock = 0.0                         # the loop's monotonic time this turn (see tick)
+        self.out = Output(config.max_buffer)
+        self.rooms = Rooms(config)
         self.gate = Gate(config)
-        self.claiming: Dict[str, Conn] = {}      # nick key -> connection waiting for the cluster's answer
-        self.holds: "collections.OrderedDict[str, Hold]" = collections.OrderedDict()   # nick key -> lost owner
-        self.cluster: Optional[Cluster] = None   # set by the loop with --redis
-        self.next_id = 1
-        self.history_file = HistoryFile(config.history_file, config.history_file_max) \
-            if config.history_file else None
-        self.instance = secrets.token_hex(8)
-        self.lobby = self._room(LOBBY)
-        if self.history_file:
-            self._load_history()
+        self.conns: set = set()                  # every connection not yet closing
+        self.nicks = Nicks(self)
+        self.users = self.nicks.users            # nick key -> joined connection
+        self.intake = Intake(config, io, self.out, self)
+        self.relay: Relay = (relay or LocalRelay)(self)
         self.before_hello = {"hello": self.on_hello, "quit": self.on_quit}
         self.handlers = {
             "hello": self.on_second_hello, "msg": self.on_msg, "me": self.on_msg, "pm": self.on_pm,
@@ -836,21 +1506,22 @@ class Chat:
             "quit": self.on_quit, "join": self.on_join, "part": self.on_part, "rooms": self.on_rooms,
         }
 
-    # -- time and the loop's entry points ------------------------------------
+    # -- the loop's calls ----------------------------------------------------
 
     def tick(self, now: float, wall: float) -> None:
-        """Called by the loop at the start of each turn with the time (monotonic
-        and wall clock; the core never reads a clock itself, so tests can run it
-        on a fake one): one clock read serves every frame, a fresh budget, and
-        first go to those left over last turn."""
-        self.ts = round(wall, 3)
+        """A turn begins: the time (monotonic, and wall clock for frames), a
+        fresh budget, and a go for those left over last turn."""
         self.clock = now
-        self.turn_bytes = self.turn_fanout = 0
-        self.budget_spent = False
-        for _ in range(len(self.deferred)):
-            conn = self.deferred.popleft()
-            conn.deferred = False
-            self.process(conn)
+        self.out.new_turn(wall)
+        self.intake.tick(now)
+
+    def has_work(self) -> bool:
+        """Frames are left over for the next turn: the loop must not wait."""
+        return bool(self.intake.deferred)
+
+    def may_read(self, conn: Conn) -> bool:
+        """Whether the loop should read from `conn` now (not while frames of it wait for their turn)."""
+        return not conn.deferred
 
     def open(self, conn: Conn) -> bool:
         """A new connection. False if it may not have a slot (see Gate; it
@@ -858,7 +1529,9 @@ class Chat:
         refusal, victim = self.gate.admit(conn, len(self.conns), self.clock)
         if refusal is not None:
             log.warning("%s refused: %s", conn.addr, refusal.text)
-            self._refuse(conn, refusal)
+            self.out.queue(conn, self.out.encode(refusal.frame()))
+            conn.state = CLOSING
+            self.io.close_soon(conn)
             return False
         if victim is not None:
             self.drop(victim, f"made room for a newcomer: no hello within {Gate.PREEMPT_AFTER:g}s on a full server",
@@ -875,37 +1548,50 @@ class Chat:
             self.drop(conn, "sent a TLS handshake, but this server has no --tls-cert")
             return
         conn.decoder.feed(data)
-        self.process(conn)
+        self.intake.process(conn)
 
-    def process(self, conn: Conn) -> None:
-        """Handle every complete frame from `conn`, unless flood control or a
-        refusal pauses it (its frames wait in the decoder and TCP slows it
-        down), or this turn's budget is spent (they wait for the next turn)."""
-        decoder = conn.decoder
-        while not conn.paused and conn.state in (HELLO, JOINED):
-            if conn.queued > self.share:
-                self._pause_for_backlog(conn)
-                return
-            if self.budget_spent:
-                if not conn.deferred and (conn.held or decoder.buffered):
-                    conn.deferred = True
-                    self.deferred.append(conn)
-                return
-            frame, conn.held = conn.held, None
-            if frame is None:
-                try:
-                    frame = decoder.next_frame()
-                except ProtocolError as error:
-                    self.drop(conn, f"sent a bad frame: {error.text}", error)
-                    return
-                if frame is None:
-                    return
-            conn.last_heard = self.clock
-            if conn.state is JOINED and not self._take_token(conn):
-                conn.held = frame
-                self._pause_for_flood(conn)
-                return
-            self.dispatch(conn, frame["type"], frame)
+    def end_turn(self) -> Tuple[List[Conn], List[Conn]]:
+        """The turn's events are handled: fan out, keep history within its
+        budget, let the relay write. Returns Output.end()'s lists."""
+        self.out.flush()
+        self.rooms.end_turn()
+        self.relay.end_turn()
+        return self.out.end()
+
+    def drained(self, conn: Conn) -> None:
+        """The loop wrote to a backlogged connection (see Intake.drained)."""
+        self.intake.drained(conn)
+
+    def too_slow(self, conn: Conn) -> None:
+        """The loop found `conn` still over its buffer limit after writing."""
+        self.drop(conn, f"too slow: over {self.config.max_buffer} bytes unread",
+                  ProtocolError("too-slow", "you stopped reading; disconnected"))
+
+    def lost(self, conn: Conn, reason: str) -> None:
+        """The socket is gone (closed by the peer or broken)."""
+        if conn.state in (CLOSING, CLOSED):
+            conn.state = CLOSED
+            return
+        if conn.decoder.buffered:
+            reason += f" (in the middle of a frame, {conn.decoder.buffered} bytes unread)"
+        self._leave(conn, reason, hold=True)
+        conn.state = CLOSED
+
+    def shutdown(self, reason: str) -> None:
+        """Say `bye` to everyone and close every connection (no leave events:
+        everybody is leaving)."""
+        self.out.flush()
+        bye = self.out.encode({"type": "bye", "reason": reason})
+        for conn in list(self.conns):
+            if conn.state in (HELLO, JOINED, AUTH):
+                self.out.queue(conn, bye)
+            conn.state = CLOSING
+            self.io.close_soon(conn)
+        self.conns.clear()
+        self.users.clear()
+        self.relay.close()
+
+    # -- handling a frame ----------------------------------------------------
 
     def dispatch(self, conn: Conn, kind: str, frame: dict) -> None:
         if conn.state is HELLO:
@@ -923,222 +1609,29 @@ class Chat:
                 handler(conn, frame)
             except ProtocolError as error:     # refused, but the connection stays
                 log.info("%r: %s: %s", conn, error.code, error.text)
-                self.send(conn, self._stamped(error.frame()))
+                self.out.send(conn, error.frame())
         except Exception:   # a bug of ours, even in answering: it costs this connection, not the server
             log.exception("%r: internal error handling %s", conn, shown(kind))
             self.drop(conn, "internal error", ProtocolError("internal", "the server failed on that frame"))
 
-    def lost(self, conn: Conn, reason: str) -> None:
-        """The socket is gone (closed by the peer or broken)."""
-        if conn.state in (CLOSING, CLOSED):
-            conn.state = CLOSED
-            return
-        if conn.decoder.buffered:
-            reason += f" (in the middle of a frame, {conn.decoder.buffered} bytes unread)"
-        self._leave(conn, reason, hold=True)
-        conn.state = CLOSED
+    def reply(self, conn: Conn, data: bytes) -> None:
+        """Queue an answer to `conn`'s own request. It costs `conn` flood
+        tokens by its size (so no cheap request buys a big answer for free)
+        and counts against this turn's budget."""
+        self.out.send_data(conn, data)
+        conn.tokens -= len(data) / REPLY_BYTES_PER_TOKEN
+        self.out.charge(len(data))
 
     def drop(self, conn: Conn, reason: str, error: Optional[ProtocolError] = None) -> None:
         """Disconnect `conn` on the server's initiative, telling it why."""
         if conn.state in (CLOSING, CLOSED):
             return
         if error is not None:
-            self._queue(conn, encode(self._stamped(error.frame())))
+            self.out.send(conn, error.frame())
         # Dropped for being slow or silent, a client reconnects: its nick waits for it.
         self._leave(conn, reason, hold=error is not None and error.code in ("too-slow", "timeout"))
         conn.state = CLOSING
         self.io.close_soon(conn)
-
-    def shutdown(self, reason: str) -> None:
-        """Say `bye` to everyone and close every connection (no leave events:
-        everybody is leaving)."""
-        bye = encode({"type": "bye", "reason": reason, "ts": self.ts})
-        self.flush()
-        for conn in list(self.conns):
-            if conn.state in (HELLO, JOINED, AUTH):
-                self._queue(conn, bye)
-            conn.state = CLOSING
-            self.io.close_soon(conn)
-        self.conns.clear()
-        self.users.clear()
-        self.end_turn()
-        if self.cluster is not None:
-            self.cluster.shutdown()
-
-    def end_turn(self) -> None:
-        """Called by the loop after each turn's events."""
-        self.flush()
-        if self.history_bytes > self.config.history_bytes:
-            self._trim_history()
-        if self.history_file and self.history_file.write(self._history_in_memory):
-            self.io.call_later(1.0, self.history_file.sync)
-        if self.cluster is not None:
-            self.cluster.end_turn()
-
-    # -- sending -------------------------------------------------------------
-
-    def _stamped(self, frame: dict) -> dict:
-        frame["ts"] = self.ts
-        return frame
-
-    def _queue(self, conn: Conn, data: bytes) -> None:
-        out = conn.out
-        if not out:
-            self.dirty.append(conn)
-        out.append(data)
-        conn.queued += len(data)
-        if conn.queued > self.config.max_buffer:
-            self.slow.append(conn)
-
-    def reply(self, conn: Conn, data: bytes) -> None:
-        """Queue an answer to `conn`'s own request. It costs `conn` flood
-        tokens by its size (so no cheap request buys a big answer for free)
-        and counts against this turn's budget."""
-        self.send_data(conn, data)
-        conn.tokens -= len(data) / REPLY_BYTES_PER_TOKEN
-        self.turn_bytes += len(data)
-        if self.turn_bytes >= self.turn_byte_budget:
-            self.budget_spent = True
-
-    def send(self, conn: Conn, frame: dict) -> None:
-        """Queue one frame for one connection, after everything said before it."""
-        self.send_data(conn, encode(frame))
-
-    def send_data(self, conn: Conn, data: bytes) -> None:
-        self.flush()
-        self._queue(conn, data)
-
-    def send_each(self, conns: Iterable[Conn], frame: dict) -> None:
-        self.flush()
-        data = encode(frame)
-        for conn in conns:
-            self._queue(conn, data)
-
-    def to_room(self, room: Room, frame: dict, sender: Optional[Conn] = None) -> None:
-        """Queue a frame for everyone in `room` but `sender`, in order with its lines."""
-        self._pend(room, sender, encode(frame))
-
-    def _pend(self, room: Room, sender: Optional[Conn], data: bytes) -> None:
-        self.pending.append((room, sender, data))
-        # Bound what one turn adds to buffers: any one recipient's growth
-        # (turn_bytes) and the memory fan-out takes in all (turn_fanout).
-        self.turn_bytes += len(data)
-        self.turn_fanout += len(data) * len(room.members)
-        if self.turn_bytes >= self.turn_byte_budget or self.turn_fanout >= FANOUT_BUDGET:
-            self.budget_spent = True
-
-    def enter(self, conn: Conn, room: Room) -> None:
-        """Put `conn` in `room`. What was queued for the room before this
-        moment is not for it: fan-out starts it where it arrived, so joining
-        needs no flush and a storm of joins fans out in one go."""
-        room.add(conn)
-        conn.rooms.append(room)
-        self.occupied(room)
-        if self.pending:
-            if not room.arrivals:
-                self.arrived.append(room)
-            room.arrivals[conn] = len(self.pending)
-
-    def flush(self) -> None:
-        """Fan out what this turn said. Called before every unicast (and
-        before a member changes rooms), so nobody sees lines out of order.
-        (Someone who leaves needs no flush: they just stop receiving.)"""
-        while self.pending:
-            batch, self.pending = self.pending, []
-            start = 0
-            while start < len(batch):   # runs of consecutive entries for one room
-                room, end = batch[start][0], start + 1
-                while end < len(batch) and batch[end][0] is room:
-                    end += 1
-                self._fan_out(room, batch, start, end)
-                start = end
-            for room in self.arrived:
-                room.arrivals.clear()
-            self.arrived.clear()
-
-    def too_slow(self, conn: Conn) -> None:
-        """The loop found `conn` still over its buffer limit after writing."""
-        self.drop(conn, f"too slow: over {self.config.max_buffer} bytes unread",
-                  ProtocolError("too-slow", "you stopped reading; disconnected"))
-
-    def _fan_out(self, room: Room, batch: List[tuple], start: int, end: int) -> None:
-        """Queue batch[start:end] (all for `room`) for its members. The hot
-        path: per recipient, a set lookup and appending a shared bytes object."""
-        run = batch[start:end]
-        if len(run) == 1:
-            senders, blob = (run[0][1],), run[0][2]
-        else:
-            senders, blob = {entry[1] for entry in run}, b"".join([entry[2] for entry in run])
-        limit, dirty, slow, arrivals = self.config.max_buffer, self.dirty, self.slow, room.arrivals
-        size = len(blob)
-        for member in room.members:
-            data = blob
-            arrived = arrivals.get(member, 0) if arrivals else 0
-            if arrived > start:     # joined during this batch: only what came after
-                if arrived >= end:
-                    continue
-                data = b"".join([entry[2] for entry in batch[arrived:end] if entry[1] is not member])
-            elif member in senders:     # nobody gets their own lines back
-                data = b"".join([entry[2] for entry in run if entry[1] is not member])
-            if data is not blob:
-                if not data:
-                    continue
-                queued = member.queued + len(data)
-            else:
-                queued = member.queued + size
-            out = member.out
-            if not out:
-                dirty.append(member)
-            out.append(data)
-            member.queued = queued
-            if queued > limit:
-                slow.append(member)
-
-    # -- flood control -------------------------------------------------------
-
-    def _take_token(self, conn: Conn) -> bool:
-        config = self.config
-        tokens = conn.tokens + (self.clock - conn.refilled) * config.flood_rate
-        conn.refilled = self.clock
-        if tokens > config.flood_burst:
-            tokens = config.flood_burst
-        if tokens < 1.0 - 1e-9:     # (a refill timed to the token can fall short by a rounding error)
-            conn.tokens = tokens
-            return False
-        conn.tokens = tokens - 1.0
-        return True
-
-    def _pause_for_flood(self, conn: Conn) -> None:
-        """Stop reading from a flooder until it has a token again. Its lines
-        wait in its socket (TCP slows it down); none are dropped."""
-        conn.paused = True
-        self.io.update_interest(conn)
-        self.io.call_later((1.0 - conn.tokens) / self.config.flood_rate, self._resume, conn)
-        if self.clock - conn.flood_noticed > 10:
-            conn.flood_noticed = self.clock
-            log.info("%r is over the flood limit; slowing it down", conn)
-            self.send(conn, self._stamped({
-                "type": "notice", "text": f"you are sending more than {self.config.flood_rate:g}"
-                f" lines or requests a second; the server is slowing you down (nothing is lost)"}))
-
-    def _resume(self, conn: Conn) -> None:
-        if conn.state is JOINED and not conn.backlogged:
-            conn.paused = False
-            self.io.update_interest(conn)
-            self.process(conn)
-
-    def _pause_for_backlog(self, conn: Conn) -> None:
-        """Stop reading from a connection that has more queued for it than its
-        share, until drained() says it read enough: however cheap its requests,
-        it cannot make the server hold more for it than that."""
-        conn.paused = conn.backlogged = True
-        self.io.update_interest(conn)
-
-    def drained(self, conn: Conn) -> None:
-        """Called by the loop when a backlogged connection's queue is below its share again."""
-        conn.backlogged = False
-        if conn.state is JOINED:
-            self._resume(conn)
 
     # -- timers --------------------------------------------------------------
 
@@ -1156,11 +1649,10 @@ class Chat:
         config = self.config
         silent = self.clock - conn.last_heard
         if silent >= config.idle_timeout:
-            self.drop(conn, f"ping timeout ({silent:.0f}s silent)",
-                      ProtocolError("timeout", "no answer to ping"))
+            self.drop(conn, f"ping timeout ({silent:.0f}s silent)", ProtocolError("timeout", "no answer to ping"))
             return
         if silent >= config.ping_interval:
-            self.send(conn, {"type": "ping", "ts": self.ts})
+            self.out.send(conn, {"type": "ping"})
             delay = config.idle_timeout - silent
         else:
             delay = config.ping_interval - silent
@@ -1172,179 +1664,91 @@ class Chat:
         try:
             nick = check_name(frame.get("nick"))
             if self.config.password is not None:
-                self._check_password(conn, frame.get("password"))
-            self._claim_nick(conn, nick, frame.get("session"))
+                self.gate.check_password(conn, frame.get("password"), self.clock)
+            replaced = self.nicks.check(nick, frame.get("session"))
         except ProtocolError as error:
             self.drop(conn, f"refused: {error.text}", error)
             return
-        if self.cluster is None:
-            self._welcome(conn, frame)
-            return
-        # Clustered: the nick must be free on every server; Redis decides.
-        conn.state, conn.paused = AUTH, True
-        self.io.update_interest(conn)
-        self.claiming[conn.key] = conn
+        if replaced is not None:
+            self.drop(replaced, "reconnected", ProtocolError("replaced", "you connected again elsewhere"))
+        conn.nick, conn.key, conn.session = nick, name_key(nick), secrets.token_urlsafe(16)
         session = frame.get("session") if type(frame.get("session")) is str else ""
-        self.cluster.claim(conn, conn.key, session, lambda ok: self._claimed(conn, frame, ok))
+        conn.state = AUTH
+        self.nicks.claiming[conn.key] = conn
+        self.relay.claim(conn, conn.key, session, lambda ok: self._claimed(conn, frame, ok))
+        if conn.state is AUTH:      # the relay answers later (Redis decides): read nothing until then
+            self.intake.pause(conn)
 
     def _claimed(self, conn: Conn, hello: dict, ok: bool) -> None:
-        del self.claiming[conn.key]
+        del self.nicks.claiming[conn.key]
         if conn.state is not AUTH:      # gone while Redis answered
             if ok:
-                self.cluster.release(conn.key)
+                self.relay.release(conn.key)
             return
-        conn.paused = False
-        self.io.update_interest(conn)
+        waited = conn.paused
+        if waited:
+            conn.paused = False
+            self.io.update_interest(conn)
         if not ok:
-            self.drop(conn, "refused: nick taken on another server",
-                      ProtocolError("nick-taken", f"the nick {conn.nick} is taken"))
+            self.drop(conn, "refused: nick taken on another server", nick_taken(conn.nick))
             return
         conn.state = HELLO
         self._welcome(conn, hello)
-        self.process(conn)      # frames that arrived while we waited
-
-    def _check_password(self, conn: Conn, given: object) -> None:
-        """Return if `given` is the password; else ProtocolError, at once
-        (the penalty for wrong ones applies to the next attempt: see Gate)."""
-        if given is None:       # a client asking whether a password is needed
-            raise ProtocolError("auth-failed", "this server needs a password")
-        wait = self.gate.wait(conn, self.clock)
-        if wait > 0:
-            seconds = math.ceil(wait)
-            raise ProtocolError("rate-limited", f"too many wrong passwords from your network; try again in"
-                                                f" {plural(seconds, 'second')}", retry_after=seconds)
-        if type(given) is str and hmac.compare_digest(given.encode("utf-8"), self.config.password.encode()):
-            self.gate.succeeded(conn, self.clock)
-            return
-        strikes = self.gate.failed(conn, self.clock)
-        log.warning("%s: wrong password (%s from this address)", conn.addr, plural(strikes, "strike"))
-        raise ProtocolError("auth-failed", "wrong password")
-
-    def _refuse(self, conn: Conn, error: ProtocolError) -> None:
-        if conn.state not in (CLOSING, CLOSED):
-            self.conns.discard(conn)
-            self._queue(conn, encode(self._stamped(error.frame())))
-            conn.state = CLOSING
-            self.io.close_soon(conn)
-
-    def _claim_nick(self, conn: Conn, nick: str, session: object) -> None:
-        key = name_key(nick)
-        if key in self.claiming:
-            raise ProtocolError("nick-taken", f"the nick {nick} is taken")
-        held = self.holds.get(key)
-        if held is not None:
-            if not _same_session(session, held.session):
-                raise ProtocolError("nick-taken", f"the nick {nick} is taken: {held.nick} lost their connection"
-                                                  " and it waits for them to come back")
-            del self.holds[key]
-        holder = self.users.get(key)
-        if holder is not None:
-            if not _same_session(session, holder.session):
-                raise ProtocolError("nick-taken", f"the nick {nick} is taken")
-            # The same user reconnecting while its old connection lingers
-            # (half-open): the new connection wins.
-            self.drop(holder, "reconnected", ProtocolError("replaced", "you connected again elsewhere"))
-        conn.nick, conn.key = nick, key
-        conn.session = secrets.token_urlsafe(16)
-
-    def _hold(self, conn: Conn) -> None:
-        """Keep `conn`'s nick for its session a while: its owner is likely
-        reconnecting, and must find the nick (and its private messages) theirs."""
-        self.holds[conn.key] = Hold(conn.nick, conn.session)
-        if len(self.holds) > self.config.max_connections:   # bounded like the connections that made them
-            self._release(*self.holds.popitem(last=False))
-        self.io.call_later(self.config.nick_hold, self._hold_over, conn.key, conn.session)
-
-    def _hold_over(self, key: str, session: str) -> None:
-        held = self.holds.get(key)
-        if held is not None and held.session == session:
-            del self.holds[key]
-            self._release(key, held)
-
-    def _release(self, key: str, held: "Hold") -> None:
-        if self.cluster is not None:
-            self.cluster.release(key)
+        if waited:
+            self.intake.process(conn)      # frames that arrived while we waited
 
     def _welcome(self, conn: Conn, hello: dict) -> None:
         conn.state = JOINED
         self.gate.settled(conn)
         self.users[conn.key] = conn
-        rooms = self._rooms_to_rejoin(hello.get("rooms")) or [self.lobby]
-        since = hello.get("since") if hello.get("instance") == self.instance else None
-        history, missed = self._replay(rooms, since)
+        rooms = self.rooms.rejoin(hello.get("rooms"), self.config.rooms_per_user) or [self.rooms.lobby]
+        since = hello.get("since") if hello.get("instance") == self.relay.instance else None
+        history, missed = self.rooms.replay(rooms, since)
         start = _newest_within(history, REPLAY_MAX)
         if missed is not None:      # lines a resume cannot carry are missed too
             for line in history[:start]:
                 missed[line.room] = missed.get(line.room, 0) + 1
-        welcome = {"type": "welcome", "nick": conn.nick, "users": [],
-                   "server": self.config.name, "max_payload": self.config.max_payload,
-                   "max_text": TEXT_MAX, "rooms": [room.name for room in rooms], "room": rooms[0].name,
-                   "instance": self.instance, "session": conn.session,
-                   "ping_interval": self.config.ping_interval, "idle_timeout": self.config.idle_timeout,
-                   "ts": self.ts}
-        if missed is not None:
-            welcome["missed"] = missed
+        if start:
+            history = history[start:]
         for room in rooms:
             self.enter(conn, room)
-        welcome["users"] = rooms[0].nicks()
-        welcome["seq"] = {room.name: room.seq for room in rooms}   # resume points for rooms with no lines
-        if self.cluster is not None:
-            self.cluster.presence(conn)
+        welcome = {"type": "welcome", "nick": conn.nick, "users": rooms[0].nicks(),
+                   "server": self.config.name, "max_payload": self.config.max_payload,
+                   "max_text": TEXT_MAX, "rooms": [room.name for room in rooms], "room": rooms[0].name,
+                   "instance": self.relay.instance, "session": conn.session,
+                   "ping_interval": self.config.ping_interval, "idle_timeout": self.config.idle_timeout,
+                   "seq": {room.name: room.seq for room in rooms}}   # resume points for rooms with no lines
+        if missed is not None:
+            welcome["missed"] = missed
         if start:
             welcome["truncated"] = True
-        self._queue(conn, _with_history(welcome, history[start:]))
+        self.relay.presence(conn)
+        self.out.queue(conn, self.out.with_history(welcome, history))
         log.info("%r joined (%s)", conn, plural(len(self.users), "user"))
-        if self.cluster is not None and not self.cluster.up:
-            self._queue(conn, encode(self._stamped({
+        if not self.relay.up:
+            self.out.queue(conn, self.out.encode({
                 "type": "notice", "text": "the link to the other servers is down; for now you are"
-                                          " talking with the people on this server only"})))
+                                          " talking with the people on this server only"}))
         for room in rooms:
             self._announce_join(conn, room)
         self.io.call_later(self.config.ping_interval, self._keepalive, conn)
 
-    def _rooms_to_rejoin(self, names: object) -> List[Room]:
-        """Rooms a reconnecting client was in; names that are not valid are skipped."""
-        rooms: List[Room] = []
-        if type(names) is list:
-            for name in names[:self.config.rooms_per_user]:
-                try:
-                    room = self._room(check_room(name))
-                except ProtocolError:
-                    continue
-                if room not in rooms:
-                    rooms.append(room)
-        return rooms
-
-    def _replay(self, rooms: List[Room], since: object) -> Tuple[List[HistoryLine], Optional[dict]]:
-        """History for a welcome: each room's recent lines, or, for a client
-        resuming, the lines after the last one it saw (`since`: room -> seq)
-        and how many of those are no longer kept (`missed`)."""
-        if not isinstance(since, dict):
-            return sorted(line for room in rooms for line in room.history), None
-        lines, missed = [], {}
-        for room in rooms:
-            last = since.get(room.name)
-            if type(last) is not int:
-                continue
-            if last > room.seq:     # the room was freed and begun anew: all it has is new
-                last = 0
-            newer = [line for line in room.history if line.seq > last]
-            lines += newer
-            first_kept = newer[0].seq if newer else room.seq + 1
-            if first_kept - last - 1 > 0:
-                missed[room.name] = first_kept - last - 1
-        return sorted(lines), missed
+    def enter(self, conn: Conn, room: Room) -> None:
+        room.add(conn)
+        conn.rooms.append(room)
+        self.rooms.occupied(room)
+        self.out.arrive(conn, room)
 
     def _announce_join(self, conn: Conn, room: Room) -> None:
         if room.count() == 1:   # a newcomer has nothing pending: no flush needed
-            self._queue(conn, encode(self._stamped({
+            self.out.queue(conn, self.out.encode({
                 "type": "notice", "room": room.name,
                 "text": f"you are alone in #{room.name}; the last {self.config.history} lines"
-                        " said here are shown to whoever joins later"})))
+                        " said here are shown to whoever joins later"}))
         # Announced even when this server sees nobody else: in a cluster its
         # view of the other servers' members may be a moment behind.
-        self._event(room, {"type": "join", "nick": conn.nick, "users": room.count(),
-                           "room": room.name, "ts": self.ts}, sender=conn)
+        self._event(room, {"type": "join", "nick": conn.nick, "users": room.count(), "room": room.name},
+                    sender=conn)
 
     def on_second_hello(self, conn: Conn, frame: dict) -> None:
         raise ProtocolError("already-joined", f"you are already here as {conn.nick}")
@@ -1360,16 +1764,13 @@ class Chat:
             return
         del self.users[conn.key]
         if hold and self.config.nick_hold > 0:
-            self._hold(conn)
-            if self.cluster is not None:    # gone from the lists, the nick still claimed in Redis
-                self.cluster.vanished(conn.key)
-        elif self.cluster is not None:      # first, so that other servers count the room without them
-            self.cluster.release(conn.key)
+            self.nicks.hold(conn)
+        else:       # first, so that other servers count the rooms without them
+            self.relay.release(conn.key)
         for room in conn.rooms:
             room.remove(conn)
-            self._event(room, {"type": "leave", "nick": conn.nick, "reason": reason,
-                               "users": room.count(), "room": room.name, "ts": self.ts})
-            self.vacated(room)
+            self._event(room, leave_frame(conn.nick, reason, room))
+            self.rooms.vacated(room)
         log.info("%r left: %s (%s)", conn, shown(reason, 160), plural(len(self.users), "user"))
 
     def on_quit(self, conn: Conn, frame: dict) -> None:
@@ -1382,63 +1783,44 @@ class Chat:
     def on_msg(self, conn: Conn, frame: dict) -> None:
         """A `msg`, or a `me` (an action: "* nick waves")."""
         room = self._room_of(conn, frame.get("room"))
-        self.post(room, conn, check_text(frame.get("text")), action=frame["type"] == "me")
-
-    def post(self, room: Room, sender: Conn, text: str, action: bool = False) -> None:
-        """A chat line said in `room`: numbered (here, or by the cluster), kept, fanned out."""
-        line = {"type": "msg", "id": 0, "from": sender.nick, "text": text,
-                "ts": self.ts, "room": room.name, "seq": room.seq + 1}
-        if action:
+        line = {"type": "msg", "from": conn.nick, "text": check_text(frame.get("text")), "room": room.name}
+        if frame["type"] == "me":
             line["action"] = True
-        if self.cluster is not None:
-            self.cluster.post(room, sender, line)     # it comes back numbered through deliver_line()
-            return
-        line["id"] = self.new_id()
-        room.seq += 1
-        self.deliver_line(room, sender, line, encode(line))
+        self.relay.post(room, conn, line)   # numbered, it comes back through deliver_line()
 
-    def new_id(self) -> int:
-        """The next message id; with a history file, ids are reserved on disk
-        ahead of use, so none repeats after a restart."""
-        given = self.next_id
-        self.next_id += 1
-        if self.history_file and self.next_id > self.history_file.reserved:
-            self.history_file.reserve(self.next_id + HistoryFile.ID_BLOCK)
-        return given
-
-    def deliver_line(self, room: Room, sender: Optional[Conn], line: dict, data: bytes,
-                     keep: bool = True) -> None:
-        """A numbered line goes into the room's history and out to its members."""
+    def deliver_line(self, room: Room, sender: Optional[Conn], line: dict, data: Optional[bytes] = None,
+                     keep: bool = True) -> bytes:
+        """A numbered line goes into the room's history (if it has a seq) and
+        out to its members; returns it encoded."""
+        if data is None:
+            data = self.out.encode(line)
         if keep and "seq" in line:
-            self.keep(room, HistoryLine(line["id"], room.name, line["seq"], data))
-            if self.history_file:
-                self.history_file.append(data[4:])
-        self._pend(room, sender, data)
+            self.rooms.keep(room, HistoryLine(line["id"], room.name, line["seq"], data))
+        self.out.to_room_data(room, data, sender)
+        return data
 
     def on_pm(self, conn: Conn, frame: dict) -> None:
         to, text = frame.get("to"), check_text(frame.get("text"))
         key = name_key(to) if type(to) is str else ""
         target = self.users.get(key)
-        line = {"type": "msg", "id": 0, "from": conn.nick, "to": target.nick if target else to,
-                "text": text, "ts": self.ts}
-        if target is None:
-            if self.cluster is not None and self.cluster.pm(conn, key, line):
-                return
-            if key in self.holds:
-                raise ProtocolError("no-such-user", f"{self.holds[key].nick} lost their connection and may be"
+        line = {"type": "msg", "from": conn.nick, "to": target.nick if target else to, "text": text}
+        if target is not None:
+            line["id"] = self.relay.new_id()
+            self.out.send(target, line)
+        elif not self.relay.pm(conn, key, line):
+            if self.nicks.away(key):
+                raise ProtocolError("no-such-user", f"{self.nicks.away(key)} lost their connection and may be"
                                                     " back in a moment; nothing was sent")
             raise ProtocolError("no-such-user", f"nobody here is called {shown(to)}")
-        line["id"] = self.new_id()
-        self.send(target, line)
 
     def _room_of(self, conn: Conn, name: object) -> Room:
         """The room a line is for: the one named, or the lobby for clients
         that know nothing of rooms."""
         if name is None:
-            if self.lobby in conn.rooms:
-                return self.lobby
+            if self.rooms.lobby in conn.rooms:
+                return self.rooms.lobby
             raise ProtocolError("not-in-room", "you are not in #lobby; say which room")
-        room = self.rooms.get(name_key(check_room(name)))
+        room = self.rooms.get(check_room(name))
         if room is None or room not in conn.rooms:
             raise ProtocolError("not-in-room", f"you are not in #{check_room(name)}")
         return room
@@ -1448,25 +1830,25 @@ class Chat:
     def on_nick(self, conn: Conn, frame: dict) -> None:
         new = check_name(frame.get("nick"))
         key = name_key(new)
-        if key != conn.key and (key in self.users or key in self.claiming or key in self.holds):
-            raise ProtocolError("nick-taken", f"the nick {new} is taken")
+        if key != conn.key and self.nicks.taken(key):
+            raise nick_taken(new)
         if new == conn.nick:
             return
-        if self.cluster is None or key == conn.key:
+        if key == conn.key:     # the same nick, written differently: nothing to claim
             self._rename(conn, new)
             return
-        self.claiming[key] = conn
+        self.nicks.claiming[key] = conn
 
         def claimed(ok: bool) -> None:
-            del self.claiming[key]
+            del self.nicks.claiming[key]
             if conn.state is not JOINED:
                 if ok:
-                    self.cluster.release(key)
+                    self.relay.release(key)
             elif ok:
                 self._rename(conn, new)
             else:
-                self.send(conn, self._stamped(ProtocolError("nick-taken", f"the nick {new} is taken").frame()))
-        self.cluster.claim(conn, key, "", claimed)
+                self.out.send(conn, nick_taken(new).frame())
+        self.relay.claim(conn, key, "", claimed)
 
     def _rename(self, conn: Conn, new: str) -> None:
         old, old_key, key = conn.nick, conn.key, name_key(new)
@@ -1476,13 +1858,12 @@ class Chat:
         for room in conn.rooms:
             room.renamed(conn, old)
         log.info("%s is now known as %s", old, new)
-        event = {"type": "nick", "old": old, "new": new, "ts": self.ts}
-        self.send_each(self._neighbours(conn), event)
-        if self.cluster is not None:
-            if old_key != conn.key:
-                self.cluster.release(old_key)
-            self.cluster.presence(conn)
-            self.cluster.event([room.name for room in conn.rooms], event)
+        event = {"type": "nick", "old": old, "new": new}
+        self.out.send_each(self._neighbours(conn), event)
+        if old_key != key:
+            self.relay.release(old_key)
+        self.relay.presence(conn)
+        self.relay.event([room.name for room in conn.rooms], event)
 
     def _neighbours(self, conn: Conn) -> set:
         """Everyone who shares a room with `conn`, and `conn` itself."""
@@ -1491,21 +1872,17 @@ class Chat:
     def on_who(self, conn: Conn, frame: dict) -> None:
         name = frame.get("room")
         if name is None:
-            everyone = [c.nick for c in self.users.values()]
-            if self.cluster is not None:
-                everyone += [user.nick for user in self.cluster.remote.values()]
+            everyone = [c.nick for c in self.users.values()] + self.relay.others()
             reply = {"type": "who", "users": sorted(everyone, key=str.casefold)}
         else:
-            room = self.rooms.get(name_key(check_room(name)))
+            room = self.rooms.get(check_room(name))
             if room is None:
                 raise ProtocolError("no-such-room", f"there is no room #{check_room(name)}")
             reply = {"type": "who", "room": room.name, "users": room.nicks()}
-        self.reply(conn, _fitted(self._stamped(reply), "users"))
+        self.reply(conn, self.out.encode(reply, "users"))
 
     def on_ping(self, conn: Conn, frame: dict) -> None:
-        pong = dict(frame, type="pong")
-        pong.setdefault("ts", self.ts)
-        data = encode(pong)
+        data = self.out.encode(dict(frame, type="pong"))
         if len(data) - 4 > MAX_SERVER_PAYLOAD:   # cannot happen with sane limits; never send it
             raise ProtocolError("bad-field", "ping too large to echo")
         self.reply(conn, data)
@@ -1513,95 +1890,22 @@ class Chat:
     def on_pong(self, conn: Conn, frame: dict) -> None:
         pass    # its arrival already counted as a sign of life
 
-    def _room(self, name: str) -> Room:
-        """The room called `name`, created if new. A room that comes back after
-        it was freed numbers its lines on from where it stopped."""
-        key = name_key(name)
-        room = self.rooms.get(key)
-        if room is None:
-            if len(self.rooms) - len(self.dormant) >= self.config.max_rooms:
-                raise ProtocolError("too-many-rooms", f"the server has {self.config.max_rooms} rooms in use")
-            room = self.rooms[key] = Room(name)
-            room.seq = self.retired.pop(key, 0)
-        return room
-
-    # -- rooms come and go, history stays within its budget ------------------
-
-    def vacated(self, room: Room) -> None:
-        """`room` may have lost its last member: an empty room is freed, or
-        kept dormant while it has history (the oldest dormant room goes first)."""
-        if room.count() or room is self.lobby or room.key in self.dormant or room.key not in self.rooms:
-            return
-        if not room.history:
-            self._free(room)
-            return
-        self.dormant[room.key] = room
-        if len(self.dormant) > self.config.max_rooms:
-            self._free(next(iter(self.dormant.values())))
-
-    def occupied(self, room: Room) -> None:
-        """`room` has a member again."""
-        if self.dormant:
-            self.dormant.pop(room.key, None)
-
-    def _free(self, room: Room) -> None:
-        del self.rooms[room.key]
-        self.dormant.pop(room.key, None)
-        self._forget(room, len(room.history))
-        if room.seq:    # a few bytes, so that line numbers never go back; the oldest are forgotten
-            self.retired[room.key] = room.seq
-            if len(self.retired) > 10 * self.config.max_rooms:
-                self.retired.popitem(last=False)
-
-    def keep(self, room: Room, line: HistoryLine) -> None:
-        """Add a line to `room`'s history, dropping its oldest past --history lines."""
-        cost = len(line.data) + HISTORY_LINE_COST
-        room.history.append(line)
-        room.history_bytes += cost
-        self.history_bytes += cost
-        if len(room.history) > self.config.history:
-            self._forget(room, 1)
-
-    def _forget(self, room: Room, count: int) -> None:
-        """Drop `room`'s `count` oldest lines."""
-        for _ in range(count):
-            cost = len(room.history.popleft().data) + HISTORY_LINE_COST
-            room.history_bytes -= cost
-            self.history_bytes -= cost
-
-    def _trim_history(self) -> None:
-        """Over the history budget: free dormant rooms, oldest first, then
-        take the oldest lines of the rooms holding the most, down to 7/8 of
-        the budget (so this runs now and then, not for every line)."""
-        target = self.config.history_bytes * 7 // 8
-        while self.history_bytes > target and self.dormant:
-            self._free(next(iter(self.dormant.values())))
-        heap = [(-room.history_bytes, room.key, room) for room in self.rooms.values() if room.history]
-        heapq.heapify(heap)
-        while self.history_bytes > target and heap:
-            _, key, room = heapq.heappop(heap)
-            self._forget(room, 1)
-            if room.history:
-                heapq.heappush(heap, (-room.history_bytes, key, room))
-
     def on_join(self, conn: Conn, frame: dict) -> None:
         name = check_room(frame.get("room"))
-        existing = self.rooms.get(name_key(name))
+        existing = self.rooms.get(name)
         if existing not in conn.rooms and len(conn.rooms) >= self.config.rooms_per_user:
             raise ProtocolError("too-many-rooms", f"you are in {len(conn.rooms)} rooms already")
-        room = existing or self._room(name)
-        self.flush()
+        room = existing or self.rooms.open(name)
+        self.out.flush()
         fresh = room not in conn.rooms
         if fresh:
             self.enter(conn, room)
-            if self.cluster is not None:
-                self.cluster.presence(conn)
+            self.relay.presence(conn)
         history = list(room.history)
-        start = _newest_within(history, REPLAY_MAX)
-        joined = {"type": "joined", "room": room.name, "users": room.nicks(), "seq": room.seq, "ts": self.ts}
-        if start:
+        joined = {"type": "joined", "room": room.name, "users": room.nicks(), "seq": room.seq}
+        if _newest_within(history, REPLAY_MAX):
             joined["truncated"] = True
-        self.reply(conn, _with_history(joined, history[start:]))
+        self.reply(conn, self.out.with_history(joined, history))
         if fresh:
             self._announce_join(conn, room)
 
@@ -1609,33 +1913,36 @@ class Chat:
         room = self._room_of(conn, frame.get("room"))
         room.remove(conn)
         conn.rooms.remove(room)
-        if self.cluster is not None:
-            self.cluster.presence(conn)
-        self._event(room, {"type": "leave", "nick": conn.nick, "reason": "parted",
-                           "users": room.count(), "room": room.name, "ts": self.ts})
-        self.vacated(room)
-        self.send(conn, self._stamped({"type": "parted", "room": room.name}))
+        self.relay.presence(conn)
+        self._event(room, leave_frame(conn.nick, "parted", room))
+        self.rooms.vacated(room)
+        self.out.send(conn, {"type": "parted", "room": room.name})
 
     def on_rooms(self, conn: Conn, frame: dict) -> None:
-        rooms = [{"name": room.name, "users": room.count()} for room in self.rooms.values()
-                 if room.count() or room is self.lobby]
-        rooms.sort(key=lambda r: r["name"].casefold())
-        self.reply(conn, _fitted(self._stamped({"type": "rooms", "rooms": rooms}), "rooms"))
+        self.reply(conn, self.out.encode({"type": "rooms", "rooms": self.rooms.listing()}, "rooms"))
+
+    def _event(self, room: Room, frame: dict, sender: Optional[Conn] = None) -> None:
+        """A join or leave: this server's members of `room` now, the others' through the relay."""
+        self.out.to_room(room, frame, sender)
+        self.relay.event([room.name], frame)
 
     # -- operator ------------------------------------------------------------
 
     def announce(self, text: str) -> None:
         """A notice from the operator to everyone (on every server)."""
-        notice = {"type": "notice", "text": clean_text(text), "ts": self.ts}
-        self.send_each(self.users.values(), notice)
-        if self.cluster is not None:
-            self.cluster.event(None, notice)
+        notice = {"type": "notice", "text": clean_text(text)}
+        self.out.send_each(self.users.values(), notice)
+        self.relay.event(None, notice)
 
-    def _event(self, room: Room, frame: dict, sender: Optional[Conn] = None) -> None:
-        """A join or leave: this server's members of `room` now, the others' through the cluster."""
-        self.to_room(room, frame, sender)
-        if self.cluster is not None:
-            self.cluster.event([room.name], frame)
+    def replaced(self, key: str) -> None:
+        """The owner of the nick `key` connected again on another server."""
+        conn = self.nicks.back_elsewhere(key)
+        if conn is not None:
+            self.drop(conn, "reconnected elsewhere", ProtocolError("replaced", "you connected again elsewhere"))
+
+    def close(self) -> None:
+        """The loop is done: the relay writes what is left."""
+        self.relay.close()
 
     def kick(self, nick: str, reason: str) -> bool:
         conn = self.users.get(name_key(nick))
@@ -1644,80 +1951,6 @@ class Chat:
         why = f"kicked by the operator: {reason}" if reason else "kicked by the operator"
         self.drop(conn, why, ProtocolError("kicked", why))
         return True
-
-    # -- durable history -----------------------------------------------------
-
-    def _load_history(self) -> None:
-        """Rooms and their lines from the history file. The rooms are dormant
-        (nobody is in them yet), so they never lock anyone out of making one."""
-        lines = self.history_file.load()
-        self.instance = self.history_file.instance
-        self.next_id = self.history_file.reserved
-        for obj, payload in lines:
-            try:
-                room = self.rooms.get(name_key(obj["room"])) or self._room(check_room(obj["room"]))
-            except ProtocolError:
-                continue
-            self.keep(room, HistoryLine(obj["id"], room.name, obj["seq"], _LENGTH.pack(len(payload)) + payload))
-            room.seq = max(room.seq, obj["seq"])
-            if room is not self.lobby:
-                self.dormant.pop(room.key, None)
-                self.vacated(room)      # (again) the newest dormant room
-        if self.history_bytes > self.config.history_bytes:
-            self._trim_history()
-        log.info("history: %d lines from %s", len(lines), self.history_file.path)
-
-    def restore_history(self, room: Room, payloads: List[bytes]) -> None:
-        """Replace `room`'s history with these lines (from Redis, as they were sent)."""
-        self._forget(room, len(room.history))
-        for payload in payloads:
-            line = json.loads(payload)
-            self.keep(room, HistoryLine(line["id"], room.name, line["seq"], _LENGTH.pack(len(payload)) + payload))
-        self.vacated(room)
-
-    def _history_in_memory(self) -> List[bytes]:
-        return [line.data[4:] for line in sorted(line for room in self.rooms.values() for line in room.history)]
-
-
-class Hold(NamedTuple):
-    """A nick kept for the session of a connection that was lost."""
-    nick: str
-    session: str
-
-
-def _same_session(given: object, session: Optional[str]) -> bool:
-    return type(given) is str and bool(session) and hmac.compare_digest(given.encode(), session.encode())
-
-
-def _fitted(frame: dict, key: str, limit: int = MAX_SERVER_PAYLOAD) -> bytes:
-    """Encode `frame`, halving its list `key` (the last items go) until it
-    fits `limit` (the protocol's 1 MiB limit for server frames)."""
-    data = encode(frame)
-    while len(data) - 4 > limit and frame[key]:
-        frame[key] = frame[key][:len(frame[key]) // 2]
-        frame["truncated"] = True
-        data = encode(frame)
-    return data
-
-
-def _newest_within(lines: List[HistoryLine], budget: int) -> int:
-    """Where the newest of `lines` that fit in `budget` bytes begin."""
-    start, size = len(lines), 0
-    while start and size + len(lines[start - 1].data) - 3 <= budget:    # the payload and a comma
-        start -= 1
-        size += len(lines[start].data) - 3
-    return start
-
-
-def _with_history(frame: dict, lines: List[HistoryLine]) -> bytes:
-    """Encode `frame` (a welcome or joined) with `lines` as its "history"
-    (cut to REPLAY_MAX by the caller, who says "truncated" if it cut): the
-    lines are kept encoded, so they are spliced in, not encoded again. Its
-    "users" are cut to fit what the history leaves of the 1 MiB limit."""
-    spliced = b",".join([memoryview(line.data)[4:] for line in lines])
-    head = _fitted(frame, "users", MAX_SERVER_PAYLOAD - len(spliced) - 16)
-    payload = head[4:-1] + b',"history":[' + spliced + b"]}"
-    return _LENGTH.pack(len(payload)) + payload
 
 
 # ---------------------------------------------------------------------------
@@ -1785,7 +2018,12 @@ class ServerLoop:
     """The server's only thread. Each turn: wait for sockets or the nearest
     timer, read what is readable (the chat handles the frames), run due
     timers, fan out, and write to every connection with something queued.
-    A socket is watched for writing only while its kernel buffer is full."""
+    A socket is watched for writing only while its kernel buffer is full.
+
+    It is the core's ServerIO, and every socket enters it the same way:
+    watch(sock, events, callback) (a connection's callback is the Conn
+    itself, dispatched without a call). Every callback and timer runs
+    guarded: an error costs the connection concerned, never the loop."""
 
     def __init__(self, config: ServerConfig):
         self.config = config
@@ -1795,8 +2033,6 @@ class ServerLoop:
         self._calls: queue.SimpleQueue = queue.SimpleQueue()   # from signal handlers and threads
         self.now = time.monotonic()         # read once per turn; timers and the chat run on it
         self.tls = server_tls_context(config.tls_cert, config.tls_key) if config.tls_cert else None
-        self.chat = Chat(config, self)
-        self.chat.tick(self.now, time.time())
         self.open: set = set()              # connections whose socket is open
         self.stopping = False
         self._deadline = 0.0
@@ -1805,14 +2041,12 @@ class ServerLoop:
         self._wake_r, self._wake_w = socket.socketpair()
         for s in (self._wake_r, self._wake_w):
             s.setblocking(False)
-        self.selector.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
+        self.watch(self._wake_r, selectors.EVENT_READ, self._on_wake)
         self.listener = self._listen(config.host, config.port)
         self.accepting = True
         self.address = self.listener.getsockname()[:2]
-        if config.redis:
-            self.chat.cluster = Cluster(self.chat, self, RedisUrl.parse(config.redis), config.cluster_ttl,
-                                        config.history)
-            self.chat.cluster.start()
+        self.chat = Chat(config, self, self._relay)
+        self.chat.tick(self.now, time.time())
         if config.supervisor is not None:
             self.call_later(1.0, self._check_supervisor)
 
@@ -1823,10 +2057,33 @@ class ServerLoop:
         listener = socket.create_server(address, family=family, backlog=1024, dualstack_ipv6=dualstack,
                                         reuse_port=self.config.reuse_port)
         listener.setblocking(False)
-        self.selector.register(listener, selectors.EVENT_READ, self._on_accept)
+        self.watch(listener, selectors.EVENT_READ, self._on_accept)
         return listener
 
-    # -- what the chat asks of the loop --------------------------------------
+    def _relay(self, chat: Chat) -> Relay:
+        """The relay the config asks for: a Redis cluster, or this server on its own."""
+        config = self.config
+        if config.redis:
+            return Cluster(chat, self, RedisUrl.parse(config.redis), config.cluster_ttl, config.history).start()
+        return LocalRelay(chat)
+
+    # -- the one way into the loop -------------------------------------------
+
+    def watch(self, sock, events: int, callback) -> None:
+        """Call callback(mask) (or handle a Conn) when `sock` is ready for
+        `events`; called again, it changes what is watched."""
+        try:
+            self.selector.modify(sock, events, callback)
+        except KeyError:
+            self.selector.register(sock, events, callback)
+
+    def unwatch(self, sock) -> None:
+        try:
+            self.selector.unregister(sock)
+        except (KeyError, ValueError):
+            pass    # never watched, or already closed
+
+    # -- what the core asks of the loop (ServerIO) ---------------------------
 
     def call_later(self, delay: float, function: Callable, *args) -> None:
         heapq.heappush(self.timers, (self.now + delay, next(self._timer_seq), function, args))
@@ -1850,12 +2107,10 @@ class ServerLoop:
         if not conn.paused or conn.state is CLOSING:
             want |= selectors.EVENT_READ
         if want != conn.events:
-            if conn.events == 0:
-                self.selector.register(conn.fd, want, conn)
-            elif want == 0:
-                self.selector.unregister(conn.fd)
+            if want:
+                self.watch(conn.fd, want, conn)
             else:
-                self.selector.modify(conn.fd, want, conn)
+                self.unwatch(conn.fd)
             conn.events = want
 
     def close_soon(self, conn: Conn) -> None:
@@ -1889,13 +2144,12 @@ class ServerLoop:
             self.listener.close()
             self._wake_r.close()
             self._wake_w.close()
-            if self.chat.history_file:
-                self.chat.history_file.close()
+            self.chat.close()
             log.info("server stopped")
 
     def _turn(self) -> None:
         timeout = None
-        if self.chat.deferred:
+        if self.chat.has_work():
             timeout = 0.0
         elif self.timers:
             timeout = max(0.0, self.timers[0][0] - time.monotonic())
@@ -1940,13 +2194,11 @@ class ServerLoop:
         whose leave events fan out in turn."""
         chat, limit = self.chat, self.config.max_buffer
         while True:
-            chat.end_turn()
-            if not (chat.dirty or chat.slow):
+            dirty, slow = chat.end_turn()
+            if not (dirty or slow):
                 return
-            dirty, chat.dirty = chat.dirty, []
             for conn in dirty:
                 self._write(conn)
-            slow, chat.slow = chat.slow, []
             for conn in slow:
                 if conn.queued > limit and conn.state is JOINED:
                     self._write(conn)
@@ -2003,12 +2255,12 @@ class ServerLoop:
 
     def _stop_accepting(self) -> None:
         if self.accepting:
-            self.selector.unregister(self.listener)
+            self.unwatch(self.listener)
             self.accepting = False
 
     def _resume_accepting(self) -> None:
         if not self.stopping and not self.accepting:
-            self.selector.register(self.listener, selectors.EVENT_READ, self._on_accept)
+            self.watch(self.listener, selectors.EVENT_READ, self._on_accept)
             self.accepting = True
 
     def _adopt(self, sock: socket.socket, address: tuple) -> None:
@@ -2038,7 +2290,7 @@ class ServerLoop:
             self._write(conn)
 
     def _read(self, conn: Conn) -> None:
-        if conn.deferred:
+        if not self.chat.may_read(conn):
             return      # frames are waiting already; the socket stays readable for their turn
         sock = conn.sock
         while True:
@@ -2082,7 +2334,7 @@ class ServerLoop:
         if sent:
             _consume(out, sent)
             conn.queued -= sent
-            if conn.backlogged and conn.queued <= self.chat.share:
+            if conn.backlogged:
                 self.chat.drained(conn)
         if not out and conn.state is CLOSING:
             self._shut(conn)
@@ -2114,7 +2366,7 @@ class ServerLoop:
         self.chat.lost(conn, reason)
         self.open.discard(conn)
         if conn.events:
-            self.selector.unregister(conn.fd)
+            self.unwatch(conn.fd)
             conn.events = 0
         conn.sock.close()
         conn.out.clear()
@@ -2201,6 +2453,10 @@ def resp_command(*args) -> bytes:
     return b"".join(parts)
 
 
+class _Incomplete(Exception):
+    """The reply being parsed has not fully arrived yet."""
+
+
 class RespParser:
     """Turns Redis's byte stream into replies: str for +OK, int, bytes (or
     None) for bulk strings, lists for arrays, RespError for errors."""
@@ -2216,7 +2472,7 @@ class RespParser:
         while True:
             try:
                 value, pos2 = self._parse(pos)
-            except IndexError:      # incomplete: wait for more bytes
+            except _Incomplete:     # wait for more bytes
                 break
             found.append(value)
             pos = pos2
@@ -2227,7 +2483,7 @@ class RespParser:
         buf = self._buf
         end = buf.find(b"\r\n", pos)
         if end < 0:
-            raise IndexError
+            raise _Incomplete
         kind, body = buf[pos], buf[pos + 1:end]
         if kind == 43:      # +
             return body.decode(), end + 2
@@ -2240,7 +2496,7 @@ class RespParser:
             if size < 0:
                 return None, end + 2
             if len(buf) < end + 2 + size + 2:
-                raise IndexError
+                raise _Incomplete
             return bytes(buf[end + 2:end + 2 + size]), end + 2 + size + 2
         if kind == 42:      # *
             count, items, pos = int(body), [], end + 2
@@ -2315,7 +2571,7 @@ class RedisLink:
         if error not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
             self._fail(f"cannot connect: {os.strerror(error)}")
             return
-        self.loop.selector.register(self.sock, selectors.EVENT_WRITE, self._on_event)
+        self.loop.watch(self.sock, selectors.EVENT_WRITE, self._on_event)
         self.loop.call_later(self.CONNECT_TIMEOUT, self._connect_deadline, self.sock)
 
     def command(self, *args, reply: Optional[Callable] = None) -> None:
@@ -2340,7 +2596,7 @@ class RedisLink:
             self._fail(f"connection lost ({error.strerror or error})")
             return
         events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.out else 0)
-        self.loop.selector.modify(self.sock, events, self._on_event)
+        self.loop.watch(self.sock, events, self._on_event)
 
     def check(self, now: float) -> None:
         """Called by the heartbeat: a Redis that owes replies and has said
@@ -2368,7 +2624,7 @@ class RedisLink:
                 self._fail(f"cannot connect: {os.strerror(error)}")
                 return
             self.up, self.backoff, self.last_reply = True, 0.5, time.monotonic()
-            self.loop.selector.modify(self.sock, selectors.EVENT_READ, self._on_event)
+            self.loop.watch(self.sock, selectors.EVENT_READ, self._on_event)
             if self.url.password is not None:
                 auth = (self.url.username, self.url.password) if self.url.username else (self.url.password,)
                 self.command("AUTH", *auth, reply=self._expect_ok)
@@ -2436,10 +2692,7 @@ class RedisLink:
 
     def _close_socket(self) -> None:
         if self.sock is not None:
-            try:
-                self.loop.selector.unregister(self.sock)
-            except (KeyError, ValueError):
-                pass
+            self.loop.unwatch(self.sock)
             self.sock.close()
         self.sock, self.up = None, False
 
@@ -2534,6 +2787,24 @@ return redis.call('ZRANGEBYSCORE', KEYS[1], now - tonumber(ARGV[2]), '+inf')
 """
 
 
+def _with_holes(frame: dict, *holes: str) -> List[str]:
+    """`frame` as compact JSON, cut where the values of the fields `holes`
+    go. Redis's Lua script numbers lines (id, seq) and joins the pieces
+    around the numbers, so a line is encoded once, here. A hole is marked by
+    a NUL character, which no text from a client can hold (clean_text
+    removes it), so the cut can only fall there."""
+    return _dumps(dict(frame, **{hole: "\0" for hole in holes})).split('"\\u0000"')
+
+
+def _bus_prefix(head: dict) -> str:
+    """A bus message's head, left open for its "line" (as _with_holes makes it)."""
+    return _dumps(head)[:-1] + _LINE_FIELD.decode()
+
+
+_KIND = b'{"kind":"'        # how every bus message begins
+_LINE_FIELD = b',"line":'   # and where a line or pm message's line begins
+
+
 class RemoteUser(NamedTuple):
     nick: str
     sid: str
@@ -2553,6 +2824,8 @@ class Cluster:
     def __init__(self, chat: "Chat", loop: "ServerLoop", url: RedisUrl, ttl: float, history: int):
         self.chat, self.loop, self.ttl, self.history = chat, loop, ttl, history
         self.sid = secrets.token_hex(6)
+        self.instance = secrets.token_hex(8)        # Redis's, once linked (see _load)
+        self.next_id = 1                            # above every id seen: for lines numbered here
         self.up = False
         self.remote: Dict[str, RemoteUser] = {}
         self.in_flight: Dict[str, tuple] = {}       # nonce -> (room, sender key, line): said, not yet back
@@ -2566,10 +2839,11 @@ class Cluster:
     def _key(*parts: str) -> str:
         return REDIS_PREFIX + ":".join(parts)
 
-    def start(self) -> None:
+    def start(self) -> "Cluster":
         self.commands.start()
         self.bus.start()
         self.loop.call_later(self.ttl / 3, self._heartbeat)
+        return self
 
     def end_turn(self) -> None:
         k = self._key
@@ -2594,14 +2868,17 @@ class Cluster:
         server remembers seeds it again, so ids keep increasing and clients
         can still resume: counters only go up, history only fills an empty list."""
         chat, run, k = self.chat, self.commands.command, self._key
-        seqs = [part for room in chat.rooms.values() for part in (room.name, room.seq)]
-        run("EVAL", _SEED_SCRIPT, 3, k("instance"), k("id"), k("seq"), chat.instance, chat.next_id - 1, *seqs,
-            reply=lambda value: setattr(chat, "instance", value.decode()))
-        for room in chat.rooms.values():
+        seqs = [part for room in chat.rooms for part in (room.name, room.seq)]
+        run("EVAL", _SEED_SCRIPT, 3, k("instance"), k("id"), k("seq"), self.instance, self.next_id - 1, *seqs,
+            reply=self._set_instance)
+        for room in chat.rooms:
             if room.history:
-                run("EVAL", _RESTORE_SCRIPT, 3, k("instance"), k("hist", room.name), k("rooms"), chat.instance,
+                run("EVAL", _RESTORE_SCRIPT, 3, k("instance"), k("hist", room.name), k("rooms"), self.instance,
                     room.name, *(line.data[4:] for line in room.history))
         self._beat("beat", then=self._load_people)
+
+    def _set_instance(self, value: bytes) -> None:
+        self.instance = value.decode()
 
     def _load_people(self, live: list) -> None:
         self.commands.command("HGETALL", self._key("presence"), reply=lambda v: self._load_presence(v, live))
@@ -2630,7 +2907,7 @@ class Cluster:
 
     def _load_history(self, name: str, lines: list) -> None:
         for room in self._rooms([name]):
-            self.chat.restore_history(room, lines)
+            self.chat.rooms.restore(room, lines)
 
     def _synced(self) -> None:
         held, self.syncing = self.syncing or [], None
@@ -2655,12 +2932,12 @@ class Cluster:
         self.chat.announce("the link to the other servers is down; until it is back you are"
                            " talking with the people on this server only")
         for room_name, sender_key, line in self.in_flight.values():
-            room, sender = self.chat.rooms.get(name_key(room_name)), self.chat.users.get(sender_key)
+            room, sender = self.chat.rooms.get(room_name), self.chat.users.get(sender_key)
             if room is not None:
                 self._deliver_locally(room, sender, line)
                 if sender is not None:
-                    self.chat.send(sender, self.chat._stamped({
-                        "type": "notice", "text": "your last line may not have reached the other servers"}))
+                    self.chat.out.send(sender, {
+                        "type": "notice", "text": "your last line may not have reached the other servers"})
         self.in_flight.clear()
 
     def _heartbeat(self) -> None:
@@ -2693,16 +2970,24 @@ class Cluster:
             return
         nonce = f"{self.sid}.{next(self.nonces)}"
         self.in_flight[nonce] = (room.name, sender.key, line)
-        head, middle, tail = _dumps(dict(line, id="\0", seq="\0")).split('"\\u0000"')
-        prefix = _dumps({"kind": "line", "sid": self.sid, "from": sender.key, "nonce": nonce})[:-1] + ',"line":'
+        head, middle, tail = _with_holes(self.chat.out.stamp(line), "id", "seq")
+        prefix = _bus_prefix({"kind": "line", "sid": self.sid, "from": sender.key, "nonce": nonce})
         self.outgoing.setdefault(room.name, []).extend((prefix, head, middle, tail))
+
+    def new_id(self) -> int:
+        """An id for a line numbered here, not by Redis: a pm to someone on
+        this server, or a line while Redis is away."""
+        given = self.next_id
+        self.next_id += 1
+        return given
 
     def pm(self, sender: "Conn", to_key: str, line: dict) -> bool:
         """A private message to someone on another server; False if nobody has that nick."""
         if not self.up or to_key not in self.remote:
             return False
-        head, tail = _dumps(dict(line, id="\0", to=self.remote[to_key].nick)).split('"\\u0000"')
-        prefix = _dumps({"kind": "pm", "sid": self.sid, "to": to_key})[:-1] + ',"line":'
+        line["to"] = self.remote[to_key].nick
+        head, tail = _with_holes(self.chat.out.stamp(line), "id")
+        prefix = _bus_prefix({"kind": "pm", "sid": self.sid, "to": to_key})
         self.outgoing.setdefault("", []).extend((prefix, head, tail, ""))
         return True
 
@@ -2745,7 +3030,10 @@ class Cluster:
                                   key, self.sid)
         self._publish({"kind": "user", "sid": self.sid, "key": key, "user": None})
 
-    def shutdown(self) -> None:
+    def others(self) -> List[str]:
+        return [user.nick for user in self.remote.values()]
+
+    def close(self) -> None:
         """Leaving for good: our users leave the others' lists now, not after a timeout."""
         if self.up:
             self._beat("leave")
@@ -2753,9 +3041,6 @@ class Cluster:
             self.end_turn()
         self.commands.close()
         self.bus.close()
-
-    def count(self, room: "Room") -> int:
-        return len(room.members) + len(room.remote)
 
     # -- the bus -------------------------------------------------------------
 
@@ -2769,7 +3054,8 @@ class Cluster:
             return
         if not self.up:
             return
-        kind = message[9:message.index(b'"', 9)] if message.startswith(b'{"kind":"') else b""
+        # Lines (the bulk of the traffic) are told by their first bytes, not parsed whole.
+        kind = message[len(_KIND):message.index(b'"', len(_KIND))] if message.startswith(_KIND) else b""
         if kind in (b"line", b"pm"):
             self._on_line(kind, message)
             return
@@ -2786,17 +3072,17 @@ class Cluster:
             handler(obj)
 
     def _on_line(self, kind: bytes, message: bytes) -> None:
-        # The line's JSON is spliced from the bus message as is: never re-encoded.
-        split = message.index(b',"line":')
-        head, raw = json.loads(message[:split] + b"}"), message[split + 8:-1]
+        # {"kind":...,"line":LINE}: LINE is what clients get, as Redis completed it; never re-encoded.
+        split = message.index(_LINE_FIELD)
+        head, raw = json.loads(message[:split] + b"}"), message[split + len(_LINE_FIELD):-1]
         line = json.loads(raw)
         chat = self.chat
-        chat.next_id = max(chat.next_id, line["id"] + 1)
+        self.next_id = max(self.next_id, line["id"] + 1)
         data = _LENGTH.pack(len(raw)) + raw
         if kind == b"pm":
             target = chat.users.get(head["to"])
             if target is not None:
-                chat.send_data(target, data)
+                chat.out.send_data(target, data)
             return
         if head["sid"] == self.sid:
             self.in_flight.pop(head["nonce"], None)
@@ -2810,19 +3096,16 @@ class Cluster:
         chat.deliver_line(room, sender, line, data, keep=fresh)
 
     def _on_event(self, obj: dict) -> None:
-        frame, rooms, chat = obj["frame"], obj.get("rooms"), self.chat
-        frame["ts"] = chat.ts
+        frame, rooms, out = obj["frame"], obj.get("rooms"), self.chat.out
+        frame.pop("ts", None)   # it is delivered now
         if rooms is None:       # for everyone (an operator's notice)
-            chat.send_each(chat.users.values(), frame)
+            out.send_each(self.chat.users.values(), frame)
         elif frame["type"] in ("join", "leave"):    # one per room, with this server's count
-            for name in rooms:
-                room = chat.rooms.get(name_key(name))
-                if room is not None:
-                    chat.to_room(room, dict(frame, room=room.name, users=self.count(room)))
+            for room in filter(None, map(self.chat.rooms.get, rooms)):
+                out.to_room(room, dict(frame, room=room.name, users=room.count()))
         else:                   # a nick change: once to everyone sharing a room with them
-            members = set().union(*(chat.rooms[name_key(name)].members for name in rooms
-                                    if name_key(name) in chat.rooms))
-            chat.send_each(members, frame)
+            out.send_each(set().union(*(room.members for room in filter(None, map(self.chat.rooms.get, rooms)))),
+                          frame)
 
     def _on_user(self, obj: dict) -> None:
         key, user = obj["key"], obj.get("user")
@@ -2832,10 +3115,7 @@ class Cluster:
             self._add_remote(key, RemoteUser(user["nick"], obj["sid"], tuple(user["rooms"])))
 
     def _on_replaced(self, obj: dict) -> None:
-        self.chat.holds.pop(obj["key"], None)     # its owner is back, on another server
-        conn = self.chat.users.get(obj["key"])
-        if conn is not None:
-            self.chat.drop(conn, "reconnected elsewhere", ProtocolError("replaced", "you connected again elsewhere"))
+        self.chat.replaced(obj["key"])
 
     def _on_gone(self, obj: dict) -> None:
         for key, user in list(self.remote.items()):
@@ -2849,28 +3129,27 @@ class Cluster:
         self.remote[key] = user
         for room in self._rooms(user.rooms):
             room.remote[key] = user.nick
-            self.chat.occupied(room)
+            self.chat.rooms.occupied(room)
         if old is not None:
-            for room in self._rooms(set(old.rooms) - set(user.rooms)):
+            for room in filter(None, map(self.chat.rooms.get, set(old.rooms) - set(user.rooms))):
                 room.remote.pop(key, None)
-                self.chat.vacated(room)
+                self.chat.rooms.vacated(room)
 
     def _remove_remote(self, key: str, announce: Optional[str]) -> None:
         """Forget a user elsewhere; `announce` a leave to the rooms it was in."""
         user = self.remote.pop(key, None)
         if user is None:
             return
-        for room in self._rooms(user.rooms):
+        for room in filter(None, map(self.chat.rooms.get, user.rooms)):
             room.remote.pop(key, None)
             if announce:
-                self.chat.to_room(room, {"type": "leave", "nick": user.nick, "reason": announce,
-                                         "users": self.count(room), "room": room.name, "ts": self.chat.ts})
-            self.chat.vacated(room)
+                self.chat.out.to_room(room, leave_frame(user.nick, announce, room))
+            self.chat.rooms.vacated(room)
 
     def _forget_remote(self) -> None:
-        for room in list(self.chat.rooms.values()):
+        for room in self.chat.rooms:
             room.remote.clear()
-            self.chat.vacated(room)
+            self.chat.rooms.vacated(room)
         self.remote.clear()
 
     def _rooms(self, names: Iterable[str]) -> List["Room"]:
@@ -2879,7 +3158,7 @@ class Cluster:
         rooms = []
         for name in names:
             try:
-                rooms.append(self.chat._room(check_room(name)))
+                rooms.append(self.chat.rooms.open(check_room(name)))
             except ProtocolError as error:
                 log.warning("cluster: ignoring room %.40r: %s", name, error.text)
         return rooms
@@ -2890,10 +3169,9 @@ class Cluster:
     def _deliver_locally(self, room: "Room", sender: Optional["Conn"], line: dict) -> None:
         """While Redis is away a line is numbered here and reaches this
         server's users only; it has no `seq` (it is not in the shared history)."""
-        line = dict(line, id=self.chat.next_id)
+        line = dict(line, id=self.new_id())
         line.pop("seq", None)
-        self.chat.next_id += 1
-        self.chat.deliver_line(room, sender, line, encode(line))
+        self.chat.deliver_line(room, sender, line)
 
 
 # ---------------------------------------------------------------------------
@@ -3134,7 +3412,7 @@ def operator_commands(loop: ServerLoop, show: Callable[[str], None]) -> CommandT
     chat = loop.chat
 
     def who() -> None:
-        for room in sorted(chat.rooms.values(), key=lambda r: name_key(r.name)):
+        for room in sorted(chat.rooms, key=lambda r: r.name.casefold()):
             if room.members:
                 show(f"#{room.name} ({len(room.members)}): {', '.join(room.nicks())}")
         show(f"{plural(len(chat.users), 'user')}, {plural(len(chat.conns), 'connection')}")
@@ -3175,7 +3453,7 @@ def attach_operator_console(loop: ServerLoop) -> Console:
             on_line(line)
             ok, line = console.take_line()
 
-    loop.selector.register(console.wake_r, selectors.EVENT_READ, lambda mask: pump())
+    loop.watch(console.wake_r, selectors.EVENT_READ, lambda mask: pump())
     console.start()
     return console
 

@@ -302,16 +302,15 @@ class FittingTest(unittest.TestCase):
     def test_history_is_trimmed_oldest_first_and_spliced_as_it_was_sent(self):
         history = [chat.HistoryLine(i, "lobby", i, chat.encode({"type": "msg", "id": i, "text": "x" * 4000}))
                    for i in range(400)]
-        start = chat._newest_within(history, chat.REPLAY_MAX)
-        data = chat._with_history({"type": "welcome", "users": ["u%d" % i for i in range(200000)]},
-                                  history[start:])
+        data = chat.Output(1 << 20).with_history({"type": "welcome", "users": ["u%d" % i for i in range(200000)]},
+                                                 history)
         self.assertLessEqual(len(data) - 4, chat.MAX_SERVER_PAYLOAD)
         frame = json.loads(data[4:])
         self.assertTrue(frame["truncated"], "the users were cut to fit")
         self.assertEqual(frame["history"][-1]["id"], 399)
-        self.assertEqual(len(frame["history"]), 400 - start)
-        self.assertLessEqual(sum(len(line.data) for line in history[start:]), chat.REPLAY_MAX)
-        self.assertGreater(sum(len(line.data) for line in history[start - 1:]), chat.REPLAY_MAX)
+        kept = len(frame["history"])
+        self.assertLessEqual(sum(len(line.data) for line in history[-kept:]), chat.REPLAY_MAX)
+        self.assertGreater(sum(len(line.data) for line in history[-kept - 1:]), chat.REPLAY_MAX)
 
 
 class HistoryFileTest(unittest.TestCase):
@@ -385,25 +384,22 @@ class Harness:
         if action is not None:
             action()
         self._deliver()
-        while self.chat.deferred:       # the real loop takes another turn at once
+        while self.chat.has_work():     # the real loop takes another turn at once
             self.chat.tick(self.now, self.wall)
             self._deliver()
         for client in list(self.clients.values()):
             client.pump()
 
     def _deliver(self):
-        chat_ = self.chat
         while True:
-            chat_.end_turn()
-            if not (chat_.dirty or chat_.slow):
+            dirty, slow = self.chat.end_turn()
+            if not (dirty or slow):
                 return
-            dirty, chat_.dirty = chat_.dirty, []
             for conn in dirty:
                 self.clients[conn].take()
-            slow, chat_.slow = chat_.slow, []
             for conn in slow:
                 if conn.queued > self.config.max_buffer and conn.state is chat.JOINED:
-                    chat_.too_slow(conn)
+                    self.chat.too_slow(conn)
 
     def advance(self, seconds):
         """Let `seconds` of fake time pass, firing each timer in a turn of its own."""
@@ -1758,7 +1754,7 @@ class ClusterTest(unittest.TestCase):
     def server(self):
         server = ServerThread(redis=self.redis.url, cluster_ttl=self.TTL)
         self.addCleanup(server.stop)
-        wait_until(lambda: server.call(lambda: server.loop.chat.cluster.up), what="the cluster link")
+        wait_until(lambda: server.call(lambda: server.loop.chat.relay.up), what="the cluster link")
         return server
 
     def peer(self, server, nick=None, **options):
@@ -1789,7 +1785,7 @@ class ClusterTest(unittest.TestCase):
         self.assertEqual(alice.expect("leave", nick="bob")["users"], 2)
 
     def test_a_join_reaches_members_this_server_has_not_heard_of_yet(self):
-        cluster, held = self.b.loop.chat.cluster, []
+        cluster, held = self.b.loop.chat.relay, []
         self.b.call(lambda: setattr(cluster.bus, "on_message", held.append))   # B hears nothing for now
         alice = self.peer(self.a, "alice")
         bob = self.peer(self.b, "bob")
@@ -1918,7 +1914,7 @@ class ClusterTest(unittest.TestCase):
 
     def state(self, server):
         def read():
-            cluster = server.loop.chat.cluster
+            cluster = server.loop.chat.relay
             return dict(up=cluster.up, sid=cluster.sid, remote=dict(cluster.remote), users=list(server.loop.chat.users),
                         cmd_up=cluster.commands.up, bus_up=cluster.bus.up, syncing=cluster.syncing is not None)
         return server.call(read)
@@ -2030,13 +2026,13 @@ class LoneSurrogateTest(BadInputTest):
 class ErrorPathTest(ServerTestCase):
     def test_a_failure_while_answering_a_refusal_costs_that_connection_only(self):
         alice, bob = self.peer("alice"), self.peer("bob")
-        real_send = chat.Chat.send
+        real_send = chat.Output.send
 
-        def failing_send(chat_, conn, frame):
-            if frame.get("type") == "error":
+        def failing_send(output, conn, frame):
+            if frame.get("code") == "unknown-type":
                 raise UnicodeEncodeError("utf-8", "x", 0, 1, "a bug while answering")
-            return real_send(chat_, conn, frame)
-        with unittest.mock.patch.object(chat.Chat, "send", failing_send), \
+            return real_send(output, conn, frame)
+        with unittest.mock.patch.object(chat.Output, "send", failing_send), \
                 self.assertLogs("chat", logging.ERROR) as logs:
             bob.send({"type": "teleport"})
             self.assertEqual(bob.closed()[-1]["code"], "internal")
@@ -2139,7 +2135,7 @@ class RequestCostTest(unittest.TestCase):
         attacker.reading = False
         attacker.send(*[{"type": "rooms"}] * 10000)
         self.assertTrue(attacker.conn.backlogged)
-        self.assertLessEqual(attacker.conn.queued, server.chat.share + 4096)
+        self.assertLessEqual(attacker.conn.queued, server.chat.out.share + 4096)
         self.assertGreater(len(attacker.outbound) + attacker.conn.decoder.buffered, 100000,
                            "the rest waits unhandled, in its socket or the one read taken")
         attacker.reading = True
@@ -2181,7 +2177,7 @@ class ReplyFloodTest(ServerTestCase):
             lambda: sum(c.paused for c in self.server.loop.open)) == 4, what="all four to be paused")
         worst = max([worst] + [ping_ms(watcher) for _ in range(10)])
         self.assertLess(worst, 500, "the watcher's ping was answered late")
-        share = self.server.loop.chat.share
+        share = self.server.loop.chat.out.share
         queued = self.server.call(lambda: [c.queued for c in self.server.loop.open if c.nick.startswith("att")])
         self.assertEqual(len(queued), 4, "the attackers are paused, not dropped")
         self.assertLessEqual(max(queued), share + chat.MAX_SERVER_PAYLOAD)
@@ -2195,7 +2191,7 @@ class RoomTableTest(unittest.TestCase):
         churner, other = server.connect("churner"), server.connect("other")
         for i in range(1100):
             churner.send({"type": "join", "room": f"r{i}"}, {"type": "part", "room": f"r{i}"})
-        self.assertEqual([room.name for room in server.chat.rooms.values()], ["lobby"])
+        self.assertEqual([room.name for room in server.chat.rooms], ["lobby"])
         other.send({"type": "join", "room": "mine"})
         self.assertEqual(other.expect("joined")["room"], "mine")
 
@@ -2205,9 +2201,9 @@ class RoomTableTest(unittest.TestCase):
         for i in range(30):
             churner.send({"type": "join", "room": f"r{i}"}, {"type": "msg", "room": f"r{i}", "text": "mark"},
                          {"type": "part", "room": f"r{i}"})
-        self.assertLessEqual(len(server.chat.dormant), 10, "at most max_rooms dormant rooms")
-        self.assertIn("r29", server.chat.rooms, "the newest are kept")
-        self.assertNotIn("r0", server.chat.rooms, "the oldest went")
+        self.assertLessEqual(len(server.chat.rooms.dormant), 10, "at most max_rooms dormant rooms")
+        self.assertIsNotNone(server.chat.rooms.get("r29"), "the newest are kept")
+        self.assertIsNone(server.chat.rooms.get("r0"), "the oldest went")
         other.send({"type": "join", "room": "mine"})
         self.assertEqual(other.expect("joined")["room"], "mine")
 
@@ -2224,11 +2220,11 @@ class RoomTableTest(unittest.TestCase):
         for name in ("a", "b", "c"):    # pushes dev out of the dormant rooms
             alice.send({"type": "join", "room": name}, {"type": "msg", "room": name, "text": "x"},
                        {"type": "part", "room": name})
-        self.assertNotIn("dev", server.chat.rooms)
+        self.assertIsNone(server.chat.rooms.get("dev"))
         alice.frames()
         alice.send({"type": "join", "room": "dev"}, {"type": "msg", "room": "dev", "text": "two"})
         self.assertEqual(alice.expect("joined", room="dev")["seq"], 1, "numbering goes on, not back to 0")
-        self.assertEqual(server.chat.rooms["dev"].history[-1].seq, 2)
+        self.assertEqual(server.chat.rooms.get("dev").history[-1].seq, 2)
 
     def test_a_history_file_full_of_rooms_does_not_lock_out_after_a_restart(self):
         with tempfile.TemporaryDirectory() as tmp:
@@ -2238,10 +2234,10 @@ class RoomTableTest(unittest.TestCase):
             for i in range(40):
                 churner.send({"type": "join", "room": f"r{i}"}, {"type": "msg", "room": f"r{i}", "text": "x"},
                              {"type": "part", "room": f"r{i}"})
-            server.chat.history_file.close()
+            server.chat.close()
             again = Harness(max_rooms=20, history_file=path)
-            self.addCleanup(again.chat.history_file.close)
-            self.assertLessEqual(len(again.chat.dormant), 20)
+            self.addCleanup(again.chat.close)
+            self.assertLessEqual(len(again.chat.rooms.dormant), 20)
             newcomer = again.connect("newcomer")
             newcomer.send({"type": "join", "room": "fresh"})
             self.assertEqual(newcomer.expect("joined")["room"], "fresh")
@@ -2262,15 +2258,15 @@ class HistoryBudgetTest(unittest.TestCase):
                 name = f"s{user}-{room}"
                 spammer.send({"type": "join", "room": name}, *[{"type": "msg", "room": name, "text": big}] * 20)
                 spammer.frames()
-            self.assertLessEqual(server.chat.history_bytes, budget)
-        self.assertEqual(server.chat.history_bytes,
-                         sum(room.history_bytes for room in server.chat.rooms.values()), "counted right")
+            self.assertLessEqual(server.chat.rooms.history_bytes, budget)
+        self.assertEqual(server.chat.rooms.history_bytes,
+                         sum(room.history_bytes for room in server.chat.rooms), "counted right")
         newcomer = server.connect("newcomer")
         newcomer.send({"type": "join", "room": "s4-19"})
         self.assertLessEqual(len(chat.encode(newcomer.expect("joined"))), chat.REPLAY_MAX + 4096)
         for client in list(server.clients.values()):
             client.close()
-        self.assertLessEqual(server.chat.history_bytes, budget)
+        self.assertLessEqual(server.chat.rooms.history_bytes, budget)
         self.assertLessEqual(len(server.chat.rooms), 101)
 
     def test_a_resume_counts_what_the_replay_could_not_carry_as_missed(self):
@@ -2296,7 +2292,7 @@ class HistoryFileCompactionTest(unittest.TestCase):
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "history.jsonl")
             server = Harness(flood_rate=1e6, flood_burst=1e6, history_file=path, history_file_max=20000)
-            self.addCleanup(server.chat.history_file.close)
+            self.addCleanup(server.chat.close)
             alice = server.connect("alice")
             for room in range(5):     # 5 rooms x 50 kept lines x ~150 bytes: ~40 KB kept, twice the threshold
                 alice.send({"type": "join", "room": f"r{room}"})
@@ -2323,9 +2319,9 @@ class IdsTest(unittest.TestCase):
             for _ in range(3):
                 alice.send({"type": "pm", "to": "bob", "text": "private"})
             ids = [frame["id"] for frame in bob.frames("msg")]
-            server.chat.history_file.close()
+            server.chat.close()
             again = Harness(history_file=path)
-            self.addCleanup(again.chat.history_file.close)
+            self.addCleanup(again.chat.close)
             carol, dave = again.connect("carol"), again.connect("dave")
             carol.send({"type": "msg", "text": "after the restart"})
             self.assertGreater(dave.expect("msg")["id"], max(ids))
@@ -2621,7 +2617,7 @@ class NickHoldTest(unittest.TestCase):
         silent = server.connect("silent")
         silent.reading = False
         server.advance(2)
-        self.assertIn(chat.name_key("silent"), server.chat.holds)
+        self.assertIn(chat.name_key("silent"), server.chat.nicks.holds)
 
 
 class FuzzTest(unittest.TestCase):
