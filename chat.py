@@ -3817,9 +3817,186 @@ def remember_host(path: str, where: str, seen: str) -> None:
         f.write(f"{where} {seen}\n")
 
 
+class Note(NamedTuple):
+    """A line from the client itself, for the user (not from the server)."""
+    text: str
+    code: str = "33"        # its colour
+
+
+class Send(NamedTuple):
+    """A frame for the server."""
+    frame: dict
+
+
+class Echo(NamedTuple):
+    """Your own line, shown as you typed it (on a terminal: a pipe does not echo)."""
+    frame: dict
+
+
+class Session:
+    """The client's side of the protocol, with no socket and no terminal
+    (ChatClient keeps those): who we are, the rooms we are in, where typed
+    lines go, and where a resume starts.
+
+    receive(frame) handles a frame from the server through the table
+    `handlers`; the command methods turn what the user types into frames.
+    Each returns what follows, in order: frames to show (dicts, rendered by
+    render()), Echoes, Notes and Sends. A `bye` sets `ended`."""
+
+    def __init__(self, nick: str, password: Optional[str] = None):
+        self.nick, self.password = nick, password
+        self.rooms: List[str] = []
+        self.room = LOBBY                   # where typed lines go
+        self.seen: Dict[str, int] = {}      # room -> seq of the newest line seen there: where a resume starts
+        self.instance = self.session = None
+        self.max_text = TEXT_MAX
+        self.ping_interval, self.idle_timeout = ServerConfig.ping_interval, ServerConfig.idle_timeout
+        self.last_error = ""
+        self.ended = False                  # the server said bye
+        self.handlers: Dict[str, Callable[[dict], list]] = {
+            "msg": self.on_msg, "joined": self.on_joined, "parted": self.on_parted, "nick": self.on_nick,
+            "error": self.on_error, "bye": self.on_bye, "ping": self.on_ping, "pong": lambda frame: [],
+        }
+
+    # -- logging in ----------------------------------------------------------
+
+    def hello(self) -> dict:
+        frame = {"type": "hello", "nick": self.nick}
+        if self.password is not None:
+            frame["password"] = self.password
+        if self.session:    # resuming: same nick, same rooms, what was missed
+            frame.update(session=self.session, instance=self.instance, rooms=self.rooms, since=self.seen)
+        return frame
+
+    def welcome(self, frame: dict, reconnected: bool) -> Tuple[bool, list]:
+        """Take a welcome: (whether it resumed our session, the history to show)."""
+        resumed = reconnected and frame.get("instance") == self.instance
+        self.nick = frame.get("nick") or self.nick
+        self.rooms = [r for r in frame.get("rooms") or [LOBBY] if type(r) is str]
+        if self.room not in self.rooms:
+            self.room = frame.get("room") if type(frame.get("room")) is str else LOBBY
+        self.instance, self.session = frame.get("instance"), frame.get("session")
+        if not resumed:
+            self.seen = {}
+        seqs = frame.get("seq")
+        for room, seq in seqs.items() if isinstance(seqs, dict) else ():
+            self._saw(room, seq)
+        self.max_text = frame.get("max_text") if type(frame.get("max_text")) is int else TEXT_MAX
+        for key in ("ping_interval", "idle_timeout"):
+            if type(frame.get(key)) in (int, float) and frame[key] > 0:
+                setattr(self, key, float(frame[key]))
+        history = _lines(frame.get("history"))
+        if resumed:     # your own lines were shown as you typed them
+            history = [line for line in history if not self._mine(line.get("from"))]
+        return resumed, self._history(history, "line you missed" if resumed else "earlier line")
+
+    # -- frames from the server ----------------------------------------------
+
+    def receive(self, frame: dict) -> list:
+        handler = self.handlers.get(frame["type"])
+        return handler(frame) if handler is not None else [frame]
+
+    def on_msg(self, frame: dict) -> list:
+        self._saw(frame.get("room"), frame.get("seq"))
+        return [frame]
+
+    def on_joined(self, frame: dict) -> list:
+        room = frame.get("room")
+        if type(room) is not str:
+            return []
+        if room not in self.rooms:
+            self.rooms.append(room)
+        self._saw(room, frame.get("seq"))
+        self.room = room
+        return self._history(_lines(frame.get("history")), "earlier line") + [
+            Note(f"you are in #{room} {_company(frame.get('users'), self.nick)}; your lines go here now")]
+
+    def on_parted(self, frame: dict) -> list:
+        room = frame.get("room")
+        if room in self.rooms:
+            self.rooms.remove(room)
+        shown = [frame]
+        if self.room == room:
+            self.room = self.rooms[0] if self.rooms else LOBBY
+            shown.append(Note(f"now talking in #{self.room}" if self.rooms else "you are in no room now; /join one"))
+        return shown
+
+    def on_nick(self, frame: dict) -> list:
+        if frame.get("old") == self.nick and type(frame.get("new")) is str:
+            self.nick = frame["new"]
+        return [frame]
+
+    def on_error(self, frame: dict) -> list:
+        self.last_error = frame.get("code", "")
+        return [frame]
+
+    def on_bye(self, frame: dict) -> list:
+        self.ended = True
+        return [frame]
+
+    def on_ping(self, frame: dict) -> list:
+        return [Send({"type": "pong"})]
+
+    # -- what the user types -------------------------------------------------
+
+    def say(self, text: str, kind: str = "msg") -> list:
+        """Typed text for the current room; long text is split to fit the server's limit."""
+        out = []
+        for start in range(0, len(text), self.max_text):
+            part = text[start:start + self.max_text]
+            out.append(Send({"type": kind, "text": part, "room": self.room}))
+            out.append(Echo({"type": "msg", "from": self.nick, "action": kind == "me", "text": part,
+                             "room": self.room}))
+        return out
+
+    def message(self, nick: str, text: str) -> list:
+        return [Send({"type": "pm", "to": nick, "text": text}),
+                Echo({"type": "msg", "from": self.nick, "to": nick, "text": text})]
+
+    def join(self, room: str) -> list:
+        return [Send({"type": "join", "room": room.lstrip("#")})]
+
+    def part(self, room: str = "") -> list:
+        return [Send({"type": "part", "room": room.lstrip("#") or self.room})]
+
+    def switch(self, room: str) -> list:
+        room = room.lstrip("#")
+        match = [r for r in self.rooms if name_key(r) == name_key(room)]
+        if not match:
+            return [Note(f"you are not in #{room}; /join #{room} first", "31")]
+        self.room = match[0]
+        return [Note(f"now talking in #{self.room}")]
+
+    def who(self) -> list:
+        return [Send({"type": "who", "room": self.room})]
+
+    # -- keeping track -------------------------------------------------------
+
+    def _saw(self, room: object, seq: object) -> None:
+        """Remember the newest line seen in `room`: where a resume starts."""
+        if type(room) is str and type(seq) is int:
+            self.seen[room] = max(self.seen.get(room, 0), seq)
+
+    def _mine(self, nick: object) -> bool:
+        return type(nick) is str and name_key(nick) == name_key(self.nick)
+
+    def _history(self, lines: List[dict], label: str) -> list:
+        for line in lines:
+            self._saw(line.get("room"), line.get("seq"))
+        if not lines:
+            return []
+        return [Note(f"--- {plural(len(lines), label)} ---", "2"), *lines, Note("--- now ---", "2")]
+
+
+def _lines(history: object) -> List[dict]:
+    return [line for line in history if isinstance(line, dict)] if type(history) is list else []
+
+
 class ChatClient:
     """The client program: logs in, then one select() loop over the server
-    and the keyboard; reconnects when the connection is lost."""
+    and the keyboard; reconnects when the connection is lost. What the
+    protocol means is the Session's business; this keeps the socket, the
+    terminal and the outbox."""
 
     OUTBOX_LINES = 100      # lines kept while disconnected
     RECONNECT_CAP = 30.0    # seconds between attempts, at most
@@ -3827,41 +4004,54 @@ class ChatClient:
     def __init__(self, args: argparse.Namespace, console: Console, view: View):
         self.args, self.console, self.view = args, console, view
         self.json = args.json
-        self.nick = args.nick or default_nick()
-        self.password = args.password
+        self.session = Session(args.nick or default_nick(), args.password)
         self.link: Optional[Link] = None
         self.welcomed = False
-        self.rooms: List[str] = []
-        self.room = LOBBY                  # where typed lines go
-        self.seen: Dict[str, int] = {}     # room -> seq of the newest line seen there
-        self.instance = self.session = None
-        self.max_text = TEXT_MAX
-        self.ping_interval, self.idle_timeout = 30.0, 75.0
         self.last_heard = self.pinged = 0.0
         self.outbox: List[dict] = []       # frames waiting for a connection
-        self.last_error = ""
         self.quitting = False
+        session = self.session
         self.commands = CommandTable([
             Command("help", "", "show this list", self.cmd_help),
-            Command("who", "", "who is in the current room", lambda: self.send({"type": "who", "room": self.room})),
-            Command("me", "TEXT", "an action: /me waves shows '* you waves'", lambda text: self.say(text, "me")),
-            Command("msg", "NICK TEXT", "a private message to one person", self.cmd_msg),
+            Command("who", "", "who is in the current room", lambda: self.perform(session.who())),
+            Command("me", "TEXT", "an action: /me waves shows '* you waves'",
+                    lambda text: self.perform(session.say(text, "me"))),
+            Command("msg", "NICK TEXT", "a private message to one person",
+                    lambda nick, text: self.perform(session.message(nick, text))),
             Command("nick", "NEW", "change your nick", lambda new: self.send({"type": "nick", "nick": new})),
             Command("join", "ROOM", "join a room (creating it) and talk there",
-                    lambda room: self.send({"type": "join", "room": room.lstrip("#")})),
-            Command("part", "[ROOM]", "leave a room (this one if none is named)", self.cmd_part),
-            Command("switch", "ROOM", "talk in another room you are in", self.cmd_switch),
+                    lambda room: self.perform(session.join(room))),
+            Command("part", "[ROOM]", "leave a room (this one if none is named)",
+                    lambda room="": self.perform(session.part(room))),
+            Command("switch", "ROOM", "talk in another room you are in",
+                    lambda room: self.perform(session.switch(room))),
             Command("rooms", "", "list the rooms", lambda: self.send({"type": "rooms"})),
             Command("quit", "[REASON]", "leave the chat", self.cmd_quit),
         ])
 
     # -- output --------------------------------------------------------------
 
+    def perform(self, events: list) -> None:
+        """Do what the session says follows: show, note, send."""
+        for event in events:
+            if isinstance(event, Send):
+                self.send(event.frame)
+            elif isinstance(event, Note):
+                self.note(event.text, event.code)
+            elif isinstance(event, Echo):
+                if self.console.interactive:
+                    self.show_frame(event.frame)
+            else:
+                self.show_frame(event)
+        self.set_prompt()
+
     def show(self, text: str) -> None:
         self.console.show(text)
 
     def note(self, text: str, code: str = "33") -> None:
         """A line from the client itself (to stderr when output is a pipe or JSON)."""
+        if self.json:
+            return
         if self.console.interactive:
             self.show(paint(text, code, self.view))
         else:
@@ -3869,17 +4059,18 @@ class ChatClient:
             sys.stderr.flush()
 
     def show_frame(self, frame: dict) -> None:
-        if self.json:
-            self.show(_dumps(frame))
-            return
-        line = render(frame, self.view._replace(me=self.nick, rooms=len(self.rooms) > 1, width=self.console.columns()))
+        frame.setdefault("ts", time.time())
+        session = self.session
+        line = render(frame, self.view._replace(me=session.nick, rooms=len(session.rooms) > 1,
+                                                width=self.console.columns()))
         if line is not None:
             self.show(line)
 
     def set_prompt(self) -> None:
         if self.console.interactive:
-            self.console.prompt = (f"\x01\x1b[1;32m\x02#{self.room}>\x01\x1b[0m\x02 " if self.view.color
-                                   else f"#{self.room}> ")
+            room = self.session.room
+            self.console.prompt = (f"\x01\x1b[1;32m\x02#{room}>\x01\x1b[0m\x02 " if self.view.color
+                                   else f"#{room}> ")
 
     # -- sending -------------------------------------------------------------
 
@@ -3893,15 +4084,6 @@ class ChatClient:
         else:
             self.note(f"not sent: {self.OUTBOX_LINES} lines are already waiting for the connection", "31")
 
-    def say(self, text: str, kind: str = "msg") -> None:
-        """Send typed text; long text is split to fit the server's limit."""
-        for start in range(0, len(text), self.max_text):
-            frame = {"type": kind, "text": text[start:start + self.max_text], "room": self.room}
-            self.send(frame)
-            if self.console.interactive:
-                self.show_frame({"type": "msg", "from": self.nick, "action": kind == "me",
-                                 "text": frame["text"], "room": self.room, "ts": time.time()})
-
     def handle_input(self, line: str) -> None:
         if self.json:
             self.send_json_line(line)
@@ -3910,14 +4092,14 @@ class ChatClient:
             if not part.strip():
                 continue
             if part.startswith("//"):
-                self.say(part[1:])
+                self.perform(self.session.say(part[1:]))
             elif part.startswith("/"):
                 try:
                     self.commands.run(part)
                 except ValueError as error:
                     self.note(str(error), "31")
             else:
-                self.say(part)
+                self.perform(self.session.say(part))
 
     def send_json_line(self, line: str) -> None:
         """Bot mode: a JSON object is sent as a frame, anything else as a msg."""
@@ -3939,24 +4121,6 @@ class ChatClient:
         for line in self.commands.help_lines() + ["//text sends a line that starts with /"]:
             self.note(line, "0")
 
-    def cmd_msg(self, nick: str, text: str) -> None:
-        self.send({"type": "pm", "to": nick, "text": text})
-        if self.console.interactive:
-            self.show_frame({"type": "msg", "from": self.nick, "to": nick, "text": text, "ts": time.time()})
-
-    def cmd_part(self, room: str = "") -> None:
-        self.send({"type": "part", "room": room.lstrip("#") or self.room})
-
-    def cmd_switch(self, room: str) -> None:
-        room = room.lstrip("#")
-        match = [r for r in self.rooms if name_key(r) == name_key(room)]
-        if not match:
-            self.note(f"you are not in #{room}; /join #{room} first", "31")
-            return
-        self.room = match[0]
-        self.set_prompt()
-        self.note(f"now talking in #{self.room}")
-
     def cmd_quit(self, reason: str = "") -> None:
         if self.link is not None and self.welcomed:
             self.link.send({"type": "quit", "reason": reason} if reason else {"type": "quit"})
@@ -3965,88 +4129,21 @@ class ChatClient:
     # -- frames from the server ----------------------------------------------
 
     def handle_frame(self, frame: dict) -> None:
-        kind = frame["type"]
-        if kind == "msg":
-            self.saw(frame.get("room"), frame.get("seq"))
-        elif kind in ("ping", "pong"):
-            if kind == "ping":
-                self.link.send({"type": "pong"})
-            if self.json:
-                self.show_frame(frame)
-            return
-        elif kind == "nick" and frame.get("old") == self.nick:
-            self.nick = frame.get("new") or self.nick
-        elif kind == "joined":
-            self.on_joined(frame)
-        elif kind == "parted":
-            self.on_parted(frame)
-        elif kind == "error":
-            self.last_error = frame.get("code", "")
-        elif kind == "bye":
-            self.show_frame(frame)
+        events = self.session.receive(frame)
+        if self.json:       # a bot sees every frame as it came; the session only answers pings
+            self.show(_dumps(frame))
+            events = [event for event in events if isinstance(event, Send)]
+        self.perform(events)
+        if self.session.ended:
             raise ClientExit(EXIT_OK)
-        self.show_frame(frame)
-
-    def on_joined(self, frame: dict) -> None:
-        room = frame.get("room")
-        if type(room) is not str:
-            return
-        if room not in self.rooms:
-            self.rooms.append(room)
-        self.saw(room, frame.get("seq"))
-        self.room = room
-        self.set_prompt()
-        if self.json:
-            return
-        self.show_history(frame.get("history"))
-        self.note(f"you are in #{room} {_company(frame.get('users'), self.nick)}; your lines go here now")
-
-    def on_parted(self, frame: dict) -> None:
-        room = frame.get("room")
-        if room in self.rooms:
-            self.rooms.remove(room)
-        if self.room == room:
-            self.room = self.rooms[0] if self.rooms else LOBBY
-            self.set_prompt()
-            if self.rooms:
-                self.note(f"now talking in #{self.room}")
-            else:
-                self.note("you are in no room now; /join one")
-
-    def saw(self, room: object, seq: object) -> None:
-        """Remember the newest line seen in `room`: where a resume starts."""
-        if type(room) is str and type(seq) is int:
-            self.seen[room] = max(self.seen.get(room, 0), seq)
-
-    def show_history(self, history: object, label: str = "earlier line") -> None:
-        lines = [line for line in history if isinstance(line, dict)] if type(history) is list else []
-        for line in lines:
-            self.saw(line.get("room"), line.get("seq"))
-        if lines and not self.json:
-            self.note(f"--- {plural(len(lines), label)} ---", "2")
-            for line in lines:
-                self.show_frame(line)
-            self.note("--- now ---", "2")
 
     def on_welcome(self, frame: dict, reconnected: bool) -> None:
-        resumed = reconnected and frame.get("instance") == self.instance
-        self.nick = frame.get("nick") or self.nick
-        self.rooms = [r for r in frame.get("rooms") or [LOBBY] if type(r) is str]
-        if self.room not in self.rooms:
-            self.room = frame.get("room") if type(frame.get("room")) is str else LOBBY
-        self.instance, self.session = frame.get("instance"), frame.get("session")
-        if not resumed:
-            self.seen = {}
-        for room, seq in (frame.get("seq") or {}).items() if isinstance(frame.get("seq"), dict) else ():
-            self.saw(room, seq)
-        self.max_text = frame.get("max_text") if type(frame.get("max_text")) is int else TEXT_MAX
-        for key in ("ping_interval", "idle_timeout"):
-            if type(frame.get(key)) in (int, float) and frame[key] > 0:
-                setattr(self, key, float(frame[key]))
+        session = self.session
+        resumed, history = session.welcome(frame, reconnected)
         self.welcomed = True
         self.set_prompt()
         if self.json:
-            self.show_frame(frame)
+            self.show(_dumps(frame))
             return
         if reconnected:
             self.note(f"=== RECONNECTED TO {self.link.where} ===", "1;32")
@@ -4054,35 +4151,24 @@ class ChatClient:
                 self.note("the server restarted: lines said while you were away are gone", "33")
         else:
             self.note(f"=== CONNECTED TO SERVER AT {self.link.where} ===", "1;32")
-        history = frame.get("history")
-        if resumed and type(history) is list:   # your own lines were shown as you typed them
-            history = [line for line in history if not (isinstance(line, dict) and type(line.get("from")) is str
-                                                        and name_key(line["from"]) == name_key(self.nick))]
-        self.show_history(history, "line you missed" if resumed else "earlier line")
+        self.perform(history)
         for room, count in (frame.get("missed") or {}).items():
             self.note(f"{plural(count, 'line')} said in #{printable(str(room))} while you"
                       " were away can no longer be replayed", "33")
         if not reconnected:
-            self.note(f"you are {self.nick} in #{self.room} {_company(frame.get('users'), self.nick)}."
+            self.note(f"you are {session.nick} in #{session.room} {_company(frame.get('users'), session.nick)}."
                       + (" Type /help for commands." if self.console.interactive else ""), "0")
 
     # -- connecting ----------------------------------------------------------
 
-    def hello(self) -> dict:
-        frame = {"type": "hello", "nick": self.nick}
-        if self.password is not None:
-            frame["password"] = self.password
-        if self.session:    # resuming: same nick, same rooms, what was missed
-            frame.update(session=self.session, instance=self.instance, rooms=self.rooms, since=self.seen)
-        return frame
-
     def login(self, reconnecting: bool = False) -> None:
         """Connect and exchange hello/welcome, retrying a taken nick with a
         suffix and (on a terminal) asking for a password the server wants."""
-        base, tries = self.nick, 1
+        session = self.session
+        base, tries = session.nick, 1
         while True:
             link = connect(self.args.host, self.args.port, self.args.tls_options)
-            link.send(self.hello())
+            link.send(session.hello())
             try:
                 frame = link.wait_frame(10.0)
             except ConnectionLost as error:
@@ -4096,13 +4182,13 @@ class ChatClient:
             code, text = frame.get("code"), printable(str(frame.get("text", frame.get("reason", ""))))
             if code == "nick-taken" and tries < 20:
                 tries += 1
-                self.nick = f"{base[:NAME_MAX - 3]}_{tries}"
-                self.note(f"the nick {base} is taken; trying {self.nick}")
+                session.nick = f"{base[:NAME_MAX - 3]}_{tries}"
+                self.note(f"the nick {base} is taken; trying {session.nick}")
             elif code == "auth-failed" and self.console.interactive and not reconnecting and tries < 4:
                 tries += 1
-                if self.password is not None:
+                if session.password is not None:
                     self.note("wrong password", "31")
-                self.password = getpass.getpass(f"password for {link.where}: ")
+                session.password = getpass.getpass(f"password for {link.where}: ")
             elif frame["type"] == "bye":
                 raise ClientExit(EXIT_LOST, f"{link.where}: the server is going away: {text}")
             else:
@@ -4134,9 +4220,10 @@ class ChatClient:
             except ConnectionLost as lost:
                 self.link.close()
                 self.link, self.welcomed = None, False
-                if self.last_error in _FINAL_ERRORS or self.args.reconnect <= 0:
+                final = self.session.last_error in _FINAL_ERRORS
+                if final or self.args.reconnect <= 0:
                     self.note(str(lost), "31")
-                    return EXIT_REFUSED if self.last_error in _FINAL_ERRORS else EXIT_LOST
+                    return EXIT_REFUSED if final else EXIT_LOST
                 if not self.reconnect(str(lost)):
                     return EXIT_LOST if not self.quitting else EXIT_OK
 
@@ -4152,13 +4239,14 @@ class ChatClient:
                 self.finish_quit()
             now = time.monotonic()
             silent = now - self.last_heard
-            if silent >= self.idle_timeout:
+            if silent >= self.session.idle_timeout:
                 raise ConnectionLost(f"connection lost (nothing from the server for {silent:.0f}s)")
-            if silent >= self.ping_interval and self.pinged < self.last_heard:
+            if silent >= self.session.ping_interval and self.pinged < self.last_heard:
                 link.send({"type": "ping"})
                 self.pinged = now
                 continue
-            wait = (self.idle_timeout if self.pinged >= self.last_heard else self.ping_interval) - silent
+            timeout = self.session.idle_timeout if self.pinged >= self.last_heard else self.session.ping_interval
+            wait = timeout - silent
             # Take typed lines only while the server keeps up (a pipe waits in the Console queue).
             readers = [link.sock] + ([self.console.wake_r] if len(link.out) < RECV_SIZE else [])
             readable, _, _ = wait_io(readers, [link.sock] if link.out else [], wait)
@@ -4215,7 +4303,7 @@ class ChatClient:
                 self.login(reconnecting=True)
                 return True
             except ClientExit as exit_:
-                if exit_.code == EXIT_REFUSED and self.last_error != "server-full":
+                if exit_.code == EXIT_REFUSED and self.session.last_error != "server-full":
                     self.note(exit_.message, "31")
                     return False
                 self.note(exit_.message, "31")

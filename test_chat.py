@@ -2658,3 +2658,57 @@ class FuzzTest(unittest.TestCase):
         self.assertFalse([line for line in logs.output if "internal error" in line])
         watcher.send({"type": "ping", "token": "alive"})
         self.assertEqual(watcher.expect("pong")["token"], "alive")
+
+
+class ClientSessionTest(unittest.TestCase):
+    """The client's protocol core (chat.Session) in memory: frames in, state and what follows out."""
+
+    WELCOME = {"type": "welcome", "nick": "alice", "users": ["alice", "bob"], "history": [], "rooms": ["lobby"],
+               "room": "lobby", "instance": "i1", "session": "s1", "seq": {"lobby": 7}, "max_text": 100,
+               "ping_interval": 5, "idle_timeout": 12}
+
+    def welcomed(self):
+        session = chat.Session("alice")
+        session.welcome(dict(self.WELCOME), reconnected=False)
+        return session
+
+    def test_a_welcome_sets_where_lines_go_and_where_a_resume_starts(self):
+        session = self.welcomed()
+        self.assertEqual((session.room, session.rooms, session.seen), ("lobby", ["lobby"], {"lobby": 7}))
+        self.assertEqual((session.max_text, session.ping_interval, session.idle_timeout), (100, 5.0, 12.0))
+        session.receive({"type": "msg", "from": "bob", "text": "x", "room": "lobby", "seq": 9})
+        self.assertEqual(session.hello(), {"type": "hello", "nick": "alice", "session": "s1", "instance": "i1",
+                                           "rooms": ["lobby"], "since": {"lobby": 9}})
+
+    def test_a_resume_hides_your_own_lines_and_a_restart_forgets_the_cursors(self):
+        session = self.welcomed()
+        history = [{"type": "msg", "from": "ALICE", "text": "mine", "room": "lobby", "seq": 8},
+                   {"type": "msg", "from": "bob", "text": "missed", "room": "lobby", "seq": 9}]
+        resumed, shown = session.welcome(dict(self.WELCOME, history=history), reconnected=True)
+        self.assertTrue(resumed)
+        self.assertEqual([f["text"] for f in shown if isinstance(f, dict)], ["missed"])
+        resumed, _ = session.welcome(dict(self.WELCOME, instance="i2", seq={}), reconnected=True)
+        self.assertFalse(resumed)
+        self.assertEqual(session.seen, {})
+
+    def test_frames_from_the_server(self):
+        session = self.welcomed()
+        self.assertEqual(session.receive({"type": "ping"}), [chat.Send({"type": "pong"})])
+        session.receive({"type": "nick", "old": "alice", "new": "alicia"})
+        self.assertEqual(session.nick, "alicia")
+        shown = session.receive({"type": "joined", "room": "dev", "users": ["alicia"], "seq": 3, "history": []})
+        self.assertEqual((session.room, session.rooms, session.seen["dev"]), ("dev", ["lobby", "dev"], 3))
+        self.assertIn("your lines go here now", shown[-1].text)
+        session.receive({"type": "parted", "room": "dev"})
+        self.assertEqual(session.room, "lobby")
+        session.receive({"type": "error", "code": "kicked", "text": "bye"})
+        self.assertEqual(session.last_error, "kicked")
+        session.receive({"type": "bye", "reason": "down"})
+        self.assertTrue(session.ended)
+
+    def test_typed_text_is_split_to_the_servers_limit_and_echoed(self):
+        session = self.welcomed()
+        sends = [e.frame for e in session.say("x" * 250) if isinstance(e, chat.Send)]
+        self.assertEqual([len(f["text"]) for f in sends], [100, 100, 50])
+        self.assertTrue(all(f["room"] == "lobby" for f in sends))
+        self.assertEqual(session.switch("#nowhere")[0].code, "31")
