@@ -4371,12 +4371,11 @@ BENCH_PROBES = 4            # clients that decode every frame to time it; the re
 
 
 class BenchClient:
-    __slots__ = ("sock", "out", "carry", "got", "decoder", "sent", "probe")
+    """One of the bench's clients: a Link, and what it counted."""
+    __slots__ = ("link", "carry", "got", "sent", "probe")
 
-    def __init__(self, sock: socket.socket, probe: bool):
-        self.sock, self.out, self.carry, self.got, self.sent = sock, bytearray(), b"", 0, 0
-        self.decoder = FrameDecoder(MAX_SERVER_PAYLOAD)
-        self.probe = probe
+    def __init__(self, link: Link, probe: bool):
+        self.link, self.carry, self.got, self.sent, self.probe = link, b"", 0, 0, probe
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -4391,6 +4390,9 @@ def run_bench(args: argparse.Namespace) -> int:
         host, port = args.host or DEFAULT_HOST, args.port or DEFAULT_PORT
     try:
         return _bench(host, port, args)
+    except ClientExit as exit_:
+        print(f"bench: {exit_.message}", file=sys.stderr)
+        return exit_.code
     finally:
         if server is not None:
             server.send_signal(signal.SIGTERM)
@@ -4414,24 +4416,18 @@ def _bench(host: str, port: int, args: argparse.Namespace) -> int:
     clients = []
     tag = secrets.token_hex(3)
     for i in range(args.clients):
-        try:
-            sock = socket.create_connection((host, port), timeout=10)
-        except OSError as error:
-            print(f"bench: cannot connect to {host}:{port}: {error.strerror or error}", file=sys.stderr)
-            return EXIT_LOST
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.sendall(encode({"type": "hello", "nick": f"bench{tag}-{i}"}))
-        clients.append(BenchClient(sock, probe=i >= args.clients - BENCH_PROBES))
-    for client in clients:
-        link = Link(client.sock, f"{host}:{port}")
-        frame = link.wait_frame(10.0)
-        if frame["type"] != "welcome":
-            print(f"bench: refused: {frame.get('text')}", file=sys.stderr)
-            return EXIT_REFUSED
-        client.decoder = link.decoder
+        link = connect(host, port)
+        link.send({"type": "hello", "nick": f"bench{tag}-{i}"})
+        link.flush()
+        clients.append(BenchClient(link, probe=i >= args.clients - BENCH_PROBES))
+        if len(clients) % 8 == 0 or i == args.clients - 1:    # in waves: a server lets one address
+            for client in clients[(len(clients) - 1) // 8 * 8:]:   # have only a few waiting to join
+                frame = client.link.wait_frame(10.0)
+                if frame["type"] != "welcome":
+                    raise ClientExit(EXIT_REFUSED, f"refused: {printable(str(frame.get('text')))}")
     selector = selectors.DefaultSelector()
     for client in clients:
-        selector.register(client.sock, selectors.EVENT_READ, client)
+        selector.register(client.link.sock, selectors.EVENT_READ, client)
     _bench_pump(selector, clients, quiet_for=0.3, latencies=None)     # let join notices settle
     for client in clients:
         client.got = 0
@@ -4454,7 +4450,7 @@ def _bench(host: str, port: int, args: argparse.Namespace) -> int:
           f" p50_ms={pct(0.5)} p99_ms={pct(0.99)} p999_ms={pct(0.999)}"
           f" max_ms={latencies[-1] * 1e3 if latencies else 0:.1f}")
     for client in clients:
-        client.sock.close()
+        client.link.close()
     return EXIT_OK if delivered >= expected else EXIT_LOST
 
 
@@ -4472,15 +4468,15 @@ def _bench_pump(selector, clients, quiet_for, latencies, senders=(), args=None, 
             due = total if not args.rate else min(total, int(args.rate * (now - started)) + 1)
             while queued < due:
                 sender = senders[queued % len(senders)]
-                if len(sender.out) > 65536 and not args.rate:
+                if len(sender.link.out) > 65536 and not args.rate:
                     break
                 text = f"BENCH:{time.monotonic_ns():019d}:{queued % len(senders)}:{sender.sent}:"
-                sender.out += encode({"type": "msg", "text": text.ljust(args.bytes, "x")})
+                sender.link.send({"type": "msg", "text": text.ljust(args.bytes, "x")})
                 sender.sent += 1
                 queued += 1
             for sender in senders:
-                if sender.out and sender not in writing:
-                    selector.modify(sender.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, sender)
+                if sender.link.out and sender not in writing:
+                    selector.modify(sender.link.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, sender)
                     writing.add(sender)
         delivered = sum(client.got for client in clients) if expected else 0
         if expected and delivered >= expected:
@@ -4493,33 +4489,26 @@ def _bench_pump(selector, clients, quiet_for, latencies, senders=(), args=None, 
         for key, mask in selector.select(0.05 if queued < total else 0.2):
             client = key.data
             if mask & selectors.EVENT_WRITE:
-                try:
-                    del client.out[:client.sock.send(client.out)]
-                except BlockingIOError:
-                    pass
-                if not client.out:
-                    selector.modify(client.sock, selectors.EVENT_READ, client)
+                client.link.flush()
+                if not client.link.out:
+                    selector.modify(client.link.sock, selectors.EVENT_READ, client)
                     writing.discard(client)
             if mask & selectors.EVENT_READ:
-                data = client.sock.recv(RECV_SIZE)
-                if not data:
-                    raise SystemExit("bench: the server closed a connection")
                 last = time.monotonic()
                 if client.probe and latencies is not None:
-                    _bench_probe(client, data, latencies)
+                    _bench_probe(client, latencies)
                 else:   # counting markers in C is what lets one Python process keep up
+                    data = client.link.sock.recv(RECV_SIZE)
+                    if not data:
+                        raise ClientExit(EXIT_LOST, "the server closed a connection")
                     seen = client.carry + data
                     client.got += seen.count(BENCH_MARKER)
                     client.carry = seen[-(len(BENCH_MARKER) - 1):]
 
 
-def _bench_probe(client: BenchClient, data: bytes, latencies: List[float]) -> None:
-    client.decoder.feed(data)
+def _bench_probe(client: BenchClient, latencies: List[float]) -> None:
     now = time.monotonic_ns()
-    while True:
-        frame = client.decoder.next_frame()
-        if frame is None:
-            return
+    for frame in client.link.receive():
         text = frame.get("text")
         if frame["type"] == "msg" and type(text) is str and text.startswith("BENCH:"):
             client.got += 1
