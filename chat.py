@@ -1,24 +1,25 @@
 #!/usr/bin/env python3
 """chat.py - a terminal chat: one server relays lines between many clients.
 
-    python chat.py server        # listen on 127.0.0.1:50000
-    python chat.py client        # join it (in as many terminals as you like)
+    python3 chat.py server        # listen on 127.0.0.1:50000
+    python3 chat.py client        # join it (in as many terminals as you like)
 
 One file, standard library only. It reads top to bottom:
 
-  1. Wire codec: length-prefixed JSON frames (PROTOCOL.md). Pure, no sockets.
+  1. Wire codec: length-prefixed JSON frames (README.md, "Protocol"). Pure.
   2. Text rules: nicks, room names, cleaning text, showing it safely.
   3. Command tables: slash commands for the client and the operator console;
      the same table writes /help.
-  4. Chat: the server's state and rules (users, rooms, history, limits). It
-     turns frames into bytes queued per connection and never touches a socket.
+  4. The server's core: its state and rules, with no socket and no clock
+     (rooms, output, relays, the gate, intake, nicks, and Chat itself). It
+     turns bytes from connections into bytes queued for connections.
   5. Server loop: one thread, one selector. Accepts, reads, writes, TLS
      handshakes, timers, signals. It only moves bytes.
   6. Cluster (optional): several servers as one chat through Redis, with a
      small RESP2 client that lives in the same loop.
   7. The terminal: reading lines and printing without breaking them.
-  8. Client: connection, rendering, commands, reconnect.
-  9. Benchmark, certificate helper and the command line.
+  8. Client: its protocol core (Session), rendering, the program.
+  9. Benchmark, then certificates and the command line.
 """
 from __future__ import annotations
 
@@ -67,8 +68,9 @@ log = logging.getLogger("chat")
 # 1. Wire codec
 # ---------------------------------------------------------------------------
 
-MAX_CLIENT_PAYLOAD = 65536      # largest frame a client may send (PROTOCOL.md)
-MAX_SERVER_PAYLOAD = 1 << 20    # largest frame a server may send (PROTOCOL.md)
+PROTOCOL = 2                    # the version of the wire contract in README.md ("Protocol"); welcome says it
+MAX_CLIENT_PAYLOAD = 65536      # largest frame a client may send
+MAX_SERVER_PAYLOAD = 1 << 20    # largest frame a server may send
 _LENGTH = struct.Struct(">I")
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
@@ -499,8 +501,8 @@ class ServerIO(Protocol):
     def close_soon(self, conn: Conn) -> None:
         """Deliver what is queued for `conn`, then close it."""
 
-    def stop(self, reason: str = "server shutting down") -> None:
-        """Say bye to everyone (through Chat.shutdown) and stop."""
+    def stop(self, why: str = "") -> None:
+        """Say bye to everyone (through Chat.shutdown) and stop; `why` is for the log."""
 
 
 # ---------------------------------------------------------------------------
@@ -1049,6 +1051,26 @@ class HistoryFile:
         self._unsynced = False
         self._file = None
 
+    def check(self) -> None:
+        """Before the server listens: StartupError unless the file is a chat.py
+        history (or empty, or missing in a directory it can be made in)."""
+        folder = os.path.dirname(os.path.abspath(self.path))
+        what = f"cannot use the history file {self.path}"
+        try:
+            with open(self.path, "rb") as f:
+                first = f.readline()
+        except FileNotFoundError:
+            if not os.path.isdir(folder):
+                raise StartupError(f"{what}: the directory {folder} does not exist") from None
+            first = b""
+        except OSError as error:
+            raise StartupError(f"{what}: {_why(error)}") from None
+        if first and not _is_history_header(_json_or_none(first)):
+            raise StartupError(f"{self.path} is not a chat.py history file (its first line is not a chat.py"
+                               " header); it was left as it is: choose another file")
+        if not os.access(self.path if os.path.exists(self.path) else folder, os.W_OK):
+            raise StartupError(f"{what}: permission denied (it must be writable)")
+
     def load(self) -> List[Tuple[dict, bytes]]:
         """Lines on disk, oldest first, each parsed and as written; sets
         `instance` (a new one for a new or empty file) and `reserved`.
@@ -1057,10 +1079,7 @@ class HistoryFile:
         try:
             with open(self.path, "rb") as f:
                 for number, raw in enumerate(f, 1):
-                    try:
-                        obj = json.loads(raw)
-                    except ValueError:
-                        obj = None
+                    obj = _json_or_none(raw)
                     if number == 1:
                         if not _is_history_header(obj):
                             raise ValueError(f"{self.path} is not a chat.py history file (its first line is"
@@ -1135,6 +1154,13 @@ class HistoryFile:
             self.sync()
             self._file.close()
             self._file = None
+
+
+def _json_or_none(raw: bytes) -> object:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None
 
 
 def _is_history_header(obj: object) -> bool:
@@ -1713,7 +1739,7 @@ class Chat:
         for room in rooms:
             self.enter(conn, room)
         welcome = {"type": "welcome", "nick": conn.nick, "users": rooms[0].nicks(),
-                   "server": self.config.name, "max_payload": self.config.max_payload,
+                   "server": self.config.name, "protocol": PROTOCOL, "max_payload": self.config.max_payload,
                    "max_text": TEXT_MAX, "rooms": [room.name for room in rooms], "room": rooms[0].name,
                    "instance": self.relay.instance, "session": conn.session,
                    "ping_interval": self.config.ping_interval, "idle_timeout": self.config.idle_timeout,
@@ -2124,8 +2150,8 @@ class ServerLoop:
         else:
             self.update_interest(conn)
 
-    def stop(self, reason: str = "server shutting down") -> None:
-        self.call_soon_threadsafe(self._begin_shutdown, reason)
+    def stop(self, why: str = "") -> None:
+        self.call_soon_threadsafe(self._begin_shutdown, why)
 
     # -- the loop ------------------------------------------------------------
 
@@ -2133,7 +2159,8 @@ class ServerLoop:
         """Run until stop() (or SIGINT/SIGTERM when in the main thread)."""
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(signum, lambda *_: self.stop())
+                signal.signal(signum, lambda number, _: self.stop(
+                    "Ctrl-C" if number == signal.SIGINT else "SIGTERM"))
         try:
             while not self.stopping or (self.open and self.now < self._deadline):
                 self._turn()
@@ -2225,14 +2252,14 @@ class ServerLoop:
         else:
             self.call_later(1.0, self._check_supervisor)
 
-    def _begin_shutdown(self, reason: str) -> None:
+    def _begin_shutdown(self, why: str) -> None:
         if self.stopping:
             return
-        log.info("shutting down: %s", reason)
+        log.info("shutting down" + (f" ({why})" if why else ""))
         self.stopping = True
         self._deadline = self.now + SHUTDOWN_GRACE
         self._stop_accepting()
-        self.chat.shutdown(reason)
+        self.chat.shutdown("server shutting down")
 
     # -- accepting -----------------------------------------------------------
 
@@ -3417,15 +3444,19 @@ def operator_commands(loop: ServerLoop, show: Callable[[str], None]) -> CommandT
                 show(f"#{room.name} ({len(room.members)}): {', '.join(room.nicks())}")
         show(f"{plural(len(chat.users), 'user')}, {plural(len(chat.conns), 'connection')}")
 
+    def say(text: str) -> None:
+        chat.announce(text)
+        show(f"said to {plural(len(chat.users), 'user')} here" + (" and everyone on the other servers"
+                                                                  if chat.relay.others() else "") + f": {text}")
+
     def kick(nick: str, reason: str = "") -> None:
-        if not chat.kick(nick, reason):
-            show(f"nobody here is called {nick}")
+        show(f"kicked {nick}" if chat.kick(nick, reason) else f"nobody here is called {nick}")
 
     table = CommandTable([
-        Command("say", "TEXT", "send a notice to everyone", chat.announce),
+        Command("say", "TEXT", "send a notice to everyone", say),
         Command("who", "", "list rooms and who is in them", who),
         Command("kick", "NICK [REASON]", "disconnect someone", kick),
-        Command("shutdown", "", "say bye to everyone and stop the server", loop.stop),
+        Command("shutdown", "", "say bye to everyone and stop the server", lambda: loop.stop("/shutdown")),
         Command("help", "", "show this list", lambda: [show(line) for line in table.help_lines()]),
     ])
     return table
@@ -3433,16 +3464,21 @@ def operator_commands(loop: ServerLoop, show: Callable[[str], None]) -> CommandT
 
 def attach_operator_console(loop: ServerLoop) -> Console:
     """When the server runs in a terminal, typed lines are operator commands."""
-    console = Console(interactive=True, prompt="")
+    console = Console(interactive=True, prompt="server> ")
     table = operator_commands(loop, console.show)
 
     def on_line(line: Optional[str]) -> None:
-        if line is None:
-            return      # Ctrl-D at the console does not stop the server; /shutdown does
+        if line is None:    # Ctrl-D: the console closes, the server goes on
+            console.show("the operator console is closed; the server goes on (Ctrl-C stops it)")
+            return
         line = line.strip()
         if line:
+            if not line.startswith("/") and line.split()[0].lower() in table.commands:
+                line = "/" + line       # "who" for "/who"
             try:
-                table.run(line if line.startswith("/") else "/" + line)
+                if not line.startswith("/"):
+                    raise ValueError("commands start with /: /say TEXT tells everyone, /help lists the rest")
+                table.run(line)
             except ValueError as error:
                 console.show(str(error))
         console.next_prompt()
@@ -3454,6 +3490,7 @@ def attach_operator_console(loop: ServerLoop) -> Console:
             ok, line = console.take_line()
 
     loop.watch(console.wake_r, selectors.EVENT_READ, lambda mask: pump())
+    console.show("type /help for operator commands")
     console.start()
     return console
 
@@ -4188,7 +4225,7 @@ class ChatClient:
                 tries += 1
                 if session.password is not None:
                     self.note("wrong password", "31")
-                session.password = getpass.getpass(f"password for {link.where}: ")
+                session.password = ask_user(f"password for {link.where}: ", secret=True)
             elif frame["type"] == "bye":
                 raise ClientExit(EXIT_LOST, f"{link.where}: the server is going away: {text}")
             else:
@@ -4336,11 +4373,27 @@ def default_nick() -> str:
     return name[:NAME_MAX] or "guest"
 
 
+def ask_user(question: str, secret: bool = False) -> str:
+    """An answer typed at the terminal; Ctrl-C or Ctrl-D cancels (ClientExit)."""
+    try:
+        return getpass.getpass(question) if secret else input(question)
+    except (KeyboardInterrupt, EOFError):
+        sys.stdout.write("\n")
+        raise ClientExit(EXIT_LOST, "cancelled") from None
+
+
 def run_client(args: argparse.Namespace) -> int:
+    try:
+        args.password = read_password(args.password_file)
+        if args.cafile:
+            _readable(args.cafile, "the CA file")
+    except StartupError as error:
+        print(error, file=sys.stderr)
+        return EXIT_LOST
     interactive = sys.stdin.isatty() and sys.stdout.isatty() and not args.json
     color = interactive and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
     console = Console(interactive)
-    ask = (lambda question: input(question).strip().lower() in ("y", "yes")) if interactive else None
+    ask = (lambda question: ask_user(question).strip().lower() in ("y", "yes")) if interactive else None
     args.tls_options = TlsOptions(args.cafile, args.fingerprint, args.known_hosts or default_known_hosts(),
                                   ask) if args.tls else None
     client = ChatClient(args, console, View(color=color, timestamps=interactive))
@@ -4363,7 +4416,7 @@ def run_client(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------
-# 9. Benchmark: `python chat.py bench`, a load test an operator can run
+# 9. Benchmark: `python3 chat.py bench`, a load test an operator can run
 # ---------------------------------------------------------------------------
 
 BENCH_MARKER = b"BENCH:"
@@ -4401,12 +4454,12 @@ def run_bench(args: argparse.Namespace) -> int:
 
 def _start_bench_server(max_connections: int):
     command = [sys.executable, os.path.abspath(__file__), "server", "-p", "0", "-m", str(max_connections)]
-    server = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True)
-    for line in server.stderr:
+    server = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True)
+    for line in server.stdout:
         match = re.search(r"listening on \[?([^\]\s]+?)\]?:(\d+)", line)
         if match:
-            threading.Thread(target=server.stderr.read, daemon=True).start()   # keep draining it
+            threading.Thread(target=server.stdout.read, daemon=True).start()   # keep draining it
             print(f"bench: started a server on {match[1]}:{match[2]}", file=sys.stderr)
             return server, (match[1], int(match[2]))
     raise SystemExit("bench: the server did not start")
@@ -4519,6 +4572,11 @@ def _bench_probe(client: BenchClient, latencies: List[float]) -> None:
 # 10. Certificates and the command line
 # ---------------------------------------------------------------------------
 
+class StartupError(Exception):
+    """A setting that cannot work, found before listening or connecting:
+    one line for the user, naming the file or host and what went wrong."""
+
+
 def gencert_command(cert: str, key: str, name: str, days: int) -> List[str]:
     return ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
             "-nodes", "-keyout", key, "-out", cert, "-days", str(days), "-subj", f"/CN={name}",
@@ -4541,75 +4599,105 @@ def run_gencert(args: argparse.Namespace) -> int:
         print(f"openssl failed:\n{result.stderr}", file=sys.stderr)
         return 1
     os.chmod(args.key, 0o600)
-    print(f"wrote {args.cert} and {args.key} (valid {args.days} days)\n"
-          f"fingerprint: {certificate_fingerprint(args.cert)}\n"
-          f"start:  python chat.py server --tls-cert {args.cert} --tls-key {args.key}\n"
-          f"join:   python chat.py client --tls")
+    print(f"wrote {args.cert} and {args.key} (valid {args.days} days; keep {args.key} private)\n"
+          f"fingerprint: {' or '.join(fingerprint_forms(certificate_fingerprint(args.cert)))}\n"
+          f"start:  python3 chat.py server --tls-cert {args.cert} --tls-key {args.key}\n"
+          f"join:   python3 chat.py client --tls")
     return 0
 
 
 def read_password(path: Optional[str]) -> Optional[str]:
     """The first line of `path`, else $CHAT_PASSWORD, else None."""
-    if path:
+    if not path:
+        return os.environ.get("CHAT_PASSWORD")
+    try:
         with open(path, encoding="utf-8") as f:
-            return f.readline().rstrip("\r\n")
-    return os.environ.get("CHAT_PASSWORD")
+            password = f.readline().rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as error:
+        raise StartupError(f"cannot read the password file {path}: {_why(error)}") from None
+    if not password:
+        raise StartupError(f"the password file {path} is empty: its first line is the password")
+    return password
+
+
+def _why(error: Exception) -> str:
+    """What went wrong, in words: an OSError's strerror, not its repr."""
+    if isinstance(error, socket.gaierror):
+        return "no such host (the name does not resolve)" if error.errno in (
+            socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)) else str(error.strerror)
+    if isinstance(error, ssl.SSLError):
+        return error.reason or str(error)
+    if isinstance(error, UnicodeDecodeError):
+        return "it is not UTF-8 text"
+    return getattr(error, "strerror", None) or str(error)
+
+
+def _readable(path: str, what: str) -> None:
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as error:
+        raise StartupError(f"cannot read {what} {path}: {_why(error)}") from None
+
+
+def check_server(config: ServerConfig) -> None:
+    """Every file and the host, checked before listening and before writing
+    anything; StartupError says what is wrong."""
+    if config.tls_cert:
+        _readable(config.tls_cert, "the TLS certificate")
+        _readable(config.tls_key, "the TLS key")
+        try:
+            server_tls_context(config.tls_cert, config.tls_key)
+        except (ssl.SSLError, OSError) as error:
+            hint = (" (the certificate file holds no private key: name it with --tls-key)"
+                    if config.tls_key == config.tls_cert else "")
+            raise StartupError(f"cannot use the TLS certificate {config.tls_cert} with the key"
+                               f" {config.tls_key}: {_why(error)}{hint}") from None
+    if config.history_file:
+        HistoryFile(config.history_file, config.history_file_max).check()
+    try:
+        socket.getaddrinfo(config.host or None, config.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as error:
+        raise StartupError(f"cannot listen on {config.host}: {_why(error)}") from None
 
 
 def run_server(args: argparse.Namespace) -> int:
     level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
     worker = f"[worker {args.worker}] " if args.worker is not None else ""
-    logging.basicConfig(level=level, format=f"%(asctime)s {worker}%(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+    logging.basicConfig(level=level, format=f"%(asctime)s {worker}%(message)s", datefmt=LOG_TIME)
     log.addFilter(LogLimiter())
     try:
-        password = read_password(args.password_file)
-        redis = args.redis and str(RedisUrl.parse(args.redis))
-    except OSError as error:
-        log.error("cannot read the password file: %s", error.strerror)
-        return 1
-    except ValueError as error:
-        log.error("--redis: %s", error)
-        return 1
-    if args.redis and args.history_file:
-        log.error("--history-file and --redis do not go together: with Redis, history is kept there")
+        config = ServerConfig(**{field: getattr(args, field) for field in SERVER_OPTIONS},
+                              password=read_password(args.password_file),
+                              tls_key=args.tls_key or args.tls_cert,
+                              supervisor=os.getppid() if args.worker is not None else None)
+        check_server(config)
+    except (StartupError, ValueError) as error:
+        log.error("%s", error)
         return 1
     if args.workers > 1:
-        return run_workers(args, redis)
-    config = ServerConfig(
-        host=args.host, port=args.port, max_connections=args.max_connections, password=password,
-        max_payload=args.max_payload, max_buffer=args.max_buffer, history=args.history,
-        history_bytes=args.history_bytes,
-        history_file=args.history_file, flood_rate=args.flood_rate, flood_burst=args.flood_burst,
-        hello_timeout=args.hello_timeout, ping_interval=args.ping_interval,
-        idle_timeout=args.idle_timeout, tls_cert=args.tls_cert, tls_key=args.tls_key or args.tls_cert,
-        redis=args.redis, cluster_ttl=args.cluster_ttl, reuse_port=args.reuse_port,
-        supervisor=os.getppid() if args.worker is not None else None)
+        return run_workers(args)
     _raise_file_limit(config.max_connections + 64)
     try:
         loop = ServerLoop(config)
-    except ValueError as error:     # a --history-file that is not ours
-        log.error("%s", error)
-        return 1
-    except (OSError, ssl.SSLError) as error:
-        if isinstance(error, ssl.SSLError) or (config.tls_cert and error.filename):
-            log.error("cannot load the TLS certificate/key: %s", getattr(error, "strerror", None) or error)
-        else:
-            log.error("%s", cannot_listen(config.host, config.port, error))
+    except OSError as error:
+        log.error("%s", cannot_listen(config.host, config.port, error))
         return 1
     host, port = loop.address
-    log.info("chat.py server listening on %s:%d (up to %d connections, %s%s%s)",
-             f"[{host}]" if ":" in host else host, port, config.max_connections,
-             "TLS" if config.tls_cert else "plaintext", ", password" if password is not None else "",
-             f", linked through {redis}" if redis else "")
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    started = (f"chat.py server listening on {where} (up to {config.max_connections} connections, "
+               f"{'TLS' if config.tls_cert else 'plaintext'}{', password' if config.password is not None else ''}"
+               f"{f', linked through {RedisUrl.parse(config.redis)}' if config.redis else ''})")
+    _announce(started)
     if config.tls_cert:
-        log.info("TLS certificate fingerprint: %s", certificate_fingerprint(config.tls_cert))
+        _announce("TLS certificate fingerprint: " + " or ".join(fingerprint_forms(
+            certificate_fingerprint(config.tls_cert))))
     if sys.stdin.isatty() and sys.stdout.isatty():
         console = attach_operator_console(loop)
         if sys.stderr.isatty():     # the log shares the terminal: print it above the typed line
             handler = ConsoleLogHandler(console)
-            handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+            handler.setFormatter(logging.Formatter(f"%(asctime)s {worker}%(message)s", LOG_TIME))
             logging.getLogger().handlers = [handler]
-        log.info("type /help for operator commands")
         try:
             loop.serve_forever()
         finally:
@@ -4617,6 +4705,26 @@ def run_server(args: argparse.Namespace) -> int:
     else:
         loop.serve_forever()
     return 0
+
+
+LOG_TIME = "%Y-%m-%d %H:%M:%S"
+
+
+def _announce(line: str) -> None:
+    """A line everyone starting a server needs (where it listens, its
+    fingerprint): on stdout whatever the log level, and in the log too
+    unless that shows on the same terminal."""
+    print(line, flush=True)
+    if not _same_terminal():
+        log.info("%s", line)
+
+
+def _same_terminal() -> bool:
+    """stdout and stderr show on one terminal (so a line printed on one need not be logged on the other)."""
+    try:
+        return sys.stdout.isatty() and sys.stderr.isatty() and os.ttyname(1) == os.ttyname(2)
+    except (OSError, AttributeError):     # no ttyname (Windows): both are terminals, most likely one
+        return sys.stdout.isatty() and sys.stderr.isatty()
 
 
 def cannot_listen(host: str, port: int, error: OSError) -> str:
@@ -4627,17 +4735,16 @@ def cannot_listen(host: str, port: int, error: OSError) -> str:
                 " closed within the last minute); choose another with -p")
     if error.errno == errno.EACCES:
         return f"cannot listen on {where}: permission denied (ports below 1024 need privileges)"
-    return f"cannot listen on {where}: {os.strerror(error.errno) if error.errno else error}"
+    if error.errno == errno.EADDRNOTAVAIL:
+        return f"cannot listen on {where}: no network interface here has that address"
+    return f"cannot listen on {where}: {_why(error)}"
 
 
-def run_workers(args: argparse.Namespace, redis: Optional[str]) -> int:
+def run_workers(args: argparse.Namespace) -> int:
     """Start N copies of this server on one port (SO_REUSEPORT: the kernel
     spreads connections over them), linked through Redis; stop them together."""
     if not sys.platform.startswith("linux"):
         log.error("--workers needs Linux (only there does SO_REUSEPORT spread connections)")
-        return 1
-    if not redis:
-        log.error("--workers needs --redis: each worker is a server of its own, linked through Redis")
         return 1
     family, _, _, _, address = socket.getaddrinfo(args.host or None, args.port, type=socket.SOCK_STREAM,
                                                   flags=socket.AI_PASSIVE)[0]
@@ -4653,7 +4760,8 @@ def run_workers(args: argparse.Namespace, redis: Optional[str]) -> int:
                                                                       "--reuse-port"]
     workers = [subprocess.Popen(command + ["--worker", str(i)], stdin=subprocess.DEVNULL)
                for i in range(args.workers)]
-    log.info("chat.py server: %d workers on %s:%d, linked through %s", args.workers, args.host, port, redis)
+    print(f"chat.py server: {args.workers} workers on {args.host}:{port}, linked through"
+          f" {RedisUrl.parse(args.redis)}", flush=True)
 
     def stop(*_) -> None:
         for worker in workers:
@@ -4678,69 +4786,189 @@ def _raise_file_limit(wanted: int) -> None:
         pass
 
 
+# -- option types: each states its range, and a bad value is one line -------
+
+class Number:
+    """An argparse type: a number within a range; the error states the range.
+    Sizes take a K, M or G suffix (KiB, MiB, GiB)."""
+
+    _SUFFIXES = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+    def __init__(self, low: float, high: Optional[float] = None, kind: type = int, unit: str = "",
+                 above: bool = False, size: bool = False):
+        self.low, self.high, self.kind, self.unit, self.above, self.size = low, high, kind, unit, above, size
+
+    def __call__(self, text: str):
+        try:
+            value = self._parse(text)
+        except (ValueError, OverflowError):
+            value = None
+        if value is None or value < self.low or (self.above and value == self.low) or \
+                (self.high is not None and value > self.high) or value != value:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {self.describe()}")
+        return value
+
+    def _parse(self, text: str):
+        text = text.strip()
+        if self.size and text[-1:].lower() in self._SUFFIXES:
+            return int(float(text[:-1]) * self._SUFFIXES[text[-1].lower()])
+        return self.kind(text)
+
+    def describe(self) -> str:
+        what = ("a size in bytes" if self.size else "a whole number" if self.kind is int else "a number")
+        what += f" of {self.unit}" if self.unit else ""
+        if self.above:
+            bounds = f"above {self.show(self.low)}"
+        elif self.high is None:
+            bounds = f"of at least {self.show(self.low)}"
+        else:
+            bounds = f"from {self.show(self.low)} to {self.show(self.high)}"
+        return f"{what} {bounds}" + (" (K, M or G may follow)" if self.size else "")
+
+    def show(self, value: float) -> str:
+        if self.size:
+            for suffix, scale in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+                if value >= scale and value % scale == 0:
+                    return f"{value // scale}{suffix}"
+        return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def nick_option(text: str) -> str:
+    try:
+        return check_name(text)
+    except ProtocolError as error:
+        raise argparse.ArgumentTypeError(f"{text!r}: {error.text}") from None
+
+
+def redis_option(text: str) -> str:
+    try:
+        RedisUrl.parse(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+def fingerprint_option(text: str) -> str:
+    """A SHA-256 certificate fingerprint in the forms people have, made
+    canonical (SHA256:base64, as SSH and the server print it): base64 with
+    or without SHA256: and = padding, or hex as `openssl x509 -fingerprint
+    -sha256` prints it (AB:CD:..., any case, colons optional)."""
+    value = re.sub(r"^(sha256 fingerprint=|sha256:)", "", text.strip(), flags=re.IGNORECASE)
+    digest = None
+    if re.fullmatch(r"[0-9a-fA-F]{64}", value.replace(":", "")):
+        digest = bytes.fromhex(value.replace(":", ""))
+    elif re.fullmatch(r"[A-Za-z0-9+/]{43}=?", value):
+        digest = base64.b64decode(value.rstrip("=") + "=")
+    if digest is None or len(digest) != 32:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a SHA-256 fingerprint (SHA256:BASE64 as the server"
+                                         " prints it, or hex AB:CD:... as openssl prints it)")
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+
+def fingerprint_forms(canonical: str) -> Tuple[str, str]:
+    """A fingerprint as SSH writes it and as openssl does."""
+    digest = base64.b64decode(canonical[len("SHA256:"):] + "=")
+    return canonical, ":".join(f"{byte:02X}" for byte in digest)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line that says where to read more."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Each option's real default, once: none for flags or where there is none."""
+
+    def __init__(self, prog: str):
+        super().__init__(prog, max_help_position=28, width=min(100, shutil.get_terminal_size().columns))
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text, default = action.help or "", action.default
+        if default in (None, False, argparse.SUPPRESS) or not action.option_strings or "default" in text:
+            return text
+        shown = action.type.show(default) if isinstance(action.type, Number) else str(default)
+        return f"{text} (default: {shown})"
+
+
+# What ServerConfig takes from the command line as it is; its defaults are ServerConfig's.
+SERVER_OPTIONS = ("host", "port", "max_connections", "tls_cert", "history", "history_bytes", "history_file",
+                  "max_buffer", "max_payload", "flood_rate", "flood_burst", "hello_timeout", "ping_interval",
+                  "idle_timeout", "max_rooms", "nick_hold", "redis", "cluster_ttl", "reuse_port")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    formatter = argparse.ArgumentDefaultsHelpFormatter
-    parser = argparse.ArgumentParser(
-        prog="chat.py", formatter_class=formatter,
-        description="A terminal chat: one server relays lines between many clients.",
-        epilog="Run 'python chat.py COMMAND --help' for the options of each command.")
+    d, seconds = ServerConfig, "seconds"
+    parser = Parser(prog="chat.py", formatter_class=HelpFormatter,
+                    description="A terminal chat: one server relays lines between many clients.",
+                    epilog="Run 'python3 chat.py COMMAND --help' for the options of each command.")
     parser.add_argument("--version", action="version", version=f"chat.py {VERSION}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
 
-    server = commands.add_parser("server", help="run a chat server", formatter_class=formatter,
-                                 description="Run a chat server. Logs go to stderr. When started in a"
-                                             " terminal, type /help there for operator commands.")
-    server.add_argument("-p", "--port", type=int, default=DEFAULT_PORT, help="TCP port (0: any free port)")
-    server.add_argument("-H", "--host", default=DEFAULT_HOST,
+    server = commands.add_parser("server", help="run a chat server", formatter_class=HelpFormatter,
+                                 description="Run a chat server. It prints where it listens on stdout and"
+                                             " logs to stderr. Started in a terminal, it takes operator"
+                                             " commands there (/help lists them).")
+    server.add_argument("-p", "--port", type=Number(0, 65535), default=d.port, help="TCP port (0: any free port)")
+    server.add_argument("-H", "--host", default=d.host,
                         help="address to listen on (0.0.0.0: all IPv4, '::': all IPv4 and IPv6)")
-    server.add_argument("-m", "--max-connections", type=int, default=100,
-                        help="connections at once, counting those not yet joined")
+    server.add_argument("-m", "--max-connections", type=Number(1, 1_000_000), default=d.max_connections,
+                        metavar="N", help="connections at once, counting those not yet joined")
     server.add_argument("--password-file", metavar="FILE",
                         help="require the password on the first line of FILE (or set $CHAT_PASSWORD)")
     server.add_argument("--tls-cert", metavar="FILE", help="serve TLS with this certificate (PEM)")
-    server.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (PEM)")
-    server.add_argument("--history", type=int, default=50, metavar="N", help="lines kept per room")
-    server.add_argument("--history-bytes", type=int, default=32 << 20, metavar="BYTES",
+    server.add_argument("--tls-key", metavar="FILE",
+                        help="the certificate's private key (PEM; if not given, the certificate file must hold it)")
+    server.add_argument("--history", type=Number(0, 100_000), default=d.history, metavar="N",
+                        help="lines kept per room")
+    server.add_argument("--history-bytes", type=Number(0, size=True), default=d.history_bytes, metavar="BYTES",
                         help="what the history of all rooms together may hold")
     server.add_argument("--history-file", metavar="FILE", help="keep history in FILE across restarts")
-    server.add_argument("--max-buffer", type=int, default=1 << 20, metavar="BYTES",
+    server.add_argument("--max-buffer", type=Number(16 << 10, size=True), default=d.max_buffer, metavar="BYTES",
                         help="unsent bytes per client before it is dropped as too slow")
-    server.add_argument("--max-payload", type=int, default=MAX_CLIENT_PAYLOAD, metavar="BYTES",
-                        help="largest frame a client may send")
-    server.add_argument("--flood-rate", type=float, default=100.0, metavar="LINES",
-                        help="chat lines per second a client may send, sustained")
-    server.add_argument("--flood-burst", type=int, default=1000, metavar="LINES",
-                        help="chat lines a client may send at once before --flood-rate applies")
-    server.add_argument("--hello-timeout", type=float, default=10.0, metavar="SECONDS",
-                        help="drop connections that have not said hello by then")
-    server.add_argument("--ping-interval", type=float, default=30.0, metavar="SECONDS",
-                        help="ping clients silent this long")
-    server.add_argument("--idle-timeout", type=float, default=75.0, metavar="SECONDS",
-                        help="drop clients silent this long")
-    server.add_argument("--redis", metavar="URL",
+    server.add_argument("--max-payload", type=Number(256, MAX_CLIENT_PAYLOAD * 16, size=True),
+                        default=d.max_payload, metavar="BYTES", help="largest frame a client may send")
+    server.add_argument("--flood-rate", type=Number(0, kind=float, above=True), default=d.flood_rate,
+                        metavar="N", help="requests a second a client may send, sustained")
+    server.add_argument("--flood-burst", type=Number(1), default=d.flood_burst, metavar="N",
+                        help="requests a client may send at once before --flood-rate applies")
+    server.add_argument("--hello-timeout", type=Number(0, kind=float, unit=seconds, above=True),
+                        default=d.hello_timeout, metavar="SECONDS", help="drop connections that have not said hello by then")
+    server.add_argument("--ping-interval", type=Number(0, kind=float, unit=seconds, above=True),
+                        default=d.ping_interval, metavar="SECONDS", help="ping clients silent this long")
+    server.add_argument("--idle-timeout", type=Number(0, kind=float, unit=seconds, above=True),
+                        default=d.idle_timeout, metavar="SECONDS",
+                        help="drop clients silent this long (more than --ping-interval)")
+    server.add_argument("--max-rooms", type=Number(1, 1_000_000), default=d.max_rooms, metavar="N",
+                        help="rooms in use at once")
+    server.add_argument("--nick-hold", type=Number(0, 86400, kind=float, unit=seconds), default=d.nick_hold,
+                        metavar="SECONDS", help="how long a lost connection's nick waits for its owner (0: not at all)")
+    server.add_argument("--redis", metavar="URL", type=redis_option,
                         help="be one chat with the other servers linked through this Redis:"
                              " redis://[:PASSWORD@]HOST[:PORT][/DB]")
-    server.add_argument("--cluster-ttl", type=float, default=15.0, metavar="SECONDS",
-                        help="with --redis: a server silent this long is gone, and its users leave")
-    server.add_argument("--workers", type=int, default=1, metavar="N",
+    server.add_argument("--cluster-ttl", type=Number(1, 3600, kind=float, unit=seconds), default=d.cluster_ttl,
+                        metavar="SECONDS", help="with --redis: a server silent this long is gone, and its users leave")
+    server.add_argument("--workers", type=Number(1, 256), default=1, metavar="N",
                         help="run N server processes on the one port (Linux; needs --redis)")
     server.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     server.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     server.add_argument("-q", "--quiet", action="store_true", help="log only warnings and errors")
     server.add_argument("-v", "--verbose", action="store_true", help="log more")
 
-    client = commands.add_parser("client", help="join a chat server", formatter_class=formatter,
+    client = commands.add_parser("client", help="join a chat server", formatter_class=HelpFormatter,
                                  description="Join a chat server. Type lines to talk; /help lists"
                                              " commands. With stdin not a terminal, each input line"
                                              " is sent and the client exits at its end.")
-    client.add_argument("-p", "--port", type=int, default=DEFAULT_PORT, help="server port")
-    client.add_argument("-H", "--host", default=DEFAULT_HOST, help="server host")
-    client.add_argument("-n", "--nick", help="your nick (default: your login name)")
+    client.add_argument("-p", "--port", type=Number(1, 65535), default=d.port, help="server port")
+    client.add_argument("-H", "--host", default=d.host, help="server host")
+    client.add_argument("-n", "--nick", type=nick_option, help="your nick (default: your login name)")
     client.add_argument("--tls", action="store_true", help="connect with TLS")
-    client.add_argument("--cafile", metavar="FILE", help="with --tls: verify the server against this CA")
-    client.add_argument("--fingerprint", metavar="SHA256:...",
-                        help="with --tls: accept only a server certificate with this fingerprint")
+    client.add_argument("--cafile", metavar="FILE", help="verify the server against this CA (implies --tls)")
+    client.add_argument("--fingerprint", type=fingerprint_option, metavar="SHA256:...",
+                        help="accept only a server certificate with this SHA-256 fingerprint, as base64 or"
+                             " hex AB:CD:... (implies --tls)")
     client.add_argument("--known-hosts", metavar="FILE",
                         help="with --tls: where trusted fingerprints are kept"
                              " (default: ~/.config/chat.py/known_hosts)")
@@ -4750,41 +4978,64 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--json", action="store_true",
                         help="bot mode: print every frame as a JSON line; send JSON lines as frames"
                              " and other lines as messages")
-    client.add_argument("--reconnect", type=float, default=300.0, metavar="SECONDS",
-                        help="when the connection is lost, keep trying this long (0: exit at once)")
+    client.add_argument("--reconnect", type=Number(0, 86400, kind=float, unit=seconds), default=300.0,
+                        metavar="SECONDS", help="when the connection is lost, keep trying this long (0: exit at once)")
 
-    bench = commands.add_parser("bench", help="load-test a server", formatter_class=formatter,
+    bench = commands.add_parser("bench", help="load-test a server", formatter_class=HelpFormatter,
                                 description="Load-test a server (or one started for the test when"
                                             " neither -H nor -p is given).")
     bench.add_argument("-H", "--host", help="server host")
-    bench.add_argument("-p", "--port", type=int, help="server port")
-    bench.add_argument("-c", "--clients", type=int, default=100, help="clients connected")
-    bench.add_argument("-s", "--senders", type=int, default=10, help="how many of them send")
-    bench.add_argument("-n", "--messages", type=int, default=1000, help="lines per sender")
-    bench.add_argument("-b", "--bytes", type=int, default=64, help="length of each line")
-    bench.add_argument("-r", "--rate", type=float, default=0.0, help="lines per second in all (0: flat out)")
-    bench.add_argument("--timeout", type=float, default=10.0, help="give up after this long without a delivery")
+    bench.add_argument("-p", "--port", type=Number(1, 65535), help="server port")
+    bench.add_argument("-c", "--clients", type=Number(2, 100_000), default=100, metavar="N", help="clients connected")
+    bench.add_argument("-s", "--senders", type=Number(1, 100_000), default=10, metavar="N",
+                       help="how many of them send")
+    bench.add_argument("-n", "--messages", type=Number(1), default=1000, metavar="N", help="lines per sender")
+    bench.add_argument("-b", "--bytes", type=Number(30, TEXT_MAX), default=64, metavar="N",
+                       help="length of each line, in characters")
+    bench.add_argument("-r", "--rate", type=Number(0, kind=float), default=0.0, metavar="N",
+                       help="lines per second in all (0: flat out)")
+    bench.add_argument("--timeout", type=Number(0, kind=float, unit=seconds, above=True), default=10.0,
+                       metavar="SECONDS", help="give up after this long without a delivery")
 
     gencert = commands.add_parser("gencert", help="make a self-signed TLS certificate (needs openssl)",
-                                  formatter_class=formatter)
-    gencert.add_argument("--cert", default="chat-cert.pem", help="certificate file to write")
-    gencert.add_argument("--key", default="chat-key.pem", help="private key file to write")
+                                  formatter_class=HelpFormatter,
+                                  description="Make a self-signed TLS certificate and its private key with"
+                                              " openssl, for `server --tls-cert`. Clients then trust it on"
+                                              " first use, or by its fingerprint (printed here).")
+    gencert.add_argument("--cert", default="chat-cert.pem", metavar="FILE", help="certificate file to write")
+    gencert.add_argument("--key", default="chat-key.pem", metavar="FILE", help="private key file to write")
     gencert.add_argument("--name", default="localhost", help="the server's host name")
-    gencert.add_argument("--days", type=int, default=825, help="validity")
+    gencert.add_argument("--days", type=Number(1, 36500, unit="days"), default=825, metavar="DAYS",
+                         help="how long it is valid, in days")
     gencert.add_argument("--force", action="store_true", help="overwrite existing files")
+    parser.subcommands = {"server": server, "client": client, "bench": bench, "gencert": gencert}
     return parser
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What no single option's type can say: options that need or exclude each other."""
+    fail = parser.subcommands[args.command].error
+    if args.command == "server":
+        if args.idle_timeout <= args.ping_interval:
+            fail(f"--idle-timeout ({args.idle_timeout:g}) must be more than --ping-interval ({args.ping_interval:g})")
+        if args.tls_key and not args.tls_cert:
+            fail("--tls-key needs --tls-cert")
+        if args.redis and args.history_file:
+            fail("--history-file and --redis do not go together: with Redis, history is kept there")
+        if args.workers > 1 and not args.redis:
+            fail("--workers needs --redis: each worker is a server of its own, linked through Redis")
+    elif args.command == "client":
+        args.tls = args.tls or bool(args.cafile or args.fingerprint)
+    elif args.command == "bench" and args.senders > args.clients:
+        fail(f"--senders ({args.senders}) cannot be more than --clients ({args.clients})")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
     args.argv = argv
-    if args.command == "client":
-        try:
-            args.password = read_password(args.password_file)
-        except OSError as error:
-            print(f"cannot read the password file: {error.strerror}", file=sys.stderr)
-            return EXIT_USAGE
     runners = {"server": run_server, "client": run_client, "bench": run_bench, "gencert": run_gencert}
     return runners[args.command](args)
 

@@ -5,7 +5,10 @@ server on 127.0.0.1 port 0, in a thread or a subprocess, with real sockets
 and real client processes. Nothing waits by sleeping: every wait is for a
 condition (a frame, a line of output, an exit) with a timeout.
 """
+import fcntl
+import fnmatch
 import heapq
+import argparse
 import io
 import itertools
 import json
@@ -15,6 +18,7 @@ import queue
 import random
 import re
 import resource
+import select
 import signal
 import socket
 import ssl
@@ -22,6 +26,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import termios
 import threading
 import time
 import unittest
@@ -693,7 +698,7 @@ class Process:
 def server_process(*args, env=None):
     """A `chat.py server` subprocess on a free port; returns (process, port)."""
     server = Process("server", "-p", 0, *args, stdin=subprocess.DEVNULL, env=env)
-    port = int(server.wait_line(r"listening on \S+:(\d+)", "stderr")[1])
+    port = int(server.wait_line(r"listening on \S+:(\d+)")[1])
     return server, port
 
 
@@ -1164,12 +1169,13 @@ class ResourceLimitTest(unittest.TestCase):
         def few_fds():
             resource.setrlimit(resource.RLIMIT_NOFILE, (24, 24))
         server = subprocess.Popen([sys.executable, CHAT, "server", "-p", "0"], stdin=subprocess.DEVNULL,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                   preexec_fn=few_fds)
         self.addCleanup(server.stderr.close)
+        self.addCleanup(server.stdout.close)
         self.addCleanup(server.wait)
         self.addCleanup(server.kill)
-        port = int(re.search(r"listening on \S+:(\d+)", server.stderr.readline())[1])
+        port = int(re.search(r"listening on \S+:(\d+)", server.stdout.readline())[1])
         hogs = [socket.create_connection(("127.0.0.1", port)) for _ in range(30)]
         try:
             while "cannot accept" not in server.stderr.readline():
@@ -1188,10 +1194,12 @@ class ResourceLimitTest(unittest.TestCase):
         peers = []
 
         def joined():   # accepted again once the server has seen the hogs go
+            sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
             try:
-                peers.append(Peer(port, "after"))
+                peers.append(Peer(port, "after", sock=sock))
                 return True
             except (AssertionError, OSError):
+                sock.close()
                 return False
         wait_until(joined, what="a connection accepted again")
         self.assertEqual(peers[0].welcome["nick"], "after")
@@ -1419,7 +1427,7 @@ class TlsTest(unittest.TestCase):
     def test_the_server_prints_its_fingerprint(self):
         server, port = server_process("--tls-cert", self.files.cert, "--tls-key", self.files.key)
         try:
-            self.assertEqual(server.wait_line(r"fingerprint: (\S+)", "stderr")[1], self.files.fingerprint)
+            self.assertEqual(server.wait_line(r"fingerprint: (\S+)")[1], self.files.fingerprint)
         finally:
             server.kill()
 
@@ -1619,7 +1627,7 @@ class DurableHistoryTest(unittest.TestCase):
     def start(self):
         server = Process("server", "-p", self.port, "--history-file", self.path, stdin=subprocess.DEVNULL)
         self.addCleanup(server.kill)
-        server.wait_line("listening on", "stderr")
+        server.wait_line("listening on")
         return server
 
     def test_sigkill_and_restart_loses_nothing_and_resumes_clients(self):
@@ -1693,16 +1701,25 @@ class BotModeTest(ServerTestCase):
         with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
             f.write(code)
         self.addCleanup(os.unlink, f.name)
-        bot = subprocess.Popen([sys.executable, f.name, "-p", str(self.port)], cwd=HERE,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        alice = self.peer("alice")
+        alice.send({"type": "join", "room": "dev"})
+        bot = subprocess.Popen([sys.executable, f.name, "-p", str(self.port), "#dev"], cwd=HERE,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+        self.addCleanup(bot.stderr.close)
         self.addCleanup(bot.wait)
         self.addCleanup(bot.kill)
-        alice = self.peer("alice")
-        alice.expect("join", nick="timebot")
-        alice.send({"type": "msg", "text": "!time"})
+        alice.expect("join", nick="timebot", room="dev")
+        alice.send({"type": "msg", "text": "!time", "room": "dev"})
         answer = alice.expect("msg")
-        self.assertEqual(answer["from"], "timebot")
+        self.assertEqual((answer["from"], answer["room"]), ("timebot", "dev"))
         self.assertRegex(answer["text"], r"\d\d:\d\d:\d\d")
+        alice.send({"type": "msg", "text": "!time"})
+        self.assertEqual(alice.expect("msg")["room"], "lobby")
+        os.killpg(bot.pid, signal.SIGINT)      # Ctrl-C at its terminal: to the bot and its client
+        self.assertEqual(bot.wait(TIMEOUT), 0)
+        self.assertEqual(bot.stderr.read(), "", "no traceback")
+        self.assertEqual(alice.expect("leave", nick="timebot")["room"], "lobby")
 
 
 # ---------------------------------------------------------------------------
@@ -1958,8 +1975,8 @@ class ClusterTest(unittest.TestCase):
         for _ in range(2):
             server.wait_line(r"\[worker \d\].*linked through Redis as server", "stderr")
         server.proc.kill()      # SIGKILL: the supervisor cannot tell its workers
-        server.wait_line(r"\[worker \d\] shutting down: the supervisor process is gone", "stderr")
-        server.wait_line(r"\[worker \d\] shutting down: the supervisor process is gone", "stderr")
+        server.wait_line(r"\[worker \d\] shutting down \(the supervisor process is gone\)", "stderr")
+        server.wait_line(r"\[worker \d\] shutting down \(the supervisor process is gone\)", "stderr")
 
 
 class InternalErrorTest(HarnessTestCase):
@@ -2767,3 +2784,335 @@ class HistoryFileRulesTest(unittest.TestCase):
             self.addCleanup(again.chat.close)
             peer = again.connect("bob")
         self.assertEqual([line["text"][:8] for line in peer.welcome["history"]], [f"line {i}" for i in range(195, 200)])
+
+
+# ---------------------------------------------------------------------------
+# The first five minutes (issue 13): options, startup errors, help, console
+# ---------------------------------------------------------------------------
+
+def usage_error(*argv):
+    """What `chat.py ARGV` says for a usage error, run in this process: (exit code, stderr)."""
+    err = io.StringIO()
+    with unittest.mock.patch("sys.stderr", err), unittest.mock.patch("sys.stdout", io.StringIO()):
+        try:
+            parser = chat.build_parser()
+            chat.check_args(parser, parser.parse_args(list(argv)))
+        except SystemExit as exit_:
+            return exit_.code, err.getvalue()
+    return 0, err.getvalue()
+
+
+class OptionsTest(unittest.TestCase):
+    def test_every_bad_value_is_one_line_naming_the_option_and_its_range(self):
+        cases = [
+            (["server", "-p", "70000"], "-p/--port", "from 0 to 65535"),
+            (["server", "-p", "-1"], "-p/--port", "from 0 to 65535"),
+            (["client", "-p", "116781"], "-p/--port", "from 1 to 65535"),
+            (["client", "-p", "0"], "-p/--port", "from 1 to 65535"),
+            (["server", "-m", "0"], "--max-connections", "from 1"),
+            (["server", "-m", "-5"], "--max-connections", "from 1"),
+            (["server", "--history", "-1"], "--history", "from 0"),
+            (["server", "--history-bytes", "lots"], "--history-bytes", "size in bytes"),
+            (["client", "--reconnect", "-5"], "--reconnect", "seconds from 0"),
+            (["server", "--workers", "0"], "--workers", "from 1 to 256"),
+            (["server", "--flood-rate", "0"], "--flood-rate", "above 0"),
+            (["server", "--hello-timeout", "-1"], "--hello-timeout", "seconds above 0"),
+            (["server", "--ping-interval", "nan"], "--ping-interval", "seconds above 0"),
+            (["server", "--idle-timeout", "10", "--ping-interval", "30"], "--idle-timeout", "--ping-interval"),
+            (["server", "--max-buffer", "1"], "--max-buffer", "at least 16K"),
+            (["client", "-n", ""], "-n/--nick", "1-32 characters"),
+            (["client", "-n", "a b"], "-n/--nick", "only letters"),
+            (["client", "--fingerprint", "SHA256:nonsense"], "--fingerprint", "not a SHA-256 fingerprint"),
+            (["server", "--tls-key", "k.pem"], "--tls-key", "needs --tls-cert"),
+            (["server", "--workers", "2"], "--workers", "needs --redis"),
+            (["server", "--redis", "http://x"], "--redis", "redis://"),
+            (["server", "--redis", "redis://h", "--history-file", "f"], "--history-file", "--redis"),
+            (["gencert", "--days", "0"], "--days", "days from 1"),
+            (["bench", "-c", "2", "-s", "5"], "--senders", "--clients"),
+        ]
+        for argv, option, range_ in cases:
+            with self.subTest(argv):
+                code, err = usage_error(*argv)
+                self.assertEqual(code, 2)
+                self.assertEqual(len(err.strip().splitlines()), 1, err)
+                self.assertIn(option, err)
+                self.assertIn(range_, err)
+
+    def test_sizes_take_a_suffix(self):
+        parser = chat.build_parser()
+        self.assertEqual(parser.parse_args(["server", "--history-bytes", "64M"]).history_bytes, 64 << 20)
+        self.assertEqual(parser.parse_args(["server", "--max-buffer", "512k"]).max_buffer, 512 << 10)
+
+    def test_a_fingerprint_or_a_ca_file_implies_tls(self):
+        parser = chat.build_parser()
+        for extra in (["--cafile", "ca.pem"], ["--fingerprint", "SHA256:" + "A" * 43]):
+            args = parser.parse_args(["client", *extra])
+            chat.check_args(parser, args)
+            self.assertTrue(args.tls)
+
+    def test_fingerprints_in_every_form_people_have(self):
+        canonical = chat.fingerprint(TEST_CERT.encode())       # any 32-byte digest will do
+        hexed = chat.fingerprint_forms(canonical)[1]
+        b64 = canonical[len("SHA256:"):]
+        for form in (canonical, b64, b64 + "=", "sha256:" + b64, hexed, hexed.lower(), hexed.replace(":", ""),
+                     "SHA256 Fingerprint=" + hexed, " " + hexed + " "):
+            with self.subTest(form):
+                self.assertEqual(chat.fingerprint_option(form), canonical)
+        for bad in ("", "SHA256:", b64[:-2], hexed[:-3], "MD5:" + hexed, "zz" * 32):
+            with self.subTest(bad):
+                with self.assertRaises(argparse.ArgumentTypeError):
+                    chat.fingerprint_option(bad)
+
+    def test_help_states_each_real_default_once(self):
+        parser = chat.build_parser()
+        for name, sub in parser.subcommands.items():
+            with self.subTest(name):
+                text = sub.format_help()
+                self.assertNotIn("(default: None)", text)
+                self.assertNotIn("(default: False)", text)
+                self.assertNotRegex(text, r"default:[^)]*\)\s*\(default:", "one default per option")
+                self.assertNotRegex(text, r"default: \d+\.0\)", "floats as 100, not 100.0")
+                self.assertTrue(sub.description)
+        server = parser.subcommands["server"].format_help()
+        self.assertIn("(default: 50000)", server)
+        self.assertIn("(default: 127.0.0.1)", server)
+        self.assertIn("(default: 1M)", server)
+        self.assertIn("in days (default: 825)", parser.subcommands["gencert"].format_help())
+
+    def test_the_gitignore_keeps_private_keys_out_of_commits(self):
+        with open(os.path.join(HERE, ".gitignore")) as f:
+            patterns = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+        for name in ("chat-key.pem", "chat-cert.pem", "server-key.pem"):
+            self.assertTrue(any(fnmatch.fnmatch(name, pattern) for pattern in patterns), name)
+
+
+def run_chat(*args, env=None):
+    """`chat.py ARGS` to its end: (exit code, stdout, stderr)."""
+    result = subprocess.run([sys.executable, CHAT, *map(str, args)], capture_output=True, text=True,
+                            timeout=TIMEOUT, stdin=subprocess.DEVNULL, env=dict(os.environ, **(env or {})))
+    return result.returncode, result.stdout, result.stderr
+
+
+class StartupErrorTest(unittest.TestCase):
+    def setUp(self):
+        tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(tmp.cleanup)
+        self.dir = tmp.name
+        self.cert = os.path.join(self.dir, "cert.pem")
+        with open(self.cert, "w") as f:
+            f.write(TEST_CERT)
+
+    def assert_one_line(self, args, *expected):
+        code, _, err = run_chat(*args)
+        self.assertEqual(code, 1, err)
+        self.assertNotIn("Traceback", err)
+        self.assertEqual(len(err.strip().splitlines()), 1, err)
+        for fragment in expected:
+            self.assertIn(fragment, err)
+
+    def test_each_bad_file_or_host_is_one_line_naming_it(self):
+        missing = os.path.join(self.dir, "missing.pem")
+        cases = [
+            (["server", "-p", 0, "--tls-cert", missing], missing, "TLS certificate", "No such file"),
+            (["server", "-p", 0, "--tls-cert", self.cert], self.cert, "holds no private key", "--tls-key"),
+            (["server", "-p", 0, "--history-file", os.path.join(self.dir, "nodir", "h.jsonl")],
+             os.path.join(self.dir, "nodir"), "does not exist"),
+            (["server", "-p", 0, "-H", "nosuch.invalid"], "nosuch.invalid", "no such host"),
+            (["server", "-p", 0, "--password-file", missing], missing, "password file"),
+            (["client", "-p", 1, "--password-file", missing], missing, "password file"),
+            (["client", "-p", 1, "--tls", "--cafile", missing], missing, "CA file"),
+            (["client", "-p", 1, "--cafile", missing], missing, "CA file"),
+        ]
+        for args, *expected in cases:
+            with self.subTest(args):
+                self.assert_one_line(args, *expected)
+
+    def test_a_file_that_is_not_a_history_is_left_as_it_is_and_nothing_listens(self):
+        notes = os.path.join(self.dir, "notes.txt")
+        with open(notes, "w") as f:
+            f.write("my notes\nbuy milk\n")
+        port = free_port()
+        self.assert_one_line(["server", "-p", port, "--history-file", notes], notes, "not a chat.py history")
+        with open(notes) as f:
+            self.assertEqual(f.read(), "my notes\nbuy milk\n")
+        self.assertFalse(os.path.exists(notes + ".tmp"))
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))     # nothing was ever bound there
+
+    def test_an_empty_history_file_is_made_a_history(self):
+        path = os.path.join(self.dir, "empty.jsonl")
+        open(path, "w").close()
+        server, _ = server_process("--history-file", path)
+        server.kill()
+        with open(path) as f:
+            self.assertIn('"format":1', f.readline())
+
+
+class ServerStartTest(unittest.TestCase):
+    def test_quiet_still_says_where_it_listens_and_logs_keep_one_format(self):
+        server = Process("server", "-p", 0, "-q", stdin=subprocess.DEVNULL)
+        self.addCleanup(server.kill)
+        port = int(server.wait_line(r"listening on 127\.0\.0\.1:(\d+)")[1])
+        self.assertGreater(port, 0)
+        server.proc.send_signal(signal.SIGINT)
+        self.assertEqual(server.wait(), 0)
+        self.assertEqual(server.err_lines, [], "-q: no info lines")
+        loud = Process("server", "-p", 0, stdin=subprocess.DEVNULL)
+        self.addCleanup(loud.kill)
+        loud.wait_line("listening on")
+        Peer(int(re.search(r":(\d+) ", loud.out_lines[0])[1]), "alice").close()
+        loud.wait_line("alice.*left", "stderr")
+        loud.proc.send_signal(signal.SIGINT)
+        self.assertEqual(loud.wait(), 0)
+        for line in loud.err_lines:
+            self.assertRegex(line, r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ")
+        self.assertIn("shutting down (Ctrl-C)", "\n".join(loud.err_lines))
+        self.assertNotIn("shutting down: server shutting down", "\n".join(loud.err_lines))
+
+
+class Terminal:
+    """chat.py on a real pseudo-terminal (its controlling terminal, so Ctrl-C
+    is a signal): keystrokes in, the bytes it draws out."""
+
+    def __init__(self, test, *args, rows=24, columns=80, env=None):
+        master, slave = os.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+
+        def own_terminal():
+            os.setsid()
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+        self.proc = subprocess.Popen([sys.executable, CHAT, *map(str, args)], stdin=slave, stdout=slave,
+                                     stderr=slave, preexec_fn=own_terminal, close_fds=True,
+                                     env=dict(os.environ, TERM="xterm", COLUMNS=str(columns), LINES=str(rows),
+                                              **(env or {})))
+        os.close(slave)
+        self.master, self.output, self.mark = master, b"", 0
+        test.addCleanup(self.close)
+
+    def type(self, keys):
+        os.write(self.master, keys.encode() if isinstance(keys, str) else keys)
+
+    def read(self, timeout):
+        readable, _, _ = select.select([self.master], [], [], timeout)
+        if not readable:
+            return False
+        try:
+            data = os.read(self.master, 65536)
+        except OSError:     # the other side is closed: the process ended
+            data = b""
+        self.output += data
+        return bool(data)
+
+    def expect(self, pattern, timeout=TIMEOUT):
+        """Wait for `pattern` (a regex) in what was drawn since the last expect()."""
+        deadline = time.monotonic() + timeout
+        while True:
+            match = re.search(pattern, self.output[self.mark:].decode("utf-8", "replace"))
+            if match:
+                self.mark += len(self.output[self.mark:].decode("utf-8", "replace")[:match.end()].encode())
+                return match
+            if time.monotonic() > deadline or not self.read(deadline - time.monotonic()):
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise AssertionError(f"{pattern!r} was not drawn; the screen got "
+                                         f"{self.output[self.mark:].decode('utf-8', 'replace')!r}")
+
+    def wait(self, timeout=TIMEOUT):
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            self.read(0.05)     # keep the terminal drained, or the process blocks writing to it
+        return self.proc.wait(max(0.0, deadline - time.monotonic()))
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        os.close(self.master)
+
+
+class OperatorTerminalTest(unittest.TestCase):
+    def test_the_console_prompts_hints_confirms_and_says_what_ctrl_d_does(self):
+        terminal = Terminal(self, "server", "-p", 0)
+        port = int(terminal.expect(r"listening on 127\.0\.0\.1:(\d+)")[1])
+        terminal.expect("server> ")
+        alice = Peer(port, "alice")
+        self.addCleanup(alice.close)
+        terminal.type("hello everyone\r")
+        terminal.expect("commands start with /: /say TEXT tells everyone")
+        terminal.expect("server> ")
+        terminal.type("/say maintenance at noon\r")
+        terminal.expect("said to 1 user here: maintenance at noon")
+        terminal.expect("server> ")
+        self.assertEqual(alice.expect("notice", text="maintenance at noon")["type"], "notice")
+        terminal.type("who\r")
+        terminal.expect(r"#lobby \(1\): alice")
+        terminal.expect("server> ")     # typed at the prompt, as a person would
+        terminal.type("\x04")
+        terminal.expect("the operator console is closed; the server goes on")
+        alice.send({"type": "ping"})
+        alice.expect("pong")
+        terminal.type("\x03")
+        self.assertEqual(terminal.wait(), 0)
+
+
+class PromptCancelTest(ServerTestCase):
+    config = {"password": "s3cret"}
+
+    def test_ctrl_c_at_the_password_prompt_cancels(self):
+        terminal = Terminal(self, "client", "-p", self.port, "-n", "alice")
+        terminal.expect("password for 127.0.0.1:")
+        terminal.type("\x03")
+        self.assertEqual(terminal.wait(), 1)
+        terminal.expect("cancelled")
+
+
+class ReadmeTest(unittest.TestCase):
+    """The README stands alone and says what the program does."""
+
+    def setUp(self):
+        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+            self.readme = f.read()
+
+    def test_no_link_leads_out_of_the_repository(self):
+        for target in re.findall(r"\]\(([^)]+)\)", self.readme):
+            with self.subTest(target):
+                if target.startswith("#"):
+                    anchors = {re.sub(r"[^\w\- ]", "", heading).strip().lower().replace(" ", "-")
+                               for heading in re.findall(r"^#+ (.*)$", self.readme, re.M)}
+                    self.assertIn(target[1:], anchors)
+                else:
+                    self.assertFalse(re.match(r"\w+://|\.\./|/", target), "outside the repository")
+                    self.assertTrue(os.path.exists(os.path.join(HERE, target)))
+
+    def test_every_frame_type_both_ways_is_in_the_protocol(self):
+        protocol = self.readme[self.readme.index("## Protocol"):self.readme.index("## Exit codes")]
+        server = Harness()
+        client_sends = set(server.chat.handlers) | set(server.chat.before_hello)
+        server_sends = {"welcome", "msg", "join", "leave", "nick", "who", "joined", "parted", "rooms", "notice",
+                        "error", "ping", "pong", "bye"}
+        self.assertEqual(set(chat._RENDERERS) - server_sends, set(), "the client renders no other type")
+        for kind in client_sends | server_sends:
+            with self.subTest(kind):
+                self.assertIn(f"| `{kind}`", protocol)
+        with open(CHAT, encoding="utf-8") as f:
+            codes = set(re.findall(r'ProtocolError\(\s*"([a-z-]+)"', f.read()))
+        for code in codes:
+            with self.subTest(code):
+                self.assertIn(f"| `{code}` |", protocol)
+        self.assertIn('"protocol": 2', protocol)
+        self.assertEqual(chat.PROTOCOL, 2)
+
+    def test_the_command_reference_is_the_help(self):
+        reference = self.readme[self.readme.index("<!-- help -->"):self.readme.index("<!-- /help -->")]
+        parser = chat.build_parser()
+        for name, sub in parser.subcommands.items():
+            block = reference[reference.index(f"$ python3 chat.py {name} --help"):]
+            block = block[:block.index("```")]
+            for action in sub._actions:
+                if action.help == argparse.SUPPRESS:
+                    continue
+                with self.subTest(f"{name} {action.option_strings}"):
+                    self.assertIn(action.option_strings[-1], block)
+                    help_text = chat.HelpFormatter("x")._get_help_string(action)
+                    default = re.search(r"\(default: [^)]*\)$", help_text)
+                    if default:
+                        self.assertIn(default[0], " ".join(block.split()))
