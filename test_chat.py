@@ -1385,6 +1385,14 @@ class TlsTest(unittest.TestCase):
         self.assertEqual(chat.read_known_hosts(self.files.known_hosts),
                          {f"127.0.0.1:{self.port}": self.files.fingerprint})
 
+    def test_ctrl_c_at_the_certificate_question_cancels(self):
+        terminal = Terminal(self, "client", "-p", self.port, "--tls", "--known-hosts", self.files.known_hosts)
+        terminal.expect(r"Trust it and remember it\? \[y/N\]")
+        terminal.type("\x03")
+        self.assertEqual(terminal.wait(), 1)
+        terminal.expect("cancelled")
+        self.assertFalse(os.path.exists(self.files.known_hosts))
+
     def test_a_ca_file_verifies_normally(self):
         good = self.client("-H", "localhost", "-n", "bob", "--cafile", self.files.cert)
         good.wait_line("CONNECTED", "stderr")
@@ -1427,7 +1435,9 @@ class TlsTest(unittest.TestCase):
     def test_the_server_prints_its_fingerprint(self):
         server, port = server_process("--tls-cert", self.files.cert, "--tls-key", self.files.key)
         try:
-            self.assertEqual(server.wait_line(r"fingerprint: (\S+)")[1], self.files.fingerprint)
+            line = server.wait_line(r"fingerprint: (\S+) or ((?:[0-9A-F]{2}:){31}[0-9A-F]{2})$")
+            self.assertEqual(line[1], self.files.fingerprint)
+            self.assertEqual(chat.fingerprint_option(line[2]), self.files.fingerprint, "the same, as hex")
         finally:
             server.kill()
 
