@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import base64
 import bisect
+import codecs
 import collections
 import dataclasses
 import errno
@@ -1756,7 +1757,7 @@ class Chat:
                 "type": "notice", "text": "the link to the other servers is down; for now you are"
                                           " talking with the people on this server only"}))
         for room in rooms:
-            self._announce_join(conn, room)
+            self._announce_join(conn, room, resumed=missed is not None)
         self.io.call_later(self.config.ping_interval, self._keepalive, conn)
 
     def enter(self, conn: Conn, room: Room) -> None:
@@ -1765,12 +1766,12 @@ class Chat:
         self.rooms.occupied(room)
         self.out.arrive(conn, room)
 
-    def _announce_join(self, conn: Conn, room: Room) -> None:
-        if room.count() == 1:   # a newcomer has nothing pending: no flush needed
-            self.out.queue(conn, self.out.encode({
-                "type": "notice", "room": room.name,
-                "text": f"you are alone in #{room.name}; the last {self.config.history} lines"
-                        " said here are shown to whoever joins later"}))
+    def _announce_join(self, conn: Conn, room: Room, resumed: bool = False) -> None:
+        if room.count() == 1 and not resumed:   # a newcomer has nothing pending: no flush needed
+            kept = (f"the last {plural(self.config.history, 'line')} said here are shown to whoever joins"
+                    " later" if self.config.history else "nothing said here is kept for whoever joins later")
+            self.out.queue(conn, self.out.encode({"type": "notice", "room": room.name,
+                                                  "text": f"you are alone in #{room.name}; {kept}"}))
         # Announced even when this server sees nobody else: in a cluster its
         # view of the other servers' members may be a moment behind.
         self._event(room, {"type": "join", "nick": conn.nick, "users": room.count(), "room": room.name},
@@ -1956,7 +1957,7 @@ class Chat:
 
     def announce(self, text: str) -> None:
         """A notice from the operator to everyone (on every server)."""
-        notice = {"type": "notice", "text": clean_text(text)}
+        notice = {"type": "notice", "text": clean_text(text), "by": "operator"}
         self.out.send_each(self.users.values(), notice)
         self.relay.event(None, notice)
 
@@ -3205,91 +3206,359 @@ class Cluster:
 # 7. The terminal, shared by the client and the server's operator console
 # ---------------------------------------------------------------------------
 
+# Keys as terminals send them. Windows' console sends other codes; the
+# reader there translates them to these (see Console._windows_keys).
+_KEYS = {
+    "\x1b[A": "up", "\x1bOA": "up", "\x1b[B": "down", "\x1bOB": "down", "\x1b[C": "right", "\x1bOC": "right",
+    "\x1b[D": "left", "\x1bOD": "left", "\x1b[H": "home", "\x1bOH": "home", "\x1b[1~": "home", "\x1b[7~": "home",
+    "\x1b[F": "end", "\x1bOF": "end", "\x1b[4~": "end", "\x1b[8~": "end", "\x1b[3~": "delete",
+    "\x1b[1;5C": "word-right", "\x1b[1;5D": "word-left", "\x1bf": "word-right", "\x1bb": "word-left",
+    "\x1b[200~": "paste-start", "\x1b[201~": "paste-end",
+    "\x01": "home", "\x05": "end", "\x02": "left", "\x06": "right", "\x10": "up", "\x0e": "down",
+    "\x08": "backspace", "\x7f": "backspace", "\x04": "delete-or-eof", "\x0b": "kill-end",
+    "\x15": "kill-start", "\x17": "kill-word", "\x19": "yank", "\x0c": "clear", "\t": "tab",
+    "\r": "enter", "\n": "enter",
+}
+_SEQUENCE = re.compile(r"\x1b(\[[0-9;]*[@-~]|O.|[^\[O])")      # an escape sequence, whole
+_SEQUENCE_START = re.compile(r"\x1b(\[[0-9;]*|O)?")              # the start of one, not yet whole
+
+
+class LineEditor:
+    """The line being typed, and how it is drawn below what is printed.
+
+    A small editor with the keys people use (arrows, Home/End, Ctrl-A/E/K/U/
+    W/Y, Backspace, Delete, history on Up/Down, Tab completion, Ctrl-L,
+    bracketed paste), the same on every terminal and on Windows. It always
+    knows where its cursor is and how many rows its line takes, so a line
+    printed above it (print()) can erase the input exactly, print, and draw
+    it again with the cursor where it was. It is pure: keys go in (feed()),
+    lines come out, and every method returns the text to write to the
+    terminal; Console does the writing."""
+
+    def __init__(self, prompt: str = "", columns: Callable[[], int] = lambda: 80,
+                 complete: Optional[Callable[[str, int], Tuple[List[str], int]]] = None):
+        self.prompt = prompt        # as printed (it may hold colour codes)
+        self.columns = columns
+        self.complete = complete    # (line, point) -> (candidates, where the word being completed starts)
+        self.buffer, self.point = "", 0
+        self.history: List[str] = []
+        self.browsing: Optional[int] = None     # where in the history Up/Down are
+        self.draft = ""             # what was typed before browsing the history
+        self.killed = ""            # what Ctrl-K/U/W took, for Ctrl-Y
+        self.pending = ""           # an escape sequence not yet complete
+        self.pasting = False
+        self.tabbed = False         # the last key was Tab: another lists the candidates
+        self.cursor_row = 0         # the row of the cursor within the drawn input, counted from its first
+        self.drawn = False
+
+    # -- keys ----------------------------------------------------------------
+
+    def feed(self, text: str) -> Tuple[List[Optional[str]], str]:
+        """Typed keys in: (the lines entered, None for end of input (Ctrl-D
+        on an empty line); what to write to the terminal)."""
+        lines: List[Optional[str]] = []
+        out = []
+        text, self.pending = self.pending + text, ""
+        i = 0
+        while i < len(text):
+            key, size = self._next_key(text, i)
+            if key is None:         # an escape sequence cut short: wait for the rest
+                self.pending = text[i:]
+                break
+            i += size
+            out.append(self._key(key, lines))
+        return lines, "".join(out)
+
+    @staticmethod
+    def _next_key(text: str, i: int) -> Tuple[Optional[str], int]:
+        """The key at text[i] and its length; (None, 0) for an escape sequence cut short."""
+        if text[i] != "\x1b":
+            return text[i], 1
+        rest = text[i:]
+        for length in (6, 5, 4, 3, 2):      # the longest known sequence first
+            if rest[:length] in _KEYS:
+                return rest[:length], length
+        match = _SEQUENCE.match(rest)
+        if match:
+            return match.group(), match.end()   # an unknown key: ignored whole
+        if _SEQUENCE_START.fullmatch(rest):
+            return None, 0
+        return "\x1b", 1
+
+    def _key(self, key: str, lines: List[Optional[str]]) -> str:
+        if self.pasting and key not in ("\x1b[201~",):
+            return self._insert("\n" if key in ("\r", "\n") else key if len(key) == 1 else "")
+        action = _KEYS.get(key)
+        tabbed, self.tabbed = self.tabbed, False
+        if action is None:
+            return self._insert(key) if len(key) == 1 and key >= " " else ""
+        if action == "enter":
+            lines.append(self.buffer)
+            if self.buffer.strip() and (not self.history or self.history[-1] != self.buffer):
+                self.history.append(self.buffer)
+            self.buffer, self.point, self.browsing = "", 0, None
+            return self.erase() + self.draw()
+        if action == "delete-or-eof":
+            if not self.buffer:
+                lines.append(None)
+                return ""
+            action = "delete"
+        if action == "tab":
+            return self._complete(listing=tabbed)
+        if action == "clear":
+            self.drawn = False
+            return "\x1b[H\x1b[2J" + self.draw()
+        if action in ("paste-start", "paste-end"):
+            self.pasting = action == "paste-start"
+            return ""
+        return self._edit(action)
+
+    def _edit(self, action: str) -> str:
+        buffer, point = self.buffer, self.point
+        if action == "left":
+            point = max(0, point - 1)
+        elif action == "right":
+            point = min(len(buffer), point + 1)
+        elif action == "home":
+            point = 0
+        elif action == "end":
+            point = len(buffer)
+        elif action == "word-left":
+            point = len(buffer[:point].rstrip().rpartition(" ")[0] + " ") if " " in buffer[:point].rstrip() else 0
+        elif action == "word-right":
+            rest = buffer[point:]
+            point += len(rest) - len(rest.lstrip()) + len(rest.lstrip().partition(" ")[0])
+        elif action == "backspace" and point:
+            buffer, point = buffer[:point - 1] + buffer[point:], point - 1
+        elif action == "delete":
+            buffer = buffer[:point] + buffer[point + 1:]
+        elif action == "kill-end":
+            buffer, self.killed = buffer[:point], buffer[point:]
+        elif action == "kill-start":
+            buffer, point, self.killed = buffer[point:], 0, buffer[:point]
+        elif action == "kill-word":
+            start = len(buffer[:point].rstrip().rpartition(" ")[0] + " ") if " " in buffer[:point].rstrip() else 0
+            buffer, point, self.killed = buffer[:start] + buffer[point:], start, buffer[start:point]
+        elif action == "yank":
+            buffer, point = buffer[:point] + self.killed + buffer[point:], point + len(self.killed)
+        elif action in ("up", "down"):
+            return self._browse(-1 if action == "up" else 1)
+        return self._set(buffer, point)
+
+    def _insert(self, text: str) -> str:
+        text = text.replace("\t", " ")
+        return self._set(self.buffer[:self.point] + text + self.buffer[self.point:], self.point + len(text))
+
+    def _browse(self, step: int) -> str:
+        if not self.history:
+            return ""
+        if self.browsing is None:
+            if step > 0:
+                return ""
+            self.browsing, self.draft = len(self.history), self.buffer
+        self.browsing = max(0, min(len(self.history), self.browsing + step))
+        line = self.history[self.browsing] if self.browsing < len(self.history) else self.draft
+        return self._set(line, len(line))
+
+    def _complete(self, listing: bool) -> str:
+        if self.complete is None:
+            return ""
+        candidates, start = self.complete(self.buffer, self.point)
+        if len(candidates) == 1:
+            word = candidates[0]
+            return self._set(self.buffer[:start] + word + self.buffer[self.point:], start + len(word))
+        if not candidates:
+            return "\x07"
+        common = os.path.commonprefix(candidates)
+        if len(common) > self.point - start:
+            return self._set(self.buffer[:start] + common + self.buffer[self.point:], start + len(common))
+        self.tabbed = True
+        if listing:     # a second Tab shows what there is to choose from
+            return self.print("  ".join(candidate.strip() for candidate in candidates))
+        return "\x07"
+
+    def _set(self, buffer: str, point: int) -> str:
+        if (buffer, point) == (self.buffer, self.point):
+            return ""
+        self.buffer, self.point = buffer, point
+        return self.erase() + self.draw()
+
+    # -- drawing -------------------------------------------------------------
+
+    def set_prompt(self, prompt: str) -> str:
+        if prompt == self.prompt:
+            return ""
+        self.prompt = prompt
+        return self.erase() + self.draw() if self.drawn else ""
+
+    def resized(self) -> str:
+        """The terminal changed width and reflowed the line: where the cursor is now, then draw it again."""
+        if self.drawn:
+            self.cursor_row = _position(_plain(self.prompt) + _editable(self.buffer[:self.point]),
+                                        max(self.columns(), 2))[0]
+        return self.erase() + self.draw()
+
+    def print(self, text: str) -> str:
+        """What writes `text` (one or more lines) above the input line, which stays as it was."""
+        return self.erase() + text + "\n" + self.draw()
+
+    def erase(self) -> str:
+        """What moves the cursor to the start of the drawn input and clears from there on."""
+        if not self.drawn:
+            return ""
+        self.drawn = False
+        return (f"\x1b[{self.cursor_row}A" if self.cursor_row else "") + "\r\x1b[J"
+
+    def draw(self) -> str:
+        """What draws the prompt and the line, leaving the cursor at the point."""
+        columns = max(self.columns(), 2)
+        shown = _editable(self.buffer)
+        before = _plain(self.prompt) + _editable(self.buffer[:self.point])
+        end_row, end_column = _position(_plain(self.prompt) + shown, columns)
+        row, column = _position(before, columns)
+        out = self.prompt + shown
+        if end_column == 0 and end_row:     # the terminal waits at the last column: go to the next row
+            out += "\r\n"
+        if end_row > row:
+            out += f"\x1b[{end_row - row}A"
+        out += "\r" + (f"\x1b[{column}C" if column else "")
+        self.cursor_row, self.drawn = row, True
+        return out
+
+
+def _editable(text: str) -> str:
+    """The line being typed as it is drawn: a pasted newline as ⏎, other controls escaped."""
+    return printable(text.replace("\n", "\u23ce"))
+
+
+def _position(text: str, columns: int) -> Tuple[int, int]:
+    """(row, column) where the cursor is after `text` is written from column
+    0 of a terminal `columns` wide: a wide character that does not fit goes to
+    the next row whole."""
+    row = column = 0
+    for ch in text:
+        width = display_width(ch)
+        if column + width > columns:
+            row, column = row + 1, 0
+        column += width
+        if column == columns:
+            row, column = row + 1, 0
+    return row, column
+
+
+def _plain(text: str) -> str:
+    """`text` without colour codes."""
+    return re.sub("\x1b\\[[0-9;]*m", "", text)
+
+
 class Console:
     """Lines in from the keyboard (or a pipe), lines out to the screen.
 
     A thread reads stdin and wakes the owner's select() through a socket
     pair: select() cannot watch a Windows console, and this way one loop
-    serves sockets and keyboard everywhere. On a terminal, input() gives
-    readline's editing and history; show() prints above the line being typed
-    and redraws it, so incoming lines never corrupt it."""
+    serves sockets and keyboard everywhere. On a terminal that can move its
+    cursor, the keys go to a LineEditor in the owner's thread, which alone
+    draws: show() prints above the line being typed and draws it again,
+    unchanged, cursor and all. On a pipe, or a terminal that cannot move its
+    cursor (TERM=dumb), lines are read whole and printed plainly."""
 
     QUEUE_LINES = 1000      # a pipe faster than the network waits here (backpressure)
 
-    def __init__(self, interactive: bool, prompt: str = ""):
+    def __init__(self, interactive: bool, prompt: str = "", editing: bool = True):
         self.interactive = interactive
-        self.lines: queue.Queue = queue.Queue(self.QUEUE_LINES)
+        self.editing = interactive and editing
+        self.editor = LineEditor(prompt, self.columns)
+        self.lines: queue.Queue = queue.Queue(self.QUEUE_LINES)     # lines, or keys when editing
         self.wake_r, self.wake_w = socket.socketpair()
         self.wake_r.setblocking(False)
-        self.prompt = prompt
         self._lock = threading.Lock()
-        self._reading = False       # input() is showing the prompt
-        self._drawing = False       # input() was called; its prompt may not be on screen yet
-        self._prompt_lost = False   # show() cleared a prompt readline believes is drawn
-        self._hooked = False        # readline tells us when its prompt is drawn
-        self._echo = ""             # a line just entered, still on screen as typed
-        self._may_prompt = threading.Event()
-        self._may_prompt.set()
         self._saved_tty = None
-        self._readline = None
-        if interactive:
-            try:
-                import readline     # editing and history for input(), where available
-                self._readline = readline
-                if hasattr(readline, "set_pre_input_hook"):
-                    readline.set_pre_input_hook(self._prompt_drawn)
-                    self._hooked = True
-            except ImportError:
-                pass
-            try:
-                import termios
-                self._saved_tty = termios.tcgetattr(sys.stdin.fileno())
-            except (ImportError, OSError):
-                pass
+        self._entered: collections.deque = collections.deque()    # lines the editor gave, not yet taken
+
+    @property
+    def prompt(self) -> str:
+        return self.editor.prompt
+
+    @prompt.setter
+    def prompt(self, prompt: str) -> None:
+        with self._lock:
+            self._write(self.editor.set_prompt(prompt))
 
     def start(self) -> None:
-        threading.Thread(target=self._read_forever, name="stdin", daemon=True).start()
+        """Begin reading: raw keys on a terminal that can edit, else whole lines."""
+        if self.editing:
+            self._raw_mode()
+            self._write("\x1b[?2004h" + self.editor.draw())     # bracketed paste on, then the prompt
+            if hasattr(signal, "SIGWINCH") and threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGWINCH, lambda *_: self._wake(b"w"))
+        reader = self._keys if self.editing else self._piped_lines
+        threading.Thread(target=self._read_forever, args=(reader(),), name="stdin", daemon=True).start()
 
-    def _read_forever(self) -> None:
-        lines = self._typed_lines() if self.interactive else self._piped_lines()
-        for line in lines:
-            self.lines.put(line)
-            try:
-                self.wake_w.send(b"\0")
-            except OSError:
-                return      # the console was closed
-            if line is None:
+    def _read_forever(self, source) -> None:
+        for item in source:
+            self.lines.put(item)
+            if not self._wake(b"\0") or item is None:
                 return
 
-    def _typed_lines(self):
-        while True:
-            self._may_prompt.wait()
-            self._may_prompt.clear()
-            with self._lock:
-                # Without readline's pre-input hook we cannot know when the
-                # prompt appears; assume at once (a rare doubled prompt).
-                if self._hooked:
-                    self._drawing = True
-                else:
-                    self._reading = True
-            try:
-                line = input(self.prompt)
-            except (EOFError, OSError):
-                line = None
-            with self._lock:
-                self._reading = self._drawing = False
-                self._echo = "" if line is None else _plain(self.prompt) + line
-            yield line
+    def _wake(self, byte: bytes) -> bool:
+        try:
+            self.wake_w.send(byte)
+            return True
+        except OSError:
+            return False    # the console was closed
 
-    def _prompt_drawn(self) -> None:
-        """readline's pre-input hook: the prompt is on screen now."""
-        with self._lock:
-            if self._prompt_lost:
-                sys.stdout.write(f"\r\x1b[K{_bare(self.prompt)}")
-                sys.stdout.flush()
-                self._prompt_lost = False
-            self._drawing = False
-            self._reading = True
+    def _raw_mode(self) -> None:
+        """Keys one by one, not echoed; Ctrl-C still interrupts."""
+        try:
+            import termios
+            fd = sys.stdin.fileno()
+            self._saved_tty = termios.tcgetattr(fd)
+            mode = termios.tcgetattr(fd)
+            mode[0] &= ~(termios.IXON | termios.ICRNL)       # Ctrl-S/Q are keys; Enter arrives as \r
+            mode[3] &= ~(termios.ICANON | termios.ECHO | termios.IEXTEN)
+            mode[6][termios.VMIN], mode[6][termios.VTIME] = 1, 0
+            termios.tcsetattr(fd, termios.TCSADRAIN, mode)
+        except (ImportError, OSError):
+            self._enable_windows_ansi()
+
+    @staticmethod
+    def _enable_windows_ansi() -> None:
+        """Windows 10 and later draw ANSI escapes once the console is asked to."""
+        if os.name == "nt":
+            os.system("")
+
+    @staticmethod
+    def _keys():
+        """Typed keys, as text, as they come (on Windows, as terminals send them)."""
+        if os.name == "nt":
+            yield from Console._windows_keys(__import__("msvcrt"))
+            return
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        while True:
+            try:
+                chunk = os.read(sys.stdin.fileno(), 4096)
+            except OSError:
+                chunk = b""
+            if not chunk:
+                yield None
+                return
+            yield decoder.decode(chunk)
+
+    @staticmethod
+    def _windows_keys(msvcrt):
+        """msvcrt's keys, translated: arrows and the like come as a \\x00 or
+        \\xe0 prefix and a code; Ctrl-Z then Enter is the end of input."""
+        codes = {"H": "\x1b[A", "P": "\x1b[B", "M": "\x1b[C", "K": "\x1b[D", "G": "\x1b[H", "O": "\x1b[F",
+                 "S": "\x1b[3~", "t": "\x1b[1;5C", "s": "\x1b[1;5D"}
+        while True:
+            key = msvcrt.getwch()
+            if key in ("\x00", "\xe0"):
+                yield codes.get(msvcrt.getwch(), "")
+            elif key == "\x1a":     # Ctrl-Z
+                yield None
+                return
+            elif key != "\x03":    # Ctrl-C reaches the main thread as KeyboardInterrupt by itself
+                yield key
 
     @staticmethod
     def _piped_lines():
@@ -3311,83 +3580,60 @@ class Console:
                 yield raw.decode("utf-8", "replace").rstrip("\r")
 
     def take_line(self) -> Tuple[bool, Optional[str]]:
-        """(True, line) for the next line typed, (True, None) at end of input,
-        (False, None) when nothing is waiting."""
+        """(True, line) for the next line entered, (True, None) at end of
+        input, (False, None) when nothing is waiting. Keys typed meanwhile
+        are edited and drawn here, in the caller's thread."""
         try:
-            self.wake_r.recv(1)
+            woken = self.wake_r.recv(4096)
         except OSError:
-            pass
-        try:
-            return True, self.lines.get_nowait()
-        except queue.Empty:
-            return False, None
+            woken = b""
+        if b"w" in woken and self.editor.drawn:     # the terminal was resized
+            with self._lock:
+                self._write(self.editor.resized())
+        while not self._entered:
+            try:
+                item = self.lines.get_nowait()
+            except queue.Empty:
+                return False, None
+            if not self.editing or item is None:
+                return True, item
+            with self._lock:
+                lines, out = self.editor.feed(item)
+                self._write(out)
+            self._entered.extend(lines)
+        return True, self._entered.popleft()
 
     def columns(self) -> int:
         """Where lines wrap: the terminal's width now, or 0 (no wrapping) for a pipe."""
         return (shutil.get_terminal_size().columns or 80) if self.interactive else 0
 
-    def next_prompt(self) -> None:
-        """The line just read has been handled: the reader may prompt again."""
-        self._may_prompt.set()
-
-    def erase_echo(self) -> None:
-        """Remove the echo of a line that produced nothing (an empty Enter)."""
-        with self._lock:
-            if self._echo:
-                columns = shutil.get_terminal_size().columns or 80
-                sys.stdout.write(f"\r\x1b[{_rows(self._echo, columns)}F\x1b[J")
-                sys.stdout.flush()
-                self._echo = ""
-
     def show(self, text: str) -> None:
         """Print `text` on its own lines, keeping the prompt and half-typed input intact."""
-        if not self.interactive:
-            sys.stdout.write(text + "\n")
-            sys.stdout.flush()
-            return
         with self._lock:
-            columns = shutil.get_terminal_size().columns or 80
-            # Go up to the first row we overwrite: the echo of the line just
-            # entered (replaced by `text`), then the prompt and typed input.
-            up = _rows(self._echo, columns) if self._echo else 0
-            self._echo = ""
-            redraw = ""
-            if self._reading:
-                typed = self._readline.get_line_buffer() if self._readline else ""
-                up += max(0, display_width(_plain(self.prompt) + typed) - 1) // columns
-                redraw = _bare(self.prompt) + typed
-            elif self._drawing:     # on this row, or about to be: the hook redraws it
-                self._prompt_lost = True
-            sys.stdout.write(f"\r\x1b[{up}F\x1b[J" if up else "\r\x1b[J")
-            sys.stdout.write(f"{text}\n{redraw}")
+            self._write(self.editor.print(text) if self.editing and self.editor.drawn else text + "\n")
+
+    def bell(self) -> None:
+        """Ring the terminal's bell (a backgrounded terminal or tmux window flags it)."""
+        with self._lock:
+            self._write("\x07")
+
+    def _write(self, text: str) -> None:
+        if text:
+            sys.stdout.write(text)
             sys.stdout.flush()
 
     def restore(self) -> None:
-        """Leave the terminal as we found it, even if readline was mid-line."""
+        """Leave the terminal as we found it: no prompt or half-typed line left behind."""
+        if self.editor.drawn:
+            with self._lock:
+                self._write(self.editor.erase() + "\x1b[?2004l")
         if self._saved_tty is not None:
             import termios
             try:
                 termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, self._saved_tty)
             except OSError:
                 pass
-        if self.interactive:
-            sys.stdout.write("\n")
-            sys.stdout.flush()
-
-
-def _plain(text: str) -> str:
-    """`text` without colour codes and readline's invisible-text markers."""
-    return re.sub("\x01[^\x02]*\x02|\x1b\\[[0-9;]*m", "", text)
-
-
-def _bare(prompt: str) -> str:
-    """`prompt` as printed: readline's invisible-text markers removed, colours kept."""
-    return prompt.replace("\x01", "").replace("\x02", "")
-
-
-def _rows(text: str, columns: int) -> int:
-    """Screen rows `text` took when typed at the start of a line."""
-    return sum(max(1, -(-display_width(part) // columns)) for part in text.split("\n"))
+            self._saved_tty = None
 
 
 class LogLimiter(logging.Filter):
@@ -3469,6 +3715,7 @@ def attach_operator_console(loop: ServerLoop) -> Console:
 
     def on_line(line: Optional[str]) -> None:
         if line is None:    # Ctrl-D: the console closes, the server goes on
+            console.restore()
             console.show("the operator console is closed; the server goes on (Ctrl-C stops it)")
             return
         line = line.strip()
@@ -3481,7 +3728,6 @@ def attach_operator_console(loop: ServerLoop) -> Console:
                 table.run(line)
             except ValueError as error:
                 console.show(str(error))
-        console.next_prompt()
 
     def pump() -> None:
         ok, line = console.take_line()
@@ -3605,7 +3851,35 @@ def _render_msg(frame: dict, view: View) -> Shown:
         if mine:
             return Shown(f"[pm to {_field(frame, 'to')}]", text, color)
         return Shown(f"[pm from {sender}]", text, "1;" + color)
+    if not mine and mentions(text, view.me):     # highlighted: bold, or marked where there is no colour
+        return Shown(f"<{sender}>" if view.color else f"!<{sender}>", text, color, "1")
     return Shown(f"[{sender}]" if mine and not view.color else f"<{sender}>", text, color)
+
+
+def mentions(text: str, nick: str) -> bool:
+    """Whether `text` names `nick`, as a word, in any case."""
+    return bool(nick) and re.search(rf"(?<!\w){re.escape(nick)}(?!\w)", text, re.IGNORECASE) is not None
+
+
+def calls_for_attention(frame: dict, me: str) -> bool:
+    """A line from someone else that names you, or a private message to you: worth the bell."""
+    sender, text = frame.get("from"), frame.get("text")
+    if frame.get("type") != "msg" or type(sender) is not str or type(text) is not str \
+            or name_key(sender) == name_key(me):
+        return False
+    return frame.get("to") is not None or mentions(text, me)
+
+
+def _leave_text(frame: dict) -> str:
+    """'alice left', 'alice quit: dinner', 'alice left (ping timeout)': the reason as people say it."""
+    nick, reason = _field(frame, "nick"), _field(frame, "reason")
+    if reason == "parted" or not reason:
+        said = f"{nick} left"
+    elif reason == "quit" or reason.startswith("quit: "):
+        said = f"{nick} quit" + reason[4:]
+    else:
+        said = f"{nick} left ({reason})"
+    return said + _count(frame)
 
 
 def _event(text: str) -> Shown:
@@ -3620,10 +3894,10 @@ def _count(frame: dict) -> str:
 _RENDERERS: Dict[str, Callable[[dict, View], Optional[Shown]]] = {
     "msg": _render_msg,
     "join": lambda f, v: _event(f"{_field(f, 'nick')} joined{_count(f)}"),
-    "leave": lambda f, v: _event(
-        f"{_field(f, 'nick')} left" + (f": {_field(f, 'reason')}" if f.get("reason") else "") + _count(f)),
+    "leave": lambda f, v: _event(_leave_text(f)),
     "nick": lambda f, v: _event(f"{_field(f, 'old')} is now known as {_field(f, 'new')}"),
-    "notice": lambda f, v: Shown("***", _field(f, "text"), "1;33", "1;33"),
+    "notice": lambda f, v: Shown("***", (f"{_field(f, 'by')}: " if f.get("by") else "") + _field(f, "text"),
+                                 "1;33", "1;33"),
     "error": lambda f, v: Shown("!!!", f"{_field(f, 'text')} ({_field(f, 'code')})", "1;31", "1;31"),
     "who": lambda f, v: _event(
         (f"in #{_field(f, 'room')}" if f.get("room") else "online") + f": {_names(f.get('users'))}"),
@@ -3870,28 +4144,44 @@ class Echo(NamedTuple):
     frame: dict
 
 
+class Past(NamedTuple):
+    """A line said before you came (history): shown on a terminal, and in a pipe only if asked for."""
+    frame: dict
+
+
 class Session:
     """The client's side of the protocol, with no socket and no terminal
-    (ChatClient keeps those): who we are, the rooms we are in, where typed
-    lines go, and where a resume starts.
+    (ChatClient keeps those): who we are, the rooms we are in and who is in
+    them, where typed lines go, and where a resume starts.
 
     receive(frame) handles a frame from the server through the table
     `handlers`; the command methods turn what the user types into frames.
     Each returns what follows, in order: frames to show (dicts, rendered by
-    render()), Echoes, Notes and Sends. A `bye` sets `ended`."""
+    render()), Past lines, Echoes, Notes and Sends. A `bye` sets `ended`.
+
+    Commands take effect in the order typed: after /join the next lines go
+    to the new room at once (the server handles a connection's frames in
+    order, so they arrive after the join), and a refused join puts them back
+    where they were; /part moves them to another room at once."""
 
     def __init__(self, nick: str, password: Optional[str] = None):
         self.nick, self.password = nick, password
         self.rooms: List[str] = []
-        self.room = LOBBY                   # where typed lines go
+        self.room: Optional[str] = LOBBY    # where typed lines go; None: in no room
+        self.members: Dict[str, Dict[str, str]] = {}    # room key -> {nick key: nick}, for completion
+        self.known_rooms: List[str] = []    # from the last `rooms` list
+        self.joining: List[Tuple[str, Optional[str]]] = []     # (room asked for, room before), in order
         self.seen: Dict[str, int] = {}      # room -> seq of the newest line seen there: where a resume starts
+        self.sent: Dict[str, int] = {}      # room -> own lines sent since `seen` last moved on
         self.instance = self.session = None
         self.max_text = TEXT_MAX
         self.ping_interval, self.idle_timeout = ServerConfig.ping_interval, ServerConfig.idle_timeout
         self.last_error = ""
+        self.last_pm_from: Optional[str] = None     # for /reply
         self.ended = False                  # the server said bye
         self.handlers: Dict[str, Callable[[dict], list]] = {
             "msg": self.on_msg, "joined": self.on_joined, "parted": self.on_parted, "nick": self.on_nick,
+            "join": self.on_join, "leave": self.on_leave, "who": self.on_who, "rooms": self.on_rooms,
             "error": self.on_error, "bye": self.on_bye, "ping": self.on_ping, "pong": lambda frame: [],
         }
 
@@ -3905,16 +4195,31 @@ class Session:
             frame.update(session=self.session, instance=self.instance, rooms=self.rooms, since=self.seen)
         return frame
 
-    def welcome(self, frame: dict, reconnected: bool) -> Tuple[bool, list]:
-        """Take a welcome: (whether it resumed our session, the history to show)."""
+    def welcome(self, frame: dict, reconnected: bool) -> Tuple[bool, list, Dict[str, int]]:
+        """Take a welcome: (whether it resumed our session, the history to
+        show, how many lines said in each room while we were away are gone:
+        the server's count, less the lines we said ourselves)."""
         resumed = reconnected and frame.get("instance") == self.instance
         self.nick = frame.get("nick") or self.nick
         self.rooms = [r for r in frame.get("rooms") or [LOBBY] if type(r) is str]
         if self.room not in self.rooms:
             self.room = frame.get("room") if type(frame.get("room")) is str else LOBBY
         self.instance, self.session = frame.get("instance"), frame.get("session")
-        if not resumed:
+        self.joining.clear()
+        self.members = {}
+        self._add_members(frame.get("room"), frame.get("users"))
+        history = _lines(frame.get("history"))
+        missed = frame.get("missed") if resumed and isinstance(frame.get("missed"), dict) else {}
+        missed = {room: count for room, count in missed.items() if type(room) is str and type(count) is int}
+        if resumed:     # your own lines were shown as you typed them, and the ones not kept were seen
+            for room in list(missed):
+                mine_kept = sum(1 for line in history if line.get("room") == room and self._mine(line.get("from")))
+                missed[room] -= max(0, self.sent.get(room, 0) - mine_kept)
+            history = [line for line in history if not self._mine(line.get("from"))]
+            missed = {room: count for room, count in missed.items() if count > 0}
+        else:
             self.seen = {}
+        self.sent = {}
         seqs = frame.get("seq")
         for room, seq in seqs.items() if isinstance(seqs, dict) else ():
             self._saw(room, seq)
@@ -3922,10 +4227,7 @@ class Session:
         for key in ("ping_interval", "idle_timeout"):
             if type(frame.get(key)) in (int, float) and frame[key] > 0:
                 setattr(self, key, float(frame[key]))
-        history = _lines(frame.get("history"))
-        if resumed:     # your own lines were shown as you typed them
-            history = [line for line in history if not self._mine(line.get("from"))]
-        return resumed, self._history(history, "line you missed" if resumed else "earlier line")
+        return resumed, self._history(history, "line you missed" if resumed else "earlier line"), missed
 
     # -- frames from the server ----------------------------------------------
 
@@ -3935,16 +4237,20 @@ class Session:
 
     def on_msg(self, frame: dict) -> list:
         self._saw(frame.get("room"), frame.get("seq"))
+        if frame.get("to") is not None and not self._mine(frame.get("from")):
+            self.last_pm_from = frame.get("from")
         return [frame]
 
     def on_joined(self, frame: dict) -> list:
         room = frame.get("room")
         if type(room) is not str:
             return []
+        self._joined(room)
         if room not in self.rooms:
             self.rooms.append(room)
+        self.members[name_key(room)] = {}
+        self._add_members(room, frame.get("users"))
         self._saw(room, frame.get("seq"))
-        self.room = room
         return self._history(_lines(frame.get("history")), "earlier line") + [
             Note(f"you are in #{room} {_company(frame.get('users'), self.nick)}; your lines go here now")]
 
@@ -3952,19 +4258,52 @@ class Session:
         room = frame.get("room")
         if room in self.rooms:
             self.rooms.remove(room)
-        shown = [frame]
-        if self.room == room:
-            self.room = self.rooms[0] if self.rooms else LOBBY
-            shown.append(Note(f"now talking in #{self.room}" if self.rooms else "you are in no room now; /join one"))
-        return shown
+        self.members.pop(name_key(room) if type(room) is str else "", None)
+        if self.room == room:       # (a part this client did not ask for)
+            self.room = self.rooms[0] if self.rooms else None
+        where = f"now talking in #{self.room}" if self.room else "you are in no room now; /join one"
+        return [Note(f"you left #{printable(str(room))}; {where}")]
 
     def on_nick(self, frame: dict) -> list:
-        if frame.get("old") == self.nick and type(frame.get("new")) is str:
-            self.nick = frame["new"]
+        old, new = frame.get("old"), frame.get("new")
+        if type(old) is str and type(new) is str:
+            if old == self.nick:
+                self.nick = new
+            for members in self.members.values():
+                if members.pop(name_key(old), None) is not None:
+                    members[name_key(new)] = new
+        return [frame]
+
+    def on_join(self, frame: dict) -> list:
+        self._add_members(frame.get("room", LOBBY), [frame.get("nick")])
+        return [frame]
+
+    def on_leave(self, frame: dict) -> list:
+        members, nick = self.members.get(name_key(str(frame.get("room", LOBBY)))), frame.get("nick")
+        if members is not None and type(nick) is str:
+            members.pop(name_key(nick), None)
+        return [frame]
+
+    def on_who(self, frame: dict) -> list:
+        if type(frame.get("room")) is str:
+            self.members[name_key(frame["room"])] = {}
+            self._add_members(frame["room"], frame.get("users"))
+        return [frame]
+
+    def on_rooms(self, frame: dict) -> list:
+        rooms = frame.get("rooms")
+        self.known_rooms = [r["name"] for r in rooms if isinstance(r, dict) and type(r.get("name")) is str] \
+            if type(rooms) is list else []
         return [frame]
 
     def on_error(self, frame: dict) -> list:
         self.last_error = frame.get("code", "")
+        if self.last_error in ("bad-room", "too-many-rooms") and self.joining:     # our oldest /join failed
+            room, before = self.joining.pop(0)
+            if self.room == room:
+                self.room = before
+            return [frame, Note(f"you did not join #{room}; your lines go to "
+                                + (f"#{self.room}" if self.room else "no room") + " again")]
         return [frame]
 
     def on_bye(self, frame: dict) -> list:
@@ -3978,23 +4317,51 @@ class Session:
 
     def say(self, text: str, kind: str = "msg") -> list:
         """Typed text for the current room; long text is split to fit the server's limit."""
+        if self.room is None:
+            return [Note("you are in no room, so nothing was sent; /join one", "31")]
         out = []
         for start in range(0, len(text), self.max_text):
             part = text[start:start + self.max_text]
+            self.sent[self.room] = self.sent.get(self.room, 0) + 1
             out.append(Send({"type": kind, "text": part, "room": self.room}))
             out.append(Echo({"type": "msg", "from": self.nick, "action": kind == "me", "text": part,
                              "room": self.room}))
         return out
 
     def message(self, nick: str, text: str) -> list:
-        return [Send({"type": "pm", "to": nick, "text": text}),
-                Echo({"type": "msg", "from": self.nick, "to": nick, "text": text})]
+        sent = Send({"type": "pm", "to": nick, "text": text})
+        if self._mine(nick):        # to yourself: the server's copy is the one shown
+            return [sent]
+        return [sent, Echo({"type": "msg", "from": self.nick, "to": nick, "text": text})]
+
+    def reply(self, text: str) -> list:
+        if self.last_pm_from is None:
+            return [Note("nobody has sent you a private message yet", "31")]
+        return self.message(self.last_pm_from, text)
+
+    def rename(self, new: str) -> list:
+        if new == self.nick:
+            return [Note(f"you are {self.nick} already")]
+        return [Send({"type": "nick", "nick": new})]
 
     def join(self, room: str) -> list:
-        return [Send({"type": "join", "room": room.lstrip("#")})]
+        room = room.lstrip("#")
+        match = [r for r in self.rooms if name_key(r) == name_key(room)]
+        if match:
+            return self.switch(match[0])
+        self.joining.append((room, self.room))
+        self.room = room
+        return [Send({"type": "join", "room": room})]
 
     def part(self, room: str = "") -> list:
-        return [Send({"type": "part", "room": room.lstrip("#") or self.room})]
+        room = room.lstrip("#") or self.room or ""
+        match = [r for r in self.rooms if name_key(r) == name_key(room)]
+        if not match:
+            return [Note(f"you are not in #{room}", "31")]
+        if self.room == match[0]:   # your next lines go to another room at once
+            others = [r for r in self.rooms if r != match[0]]
+            self.room = others[0] if others else None
+        return [Send({"type": "part", "room": match[0]})]
 
     def switch(self, room: str) -> list:
         room = room.lstrip("#")
@@ -4005,14 +4372,48 @@ class Session:
         return [Note(f"now talking in #{self.room}")]
 
     def who(self) -> list:
-        return [Send({"type": "who", "room": self.room})]
+        return [Send({"type": "who", "room": self.room} if self.room else {"type": "who"})]
+
+    def completions(self, line: str, point: int, commands: Iterable[str]) -> Tuple[List[str], int]:
+        """What Tab may complete at `point`: (candidates, where the word starts).
+        Commands first on the line, rooms after /join, /part and /switch, nicks
+        of the current room elsewhere (`nick: ` at the start of a line)."""
+        start = len(line[:point]) - len(line[:point].split(" ")[-1])
+        word, before = line[start:point].casefold(), line[:start].split()
+        if not before and word.startswith("/"):
+            options = [f"/{name} " for name in commands]
+        elif before and before[0] in ("/join", "/part", "/switch") and len(before) == 1:
+            word = word.lstrip("#")
+            options = [f"#{room} " for room in dict.fromkeys(self.rooms + self.known_rooms)]
+            return sorted(o for o in options if o[1:].casefold().startswith(word)), start
+        else:
+            nicks = self.members.get(name_key(self.room), {}).values() if self.room else ()
+            end = ": " if not before and not line[point:].strip() else " "
+            options = [f"{nick}{end}" for nick in nicks if not self._mine(nick)]
+        return sorted(o for o in options if o.casefold().startswith(word)), start
 
     # -- keeping track -------------------------------------------------------
 
     def _saw(self, room: object, seq: object) -> None:
         """Remember the newest line seen in `room`: where a resume starts."""
-        if type(room) is str and type(seq) is int:
-            self.seen[room] = max(self.seen.get(room, 0), seq)
+        if type(room) is str and type(seq) is int and seq >= self.seen.get(room, seq):
+            if seq > self.seen.get(room, -1):
+                self.sent.pop(room, None)   # what we said before this line was before it too
+            self.seen[room] = seq
+
+    def _joined(self, room: str) -> None:
+        """A `joined` answers our oldest pending /join (or one the server made for us)."""
+        for index, (asked, _) in enumerate(self.joining):
+            if name_key(asked) == name_key(room):
+                del self.joining[index]
+                if self.room == asked:
+                    self.room = room    # as the server spells it
+                break
+
+    def _add_members(self, room: object, nicks: object) -> None:
+        members = self.members.setdefault(name_key(room), {}) if type(room) is str else None
+        if members is not None and type(nicks) is list:
+            members.update((name_key(nick), nick) for nick in nicks if type(nick) is str)
 
     def _mine(self, nick: object) -> bool:
         return type(nick) is str and name_key(nick) == name_key(self.nick)
@@ -4022,7 +4423,8 @@ class Session:
             self._saw(line.get("room"), line.get("seq"))
         if not lines:
             return []
-        return [Note(f"--- {plural(len(lines), label)} ---", "2"), *lines, Note("--- now ---", "2")]
+        shown = lines if label == "line you missed" else map(Past, lines)   # what was said while we were here
+        return [Note(f"--- {plural(len(lines), label)} ---", "2"), *shown, Note("--- now ---", "2")]
 
 
 def _lines(history: object) -> List[dict]:
@@ -4041,6 +4443,7 @@ class ChatClient:
     def __init__(self, args: argparse.Namespace, console: Console, view: View):
         self.args, self.console, self.view = args, console, view
         self.json = args.json
+        self.bell = console.interactive and not args.no_bell
         self.session = Session(args.nick or default_nick(), args.password)
         self.link: Optional[Link] = None
         self.welcomed = False
@@ -4055,7 +4458,9 @@ class ChatClient:
                     lambda text: self.perform(session.say(text, "me"))),
             Command("msg", "NICK TEXT", "a private message to one person",
                     lambda nick, text: self.perform(session.message(nick, text))),
-            Command("nick", "NEW", "change your nick", lambda new: self.send({"type": "nick", "nick": new})),
+            Command("reply", "TEXT", "answer the last private message", lambda text: self.perform(session.reply(text))),
+            Command("r", "TEXT", "short for /reply", lambda text: self.perform(session.reply(text))),
+            Command("nick", "NEW", "change your nick", lambda new: self.perform(session.rename(new))),
             Command("join", "ROOM", "join a room (creating it) and talk there",
                     lambda room: self.perform(session.join(room))),
             Command("part", "[ROOM]", "leave a room (this one if none is named)",
@@ -4065,6 +4470,7 @@ class ChatClient:
             Command("rooms", "", "list the rooms", lambda: self.send({"type": "rooms"})),
             Command("quit", "[REASON]", "leave the chat", self.cmd_quit),
         ])
+        console.editor.complete = lambda line, point: session.completions(line, point, self.commands.commands)
 
     # -- output --------------------------------------------------------------
 
@@ -4077,6 +4483,9 @@ class ChatClient:
                 self.note(event.text, event.code)
             elif isinstance(event, Echo):
                 if self.console.interactive:
+                    self.show_frame(event.frame, waiting=not (self.link is not None and self.welcomed))
+            elif isinstance(event, Past):
+                if self.console.interactive or self.args.replay:
                     self.show_frame(event.frame)
             else:
                 self.show_frame(event)
@@ -4095,19 +4504,26 @@ class ChatClient:
             sys.stderr.write(text + "\n")
             sys.stderr.flush()
 
-    def show_frame(self, frame: dict) -> None:
+    def show_frame(self, frame: dict, waiting: bool = False) -> None:
+        """A frame as a line on the screen (or stdout). A line that names you, or
+        a private message to you, rings the bell; a line of yours typed while
+        the connection is down says it waits to be sent."""
         frame.setdefault("ts", time.time())
         session = self.session
-        line = render(frame, self.view._replace(me=session.nick, rooms=len(session.rooms) > 1,
-                                                width=self.console.columns()))
-        if line is not None:
-            self.show(line)
+        view = self.view._replace(me=session.nick, rooms=len(session.rooms) > 1, width=self.console.columns())
+        line = render(frame, view)
+        if line is None:
+            return
+        if waiting:
+            line += paint(" (waiting to be sent)", "2", view)
+        self.show(line)
+        if self.bell and calls_for_attention(frame, session.nick):
+            self.console.bell()
 
     def set_prompt(self) -> None:
         if self.console.interactive:
-            room = self.session.room
-            self.console.prompt = (f"\x01\x1b[1;32m\x02#{room}>\x01\x1b[0m\x02 " if self.view.color
-                                   else f"#{room}> ")
+            room = f"#{self.session.room}" if self.session.room else "(no room)"
+            self.console.prompt = paint(f"{room}>", "1;32", self.view) + " "
 
     # -- sending -------------------------------------------------------------
 
@@ -4116,8 +4532,6 @@ class ChatClient:
             self.link.send(frame)
         elif len(self.outbox) < self.OUTBOX_LINES:
             self.outbox.append(frame)
-            if self.link is None:
-                self.note(f"(not connected: kept to send after reconnecting; {len(self.outbox)} waiting)")
         else:
             self.note(f"not sent: {self.OUTBOX_LINES} lines are already waiting for the connection", "31")
 
@@ -4155,7 +4569,8 @@ class ChatClient:
     # -- commands ------------------------------------------------------------
 
     def cmd_help(self) -> None:
-        for line in self.commands.help_lines() + ["//text sends a line that starts with /"]:
+        for line in self.commands.help_lines() + ["//text sends a line that starts with /",
+                                                  "Tab completes nicks, commands and rooms"]:
             self.note(line, "0")
 
     def cmd_quit(self, reason: str = "") -> None:
@@ -4176,7 +4591,7 @@ class ChatClient:
 
     def on_welcome(self, frame: dict, reconnected: bool) -> None:
         session = self.session
-        resumed, history = session.welcome(frame, reconnected)
+        resumed, history, missed = session.welcome(frame, reconnected)
         self.welcomed = True
         self.set_prompt()
         if self.json:
@@ -4189,11 +4604,13 @@ class ChatClient:
         else:
             self.note(f"=== CONNECTED TO SERVER AT {self.link.where} ===", "1;32")
         self.perform(history)
-        for room, count in (frame.get("missed") or {}).items():
-            self.note(f"{plural(count, 'line')} said in #{printable(str(room))} while you"
+        for room, count in missed.items():
+            self.note(f"{plural(count, 'line')} said in #{printable(room)} while you"
                       " were away can no longer be replayed", "33")
         if not reconnected:
-            self.note(f"you are {session.nick} in #{session.room} {_company(frame.get('users'), session.nick)}."
+            others = _company(frame.get("users"), session.nick)
+            self.note(f"you are {session.nick} in #{session.room}" + ("" if others == "on your own so far"
+                                                                      else f" {others}") + "."
                       + (" Type /help for commands." if self.console.interactive else ""), "0")
 
     # -- connecting ----------------------------------------------------------
@@ -4296,17 +4713,15 @@ class ChatClient:
                     self.handle_frame(frame)
 
     def take_input(self) -> None:
-        ok, line = self.console.take_line()
-        if not ok:
-            return
-        if line is None:    # Ctrl-D, or the end of piped input
-            self.cmd_quit()
-            return
-        self.handle_input(line)
-        if self.console.interactive and not line.strip():
-            self.console.erase_echo()
-        if not self.quitting:
-            self.console.next_prompt()
+        """Handle every line typed (or piped) so far."""
+        while not self.quitting:
+            ok, line = self.console.take_line()
+            if not ok:
+                return
+            if line is None:    # Ctrl-D, or the end of piped input
+                self.cmd_quit()
+                return
+            self.handle_input(line)
 
     def finish_quit(self) -> None:
         """Everything is sent: wait briefly for the server to close (so errors
@@ -4329,11 +4744,9 @@ class ChatClient:
         --reconnect seconds. Typed lines are kept meanwhile."""
         give_up = time.monotonic() + self.args.reconnect
         delay = 1.0
-        self.note(f"{why}", "31")
-        while time.monotonic() < give_up:
-            wait = min(delay, self.RECONNECT_CAP, give_up - time.monotonic()) * random.uniform(0.5, 1.0)
-            self.note(f"reconnecting in {wait:.0f}s (Ctrl-C or /quit to give up)" if wait >= 1
-                      else "reconnecting...")
+        wait = random.uniform(0.5, 1.0)
+        self.note(f"{why}; reconnecting (Ctrl-C or /quit to give up)", "31")
+        while True:     # one line per attempt
             if not self.wait_input(wait):
                 return False
             try:
@@ -4343,10 +4756,12 @@ class ChatClient:
                 if exit_.code == EXIT_REFUSED and self.session.last_error != "server-full":
                     self.note(exit_.message, "31")
                     return False
-                self.note(exit_.message, "31")
-            delay *= 2
-        self.note(f"gave up reconnecting after {self.args.reconnect:g}s", "31")
-        return False
+                delay *= 2
+                wait = min(delay, self.RECONNECT_CAP, give_up - time.monotonic()) * random.uniform(0.5, 1.0)
+                if wait <= 0:
+                    self.note(f"{exit_.message}; gave up reconnecting after {self.args.reconnect:g}s", "31")
+                    return False
+                self.note(f"{exit_.message}; trying again in {max(1.0, wait):.0f}s", "31")
 
     def wait_input(self, seconds: float) -> bool:
         """Handle typed lines for `seconds`; False if the user quit meanwhile.
@@ -4391,8 +4806,9 @@ def run_client(args: argparse.Namespace) -> int:
         print(error, file=sys.stderr)
         return EXIT_LOST
     interactive = sys.stdin.isatty() and sys.stdout.isatty() and not args.json
-    color = interactive and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
-    console = Console(interactive)
+    dumb = os.environ.get("TERM") == "dumb"     # cannot move its cursor: plain lines, no colour
+    color = interactive and not os.environ.get("NO_COLOR") and not dumb
+    console = Console(interactive, editing=not dumb)
     ask = (lambda question: ask_user(question).strip().lower() in ("y", "yes")) if interactive else None
     args.tls_options = TlsOptions(args.cafile, args.fingerprint, args.known_hosts or default_known_hosts(),
                                   ask) if args.tls else None
@@ -4980,6 +5396,10 @@ def build_parser() -> argparse.ArgumentParser:
                              " and other lines as messages")
     client.add_argument("--reconnect", type=Number(0, 86400, kind=float, unit=seconds), default=300.0,
                         metavar="SECONDS", help="when the connection is lost, keep trying this long (0: exit at once)")
+    client.add_argument("--no-bell", action="store_true",
+                        help="do not ring the terminal's bell for private messages and lines that name you")
+    client.add_argument("--replay", action="store_true",
+                        help="with stdin not a terminal: print the lines said before you came too")
 
     bench = commands.add_parser("bench", help="load-test a server", formatter_class=HelpFormatter,
                                 description="Load-test a server (or one started for the test when"

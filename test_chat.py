@@ -242,7 +242,15 @@ class RenderTest(unittest.TestCase):
             ({"type": "msg", "from": "bob", "to": "alice", "text": "psst"}, "[pm from bob] psst"),
             ({"type": "msg", "from": "alice", "to": "bob", "text": "psst"}, "[pm to bob] psst"),
             ({"type": "join", "nick": "bob", "users": 2}, "-- bob joined (2 here)"),
-            ({"type": "leave", "nick": "bob", "reason": "quit", "users": 1}, "-- bob left: quit (1 here)"),
+            ({"type": "leave", "nick": "bob", "reason": "quit", "users": 1}, "-- bob quit (1 here)"),
+            ({"type": "leave", "nick": "bob", "reason": "quit: gotta go"}, "-- bob quit: gotta go"),
+            ({"type": "leave", "nick": "bob", "reason": "parted", "users": 2}, "-- bob left (2 here)"),
+            ({"type": "leave", "nick": "bob", "reason": "ping timeout (75s silent)"},
+             "-- bob left (ping timeout (75s silent))"),
+            ({"type": "notice", "text": "maintenance at noon", "by": "operator"},
+             "*** operator: maintenance at noon"),
+            ({"type": "msg", "from": "bob", "text": "ALICE: lunch?"}, "!<bob> ALICE: lunch?"),
+            ({"type": "msg", "from": "bob", "text": "malice aforethought"}, "<bob> malice aforethought"),
             ({"type": "nick", "old": "bob", "new": "rob"}, "-- bob is now known as rob"),
             ({"type": "error", "code": "no-such-user", "text": "nobody"}, "!!! nobody (no-such-user)"),
             ({"type": "bye", "reason": "maintenance"}, "*** the server is going away: maintenance"),
@@ -272,35 +280,66 @@ class RenderTest(unittest.TestCase):
         self.assertEqual(len(second) - len(second.lstrip()), len("00:00 #dev <bob> "), "under the text")
 
 
-class ConsoleScreenTest(unittest.TestCase):
-    """What Console.show() writes around the prompt (no terminal needed)."""
+class LineEditorTest(unittest.TestCase):
+    """The line being typed (chat.LineEditor), keys in and screen bytes out, with no terminal."""
 
-    def setUp(self):
-        self.console = chat.Console(interactive=False, prompt="#lobby> ")
-        self.console.interactive = True     # as on a terminal, but without readline
-        self.addCleanup(self.console.wake_r.close)
-        self.addCleanup(self.console.wake_w.close)
+    def editor(self, columns=80, **options):
+        editor = chat.LineEditor("#lobby> ", lambda: columns, **options)
+        editor.draw()
+        return editor
 
-    def written(self, action) -> str:
-        with unittest.mock.patch("sys.stdout", new_callable=io.StringIO) as out:
-            action()
-        return out.getvalue()
+    def test_the_cursor_stays_where_it_was_when_a_line_arrives(self):
+        editor = self.editor()
+        editor.feed("helo world" + "\x1b[D" * 7)      # Left seven times: after "hel"
+        screen = editor.print("<bob> hi")
+        self.assertEqual(screen, "\r\x1b[J<bob> hi\n#lobby> helo world\r\x1b[11C")
+        lines, _ = editor.feed("l\r")
+        self.assertEqual(lines, ["hello world"])
 
-    def test_incoming_line_redraws_the_prompt_and_typed_text(self):
-        self.console._reading = True
-        self.assertEqual(self.written(lambda: self.console.show("<bob> hi")), "\r\x1b[J<bob> hi\n#lobby> ")
+    def test_a_wrapped_line_is_erased_from_its_first_row(self):
+        editor = self.editor(columns=20)
+        editor.feed("x" * 30 + "\x01")      # 38 columns on two rows; Ctrl-A: the cursor on the first
+        self.assertTrue(editor.print("<bob> hi").startswith("\r\x1b[J<bob> hi\n"))
+        editor.feed("\x05")                   # Ctrl-E: on the second row
+        self.assertTrue(editor.print("<bob> hi").startswith("\x1b[1A\r\x1b[J"))
 
-    def test_a_late_reply_replaces_the_echo_and_keeps_the_prompt_below(self):
-        self.console._echo = "#lobby> /who"     # entered; the prompt is drawn again below it
-        self.console._reading = True
-        self.assertEqual(self.written(lambda: self.console.show("-- in #lobby: alice")),
-                         "\r\x1b[1F\x1b[J-- in #lobby: alice\n#lobby> ")
+    def test_editing_keys(self):
+        cases = [("ab\x1b[Dc\r", "acb"), ("abc\x08\r", "ab"), ("abc\x01\x1b[3~\r", "bc"),
+                 ("one two\x17\r", "one "), ("abc\x1b[D\x0b\r", "ab"), ("abc\x1b[D\x15\r", "c"),
+                 ("abc\x15\x19\x19\r", "abcabc"), ("one two\x1b[1;5Dx\r", "one xtwo"),
+                 ("\x1b[200~a\rb\x1b[201~\r", "a\nb"), ("\u4f60\u597d\x1b[D!\r", "\u4f60!\u597d")]
+        for keys, line in cases:
+            with self.subTest(keys):
+                self.assertEqual(self.editor().feed(keys)[0], [line])
 
-    def test_a_line_while_the_prompt_is_being_drawn_shows_one_prompt(self):
-        self.console._drawing = True    # input() called; readline has not said the prompt is up
-        self.assertEqual(self.written(lambda: self.console.show("*** alone")), "\r\x1b[J*** alone\n")
-        self.assertEqual(self.written(self.console._prompt_drawn), "\r\x1b[K#lobby> ")
-        self.assertEqual(self.written(self.console._prompt_drawn), "", "redrawn only when it was lost")
+    def test_history_and_end_of_input(self):
+        editor = self.editor()
+        editor.feed("first\rsecond\r")
+        editor.feed("draft\x1b[A\x1b[A")
+        self.assertEqual(editor.buffer, "first")
+        editor.feed("\x1b[B\x1b[B")
+        self.assertEqual(editor.buffer, "draft")
+        self.assertEqual(self.editor().feed("\x04")[0], [None], "Ctrl-D on an empty line")
+
+    def test_an_escape_sequence_cut_in_two_is_waited_for(self):
+        editor = self.editor()
+        editor.feed("ab\x1b[")
+        editor.feed("Dc\r")
+        self.assertEqual(editor.history, ["acb"])
+
+    def test_tab_completes_and_a_second_tab_lists(self):
+        editor = self.editor(complete=lambda line, point: (["alice: ", "albert: "], 0))
+        self.assertTrue(editor.feed("al\t")[1].endswith("\x07"), "ambiguous: the bell")
+        self.assertIn("alice:  albert:", editor.feed("\t")[1], "a second Tab lists them")
+        editor = self.editor(complete=lambda line, point: (["/join "], 0))
+        editor.feed("/jo\t")
+        self.assertEqual(editor.buffer, "/join ")
+
+    def test_the_prompt_changes_in_place_and_ctrl_l_redraws_at_the_top(self):
+        editor = self.editor()
+        editor.feed("typed")
+        self.assertEqual(editor.set_prompt("#dev> "), "\r\x1b[J#dev> typed\r\x1b[11C")
+        self.assertTrue(editor.feed("\x0c")[1].startswith("\x1b[H\x1b[2J#dev> typed"))
 
 
 class FittingTest(unittest.TestCase):
@@ -2709,10 +2748,10 @@ class ClientSessionTest(unittest.TestCase):
         session = self.welcomed()
         history = [{"type": "msg", "from": "ALICE", "text": "mine", "room": "lobby", "seq": 8},
                    {"type": "msg", "from": "bob", "text": "missed", "room": "lobby", "seq": 9}]
-        resumed, shown = session.welcome(dict(self.WELCOME, history=history), reconnected=True)
+        resumed, shown, _ = session.welcome(dict(self.WELCOME, history=history), reconnected=True)
         self.assertTrue(resumed)
         self.assertEqual([f["text"] for f in shown if isinstance(f, dict)], ["missed"])
-        resumed, _ = session.welcome(dict(self.WELCOME, instance="i2", seq={}), reconnected=True)
+        resumed, _, _ = session.welcome(dict(self.WELCOME, instance="i2", seq={}), reconnected=True)
         self.assertFalse(resumed)
         self.assertEqual(session.seen, {})
 
@@ -2721,6 +2760,7 @@ class ClientSessionTest(unittest.TestCase):
         self.assertEqual(session.receive({"type": "ping"}), [chat.Send({"type": "pong"})])
         session.receive({"type": "nick", "old": "alice", "new": "alicia"})
         self.assertEqual(session.nick, "alicia")
+        session.join("#dev")
         shown = session.receive({"type": "joined", "room": "dev", "users": ["alicia"], "seq": 3, "history": []})
         self.assertEqual((session.room, session.rooms, session.seen["dev"]), ("dev", ["lobby", "dev"], 3))
         self.assertIn("your lines go here now", shown[-1].text)
