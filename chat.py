@@ -376,7 +376,7 @@ class CommandTable:
         command = self.commands.get(name.lower())
         if command is None:
             raise ValueError(f"unknown command /{name}; /help lists them")
-        params = command.usage.split()
+        params, rest = command.usage.split(), rest.strip()
         words = rest.split(None, len(params) - 1) if params else []
         required = [p for p in params if not p.startswith("[")]
         if len(words) < len(required) or (not params and rest.strip()):
@@ -3604,8 +3604,14 @@ class Console:
         return True, self._entered.popleft()
 
     def columns(self) -> int:
-        """Where lines wrap: the terminal's width now, or 0 (no wrapping) for a pipe."""
-        return (shutil.get_terminal_size().columns or 80) if self.interactive else 0
+        """Where lines wrap: the terminal's width now (asked of the terminal, not
+        $COLUMNS, which a resize does not change), or 0 (no wrapping) for a pipe."""
+        if not self.interactive:
+            return 0
+        try:
+            return os.get_terminal_size(sys.stdout.fileno()).columns or 80
+        except (OSError, ValueError):
+            return shutil.get_terminal_size().columns or 80
 
     def show(self, text: str) -> None:
         """Print `text` on its own lines, keeping the prompt and half-typed input intact."""
@@ -4251,8 +4257,9 @@ class Session:
         self.members[name_key(room)] = {}
         self._add_members(room, frame.get("users"))
         self._saw(room, frame.get("seq"))
+        here = "; your lines go here now" if self.room == room else ""
         return self._history(_lines(frame.get("history")), "earlier line") + [
-            Note(f"you are in #{room} {_company(frame.get('users'), self.nick)}; your lines go here now")]
+            Note(f"you are in #{room} {_company(frame.get('users'), self.nick)}{here}")]
 
     def on_parted(self, frame: dict) -> list:
         room = frame.get("room")
@@ -4346,30 +4353,40 @@ class Session:
 
     def join(self, room: str) -> list:
         room = room.lstrip("#")
-        match = [r for r in self.rooms if name_key(r) == name_key(room)]
-        if match:
-            return self.switch(match[0])
+        if self._ours(room):
+            return self.switch(room)
         self.joining.append((room, self.room))
         self.room = room
         return [Send({"type": "join", "room": room})]
 
     def part(self, room: str = "") -> list:
         room = room.lstrip("#") or self.room or ""
-        match = [r for r in self.rooms if name_key(r) == name_key(room)]
+        match = self._ours(room)
         if not match:
             return [Note(f"you are not in #{room}", "31")]
-        if self.room == match[0]:   # your next lines go to another room at once
-            others = [r for r in self.rooms if r != match[0]]
+        if self.room == match:      # your next lines go to another room at once
+            others = [r for r in self._ours_all() if r != match]
             self.room = others[0] if others else None
-        return [Send({"type": "part", "room": match[0]})]
+        return [Send({"type": "part", "room": match})]
 
     def switch(self, room: str) -> list:
         room = room.lstrip("#")
-        match = [r for r in self.rooms if name_key(r) == name_key(room)]
+        match = self._ours(room)
         if not match:
             return [Note(f"you are not in #{room}; /join #{room} first", "31")]
-        self.room = match[0]
+        self.room = match
         return [Note(f"now talking in #{self.room}")]
+
+    def _ours_all(self) -> List[str]:
+        """The rooms we are in, or have asked to join (the server will have us there first)."""
+        return self.rooms + [room for room, _ in self.joining if self._ours_in(room, self.rooms) is None]
+
+    def _ours(self, room: str) -> Optional[str]:
+        return self._ours_in(room, self._ours_all())
+
+    @staticmethod
+    def _ours_in(room: str, rooms: List[str]) -> Optional[str]:
+        return next((r for r in rooms if name_key(r) == name_key(room)), None)
 
     def who(self) -> list:
         return [Send({"type": "who", "room": self.room} if self.room else {"type": "who"})]
@@ -4510,7 +4527,8 @@ class ChatClient:
         the connection is down says it waits to be sent."""
         frame.setdefault("ts", time.time())
         session = self.session
-        view = self.view._replace(me=session.nick, rooms=len(session.rooms) > 1, width=self.console.columns())
+        view = self.view._replace(me=session.nick, rooms=len(session.rooms) > 1 or bool(session.joining),
+                                  width=self.console.columns())
         line = render(frame, view)
         if line is None:
             return

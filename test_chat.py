@@ -5,10 +5,11 @@ server on 127.0.0.1 port 0, in a thread or a subprocess, with real sockets
 and real client processes. Nothing waits by sleeping: every wait is for a
 condition (a frame, a line of output, an exit) with a timeout.
 """
+import argparse
+import codecs
 import fcntl
 import fnmatch
 import heapq
-import argparse
 import io
 import itertools
 import json
@@ -3033,11 +3034,18 @@ class Terminal:
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
         self.proc = subprocess.Popen([sys.executable, CHAT, *map(str, args)], stdin=slave, stdout=slave,
                                      stderr=slave, preexec_fn=own_terminal, close_fds=True,
-                                     env=dict(os.environ, TERM="xterm", COLUMNS=str(columns), LINES=str(rows),
-                                              **(env or {})))
+                                     env={**{k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")},
+                                          "TERM": "xterm", **(env or {})})
         os.close(slave)
         self.master, self.output, self.mark = master, b"", 0
+        self.screen = Screen(rows, columns)
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
         test.addCleanup(self.close)
+
+    def resize(self, columns):
+        """The terminal gets narrower or wider (the program gets SIGWINCH); it reflows its lines."""
+        self.screen.resize(columns)
+        fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", self.screen.rows, columns, 0, 0))
 
     def type(self, keys):
         os.write(self.master, keys.encode() if isinstance(keys, str) else keys)
@@ -3051,7 +3059,18 @@ class Terminal:
         except OSError:     # the other side is closed: the process ended
             data = b""
         self.output += data
+        self.screen.feed(self._decoder.decode(data))
         return bool(data)
+
+    def settle(self, pattern, timeout=TIMEOUT):
+        """Wait until the screen shows `pattern` (a regex) in one of its rows, and nothing more arrives."""
+        deadline = time.monotonic() + timeout
+        while not any(re.search(pattern, row) for row in self.screen.lines()):
+            if time.monotonic() > deadline or (not self.read(deadline - time.monotonic()) and self.proc.poll() is not None):
+                raise AssertionError(f"{pattern!r} not on the screen: {self.screen.lines()}")
+        while self.read(0.1):
+            pass
+        return self.screen
 
     def expect(self, pattern, timeout=TIMEOUT):
         """Wait for `pattern` (a regex) in what was drawn since the last expect()."""
@@ -3077,6 +3096,127 @@ class Terminal:
             self.proc.kill()
         self.proc.wait()
         os.close(self.master)
+
+
+class Screen:
+    """Just enough of a VT100 to read what a program drew: the characters
+    and moves chat.py writes (CR, LF as CR LF, cursor up/down/left/right, erase to the
+    end of the screen or line, home, clear), colours ignored, deferred wrap
+    at the last column as xterm does, scrolling at the bottom."""
+
+    def __init__(self, rows=24, columns=80):
+        self.rows, self.columns = rows, columns
+        self.grid = [[" "] * columns for _ in range(rows)]
+        self.wrapped = [False] * rows       # this row goes on from the one above (a soft wrap)
+        self.row = self.column = 0
+        self.wrap_pending = False
+        self.bells = 0
+
+    def feed(self, text):
+        for match in re.finditer(r"\x1b\[([?0-9;]*)([@-~])|\x1b.|(.)", text, re.S):
+            if match[2]:
+                self._sequence(match[1], match[2])
+            elif match[3] is not None:
+                self._char(match[3])
+
+    def _char(self, ch):
+        if ch == "\r":
+            self.column, self.wrap_pending = 0, False
+        elif ch == "\n":       # a terminal's driver turns \n into \r\n (ONLCR)
+            self.column = 0
+            self._line_feed()
+        elif ch == "\x07":
+            self.bells += 1
+        elif ch == "\x08":
+            self.column = max(0, self.column - 1)
+        elif ch >= " ":
+            width = chat.display_width(ch)
+            if width == 0:
+                return
+            if self.wrap_pending or self.column + width > self.columns:
+                self.column, self.wrap_pending = 0, False
+                self._line_feed()
+                self.wrapped[self.row] = True
+            self.grid[self.row][self.column] = ch
+            if width == 2:
+                self.grid[self.row][self.column + 1] = ""
+            self.column += width
+            if self.column >= self.columns:
+                self.column, self.wrap_pending = self.columns - 1, True
+
+    def _line_feed(self):
+        self.wrap_pending = False
+        if self.row == self.rows - 1:
+            self.grid = self.grid[1:] + [[" "] * self.columns]
+            self.wrapped = self.wrapped[1:] + [False]
+        else:
+            self.row += 1
+            self.wrapped[self.row] = False
+
+    def resize(self, columns):
+        """A new width, with wrapped lines reflowed as tmux and most terminals do."""
+        lines = []      # [text, where the cursor is in it (or None)], the rows joined where they wrapped
+        for row in range(self.rows):
+            text = "".join(self.grid[row])
+            if self.wrapped[row] and lines:
+                lines[-1][0] += text
+            else:
+                lines.append([text, None])
+            if row == self.row:
+                lines[-1][1] = len(lines[-1][0]) - len(text) + self.column
+        while len(lines) > 1 and lines[-1][1] is None and not lines[-1][0].strip():
+            lines.pop()
+        grid, wrapped, cursor = [], [], (0, 0)
+        for text, offset in lines:
+            text = text[:max(len(text.rstrip()), offset or 0)]
+            pieces = [text[i:i + columns] for i in range(0, len(text), columns)] or [""]
+            if offset is not None:
+                cursor = (len(grid) + offset // columns, offset % columns)
+                pieces += [""] * (cursor[0] - len(grid) - len(pieces) + 1)
+            for number, piece in enumerate(pieces):
+                grid.append(list(piece.ljust(columns)))
+                wrapped.append(number > 0)
+        top = max(0, len(grid) - self.rows)
+        grid, wrapped = grid[top:], wrapped[top:]
+        self.columns, self.row, self.column = columns, cursor[0] - top, cursor[1]
+        self.grid = grid + [[" "] * columns for _ in range(self.rows - len(grid))]
+        self.wrapped = wrapped + [False] * (self.rows - len(wrapped))
+        self.wrap_pending = False
+
+    def _sequence(self, params, final):
+        if params.startswith("?") or final not in "ABCDHJK":     # modes and colours change nothing here
+            return
+        n = int(params.split(";")[0] or 1) if final in "ABCD" else int(params or 0)
+        self.wrap_pending = False
+        if final == "A":
+            self.row = max(0, self.row - n)
+        elif final == "B":
+            self.row = min(self.rows - 1, self.row + n)
+        elif final == "C":
+            self.column = min(self.columns - 1, self.column + n)
+        elif final == "D":
+            self.column = max(0, self.column - n)
+        elif final == "H":
+            self.row = self.column = 0
+        elif final == "J":
+            rows = range(self.rows) if n == 2 else range(self.row + 1, self.rows)
+            if n != 2:
+                self.grid[self.row][self.column:] = [" "] * (self.columns - self.column)
+            for row in rows:
+                self.grid[row] = [" "] * self.columns
+        elif final == "K":
+            self.grid[self.row][self.column:] = [" "] * (self.columns - self.column)
+
+    def lines(self):
+        """The screen's rows as text, trailing spaces and empty rows at the bottom left out."""
+        rows = ["".join(row).rstrip() for row in self.grid]
+        while rows and not rows[-1]:
+            rows.pop()
+        return rows
+
+    def cursor_text(self):
+        """The row the cursor is on, up to the cursor."""
+        return "".join(self.grid[self.row][:self.column])
 
 
 class OperatorTerminalTest(unittest.TestCase):
@@ -3166,3 +3306,287 @@ class ReadmeTest(unittest.TestCase):
                     default = re.search(r"\(default: [^)]*\)$", help_text)
                     if default:
                         self.assertIn(default[0], " ".join(block.split()))
+
+
+# ---------------------------------------------------------------------------
+# The client people keep open all day (issue 14)
+# ---------------------------------------------------------------------------
+
+class ClientTerminalTest(ServerTestCase):
+    """The client on a real pseudo-terminal, read back through Screen."""
+
+    def terminal(self, *args, columns=80, env=None, nick="alice"):
+        terminal = Terminal(self, "client", "-p", self.port, "-n", nick, *args, columns=columns, env=env)
+        terminal.settle(r"#lobby>$")
+        return terminal
+
+    def input_row(self, terminal):
+        return [row for row in terminal.screen.lines() if row.startswith("#")][-1]
+
+    def test_the_screen_shows_what_enter_sends_and_the_cursor_where_the_next_key_goes(self):
+        bob = self.peer("bob")
+        terminal = self.terminal()
+        bob.expect("join", nick="alice")
+        terminal.type("helo world" + "\x1b[D" * 7)
+        terminal.settle(r"#lobby> helo world$")
+        bob.send({"type": "msg", "text": "a line arrives"})
+        terminal.settle("<bob> a line arrives")
+        terminal.type("l")
+        screen = terminal.settle(r"#lobby> hello world$")
+        self.assertEqual(screen.cursor_text(), "#lobby> hell")
+        terminal.type("\r")
+        self.assertEqual(bob.expect("msg")["text"], "hello world")
+        self.assertEqual(len([row for row in terminal.settle(r"<alice> hello world").lines()
+                              if "hello world" in row]), 1, "the typed line is replaced by the sent one")
+
+    def test_resizing_and_ctrl_l_leave_no_stale_copies(self):
+        bob = self.peer("bob")
+        terminal = self.terminal(columns=60)
+        typed = " ".join(f"w{i:02d}" for i in range(30))        # 119 columns with the prompt: two rows
+        terminal.type(typed)
+        terminal.settle("w29$")
+        terminal.resize(40)
+        bob.send({"type": "msg", "text": "after the resize"})
+        screen = terminal.settle("after the resize")
+        self.assertEqual(sum(row.count("w00") for row in screen.lines()), 1, screen.lines())
+        self.assertTrue(screen.lines()[-1].endswith("w29"))
+        terminal.type("\x0c")
+        screen = terminal.settle("#lobby> w00")
+        self.assertTrue(screen.lines()[0].startswith("#lobby> w00"), "Ctrl-L: the input at the top")
+        terminal.type("\x15slow1\r")
+        self.assertEqual(bob.expect("msg")["text"], "slow1")
+        screen = terminal.settle("<alice> slow1")
+        self.assertEqual([row for row in screen.lines() if "slow1" in row], ["<alice> slow1"][:0] or
+                         [row for row in screen.lines() if "slow1" in row][:1])
+        self.assertNotIn("#lobby> slow1", screen.lines())
+
+    def test_a_bye_leaves_no_prompt_behind(self):
+        terminal = self.terminal()
+        terminal.type("half typed")
+        terminal.settle("half typed")
+        self.server.stop()
+        self.assertEqual(terminal.wait(), 0)
+        terminal.read(0.1)
+        lines = terminal.screen.lines()
+        self.assertIn("the server is going away", lines[-1])
+        self.assertFalse([row for row in lines if row.startswith("#lobby>")], lines)
+
+    def test_a_dumb_terminal_gets_plain_lines(self):
+        bob = self.peer("bob")
+        terminal = Terminal(self, "client", "-p", self.port, "-n", "alice", env={"TERM": "dumb"})
+        terminal.expect("you are alice in #lobby")
+        bob.expect("join", nick="alice")
+        terminal.type("plain\r")
+        self.assertEqual(bob.expect("msg")["text"], "plain")
+        bob.send({"type": "msg", "text": "hi alice"})
+        terminal.expect("<bob> hi alice")
+        self.assertNotIn(b"\x1b", terminal.output)
+
+    def test_a_line_that_names_you_or_a_private_message_rings_the_bell_and_nothing_else_does(self):
+        bob = self.peer("bob")
+        terminal = self.terminal()
+        bob.expect("join", nick="alice")
+        for text in ("hello everyone", "malice is not a name", "alicex neither"):
+            bob.send({"type": "msg", "text": text})
+        terminal.settle("alicex neither")
+        self.assertEqual(terminal.screen.bells, 0)
+        bob.send({"type": "msg", "text": "ALICE, lunch?"})
+        terminal.settle("lunch")
+        self.assertEqual(terminal.screen.bells, 1)
+        bob.send({"type": "pm", "to": "alice", "text": "psst"})
+        terminal.settle(r"\[pm from bob\] psst")
+        self.assertEqual(terminal.screen.bells, 2)
+        terminal.type("/r back at you\r")
+        self.assertEqual((bob.expect("msg")["text"]), "back at you")
+        quiet = self.terminal("--no-bell", nick="carol")
+        bob.send({"type": "pm", "to": "carol", "text": "psst"})
+        quiet.settle("psst")
+        self.assertEqual(quiet.screen.bells, 0)
+
+    def test_tab_completes_commands_nicks_and_rooms(self):
+        self.peer("bob")
+        terminal = self.terminal()
+        terminal.type("/jo\t")
+        terminal.settle(r"#lobby> /join$")
+        terminal.type("#dev\r")
+        terminal.settle(r"#dev>$")
+        terminal.type("/switch #lo\t")
+        terminal.settle(r"#dev> /switch #lobby$")
+        terminal.type("\r")
+        terminal.settle(r"#lobby>$")
+        terminal.type("b\t")
+        terminal.settle(r"#lobby> bob:$")
+        terminal.type("\x01\x0bhi b\t")      # in the middle of a line: no colon
+        terminal.settle(r"#lobby> hi bob$")
+        terminal.type("\x01\x0bal\t")        # yourself: not a candidate
+        terminal.settle(r"#lobby> al$")
+
+    def test_offline_lines_say_they_wait_then_go(self):
+        server, port = server_process()
+        self.addCleanup(server.kill)
+        terminal = Terminal(self, "client", "-p", port, "-n", "alice")
+        terminal.settle(r"#lobby>$")
+        server.kill()
+        terminal.settle("reconnecting")
+        terminal.type("typed while offline\r")
+        terminal.settle(r"typed while offline \(waiting to be sent\)")
+        again = Process("server", "-p", port, stdin=subprocess.DEVNULL)
+        self.addCleanup(again.kill)
+        terminal.settle(r"sent 1 line kept while disconnected", timeout=10)
+
+    def test_with_no_room_the_prompt_says_so_and_nothing_is_sent(self):
+        terminal = self.terminal()
+        terminal.type("/part\r")
+        terminal.settle(r"you left #lobby; you are in no room now")
+        terminal.settle(r"\(no room\)>$")
+        terminal.type("into the void\r")
+        terminal.settle("nothing was sent")
+
+
+class ClientOrderTest(ServerTestCase):
+    """Commands take effect in the order typed (a pipe: the same client, no terminal)."""
+
+    def test_a_line_after_join_goes_to_the_new_room(self):
+        bob, carol = self.peer("bob"), self.peer("carol")
+        carol.send({"type": "join", "room": "secret"})
+        carol.expect("joined")
+        client = self.client("-n", "alice")
+        bob.expect("join", nick="alice")
+        client.write("/join #secret\nsecret plan\n/part\nback in the lobby\n")
+        self.assertEqual(carol.expect("msg")["text"], "secret plan")
+        self.assertEqual(bob.expect("msg")["text"], "back in the lobby")
+        self.assertFalse([f for f in bob.sync() if f["type"] == "msg"])
+
+    def test_a_pipe_prints_only_what_is_said_after_it_joined_unless_asked(self):
+        alice = self.peer("alice")
+        alice.send({"type": "msg", "text": "said before"})
+        alice.sync()
+        plain = self.client("-n", "plain")
+        alice.expect("join", nick="plain")
+        alice.send({"type": "msg", "text": "said after"})
+        plain.wait_line("<alice> said after")
+        self.assertNotIn("<alice> said before", plain.out_lines)
+        replay = self.client("-n", "replay", "--replay")
+        replay.wait_line("<alice> said before")
+
+    def test_one_line_per_reconnect_attempt(self):
+        port = free_port()
+        client = Process("client", "-p", port, "-n", "alice", "--reconnect", 0)
+        self.assertEqual(client.wait(), 1)
+        server, port = server_process()
+        client = Process("client", "-p", port, "-n", "alice", "--reconnect", 2.5)
+        self.addCleanup(client.kill)
+        client.wait_line("CONNECTED", "stderr")
+        server.kill()
+        self.assertEqual(client.wait(timeout=10), 1)
+        attempts = [line for line in client.err_lines if "cannot connect" in line]
+        self.assertGreaterEqual(len(attempts), 2)
+        self.assertTrue(all("trying again in" in line or "gave up" in line for line in attempts), client.err_lines)
+        self.assertFalse([line for line in client.err_lines if line.startswith("reconnecting in")])
+
+
+class ResumeTruthTest(ServerTestCase):
+    config = {"history": 3}
+
+    def test_your_own_lines_are_not_counted_as_missed(self):
+        alice = self.peer("alice")
+        client = self.client("-n", "bob")
+        alice.expect("join", nick="bob")
+        client.write("".join(f"mine {i}\n" for i in range(5)))
+        for _ in range(5):
+            alice.expect("msg")
+        cut(self.server, "bob")
+        client.wait_line("RECONNECTED", "stderr", timeout=10)
+        alice.send({"type": "ping"})
+        alice.expect("pong")
+        client.write("after\n")
+        alice.expect("msg", text="after")
+        self.assertFalse([line for line in client.err_lines if "no longer be replayed" in line], client.err_lines)
+
+
+class ClientSessionRulesTest(unittest.TestCase):
+    """The session's rules for issue 14, in memory."""
+
+    def welcomed(self, **fields):
+        session = chat.Session("alice")
+        session.welcome(dict(ClientSessionTest.WELCOME, **fields), reconnected=False)
+        return session
+
+    def test_join_switches_at_once_and_a_refusal_switches_back(self):
+        session = self.welcomed()
+        self.assertEqual(session.join("#dev"), [chat.Send({"type": "join", "room": "dev"})])
+        self.assertEqual(session.say("secret plan")[0].frame["room"], "dev")
+        notes = session.receive({"type": "error", "code": "bad-room", "text": "no"})
+        self.assertEqual(session.room, "lobby")
+        self.assertIn("you did not join #dev", notes[-1].text)
+
+    def test_part_moves_your_lines_at_once_and_says_where_after_you_left(self):
+        session = self.welcomed(rooms=["lobby", "dev"], room="lobby")
+        session.part()
+        self.assertEqual(session.room, "dev")
+        note = session.receive({"type": "parted", "room": "lobby"})
+        self.assertEqual(note[-1].text, "you left #lobby; now talking in #dev")
+
+    def test_join_of_a_room_you_are_in_switches_and_renaming_to_yourself_says_so(self):
+        session = self.welcomed(rooms=["lobby", "dev"])
+        self.assertEqual(session.join("dev"), [chat.Note("now talking in #dev")])
+        self.assertEqual(session.rename("alice")[0].text, "you are alice already")
+
+    def test_reply_and_a_message_to_yourself(self):
+        session = self.welcomed()
+        self.assertIn("nobody", session.reply("hi")[0].text)
+        session.receive({"type": "msg", "from": "bob", "to": "alice", "text": "psst", "id": 9})
+        self.assertEqual(session.reply("hi")[0].frame, {"type": "pm", "to": "bob", "text": "hi"})
+        self.assertEqual(session.message("ALICE", "note"), [chat.Send({"type": "pm", "to": "ALICE", "text": "note"})])
+
+    def test_missed_counts_only_what_you_did_not_see(self):
+        session = self.welcomed()
+        for i in range(5):
+            session.say(f"mine {i}")
+        _, _, missed = session.welcome(dict(ClientSessionTest.WELCOME, missed={"lobby": 2}, history=[
+            {"type": "msg", "from": "alice", "text": f"mine {i}", "room": "lobby", "seq": 10 + i} for i in (2, 3, 4)]),
+            reconnected=True)
+        self.assertEqual(missed, {})
+
+    def test_completion(self):
+        session = self.welcomed(users=["alice", "bob", "Bernard"])
+        self.assertEqual(session.completions("b", 1, ["join"]), (["Bernard: ", "bob: "], 0))
+        self.assertEqual(session.completions("hi bo", 5, ["join"]), (["bob "], 3))
+        self.assertEqual(session.completions("/jo", 3, ["join", "quit"]), (["/join "], 0))
+        session.receive({"type": "rooms", "rooms": [{"name": "dev", "users": 1}]})
+        self.assertEqual(session.completions("/join #d", 8, []), (["#dev "], 6))
+
+
+class WindowsKeysTest(unittest.TestCase):
+    """Windows' console keys (through a fake msvcrt) drive the same editor."""
+
+    class FakeMsvcrt:
+        def __init__(self, keys):
+            self.keys = list(keys)
+
+        def getwch(self):
+            return self.keys.pop(0)
+
+    def test_arrows_backspace_history_and_the_end_of_input(self):
+        keys = ["h", "e", "l", "o", "\xe0", "K", "l", "\r", "x", "\x08", "\xe0", "H", "\r", "\x1a"]
+        editor = chat.LineEditor("> ")
+        lines = []
+        for key in chat.Console._windows_keys(self.FakeMsvcrt(keys)):
+            if key is None:
+                lines.append(None)
+                break
+            lines += editor.feed(key)[0]
+        self.assertEqual(lines, ["hello", "hello", None])
+
+
+class AloneNoticeTest(unittest.TestCase):
+    def test_one_alone_notice_not_again_on_a_resume_and_true_numbers(self):
+        server = Harness(history=0)
+        alice = server.connect("alice")
+        notices = [f["text"] for f in alice.frames("notice")]
+        self.assertEqual(notices, ["you are alone in #lobby; nothing said here is kept for whoever joins later"])
+        alice.close()
+        back = server.connect("alice", session=alice.welcome["session"], instance=alice.welcome["instance"],
+                              rooms=["lobby"], since={"lobby": 0})
+        self.assertEqual(back.frames("notice"), [], "a resume is no news")
+        self.assertIn("the last 1 line said", Harness(history=1).connect("bob").frames("notice")[0]["text"])
