@@ -3590,3 +3590,17 @@ class AloneNoticeTest(unittest.TestCase):
                               rooms=["lobby"], since={"lobby": 0})
         self.assertEqual(back.frames("notice"), [], "a resume is no news")
         self.assertIn("the last 1 line said", Harness(history=1).connect("bob").frames("notice")[0]["text"])
+
+
+class ReadmeCommandsTest(unittest.TestCase):
+    def test_the_readme_lists_every_client_command(self):
+        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+            readme = f.read()
+        args = chat.build_parser().parse_args(["client"])
+        args.password = None
+        client = chat.ChatClient(args, chat.Console(False), chat.View())
+        self.addCleanup(client.console.wake_r.close)
+        self.addCleanup(client.console.wake_w.close)
+        for command in client.commands.commands.values():
+            with self.subTest(command.name):
+                self.assertIn(f"| `/{command.name}{' ' + command.usage if command.usage else ''}` |", readme)
