@@ -458,7 +458,7 @@ class Conn:
 
     __slots__ = ("sock", "fd", "addr", "ip", "source", "tls", "handshake", "shut", "events", "state", "decoder",
                  "out", "queued",
-                 "nick", "key", "session", "rooms", "tokens", "refilled", "held", "paused", "backlogged", "deferred",
+                 "nick", "key", "session", "claimed", "rooms", "tokens", "refilled", "held", "paused", "backlogged", "deferred",
                  "last_heard", "flood_noticed")
 
     def __init__(self, sock, addr: str, ip: str, max_payload: int, now: float, burst: float):
@@ -475,6 +475,7 @@ class Conn:
         self.out: List[bytes] = []
         self.queued = 0
         self.nick = self.key = self.session = None
+        self.claimed = 0.0              # when it got its nick (wall clock): the earlier claim wins
         self.rooms: List[Room] = []
         self.tokens, self.refilled = float(burst), now    # flood-control token bucket
         self.held: Optional[dict] = None   # a frame waiting for a token
@@ -934,7 +935,8 @@ class Relay(Protocol):
         """An id for a private message delivered on this server."""
 
     def pm(self, sender: Conn, key: str, line: dict) -> bool:
-        """Deliver a private message to `key` on another server; False if nobody there has it."""
+        """Number and deliver a private message to `key` (through other
+        servers); False to leave it to Chat (it is for someone here, or nobody)."""
 
     def claim(self, conn: Conn, key: str, session: str, done: Callable[[bool], None]) -> None:
         """Claim the nick `key` for `conn` wherever users are; done(ok), now or later."""
@@ -1699,6 +1701,7 @@ class Chat:
         if replaced is not None:
             self.drop(replaced, "reconnected", ProtocolError("replaced", "you connected again elsewhere"))
         conn.nick, conn.key, conn.session = nick, name_key(nick), secrets.token_urlsafe(16)
+        conn.claimed = self.out.ts
         session = frame.get("session") if type(frame.get("session")) is str else ""
         conn.state = AUTH
         self.nicks.claiming[conn.key] = conn
@@ -1816,14 +1819,15 @@ class Chat:
         self.relay.post(room, conn, line)   # numbered, it comes back through deliver_line()
 
     def deliver_line(self, room: Room, sender: Optional[Conn], line: dict, data: Optional[bytes] = None,
-                     keep: bool = True) -> bytes:
+                     keep: bool = True, fan_out: bool = True) -> bytes:
         """A numbered line goes into the room's history (if it has a seq) and
-        out to its members; returns it encoded."""
+        out to its members (unless they have had it); returns it encoded."""
         if data is None:
             data = self.out.encode(line)
         if keep and "seq" in line:
             self.rooms.keep(room, HistoryLine(line["id"], room.name, line["seq"], data))
-        self.out.to_room_data(room, data, sender)
+        if fan_out:
+            self.out.to_room_data(room, data, sender)
         return data
 
     def on_pm(self, conn: Conn, frame: dict) -> None:
@@ -1831,14 +1835,15 @@ class Chat:
         key = name_key(to) if type(to) is str else ""
         target = self.users.get(key)
         line = {"type": "msg", "from": conn.nick, "to": target.nick if target else to, "text": text}
-        if target is not None:
-            line["id"] = self.relay.new_id()
-            self.out.send(target, line)
-        elif not self.relay.pm(conn, key, line):
+        if self.relay.pm(conn, key, line):      # numbered and delivered by the relay (through Redis)
+            return
+        if target is None:
             if self.nicks.away(key):
                 raise ProtocolError("no-such-user", f"{self.nicks.away(key)} lost their connection and may be"
                                                     " back in a moment; nothing was sent")
             raise ProtocolError("no-such-user", f"nobody here is called {shown(to)}")
+        line["id"] = self.relay.new_id()
+        self.out.send(target, line)
 
     def _room_of(self, conn: Conn, name: object) -> Room:
         """The room a line is for: the one named, or the lobby for clients
@@ -1868,19 +1873,27 @@ class Chat:
 
         def claimed(ok: bool) -> None:
             del self.nicks.claiming[key]
+            waited = conn.paused
             if conn.state is not JOINED:
                 if ok:
                     self.relay.release(key)
-            elif ok:
+                return
+            if ok:
                 self._rename(conn, new)
             else:
                 self.out.send(conn, nick_taken(new).frame())
+            if waited:      # what it sent after the nick comes after the nick
+                conn.paused = False
+                self.io.update_interest(conn)
+                self.intake.process(conn)
         self.relay.claim(conn, key, "", claimed)
+        if key in self.nicks.claiming:      # the relay answers later: read nothing until then
+            self.intake.pause(conn)
 
     def _rename(self, conn: Conn, new: str) -> None:
         old, old_key, key = conn.nick, conn.key, name_key(new)
         del self.users[conn.key]
-        conn.nick, conn.key = new, key
+        conn.nick, conn.key, conn.claimed = new, key, self.out.ts
         self.users[key] = conn
         for room in conn.rooms:
             room.renamed(conn, old)
@@ -1966,6 +1979,16 @@ class Chat:
         conn = self.nicks.back_elsewhere(key)
         if conn is not None:
             self.drop(conn, "reconnected elsewhere", ProtocolError("replaced", "you connected again elsewhere"))
+
+    def notice_here(self, text: str) -> None:
+        """A notice from this server to its own users (about its link to the others)."""
+        self.out.send_each(self.users.values(), {"type": "notice", "text": text})
+
+    def lost_nick(self, conn: Conn) -> None:
+        """After an outage, another server's user had claimed `conn`'s nick first."""
+        why = (f"while the servers were apart, {conn.nick} was also taken on another server, and earlier:"
+               " it is theirs; connect again to choose another nick")
+        self.drop(conn, "nick taken on another server while apart", ProtocolError("nick-taken", why))
 
     def close(self) -> None:
         """The loop is done: the relay writes what is left."""
@@ -2563,25 +2586,25 @@ class RedisLink:
 
     Commands are pipelined: written together at the end of the turn, each
     reply handed to the callback given with its command, in order. On a
-    subscribed link, published messages go to `on_message`. If Redis stops
-    answering or the connection breaks, `on_down` is called and the link
-    reconnects with exponential backoff; nothing here ever blocks the loop."""
+    subscribed link, published messages go to `on_message`. If Redis owes a
+    reply for longer than `reply_timeout`, or the connection breaks,
+    `on_down` is called and the link reconnects with exponential backoff;
+    nothing here ever blocks the loop."""
 
     CONNECT_TIMEOUT = 3.0
-    REPLY_TIMEOUT = 5.0
     MAX_BACKLOG = 64 << 20      # unsent command bytes before Redis counts as gone
 
     def __init__(self, loop: "ServerLoop", url: RedisUrl, name: str, on_up: Callable, on_down: Callable,
-                 on_message: Optional[Callable] = None):
+                 on_message: Optional[Callable] = None, reply_timeout: float = 5.0):
         self.loop, self.url, self.name = loop, url, name
         self.on_up, self.on_down, self.on_message = on_up, on_down, on_message
+        self.reply_timeout = reply_timeout
         self.sock: Optional[socket.socket] = None
         self.up = False
         self.out = bytearray()
-        self.callbacks: collections.deque = collections.deque()
+        self.callbacks: collections.deque = collections.deque()   # (reply callback, when it was asked)
         self.parser = RespParser()
         self.backoff = 0.5
-        self.last_reply = 0.0
         self.address = None
 
     def start(self) -> None:
@@ -2607,7 +2630,7 @@ class RedisLink:
         if not self.up:
             return
         self.out += resp_command(*args)
-        self.callbacks.append(reply)
+        self.callbacks.append((reply, self.loop.now))
         if len(self.out) > self.MAX_BACKLOG:
             self._fail("Redis is not keeping up")
 
@@ -2627,10 +2650,12 @@ class RedisLink:
         self.loop.watch(self.sock, events, self._on_event)
 
     def check(self, now: float) -> None:
-        """Called by the heartbeat: a Redis that owes replies and has said
-        nothing for REPLY_TIMEOUT is treated as gone (e.g. frozen)."""
-        if self.up and self.callbacks and now - self.last_reply > self.REPLY_TIMEOUT:
-            self._fail(f"no answer for {now - self.last_reply:.0f}s")
+        """Called by the heartbeat: a Redis that has owed a reply for longer
+        than reply_timeout is treated as gone (frozen, or its host gone). What
+        counts is how long the oldest command waits, not how long the link
+        has been quiet: an idle link is not a dead one."""
+        if self.up and self.callbacks and now - self.callbacks[0][1] > self.reply_timeout:
+            self._fail(f"no answer for {now - self.callbacks[0][1]:.1f}s")
 
     def _connect_deadline(self, sock: socket.socket) -> None:
         if sock is self.sock and not self.up:
@@ -2651,7 +2676,7 @@ class RedisLink:
             if error:
                 self._fail(f"cannot connect: {os.strerror(error)}")
                 return
-            self.up, self.backoff, self.last_reply = True, 0.5, time.monotonic()
+            self.up, self.backoff = True, 0.5
             self.loop.watch(self.sock, selectors.EVENT_READ, self._on_event)
             if self.url.password is not None:
                 auth = (self.url.username, self.url.password) if self.url.username else (self.url.password,)
@@ -2673,7 +2698,6 @@ class RedisLink:
                 self._fail("Redis closed the connection")
                 return
             if data:
-                self.last_reply = time.monotonic()
                 self.parser.feed(data)
                 try:
                     replies = self.parser.replies()
@@ -2691,7 +2715,7 @@ class RedisLink:
         if self.on_message is not None and isinstance(value, list) and value and value[0] == b"message":
             self.on_message(value[2])
             return
-        reply = self.callbacks.popleft() if self.callbacks else None
+        reply = self.callbacks.popleft()[0] if self.callbacks else None
         if reply is not None:
             reply(value)
         elif isinstance(value, RespError):
@@ -2766,8 +2790,12 @@ for i = 3, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
 redis.call('SADD', KEYS[3], ARGV[2])
 return 1
 """
-# A nick: KEYS owner, servers, session, presence; ARGV key, our server id, the session the
-# client presented, ttl, the new session, the presence record. 0 taken, 1 ours, 2 taken over.
+# Who has a nick is four hashes keyed by the nick's key: owner (the server id),
+# session, presence (a JSON record) and since (when it was claimed).
+#
+# A claim: KEYS owner, servers, session, presence, since; ARGV key, our server id,
+# the session the client presented, ttl, the new session, the presence record, when.
+# 0: taken; 1: ours; 2: ours, taken over from the same user's connection elsewhere.
 _CLAIM_SCRIPT = """
 local owner = redis.call('HGET', KEYS[1], ARGV[1])
 local taken_over = 1
@@ -2783,18 +2811,38 @@ end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[5])
 redis.call('HSET', KEYS[4], ARGV[1], ARGV[6])
+redis.call('HSET', KEYS[5], ARGV[1], ARGV[7])
 return taken_over
 """
-# KEYS owner, presence, session; ARGV key, our server id.
+# After an outage, a nick both sides gave out goes to the earlier claim (then the
+# lower server id). KEYS as for a claim; ARGV key, our server id, ttl, our session,
+# the presence record, when we claimed it. 0: theirs; 1: ours; 2: ours, taken from them.
+_RECLAIM_SCRIPT = """
+local owner = redis.call('HGET', KEYS[1], ARGV[1])
+local result = 1
+if owner and owner ~= ARGV[2] then
+  local beat = redis.call('ZSCORE', KEYS[2], owner)
+  local now = tonumber(redis.call('TIME')[1])
+  if beat and tonumber(beat) >= now - tonumber(ARGV[3]) then
+    local theirs, mine = tonumber(redis.call('HGET', KEYS[5], ARGV[1]) or '0'), tonumber(ARGV[6])
+    if theirs < mine or (theirs == mine and owner < ARGV[2]) then return 0 end
+    result = 2
+  end
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[4])
+redis.call('HSET', KEYS[4], ARGV[1], ARGV[5])
+redis.call('HSET', KEYS[5], ARGV[1], ARGV[6])
+return result
+"""
+# KEYS owner, presence, session, since; ARGV key, our server id.
 _RELEASE_SCRIPT = """
 if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
-  redis.call('HDEL', KEYS[1], ARGV[1])
-  redis.call('HDEL', KEYS[2], ARGV[1])
-  redis.call('HDEL', KEYS[3], ARGV[1])
+  for i = 1, 4 do redis.call('HDEL', KEYS[i], ARGV[1]) end
 end
 return 1
 """
-# KEYS servers, owner, presence, session; ARGV our server id, ttl, 'beat' or 'leave'.
+# KEYS servers, owner, presence, session, since; ARGV our server id, ttl, 'beat' or 'leave'.
 # Forgets servers (and their users) silent for ttl; returns the live servers.
 _HEARTBEAT_SCRIPT = """
 local now = tonumber(redis.call('TIME')[1])
@@ -2807,7 +2855,7 @@ if #dead > 0 or ARGV[3] ~= 'beat' then
   local owners = redis.call('HGETALL', KEYS[2])
   for i = 1, #owners, 2 do
     if gone[owners[i + 1]] then
-      redis.call('HDEL', KEYS[2], owners[i]); redis.call('HDEL', KEYS[3], owners[i]); redis.call('HDEL', KEYS[4], owners[i])
+      for k = 2, 5 do redis.call('HDEL', KEYS[k], owners[i]) end
     end
   end
 end
@@ -2839,29 +2887,59 @@ class RemoteUser(NamedTuple):
     rooms: Tuple[str, ...]
 
 
+class Flight(NamedTuple):
+    """A line of ours sent to Redis to be numbered, not yet back on the bus."""
+    room: str
+    sender: str         # its sender's nick key
+    line: dict
+    sent: float         # when (the loop's clock)
+    shown: bool         # already delivered here, provisionally (Redis was slow)
+
+
 class Cluster:
-    """This server's link to the others (see the diagram above).
+    """This server's link to the others (see the diagram above): the Relay
+    for a server with --redis.
 
     Chat calls it where something crosses servers: a line said (post), a
-    private message to someone elsewhere (pm), an event (event), a nick to
-    claim (claim/release) and a user's rooms (presence). It keeps a replica
-    of who is on the other servers (`remote`, and each Room's `remote`), and
-    while Redis is unreachable (`up` false) the server is an island: local
-    chat goes on and its users are told."""
+    private message (pm), an event (event), a nick to claim (claim/release)
+    and a user's rooms (presence). It keeps a replica of who is on the other
+    servers (`remote`, and each Room's `remote`).
+
+    Lines: every line is numbered by Redis and delivered, here too, when it
+    comes back on the bus, so every server shows the same lines in the same
+    order. If Redis is slow (no answer in LOCAL_WAIT), a line is shown here at
+    once, provisionally (`local`, a negative id, no seq), and its published
+    copy, when it comes, is not shown again. If Redis owes an answer for
+    longer than a third of the ttl, the link is down and the server is an
+    island: lines are numbered here (negative ids, which never collide with
+    Redis's or another server's) and reach this server's users only. When the
+    link is back, lines Redis published meanwhile are shown to the users
+    here (those already shown provisionally are recognised and not shown
+    twice), each sender hears once how many of their lines did not reach the
+    other servers, and nicks both sides gave out go to the earlier claim."""
+
+    LOCAL_WAIT = 1.0        # seconds a line waits for Redis before it is shown here anyway
 
     def __init__(self, chat: "Chat", loop: "ServerLoop", url: RedisUrl, ttl: float, history: int):
         self.chat, self.loop, self.ttl, self.history = chat, loop, ttl, history
         self.sid = secrets.token_hex(6)
         self.instance = secrets.token_hex(8)        # Redis's, once linked (see _load)
-        self.next_id = 1                            # above every id seen: for lines numbered here
+        self.next_id = 1                            # above every Redis id seen (to seed a Redis that lost it)
+        self.island_ids = itertools.count(-(int(self.sid[:6], 16) << 24) - 1, -1)   # this server's own range
         self.up = False
         self.remote: Dict[str, RemoteUser] = {}
-        self.in_flight: Dict[str, tuple] = {}       # nonce -> (room, sender key, line): said, not yet back
+        self.in_flight: Dict[str, Flight] = {}      # nonce -> line said here, not yet back (oldest first)
+        self.waiting = False                        # a timer watches the oldest flight
+        self.unconfirmed: List[Flight] = []         # lines in flight when the link went down
+        self.unsent: Dict[str, int] = collections.Counter()   # sender key -> island lines said
+        self.before: Dict[str, int] = {}            # room key -> newest seq shown here, when the link came back
         self.syncing: Optional[List[bytes]] = None  # bus messages held while the state loads
         self.nonces = itertools.count()
         self.outgoing: Dict[str, list] = {}         # room -> this turn's lines, as script arguments
-        self.commands = RedisLink(loop, url, "commands", self._link_up, self._link_down)
-        self.bus = RedisLink(loop, url, "bus", self._link_up, self._link_down, on_message=self._on_bus)
+        timeout = ttl / 3
+        self.commands = RedisLink(loop, url, "commands", self._link_up, self._link_down, reply_timeout=timeout)
+        self.bus = RedisLink(loop, url, "bus", self._link_up, self._link_down, on_message=self._on_bus,
+                             reply_timeout=timeout)
 
     @staticmethod
     def _key(*parts: str) -> str:
@@ -2896,6 +2974,7 @@ class Cluster:
         server remembers seeds it again, so ids keep increasing and clients
         can still resume: counters only go up, history only fills an empty list."""
         chat, run, k = self.chat, self.commands.command, self._key
+        self.before = {room.key: room.seq for room in chat.rooms}
         seqs = [part for room in chat.rooms for part in (room.name, room.seq)]
         run("EVAL", _SEED_SCRIPT, 3, k("instance"), k("id"), k("seq"), self.instance, self.next_id - 1, *seqs,
             reply=self._set_instance)
@@ -2910,7 +2989,6 @@ class Cluster:
 
     def _load_people(self, live: list) -> None:
         self.commands.command("HGETALL", self._key("presence"), reply=lambda v: self._load_presence(v, live))
-        self.commands.command("HGETALL", self._key("seq"), reply=self._load_seq)
         self.commands.command("SMEMBERS", self._key("rooms"), reply=self._load_rooms)
 
     def _load_presence(self, flat: list, live: list) -> None:
@@ -2921,51 +2999,103 @@ class Cluster:
             if user["sid"] != self.sid and user["sid"] in live_sids:
                 self._add_remote(key.decode(), RemoteUser(user["nick"], user["sid"], tuple(user["rooms"])))
 
-    def _load_seq(self, flat: list) -> None:
-        for name, seq in zip(flat[::2], flat[1::2]):
-            for room in self._rooms([name.decode()]):
-                room.seq = max(room.seq, int(seq))
-
     def _load_rooms(self, names: list) -> None:
-        names = [name.decode() for name in names]
-        for name in names:
+        for name in (name.decode() for name in names):
             self.commands.command("LRANGE", self._key("hist", name), -self.history, -1,
                                   reply=lambda lines, name=name: self._load_history(name, lines))
-        self.commands.command("PING", reply=lambda _: self._synced())
+        self.commands.command("HGETALL", self._key("seq"), reply=self._load_seq)
 
     def _load_history(self, name: str, lines: list) -> None:
+        """A room's history from Redis. What of it was said while the link was
+        down and not shown here yet is shown now, once; what is no longer
+        kept is counted for the people here."""
         for room in self._rooms([name]):
             self.chat.rooms.restore(room, lines)
+            shown_up_to = self.before.pop(room.key, None)
+            if shown_up_to is None or not room.history:
+                continue
+            self._gone(room, room.history[0].seq - shown_up_to - 1)
+            for line in room.history:
+                if line.seq > shown_up_to and not self._was_shown(line):
+                    self.chat.deliver_line(room, None, json.loads(line.data[4:]), line.data, keep=False)
+            room.seq = max(room.seq, room.history[-1].seq)
+
+    def _gone(self, room: "Room", count: int) -> None:
+        if count > 0 and room.members:
+            self.chat.out.to_room(room, {"type": "notice", "room": room.name, "text": (
+                f"{plural(count, 'line')} said in #{room.name} on the other servers while the link was down"
+                " can no longer be shown")})
+
+    def _was_shown(self, line: HistoryLine) -> bool:
+        """Whether a published line is one this server showed already, provisionally
+        (recognised by room, sender, time and text: the same line, numbered late)."""
+        said = json.loads(line.data[4:])
+        for index, flight in enumerate(self.unconfirmed):
+            if (flight.room, flight.line.get("from"), flight.line.get("ts"), flight.line.get("text")) == \
+                    (line.room, said.get("from"), said.get("ts"), said.get("text")):
+                del self.unconfirmed[index]     # it reached the others after all
+                return True
+        return False
+
+    def _load_seq(self, flat: list) -> None:
+        """The last reply of the load: each room's newest seq, then the link is up."""
+        for name, seq in zip(flat[::2], flat[1::2]):
+            for room in self._rooms([name.decode()]):
+                if room.key in self.before:     # no history left: whatever was said is gone
+                    self._gone(room, int(seq) - self.before.pop(room.key))
+                room.seq = max(room.seq, int(seq))
+        self._synced()
 
     def _synced(self) -> None:
         held, self.syncing = self.syncing or [], None
         self.up = True
         for conn in list(self.chat.users.values()):      # our users, back in the shared presence
-            self.claim(conn, conn.key, "", lambda ok, conn=conn: ok or log.warning(
-                "cluster: the nick %s is also in use on another server", conn.nick))
+            self._reclaim(conn)
             self.presence(conn)
         log.info("cluster: linked through Redis as server %s (%d users elsewhere)", self.sid, len(self.remote))
         if self.chat.users:     # they were told it was down
-            self.chat.announce("the link to the other servers is back up")
+            self.chat.notice_here("the link to the other servers is back up")
+        self._report_unsent()
         for message in held:
             self._on_bus(message)
 
+    def _report_unsent(self) -> None:
+        """Each sender hears once how many of their lines never reached the other servers."""
+        for flight in self.unconfirmed:
+            self.unsent[flight.sender] += 1
+        self.unconfirmed = []
+        for key, count in self.unsent.items():
+            sender = self.chat.users.get(key)
+            if sender is not None:
+                self.chat.out.send(sender, {"type": "notice", "text": f"{plural(count, 'line')} you said while the"
+                                            " link was down reached only the people on this server"})
+        self.unsent.clear()
+
+    def _reclaim(self, conn: "Conn") -> None:
+        """Our user's nick, claimed again after an outage: if another server
+        gave it out too, the earlier claim keeps it, and the other is told."""
+        def answer(value) -> None:
+            if value == 0:
+                self.chat.lost_nick(conn)
+            elif value == 2:
+                self._publish({"kind": "yield", "sid": self.sid, "key": conn.key})
+        k = self._key
+        self.commands.command("EVAL", _RECLAIM_SCRIPT, 5, k("owner"), k("servers"), k("session"), k("presence"),
+                              k("since"), conn.key, self.sid, self.ttl, conn.session or "", self._record(conn),
+                              conn.claimed, reply=answer)
+
     def _link_down(self) -> None:
-        """Redis is gone: deliver what we said that did not come back, and be
-        an island until it returns."""
+        """Redis is gone: show here what we said that did not come back, and
+        be an island until it returns."""
         if self.syncing is None and not self.up:
             return
         self.up, self.syncing = False, None
         self._forget_remote()
-        self.chat.announce("the link to the other servers is down; until it is back you are"
-                           " talking with the people on this server only")
-        for room_name, sender_key, line in self.in_flight.values():
-            room, sender = self.chat.rooms.get(room_name), self.chat.users.get(sender_key)
-            if room is not None:
-                self._deliver_locally(room, sender, line)
-                if sender is not None:
-                    self.chat.out.send(sender, {
-                        "type": "notice", "text": "your last line may not have reached the other servers"})
+        self.chat.notice_here("the link to the other servers is down; until it is back you are"
+                              " talking with the people on this server only")
+        for nonce in list(self.in_flight):
+            self._show_here(nonce)
+        self.unconfirmed += self.in_flight.values()
         self.in_flight.clear()
 
     def _heartbeat(self) -> None:
@@ -2977,8 +3107,8 @@ class Cluster:
 
     def _beat(self, mode: str, then: Optional[Callable] = None) -> None:
         k = self._key
-        self.commands.command("EVAL", _HEARTBEAT_SCRIPT, 4, k("servers"), k("owner"), k("presence"),
-                              k("session"), self.sid, self.ttl, mode, reply=then)
+        self.commands.command("EVAL", _HEARTBEAT_SCRIPT, 5, k("servers"), k("owner"), k("presence"),
+                              k("session"), k("since"), self.sid, self.ttl, mode, reply=then)
 
     def _prune(self, live: list) -> None:
         """Users of servers that stopped beating leave."""
@@ -2989,31 +3119,59 @@ class Cluster:
             if user.sid not in live_sids:
                 self._remove_remote(key, "their server went away")
 
-    # -- what Chat asks ------------------------------------------------------
+    # -- lines ---------------------------------------------------------------
 
     def post(self, room: "Room", sender: "Conn", line: dict) -> None:
         """Number, store and publish a room line; it comes back on the bus."""
         if not self.up:
-            self._deliver_locally(room, sender, line)
+            self.unsent[sender.key] += 1
+            self._island(room, sender, line)
             return
         nonce = f"{self.sid}.{next(self.nonces)}"
-        self.in_flight[nonce] = (room.name, sender.key, line)
-        head, middle, tail = _with_holes(self.chat.out.stamp(line), "id", "seq")
+        self.in_flight[nonce] = Flight(room.name, sender.key, self.chat.out.stamp(line), self.loop.now, False)
+        head, middle, tail = _with_holes(line, "id", "seq")
         prefix = _bus_prefix({"kind": "line", "sid": self.sid, "from": sender.key, "nonce": nonce})
         self.outgoing.setdefault(room.name, []).extend((prefix, head, middle, tail))
+        if not self.waiting:
+            self.waiting = True
+            self.loop.call_later(self.LOCAL_WAIT, self._overdue)
+
+    def _overdue(self) -> None:
+        """Lines Redis has not numbered in LOCAL_WAIT are shown here anyway."""
+        self.waiting = False
+        for nonce, flight in list(self.in_flight.items()):
+            if self.loop.now - flight.sent < self.LOCAL_WAIT:
+                self.waiting = True
+                self.loop.call_later(self.LOCAL_WAIT - (self.loop.now - flight.sent), self._overdue)
+                return
+            self._show_here(nonce)
+
+    def _show_here(self, nonce: str) -> None:
+        flight = self.in_flight[nonce]
+        if not flight.shown:
+            room = self.chat.rooms.get(flight.room)
+            if room is not None:
+                self._island(room, self.chat.users.get(flight.sender), flight.line)
+            self.in_flight[nonce] = flight._replace(shown=True)
+
+    def _island(self, room: "Room", sender: Optional["Conn"], line: dict) -> None:
+        """A line shown here only, numbered here: `local`, an id of this server's
+        own (negative: never one Redis gives), no seq (it is not in the shared history)."""
+        line = dict(line, id=next(self.island_ids), local=True)
+        line.pop("seq", None)
+        self.chat.deliver_line(room, sender, line)
 
     def new_id(self) -> int:
-        """An id for a line numbered here, not by Redis: a pm to someone on
-        this server, or a line while Redis is away."""
-        given = self.next_id
-        self.next_id += 1
-        return given
+        """An id for a private message delivered while Redis is away."""
+        return next(self.island_ids)
 
     def pm(self, sender: "Conn", to_key: str, line: dict) -> bool:
-        """A private message to someone on another server; False if nobody has that nick."""
-        if not self.up or to_key not in self.remote:
+        """A private message to `to_key`, here or on another server, numbered by
+        Redis; False if Redis is away (or nobody has that nick)."""
+        if not self.up or (to_key not in self.remote and to_key not in self.chat.users):
             return False
-        line["to"] = self.remote[to_key].nick
+        if to_key in self.remote:
+            line["to"] = self.remote[to_key].nick
         head, tail = _with_holes(self.chat.out.stamp(line), "id")
         prefix = _bus_prefix({"kind": "pm", "sid": self.sid, "to": to_key})
         self.outgoing.setdefault("", []).extend((prefix, head, tail, ""))
@@ -3022,6 +3180,8 @@ class Cluster:
     def event(self, rooms: Optional[List[str]], frame: dict) -> None:
         """An event for the members of `rooms` (None: everyone) elsewhere."""
         self._publish({"kind": "event", "sid": self.sid, "rooms": rooms, "frame": frame})
+
+    # -- nicks and presence --------------------------------------------------
 
     def presence(self, conn: "Conn") -> None:
         """`conn` joined, changed rooms or nick: tell the others (and Redis)."""
@@ -3042,9 +3202,9 @@ class Cluster:
                 self._publish({"kind": "replaced", "sid": self.sid, "key": key})
             done(isinstance(value, int) and value > 0)
         k = self._key
-        self.commands.command("EVAL", _CLAIM_SCRIPT, 4, k("owner"), k("servers"), k("session"), k("presence"),
-                              key, self.sid, session or "", self.ttl, conn.session or "", self._record(conn),
-                              reply=answer)
+        self.commands.command("EVAL", _CLAIM_SCRIPT, 5, k("owner"), k("servers"), k("session"), k("presence"),
+                              k("since"), key, self.sid, session or "", self.ttl, conn.session or "",
+                              self._record(conn), conn.claimed, reply=answer)
 
     def vanished(self, key: str) -> None:
         """`key` lost its connection: gone from the lists, its nick still claimed (held for it)."""
@@ -3054,8 +3214,8 @@ class Cluster:
         """`key` is no longer used here (left, or renamed)."""
         if self.up:
             k = self._key
-            self.commands.command("EVAL", _RELEASE_SCRIPT, 3, k("owner"), k("presence"), k("session"),
-                                  key, self.sid)
+            self.commands.command("EVAL", _RELEASE_SCRIPT, 4, k("owner"), k("presence"), k("session"),
+                                  k("since"), key, self.sid)
         self._publish({"kind": "user", "sid": self.sid, "key": key, "user": None})
 
     def others(self) -> List[str]:
@@ -3095,7 +3255,7 @@ class Cluster:
         if obj.get("sid") == self.sid:
             return
         handler = {"event": self._on_event, "user": self._on_user, "replaced": self._on_replaced,
-                   "gone": self._on_gone}.get(obj.get("kind"))
+                   "yield": self._on_yield, "gone": self._on_gone}.get(obj.get("kind"))
         if handler is not None:
             handler(obj)
 
@@ -3112,16 +3272,14 @@ class Cluster:
             if target is not None:
                 chat.out.send_data(target, data)
             return
-        if head["sid"] == self.sid:
-            self.in_flight.pop(head["nonce"], None)
+        flight = self.in_flight.pop(head["nonce"], None) if head["sid"] == self.sid else None
         rooms = self._rooms([line["room"]])
-        if not rooms:
+        if not rooms or line["seq"] <= rooms[0].seq:    # shown already (loaded while we were syncing)
             return
         room = rooms[0]
-        fresh = line["seq"] > room.seq      # not if loaded from Redis while we were syncing
-        room.seq = max(room.seq, line["seq"])
+        room.seq = line["seq"]
         sender = chat.users.get(head["from"]) if head["sid"] == self.sid else None
-        chat.deliver_line(room, sender, line, data, keep=fresh)
+        chat.deliver_line(room, sender, line, data, fan_out=not (flight and flight.shown))
 
     def _on_event(self, obj: dict) -> None:
         frame, rooms, out = obj["frame"], obj.get("rooms"), self.chat.out
@@ -3144,6 +3302,12 @@ class Cluster:
 
     def _on_replaced(self, obj: dict) -> None:
         self.chat.replaced(obj["key"])
+
+    def _on_yield(self, obj: dict) -> None:
+        """Another server holds an earlier claim on a nick a user of ours has too."""
+        conn = self.chat.users.get(obj["key"])
+        if conn is not None:
+            self.chat.lost_nick(conn)
 
     def _on_gone(self, obj: dict) -> None:
         for key, user in list(self.remote.items()):
@@ -3193,13 +3357,6 @@ class Cluster:
 
     def _record(self, conn: "Conn") -> str:
         return _dumps({"nick": conn.nick, "sid": self.sid, "rooms": [room.name for room in conn.rooms]})
-
-    def _deliver_locally(self, room: "Room", sender: Optional["Conn"], line: dict) -> None:
-        """While Redis is away a line is numbered here and reaches this
-        server's users only; it has no `seq` (it is not in the shared history)."""
-        line = dict(line, id=self.new_id())
-        line.pop("seq", None)
-        self.chat.deliver_line(room, sender, line)
 
 
 # ---------------------------------------------------------------------------

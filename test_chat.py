@@ -1793,8 +1793,9 @@ class RedisServer:
         test.addCleanup(self.stop)
 
     def start(self):
+        debug = ["--enable-debug-command", "local"] if self.version() >= (7,) else []
         self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-                                      "--save", "", "--appendonly", "no"],
+                                      "--save", "", "--appendonly", "no", *debug],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
         def answers():
@@ -1811,9 +1812,24 @@ class RedisServer:
             self.proc.kill()
             self.proc.wait()
 
+    @staticmethod
+    def version():
+        out = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout
+        return tuple(int(part) for part in re.search(r"v=(\d+)\.(\d+)", out).groups())
 
-@unittest.skipUnless(chat.shutil.which("redis-server"), "redis-server is not installed (.ci/run installs it)")
-class ClusterTest(unittest.TestCase):
+    def sleep(self, seconds):
+        """Freeze Redis for `seconds` (DEBUG SLEEP), as a slow or stuck Redis would be; returns at once."""
+        def freeze():
+            with socket.create_connection(("127.0.0.1", self.port), timeout=seconds + TIMEOUT) as s:
+                s.sendall(f"DEBUG SLEEP {seconds}\r\n".encode())
+                s.recv(64)
+        thread = threading.Thread(target=freeze, daemon=True)
+        thread.start()
+        return thread
+
+
+class ClusterSetup:
+    """Two servers A and B linked through a throwaway Redis."""
     TTL = 1.5
 
     def setUp(self):
@@ -1831,6 +1847,9 @@ class ClusterTest(unittest.TestCase):
         self.addCleanup(peer.close)
         return peer
 
+
+@unittest.skipUnless(chat.shutil.which("redis-server"), "redis-server is not installed (.ci/run installs it)")
+class ClusterTest(ClusterSetup, unittest.TestCase):
     def test_lines_joins_pms_and_who_cross_servers(self):
         alice = self.peer(self.a, "alice")
         bob = self.peer(self.b, "bob")
@@ -3604,3 +3623,141 @@ class ReadmeCommandsTest(unittest.TestCase):
         for command in client.commands.commands.values():
             with self.subTest(command.name):
                 self.assertIn(f"| `/{command.name}{' ' + command.usage if command.usage else ''}` |", readme)
+
+
+# ---------------------------------------------------------------------------
+# Several servers under real conditions (issue 12)
+# ---------------------------------------------------------------------------
+
+@unittest.skipUnless(chat.shutil.which("redis-server") and RedisServer.version() >= (7,),
+                     "redis-server 7 (DEBUG SLEEP) is not installed (.ci/run installs it)")
+class ClusterConditionsTest(ClusterSetup, unittest.TestCase):
+    """A ttl of 3 s: Redis owes an answer for at most 1 s before the link counts as down."""
+    TTL = 3.0
+
+    def lines(self, peer, count, timeout=TIMEOUT):
+        texts = []
+        while len(texts) < count:
+            texts.append(peer.expect("msg", timeout=timeout)["text"])
+        return texts
+
+    def test_a_quiet_server_keeps_a_healthy_link(self):
+        talker, quiet = self.peer(self.a, "talker"), self.peer(self.b, "quiet")
+        talker.expect("join", nick="quiet")
+        sent, started = 0, time.monotonic()
+        while time.monotonic() - started < 2.5 * self.TTL:      # B beats every ttl/3: seven heartbeats
+            talker.send({"type": "msg", "text": f"line {sent}"})
+            quiet.expect("msg", text=f"line {sent}")
+            sent += 1
+            time.sleep(0.1)     # pacing the talker at 10 lines a second, not waiting for anything
+        frames = quiet.sync() + talker.sync()
+        self.assertFalse([f for f in frames if f["type"] == "notice"], "no link-down alarm")
+        self.assertEqual(self.b.call(lambda: self.b.loop.chat.relay.up), True)
+
+    def test_a_nick_taken_on_both_sides_during_an_outage_ends_with_one_owner(self):
+        alice = self.peer(self.a, "alice")
+        self.redis.stop()
+        alice.expect("notice")
+        wait_until(lambda: not self.b.call(lambda: self.b.loop.chat.relay.up), what="B to notice")
+        impostor = self.peer(self.b, "alice")      # B's island does not know A's alice
+        self.redis.start()
+        self.assertEqual(impostor.expect("error", timeout=15)["code"], "nick-taken")
+        impostor.closed(timeout=15)
+        alice.expect("notice", timeout=15)
+        bob = self.peer(self.b, "bob")
+        wait_until(lambda: self.b.call(lambda: chat.name_key("alice") in self.b.loop.chat.relay.remote),
+                   what="B to see A's alice", timeout=10)
+        bob.send({"type": "who"})
+        self.assertEqual(bob.expect("who")["users"], ["alice", "bob"])
+        bob.send({"type": "pm", "to": "alice", "text": "the real one?"})
+        self.assertEqual(alice.expect("msg")["text"], "the real one?")
+
+    def test_a_slow_redis_lets_local_chat_go_on_and_shows_each_line_once(self):
+        a1, a2, b1 = self.peer(self.a, "a1"), self.peer(self.a, "a2"), self.peer(self.b, "b1")
+        a1.expect("join", nick="b1")
+        frozen = self.redis.sleep(0.8)      # under the 1 s reply timeout: slow, not down
+        started = time.monotonic()
+        for i in range(5):
+            a1.send({"type": "msg", "text": f"slow {i}"})
+        self.assertEqual(self.lines(a2, 5), [f"slow {i}" for i in range(5)])
+        self.assertLess(time.monotonic() - started, chat.Cluster.LOCAL_WAIT + 1.0)
+        frozen.join()
+        self.assertEqual(self.lines(b1, 5), [f"slow {i}" for i in range(5)])
+        a1.send({"type": "msg", "text": "after"})
+        self.assertEqual(self.lines(a2, 1), ["after"], "the published copies were not shown again")
+        self.assertEqual(self.lines(b1, 1), ["after"])
+
+    def test_a_stuck_redis_loses_nothing_it_published_and_says_once_what_it_did_not(self):
+        a1, a2, b1 = self.peer(self.a, "a1"), self.peer(self.a, "a2"), self.peer(self.b, "b1")
+        a1.expect("join", nick="b1")
+        frozen = self.redis.sleep(2.5)      # over the reply timeout: the links go down
+        for i in range(5):
+            a1.send({"type": "msg", "text": f"stuck {i}"})
+        self.assertEqual(self.lines(a2, 5), [f"stuck {i}" for i in range(5)])
+        wait_until(lambda: not self.a.call(lambda: self.a.loop.chat.relay.up), what="A's link down")
+        a1.send({"type": "msg", "text": "island line"})
+        self.assertEqual(self.lines(a2, 1), ["island line"])
+        frozen.join()
+        wait_until(lambda: self.a.call(lambda: self.a.loop.chat.relay.up) and
+                   self.b.call(lambda: self.b.loop.chat.relay.up), what="both links back", timeout=15)
+        self.assertEqual(self.lines(b1, 5, timeout=10), [f"stuck {i}" for i in range(5)], "published: shown once")
+        a1.send({"type": "msg", "text": "after"})
+        self.assertEqual(self.lines(a2, 1), ["after"], "no line twice on A")
+        self.assertEqual(self.lines(b1, 1), ["after"], "no line twice on B, and not the island line")
+        notices = [f["text"] for f in a1.sync() if f["type"] == "notice"]
+        unsent = [text for text in notices if "reached only the people on this server" in text]
+        self.assertEqual(unsent, ["1 line you said while the link was down reached only the people on this server"])
+
+    def test_island_ids_never_collide_and_have_no_seq(self):
+        a1, a2 = self.peer(self.a, "a1"), self.peer(self.a, "a2")
+        b1, b2 = self.peer(self.b, "b1"), self.peer(self.b, "b2")
+        self.redis.stop()
+        a2.expect("notice")
+        wait_until(lambda: not self.b.call(lambda: self.b.loop.chat.relay.up), what="B to notice")
+        b2.expect("notice")
+        for peer in (a1, b1):
+            for i in range(3):
+                peer.send({"type": "msg", "text": f"island {i}"})
+        lines = [a2.expect("msg") for _ in range(3)] + [b2.expect("msg") for _ in range(3)]
+        self.assertEqual(len({line["id"] for line in lines}), 6)
+        self.assertTrue(all(line["id"] < 0 and line["local"] and "seq" not in line for line in lines))
+
+    def test_a_line_right_after_a_rename_carries_the_new_nick(self):
+        mallory, watcher = self.peer(self.a, "mallory"), self.peer(self.b, "watcher")
+        mallory.expect("join", nick="watcher")
+        mallory.send_raw(chat.encode({"type": "msg", "text": "L1"}) + chat.encode({"type": "nick", "nick": "zed"})
+                         + chat.encode({"type": "msg", "text": "L2"}))
+        seen = [(f["type"], f.get("from"), f.get("new")) for f in (watcher.next() for _ in range(3))]
+        self.assertEqual(seen, [("msg", "mallory", None), ("nick", None, "zed"), ("msg", "zed", None)])
+
+    def test_one_notice_per_event(self):
+        alice, bob = self.peer(self.a, "alice"), self.peer(self.b, "bob")
+        alice.expect("join", nick="bob")
+        self.redis.stop()
+        wait_until(lambda: not self.b.call(lambda: self.b.loop.chat.relay.up), what="B to notice")
+        self.redis.start()
+        wait_until(lambda: self.a.call(lambda: self.a.loop.chat.relay.up) and
+                   self.b.call(lambda: self.b.loop.chat.relay.up), what="both links back", timeout=15)
+        for peer in (alice, bob):
+            notices = [f["text"] for f in peer.sync() if f["type"] == "notice"]
+            self.assertEqual(len([text for text in notices if "down" in text]), 1, notices)
+            self.assertEqual(len([text for text in notices if "back up" in text]), 1, notices)
+
+
+class RedisLinkTest(unittest.TestCase):
+    """Item 1 of issue 12, in memory: what makes a link count as dead."""
+
+    def test_an_idle_link_is_not_a_dead_one_but_an_unanswered_command_is(self):
+        loop = unittest.mock.Mock(now=1000.0)
+        link = chat.RedisLink(loop, chat.RedisUrl.parse("redis://127.0.0.1"), "commands", None, None,
+                              reply_timeout=5.0)
+        link.up, failures = True, []
+        link._fail = failures.append
+        link.check(1000.0)                 # nothing owed after a long silence: fine
+        loop.now = 1060.0
+        link.command("PING")               # the heartbeat asks, after a minute of quiet
+        link.check(1060.1)
+        self.assertEqual(failures, [], "a reply is owed for 0.1 s, not 60")
+        link.check(1065.2)
+        self.assertEqual(len(failures), 1)
+        self.assertIn("no answer for 5.2s", failures[0])
