@@ -985,7 +985,8 @@ class LocalRelay:
     def post(self, room: Room, sender: Conn, line: dict) -> None:
         room.seq += 1
         line["id"], line["seq"] = self.new_id(), room.seq
-        data = self.chat.deliver_line(room, sender, line)
+        data = self.chat.out.encode(line)
+        self.chat.deliver_line(room, sender, data, line["id"], line["seq"])
         if self.history is not None:
             self.history.append(data[4:])
 
@@ -1818,17 +1819,14 @@ class Chat:
             line["action"] = True
         self.relay.post(room, conn, line)   # numbered, it comes back through deliver_line()
 
-    def deliver_line(self, room: Room, sender: Optional[Conn], line: dict, data: Optional[bytes] = None,
-                     keep: bool = True, fan_out: bool = True) -> bytes:
-        """A numbered line goes into the room's history (if it has a seq) and
-        out to its members (unless they have had it); returns it encoded."""
-        if data is None:
-            data = self.out.encode(line)
-        if keep and "seq" in line:
-            self.rooms.keep(room, HistoryLine(line["id"], room.name, line["seq"], data))
+    def deliver_line(self, room: Room, sender: Optional[Conn], data: bytes, id: int, seq: Optional[int],
+                     keep: bool = True, fan_out: bool = True) -> None:
+        """A numbered line (`data`, as encoded) goes into the room's history
+        (if it has a seq) and out to its members (unless they have had it)."""
+        if keep and seq is not None:
+            self.rooms.keep(room, HistoryLine(id, room.name, seq, data))
         if fan_out:
             self.out.to_room_data(room, data, sender)
-        return data
 
     def on_pm(self, conn: Conn, frame: dict) -> None:
         to, text = frame.get("to"), check_text(frame.get("text"))
@@ -2508,6 +2506,9 @@ class _Incomplete(Exception):
     """The reply being parsed has not fully arrived yet."""
 
 
+_MESSAGE = b"*3\r\n$7\r\nmessage\r\n$"     # how a published message begins
+
+
 class RespParser:
     """Turns Redis's byte stream into replies: str for +OK, int, bytes (or
     None) for bulk strings, lists for arrays, RespError for errors."""
@@ -2522,13 +2523,34 @@ class RespParser:
         found, pos = [], 0
         while True:
             try:
-                value, pos2 = self._parse(pos)
+                value, pos2 = self._message(pos) if self._buf.startswith(_MESSAGE, pos) else self._parse(pos)
             except _Incomplete:     # wait for more bytes
                 break
             found.append(value)
             pos = pos2
         del self._buf[:pos]
         return found
+
+    def _message(self, pos: int):
+        """A published message, the bulk of a subscribed link's traffic, read
+        without the general parser: ["message", channel, payload]."""
+        buf = self._buf
+        channel, end = self._bulk(pos + len(_MESSAGE) - 1)
+        if buf[end:end + 1] != b"$":
+            raise _Incomplete
+        payload, end = self._bulk(end)
+        return [b"message", channel, payload], end
+
+    def _bulk(self, pos: int) -> Tuple[bytes, int]:
+        """The bulk string at `pos` ($N\\r\\nDATA\\r\\n) and where it ends."""
+        buf = self._buf
+        end = buf.find(b"\r\n", pos)
+        if end < 0:
+            raise _Incomplete
+        stop = end + 2 + int(buf[pos + 1:end])
+        if len(buf) < stop + 2:
+            raise _Incomplete
+        return bytes(buf[end + 2:stop]), stop + 2
 
     def _parse(self, pos: int):
         buf = self._buf
@@ -2750,20 +2772,25 @@ class RedisLink:
 
 
 # The Lua scripts run atomically in Redis, so no other server sees a half-done step.
-# Lines of one room: KEYS id, seq, hist:ROOM, bus, rooms; ARGV room, history length,
-# then per line the bus-message prefix and the line's JSON cut where id and seq go.
+# Lines of one room (or private messages, for room ''): KEYS id, seq, hist:ROOM, bus,
+# rooms; ARGV room, history length, then per line the bus message's head, open after
+# '"id":', and the line's JSON, open where id and seq go (see _unnumbered). The bus
+# message is HEAD ID,"seq":SEQ,"line":LINE} (no seq for a pm): a server reads the
+# numbers in the head and relays LINE as it is.
 _LINES_SCRIPT = """
 local room = ARGV[1]
-for i = 3, #ARGV, 4 do
+for i = 3, #ARGV, 2 do
   local id = redis.call('INCR', KEYS[1])
-  local line
+  local numbers, line = id, nil
   if room == '' then
-    line = ARGV[i + 1] .. id .. ARGV[i + 2]
+    line = ARGV[i + 1] .. ',"id":' .. id .. '}'
   else
-    line = ARGV[i + 1] .. id .. ARGV[i + 2] .. redis.call('HINCRBY', KEYS[2], room, 1) .. ARGV[i + 3]
+    local seq = redis.call('HINCRBY', KEYS[2], room, 1)
+    line = ARGV[i + 1] .. ',"id":' .. id .. ',"seq":' .. seq .. '}'
+    numbers = id .. ',"seq":' .. seq
     redis.call('RPUSH', KEYS[3], line)
   end
-  redis.call('PUBLISH', KEYS[4], ARGV[i] .. line .. '}')
+  redis.call('PUBLISH', KEYS[4], ARGV[i] .. numbers .. ',"line":' .. line .. '}')
 end
 if room ~= '' then
   redis.call('LTRIM', KEYS[3], -tonumber(ARGV[2]), -1)
@@ -2863,22 +2890,15 @@ return redis.call('ZRANGEBYSCORE', KEYS[1], now - tonumber(ARGV[2]), '+inf')
 """
 
 
-def _with_holes(frame: dict, *holes: str) -> List[str]:
-    """`frame` as compact JSON, cut where the values of the fields `holes`
-    go. Redis's Lua script numbers lines (id, seq) and joins the pieces
-    around the numbers, so a line is encoded once, here. A hole is marked by
-    a NUL character, which no text from a client can hold (clean_text
-    removes it), so the cut can only fall there."""
-    return _dumps(dict(frame, **{hole: "\0" for hole in holes})).split('"\\u0000"')
-
-
-def _bus_prefix(head: dict) -> str:
-    """A bus message's head, left open for its "line" (as _with_holes makes it)."""
-    return _dumps(head)[:-1] + _LINE_FIELD.decode()
+def _unnumbered(line: dict) -> str:
+    """A line's JSON without its id and seq and without its closing brace:
+    Redis's Lua script appends them (it alone numbers lines), so a line is
+    encoded once, here, and never parsed again on its way."""
+    return _dumps(line)[:-1]
 
 
 _KIND = b'{"kind":"'        # how every bus message begins
-_LINE_FIELD = b',"line":'   # and where a line or pm message's line begins
+_LINE_FIELD = b',"line":'   # and where a line or pm message's line begins: all before it is its head
 
 
 class RemoteUser(NamedTuple):
@@ -3017,7 +3037,7 @@ class Cluster:
             self._gone(room, room.history[0].seq - shown_up_to - 1)
             for line in room.history:
                 if line.seq > shown_up_to and not self._was_shown(line):
-                    self.chat.deliver_line(room, None, json.loads(line.data[4:]), line.data, keep=False)
+                    self.chat.deliver_line(room, None, line.data, line.id, line.seq, keep=False)
             room.seq = max(room.seq, room.history[-1].seq)
 
     def _gone(self, room: "Room", count: int) -> None:
@@ -3129,9 +3149,9 @@ class Cluster:
             return
         nonce = f"{self.sid}.{next(self.nonces)}"
         self.in_flight[nonce] = Flight(room.name, sender.key, self.chat.out.stamp(line), self.loop.now, False)
-        head, middle, tail = _with_holes(line, "id", "seq")
-        prefix = _bus_prefix({"kind": "line", "sid": self.sid, "from": sender.key, "nonce": nonce})
-        self.outgoing.setdefault(room.name, []).extend((prefix, head, middle, tail))
+        head = (f'{{"kind":"line","sid":"{self.sid}","from":{_dumps(sender.key)},"nonce":"{nonce}",'
+                f'"room":{_dumps(room.name)},"id":')
+        self.outgoing.setdefault(room.name, []).extend((head, _unnumbered(line)))
         if not self.waiting:
             self.waiting = True
             self.loop.call_later(self.LOCAL_WAIT, self._overdue)
@@ -3159,7 +3179,7 @@ class Cluster:
         own (negative: never one Redis gives), no seq (it is not in the shared history)."""
         line = dict(line, id=next(self.island_ids), local=True)
         line.pop("seq", None)
-        self.chat.deliver_line(room, sender, line)
+        self.chat.deliver_line(room, sender, self.chat.out.encode(line), line["id"], None)
 
     def new_id(self) -> int:
         """An id for a private message delivered while Redis is away."""
@@ -3172,9 +3192,8 @@ class Cluster:
             return False
         if to_key in self.remote:
             line["to"] = self.remote[to_key].nick
-        head, tail = _with_holes(self.chat.out.stamp(line), "id")
-        prefix = _bus_prefix({"kind": "pm", "sid": self.sid, "to": to_key})
-        self.outgoing.setdefault("", []).extend((prefix, head, tail, ""))
+        head = f'{{"kind":"pm","sid":"{self.sid}","to":{_dumps(to_key)},"id":'
+        self.outgoing.setdefault("", []).extend((head, _unnumbered(self.chat.out.stamp(line))))
         return True
 
     def event(self, rooms: Optional[List[str]], frame: dict) -> None:
@@ -3260,12 +3279,11 @@ class Cluster:
             handler(obj)
 
     def _on_line(self, kind: bytes, message: bytes) -> None:
-        # {"kind":...,"line":LINE}: LINE is what clients get, as Redis completed it; never re-encoded.
+        # HEAD,"line":LINE}: the head says what the line is; LINE is what clients get, as is.
         split = message.index(_LINE_FIELD)
         head, raw = json.loads(message[:split] + b"}"), message[split + len(_LINE_FIELD):-1]
-        line = json.loads(raw)
         chat = self.chat
-        self.next_id = max(self.next_id, line["id"] + 1)
+        self.next_id = max(self.next_id, head["id"] + 1)
         data = _LENGTH.pack(len(raw)) + raw
         if kind == b"pm":
             target = chat.users.get(head["to"])
@@ -3273,13 +3291,13 @@ class Cluster:
                 chat.out.send_data(target, data)
             return
         flight = self.in_flight.pop(head["nonce"], None) if head["sid"] == self.sid else None
-        rooms = self._rooms([line["room"]])
-        if not rooms or line["seq"] <= rooms[0].seq:    # shown already (loaded while we were syncing)
+        rooms = self._rooms([head["room"]])
+        if not rooms or head["seq"] <= rooms[0].seq:    # shown already (loaded while we were syncing)
             return
         room = rooms[0]
-        room.seq = line["seq"]
+        room.seq = head["seq"]
         sender = chat.users.get(head["from"]) if head["sid"] == self.sid else None
-        chat.deliver_line(room, sender, line, data, fan_out=not (flight and flight.shown))
+        chat.deliver_line(room, sender, data, head["id"], head["seq"], fan_out=not (flight and flight.shown))
 
     def _on_event(self, obj: dict) -> None:
         frame, rooms, out = obj["frame"], obj.get("rooms"), self.chat.out
