@@ -2916,6 +2916,11 @@ class Flight(NamedTuple):
     shown: bool         # already delivered here, provisionally (Redis was slow)
 
 
+def _said(room: str, line: dict) -> tuple:
+    """What tells a line apart when its id is not known yet."""
+    return room, line.get("from"), line.get("ts"), line.get("text")
+
+
 class Cluster:
     """This server's link to the others (see the diagram above): the Relay
     for a server with --redis.
@@ -2950,7 +2955,7 @@ class Cluster:
         self.remote: Dict[str, RemoteUser] = {}
         self.in_flight: Dict[str, Flight] = {}      # nonce -> line said here, not yet back (oldest first)
         self.waiting = False                        # a timer watches the oldest flight
-        self.unconfirmed: List[Flight] = []         # lines in flight when the link went down
+        self.unconfirmed: Dict[tuple, List[Flight]] = {}    # lines in flight when the link went down, by _said()
         self.unsent: Dict[str, int] = collections.Counter()   # sender key -> island lines said
         self.before: Dict[str, int] = {}            # room key -> newest seq shown here, when the link came back
         self.syncing: Optional[List[bytes]] = None  # bus messages held while the state loads
@@ -3049,13 +3054,14 @@ class Cluster:
     def _was_shown(self, line: HistoryLine) -> bool:
         """Whether a published line is one this server showed already, provisionally
         (recognised by room, sender, time and text: the same line, numbered late)."""
-        said = json.loads(line.data[4:])
-        for index, flight in enumerate(self.unconfirmed):
-            if (flight.room, flight.line.get("from"), flight.line.get("ts"), flight.line.get("text")) == \
-                    (line.room, said.get("from"), said.get("ts"), said.get("text")):
-                del self.unconfirmed[index]     # it reached the others after all
-                return True
-        return False
+        said = _said(line.room, json.loads(line.data[4:]))
+        flights = self.unconfirmed.get(said)
+        if not flights:
+            return False
+        flights.pop()       # it reached the others after all
+        if not flights:
+            del self.unconfirmed[said]
+        return True
 
     def _load_seq(self, flat: list) -> None:
         """The last reply of the load: each room's newest seq, then the link is up."""
@@ -3081,9 +3087,10 @@ class Cluster:
 
     def _report_unsent(self) -> None:
         """Each sender hears once how many of their lines never reached the other servers."""
-        for flight in self.unconfirmed:
-            self.unsent[flight.sender] += 1
-        self.unconfirmed = []
+        for flights in self.unconfirmed.values():
+            for flight in flights:
+                self.unsent[flight.sender] += 1
+        self.unconfirmed = {}
         for key, count in self.unsent.items():
             sender = self.chat.users.get(key)
             if sender is not None:
@@ -3115,7 +3122,8 @@ class Cluster:
                               " talking with the people on this server only")
         for nonce in list(self.in_flight):
             self._show_here(nonce)
-        self.unconfirmed += self.in_flight.values()
+        for flight in self.in_flight.values():
+            self.unconfirmed.setdefault(_said(flight.room, flight.line), []).append(flight)
         self.in_flight.clear()
 
     def _heartbeat(self) -> None:
