@@ -4353,6 +4353,8 @@ class Session:
     order, so they arrive after the join), and a refused join puts them back
     where they were; /part moves them to another room at once."""
 
+    PROVISIONAL_KEPT = 1000     # provisional lines remembered, to know their numbered copies
+
     def __init__(self, nick: str, password: Optional[str] = None):
         self.nick, self.password = nick, password
         self.rooms: List[str] = []
@@ -4362,6 +4364,7 @@ class Session:
         self.joining: List[Tuple[str, Optional[str]]] = []     # (room asked for, room before), in order
         self.seen: Dict[str, int] = {}      # room -> seq of the newest line seen there: where a resume starts
         self.sent: Dict[str, int] = {}      # room -> own lines sent since `seen` last moved on
+        self.provisional: Dict[tuple, None] = {}    # lines shown before they were numbered (`local`), by _said()
         self.instance = self.session = None
         self.max_text = TEXT_MAX
         self.ping_interval, self.idle_timeout = ServerConfig.ping_interval, ServerConfig.idle_timeout
@@ -4404,10 +4407,10 @@ class Session:
             for room in list(missed):
                 mine_kept = sum(1 for line in history if line.get("room") == room and self._mine(line.get("from")))
                 missed[room] -= max(0, self.sent.get(room, 0) - mine_kept)
-            history = [line for line in history if not self._mine(line.get("from"))]
+            history = [line for line in history if not self._mine(line.get("from")) and not self._shown_early(line)]
             missed = {room: count for room, count in missed.items() if count > 0}
         else:
-            self.seen = {}
+            self.seen, self.provisional = {}, {}
         self.sent = {}
         seqs = frame.get("seq")
         for room, seq in seqs.items() if isinstance(seqs, dict) else ():
@@ -4426,6 +4429,13 @@ class Session:
 
     def on_msg(self, frame: dict) -> list:
         self._saw(frame.get("room"), frame.get("seq"))
+        said = _plain_said(frame)
+        if frame.get("local") is True and said is not None:
+            self.provisional[said] = None
+            if len(self.provisional) > self.PROVISIONAL_KEPT:
+                del self.provisional[next(iter(self.provisional))]
+        elif self._shown_early(frame):
+            return []
         if frame.get("to") is not None and not self._mine(frame.get("from")):
             self.last_pm_from = frame.get("from")
         return [frame]
@@ -4618,6 +4628,15 @@ class Session:
     def _mine(self, nick: object) -> bool:
         return type(nick) is str and name_key(nick) == name_key(self.nick)
 
+    def _shown_early(self, line: dict) -> bool:
+        """A numbered line that was shown before, provisionally (see `local`
+        in the protocol): the same room, sender, time and text."""
+        said = _plain_said(line) if self.provisional and "seq" in line else None
+        if said not in self.provisional:
+            return False
+        del self.provisional[said]
+        return True
+
     def _history(self, lines: List[dict], label: str) -> list:
         for line in lines:
             self._saw(line.get("room"), line.get("seq"))
@@ -4625,6 +4644,12 @@ class Session:
             return []
         shown = lines if label == "line you missed" else map(Past, lines)   # what was said while we were here
         return [Note(f"--- {plural(len(lines), label)} ---", "2"), *shown, Note("--- now ---", "2")]
+
+
+def _plain_said(line: dict) -> Optional[tuple]:
+    """_said() of a line from the server, if its fields are plain values."""
+    said = _said(line.get("room"), line)
+    return said if all(type(value) in (str, int, float) for value in said) else None
 
 
 def _lines(history: object) -> List[dict]:

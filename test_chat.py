@@ -2774,6 +2774,21 @@ class ClientSessionTest(unittest.TestCase):
         resumed, _, _ = session.welcome(dict(self.WELCOME, instance="i2", seq={}), reconnected=True)
         self.assertFalse(resumed)
         self.assertEqual(session.seen, {})
+    def test_a_line_shown_early_is_not_shown_again_when_it_comes_numbered(self):
+        session = self.welcomed()
+        early = {"type": "msg", "from": "bob", "text": "slow redis", "room": "lobby", "ts": 5.5, "id": -9, "local": True}
+        numbered = dict(early, id=8, seq=8)
+        del numbered["local"]
+        other = dict(numbered, text="another", id=9, seq=9)
+        self.assertEqual(session.receive(dict(early)), [early])
+        self.assertEqual(session.seen, {"lobby": 7})                # a provisional line moves no cursor
+        history = [numbered, other]
+        _, shown, _ = session.welcome(dict(self.WELCOME, history=history), reconnected=True)   # a resume
+        self.assertEqual([f["text"] for f in shown if isinstance(f, dict)], ["another"])
+        self.assertEqual(session.receive(dict(numbered)), [dict(numbered)])   # known once only
+        hostile = dict(early, text=["not", "hashable"], ts={})
+        self.assertEqual(session.receive(dict(hostile)), [hostile])
+
 
     def test_frames_from_the_server(self):
         session = self.welcomed()
