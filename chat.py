@@ -3309,6 +3309,9 @@ class Cluster:
 
     def _on_event(self, obj: dict) -> None:
         frame, rooms, out = obj["frame"], obj.get("rooms"), self.chat.out
+        about = frame.get("old" if frame["type"] == "nick" else "nick")
+        if type(about) is str and name_key(about) in self.chat.users:
+            return      # the other holder of a nick both sides gave out while apart: it is ours
         frame.pop("ts", None)   # it is delivered now
         if rooms is None:       # for everyone (an operator's notice)
             out.send_each(self.chat.users.values(), frame)
