@@ -2177,12 +2177,15 @@ class ServerLoop:
 
     # -- the loop ------------------------------------------------------------
 
+    def catch_signals(self) -> None:
+        """SIGINT and SIGTERM stop the server politely. Called from the main
+        thread before the server says where it listens: whoever reads that
+        line may stop it at once."""
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda number, _: self.stop("Ctrl-C" if number == signal.SIGINT else "SIGTERM"))
+
     def serve_forever(self) -> None:
-        """Run until stop() (or SIGINT/SIGTERM when in the main thread)."""
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(signum, lambda number, _: self.stop(
-                    "Ctrl-C" if number == signal.SIGINT else "SIGTERM"))
+        """Run until stop()."""
         try:
             while not self.stopping or (self.open and self.now < self._deadline):
                 self._turn()
@@ -2907,6 +2910,63 @@ class RemoteUser(NamedTuple):
     rooms: Tuple[str, ...]
 
 
+def open_rooms(rooms: "Rooms", names: Iterable[str]) -> List["Room"]:
+    """The rooms named by another server (created here if new); a name this
+    server does not accept (or one room too many) is skipped."""
+    opened = []
+    for name in names:
+        try:
+            opened.append(rooms.open(check_room(name)))
+        except ProtocolError as error:
+            log.warning("cluster: ignoring room %.40r: %s", name, error.text)
+    return opened
+
+
+class Elsewhere:
+    """This server's replica of the users on the other servers, fed by the
+    bus: for `who`, pms, nick checks and each Room's `remote` members."""
+
+    def __init__(self, chat: "Chat"):
+        self.chat = chat
+        self.users: Dict[str, RemoteUser] = {}      # nick key -> who, on which server, in which rooms
+
+    def add(self, key: str, user: RemoteUser) -> None:
+        rooms = self.chat.rooms
+        old = self.users.get(key)
+        self.users[key] = user
+        for room in open_rooms(rooms, user.rooms):
+            room.remote[key] = user.nick
+            rooms.occupied(room)
+        if old is not None:
+            for room in filter(None, map(rooms.get, set(old.rooms) - set(user.rooms))):
+                room.remote.pop(key, None)
+                rooms.vacated(room)
+
+    def remove(self, key: str, announce: Optional[str]) -> None:
+        """Forget a user elsewhere; `announce` a leave to the rooms it was in."""
+        user = self.users.pop(key, None)
+        if user is None:
+            return
+        for room in filter(None, map(self.chat.rooms.get, user.rooms)):
+            room.remote.pop(key, None)
+            if announce:
+                self.chat.out.to_room(room, leave_frame(user.nick, announce, room))
+            self.chat.rooms.vacated(room)
+
+    def remove_servers(self, gone: Callable[[str], bool], announce: str) -> None:
+        """The users of the servers `gone(sid)` says are gone leave, announced."""
+        for key, user in list(self.users.items()):
+            if gone(user.sid):
+                self.remove(key, announce)
+
+    def forget(self) -> None:
+        """Everyone elsewhere, silently (the link is down: we no longer know)."""
+        for room in self.chat.rooms:
+            room.remote.clear()
+            self.chat.rooms.vacated(room)
+        self.users.clear()
+
+
 class Flight(NamedTuple):
     """A line of ours sent to Redis to be numbered, not yet back on the bus."""
     room: str
@@ -2927,8 +2987,8 @@ class Cluster:
 
     Chat calls it where something crosses servers: a line said (post), a
     private message (pm), an event (event), a nick to claim (claim/release)
-    and a user's rooms (presence). It keeps a replica of who is on the other
-    servers (`remote`, and each Room's `remote`).
+    and a user's rooms (presence). Who is on the other servers it keeps in
+    `elsewhere`.
 
     Lines: every line is numbered by Redis and delivered, here too, when it
     comes back on the bus, so every server shows the same lines in the same
@@ -2952,7 +3012,7 @@ class Cluster:
         self.next_id = 1                            # above every Redis id seen (to seed a Redis that lost it)
         self.island_ids = itertools.count(-(int(self.sid[:6], 16) << 24) - 1, -1)   # this server's own range
         self.up = False
-        self.remote: Dict[str, RemoteUser] = {}
+        self.elsewhere = Elsewhere(chat)
         self.in_flight: Dict[str, Flight] = {}      # nonce -> line said here, not yet back (oldest first)
         self.waiting = False                        # a timer watches the oldest flight
         self.unconfirmed: Dict[tuple, List[Flight]] = {}    # lines in flight when the link went down, by _said()
@@ -3018,11 +3078,11 @@ class Cluster:
 
     def _load_presence(self, flat: list, live: list) -> None:
         live_sids = {sid.decode() for sid in live}
-        self._forget_remote()
+        self.elsewhere.forget()
         for key, record in zip(flat[::2], flat[1::2]):
             user = json.loads(record)
             if user["sid"] != self.sid and user["sid"] in live_sids:
-                self._add_remote(key.decode(), RemoteUser(user["nick"], user["sid"], tuple(user["rooms"])))
+                self.elsewhere.add(key.decode(), RemoteUser(user["nick"], user["sid"], tuple(user["rooms"])))
 
     def _load_rooms(self, names: list) -> None:
         for name in (name.decode() for name in names):
@@ -3034,7 +3094,7 @@ class Cluster:
         """A room's history from Redis. What of it was said while the link was
         down and not shown here yet is shown now, once; what is no longer
         kept is counted for the people here."""
-        for room in self._rooms([name]):
+        for room in open_rooms(self.chat.rooms, [name]):
             self.chat.rooms.restore(room, lines)
             shown_up_to = self.before.pop(room.key, None)
             if shown_up_to is None or not room.history:
@@ -3066,7 +3126,7 @@ class Cluster:
     def _load_seq(self, flat: list) -> None:
         """The last reply of the load: each room's newest seq, then the link is up."""
         for name, seq in zip(flat[::2], flat[1::2]):
-            for room in self._rooms([name.decode()]):
+            for room in open_rooms(self.chat.rooms, [name.decode()]):
                 if room.key in self.before:     # no history left: whatever was said is gone
                     self._gone(room, int(seq) - self.before.pop(room.key))
                 room.seq = max(room.seq, int(seq))
@@ -3078,7 +3138,7 @@ class Cluster:
         for conn in list(self.chat.users.values()):      # our users, back in the shared presence
             self._reclaim(conn)
             self.presence(conn)
-        log.info("cluster: linked through Redis as server %s (%d users elsewhere)", self.sid, len(self.remote))
+        log.info("cluster: linked through Redis as server %s (%d users elsewhere)", self.sid, len(self.elsewhere.users))
         if self.chat.users:     # they were told it was down
             self.chat.notice_here("the link to the other servers is back up")
         self._report_unsent()
@@ -3117,7 +3177,7 @@ class Cluster:
         if self.syncing is None and not self.up:
             return
         self.up, self.syncing = False, None
-        self._forget_remote()
+        self.elsewhere.forget()
         self.chat.notice_here("the link to the other servers is down; until it is back you are"
                               " talking with the people on this server only")
         for nonce in list(self.in_flight):
@@ -3143,9 +3203,7 @@ class Cluster:
         if isinstance(live, RespError):
             return
         live_sids = {sid.decode() for sid in live}
-        for key, user in list(self.remote.items()):
-            if user.sid not in live_sids:
-                self._remove_remote(key, "their server went away")
+        self.elsewhere.remove_servers(lambda sid: sid not in live_sids, "their server went away")
 
     # -- lines ---------------------------------------------------------------
 
@@ -3196,10 +3254,11 @@ class Cluster:
     def pm(self, sender: "Conn", to_key: str, line: dict) -> bool:
         """A private message to `to_key`, here or on another server, numbered by
         Redis; False if Redis is away (or nobody has that nick)."""
-        if not self.up or (to_key not in self.remote and to_key not in self.chat.users):
+        elsewhere = self.elsewhere.users
+        if not self.up or (to_key not in elsewhere and to_key not in self.chat.users):
             return False
-        if to_key in self.remote:
-            line["to"] = self.remote[to_key].nick
+        if to_key in elsewhere:
+            line["to"] = elsewhere[to_key].nick
         head = f'{{"kind":"pm","sid":"{self.sid}","to":{_dumps(to_key)},"id":'
         self.outgoing.setdefault("", []).extend((head, _unnumbered(self.chat.out.stamp(line))))
         return True
@@ -3246,7 +3305,7 @@ class Cluster:
         self._publish({"kind": "user", "sid": self.sid, "key": key, "user": None})
 
     def others(self) -> List[str]:
-        return [user.nick for user in self.remote.values()]
+        return [user.nick for user in self.elsewhere.users.values()]
 
     def close(self) -> None:
         """Leaving for good: our users leave the others' lists now, not after a timeout."""
@@ -3299,7 +3358,7 @@ class Cluster:
                 chat.out.send_data(target, data)
             return
         flight = self.in_flight.pop(head["nonce"], None) if head["sid"] == self.sid else None
-        rooms = self._rooms([head["room"]])
+        rooms = open_rooms(self.chat.rooms, [head["room"]])
         if not rooms or head["seq"] <= rooms[0].seq:    # shown already (loaded while we were syncing)
             return
         room = rooms[0]
@@ -3325,9 +3384,9 @@ class Cluster:
     def _on_user(self, obj: dict) -> None:
         key, user = obj["key"], obj.get("user")
         if user is None:
-            self._remove_remote(key, None)
+            self.elsewhere.remove(key, None)
         else:
-            self._add_remote(key, RemoteUser(user["nick"], obj["sid"], tuple(user["rooms"])))
+            self.elsewhere.add(key, RemoteUser(user["nick"], obj["sid"], tuple(user["rooms"])))
 
     def _on_replaced(self, obj: dict) -> None:
         self.chat.replaced(obj["key"])
@@ -3339,50 +3398,9 @@ class Cluster:
             self.chat.lost_nick(conn)
 
     def _on_gone(self, obj: dict) -> None:
-        for key, user in list(self.remote.items()):
-            if user.sid == obj["sid"]:
-                self._remove_remote(key, "their server shut down")
+        self.elsewhere.remove_servers(lambda sid: sid == obj["sid"], "their server shut down")
 
     # -- the replica of who is elsewhere --------------------------------------
-
-    def _add_remote(self, key: str, user: RemoteUser) -> None:
-        old = self.remote.get(key)
-        self.remote[key] = user
-        for room in self._rooms(user.rooms):
-            room.remote[key] = user.nick
-            self.chat.rooms.occupied(room)
-        if old is not None:
-            for room in filter(None, map(self.chat.rooms.get, set(old.rooms) - set(user.rooms))):
-                room.remote.pop(key, None)
-                self.chat.rooms.vacated(room)
-
-    def _remove_remote(self, key: str, announce: Optional[str]) -> None:
-        """Forget a user elsewhere; `announce` a leave to the rooms it was in."""
-        user = self.remote.pop(key, None)
-        if user is None:
-            return
-        for room in filter(None, map(self.chat.rooms.get, user.rooms)):
-            room.remote.pop(key, None)
-            if announce:
-                self.chat.out.to_room(room, leave_frame(user.nick, announce, room))
-            self.chat.rooms.vacated(room)
-
-    def _forget_remote(self) -> None:
-        for room in self.chat.rooms:
-            room.remote.clear()
-            self.chat.rooms.vacated(room)
-        self.remote.clear()
-
-    def _rooms(self, names: Iterable[str]) -> List["Room"]:
-        """The rooms named by another server (created here if new); a name
-        this server does not accept (or one room too many) is skipped."""
-        rooms = []
-        for name in names:
-            try:
-                rooms.append(self.chat.rooms.open(check_room(name)))
-            except ProtocolError as error:
-                log.warning("cluster: ignoring room %.40r: %s", name, error.text)
-        return rooms
 
     def _record(self, conn: "Conn") -> str:
         return _dumps({"nick": conn.nick, "sid": self.sid, "rooms": [room.name for room in conn.rooms]})
@@ -5328,6 +5346,7 @@ def run_server(args: argparse.Namespace) -> int:
     except OSError as error:
         log.error("%s", cannot_listen(config.host, config.port, error))
         return 1
+    loop.catch_signals()
     host, port = loop.address
     where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     started = (f"chat.py server listening on {where} (up to {config.max_connections} connections, "

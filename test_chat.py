@@ -2003,7 +2003,7 @@ class ClusterTest(ClusterSetup, unittest.TestCase):
     def state(self, server):
         def read():
             cluster = server.loop.chat.relay
-            return dict(up=cluster.up, sid=cluster.sid, remote=dict(cluster.remote), users=list(server.loop.chat.users),
+            return dict(up=cluster.up, sid=cluster.sid, remote=dict(cluster.elsewhere.users), users=list(server.loop.chat.users),
                         cmd_up=cluster.commands.up, bus_up=cluster.bus.up, syncing=cluster.syncing is not None)
         return server.call(read)
 
@@ -3679,7 +3679,7 @@ class ClusterConditionsTest(ClusterSetup, unittest.TestCase):
         self.assertEqual(impostor.expect("error", timeout=15)["code"], "nick-taken")
         impostor.closed(timeout=15)
         bob = self.peer(self.b, "bob")
-        wait_until(lambda: self.b.call(lambda: chat.name_key("alice") in self.b.loop.chat.relay.remote),
+        wait_until(lambda: self.b.call(lambda: chat.name_key("alice") in self.b.loop.chat.relay.elsewhere.users),
                    what="B to see A's alice", timeout=10)
         bob.send({"type": "who"})
         self.assertEqual(bob.expect("who")["users"], ["alice", "bob"])
