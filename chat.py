@@ -2183,6 +2183,10 @@ class ServerLoop:
         line may stop it at once."""
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda number, _: self.stop("Ctrl-C" if number == signal.SIGINT else "SIGTERM"))
+        # A signal that lands just before select() blocks would run its Python
+        # handler only when something else woke the loop (an idle server: never).
+        # The wake-up fd makes the signal itself wake select().
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
 
     def serve_forever(self) -> None:
         """Run until stop()."""
@@ -2194,6 +2198,8 @@ class ServerLoop:
                 self._close(conn, "server stopped")
             self.selector.close()
             self.listener.close()
+            if threading.current_thread() is threading.main_thread():
+                signal.set_wakeup_fd(-1)    # before the socket it names is closed (see catch_signals)
             self._wake_r.close()
             self._wake_w.close()
             self.chat.close()
