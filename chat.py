@@ -3713,9 +3713,18 @@ class Console:
     def _wake(self, byte: bytes) -> bool:
         try:
             self.wake_w.send(byte)
-            return True
+        except BlockingIOError:
+            pass            # full of wake-ups already
         except OSError:
             return False    # the console was closed
+        return True
+
+    def wake_on_signals(self) -> None:
+        """A signal (Ctrl-C, a resize) also wakes whoever waits on wake_r: one
+        landing just before select() blocks would otherwise wait for the next
+        event to be seen. (Main thread only, as for any signal setting.)"""
+        self.wake_w.setblocking(False)
+        signal.set_wakeup_fd(self.wake_w.fileno(), warn_on_full_buffer=False)
 
     def _raw_mode(self) -> None:
         """Keys one by one, not echoed; Ctrl-C still interrupts."""
@@ -5062,6 +5071,7 @@ def run_client(args: argparse.Namespace) -> int:
     dumb = os.environ.get("TERM") == "dumb"     # cannot move its cursor: plain lines, no colour
     color = interactive and not os.environ.get("NO_COLOR") and not dumb
     console = Console(interactive, editing=not dumb)
+    console.wake_on_signals()
     ask = (lambda question: ask_user(question).strip().lower() in ("y", "yes")) if interactive else None
     args.tls_options = TlsOptions(args.cafile, args.fingerprint, args.known_hosts or default_known_hosts(),
                                   ask) if args.tls else None
