@@ -2830,38 +2830,24 @@ return 1
 # session, presence (a JSON record) and since (when it was claimed).
 #
 # A claim: KEYS owner, servers, session, presence, since; ARGV key, our server id,
-# the session the client presented, ttl, the new session, the presence record, when.
-# 0: taken; 1: ours; 2: ours, taken over from the same user's connection elsewhere.
+# ttl, the new session, the presence record, when it was claimed, the mode, and the
+# session the client presented. A live owner elsewhere keeps the nick, except:
+# in mode 'new' (a hello or a rename) to the same user (the session presented);
+# in mode 'again' (after an outage) to the earlier claim (then the lower server id).
+# 0: theirs; 1: ours; 2: ours, taken from them.
 _CLAIM_SCRIPT = """
-local owner = redis.call('HGET', KEYS[1], ARGV[1])
-local taken_over = 1
-if owner and owner ~= ARGV[2] then
-  local beat = redis.call('ZSCORE', KEYS[2], owner)
-  local now = tonumber(redis.call('TIME')[1])
-  if beat and tonumber(beat) >= now - tonumber(ARGV[4]) then
-    local session = redis.call('HGET', KEYS[3], ARGV[1])
-    if ARGV[3] == '' or session ~= ARGV[3] then return 0 end
-    taken_over = 2
-  end
-end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('HSET', KEYS[3], ARGV[1], ARGV[5])
-redis.call('HSET', KEYS[4], ARGV[1], ARGV[6])
-redis.call('HSET', KEYS[5], ARGV[1], ARGV[7])
-return taken_over
-"""
-# After an outage, a nick both sides gave out goes to the earlier claim (then the
-# lower server id). KEYS as for a claim; ARGV key, our server id, ttl, our session,
-# the presence record, when we claimed it. 0: theirs; 1: ours; 2: ours, taken from them.
-_RECLAIM_SCRIPT = """
 local owner = redis.call('HGET', KEYS[1], ARGV[1])
 local result = 1
 if owner and owner ~= ARGV[2] then
   local beat = redis.call('ZSCORE', KEYS[2], owner)
   local now = tonumber(redis.call('TIME')[1])
   if beat and tonumber(beat) >= now - tonumber(ARGV[3]) then
-    local theirs, mine = tonumber(redis.call('HGET', KEYS[5], ARGV[1]) or '0'), tonumber(ARGV[6])
-    if theirs < mine or (theirs == mine and owner < ARGV[2]) then return 0 end
+    if ARGV[7] == 'new' then
+      if ARGV[8] == '' or redis.call('HGET', KEYS[3], ARGV[1]) ~= ARGV[8] then return 0 end
+    else
+      local theirs, mine = tonumber(redis.call('HGET', KEYS[5], ARGV[1]) or '0'), tonumber(ARGV[6])
+      if theirs < mine or (theirs == mine and owner < ARGV[2]) then return 0 end
+    end
     result = 2
   end
 end
@@ -3172,10 +3158,7 @@ class Cluster:
                 self.chat.lost_nick(conn)
             elif value == 2:
                 self._publish({"kind": "yield", "sid": self.sid, "key": conn.key})
-        k = self._key
-        self.commands.command("EVAL", _RECLAIM_SCRIPT, 5, k("owner"), k("servers"), k("session"), k("presence"),
-                              k("since"), conn.key, self.sid, self.ttl, conn.session or "", self._record(conn),
-                              conn.claimed, reply=answer)
+        self._claim(conn, conn.key, "again", "", answer)
 
     def _link_down(self) -> None:
         """Redis is gone: show here what we said that did not come back, and
@@ -3293,10 +3276,13 @@ class Cluster:
             if value == 2:      # the same user, still connected elsewhere: that connection goes
                 self._publish({"kind": "replaced", "sid": self.sid, "key": key})
             done(isinstance(value, int) and value > 0)
+        self._claim(conn, key, "new", session or "", answer)
+
+    def _claim(self, conn: "Conn", key: str, mode: str, presented: str, reply: Callable) -> None:
         k = self._key
         self.commands.command("EVAL", _CLAIM_SCRIPT, 5, k("owner"), k("servers"), k("session"), k("presence"),
-                              k("since"), key, self.sid, session or "", self.ttl, conn.session or "",
-                              self._record(conn), conn.claimed, reply=answer)
+                              k("since"), key, self.sid, self.ttl, conn.session or "", self._record(conn),
+                              conn.claimed, mode, presented, reply=reply)
 
     def vanished(self, key: str) -> None:
         """`key` lost its connection: gone from the lists, its nick still claimed (held for it)."""
