@@ -3122,6 +3122,7 @@ class Cluster:
                 if room.key in self.before:     # no history left: whatever was said is gone
                     self._gone(room, int(seq) - self.before.pop(room.key))
                 room.seq = max(room.seq, int(seq))
+                self.chat.rooms.vacated(room)   # (unless someone is in it)
         self._synced()
 
     def _synced(self) -> None:
@@ -3357,6 +3358,8 @@ class Cluster:
         room.seq = head["seq"]
         sender = chat.users.get(head["from"]) if head["sid"] == self.sid else None
         chat.deliver_line(room, sender, data, head["id"], head["seq"], fan_out=not (flight and flight.shown))
+        if not room.count():    # a room of the other servers' only: dormant here, not in use
+            chat.rooms.vacated(room)
 
     def _on_event(self, obj: dict) -> None:
         frame, rooms, out = obj["frame"], obj.get("rooms"), self.chat.out

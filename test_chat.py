@@ -1836,8 +1836,8 @@ class ClusterSetup:
         self.redis = RedisServer(self)
         self.a, self.b = self.server(), self.server()
 
-    def server(self):
-        server = ServerThread(redis=self.redis.url, cluster_ttl=self.TTL)
+    def server(self, **config):
+        server = ServerThread(redis=self.redis.url, cluster_ttl=self.TTL, **config)
         self.addCleanup(server.stop)
         wait_until(lambda: server.call(lambda: server.loop.chat.relay.up), what="the cluster link")
         return server
@@ -1871,6 +1871,19 @@ class ClusterTest(ClusterSetup, unittest.TestCase):
             self.assertEqual(peer.expect("who")["users"], ["alice", "bob", "carol"])
         bob.send({"type": "quit"})
         self.assertEqual(alice.expect("leave", nick="bob")["users"], 2)
+
+    def test_rooms_used_on_another_server_do_not_fill_this_ones_table(self):
+        small = self.server(max_rooms=4)
+        bob = self.peer(small, "bob")
+        mallory = self.peer(self.a, "mallory")
+        burst = []
+        for i in range(12):     # each room joined, said something in and left, in one write
+            burst += [{"type": "join", "room": f"r{i}"}, {"type": "msg", "room": f"r{i}", "text": "x"},
+                      {"type": "part", "room": f"r{i}"}]
+        mallory.send_raw(b"".join(chat.encode(frame) for frame in burst + [{"type": "msg", "text": "done"}]))
+        self.assertEqual(bob.expect("msg", text="done")["from"], "mallory")    # B has had it all
+        bob.send({"type": "join", "room": "fresh"})
+        self.assertEqual(bob.expect("joined")["room"], "fresh")
 
     def test_a_join_reaches_members_this_server_has_not_heard_of_yet(self):
         cluster, held = self.b.loop.chat.relay, []
