@@ -2485,7 +2485,8 @@ class ServerLoop:
 #                                  chatpy:bus                 every line and event
 #                                  chatpy:id, chatpy:seq      ids (global), seq (per room)
 #                                  chatpy:hist:<room>         the newest lines of each room
-#                                  chatpy:owner/presence/session   who is where, by nick
+#                                  chatpy:active              rooms by their last line's time
+#                                  chatpy:owner/presence/session/since   who is where, by nick
 #                                  chatpy:servers             heartbeats (Redis TIME)
 #
 # Lines are numbered, stored and published by one Lua script, atomically
@@ -2782,13 +2783,17 @@ class RedisLink:
 
 # The Lua scripts run atomically in Redis, so no other server sees a half-done step.
 # Lines of one room (or private messages, for room ''): KEYS id, seq, hist:ROOM, bus,
-# rooms; ARGV room, history length, then per line the bus message's head, open after
-# '"id":', and the line's JSON, open where id and seq go (see _unnumbered). The bus
-# message is HEAD ID,"seq":SEQ,"line":LINE} (no seq for a pm): a server reads the
-# numbers in the head and relays LINE as it is.
+# active; ARGV room, history length, rooms kept, the prefix of history keys, then per
+# line the bus message's head, open after '"id":', and the line's JSON, open where id
+# and seq go (see _unnumbered). The bus message is HEAD ID,"seq":SEQ,"line":LINE} (no
+# seq for a pm): a server reads the numbers in the head and relays LINE as it is.
+# Redis keeps the history and seq of the rooms most recently said something in
+# (`active`, by time): past that many, the longest silent room is forgotten, so
+# rooms made and left one after another cannot fill Redis. (A forgotten room that
+# comes back numbers its lines from 1 again.)
 _LINES_SCRIPT = """
 local room = ARGV[1]
-for i = 3, #ARGV, 2 do
+for i = 5, #ARGV, 2 do
   local id = redis.call('INCR', KEYS[1])
   local numbers, line = id, nil
   if room == '' then
@@ -2803,7 +2808,15 @@ for i = 3, #ARGV, 2 do
 end
 if room ~= '' then
   redis.call('LTRIM', KEYS[3], -tonumber(ARGV[2]), -1)
-  redis.call('SADD', KEYS[5], room)
+  redis.call('ZADD', KEYS[5], tonumber(redis.call('TIME')[1]), room)
+  local excess = redis.call('ZCARD', KEYS[5]) - tonumber(ARGV[3])
+  if excess > 0 then
+    for _, old in ipairs(redis.call('ZRANGE', KEYS[5], 0, excess - 1)) do
+      redis.call('DEL', ARGV[4] .. old)
+      redis.call('HDEL', KEYS[2], old)
+    end
+    redis.call('ZREMRANGEBYRANK', KEYS[5], 0, excess - 1)
+  end
 end
 return 1
 """
@@ -2819,11 +2832,11 @@ for i = 3, #ARGV, 2 do
 end
 return ARGV[1]
 """
-# KEYS instance, hist:ROOM, rooms; ARGV our instance, room, the lines we keep.
+# KEYS instance, hist:ROOM, active; ARGV our instance, room, the lines we keep.
 _RESTORE_SCRIPT = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] or redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
 for i = 3, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
-redis.call('SADD', KEYS[3], ARGV[2])
+redis.call('ZADD', KEYS[3], 'NX', tonumber(redis.call('TIME')[1]), ARGV[2])
 return 1
 """
 # Who has a nick is four hashes keyed by the nick's key: owner (the server id),
@@ -2999,6 +3012,7 @@ class Cluster:
 
     def __init__(self, chat: "Chat", loop: "ServerLoop", url: RedisUrl, ttl: float, history: int):
         self.chat, self.loop, self.ttl, self.history = chat, loop, ttl, history
+        self.rooms_kept = 2 * chat.config.max_rooms     # in Redis: as many as a server may hold, in use or dormant
         self.sid = secrets.token_hex(6)
         self.instance = secrets.token_hex(8)        # Redis's, once linked (see _load)
         self.next_id = 1                            # above every Redis id seen (to seed a Redis that lost it)
@@ -3011,6 +3025,7 @@ class Cluster:
         self.unsent: Dict[str, int] = collections.Counter()   # sender key -> island lines said
         self.before: Dict[str, int] = {}            # room key -> newest seq shown here, when the link came back
         self.syncing: Optional[List[bytes]] = None  # bus messages held while the state loads
+        self.loaded: set = set()                    # ids of the lines the load brought (while syncing)
         self.nonces = itertools.count()
         self.outgoing: Dict[str, list] = {}         # room -> this turn's lines, as script arguments
         timeout = ttl / 3
@@ -3032,7 +3047,7 @@ class Cluster:
         k = self._key
         for room, lines in self.outgoing.items():
             self.commands.command("EVAL", _LINES_SCRIPT, 5, k("id"), k("seq"), k("hist", room), k("bus"),
-                                  k("rooms"), room, self.history, *lines)
+                                  k("active"), room, self.history, self.rooms_kept, k("hist", ""), *lines)
         self.outgoing.clear()
         self.commands.flush()
         self.bus.flush()
@@ -3057,7 +3072,7 @@ class Cluster:
             reply=self._set_instance)
         for room in chat.rooms:
             if room.history:
-                run("EVAL", _RESTORE_SCRIPT, 3, k("instance"), k("hist", room.name), k("rooms"), self.instance,
+                run("EVAL", _RESTORE_SCRIPT, 3, k("instance"), k("hist", room.name), k("active"), self.instance,
                     room.name, *(line.data[4:] for line in room.history))
         self._beat("beat", then=self._load_people)
 
@@ -3066,7 +3081,7 @@ class Cluster:
 
     def _load_people(self, live: list) -> None:
         self.commands.command("HGETALL", self._key("presence"), reply=lambda v: self._load_presence(v, live))
-        self.commands.command("SMEMBERS", self._key("rooms"), reply=self._load_rooms)
+        self.commands.command("ZRANGE", self._key("active"), 0, -1, reply=self._load_rooms)
 
     def _load_presence(self, flat: list, live: list) -> None:
         live_sids = {sid.decode() for sid in live}
@@ -3088,6 +3103,7 @@ class Cluster:
         kept is counted for the people here."""
         for room in open_rooms(self.chat.rooms, [name]):
             self.chat.rooms.restore(room, lines)
+            self.loaded.update(line.id for line in room.history)
             shown_up_to = self.before.pop(room.key, None)
             if shown_up_to is None or not room.history:
                 continue
@@ -3137,6 +3153,7 @@ class Cluster:
         self._report_unsent()
         for message in held:
             self._on_bus(message)
+        self.loaded.clear()
 
     def _report_unsent(self) -> None:
         """Each sender hears once how many of their lines never reached the other servers."""
@@ -3167,6 +3184,7 @@ class Cluster:
         if self.syncing is None and not self.up:
             return
         self.up, self.syncing = False, None
+        self.loaded.clear()
         self.elsewhere.forget()
         self.chat.notice_here("the link to the other servers is down; until it is back you are"
                               " talking with the people on this server only")
@@ -3352,7 +3370,7 @@ class Cluster:
             return
         flight = self.in_flight.pop(head["nonce"], None) if head["sid"] == self.sid else None
         rooms = open_rooms(self.chat.rooms, [head["room"]])
-        if not rooms or head["seq"] <= rooms[0].seq:    # shown already (loaded while we were syncing)
+        if not rooms or head["id"] in self.loaded:      # held while syncing, and loaded already
             return
         room = rooms[0]
         room.seq = head["seq"]

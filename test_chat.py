@@ -1817,6 +1817,17 @@ class RedisServer:
         out = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout
         return tuple(int(part) for part in re.search(r"v=(\d+)\.(\d+)", out).groups())
 
+    def call(self, *args):
+        """One command's reply (chat.py's own RESP code speaks it)."""
+        parser = chat.RespParser()
+        with socket.create_connection(("127.0.0.1", self.port), timeout=TIMEOUT) as s:
+            s.sendall(chat.resp_command(*args))
+            while True:
+                parser.feed(s.recv(65536))
+                replies = parser.replies()
+                if replies:
+                    return replies[0]
+
     def sleep(self, seconds):
         """Freeze Redis for `seconds` (DEBUG SLEEP), as a slow or stuck Redis would be; returns at once."""
         def freeze():
@@ -1884,6 +1895,25 @@ class ClusterTest(ClusterSetup, unittest.TestCase):
         self.assertEqual(bob.expect("msg", text="done")["from"], "mallory")    # B has had it all
         bob.send({"type": "join", "room": "fresh"})
         self.assertEqual(bob.expect("joined")["room"], "fresh")
+
+    def test_redis_keeps_the_rooms_said_in_last_and_a_room_forgotten_there_starts_anew(self):
+        small = self.server(max_rooms=3)        # so Redis keeps 6 rooms
+        bob = self.peer(self.b, "bob", rooms=["lobby", "old"])
+        mallory = self.peer(small, "mallory", rooms=["lobby", "old"])
+        mallory.send({"type": "msg", "room": "old", "text": "first"})
+        self.assertEqual(bob.expect("msg", room="old")["seq"], 1)
+        for i in range(10):     # rooms made, said something in, and left
+            mallory.send({"type": "join", "room": f"r{i}"})
+            mallory.send({"type": "msg", "room": f"r{i}", "text": "x"})
+            mallory.send({"type": "part", "room": f"r{i}"})
+        mallory.send({"type": "msg", "text": "done"})
+        bob.expect("msg", text="done")
+        self.assertEqual(self.redis.call("ZCARD", "chatpy:active"), 6)
+        self.assertEqual(len(self.redis.call("KEYS", "chatpy:hist:*")), 6)
+        self.assertEqual(self.redis.call("HEXISTS", "chatpy:seq", "old"), 0)
+        mallory.send({"type": "msg", "room": "old", "text": "again"})
+        line = bob.expect("msg", room="old")
+        self.assertEqual((line["text"], line["seq"]), ("again", 1))
 
     def test_a_join_reaches_members_this_server_has_not_heard_of_yet(self):
         cluster, held = self.b.loop.chat.relay, []
