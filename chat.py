@@ -939,7 +939,7 @@ class Relay(Protocol):
         servers); False to leave it to Chat (it is for someone here, or nobody)."""
 
     def claim(self, conn: Conn, key: str, session: str, done: Callable[[bool], None]) -> None:
-        """Claim the nick `key` for `conn` wherever users are; done(ok), now or later."""
+        """Claim the nick `key` for `conn` wherever users are; done(ok), now or later, but always."""
 
     def release(self, key: str) -> None:
         """The nick `key` is free again."""
@@ -2652,7 +2652,7 @@ class RedisLink:
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         error = self.sock.connect_ex(self.address)
         if error not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
-            self._fail(f"cannot connect: {os.strerror(error)}")
+            self.fail(f"cannot connect: {os.strerror(error)}")
             return
         self.loop.watch(self.sock, selectors.EVENT_WRITE, self._on_event)
         self.loop.call_later(self.CONNECT_TIMEOUT, self._connect_deadline, self.sock)
@@ -2664,7 +2664,7 @@ class RedisLink:
         self.out += resp_command(*args)
         self.callbacks.append((reply, self.loop.now))
         if len(self.out) > self.MAX_BACKLOG:
-            self._fail("Redis is not keeping up")
+            self.fail("Redis is not keeping up")
 
     def flush(self) -> None:
         """Write what is queued (once per loop turn)."""
@@ -2676,7 +2676,7 @@ class RedisLink:
         except _WOULD_BLOCK:
             pass
         except OSError as error:
-            self._fail(f"connection lost ({error.strerror or error})")
+            self.fail(f"connection lost ({error.strerror or error})")
             return
         events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.out else 0)
         self.loop.watch(self.sock, events, self._on_event)
@@ -2687,11 +2687,11 @@ class RedisLink:
         counts is how long the oldest command waits, not how long the link
         has been quiet: an idle link is not a dead one."""
         if self.up and self.callbacks and now - self.callbacks[0][1] > self.reply_timeout:
-            self._fail(f"no answer for {now - self.callbacks[0][1]:.1f}s")
+            self.fail(f"no answer for {now - self.callbacks[0][1]:.1f}s")
 
     def _connect_deadline(self, sock: socket.socket) -> None:
         if sock is self.sock and not self.up:
-            self._fail("connection timed out")
+            self.fail("connection timed out")
 
     def _on_event(self, mask: int) -> None:
         if self.sock is None:
@@ -2700,13 +2700,13 @@ class RedisLink:
             self._handle(mask)
         except Exception:   # a bug of ours: reset the link (and resync) rather than stop the server
             log.exception("redis (%s): internal error", self.name)
-            self._fail("internal error")
+            self.fail("internal error")
 
     def _handle(self, mask: int) -> None:
         if not self.up:
             error = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if error:
-                self._fail(f"cannot connect: {os.strerror(error)}")
+                self.fail(f"cannot connect: {os.strerror(error)}")
                 return
             self.up, self.backoff = True, 0.5
             self.loop.watch(self.sock, selectors.EVENT_READ, self._on_event)
@@ -2724,17 +2724,17 @@ class RedisLink:
             except _WOULD_BLOCK:
                 data = None
             except OSError as error:
-                self._fail(f"connection lost ({error.strerror or error})")
+                self.fail(f"connection lost ({error.strerror or error})")
                 return
             if data == b"":
-                self._fail("Redis closed the connection")
+                self.fail("Redis closed the connection")
                 return
             if data:
                 self.parser.feed(data)
                 try:
                     replies = self.parser.replies()
                 except (RespError, ValueError) as error:
-                    self._fail(f"bad reply: {error}")
+                    self.fail(f"bad reply: {error}")
                     return
                 for value in replies:
                     self._dispatch(value)
@@ -2755,9 +2755,10 @@ class RedisLink:
 
     def _expect_ok(self, value) -> None:
         if isinstance(value, RespError):
-            self._fail(f"refused: {value}")
+            self.fail(f"refused: {value}")
 
-    def _fail(self, reason: str) -> None:
+    def fail(self, reason: str) -> None:
+        """Drop the connection (telling on_down if it was up) and try again after a backoff."""
         was_up = self.up
         self._close_socket()
         self.out.clear()
@@ -3026,6 +3027,7 @@ class Cluster:
         self.before: Dict[str, int] = {}            # room key -> newest seq shown here, when the link came back
         self.syncing: Optional[List[bytes]] = None  # bus messages held while the state loads
         self.loaded: set = set()                    # ids of the lines the load brought (while syncing)
+        self.claims: Dict[str, Callable[[bool], None]] = {}    # nick key -> done(), while Redis decides
         self.nonces = itertools.count()
         self.outgoing: Dict[str, list] = {}         # room -> this turn's lines, as script arguments
         timeout = ttl / 3
@@ -3047,10 +3049,18 @@ class Cluster:
         k = self._key
         for room, lines in self.outgoing.items():
             self.commands.command("EVAL", _LINES_SCRIPT, 5, k("id"), k("seq"), k("hist", room), k("bus"),
-                                  k("active"), room, self.history, self.rooms_kept, k("hist", ""), *lines)
+                                  k("active"), room, self.history, self.rooms_kept, k("hist", ""), *lines,
+                                  reply=self._stored)
         self.outgoing.clear()
         self.commands.flush()
         self.bus.flush()
+
+    def _stored(self, value) -> None:
+        """Redis's answer to a turn's lines. A refusal (e.g. out of memory) is
+        a link that cannot do its job: down, so what was in flight is shown
+        here and counted for its senders, as when Redis is gone."""
+        if isinstance(value, RespError):
+            self.commands.fail(f"it refused lines ({value})")
 
     # -- the links -----------------------------------------------------------
 
@@ -3076,7 +3086,10 @@ class Cluster:
                     room.name, *(line.data[4:] for line in room.history))
         self._beat("beat", then=self._load_people)
 
-    def _set_instance(self, value: bytes) -> None:
+    def _set_instance(self, value) -> None:
+        if isinstance(value, RespError):
+            self.commands.fail(f"it refused to be seeded ({value})")
+            return
         self.instance = value.decode()
 
     def _load_people(self, live: list) -> None:
@@ -3193,6 +3206,9 @@ class Cluster:
         for flight in self.in_flight.values():
             self.unconfirmed.setdefault(_said(flight.room, flight.line), []).append(flight)
         self.in_flight.clear()
+        claims, self.claims = self.claims, {}
+        for done in claims.values():    # an island: this server's users were checked already
+            done(True)
 
     def _heartbeat(self) -> None:
         if self.commands.up:
@@ -3292,9 +3308,16 @@ class Cluster:
             return
 
         def answer(value) -> None:
+            if key not in self.claims:      # settled already: the link went down meanwhile
+                return
+            if isinstance(value, RespError):
+                self.commands.fail(f"it refused a nick claim ({value})")     # which settles it
+                return
+            del self.claims[key]
             if value == 2:      # the same user, still connected elsewhere: that connection goes
                 self._publish({"kind": "replaced", "sid": self.sid, "key": key})
-            done(isinstance(value, int) and value > 0)
+            done(value > 0)
+        self.claims[key] = done
         self._claim(conn, key, "new", session or "", answer)
 
     def _claim(self, conn: "Conn", key: str, mode: str, presented: str, reply: Callable) -> None:

@@ -3748,6 +3748,25 @@ class ClusterConditionsTest(ClusterSetup, unittest.TestCase):
         self.assertEqual(self.lines(a2, 1), ["after"], "the published copies were not shown again")
         self.assertEqual(self.lines(b1, 1), ["after"])
 
+    def test_a_hello_or_rename_waiting_on_redis_when_the_link_goes_down_is_answered(self):
+        bob = self.peer(self.a, "bob")
+        frozen = self.redis.sleep(2.5)      # over the 1 s reply timeout: the link goes down
+        bob.send({"type": "nick", "nick": "robert"})
+        carol = self.peer(self.a, "carol")  # claims wait for Redis, then for the island
+        self.assertIn("down", carol.expect("notice")["text"])
+        self.assertEqual(bob.expect("nick")["new"], "robert")
+        frozen.join()
+
+    def test_a_redis_that_refuses_lines_is_a_link_down_and_the_lines_are_counted(self):
+        alice, bob = self.peer(self.a, "alice"), self.peer(self.b, "bob")
+        alice.expect("join", nick="bob")
+        self.redis.call("CONFIG", "SET", "maxmemory", "1")      # no more writes: OOM errors
+        alice.send({"type": "msg", "text": "refused"})
+        self.assertIn("down", alice.expect("notice")["text"])
+        self.redis.call("CONFIG", "SET", "maxmemory", "0")
+        self.assertIn("back up", alice.expect("notice", timeout=10)["text"])
+        self.assertIn("1 line you said while the link was down", alice.expect("notice")["text"])
+
     def test_a_stuck_redis_loses_nothing_it_published_and_says_once_what_it_did_not(self):
         a1, a2, b1 = self.peer(self.a, "a1"), self.peer(self.a, "a2"), self.peer(self.b, "b1")
         a1.expect("join", nick="b1")
@@ -3813,7 +3832,7 @@ class RedisLinkTest(unittest.TestCase):
         link = chat.RedisLink(loop, chat.RedisUrl.parse("redis://127.0.0.1"), "commands", None, None,
                               reply_timeout=5.0)
         link.up, failures = True, []
-        link._fail = failures.append
+        link.fail = failures.append
         link.check(1000.0)                 # nothing owed after a long silence: fine
         loop.now = 1060.0
         link.command("PING")               # the heartbeat asks, after a minute of quiet
