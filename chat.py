@@ -1984,9 +1984,9 @@ class Chat:
 
     def lost_nick(self, conn: Conn) -> None:
         """After an outage, another server's user had claimed `conn`'s nick first."""
-        why = (f"while the servers were apart, {conn.nick} was also taken on another server, and earlier:"
-               " it is theirs; connect again to choose another nick")
-        self.drop(conn, "nick taken on another server while apart", ProtocolError("nick-taken", why))
+        self.drop(conn, "nick taken on another server while apart", nick_taken(
+            conn.nick, "while the servers were apart, another server gave it out too, and earlier;"
+                       " connect again to choose another nick"))
 
     def close(self) -> None:
         """The loop is done: the relay writes what is left."""
