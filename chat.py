@@ -3297,8 +3297,8 @@ class Cluster:
         """`conn` joined, changed rooms or nick: tell the others (and Redis)."""
         record = self._record(conn)
         if self.up:
-            self.commands.command("HSET", self._key("presence"), conn.key, record)
-        self._publish({"kind": "user", "sid": self.sid, "key": conn.key, "user": json.loads(record)})
+            self.commands.command("HSET", self._key("presence"), conn.key, _dumps(record))
+        self._publish({"kind": "user", "sid": self.sid, "key": conn.key, "user": record})
 
     def claim(self, conn: "Conn", key: str, session: str, done: Callable[[bool], None]) -> None:
         """Claim the nick `key` cluster-wide for `conn`; `done(ok)` when Redis answers.
@@ -3323,7 +3323,7 @@ class Cluster:
     def _claim(self, conn: "Conn", key: str, mode: str, presented: str, reply: Callable) -> None:
         k = self._key
         self.commands.command("EVAL", _CLAIM_SCRIPT, 5, k("owner"), k("servers"), k("session"), k("presence"),
-                              k("since"), key, self.sid, self.ttl, conn.session or "", self._record(conn),
+                              k("since"), key, self.sid, self.ttl, conn.session or "", _dumps(self._record(conn)),
                               conn.claimed, mode, presented, reply=reply)
 
     def vanished(self, key: str) -> None:
@@ -3438,8 +3438,9 @@ class Cluster:
 
     # -- the replica of who is elsewhere --------------------------------------
 
-    def _record(self, conn: "Conn") -> str:
-        return _dumps({"nick": conn.nick, "sid": self.sid, "rooms": [room.name for room in conn.rooms]})
+    def _record(self, conn: "Conn") -> dict:
+        """Who `conn` is, as the other servers keep it (chatpy:presence)."""
+        return {"nick": conn.nick, "sid": self.sid, "rooms": [room.name for room in conn.rooms]}
 
 
 # ---------------------------------------------------------------------------
