@@ -3462,6 +3462,8 @@ _KEYS = {
 }
 _SEQUENCE = re.compile(r"\x1b(\[[0-9;]*[@-~]|O.|[^\[O])")      # an escape sequence, whole
 _SEQUENCE_START = re.compile(r"\x1b(\[[0-9;]*|O)?")              # the start of one, not yet whole
+_TYPED = re.compile("[^\x00-\x1f\x7f]+")     # a run of keys that are text: inserted in one go
+_PASTED = re.compile("[^\x1b]+")              # in a paste, all up to the next escape sequence is text
 
 
 class LineEditor:
@@ -3502,6 +3504,14 @@ class LineEditor:
         text, self.pending = self.pending + text, ""
         i = 0
         while i < len(text):
+            # A run of text is inserted at once, and drawn once: a long paste
+            # costs its length, not its length squared.
+            run = (_PASTED if self.pasting else _TYPED).match(text, i)
+            if run:
+                self.tabbed = False
+                out.append(self._insert(_NEWLINES.sub("\n", run.group()) if self.pasting else run.group()))
+                i = run.end()
+                continue
             key, size = self._next_key(text, i)
             if key is None:         # an escape sequence cut short: wait for the rest
                 self.pending = text[i:]
@@ -3527,8 +3537,8 @@ class LineEditor:
         return "\x1b", 1
 
     def _key(self, key: str, lines: List[Optional[str]]) -> str:
-        if self.pasting and key not in ("\x1b[201~",):
-            return self._insert("\n" if key in ("\r", "\n") else key if len(key) == 1 else "")
+        if self.pasting and key != "\x1b[201~":     # an escape sequence in a paste: not a key
+            return self._insert(key) if len(key) == 1 else ""
         action = _KEYS.get(key)
         tabbed, self.tabbed = self.tabbed, False
         if action is None:

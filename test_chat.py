@@ -289,6 +289,12 @@ class LineEditorTest(unittest.TestCase):
         editor.draw()
         return editor
 
+    def test_a_long_paste_is_drawn_once_not_once_a_key(self):
+        editor = self.editor()
+        lines, screen = editor.feed("\x1b[200~" + "x" * 20000 + "\r\nsecond\x1b[201~")
+        self.assertEqual((lines, editor.buffer), ([], "x" * 20000 + "\nsecond"))
+        self.assertLess(len(screen), 20100)     # once a key, it was 20000 drawings of the line: ~200 MB
+
     def test_the_cursor_stays_where_it_was_when_a_line_arrives(self):
         editor = self.editor()
         editor.feed("helo world" + "\x1b[D" * 7)      # Left seven times: after "hel"
