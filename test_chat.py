@@ -3408,9 +3408,6 @@ class ClientTerminalTest(ServerTestCase):
         terminal.settle(r"#lobby>$")
         return terminal
 
-    def input_row(self, terminal):
-        return [row for row in terminal.screen.lines() if row.startswith("#")][-1]
-
     def test_the_screen_shows_what_enter_sends_and_the_cursor_where_the_next_key_goes(self):
         bob = self.peer("bob")
         terminal = self.terminal()
