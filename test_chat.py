@@ -3766,7 +3766,8 @@ class ClusterConditionsTest(ClusterSetup, unittest.TestCase):
         frozen.join()
 
     def test_a_redis_that_refuses_lines_is_a_link_down_and_the_lines_are_counted(self):
-        alice, bob = self.peer(self.a, "alice"), self.peer(self.b, "bob")
+        alice = self.peer(self.a, "alice")
+        self.peer(self.b, "bob")
         alice.expect("join", nick="bob")
         self.redis.call("CONFIG", "SET", "maxmemory", "1")      # no more writes: OOM errors
         alice.send({"type": "msg", "text": "refused"})
