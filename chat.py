@@ -4597,7 +4597,8 @@ class Session:
         if self.room is None:
             return [Note("you are in no room, so nothing was sent; /join one", "31")]
         out = []
-        for part in split_text(text, self.max_text):
+        for start in range(0, len(text), self.max_text):
+            part = text[start:start + self.max_text]
             self.sent[self.room] = self.sent.get(self.room, 0) + 1
             out.append(Send({"type": kind, "text": part, "room": self.room}))
             out.append(Echo({"type": "msg", "from": self.nick, "action": kind == "me", "text": part,
@@ -4720,16 +4721,6 @@ class Session:
             return []
         shown = lines if label == "line you missed" else map(Past, lines)   # what was said while we were here
         return [Note(f"--- {plural(len(lines), label)} ---", "2"), *shown, Note("--- now ---", "2")]
-
-
-def split_text(text: str, max_chars: int) -> List[str]:
-    """Text cut into lines the server takes: at most `max_chars` characters
-    and TEXT_MAX_LINES lines each (a long paste goes as several lines, not
-    refused); parts with nothing to show are left out."""
-    rows = text.split("\n")
-    blocks = ["\n".join(rows[start:start + TEXT_MAX_LINES]) for start in range(0, len(rows), TEXT_MAX_LINES)]
-    parts = [block[start:start + max_chars] for block in blocks for start in range(0, len(block), max_chars)]
-    return [part for part in parts if part.strip()]
 
 
 def _plain_said(line: dict) -> Optional[tuple]:
