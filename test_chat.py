@@ -1,8 +1,11 @@
 """Tests for chat.py. Run: python3 -m unittest -v
 
-Pure parts first (codec, text rules, commands, rendering), then a real
-server on 127.0.0.1 port 0, in a thread or a subprocess, with real sockets
-and real client processes. Nothing waits by sleeping: every wait is for a
+Filed by the part of chat.py they test, under the same section names and
+numbers. The tools come first: the Harness (the server's core in memory,
+on a fake loop and a fake clock, as h11 tests its connection) for the
+protocol's rules, then real servers on 127.0.0.1 port 0, in a thread or a
+subprocess, with real sockets, client processes, pseudo-terminals and a
+throwaway redis-server. Nothing waits by sleeping: every wait is for a
 condition (a frame, a line of output, an exit) with a timeout.
 """
 import argparse
@@ -79,311 +82,34 @@ MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgnOuuPGw0r6GEL5ak
 """
 
 
+# ---------------------------------------------------------------------------
+# Test tools: helpers
+# ---------------------------------------------------------------------------
+
 def frame_bytes(payload: bytes) -> bytes:
     return struct.pack(">I", len(payload)) + payload
 
 
-# ---------------------------------------------------------------------------
-# Pure parts
-# ---------------------------------------------------------------------------
-
-class CodecTest(unittest.TestCase):
-    def decode_all(self, data: bytes, chunk: int, max_payload=chat.MAX_CLIENT_PAYLOAD):
-        decoder, frames = chat.FrameDecoder(max_payload), []
-        for i in range(0, len(data), chunk):
-            decoder.feed(data[i:i + chunk])
-            while True:
-                frame = decoder.next_frame()
-                if frame is None:
-                    break
-                frames.append(frame)
-        return frames, decoder
-
-    def test_encode_is_length_prefixed_compact_utf8_json(self):
-        data = chat.encode({"type": "msg", "text": "héllo 你好 🎉"})
-        payload = data[4:]
-        self.assertEqual(struct.unpack(">I", data[:4])[0], len(payload))
-        self.assertEqual(payload.decode("utf-8"), '{"type":"msg","text":"héllo 你好 🎉"}')
-
-    def test_frames_split_at_every_byte_and_merged_come_out_whole(self):
-        frames = [{"type": "msg", "text": "x" * n} for n in (0, 1, 300, 70000 // 2)]
-        stream = b"".join(chat.encode(f) for f in frames)
-        for chunk in (1, 3, 7, 4096, len(stream)):
-            with self.subTest(chunk=chunk):
-                self.assertEqual(self.decode_all(stream, chunk)[0], frames)
-
-    def test_oversized_frame_is_refused_from_its_prefix_alone(self):
-        decoder = chat.FrameDecoder(100)
-        decoder.feed(struct.pack(">I", 101))
-        with self.assertRaises(chat.ProtocolError) as caught:
-            decoder.next_frame()
-        self.assertEqual(caught.exception.code, "frame-too-large")
-        decoder = chat.FrameDecoder(100)
-        decoder.feed(frame_bytes(b'{"type":"' + b"x" * 88 + b'"}'))   # exactly 100 bytes is fine
-        self.assertEqual(len(decoder.next_frame()["type"]), 88)
-
-    def test_bad_payloads_are_bad_frames(self):
-        deep = b"[" * 100000 + b"]" * 100000
-        for payload, why in [(b"\xff\xfe{}", "UTF-8"), (b'{"type":"msg",', "JSON"), (b"[1,2]", "object"),
-                             (b'"hi"', "object"), (b'{"text":"hi"}', "type"), (b'{"type":5}', "type"),
-                             (b"", "JSON"), (deep, "JSON"), (b'{"type":"msg","n":' + b"9" * 5000 + b"}", "JSON")]:
-            with self.subTest(payload=payload[:20]):
-                decoder = chat.FrameDecoder(1 << 20)
-                decoder.feed(frame_bytes(payload))
-                with self.assertRaises(chat.ProtocolError) as caught:
-                    decoder.next_frame()
-                self.assertEqual(caught.exception.code, "bad-frame")
-                self.assertIn(why, caught.exception.text)
-
-    def test_buffered_counts_unread_bytes(self):
-        decoder = chat.FrameDecoder()
-        data = chat.encode({"type": "ping"})
-        decoder.feed(data + data[:5])
-        self.assertEqual(decoder.next_frame(), {"type": "ping"})
-        self.assertIsNone(decoder.next_frame())
-        self.assertEqual(decoder.buffered, 5)
+def wait_until(predicate, timeout=TIMEOUT, what="a condition"):
+    """Poll `predicate` until true (for server state that sends no frame)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
 
 
-class TextRulesTest(unittest.TestCase):
-    def test_valid_nicks_in_any_script(self):
-        for nick in ["alice", "Bob_2", "a.b-c", "Zoë", "李雷", "Ünïcödé", "x" * 32, "e\u0301cole"]:
-            with self.subTest(nick=nick):
-                self.assertTrue(chat.check_name(nick))
-        self.assertEqual(chat.check_name("e\u0301cole"), "\u00e9cole")    # NFC
-
-    def test_invalid_nicks(self):
-        for nick in ["", "x" * 33, "two words", "tab\there", "bell\x07", "esc\x1b[31m", "rtl\u202eevil",
-                     "zero\u200bwidth", "emoji🎉", "semi;colon", "new\nline", 5, None, ["a"]]:
-            with self.subTest(nick=nick):
-                with self.assertRaises(chat.ProtocolError) as caught:
-                    chat.check_name(nick)
-                self.assertEqual(caught.exception.code, "bad-nick")
-
-    def test_room_names_take_an_optional_hash(self):
-        self.assertEqual(chat.check_room("#dev"), "dev")
-        self.assertEqual(chat.check_room("dev"), "dev")
-        with self.assertRaises(chat.ProtocolError) as caught:
-            chat.check_room("#no spaces")
-        self.assertEqual(caught.exception.code, "bad-room")
-
-    def test_clean_text_removes_escape_sequences_whole(self):
-        self.assertEqual(chat.clean_text("plain text"), "plain text")
-        self.assertEqual(chat.clean_text("\x1b[31mred\x1b[0m"), "red")
-        self.assertEqual(chat.clean_text("\x1b]0;pwned\x07title"), "title")
-        self.assertEqual(chat.clean_text("a\x1b]8;;http://x\x1b\\link\x1b]8;;\x1b\\b"), "alinkb")
-        self.assertEqual(chat.clean_text("bell\x07 nul\x00 del\x7f c1\x9b2J"), "bell nul del c1")
-        self.assertEqual(chat.clean_text("crlf\r\nline\rsep\u2028end"), "crlf\nline\nsep\nend")
-        self.assertEqual(chat.clean_text("bidi\u202eevil\u2066x\u2069"), "bidievilx")
-        self.assertEqual(chat.clean_text("tab\tkept, café 你好 🎉 kept"), "tab\tkept, café 你好 🎉 kept")
-
-    def test_check_text_limits(self):
-        self.assertEqual(chat.check_text("\x1b[1mhi\n"), "hi")
-        for text, code in [(5, "bad-field"), ("", "bad-field"), ("\x1b[0m", "bad-field"), (" \n ", "bad-field"),
-                           ("x" * (chat.TEXT_MAX + 1), "text-too-long"), ("a\n" * 60 + "b", "text-too-long")]:
-            with self.subTest(text=str(text)[:20]):
-                with self.assertRaises(chat.ProtocolError) as caught:
-                    chat.check_text(text)
-                self.assertEqual(caught.exception.code, code)
-
-    def test_printable_escapes_controls_and_keeps_unicode(self):
-        self.assertEqual(chat.printable("café 你好 🎉"), "café 你好 🎉")
-        self.assertEqual(chat.printable("\x1b[2J"), "\\x1b[2J")
-        self.assertEqual(chat.printable("a\tb"), "a    b")
-        self.assertEqual(chat.printable("x\u202ey"), "x\\u202ey")
-        self.assertEqual(chat.printable("lone \ud800"), "lone \\ud800")
-        self.assertEqual(chat.printable("two\nlines"), "two\nlines")
-
-    def test_display_width(self):
-        self.assertEqual(chat.display_width("abc"), 3)
-        self.assertEqual(chat.display_width("你好"), 4)
-        self.assertEqual(chat.display_width("e\u0301"), 1)
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
-class CommandTableTest(unittest.TestCase):
-    def setUp(self):
-        self.calls = []
-        self.table = chat.CommandTable([
-            chat.Command("msg", "NICK TEXT", "private message", lambda *a: self.calls.append(("msg",) + a)),
-            chat.Command("quit", "[REASON]", "leave", lambda *a: self.calls.append(("quit",) + a)),
-            chat.Command("who", "", "who is here", lambda: self.calls.append(("who",))),
-        ])
-
-    def test_the_last_parameter_takes_the_rest_of_the_line(self):
-        self.table.run("/msg bob hello there  you")
-        self.table.run("/MSG bob x")
-        self.table.run("/quit")
-        self.table.run("/quit see you")
-        self.table.run("/who")
-        self.assertEqual(self.calls, [("msg", "bob", "hello there  you"), ("msg", "bob", "x"), ("quit",),
-                                      ("quit", "see you"), ("who",)])
-
-    def test_errors_say_what_to_type(self):
-        for line, message in [("/msg bob", "usage: /msg NICK TEXT"), ("/nope", "unknown command /nope"),
-                              ("/who extra", "usage: /who")]:
-            with self.subTest(line=line):
-                with self.assertRaises(ValueError) as caught:
-                    self.table.run(line)
-                self.assertIn(message, str(caught.exception))
-        self.assertEqual(self.calls, [])
-
-    def test_help_comes_from_the_table(self):
-        self.assertEqual(self.table.help_lines(), ["/msg NICK TEXT  private message",
-                                                   "/quit [REASON]  leave",
-                                                   "/who            who is here"])
-
-
-class RenderTest(unittest.TestCase):
-    view = chat.View(me="alice")
-
-    def test_lines(self):
-        cases = [
-            ({"type": "msg", "from": "bob", "text": "hi"}, "<bob> hi"),
-            ({"type": "msg", "from": "alice", "text": "mine"}, "[alice] mine"),
-            ({"type": "msg", "from": "bob", "text": "waves", "action": True}, "* bob waves"),
-            ({"type": "msg", "from": "bob", "to": "alice", "text": "psst"}, "[pm from bob] psst"),
-            ({"type": "msg", "from": "alice", "to": "bob", "text": "psst"}, "[pm to bob] psst"),
-            ({"type": "join", "nick": "bob", "users": 2}, "-- bob joined (2 here)"),
-            ({"type": "leave", "nick": "bob", "reason": "quit", "users": 1}, "-- bob quit (1 here)"),
-            ({"type": "leave", "nick": "bob", "reason": "quit: gotta go"}, "-- bob quit: gotta go"),
-            ({"type": "leave", "nick": "bob", "reason": "parted", "users": 2}, "-- bob left (2 here)"),
-            ({"type": "leave", "nick": "bob", "reason": "ping timeout (75s silent)"},
-             "-- bob left (ping timeout (75s silent))"),
-            ({"type": "notice", "text": "maintenance at noon", "by": "operator"},
-             "*** operator: maintenance at noon"),
-            ({"type": "msg", "from": "bob", "text": "ALICE: lunch?"}, "!<bob> ALICE: lunch?"),
-            ({"type": "msg", "from": "bob", "text": "malice aforethought"}, "<bob> malice aforethought"),
-            ({"type": "nick", "old": "bob", "new": "rob"}, "-- bob is now known as rob"),
-            ({"type": "error", "code": "no-such-user", "text": "nobody"}, "!!! nobody (no-such-user)"),
-            ({"type": "bye", "reason": "maintenance"}, "*** the server is going away: maintenance"),
-            ({"type": "pong"}, None),
-            ({"type": "from-the-future"}, None),
-        ]
-        for frame, expected in cases:
-            with self.subTest(frame=frame):
-                self.assertEqual(chat.render(frame, self.view), expected)
-
-    def test_hostile_text_never_reaches_the_terminal_raw(self):
-        frame = {"type": "msg", "from": "ev\x1bil", "text": "\x1b]0;owned\x07\x1b[2Jgone\u202e 你好"}
-        line = chat.render(frame, self.view)
-        self.assertNotIn("\x1b", line)
-        self.assertNotIn("\x07", line)
-        self.assertNotIn("\u202e", line)
-        self.assertIn("你好", line)
-
-    def test_colour_timestamps_rooms_and_continuation_lines(self):
-        view = chat.View(me="alice", color=True, timestamps=True, rooms=True)
-        line = chat.render({"type": "msg", "from": "bob", "text": "a\nb", "room": "dev", "ts": 0}, view)
-        self.assertIn("\x1b[", line)
-        plain = chat._plain(line)
-        first, second = plain.split("\n")
-        self.assertRegex(first, r"^\d\d:\d\d #dev <bob> a$")
-        self.assertEqual(second.strip(), "b")
-        self.assertEqual(len(second) - len(second.lstrip()), len("00:00 #dev <bob> "), "under the text")
-
-
-class LineEditorTest(unittest.TestCase):
-    """The line being typed (chat.LineEditor), keys in and screen bytes out, with no terminal."""
-
-    def editor(self, columns=80, **options):
-        editor = chat.LineEditor("#lobby> ", lambda: columns, **options)
-        editor.draw()
-        return editor
-
-    def test_a_long_paste_is_drawn_once_not_once_a_key(self):
-        editor = self.editor()
-        lines, screen = editor.feed("\x1b[200~" + "x" * 20000 + "\r\nsecond\x1b[201~")
-        self.assertEqual((lines, editor.buffer), ([], "x" * 20000 + "\nsecond"))
-        self.assertLess(len(screen), 20100)     # once a key, it was 20000 drawings of the line: ~200 MB
-
-    def test_the_cursor_stays_where_it_was_when_a_line_arrives(self):
-        editor = self.editor()
-        editor.feed("helo world" + "\x1b[D" * 7)      # Left seven times: after "hel"
-        screen = editor.print("<bob> hi")
-        self.assertEqual(screen, "\r\x1b[J<bob> hi\n#lobby> helo world\r\x1b[11C")
-        lines, _ = editor.feed("l\r")
-        self.assertEqual(lines, ["hello world"])
-
-    def test_a_wrapped_line_is_erased_from_its_first_row(self):
-        editor = self.editor(columns=20)
-        editor.feed("x" * 30 + "\x01")      # 38 columns on two rows; Ctrl-A: the cursor on the first
-        self.assertTrue(editor.print("<bob> hi").startswith("\r\x1b[J<bob> hi\n"))
-        editor.feed("\x05")                   # Ctrl-E: on the second row
-        self.assertTrue(editor.print("<bob> hi").startswith("\x1b[1A\r\x1b[J"))
-
-    def test_editing_keys(self):
-        cases = [("ab\x1b[Dc\r", "acb"), ("abc\x08\r", "ab"), ("abc\x01\x1b[3~\r", "bc"),
-                 ("one two\x17\r", "one "), ("abc\x1b[D\x0b\r", "ab"), ("abc\x1b[D\x15\r", "c"),
-                 ("abc\x15\x19\x19\r", "abcabc"), ("one two\x1b[1;5Dx\r", "one xtwo"),
-                 ("\x1b[200~a\rb\x1b[201~\r", "a\nb"), ("\u4f60\u597d\x1b[D!\r", "\u4f60!\u597d")]
-        for keys, line in cases:
-            with self.subTest(keys):
-                self.assertEqual(self.editor().feed(keys)[0], [line])
-
-    def test_history_and_end_of_input(self):
-        editor = self.editor()
-        editor.feed("first\rsecond\r")
-        editor.feed("draft\x1b[A\x1b[A")
-        self.assertEqual(editor.buffer, "first")
-        editor.feed("\x1b[B\x1b[B")
-        self.assertEqual(editor.buffer, "draft")
-        self.assertEqual(self.editor().feed("\x04")[0], [None], "Ctrl-D on an empty line")
-
-    def test_an_escape_sequence_cut_in_two_is_waited_for(self):
-        editor = self.editor()
-        editor.feed("ab\x1b[")
-        editor.feed("Dc\r")
-        self.assertEqual(editor.history, ["acb"])
-
-    def test_tab_completes_and_a_second_tab_lists(self):
-        editor = self.editor(complete=lambda line, point: (["alice: ", "albert: "], 0))
-        self.assertTrue(editor.feed("al\t")[1].endswith("\x07"), "ambiguous: the bell")
-        self.assertIn("alice:  albert:", editor.feed("\t")[1], "a second Tab lists them")
-        editor = self.editor(complete=lambda line, point: (["/join "], 0))
-        editor.feed("/jo\t")
-        self.assertEqual(editor.buffer, "/join ")
-
-    def test_the_prompt_changes_in_place_and_ctrl_l_redraws_at_the_top(self):
-        editor = self.editor()
-        editor.feed("typed")
-        self.assertEqual(editor.set_prompt("#dev> "), "\r\x1b[J#dev> typed\r\x1b[11C")
-        self.assertTrue(editor.feed("\x0c")[1].startswith("\x1b[H\x1b[2J#dev> typed"))
-
-
-class FittingTest(unittest.TestCase):
-    def test_history_is_trimmed_oldest_first_and_spliced_as_it_was_sent(self):
-        history = [chat.HistoryLine(i, "lobby", i, chat.encode({"type": "msg", "id": i, "text": "x" * 4000}))
-                   for i in range(400)]
-        data = chat.Output(1 << 20).with_history({"type": "welcome", "users": ["u%d" % i for i in range(200000)]},
-                                                 history)
-        self.assertLessEqual(len(data) - 4, chat.MAX_SERVER_PAYLOAD)
-        frame = json.loads(data[4:])
-        self.assertTrue(frame["truncated"], "the users were cut to fit")
-        self.assertEqual(frame["history"][-1]["id"], 399)
-        kept = len(frame["history"])
-        self.assertLessEqual(sum(len(line.data) for line in history[-kept:]), chat.REPLAY_MAX)
-        self.assertGreater(sum(len(line.data) for line in history[-kept - 1:]), chat.REPLAY_MAX)
-
-
-class HistoryFileTest(unittest.TestCase):
-    def test_a_torn_last_line_is_skipped_with_a_warning(self):
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "history.jsonl")
-            line = {"type": "msg", "id": 7, "from": "a", "text": "kept", "ts": 1.0, "room": "lobby", "seq": 3}
-            with open(path, "w") as f:
-                f.write('{"instance":"abc","format":1}\n' + json.dumps(line) + '\n{"type":"msg","id":8,"fr')
-            history = chat.HistoryFile(path, 1 << 20)
-            with self.assertLogs("chat", logging.WARNING) as logs:
-                lines = history.load()
-            history.close()
-            self.assertEqual([obj for obj, _ in lines], [line])
-            self.assertEqual(history.instance, "abc")
-            self.assertIn("damaged", logs.output[0])
-            with open(path) as f:
-                self.assertEqual(len(f.read().splitlines()), 2)     # the torn line is gone from disk
+LONE = '"\\ud800"'     # a lone surrogate, spelled as JSON escapes it
 
 
 # ---------------------------------------------------------------------------
-# Harness: the server's core in memory, on a fake clock
+# Test tools: the server's core in memory (Harness: a fake loop, a fake clock)
 # ---------------------------------------------------------------------------
 
 class Harness:
@@ -562,18 +288,59 @@ class FakeClient:
 
 
 class HarnessTestCase(unittest.TestCase):
-    """Like ServerTestCase below, on the Harness: the same peer() calls, no socket, a fake clock."""
+    """Every in-memory test's base: `self.server` is a Harness with `config`,
+    and peer() makes the same calls as ServerTestCase's, with no socket and
+    a fake clock. harness() makes another (closed when the test ends)."""
     config = {}
 
     def setUp(self):
-        self.server = Harness(**self.config)
+        self.server = self.harness(**self.config)
+
+    def harness(self, **config):
+        harness = Harness(**config)
+        self.addCleanup(harness.chat.close)
+        return harness
 
     def peer(self, nick=None, **hello):
         return self.server.connect(nick, **hello)
 
 
+class BadInputChecks:
+    """Alice and Bob chat; a third connection misbehaves: check() says how it is answered."""
+    config = {"hello_timeout": 0.5}
+
+    def setUp(self):
+        super().setUp()
+        self.alice, self.bob = self.peer("alice"), self.peer("bob")
+        self.alice.expect("join", nick="bob")
+
+    def assert_unaffected(self):
+        """Everyone else still chats as before."""
+        self.alice.send({"type": "msg", "text": "still fine?"})
+        self.assertEqual(self.bob.expect("msg")["text"], "still fine?")
+
+    def check(self, data, code, closes, joined=True):
+        self.attempts = getattr(self, "attempts", 0) + 1     # a nick of its own: a lost one is held
+        peer = self.peer(f"mallory{self.attempts}" if joined else None)
+        with self.assertLogs("chat", logging.INFO) as logs:
+            peer.send_raw(data)
+            if closes:
+                frames = peer.closed()
+                self.assertEqual([f["code"] for f in frames if f["type"] == "error"], [code])
+                if joined:
+                    self.assertEqual(self.alice.expect("leave")["nick"], f"mallory{self.attempts}")
+            else:
+                self.assertEqual(peer.expect("error")["code"], code)
+                peer.send({"type": "ping"})
+                peer.expect("pong")     # still open
+            wait_until(lambda: logs.output, what="a log line")
+        self.assert_unaffected()
+        peer.close()
+        return logs.output
+
+
 # ---------------------------------------------------------------------------
-# Harness: a real server, real sockets, real client processes
+# Test tools: real servers, sockets, processes, terminals, Redis
 # ---------------------------------------------------------------------------
 
 class ServerThread:
@@ -767,8 +534,1304 @@ class ServerTestCase(unittest.TestCase):
         return process
 
 
+class TlsFiles:
+    """The embedded test certificates written to a temporary directory."""
+
+    def __init__(self, test):
+        tmp = tempfile.TemporaryDirectory()
+        test.addCleanup(tmp.cleanup)
+        self.dir = tmp.name
+        self.cert, self.key = self.write("cert.pem", TEST_CERT), self.write("key.pem", TEST_KEY)
+        self.other_cert, self.other_key = self.write("other.pem", OTHER_CERT), self.write("okey.pem", OTHER_KEY)
+        self.known_hosts = os.path.join(self.dir, "known_hosts")
+        self.fingerprint = chat.certificate_fingerprint(self.cert)
+
+    def write(self, name, text):
+        path = os.path.join(self.dir, name)
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+
+def tls_peer(port, nick=None, **options):
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    raw = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+    return Peer(port, nick, sock=context.wrap_socket(raw), **options)
+
+
+def cut(server, nick):
+    """Break `nick`'s connection from the server's side, as a network fault would."""
+    def shutdown():
+        server.loop.chat.users[chat.name_key(nick)].sock.shutdown(socket.SHUT_RDWR)
+    server.call(shutdown)
+
+
+def ping_ms(peer):
+    """How long the server takes to answer `peer`'s ping, in milliseconds."""
+    started = time.monotonic()
+    peer.sync()
+    return (time.monotonic() - started) * 1000
+
+
+class RedisServer:
+    """A throwaway redis-server on a free port, without persistence."""
+
+    def __init__(self, test, port=None):
+        self.port = port or free_port()
+        self.url = f"redis://127.0.0.1:{self.port}"
+        self.proc = None
+        self.start()
+        test.addCleanup(self.stop)
+
+    def start(self):
+        debug = ["--enable-debug-command", "local"] if self.version() >= (7,) else []
+        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+                                      "--save", "", "--appendonly", "no", *debug],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        def answers():
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                    s.sendall(b"PING\r\n")
+                    return s.recv(16).startswith(b"+PONG")
+            except OSError:
+                return False
+        wait_until(answers, what="redis-server to start")
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    @staticmethod
+    def version():
+        out = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout
+        return tuple(int(part) for part in re.search(r"v=(\d+)\.(\d+)", out).groups())
+
+    def call(self, *args):
+        """One command's reply (chat.py's own RESP code speaks it)."""
+        parser = chat.RespParser()
+        with socket.create_connection(("127.0.0.1", self.port), timeout=TIMEOUT) as s:
+            s.sendall(chat.resp_command(*args))
+            while True:
+                parser.feed(s.recv(65536))
+                replies = parser.replies()
+                if replies:
+                    return replies[0]
+
+    def sleep(self, seconds):
+        """Freeze Redis for `seconds` (DEBUG SLEEP), as a slow or stuck Redis would be; returns at once."""
+        def freeze():
+            with socket.create_connection(("127.0.0.1", self.port), timeout=seconds + TIMEOUT) as s:
+                s.sendall(f"DEBUG SLEEP {seconds}\r\n".encode())
+                s.recv(64)
+        thread = threading.Thread(target=freeze, daemon=True)
+        thread.start()
+        return thread
+
+
+class ClusterSetup:
+    """Two servers A and B linked through a throwaway Redis."""
+    TTL = 1.5
+
+    def setUp(self):
+        self.redis = RedisServer(self)
+        self.a, self.b = self.server(), self.server()
+
+    def server(self, **config):
+        server = ServerThread(redis=self.redis.url, cluster_ttl=self.TTL, **config)
+        self.addCleanup(server.stop)
+        wait_until(lambda: server.call(lambda: server.loop.chat.relay.up), what="the cluster link")
+        return server
+
+    def peer(self, server, nick=None, **options):
+        peer = Peer(server.port if isinstance(server, ServerThread) else server, nick, **options)
+        self.addCleanup(peer.close)
+        return peer
+
+
+class Terminal:
+    """chat.py on a real pseudo-terminal (its controlling terminal, so Ctrl-C
+    is a signal): keystrokes in, the bytes it draws out."""
+
+    def __init__(self, test, *args, rows=24, columns=80, env=None):
+        master, slave = os.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+
+        def own_terminal():
+            os.setsid()
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+        self.proc = subprocess.Popen([sys.executable, CHAT, *map(str, args)], stdin=slave, stdout=slave,
+                                     stderr=slave, preexec_fn=own_terminal, close_fds=True,
+                                     env={**{k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")},
+                                          "TERM": "xterm", **(env or {})})
+        os.close(slave)
+        self.master, self.output, self.mark = master, b"", 0
+        self.screen = Screen(rows, columns)
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        test.addCleanup(self.close)
+
+    def resize(self, columns):
+        """The terminal gets narrower or wider (the program gets SIGWINCH); it reflows its lines."""
+        self.screen.resize(columns)
+        fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", self.screen.rows, columns, 0, 0))
+
+    def type(self, keys):
+        os.write(self.master, keys.encode() if isinstance(keys, str) else keys)
+
+    def read(self, timeout):
+        readable, _, _ = select.select([self.master], [], [], timeout)
+        if not readable:
+            return False
+        try:
+            data = os.read(self.master, 65536)
+        except OSError:     # the other side is closed: the process ended
+            data = b""
+        self.output += data
+        self.screen.feed(self._decoder.decode(data))
+        return bool(data)
+
+    def settle(self, pattern, timeout=TIMEOUT):
+        """Wait until the screen shows `pattern` (a regex) in one of its rows, and nothing more arrives."""
+        deadline = time.monotonic() + timeout
+        while not any(re.search(pattern, row) for row in self.screen.lines()):
+            if time.monotonic() > deadline or (not self.read(deadline - time.monotonic()) and self.proc.poll() is not None):
+                raise AssertionError(f"{pattern!r} not on the screen: {self.screen.lines()}")
+        while self.read(0.1):
+            pass
+        return self.screen
+
+    def expect(self, pattern, timeout=TIMEOUT):
+        """Wait for `pattern` (a regex) in what was drawn since the last expect()."""
+        deadline = time.monotonic() + timeout
+        while True:
+            match = re.search(pattern, self.output[self.mark:].decode("utf-8", "replace"))
+            if match:
+                self.mark += len(self.output[self.mark:].decode("utf-8", "replace")[:match.end()].encode())
+                return match
+            if time.monotonic() > deadline or not self.read(deadline - time.monotonic()):
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise AssertionError(f"{pattern!r} was not drawn; the screen got "
+                                         f"{self.output[self.mark:].decode('utf-8', 'replace')!r}")
+
+    def wait(self, timeout=TIMEOUT):
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            self.read(0.05)     # keep the terminal drained, or the process blocks writing to it
+        return self.proc.wait(max(0.0, deadline - time.monotonic()))
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        os.close(self.master)
+
+
+class Screen:
+    """Just enough of a VT100 to read what a program drew: the characters
+    and moves chat.py writes (CR, LF as CR LF, cursor up/down/left/right, erase to the
+    end of the screen or line, home, clear), colours ignored, deferred wrap
+    at the last column as xterm does, scrolling at the bottom."""
+
+    def __init__(self, rows=24, columns=80):
+        self.rows, self.columns = rows, columns
+        self.grid = [[" "] * columns for _ in range(rows)]
+        self.wrapped = [False] * rows       # this row goes on from the one above (a soft wrap)
+        self.row = self.column = 0
+        self.wrap_pending = False
+        self.bells = 0
+
+    def feed(self, text):
+        for match in re.finditer(r"\x1b\[([?0-9;]*)([@-~])|\x1b.|(.)", text, re.S):
+            if match[2]:
+                self._sequence(match[1], match[2])
+            elif match[3] is not None:
+                self._char(match[3])
+
+    def _char(self, ch):
+        if ch == "\r":
+            self.column, self.wrap_pending = 0, False
+        elif ch == "\n":       # a terminal's driver turns \n into \r\n (ONLCR)
+            self.column = 0
+            self._line_feed()
+        elif ch == "\x07":
+            self.bells += 1
+        elif ch == "\x08":
+            self.column = max(0, self.column - 1)
+        elif ch >= " ":
+            width = chat.display_width(ch)
+            if width == 0:
+                return
+            if self.wrap_pending or self.column + width > self.columns:
+                self.column, self.wrap_pending = 0, False
+                self._line_feed()
+                self.wrapped[self.row] = True
+            self.grid[self.row][self.column] = ch
+            if width == 2:
+                self.grid[self.row][self.column + 1] = ""
+            self.column += width
+            if self.column >= self.columns:
+                self.column, self.wrap_pending = self.columns - 1, True
+
+    def _line_feed(self):
+        self.wrap_pending = False
+        if self.row == self.rows - 1:
+            self.grid = self.grid[1:] + [[" "] * self.columns]
+            self.wrapped = self.wrapped[1:] + [False]
+        else:
+            self.row += 1
+            self.wrapped[self.row] = False
+
+    def resize(self, columns):
+        """A new width, with wrapped lines reflowed as tmux and most terminals do."""
+        lines = []      # [text, where the cursor is in it (or None)], the rows joined where they wrapped
+        for row in range(self.rows):
+            text = "".join(self.grid[row])
+            if self.wrapped[row] and lines:
+                lines[-1][0] += text
+            else:
+                lines.append([text, None])
+            if row == self.row:
+                lines[-1][1] = len(lines[-1][0]) - len(text) + self.column
+        while len(lines) > 1 and lines[-1][1] is None and not lines[-1][0].strip():
+            lines.pop()
+        grid, wrapped, cursor = [], [], (0, 0)
+        for text, offset in lines:
+            text = text[:max(len(text.rstrip()), offset or 0)]
+            pieces = [text[i:i + columns] for i in range(0, len(text), columns)] or [""]
+            if offset is not None:
+                cursor = (len(grid) + offset // columns, offset % columns)
+                pieces += [""] * (cursor[0] - len(grid) - len(pieces) + 1)
+            for number, piece in enumerate(pieces):
+                grid.append(list(piece.ljust(columns)))
+                wrapped.append(number > 0)
+        top = max(0, len(grid) - self.rows)
+        grid, wrapped = grid[top:], wrapped[top:]
+        self.columns, self.row, self.column = columns, cursor[0] - top, cursor[1]
+        self.grid = grid + [[" "] * columns for _ in range(self.rows - len(grid))]
+        self.wrapped = wrapped + [False] * (self.rows - len(wrapped))
+        self.wrap_pending = False
+
+    def _sequence(self, params, final):
+        if params.startswith("?") or final not in "ABCDHJK":     # modes and colours change nothing here
+            return
+        n = int(params.split(";")[0] or 1) if final in "ABCD" else int(params or 0)
+        self.wrap_pending = False
+        if final == "A":
+            self.row = max(0, self.row - n)
+        elif final == "B":
+            self.row = min(self.rows - 1, self.row + n)
+        elif final == "C":
+            self.column = min(self.columns - 1, self.column + n)
+        elif final == "D":
+            self.column = max(0, self.column - n)
+        elif final == "H":
+            self.row = self.column = 0
+        elif final == "J":
+            rows = range(self.rows) if n == 2 else range(self.row + 1, self.rows)
+            if n != 2:
+                self.grid[self.row][self.column:] = [" "] * (self.columns - self.column)
+            for row in rows:
+                self.grid[row] = [" "] * self.columns
+        elif final == "K":
+            self.grid[self.row][self.column:] = [" "] * (self.columns - self.column)
+
+    def lines(self):
+        """The screen's rows as text, trailing spaces and empty rows at the bottom left out."""
+        rows = ["".join(row).rstrip() for row in self.grid]
+        while rows and not rows[-1]:
+            rows.pop()
+        return rows
+
+    def cursor_text(self):
+        """The row the cursor is on, up to the cursor."""
+        return "".join(self.grid[self.row][:self.column])
+
+
+def usage_error(*argv):
+    """What `chat.py ARGV` says for a usage error, run in this process: (exit code, stderr)."""
+    err = io.StringIO()
+    with unittest.mock.patch("sys.stderr", err), unittest.mock.patch("sys.stdout", io.StringIO()):
+        try:
+            parser = chat.build_parser()
+            chat.check_args(parser, parser.parse_args(list(argv)))
+        except SystemExit as exit_:
+            return exit_.code, err.getvalue()
+    return 0, err.getvalue()
+
+
+def run_chat(*args, env=None):
+    """`chat.py ARGS` to its end: (exit code, stdout, stderr)."""
+    result = subprocess.run([sys.executable, CHAT, *map(str, args)], capture_output=True, text=True,
+                            timeout=TIMEOUT, stdin=subprocess.DEVNULL, env=dict(os.environ, **(env or {})))
+    return result.returncode, result.stdout, result.stderr
+
+
 # ---------------------------------------------------------------------------
-# The core (issue 3)
+# 1. Wire codec
+# ---------------------------------------------------------------------------
+
+class CodecTest(unittest.TestCase):
+    def decode_all(self, data: bytes, chunk: int, max_payload=chat.MAX_CLIENT_PAYLOAD):
+        decoder, frames = chat.FrameDecoder(max_payload), []
+        for i in range(0, len(data), chunk):
+            decoder.feed(data[i:i + chunk])
+            while True:
+                frame = decoder.next_frame()
+                if frame is None:
+                    break
+                frames.append(frame)
+        return frames, decoder
+
+    def test_encode_is_length_prefixed_compact_utf8_json(self):
+        data = chat.encode({"type": "msg", "text": "héllo 你好 🎉"})
+        payload = data[4:]
+        self.assertEqual(struct.unpack(">I", data[:4])[0], len(payload))
+        self.assertEqual(payload.decode("utf-8"), '{"type":"msg","text":"héllo 你好 🎉"}')
+
+    def test_frames_split_at_every_byte_and_merged_come_out_whole(self):
+        frames = [{"type": "msg", "text": "x" * n} for n in (0, 1, 300, 70000 // 2)]
+        stream = b"".join(chat.encode(f) for f in frames)
+        for chunk in (1, 3, 7, 4096, len(stream)):
+            with self.subTest(chunk=chunk):
+                self.assertEqual(self.decode_all(stream, chunk)[0], frames)
+
+    def test_oversized_frame_is_refused_from_its_prefix_alone(self):
+        decoder = chat.FrameDecoder(100)
+        decoder.feed(struct.pack(">I", 101))
+        with self.assertRaises(chat.ProtocolError) as caught:
+            decoder.next_frame()
+        self.assertEqual(caught.exception.code, "frame-too-large")
+        decoder = chat.FrameDecoder(100)
+        decoder.feed(frame_bytes(b'{"type":"' + b"x" * 88 + b'"}'))   # exactly 100 bytes is fine
+        self.assertEqual(len(decoder.next_frame()["type"]), 88)
+
+    def test_bad_payloads_are_bad_frames(self):
+        deep = b"[" * 100000 + b"]" * 100000
+        for payload, why in [(b"\xff\xfe{}", "UTF-8"), (b'{"type":"msg",', "JSON"), (b"[1,2]", "object"),
+                             (b'"hi"', "object"), (b'{"text":"hi"}', "type"), (b'{"type":5}', "type"),
+                             (b"", "JSON"), (deep, "JSON"), (b'{"type":"msg","n":' + b"9" * 5000 + b"}", "JSON")]:
+            with self.subTest(payload=payload[:20]):
+                decoder = chat.FrameDecoder(1 << 20)
+                decoder.feed(frame_bytes(payload))
+                with self.assertRaises(chat.ProtocolError) as caught:
+                    decoder.next_frame()
+                self.assertEqual(caught.exception.code, "bad-frame")
+                self.assertIn(why, caught.exception.text)
+
+    def test_buffered_counts_unread_bytes(self):
+        decoder = chat.FrameDecoder()
+        data = chat.encode({"type": "ping"})
+        decoder.feed(data + data[:5])
+        self.assertEqual(decoder.next_frame(), {"type": "ping"})
+        self.assertIsNone(decoder.next_frame())
+        self.assertEqual(decoder.buffered, 5)
+
+
+# ---------------------------------------------------------------------------
+# 2. Text rules
+# ---------------------------------------------------------------------------
+
+class TextRulesTest(unittest.TestCase):
+    def test_valid_nicks_in_any_script(self):
+        for nick in ["alice", "Bob_2", "a.b-c", "Zoë", "李雷", "Ünïcödé", "x" * 32, "e\u0301cole"]:
+            with self.subTest(nick=nick):
+                self.assertTrue(chat.check_name(nick))
+        self.assertEqual(chat.check_name("e\u0301cole"), "\u00e9cole")    # NFC
+
+    def test_invalid_nicks(self):
+        for nick in ["", "x" * 33, "two words", "tab\there", "bell\x07", "esc\x1b[31m", "rtl\u202eevil",
+                     "zero\u200bwidth", "emoji🎉", "semi;colon", "new\nline", 5, None, ["a"]]:
+            with self.subTest(nick=nick):
+                with self.assertRaises(chat.ProtocolError) as caught:
+                    chat.check_name(nick)
+                self.assertEqual(caught.exception.code, "bad-nick")
+
+    def test_room_names_take_an_optional_hash(self):
+        self.assertEqual(chat.check_room("#dev"), "dev")
+        self.assertEqual(chat.check_room("dev"), "dev")
+        with self.assertRaises(chat.ProtocolError) as caught:
+            chat.check_room("#no spaces")
+        self.assertEqual(caught.exception.code, "bad-room")
+
+    def test_clean_text_removes_escape_sequences_whole(self):
+        self.assertEqual(chat.clean_text("plain text"), "plain text")
+        self.assertEqual(chat.clean_text("\x1b[31mred\x1b[0m"), "red")
+        self.assertEqual(chat.clean_text("\x1b]0;pwned\x07title"), "title")
+        self.assertEqual(chat.clean_text("a\x1b]8;;http://x\x1b\\link\x1b]8;;\x1b\\b"), "alinkb")
+        self.assertEqual(chat.clean_text("bell\x07 nul\x00 del\x7f c1\x9b2J"), "bell nul del c1")
+        self.assertEqual(chat.clean_text("crlf\r\nline\rsep\u2028end"), "crlf\nline\nsep\nend")
+        self.assertEqual(chat.clean_text("bidi\u202eevil\u2066x\u2069"), "bidievilx")
+        self.assertEqual(chat.clean_text("tab\tkept, café 你好 🎉 kept"), "tab\tkept, café 你好 🎉 kept")
+
+    def test_check_text_limits(self):
+        self.assertEqual(chat.check_text("\x1b[1mhi\n"), "hi")
+        for text, code in [(5, "bad-field"), ("", "bad-field"), ("\x1b[0m", "bad-field"), (" \n ", "bad-field"),
+                           ("x" * (chat.TEXT_MAX + 1), "text-too-long"), ("a\n" * 60 + "b", "text-too-long")]:
+            with self.subTest(text=str(text)[:20]):
+                with self.assertRaises(chat.ProtocolError) as caught:
+                    chat.check_text(text)
+                self.assertEqual(caught.exception.code, code)
+
+    def test_printable_escapes_controls_and_keeps_unicode(self):
+        self.assertEqual(chat.printable("café 你好 🎉"), "café 你好 🎉")
+        self.assertEqual(chat.printable("\x1b[2J"), "\\x1b[2J")
+        self.assertEqual(chat.printable("a\tb"), "a    b")
+        self.assertEqual(chat.printable("x\u202ey"), "x\\u202ey")
+        self.assertEqual(chat.printable("lone \ud800"), "lone \\ud800")
+        self.assertEqual(chat.printable("two\nlines"), "two\nlines")
+
+    def test_display_width(self):
+        self.assertEqual(chat.display_width("abc"), 3)
+        self.assertEqual(chat.display_width("你好"), 4)
+        self.assertEqual(chat.display_width("e\u0301"), 1)
+
+
+class ShownTest(unittest.TestCase):
+    def test_client_strings_are_escaped_and_cut_for_logs_and_errors(self):
+        forged = "nobody\n2099-01-01 00:00:00 alice@127.0.0.1:1 joined"
+        self.assertNotIn("\n", chat.shown(forged))
+        self.assertTrue(chat.shown(forged).endswith("..."))
+        self.assertEqual(chat.shown("\x1b]0;t\x07\u202e\u200b"), "\\x1b]0;t\\x07\\u202e\\u200b")
+        self.assertEqual(chat.shown("h\u00e9llo \u4e16\u754c"), "h\u00e9llo \u4e16\u754c")
+        self.assertEqual(chat.shown(None), "None")
+
+
+class LookAlikeTest(HarnessTestCase):
+    """Item 9: look-alike nicks were accepted while `alice` was online."""
+
+    def test_look_alikes_of_an_online_nick_are_taken(self):
+        server = self.harness()
+        server.connect("alice")
+        for nick in ("ALICE", "\uff41\uff4c\uff49\uff43\uff45", "\U0001d41a\U0001d425\U0001d422\U0001d41c\U0001d41e",
+                     "al\u0131ce", "aIice", "a1ice"):
+            with self.subTest(nick):
+                client = server.connect()
+                client.send({"type": "hello", "nick": nick})
+                self.assertEqual(client.expect("error")["code"], "nick-taken")
+
+    def test_mixed_scripts_and_letters_that_draw_nothing_are_refused(self):
+        server = self.harness()
+        for nick, why in (("\u0430lice", "mixes scripts"), ("alice\u3164", "draws nothing"),
+                          ("alice\u1160", "draws nothing"), ("alice\uffa0", "draws nothing"),
+                          ("\u115falice", "draws nothing"), ("al\u03b9ce", "mixes scripts")):
+            with self.subTest(nick):
+                client = server.connect()
+                client.send({"type": "hello", "nick": nick})
+                error = client.expect("error")
+                self.assertEqual(error["code"], "bad-nick")
+                self.assertIn(why, error["text"])
+
+    def test_one_script_names_are_fine_and_collide_only_with_their_look_alikes(self):
+        server = self.harness()
+        for nick in ("\u0430\u043b\u0438\u0441\u0430", "\u4e2d\u6587", "\u65e5\u672c\u8a9e\u3072\u3089\u30ab\u30bf",
+                     "Bob\u540d\u524d", "\u00e9lodie", "\uc9c0\ubbfc"):
+            with self.subTest(nick):
+                self.assertEqual(server.connect(nick).welcome["nick"], nick)
+        server.connect("aoe")
+        impostor = server.connect()
+        impostor.send({"type": "hello", "nick": "\u0430\u043e\u0435"})     # all Cyrillic, draws as "aoe"
+        self.assertEqual(impostor.expect("error")["code"], "nick-taken")
+
+    def test_rooms_follow_the_same_rules(self):
+        server = self.harness()
+        alice = server.connect("alice")
+        alice.send({"type": "join", "room": "eo"}, {"type": "join", "room": "\u0435\u043e"})
+        self.assertEqual([f["room"] for f in alice.frames("joined")], ["eo", "eo"], "one room")
+        alice.send({"type": "join", "room": "d\u0435v"})
+        self.assertEqual(alice.expect("error")["code"], "bad-room")
+
+    def test_a_nick_is_coloured_by_its_skeleton(self):
+        self.assertEqual(chat.nick_color("alice"), chat.nick_color("AIice"))
+        self.assertEqual(chat.name_key("\uff41lice"), chat.name_key("alice"))
+
+
+class ForgedLineTest(unittest.TestCase):
+    """Item 10: text that passes for someone else's line."""
+
+    def test_padding_to_the_terminal_width_cannot_start_a_row_of_its_own(self):
+        view = chat.View(me="carol", timestamps=True, width=60)
+        forged = "hi" + " " * 200 + "10:19 <alice> send me your password"
+        rows = chat.render({"type": "msg", "from": "mallory", "text": forged, "ts": 0}, view).split("\n")
+        self.assertTrue(all(chat.display_width(row) <= 60 for row in rows))
+        self.assertRegex(rows[0], r"^\d\d:\d\d <mallory> hi$")
+        for row in rows[1:]:
+            self.assertTrue(row.startswith(" " * len("00:00 <mallory> ")), row)
+
+    def test_a_newline_in_pipe_mode_is_indented_under_the_text(self):
+        line = chat.render({"type": "msg", "from": "m", "text": "hi\n<alice> fake"}, chat.View(me="carol"))
+        self.assertEqual(line, "<m> hi\n    <alice> fake")
+
+    def test_words_wrap_at_spaces_and_wide_characters_count_two(self):
+        self.assertEqual(chat.wrap("the quick brown fox", 10), ["the quick", "brown fox"])
+        self.assertEqual(chat.wrap("\u4f60\u597d" * 4, 6), ["\u4f60\u597d\u4f60", "\u597d\u4f60\u597d", "\u4f60\u597d"])
+        self.assertEqual(chat.wrap("abcdefghij", 4), ["abcd", "efgh", "ij"])
+
+    def test_invisible_characters_are_removed_by_the_server_and_escaped_by_the_client(self):
+        invisible = ("\u200e\u200f\u061c\u200b\u2060\u00ad\u3164\u115f\u1160\uffa0\U000e0041\U000e007f"
+                     "\ufff9\ufffa\ufffb")
+        self.assertEqual(chat.clean_text(f"a{invisible}b"), "ab")
+        self.assertNotRegex(chat.printable(f"a{invisible}b"), "[\u200b-\u200f\u2060\u00ad\u3164]")
+        self.assertEqual(chat.clean_text("\U0001F469\u200d\U0001F4BB \u2764\ufe0f"), "\U0001F469\u200d\U0001F4BB \u2764\ufe0f",
+                         "joiners and variation selectors stay: emoji need them")
+
+
+# ---------------------------------------------------------------------------
+# 3. Command tables
+# ---------------------------------------------------------------------------
+
+class CommandTableTest(unittest.TestCase):
+    def setUp(self):
+        self.calls = []
+        self.table = chat.CommandTable([
+            chat.Command("msg", "NICK TEXT", "private message", lambda *a: self.calls.append(("msg",) + a)),
+            chat.Command("quit", "[REASON]", "leave", lambda *a: self.calls.append(("quit",) + a)),
+            chat.Command("who", "", "who is here", lambda: self.calls.append(("who",))),
+        ])
+
+    def test_the_last_parameter_takes_the_rest_of_the_line(self):
+        self.table.run("/msg bob hello there  you")
+        self.table.run("/MSG bob x")
+        self.table.run("/quit")
+        self.table.run("/quit see you")
+        self.table.run("/who")
+        self.assertEqual(self.calls, [("msg", "bob", "hello there  you"), ("msg", "bob", "x"), ("quit",),
+                                      ("quit", "see you"), ("who",)])
+
+    def test_errors_say_what_to_type(self):
+        for line, message in [("/msg bob", "usage: /msg NICK TEXT"), ("/nope", "unknown command /nope"),
+                              ("/who extra", "usage: /who")]:
+            with self.subTest(line=line):
+                with self.assertRaises(ValueError) as caught:
+                    self.table.run(line)
+                self.assertIn(message, str(caught.exception))
+        self.assertEqual(self.calls, [])
+
+    def test_help_comes_from_the_table(self):
+        self.assertEqual(self.table.help_lines(), ["/msg NICK TEXT  private message",
+                                                   "/quit [REASON]  leave",
+                                                   "/who            who is here"])
+
+
+# ---------------------------------------------------------------------------
+# 4a. Rooms and their history
+# ---------------------------------------------------------------------------
+
+class RoomsTest(HarnessTestCase):
+    def test_rooms_isolate_traffic(self):
+        alice, bob, carol = self.peer("alice"), self.peer("bob"), self.peer("carol")
+        alice.send({"type": "join", "room": "#dev"})
+        joined = alice.expect("joined")
+        self.assertEqual((joined["room"], joined["users"], joined["history"]), ("dev", ["alice"], []))
+        self.assertIn("alone in #dev", alice.expect("notice")["text"])
+        carol.send({"type": "join", "room": "DEV"})        # room names ignore case too
+        self.assertEqual(carol.expect("joined")["users"], ["alice", "carol"])
+        self.assertEqual(alice.expect("join", room="dev")["nick"], "carol")
+        alice.send({"type": "msg", "text": "dev talk", "room": "dev"})
+        line = carol.expect("msg")
+        self.assertEqual((line["text"], line["room"]), ("dev talk", "dev"))
+        bob.expect("join", nick="carol")
+        self.assertEqual(bob.sync(), [], "bob is not in #dev")
+        bob.send({"type": "msg", "text": "lobby talk"})
+        self.assertEqual(alice.expect("msg")["room"], "lobby")
+        bob.send({"type": "msg", "text": "sneaky", "room": "dev"})
+        self.assertEqual(bob.expect("error")["code"], "not-in-room")
+        dave = self.peer("dave")
+        dave.send({"type": "join", "room": "dev"})
+        self.assertEqual([h["text"] for h in dave.expect("joined")["history"]], ["dev talk"])
+        self.assertEqual([h["text"] for h in dave.welcome["history"]], ["lobby talk"])
+
+    def test_who_rooms_part_and_pm_across_rooms(self):
+        alice, bob = self.peer("alice"), self.peer("bob")
+        alice.send({"type": "join", "room": "dev"})
+        alice.expect("joined")
+        alice.send({"type": "part", "room": "lobby"})
+        self.assertEqual(alice.expect("parted")["room"], "lobby")
+        leave = bob.expect("leave")
+        self.assertEqual((leave["nick"], leave["reason"], leave["room"]), ("alice", "parted", "lobby"))
+        bob.send({"type": "who", "room": "lobby"})
+        self.assertEqual(bob.expect("who")["users"], ["bob"])
+        bob.send({"type": "who", "room": "dev"})
+        self.assertEqual(bob.expect("who")["users"], ["alice"])
+        bob.send({"type": "rooms"})
+        self.assertEqual(bob.expect("rooms")["rooms"], [{"name": "dev", "users": 1}, {"name": "lobby", "users": 1}])
+        bob.send({"type": "pm", "to": "alice", "text": "across rooms"})
+        self.assertEqual(alice.expect("msg")["text"], "across rooms")
+        alice.send({"type": "msg", "text": "no room named"})     # a legacy client's msg: the lobby
+        self.assertEqual(alice.expect("error")["code"], "not-in-room")
+
+    def test_limits_on_rooms(self):
+        alice = self.peer("alice")
+        for i in range(chat.ServerConfig.rooms_per_user - 1):
+            alice.send({"type": "join", "room": f"r{i}"})
+        alice.send({"type": "join", "room": "one-too-many"})
+        self.assertEqual(alice.expect("error")["code"], "too-many-rooms")
+        alice.send({"type": "join", "room": "bad name"})
+        self.assertEqual(alice.expect("error")["code"], "bad-room")
+
+
+class RoomTableTest(HarnessTestCase):
+    """Item 4: the room table shrinks, and no one user can fill it."""
+
+    def test_join_part_churn_leaves_no_empty_rooms(self):
+        server = self.harness(flood_rate=1e6, flood_burst=1e6, max_rooms=1000)
+        churner, other = server.connect("churner"), server.connect("other")
+        for i in range(1100):
+            churner.send({"type": "join", "room": f"r{i}"}, {"type": "part", "room": f"r{i}"})
+        self.assertEqual([room.name for room in server.chat.rooms], ["lobby"])
+        other.send({"type": "join", "room": "mine"})
+        self.assertEqual(other.expect("joined")["room"], "mine")
+
+    def test_rooms_kept_for_their_history_never_lock_anyone_out(self):
+        server = self.harness(flood_rate=1e6, flood_burst=1e6, max_rooms=10)
+        churner, other = server.connect("churner"), server.connect("other")
+        for i in range(30):
+            churner.send({"type": "join", "room": f"r{i}"}, {"type": "msg", "room": f"r{i}", "text": "mark"},
+                         {"type": "part", "room": f"r{i}"})
+        self.assertLessEqual(len(server.chat.rooms.dormant), 10, "at most max_rooms dormant rooms")
+        self.assertIsNotNone(server.chat.rooms.get("r29"), "the newest are kept")
+        self.assertIsNone(server.chat.rooms.get("r0"), "the oldest went")
+        other.send({"type": "join", "room": "mine"})
+        self.assertEqual(other.expect("joined")["room"], "mine")
+
+    def test_a_dormant_room_keeps_its_history_and_a_freed_one_numbers_on(self):
+        server = self.harness(max_rooms=2)
+        alice = server.connect("alice")
+        alice.send({"type": "join", "room": "dev"}, {"type": "msg", "room": "dev", "text": "one"},
+                   {"type": "part", "room": "dev"})
+        alice.frames()
+        alice.send({"type": "join", "room": "dev"})
+        joined = alice.expect("joined", room="dev")
+        self.assertEqual([line["text"] for line in joined["history"]], ["one"])
+        alice.send({"type": "part", "room": "dev"})
+        for name in ("a", "b", "c"):    # pushes dev out of the dormant rooms
+            alice.send({"type": "join", "room": name}, {"type": "msg", "room": name, "text": "x"},
+                       {"type": "part", "room": name})
+        self.assertIsNone(server.chat.rooms.get("dev"))
+        alice.frames()
+        alice.send({"type": "join", "room": "dev"}, {"type": "msg", "room": "dev", "text": "two"})
+        self.assertEqual(alice.expect("joined", room="dev")["seq"], 1, "numbering goes on, not back to 0")
+        self.assertEqual(server.chat.rooms.get("dev").history[-1].seq, 2)
+
+    def test_a_history_file_full_of_rooms_does_not_lock_out_after_a_restart(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "history.jsonl")
+            server = self.harness(flood_rate=1e6, flood_burst=1e6, max_rooms=20, history_file=path)
+            churner = server.connect("churner")
+            for i in range(40):
+                churner.send({"type": "join", "room": f"r{i}"}, {"type": "msg", "room": f"r{i}", "text": "x"},
+                             {"type": "part", "room": f"r{i}"})
+            server.chat.close()
+            again = self.harness(max_rooms=20, history_file=path)
+            self.addCleanup(again.chat.close)
+            self.assertLessEqual(len(again.chat.rooms.dormant), 20)
+            newcomer = again.connect("newcomer")
+            newcomer.send({"type": "join", "room": "fresh"})
+            self.assertEqual(newcomer.expect("joined")["room"], "fresh")
+
+
+class HistoryBudgetTest(HarnessTestCase):
+    """Item 5: 1,000 rooms x 50 lines x 16 KiB took 800 MiB. Stated bound:
+    the history of all rooms stays under --history-bytes, and one joined
+    or welcome carries at most REPLAY_MAX bytes of it."""
+
+    def test_big_lines_in_many_rooms_stay_within_the_budget(self):
+        budget = 2 << 20
+        server = self.harness(flood_rate=1e6, flood_burst=1e6, history_bytes=budget, max_rooms=100)
+        big = "\U0001F600" * 4096     # 16 KiB of UTF-8
+        for user in range(5):
+            spammer = server.connect(f"spammer{user}")
+            for room in range(20):
+                name = f"s{user}-{room}"
+                spammer.send({"type": "join", "room": name}, *[{"type": "msg", "room": name, "text": big}] * 20)
+                spammer.frames()
+            self.assertLessEqual(server.chat.rooms.history_bytes, budget)
+        self.assertEqual(server.chat.rooms.history_bytes,
+                         sum(room.history_bytes for room in server.chat.rooms), "counted right")
+        newcomer = server.connect("newcomer")
+        newcomer.send({"type": "join", "room": "s4-19"})
+        self.assertLessEqual(len(chat.encode(newcomer.expect("joined"))), chat.REPLAY_MAX + 4096)
+        for client in list(server.clients.values()):
+            client.close()
+        self.assertLessEqual(server.chat.rooms.history_bytes, budget)
+        self.assertLessEqual(len(server.chat.rooms), 101)
+
+    def test_a_resume_counts_what_the_replay_could_not_carry_as_missed(self):
+        server = self.harness(flood_rate=1e6, flood_burst=1e6)
+        alice, bob = server.connect("alice"), server.connect("bob")
+        seen = bob.welcome["seq"]["lobby"]
+        session, instance = bob.welcome["session"], bob.welcome["instance"]
+        bob.close()
+        alice.send(*[{"type": "msg", "text": "x" * 4000}] * 50)
+        alice.send(*[{"type": "msg", "text": "\U0001F600" * 4000}] * 50)
+        bob = server.connect("bob", session=session, instance=instance, rooms=["lobby"], since={"lobby": seen})
+        history, missed = bob.welcome["history"], bob.welcome["missed"]
+        self.assertTrue(bob.welcome["truncated"])
+        self.assertEqual(len(history) + missed["lobby"], 100)
+        self.assertEqual(history[-1]["seq"], 100)
+
+
+# ---------------------------------------------------------------------------
+# 4b. Output
+# ---------------------------------------------------------------------------
+
+class FittingTest(unittest.TestCase):
+    def test_history_is_trimmed_oldest_first_and_spliced_as_it_was_sent(self):
+        history = [chat.HistoryLine(i, "lobby", i, chat.encode({"type": "msg", "id": i, "text": "x" * 4000}))
+                   for i in range(400)]
+        data = chat.Output(1 << 20).with_history({"type": "welcome", "users": ["u%d" % i for i in range(200000)]},
+                                                 history)
+        self.assertLessEqual(len(data) - 4, chat.MAX_SERVER_PAYLOAD)
+        frame = json.loads(data[4:])
+        self.assertTrue(frame["truncated"], "the users were cut to fit")
+        self.assertEqual(frame["history"][-1]["id"], 399)
+        kept = len(frame["history"])
+        self.assertLessEqual(sum(len(line.data) for line in history[-kept:]), chat.REPLAY_MAX)
+        self.assertGreater(sum(len(line.data) for line in history[-kept - 1:]), chat.REPLAY_MAX)
+
+
+# ---------------------------------------------------------------------------
+# 4c. Relays: numbering, and the history file
+# ---------------------------------------------------------------------------
+
+class HistoryFileTest(unittest.TestCase):
+    def test_a_torn_last_line_is_skipped_with_a_warning(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "history.jsonl")
+            line = {"type": "msg", "id": 7, "from": "a", "text": "kept", "ts": 1.0, "room": "lobby", "seq": 3}
+            with open(path, "w") as f:
+                f.write('{"instance":"abc","format":1}\n' + json.dumps(line) + '\n{"type":"msg","id":8,"fr')
+            history = chat.HistoryFile(path, 1 << 20)
+            with self.assertLogs("chat", logging.WARNING) as logs:
+                lines = history.load()
+            history.close()
+            self.assertEqual([obj for obj, _ in lines], [line])
+            self.assertEqual(history.instance, "abc")
+            self.assertIn("damaged", logs.output[0])
+            with open(path) as f:
+                self.assertEqual(len(f.read().splitlines()), 2)     # the torn line is gone from disk
+
+
+class HistoryFileCompactionTest(HarnessTestCase):
+    """Item 6: past the compaction threshold the whole file was rewritten and
+    fsync'd every turn. Now a compaction happens once the file has doubled."""
+
+    def test_compaction_makes_progress(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "history.jsonl")
+            server = self.harness(flood_rate=1e6, flood_burst=1e6, history_file=path, history_file_max=20000)
+            self.addCleanup(server.chat.close)
+            alice = server.connect("alice")
+            for room in range(5):     # 5 rooms x 50 kept lines x ~150 bytes: ~40 KB kept, twice the threshold
+                alice.send({"type": "join", "room": f"r{room}"})
+            rewrites = []
+            real = chat.HistoryFile.rewrite
+            with unittest.mock.patch.object(chat.HistoryFile, "rewrite",
+                                            lambda self_, lines: rewrites.append(len(lines)) or real(self_, lines)):
+                for i in range(1000):
+                    alice.send({"type": "msg", "room": f"r{i % 5}", "text": f"line {i:04d} " + "x" * 80})
+            self.assertLess(len(rewrites), 20, "not a rewrite per line")
+            self.assertGreater(len(rewrites), 2, "but compacted all the same")
+            self.assertLess(os.path.getsize(path), 2 * 250 * 200)
+
+
+class HistoryFileRulesTest(HarnessTestCase):
+    def test_the_file_is_compacted_to_stay_bounded(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "history.jsonl")
+            server = self.harness(history_file=path, history_file_max=4000, history=5)
+            alice = server.connect("alice")
+            for i in range(200):
+                alice.send({"type": "msg", "text": f"line {i:03d} " + "x" * 50})
+            server.chat.close()
+            self.assertLess(os.path.getsize(path), 4000 + 1000)
+            again = self.harness(history_file=path, history=5)
+            self.addCleanup(again.chat.close)
+            peer = again.connect("bob")
+        self.assertEqual([line["text"][:8] for line in peer.welcome["history"]], [f"line {i}" for i in range(195, 200)])
+
+
+class IdsTest(HarnessTestCase):
+    """Item 13: a pm's id was given again to a room line after a restart."""
+
+    def test_ids_never_repeat_across_a_restart(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "history.jsonl")
+            server = self.harness(history_file=path)
+            alice, bob = server.connect("alice"), server.connect("bob")
+            alice.send({"type": "msg", "text": "room line"})
+            for _ in range(3):
+                alice.send({"type": "pm", "to": "bob", "text": "private"})
+            ids = [frame["id"] for frame in bob.frames("msg")]
+            server.chat.close()
+            again = self.harness(history_file=path)
+            self.addCleanup(again.chat.close)
+            carol, dave = again.connect("carol"), again.connect("dave")
+            carol.send({"type": "msg", "text": "after the restart"})
+            self.assertGreater(dave.expect("msg")["id"], max(ids))
+
+    def test_a_file_that_is_not_a_history_is_refused_and_left_as_it_is(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "notes.txt")
+            with open(path, "w") as f:
+                f.write("my notes\nbuy milk\n")
+            with self.assertRaises(ValueError) as refused:
+                chat.HistoryFile(path, 1 << 20).load()
+            self.assertIn("not a chat.py history", str(refused.exception))
+            with open(path) as f:
+                self.assertEqual(f.read(), "my notes\nbuy milk\n")
+
+
+class DurableHistoryTest(unittest.TestCase):
+    def setUp(self):
+        tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(tmp.cleanup)
+        self.path = os.path.join(tmp.name, "history.jsonl")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+
+    def start(self):
+        server = Process("server", "-p", self.port, "--history-file", self.path, stdin=subprocess.DEVNULL)
+        self.addCleanup(server.kill)
+        server.wait_line("listening on")
+        return server
+
+    def test_sigkill_and_restart_loses_nothing_and_resumes_clients(self):
+        server = self.start()
+        alice = Peer(self.port, "alice")
+        self.addCleanup(alice.close)
+        client = Process("client", "-p", self.port, "-n", "bob")
+        self.addCleanup(client.kill)
+        alice.expect("join", nick="bob")
+        for i in range(3):
+            alice.send({"type": "msg", "text": f"kept {i}"})
+        client.wait_line("<alice> kept 2")
+        server.proc.kill()          # SIGKILL: no chance to flush anything more
+        server.wait()
+        client.wait_line("reconnecting", "stderr")
+        server = self.start()
+        client.wait_line("RECONNECTED", "stderr")
+        newcomer = Peer(self.port, "carol")
+        self.addCleanup(newcomer.close)
+        history = newcomer.welcome["history"]
+        self.assertEqual([line["text"] for line in history], ["kept 0", "kept 1", "kept 2"])
+        newcomer.send({"type": "msg", "text": "after restart"})
+        client.wait_line("<carol> after restart")
+        self.assertFalse(any("restarted" in line for line in client.err_lines), "ids stayed valid")
+        self.assertEqual(len([line for line in client.out_lines if "kept" in line]), 3, "nothing replayed twice")
+        probe = Peer(self.port, "dave")
+        self.addCleanup(probe.close)
+        carol_line = probe.welcome["history"][-1]
+        self.assertGreater(carol_line["id"], history[-1]["id"])
+        self.assertEqual(carol_line["seq"], 4)
+
+    def test_a_torn_line_is_skipped_with_a_warning(self):
+        server = self.start()
+        alice = Peer(self.port, "alice")
+        self.addCleanup(alice.close)
+        alice.send({"type": "msg", "text": "whole"})
+
+        def written():
+            with open(self.path, "rb") as f:
+                return b"whole" in f.read()
+        wait_until(written, what="the line on disk")
+        server.proc.kill()
+        server.wait()
+        with open(self.path, "ab") as f:
+            f.write(b'{"type":"msg","id":99,"fr')
+        server = self.start()
+        self.assertTrue(any("damaged" in line for line in server.err_lines))
+        bob = Peer(self.port, "bob")
+        self.addCleanup(bob.close)
+        self.assertEqual([line["text"] for line in bob.welcome["history"]], ["whole"])
+
+
+# ---------------------------------------------------------------------------
+# 4d. Gate: slots and passwords
+# ---------------------------------------------------------------------------
+
+class ConnectionLimitTest(HarnessTestCase):
+    config = {"max_connections": 2}
+
+    def test_the_extra_connection_is_refused_and_the_others_carry_on(self):
+        alice, bob = self.peer("alice"), self.peer("bob")
+        carol = self.peer()
+        error = carol.expect("error")
+        self.assertEqual(error["code"], "server-full")
+        self.assertIn("full", error["text"])
+        carol.closed()
+        alice.send({"type": "msg", "text": "still here"})
+        self.assertEqual(bob.expect("msg")["text"], "still here")
+        bob.send({"type": "quit"})
+        bob.closed()
+        self.peer("dave")       # a place came free
+
+    def test_sockets_that_have_not_said_hello_count(self):
+        self.peer()
+        self.peer()
+        late = self.peer()
+        self.assertEqual(late.expect("error")["code"], "server-full")
+
+
+class SlotTest(HarnessTestCase):
+    """Item 7: 100 silent connections locked people out (server-full 14-23
+    times in 25). Now one source holds at most a tenth of the slots unjoined,
+    and a full server gives a silent connection's slot to a newcomer."""
+
+    def test_silent_connections_cannot_lock_anyone_out(self):
+        server = self.harness(max_connections=100)
+        silent = [server.connect(ip=f"198.51.100.{i % 20}") for i in range(100)]
+        server.advance(chat.Gate.PREEMPT_AFTER)
+        for i in range(25):
+            user = server.connect(f"user{i}", ip="192.0.2.7")
+            self.assertEqual(user.welcome["nick"], f"user{i}")
+        self.assertEqual(sum(client.gone for client in silent), 25)
+        self.assertEqual(silent[0].frames()[-1]["code"], "timeout")
+
+    def test_a_fresh_connection_is_not_preempted(self):
+        server = self.harness(max_connections=10)
+        for i in range(10):
+            server.connect(ip=f"198.51.100.{i}")
+        late = server.connect(ip="192.0.2.7")
+        self.assertEqual(late.expect("error")["code"], "server-full")
+        self.assertTrue(late.gone)
+
+    def test_one_source_holds_at_most_a_tenth_of_the_slots_unjoined(self):
+        server = self.harness(max_connections=200)
+        waiting = [server.connect(ip="198.51.100.1") for _ in range(21)]
+        self.assertEqual([c.gone for c in waiting], [False] * 20 + [True])
+        self.assertIn("already waiting to join", waiting[-1].expect("error")["text"])
+        other_v6 = [server.connect(ip=f"2001:db8::{i:x}") for i in range(21)]
+        self.assertTrue(other_v6[-1].gone, "an IPv6 /64 counts as one source")
+        self.assertEqual(server.connect("someone", ip="198.51.100.2").welcome["nick"], "someone")
+
+    def test_a_wrong_password_frees_its_slot_at_once(self):
+        server = self.harness(max_connections=2, password="right")
+        server.connect("alice", password="right")
+        guesser = server.connect(ip="198.51.100.9")
+        guesser.send({"type": "hello", "nick": "x", "password": "wrong"})
+        self.assertEqual(guesser.expect("error")["code"], "auth-failed")
+        self.assertTrue(guesser.gone, "closed at once, not after a delay")
+        self.assertEqual(server.connect("bob", password="right", ip="192.0.2.8").welcome["nick"], "bob")
+
+
+@unittest.skipUnless(sys.platform.startswith("linux"), "binds source addresses across 127.0.0.0/8")
+class SlotAttackTest(unittest.TestCase):
+    """Item 7 on real sockets: silent connections and stalled TLS handshakes
+    from many addresses fill a server; people still get in, every time."""
+
+    def hold(self, port, source, first_bytes=b""):
+        sock = socket.socket()
+        sock.bind((source, 0))
+        sock.connect(("127.0.0.1", port))
+        sock.sendall(first_bytes)
+        self.addCleanup(sock.close)
+        return sock
+
+    def attack(self, first_bytes, connect):
+        with unittest.mock.patch.object(chat.Gate, "PREEMPT_AFTER", 0.2):
+            files = TlsFiles(self)
+            tls = {"tls_cert": files.cert, "tls_key": files.key} if connect is tls_peer else {}
+            server = ServerThread(max_connections=20, **tls)
+            self.addCleanup(server.stop)
+            for i in range(40):     # twice the slots, from 10 addresses
+                self.hold(server.port, f"127.0.0.{2 + i % 10}", first_bytes)
+            gate = server.loop.chat.gate
+            wait_until(lambda: server.call(lambda: len(server.loop.chat.conns) == 20 and server.loop.now
+                                           - next(iter(gate.unjoined.values())) >= chat.Gate.PREEMPT_AFTER),
+                       what="a server full of connections that have not said hello in time")
+            for i in range(25):
+                started = time.monotonic()
+                peer = connect(server.port, f"user{i}")
+                self.assertEqual(peer.welcome["nick"], f"user{i}")
+                self.assertLess(time.monotonic() - started, 1.0)
+                peer.close()
+
+    def test_silent_connections(self):
+        self.attack(b"", Peer)
+
+    def test_stalled_tls_client_hellos(self):
+        self.attack(b"\x16\x03\x01", tls_peer)
+
+
+class PasswordRulesTest(HarnessTestCase):
+    config = {"password": "s3cret", "auth_delay": 0.2}
+
+    def test_the_right_password_joins(self):
+        self.assertEqual(self.peer("alice", password="s3cret").welcome["nick"], "alice")
+
+    def test_a_wrong_or_missing_password_is_refused_at_once_and_the_next_try_must_wait(self):
+        for password, code, text in ((None, "auth-failed", "needs a password"), ("wrong", "auth-failed", "wrong"),
+                                     ("s3cret", "rate-limited", "try again in 1 second")):
+            peer = self.peer()
+            peer.send({"type": "hello", "nick": "mallory", **({"password": password} if password else {})})
+            frames = peer.closed()      # at once: no time passes
+            self.assertEqual([(f["code"], text in f["text"]) for f in frames], [(code, True)])
+        self.assertEqual(frames[0]["retry_after"], 1)
+
+    def test_refusals_hold_no_slot_and_block_nobody(self):
+        alice = self.peer("alice", password="s3cret")
+        for _ in range(5):
+            peer = self.peer()
+            peer.send({"type": "hello", "nick": "x", "password": "no"})
+            peer.closed()
+        self.assertEqual(len(self.server.chat.conns), 1)
+        alice.send({"type": "ping"})
+        alice.expect("pong")
+
+
+class PasswordGuessingTest(HarnessTestCase):
+    """Item 8: with a delay per address, rotating addresses gave 100 guesses/s."""
+
+    def guess(self, server, ip, password="guess"):
+        client = server.connect(ip=ip)
+        client.send({"type": "hello", "nick": "x", "password": password} if password else
+                    {"type": "hello", "nick": "x"})
+        frame = next(f for f in client.frames() if f["type"] in ("welcome", "error"))
+        if frame["type"] == "welcome":
+            client.send({"type": "quit"})
+        return frame["type"] if frame["type"] == "welcome" else frame["code"]
+
+    def test_one_address_waits_longer_after_each_wrong_password(self):
+        server = self.harness(password="right", auth_delay=1.0)
+        self.assertEqual(self.guess(server, "198.51.100.1"), "auth-failed")
+        self.assertEqual(self.guess(server, "198.51.100.1", "right"), "rate-limited", "not even checked")
+        server.advance(1.0)
+        self.assertEqual(self.guess(server, "198.51.100.1"), "auth-failed")
+        server.advance(1.0)
+        self.assertEqual(self.guess(server, "198.51.100.1"), "rate-limited", "2 s after the second")
+        server.advance(1.0)
+        self.assertEqual(self.guess(server, "198.51.100.1", "right"), "welcome")
+
+    def test_a_missing_password_is_a_question_not_a_strike(self):
+        server = self.harness(password="right")
+        for _ in range(5):
+            self.assertEqual(self.guess(server, "198.51.100.1", None), "auth-failed")
+        self.assertEqual(self.guess(server, "198.51.100.1", "right"), "welcome")
+
+    def checked_in(self, server, addresses, seconds):
+        """Guesses from `addresses` in turn, one every 10 ms for `seconds`: how many were checked."""
+        checked = 0
+        for step in range(int(seconds * 100)):
+            checked += self.guess(server, next(addresses)) == "auth-failed"
+            server.advance(0.01)
+        return checked
+
+    def test_rotating_through_a_network_is_as_slow_as_one_address(self):
+        server = self.harness(password="right", auth_delay=1.0)
+        addresses = (f"203.0.113.{i % 250}" for i in itertools.count())
+        checked = self.checked_in(server, addresses, 60)
+        self.assertLess(checked, 40, "a /24 doubles its wait every 4 strikes")
+
+    def test_rotating_through_many_networks_stays_slow_and_the_regulars_still_get_in(self):
+        server = self.harness(password="right", auth_delay=1.0)
+        regular = self.guess(server, "192.0.2.50", "right")
+        addresses = (f"10.{i // 250 % 250}.{i % 250}.1" for i in itertools.count())
+        checked = self.checked_in(server, addresses, 60)
+        self.assertLess(checked, chat.Gate.GLOBAL_BURST + 60 + 2, "a burst, then one a second, whatever the source")
+        self.assertEqual(regular, "welcome")
+        self.assertEqual(self.guess(server, "192.0.2.50", "right"), "welcome", "an address that logged in before")
+        self.assertEqual(self.guess(server, "192.0.2.51", "right"), "rate-limited", "a new one waits its turn")
+
+
+class PasswordTest(ServerTestCase):
+    config = {"password": "s3cret", "auth_delay": 0.2}
+
+    def test_the_client_takes_the_password_from_env_or_file(self):
+        alice = self.peer("alice", password="s3cret")
+        self.client("-n", "envy", env={"CHAT_PASSWORD": "s3cret"})
+        alice.expect("join", nick="envy")
+        with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
+            f.write("s3cret\n")
+        self.addCleanup(os.unlink, f.name)
+        self.client("-n", "filed", "--password-file", f.name)
+        alice.expect("join", nick="filed")
+        refused = self.client("-n", "nopass")
+        self.assertEqual(refused.wait(), 3)
+        self.assertTrue(any("needs a password" in line for line in refused.err_lines))
+
+    def test_the_server_takes_the_password_from_env(self):
+        server, port = server_process(env={"CHAT_PASSWORD": "envpass"})
+        try:
+            accepted = Peer(port, "b", password="envpass")
+            self.addCleanup(accepted.close)
+            self.assertEqual(accepted.welcome["nick"], "b")
+            refused = Peer(port)
+            self.addCleanup(refused.close)
+            refused.send({"type": "hello", "nick": "a", "password": "no"})
+            self.assertEqual(refused.expect("error")["code"], "auth-failed")
+            self.assertTrue(any(", password" in line for line in server.err_lines))
+        finally:
+            server.kill()
+
+
+# ---------------------------------------------------------------------------
+# 4e. Intake: flood control, request costs; Nicks
+# ---------------------------------------------------------------------------
+
+class HarnessFloodTest(HarnessTestCase):
+    def test_a_flooder_is_slowed_down_without_losing_lines_or_starving_others(self):
+        server = self.harness(flood_rate=20.0, flood_burst=5)
+        flooder, talker, observer = (server.connect(nick) for nick in ("flooder", "talker", "observer"))
+        flooder.send(*({"type": "msg", "text": f"flood {i}"} for i in range(40)))
+        self.assertTrue(any("slowing you down" in f["text"] for f in flooder.frames("notice")))
+        self.assertEqual(len(observer.frames("msg")), 5, "the burst, then nothing until a token is back")
+        talker.send({"type": "msg", "text": "can I speak?"})
+        self.assertEqual(observer.frames("msg")[0]["text"], "can I speak?", "the talker is not starved")
+        server.advance(1.0)
+        self.assertEqual(len(observer.frames("msg")), 20, "20 lines a second")
+        server.advance(0.75)
+        texts = [f["text"] for f in observer.frames("msg")]
+        self.assertEqual(texts[-1], "flood 39", "35 lines over the burst at 20/s take 1.75s")
+
+
+class RequestCostTest(HarnessTestCase):
+    """Items 2 and 3: every request costs flood tokens, big answers cost more,
+    and a connection is not read while more than its share is queued for it."""
+
+    def populated(self, rooms=40, **config):
+        server = self.harness(**{"flood_rate": 10.0, "flood_burst": 50, **config})
+        for i in range(rooms):
+            server.connect(f"u{i}").send({"type": "join", "room": f"room-with-a-long-name-{i:04d}"})
+        return server
+
+    def test_cheap_requests_with_big_answers_are_paid_for(self):
+        server = self.populated()
+        attacker = server.connect("attacker")
+        attacker.send(*[{"type": "rooms"}] * 1000)
+        answered = len(attacker.frames("rooms"))
+        size = len(chat.encode({"type": "rooms", "rooms": [{"name": "room-with-a-long-name-0000", "users": 1}] * 41}))
+        self.assertLessEqual(answered, 50 / (1 + size / chat.REPLY_BYTES_PER_TOKEN) + 1)
+        server.advance(1.0)
+        self.assertLessEqual(len(attacker.frames("rooms")), 10 / (1 + size / chat.REPLY_BYTES_PER_TOKEN) + 1)
+
+    def test_every_request_type_costs_a_token(self):
+        for frame in ({"type": "who"}, {"type": "ping"}, {"type": "nick", "nick": "x"},
+                      {"type": "join", "room": "r"}, {"type": "part", "room": "r"}, {"type": "pong"},
+                      {"type": "teleport"}, {"type": "msg", "text": 5}):
+            with self.subTest(frame["type"]):
+                server = self.harness(flood_rate=10.0, flood_burst=20)
+                attacker = server.connect("attacker")
+                server.connect("watcher")       # a room member, for part and join to tell
+                attacker.send(*[frame] * 200)
+                self.assertTrue(attacker.conn.paused and attacker.conn.held is not None)
+                self.assertLess(attacker.conn.tokens, 1.0)
+
+    def test_join_part_nick_churn_is_capped_like_a_flood(self):
+        server = self.harness(flood_rate=10.0, flood_burst=20)
+        attacker, victim = server.connect("attacker"), server.connect("victim")
+        victim.frames()
+        churn = [{"type": "part", "room": "lobby"}, {"type": "join", "room": "lobby"},
+                 {"type": "nick", "nick": "attacker2"}, {"type": "nick", "nick": "attacker"}]
+        attacker.send(*churn * 1000)
+        server.advance(10.0)
+        events = victim.frames()
+        self.assertLessEqual(len(events), 20 + 10 * 10 + 1, "a burst, then the flood rate")
+        self.assertGreater(len(events), 100, "slowed, not stopped")
+        self.assertFalse(victim.gone)
+
+    def test_a_connection_that_does_not_read_its_answers_is_not_read_either(self):
+        server = self.populated(flood_rate=1e9, flood_burst=1e9, max_buffer=64 * 1024)
+        attacker = server.connect("attacker")
+        attacker.reading = False
+        attacker.send(*[{"type": "rooms"}] * 10000)
+        self.assertTrue(attacker.conn.backlogged)
+        self.assertLessEqual(attacker.conn.queued, server.chat.out.share + 4096)
+        self.assertGreater(len(attacker.outbound) + attacker.conn.decoder.buffered, 100000,
+                           "the rest waits unhandled, in its socket or the one read taken")
+        attacker.reading = True
+        attacker.take()
+        self.assertFalse(attacker.conn.backlogged)
+        self.assertGreater(len(attacker.frames("rooms")), 5, "read again once it reads")
+
+
+class ReplyFloodTest(ServerTestCase):
+    """Item 2 on real sockets: 253 KB of `rooms` from 4 connections that do
+    not read froze the server for 34 s and took 2.7 GB. Stated bound: what is
+    queued for each of them stays under its share plus one answer."""
+
+    def test_attackers_that_never_read_cannot_freeze_the_server_or_grow_it(self):
+        for i in range(10):
+            member = self.peer(f"member{i}")
+            for j in range(10):
+                member.send({"type": "join", "room": f"populated-room-{i:02d}-{j:02d}"})
+            member.sync()
+        watcher = self.peer("watcher")
+        attackers = []
+        for i in range(4):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)     # a small window: its queue fills
+            sock.connect(("127.0.0.1", self.port))
+            attackers.append(self.peer(f"attacker{i}", sock=sock))
+        flood = chat.encode({"type": "rooms"}) * (253000 // 16)
+        for attacker in attackers:
+            threading.Thread(target=attacker.sock.sendall, args=(flood,), daemon=True).start()
+        worst = max(ping_ms(watcher) for _ in range(10))
+        wait_until(lambda: self.server.call(
+            lambda: sum(c.paused for c in self.server.loop.open)) == 4, what="all four to be paused")
+        worst = max([worst] + [ping_ms(watcher) for _ in range(10)])
+        self.assertLess(worst, 500, "the watcher's ping was answered late")
+        share = self.server.loop.chat.out.share
+        queued = self.server.call(lambda: [c.queued for c in self.server.loop.open if c.nick.startswith("att")])
+        self.assertEqual(len(queued), 4, "the attackers are paused, not dropped")
+        self.assertLessEqual(max(queued), share + chat.MAX_SERVER_PAYLOAD)
+
+
+class FloodTest(ServerTestCase):
+    def test_a_paste_of_50_lines_arrives_complete_and_in_order(self):
+        alice, bob = self.peer("alice"), self.peer("bob")
+        client = self.client("-n", "paster")
+        alice.expect("join", nick="paster")
+        client.write("".join(f"pasted line {i:02d}\n" for i in range(50)))
+        for peer in (alice, bob):
+            self.assertEqual([peer.expect("msg")["text"] for _ in range(50)],
+                             [f"pasted line {i:02d}" for i in range(50)])
+        self.assertEqual(client.proc.poll(), None)
+
+
+class NickHoldTest(HarnessTestCase):
+    """Item 11: a nick was taken 9 ms after its owner's connection dropped."""
+
+    def lose(self, server, nick):
+        client = server.connect(nick)
+        client.close()
+        return client.welcome
+
+    def test_a_lost_connection_keeps_its_nick_for_its_session(self):
+        server = self.harness()
+        bob = server.connect("bob")
+        welcome = self.lose(server, "alice")
+        taker = server.connect()
+        taker.send({"type": "hello", "nick": "ALICE"})
+        self.assertIn("waits for them", taker.expect("error")["text"])
+        bob.send({"type": "pm", "to": "alice", "text": "secret"}, {"type": "nick", "nick": "alice"})
+        self.assertIn("lost their connection", bob.expect("error", code="no-such-user")["text"])
+        self.assertEqual(bob.expect("error")["code"], "nick-taken")
+        server.advance(30)
+        back = server.connect("alice", session=welcome["session"], instance=welcome["instance"])
+        self.assertEqual(back.welcome["nick"], "alice")
+
+    def test_the_hold_ends_after_a_while_or_at_a_quit(self):
+        server = self.harness(nick_hold=60)
+        self.lose(server, "alice")
+        server.advance(60)
+        self.assertEqual(server.connect("alice").welcome["nick"], "alice")
+        quitter = server.connect("carol")
+        quitter.send({"type": "quit"})
+        self.assertEqual(server.connect("carol").welcome["nick"], "carol", "a quit leaves nothing held")
+
+    def test_dropped_as_too_slow_or_silent_is_held_too(self):
+        server = self.harness(ping_interval=1, idle_timeout=2)
+        silent = server.connect("silent")
+        silent.reading = False
+        server.advance(2)
+        self.assertIn(chat.name_key("silent"), server.chat.nicks.holds)
+
+
+# ---------------------------------------------------------------------------
+# 4f. Chat: the protocol's rules
 # ---------------------------------------------------------------------------
 
 class SessionTest(HarnessTestCase):
@@ -867,254 +1930,65 @@ class SessionTest(HarnessTestCase):
         self.assertEqual(self.peer("carol").welcome["history"], [])
 
 
-class ConnectionLimitTest(HarnessTestCase):
-    config = {"max_connections": 2}
+class KeepaliveTest(HarnessTestCase):
+    config = {"ping_interval": 0.2, "idle_timeout": 0.6}
 
-    def test_the_extra_connection_is_refused_and_the_others_carry_on(self):
-        alice, bob = self.peer("alice"), self.peer("bob")
-        carol = self.peer()
-        error = carol.expect("error")
-        self.assertEqual(error["code"], "server-full")
-        self.assertIn("full", error["text"])
-        carol.closed()
-        alice.send({"type": "msg", "text": "still here"})
-        self.assertEqual(bob.expect("msg")["text"], "still here")
-        bob.send({"type": "quit"})
-        bob.closed()
-        self.peer("dave")       # a place came free
-
-    def test_sockets_that_have_not_said_hello_count(self):
-        self.peer()
-        self.peer()
-        late = self.peer()
-        self.assertEqual(late.expect("error")["code"], "server-full")
-
-
-class OperatorConsoleTest(HarnessTestCase):
-    def test_say_who_kick(self):
-        alice, bob = self.peer("alice"), self.peer("bob")
-        shown = []
-        table = chat.operator_commands(self.server, shown.append)
-        self.server.call(table.run, "/say maintenance at noon")
-        for peer in (alice, bob):
-            self.assertEqual(peer.expect("notice", text="maintenance at noon")["type"], "notice")
-        self.server.call(table.run, "/who")
-        self.assertIn("#lobby (2): alice, bob", shown)
-        self.server.call(table.run, "/kick bob spamming")
-        error = bob.expect("error")
-        self.assertEqual(error["code"], "kicked")
-        bob.closed()
-        self.assertIn("spamming", alice.expect("leave")["reason"])
-        self.server.call(table.run, "/kick nobody")
-        self.assertIn("nobody here is called nobody", shown)
-        self.server.call(table.run, "/help")
-        self.assertTrue(any(line.startswith("/kick NICK [REASON]") for line in shown))
-
-
-class ServerProcessTest(unittest.TestCase):
-    def test_sigint_says_bye_to_every_client_and_exits_0_quickly(self):
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            with self.subTest(signal=signum):
-                server, port = server_process()
-                try:
-                    peers = [Peer(port, f"peer{i}") for i in range(3)]
-                    client = Process("client", "-p", port, "-n", "piped")
-                    try:
-                        peers[0].expect("join", nick="piped")
-                        started = time.monotonic()
-                        server.proc.send_signal(signum)
-                        for peer in peers:
-                            frames = peer.closed()
-                            self.assertEqual(frames[-1]["type"], "bye")
-                            self.assertIn("shutting down", frames[-1]["reason"])
-                        self.assertEqual(server.wait(), 0)
-                        self.assertLess(time.monotonic() - started, 1.5)
-                        self.assertEqual(client.wait(), 0)
-                        self.assertTrue(any("going away" in line for line in client.out_lines))
-                        self.assertFalse(any("Traceback" in line for line in server.err_lines + client.err_lines))
-                    finally:
-                        client.kill()
-                        for peer in peers:
-                            peer.close()
-                finally:
-                    server.kill()
-
-    def test_logs_have_timestamps_and_quiet_silences_them(self):
-        server, port = server_process()
-        try:
-            Peer(port, "alice").close()
-            self.assertRegex(server.wait_line("alice.*joined", "stderr")[0], r"alice")
-            self.assertRegex(server.err_lines[0], r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ")
-        finally:
-            server.kill()
-
-    def test_a_port_in_use_is_one_clear_line(self):
-        with socket.create_server(("127.0.0.1", 0)) as taken:
-            server = Process("server", "-p", taken.getsockname()[1], stdin=subprocess.DEVNULL)
-            self.assertEqual(server.wait(), 1)
-            server.kill()
-            self.assertTrue(any("cannot listen on" in line and "in use" in line for line in server.err_lines))
-            self.assertTrue(any("choose another with -p" in line for line in server.err_lines), server.err_lines)
-            self.assertFalse(any("Traceback" in line for line in server.err_lines))
-
-    @unittest.skipUnless(socket.has_ipv6, "no IPv6")
-    def test_ipv6(self):
-        try:
-            socket.create_server(("::1", 0), family=socket.AF_INET6).close()
-        except OSError:
-            self.skipTest("::1 is not usable here")
-        server, port = server_process("-H", "::1")
-        try:
-            alice = Peer(port, "alice", host="::1")
-            bob = Process("client", "-H", "::1", "-p", port, "-n", "bob")
-            alice.expect("join", nick="bob")
-            alice.send({"type": "msg", "text": "over v6"})
-            bob.wait_line("<alice> over v6")
-            bob.kill()
-            alice.close()
-        finally:
-            server.kill()
-
-
-class ClientProcessTest(ServerTestCase):
-    def test_piped_lines_are_sent_and_the_client_exits_0_at_their_end(self):
+    def test_a_silent_client_is_pinged_then_dropped(self):
+        mute = self.peer("mute", autopong=False)
+        self.server.advance(0.2)
+        self.assertEqual(mute.expect("ping")["type"], "ping")
         alice = self.peer("alice")
-        client = self.client("-n", "bot", stdin=subprocess.PIPE)
-        alice.expect("join", nick="bot")
-        client.write("hello from a pipe\n\n/me pipes up\n//slash line\ncafé 你好 🎉\n")
-        client.proc.stdin.close()
-        self.assertEqual([alice.expect("msg")["text"] for _ in range(4)],
-                         ["hello from a pipe", "pipes up", "/slash line", "café 你好 🎉"])
-        self.assertEqual(alice.expect("leave")["nick"], "bot")
-        self.assertEqual(client.wait(), 0)
+        self.server.advance(0.4)
+        self.assertEqual(mute.closed()[-1]["code"], "timeout")
+        self.assertIn("ping timeout", alice.expect("leave", nick="mute")["reason"])
 
-    def test_incoming_lines_are_printed_plainly_and_safely(self):
+    def test_a_client_that_answers_stays(self):
+        alive = self.peer("alive", autopong=False)
+        started = self.server.now
+        for _ in range(5):
+            self.server.advance(0.4)        # pinged when silent for 0.2 s, checked again 0.4 s later
+            alive.expect("ping")
+            alive.send({"type": "pong"})
+        self.assertGreater(self.server.now - started, 0.6)
+        self.assertFalse(alive.gone)
+
+    def test_a_joined_client_trickling_a_frame_is_dropped_as_silent(self):
+        alice, slow = self.peer("alice"), self.peer("trickler")
+        for byte in chat.encode({"type": "msg", "text": "x" * 200}):
+            slow.send_raw(bytes([byte]))
+            self.server.advance(0.05)
+            if slow.gone:
+                break
+        self.assertEqual(alice.expect("leave", nick="trickler")["reason"][:12], "ping timeout")
+        self.assertEqual(slow.closed()[-1]["code"], "timeout")
+
+
+class ResumeRulesTest(HarnessTestCase):
+    def test_a_half_open_old_connection_is_replaced_by_the_same_user(self):
         alice = self.peer("alice")
-        client = self.client("-n", "reader")
-        alice.expect("join", nick="reader")
-        alice.send({"type": "msg", "text": "hi \x1b[2Jthere\x07 你好"})
-        self.assertIn("there", client.wait_line("<alice>").string)
-        self.assertNotIn("\x1b", "".join(client.out_lines))
-        self.assertIn("你好", "".join(client.out_lines))
-        client.proc.stdin.close()
-        self.assertEqual(client.wait(), 0)
-
-    def test_printf_pipe_exactly_as_the_readme_says(self):
-        alice = self.peer("alice")
-        result = subprocess.run(f"printf 'hi\\n' | {sys.executable} {CHAT} client -p {self.port} -n printer",
-                                shell=True, capture_output=True, text=True, timeout=TIMEOUT)
-        self.assertEqual(result.returncode, 0, result.stderr)
-        self.assertEqual(alice.expect("msg")["text"], "hi")
-
-    def test_a_taken_nick_is_retried_with_a_suffix(self):
-        alice = self.peer("alice")
-        client = self.client("-n", "alice")
-        client.wait_line("taken; trying alice_2", "stderr")
-        self.assertEqual(alice.expect("join")["nick"], "alice_2")
-
-    def test_unknown_command_is_a_local_error_and_nothing_is_sent(self):
-        alice = self.peer("alice")
-        client = self.client("-n", "bob")
-        alice.expect("join", nick="bob")
-        client.write("/frobnicate now\n/msg alice private\n")
-        client.wait_line("unknown command /frobnicate", "stderr")
-        self.assertEqual(alice.expect("msg")["to"], "alice")
-
-    def test_frames_that_arrive_with_the_welcome_are_shown(self):
-        with socket.create_server(("127.0.0.1", 0)) as listener:    # a fake server, to control the bytes
-            client = self.client("-n", "bob", "-p", listener.getsockname()[1])
-            conn, _ = listener.accept()
-            with conn:
-                fake = Peer(0, sock=conn)
-                self.assertEqual(fake.next()["type"], "hello")
-                conn.sendall(chat.encode({"type": "welcome", "nick": "bob", "users": ["alice", "bob"],
-                                          "history": [], "server": "fake", "max_payload": 65536})
-                             + chat.encode({"type": "msg", "id": 1, "from": "alice", "text": "right behind",
-                                            "ts": 0.0}))     # one segment: both frames in one read
-                client.wait_line("<alice> right behind")
-
-    def test_no_server_is_one_clear_line_and_exit_1(self):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]       # bound but not listening: connections are refused
-            result = subprocess.run([sys.executable, CHAT, "client", "-p", str(port)], stdin=subprocess.DEVNULL,
-                                    capture_output=True, text=True, timeout=TIMEOUT)
-        self.assertEqual(result.returncode, 1)
-        self.assertEqual(result.stderr.strip(),
-                         f"cannot connect to 127.0.0.1:{port}: connection refused - is the server running?")
-        self.assertEqual(result.stdout, "")
-
-    def test_a_dying_server_is_connection_lost_and_exit_1(self):
-        server, port = server_process()
-        try:
-            client = Process("client", "-p", port, "-n", "x", "--reconnect", 0)
-            client.wait_line("CONNECTED", "stderr")
-            server.proc.kill()
-            self.assertEqual(client.wait(), 1)
-            self.assertTrue(any("connection lost" in line for line in client.err_lines))
-            self.assertFalse(any("Traceback" in line for line in client.err_lines))
-            client.kill()
-        finally:
-            server.kill()
-
-    def test_help_of_every_command_shows_defaults(self):
-        for command in ([], ["server"], ["client"], ["bench"], ["gencert"]):
-            with self.subTest(command=command):
-                result = subprocess.run([sys.executable, CHAT] + command + ["--help"], capture_output=True,
-                                        text=True, timeout=TIMEOUT)
-                self.assertEqual(result.returncode, 0)
-                if command:
-                    self.assertIn("(default:", result.stdout)
-        result = subprocess.run([sys.executable, CHAT, "server", "--help"], capture_output=True, text=True)
-        self.assertIn("50000", result.stdout)
-        self.assertIn("127.0.0.1", result.stdout)
+        ghost = self.peer("ghost")
+        session = ghost.welcome["session"]
+        thief = self.peer()
+        thief.send({"type": "hello", "nick": "ghost", "session": "guessed"})
+        self.assertEqual(thief.expect("error")["code"], "nick-taken")
+        back = self.peer("ghost", session=session)
+        self.assertEqual(back.welcome["nick"], "ghost")
+        self.assertEqual(ghost.expect("error")["code"], "replaced")
+        ghost.closed()
+        self.assertEqual(alice.expect("leave")["reason"], "reconnected")
 
 
-# ---------------------------------------------------------------------------
-# Hostile network and hostile users (issue 4)
-# ---------------------------------------------------------------------------
-
-def wait_until(predicate, timeout=TIMEOUT, what="a condition"):
-    """Poll `predicate` until true (for server state that sends no frame)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
-
-
-class BadInputChecks:
-    """Alice and Bob chat; a third connection misbehaves: check() says how it is answered."""
-    config = {"hello_timeout": 0.5}
-
-    def setUp(self):
-        super().setUp()
-        self.alice, self.bob = self.peer("alice"), self.peer("bob")
-        self.alice.expect("join", nick="bob")
-
-    def assert_unaffected(self):
-        """Everyone else still chats as before."""
-        self.alice.send({"type": "msg", "text": "still fine?"})
-        self.assertEqual(self.bob.expect("msg")["text"], "still fine?")
-
-    def check(self, data, code, closes, joined=True):
-        self.attempts = getattr(self, "attempts", 0) + 1     # a nick of its own: a lost one is held
-        peer = self.peer(f"mallory{self.attempts}" if joined else None)
-        with self.assertLogs("chat", logging.INFO) as logs:
-            peer.send_raw(data)
-            if closes:
-                frames = peer.closed()
-                self.assertEqual([f["code"] for f in frames if f["type"] == "error"], [code])
-                if joined:
-                    self.assertEqual(self.alice.expect("leave")["nick"], f"mallory{self.attempts}")
-            else:
-                self.assertEqual(peer.expect("error")["code"], code)
-                peer.send({"type": "ping"})
-                peer.expect("pong")     # still open
-            wait_until(lambda: logs.output, what="a log line")
-        self.assert_unaffected()
-        peer.close()
-        return logs.output
+class AloneNoticeTest(HarnessTestCase):
+    def test_one_alone_notice_not_again_on_a_resume_and_true_numbers(self):
+        server = self.harness(history=0)
+        alice = server.connect("alice")
+        notices = [f["text"] for f in alice.frames("notice")]
+        self.assertEqual(notices, ["you are alone in #lobby; nothing said here is kept for whoever joins later"])
+        alice.close()
+        back = server.connect("alice", session=alice.welcome["session"], instance=alice.welcome["instance"],
+                              rooms=["lobby"], since={"lobby": 0})
+        self.assertEqual(back.frames("notice"), [], "a resume is no news")
+        self.assertIn("the last 1 line said", self.harness(history=1).connect("bob").frames("notice")[0]["text"])
 
 
 class BadInputTest(BadInputChecks, HarnessTestCase):
@@ -1184,6 +2058,101 @@ class BadInputTest(BadInputChecks, HarnessTestCase):
         self.assert_unaffected()
 
 
+class LoneSurrogateTest(BadInputChecks, HarnessTestCase):
+    """Item 1: one 45-byte frame killed the server (and see WireTest)."""
+
+    def test_a_lone_surrogate_in_any_field_of_any_frame(self):
+        fields = {"hello": ["nick", "session", "password", "instance"], "msg": ["text", "room"], "me": ["text"],
+                  "pm": ["to", "text"], "nick": ["nick"], "who": ["room"], "ping": ["token"],
+                  "pong": ["x"], "join": ["room"], "part": ["room"], "rooms": ["x"], "quit": ["reason"],
+                  "teleport": ["x"]}
+        cases = [('{"type":%s}' % LONE).encode()]
+        for kind, names in fields.items():
+            for name in names:
+                cases.append(('{"type":"%s","%s":%s}' % (kind, name, LONE)).encode())
+                cases.append(('{"type":"%s","%s":["a",{"b":%s}]}' % (kind, name, LONE)).encode())
+            cases.append(('{"type":"%s",%s:"key"}' % (kind, LONE)).encode())
+        for payload in cases:
+            with self.subTest(payload):
+                self.check(frame_bytes(payload), "bad-frame", closes=True)
+
+    def test_surrogates_before_hello_and_in_hello(self):
+        for payload in (b'{"type":"hello","nick":"x","session":"\\udfff"}',
+                        b'{"type":"hello","nick":"x","since":{"\\ud800":1},"rooms":["\\ud800"]}'):
+            with self.subTest(payload):
+                self.check(frame_bytes(payload), "bad-frame", closes=True, joined=False)
+
+    def test_a_valid_surrogate_pair_is_an_ordinary_character(self):
+        self.alice.send_raw(frame_bytes(b'{"type":"msg","text":"\\ud83d\\ude00 ok"}'))
+        self.assertEqual(self.bob.expect("msg")["text"], "\U0001F600 ok")
+
+    def test_a_non_ascii_session_is_compared_not_crashed_on(self):
+        self.check(chat.encode({"type": "hello", "nick": "alice", "session": "\u00e9t\u00e9"}), "nick-taken",
+                   closes=True, joined=False)
+
+
+class FuzzTest(HarnessTestCase):
+    """Random frames of every type, with fields of every shape, from several
+    connections: each is refused or handled, never an internal error."""
+
+    VALUES = [None, True, 0, -1, 2 ** 63, 1.5, float("inf"), "", "x", "#lobby", "lobby", "a" * 40,
+              "\x1b[2J", "\u202e", "\u3164", "\U0001F600", [], ["lobby"], [1, [2, {}]], {}, {"lobby": 3},
+              {"lobby": "x"}, {"x": None}]
+    TYPES = ["hello", "msg", "me", "pm", "nick", "who", "ping", "pong", "quit", "join", "part", "rooms",
+             "teleport", ""]
+    FIELDS = ["nick", "text", "to", "room", "rooms", "since", "session", "instance", "password", "reason",
+              "token", "type"]
+
+    def test_random_frames_never_break_the_server(self):
+        rng = random.Random(11)
+        server = self.harness(flood_rate=1e6, flood_burst=1e6, password=None)
+        watcher = server.connect("watcher")
+        with self.assertLogs("chat", logging.DEBUG) as logs:
+            for round_ in range(200):
+                client = server.connect(f"fuzz{round_}" if rng.random() < 0.8 else None)
+                for _ in range(rng.randrange(1, 20)):
+                    frame = {"type": rng.choice(self.TYPES)}
+                    for field in rng.sample(self.FIELDS, rng.randrange(0, 4)):
+                        frame[field] = rng.choice(self.VALUES)
+                    if type(frame["type"]) is not str:
+                        frame["type"] = "msg"
+                    try:
+                        data = chat.encode(frame)
+                    except ValueError:      # inf is not JSON
+                        continue
+                    client.send_raw(data)
+                    if client.gone:
+                        break
+                if not client.gone and rng.random() < 0.5:
+                    client.close()
+            chat.log.info("done")
+        self.assertFalse([line for line in logs.output if "internal error" in line])
+        watcher.send({"type": "ping", "token": "alive"})
+        self.assertEqual(watcher.expect("pong")["token"], "alive")
+
+
+class InternalErrorTest(HarnessTestCase):
+    def test_a_bug_in_a_handler_costs_that_connection_only(self):
+        alice, bob = self.peer("alice"), self.peer("bob")
+
+        def broken(conn, frame):
+            raise RuntimeError("a bug")
+        self.server.chat.handlers["rooms"] = broken
+        with self.assertLogs("chat", logging.ERROR) as logs:
+            bob.send({"type": "rooms"})
+            self.assertEqual(bob.expect("error")["code"], "internal")
+            bob.closed()
+        self.assertIn("a bug", "\n".join(logs.output))
+        self.assertEqual(alice.expect("leave")["nick"], "bob")
+        alice.send({"type": "ping"})
+        alice.expect("pong")
+        self.peer("carol")
+
+
+# ---------------------------------------------------------------------------
+# 5. Server loop: sockets, TLS, timers, signals
+# ---------------------------------------------------------------------------
+
 class WireTest(ServerTestCase):
     """What only real sockets show."""
 
@@ -1207,6 +2176,73 @@ class WireTest(ServerTestCase):
         alice.send({"type": "msg", "text": "still fine?"})
         self.assertEqual(bob.expect("msg")["text"], "still fine?")
         self.peer("latecomer")
+
+
+class ErrorPathTest(ServerTestCase):
+    def test_a_failure_while_answering_a_refusal_costs_that_connection_only(self):
+        alice, bob = self.peer("alice"), self.peer("bob")
+        real_send = chat.Output.send
+
+        def failing_send(output, conn, frame):
+            if frame.get("code") == "unknown-type":
+                raise UnicodeEncodeError("utf-8", "x", 0, 1, "a bug while answering")
+            return real_send(output, conn, frame)
+        with unittest.mock.patch.object(chat.Output, "send", failing_send), \
+                self.assertLogs("chat", logging.ERROR) as logs:
+            bob.send({"type": "teleport"})
+            self.assertEqual(bob.closed()[-1]["code"], "internal")
+        self.assertIn("a bug while answering", "\n".join(logs.output))
+        self.assertEqual(alice.expect("leave")["nick"], "bob")
+        alice.send({"type": "ping"})
+        alice.expect("pong")
+
+    def test_a_failing_timer_costs_its_connection_only(self):
+        alice, _ = self.peer("alice"), self.peer("bob")
+        bob_conn = self.server.call(lambda: self.server.loop.chat.users[chat.name_key("bob")])
+
+        def broken(conn):
+            raise RuntimeError("a timer bug")
+        with self.assertLogs("chat", logging.ERROR) as logs:
+            self.server.call(lambda: self.server.loop.call_later(0, broken, bob_conn))
+            self.assertEqual(alice.expect("leave")["nick"], "bob")
+        self.assertIn("a timer bug", "\n".join(logs.output))
+        alice.send({"type": "ping"})
+        alice.expect("pong")
+
+
+class SlowReaderTest(ServerTestCase):
+    config = {"max_buffer": 256 * 1024, "flood_rate": 1e6, "flood_burst": 1e6}
+
+    def test_a_client_that_never_reads_is_dropped_and_nobody_else_waits(self):
+        alice, bob = self.peer("alice"), self.peer("bob")
+        sleeper_sock = socket.socket()
+        sleeper_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sleeper_sock.connect(("127.0.0.1", self.port))
+        sleeper = Peer(self.port, "sleeper", sock=sleeper_sock)
+        self.addCleanup(sleeper.close)
+        bob.expect("join", nick="sleeper")
+        text = "y" * 4000
+        received, sent, dropped = 0, 0, None
+        deadline = time.monotonic() + 20
+        while dropped is None:      # alice talks flat out; bob keeps up; the sleeper never reads
+            self.assertLess(time.monotonic(), deadline, "the sleeper was never dropped")
+            for _ in range(20):
+                alice.send({"type": "msg", "text": text})
+                sent += 1
+            while received < sent:
+                frame = bob.next()
+                if frame["type"] == "msg":
+                    received += 1
+                elif frame["type"] == "leave":
+                    dropped = frame
+        self.assertEqual(dropped["nick"], "sleeper")
+        self.assertIn("too slow", dropped["reason"])
+        self.assertEqual(alice.expect("leave")["nick"], "sleeper")
+        self.assertGreater(sent * 4000, 256 * 1024)
+        alice.send({"type": "msg", "text": "after"})
+        self.assertEqual(bob.expect("msg", text="after")["text"], "after")
+        self.assertLessEqual(self.server.call(lambda: max(c.queued for c in self.server.loop.open)),
+                             256 * 1024 + 65536)
 
 
 @unittest.skipUnless(os.path.exists("/proc/self/stat"), "measures CPU through /proc")
@@ -1250,129 +2286,6 @@ class ResourceLimitTest(unittest.TestCase):
         wait_until(joined, what="a connection accepted again")
         self.assertEqual(peers[0].welcome["nick"], "after")
         peers[0].close()
-
-
-class SlowReaderTest(ServerTestCase):
-    config = {"max_buffer": 256 * 1024, "flood_rate": 1e6, "flood_burst": 1e6}
-
-    def test_a_client_that_never_reads_is_dropped_and_nobody_else_waits(self):
-        alice, bob = self.peer("alice"), self.peer("bob")
-        sleeper_sock = socket.socket()
-        sleeper_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sleeper_sock.connect(("127.0.0.1", self.port))
-        sleeper = Peer(self.port, "sleeper", sock=sleeper_sock)
-        self.addCleanup(sleeper.close)
-        bob.expect("join", nick="sleeper")
-        text = "y" * 4000
-        received, sent, dropped = 0, 0, None
-        deadline = time.monotonic() + 20
-        while dropped is None:      # alice talks flat out; bob keeps up; the sleeper never reads
-            self.assertLess(time.monotonic(), deadline, "the sleeper was never dropped")
-            for _ in range(20):
-                alice.send({"type": "msg", "text": text})
-                sent += 1
-            while received < sent:
-                frame = bob.next()
-                if frame["type"] == "msg":
-                    received += 1
-                elif frame["type"] == "leave":
-                    dropped = frame
-        self.assertEqual(dropped["nick"], "sleeper")
-        self.assertIn("too slow", dropped["reason"])
-        self.assertEqual(alice.expect("leave")["nick"], "sleeper")
-        self.assertGreater(sent * 4000, 256 * 1024)
-        alice.send({"type": "msg", "text": "after"})
-        self.assertEqual(bob.expect("msg", text="after")["text"], "after")
-        self.assertLessEqual(self.server.call(lambda: max(c.queued for c in self.server.loop.open)),
-                             256 * 1024 + 65536)
-
-
-class FloodTest(ServerTestCase):
-    def test_a_paste_of_50_lines_arrives_complete_and_in_order(self):
-        alice, bob = self.peer("alice"), self.peer("bob")
-        client = self.client("-n", "paster")
-        alice.expect("join", nick="paster")
-        client.write("".join(f"pasted line {i:02d}\n" for i in range(50)))
-        for peer in (alice, bob):
-            self.assertEqual([peer.expect("msg")["text"] for _ in range(50)],
-                             [f"pasted line {i:02d}" for i in range(50)])
-        self.assertEqual(client.proc.poll(), None)
-
-
-class KeepaliveTest(HarnessTestCase):
-    config = {"ping_interval": 0.2, "idle_timeout": 0.6}
-
-    def test_a_silent_client_is_pinged_then_dropped(self):
-        mute = self.peer("mute", autopong=False)
-        self.server.advance(0.2)
-        self.assertEqual(mute.expect("ping")["type"], "ping")
-        alice = self.peer("alice")
-        self.server.advance(0.4)
-        self.assertEqual(mute.closed()[-1]["code"], "timeout")
-        self.assertIn("ping timeout", alice.expect("leave", nick="mute")["reason"])
-
-    def test_a_client_that_answers_stays(self):
-        alive = self.peer("alive", autopong=False)
-        started = self.server.now
-        for _ in range(5):
-            self.server.advance(0.4)        # pinged when silent for 0.2 s, checked again 0.4 s later
-            alive.expect("ping")
-            alive.send({"type": "pong"})
-        self.assertGreater(self.server.now - started, 0.6)
-        self.assertFalse(alive.gone)
-
-    def test_a_joined_client_trickling_a_frame_is_dropped_as_silent(self):
-        alice, slow = self.peer("alice"), self.peer("trickler")
-        for byte in chat.encode({"type": "msg", "text": "x" * 200}):
-            slow.send_raw(bytes([byte]))
-            self.server.advance(0.05)
-            if slow.gone:
-                break
-        self.assertEqual(alice.expect("leave", nick="trickler")["reason"][:12], "ping timeout")
-        self.assertEqual(slow.closed()[-1]["code"], "timeout")
-
-
-class ClientKeepaliveTest(unittest.TestCase):
-    def test_the_client_notices_a_frozen_server(self):
-        server, port = server_process("--ping-interval", 0.3, "--idle-timeout", 1)
-        try:
-            client = Process("client", "-p", port, "-n", "watcher", "--reconnect", 0)
-            client.wait_line("CONNECTED", "stderr")
-            server.proc.send_signal(signal.SIGSTOP)     # alive but silent, like a half-open peer
-            try:
-                self.assertEqual(client.wait(timeout=5), 1)
-            finally:
-                server.proc.send_signal(signal.SIGCONT)
-            self.assertTrue(any("nothing from the server" in line for line in client.err_lines))
-            client.kill()
-        finally:
-            server.kill()
-
-
-class TlsFiles:
-    """The embedded test certificates written to a temporary directory."""
-
-    def __init__(self, test):
-        tmp = tempfile.TemporaryDirectory()
-        test.addCleanup(tmp.cleanup)
-        self.dir = tmp.name
-        self.cert, self.key = self.write("cert.pem", TEST_CERT), self.write("key.pem", TEST_KEY)
-        self.other_cert, self.other_key = self.write("other.pem", OTHER_CERT), self.write("okey.pem", OTHER_KEY)
-        self.known_hosts = os.path.join(self.dir, "known_hosts")
-        self.fingerprint = chat.certificate_fingerprint(self.cert)
-
-    def write(self, name, text):
-        path = os.path.join(self.dir, name)
-        with open(path, "w") as f:
-            f.write(text)
-        return path
-
-
-def tls_peer(port, nick=None, **options):
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
-    raw = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
-    return Peer(port, nick, sock=context.wrap_socket(raw), **options)
 
 
 class TlsTest(unittest.TestCase):
@@ -1502,368 +2415,96 @@ class TlsTest(unittest.TestCase):
         self.assertIn("not overwriting", again.stderr)
 
 
-class PasswordTest(ServerTestCase):
-    config = {"password": "s3cret", "auth_delay": 0.2}
+class ServerProcessTest(unittest.TestCase):
+    def test_sigint_says_bye_to_every_client_and_exits_0_quickly(self):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            with self.subTest(signal=signum):
+                server, port = server_process()
+                try:
+                    peers = [Peer(port, f"peer{i}") for i in range(3)]
+                    client = Process("client", "-p", port, "-n", "piped")
+                    try:
+                        peers[0].expect("join", nick="piped")
+                        started = time.monotonic()
+                        server.proc.send_signal(signum)
+                        for peer in peers:
+                            frames = peer.closed()
+                            self.assertEqual(frames[-1]["type"], "bye")
+                            self.assertIn("shutting down", frames[-1]["reason"])
+                        self.assertEqual(server.wait(), 0)
+                        self.assertLess(time.monotonic() - started, 1.5)
+                        self.assertEqual(client.wait(), 0)
+                        self.assertTrue(any("going away" in line for line in client.out_lines))
+                        self.assertFalse(any("Traceback" in line for line in server.err_lines + client.err_lines))
+                    finally:
+                        client.kill()
+                        for peer in peers:
+                            peer.close()
+                finally:
+                    server.kill()
 
-    def test_the_client_takes_the_password_from_env_or_file(self):
-        alice = self.peer("alice", password="s3cret")
-        self.client("-n", "envy", env={"CHAT_PASSWORD": "s3cret"})
-        alice.expect("join", nick="envy")
-        with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
-            f.write("s3cret\n")
-        self.addCleanup(os.unlink, f.name)
-        self.client("-n", "filed", "--password-file", f.name)
-        alice.expect("join", nick="filed")
-        refused = self.client("-n", "nopass")
-        self.assertEqual(refused.wait(), 3)
-        self.assertTrue(any("needs a password" in line for line in refused.err_lines))
-
-    def test_the_server_takes_the_password_from_env(self):
-        server, port = server_process(env={"CHAT_PASSWORD": "envpass"})
+    def test_logs_have_timestamps_and_quiet_silences_them(self):
+        server, port = server_process()
         try:
-            accepted = Peer(port, "b", password="envpass")
-            self.addCleanup(accepted.close)
-            self.assertEqual(accepted.welcome["nick"], "b")
-            refused = Peer(port)
-            self.addCleanup(refused.close)
-            refused.send({"type": "hello", "nick": "a", "password": "no"})
-            self.assertEqual(refused.expect("error")["code"], "auth-failed")
-            self.assertTrue(any(", password" in line for line in server.err_lines))
+            Peer(port, "alice").close()
+            self.assertRegex(server.wait_line("alice.*joined", "stderr")[0], r"alice")
+            self.assertRegex(server.err_lines[0], r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ")
+        finally:
+            server.kill()
+
+    def test_a_port_in_use_is_one_clear_line(self):
+        with socket.create_server(("127.0.0.1", 0)) as taken:
+            server = Process("server", "-p", taken.getsockname()[1], stdin=subprocess.DEVNULL)
+            self.assertEqual(server.wait(), 1)
+            server.kill()
+            self.assertTrue(any("cannot listen on" in line and "in use" in line for line in server.err_lines))
+            self.assertTrue(any("choose another with -p" in line for line in server.err_lines), server.err_lines)
+            self.assertFalse(any("Traceback" in line for line in server.err_lines))
+
+    @unittest.skipUnless(socket.has_ipv6, "no IPv6")
+    def test_ipv6(self):
+        try:
+            socket.create_server(("::1", 0), family=socket.AF_INET6).close()
+        except OSError:
+            self.skipTest("::1 is not usable here")
+        server, port = server_process("-H", "::1")
+        try:
+            alice = Peer(port, "alice", host="::1")
+            bob = Process("client", "-H", "::1", "-p", port, "-n", "bob")
+            alice.expect("join", nick="bob")
+            alice.send({"type": "msg", "text": "over v6"})
+            bob.wait_line("<alice> over v6")
+            bob.kill()
+            alice.close()
         finally:
             server.kill()
 
 
-# ---------------------------------------------------------------------------
-# Rooms, reconnect, durable history, bot mode (issue 6)
-# ---------------------------------------------------------------------------
-
-class RoomsTest(HarnessTestCase):
-    def test_rooms_isolate_traffic(self):
-        alice, bob, carol = self.peer("alice"), self.peer("bob"), self.peer("carol")
-        alice.send({"type": "join", "room": "#dev"})
-        joined = alice.expect("joined")
-        self.assertEqual((joined["room"], joined["users"], joined["history"]), ("dev", ["alice"], []))
-        self.assertIn("alone in #dev", alice.expect("notice")["text"])
-        carol.send({"type": "join", "room": "DEV"})        # room names ignore case too
-        self.assertEqual(carol.expect("joined")["users"], ["alice", "carol"])
-        self.assertEqual(alice.expect("join", room="dev")["nick"], "carol")
-        alice.send({"type": "msg", "text": "dev talk", "room": "dev"})
-        line = carol.expect("msg")
-        self.assertEqual((line["text"], line["room"]), ("dev talk", "dev"))
-        bob.expect("join", nick="carol")
-        self.assertEqual(bob.sync(), [], "bob is not in #dev")
-        bob.send({"type": "msg", "text": "lobby talk"})
-        self.assertEqual(alice.expect("msg")["room"], "lobby")
-        bob.send({"type": "msg", "text": "sneaky", "room": "dev"})
-        self.assertEqual(bob.expect("error")["code"], "not-in-room")
-        dave = self.peer("dave")
-        dave.send({"type": "join", "room": "dev"})
-        self.assertEqual([h["text"] for h in dave.expect("joined")["history"]], ["dev talk"])
-        self.assertEqual([h["text"] for h in dave.welcome["history"]], ["lobby talk"])
-
-    def test_who_rooms_part_and_pm_across_rooms(self):
-        alice, bob = self.peer("alice"), self.peer("bob")
-        alice.send({"type": "join", "room": "dev"})
-        alice.expect("joined")
-        alice.send({"type": "part", "room": "lobby"})
-        self.assertEqual(alice.expect("parted")["room"], "lobby")
-        leave = bob.expect("leave")
-        self.assertEqual((leave["nick"], leave["reason"], leave["room"]), ("alice", "parted", "lobby"))
-        bob.send({"type": "who", "room": "lobby"})
-        self.assertEqual(bob.expect("who")["users"], ["bob"])
-        bob.send({"type": "who", "room": "dev"})
-        self.assertEqual(bob.expect("who")["users"], ["alice"])
-        bob.send({"type": "rooms"})
-        self.assertEqual(bob.expect("rooms")["rooms"], [{"name": "dev", "users": 1}, {"name": "lobby", "users": 1}])
-        bob.send({"type": "pm", "to": "alice", "text": "across rooms"})
-        self.assertEqual(alice.expect("msg")["text"], "across rooms")
-        alice.send({"type": "msg", "text": "no room named"})     # a legacy client's msg: the lobby
-        self.assertEqual(alice.expect("error")["code"], "not-in-room")
-
-    def test_limits_on_rooms(self):
-        alice = self.peer("alice")
-        for i in range(chat.ServerConfig.rooms_per_user - 1):
-            alice.send({"type": "join", "room": f"r{i}"})
-        alice.send({"type": "join", "room": "one-too-many"})
-        self.assertEqual(alice.expect("error")["code"], "too-many-rooms")
-        alice.send({"type": "join", "room": "bad name"})
-        self.assertEqual(alice.expect("error")["code"], "bad-room")
-
-
-
-class ClientRoomsTest(ServerTestCase):
-    def test_the_client_joins_switches_and_tags_lines_with_rooms(self):
-        alice = self.peer("alice")
-        alice.send({"type": "join", "room": "dev"})
-        alice.expect("joined")
-        client = self.client("-n", "bob")
-        alice.expect("join", nick="bob", room="lobby")
-        client.write("/join #dev\n")
-        client.wait_line("you are in #dev", "stderr")
-        client.write("in dev\n/switch #lobby\nin the lobby\n")
-        self.assertEqual((alice.expect("msg")["room"], alice.expect("msg")["room"]), ("dev", "lobby"))
-        alice.send({"type": "msg", "text": "tagged", "room": "dev"})
-        client.wait_line("#dev <alice> tagged")
-
-
-def cut(server, nick):
-    """Break `nick`'s connection from the server's side, as a network fault would."""
-    def shutdown():
-        server.loop.chat.users[chat.name_key(nick)].sock.shutdown(socket.SHUT_RDWR)
-    server.call(shutdown)
-
-
-class ReconnectTest(ServerTestCase):
-    def test_a_cut_client_reconnects_and_gets_exactly_what_it_missed(self):
-        alice = self.peer("alice")
-        client = self.client("-n", "bob")
-        alice.expect("join", nick="bob")
-        client.write("/join #dev\n")
-        client.wait_line("you are in #dev", "stderr")
-        client.write("/switch #lobby\n")
-        client.wait_line("now talking in #lobby", "stderr")
-        alice.send({"type": "msg", "text": "before"})
-        client.wait_line("<alice> before")
-        client.write("mine, before the cut\n")
-        alice.expect("msg", text="mine, before the cut")
-        cut(self.server, "bob")
-        alice.expect("leave", nick="bob")
-        for i in range(5):
-            alice.send({"type": "msg", "text": f"missed {i}"})
-        client.wait_line("reconnecting", "stderr")
-        client.write("typed while away\n")
-        client.wait_line("RECONNECTED", "stderr")
-        self.assertEqual(alice.expect("msg")["text"], "typed while away")
-        alice.send({"type": "msg", "text": "after"})
-        client.wait_line("<alice> after")
-        said = [line for line in client.out_lines if "<alice>" in line]
-        self.assertEqual(said, [f"#lobby <alice> {text}" for text in
-                                ["before"] + [f"missed {i}" for i in range(5)] + ["after"]])
-        self.assertFalse(any("mine, before the cut" in line for line in client.out_lines),
-                         "the replay does not show bob his own line again")
-        alice.send({"type": "who", "room": "dev"})
-        self.assertEqual(alice.expect("who")["users"], ["bob"], "bob is back in #dev")
-
-    def test_lines_no_longer_kept_are_counted(self):
-        self.server.stop()
-        self.server = ServerThread(history=3)
-        self.addCleanup(self.server.stop)
-        self.port = self.server.port
-        alice = self.peer("alice")
-        client = self.client("-n", "bob")
-        alice.expect("join", nick="bob")
-        cut(self.server, "bob")
-        alice.expect("leave", nick="bob")
-        for i in range(8):
-            alice.send({"type": "msg", "text": f"missed {i}"})
-        client.wait_line("5 lines said in #lobby while you were away can no longer be replayed", "stderr",
-                         timeout=10)
-        client.wait_line("<alice> missed 7")
-        self.assertEqual([line for line in client.out_lines if "<alice>" in line],
-                         [f"<alice> missed {i}" for i in (5, 6, 7)])
-
-    def test_kicked_clients_do_not_reconnect(self):
-        alice = self.peer("alice")
-        client = self.client("-n", "bob")
-        alice.expect("join", nick="bob")
-        self.server.call(self.server.loop.chat.kick, "bob", "bye")
-        self.assertEqual(client.wait(), 3)
-        self.assertFalse(any("reconnecting" in line for line in client.err_lines))
-
-
-class DurableHistoryTest(unittest.TestCase):
-    def setUp(self):
-        tmp = tempfile.TemporaryDirectory()
-        self.addCleanup(tmp.cleanup)
-        self.path = os.path.join(tmp.name, "history.jsonl")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-
-    def start(self):
-        server = Process("server", "-p", self.port, "--history-file", self.path, stdin=subprocess.DEVNULL)
+class ServerStartTest(unittest.TestCase):
+    def test_quiet_still_says_where_it_listens_and_logs_keep_one_format(self):
+        server = Process("server", "-p", 0, "-q", stdin=subprocess.DEVNULL)
         self.addCleanup(server.kill)
-        server.wait_line("listening on")
-        return server
-
-    def test_sigkill_and_restart_loses_nothing_and_resumes_clients(self):
-        server = self.start()
-        alice = Peer(self.port, "alice")
-        self.addCleanup(alice.close)
-        client = Process("client", "-p", self.port, "-n", "bob")
-        self.addCleanup(client.kill)
-        alice.expect("join", nick="bob")
-        for i in range(3):
-            alice.send({"type": "msg", "text": f"kept {i}"})
-        client.wait_line("<alice> kept 2")
-        server.proc.kill()          # SIGKILL: no chance to flush anything more
-        server.wait()
-        client.wait_line("reconnecting", "stderr")
-        server = self.start()
-        client.wait_line("RECONNECTED", "stderr")
-        newcomer = Peer(self.port, "carol")
-        self.addCleanup(newcomer.close)
-        history = newcomer.welcome["history"]
-        self.assertEqual([line["text"] for line in history], ["kept 0", "kept 1", "kept 2"])
-        newcomer.send({"type": "msg", "text": "after restart"})
-        client.wait_line("<carol> after restart")
-        self.assertFalse(any("restarted" in line for line in client.err_lines), "ids stayed valid")
-        self.assertEqual(len([line for line in client.out_lines if "kept" in line]), 3, "nothing replayed twice")
-        probe = Peer(self.port, "dave")
-        self.addCleanup(probe.close)
-        carol_line = probe.welcome["history"][-1]
-        self.assertGreater(carol_line["id"], history[-1]["id"])
-        self.assertEqual(carol_line["seq"], 4)
-
-    def test_a_torn_line_is_skipped_with_a_warning(self):
-        server = self.start()
-        alice = Peer(self.port, "alice")
-        self.addCleanup(alice.close)
-        alice.send({"type": "msg", "text": "whole"})
-
-        def written():
-            with open(self.path, "rb") as f:
-                return b"whole" in f.read()
-        wait_until(written, what="the line on disk")
-        server.proc.kill()
-        server.wait()
-        with open(self.path, "ab") as f:
-            f.write(b'{"type":"msg","id":99,"fr')
-        server = self.start()
-        self.assertTrue(any("damaged" in line for line in server.err_lines))
-        bob = Peer(self.port, "bob")
-        self.addCleanup(bob.close)
-        self.assertEqual([line["text"] for line in bob.welcome["history"]], ["whole"])
-
-class BotModeTest(ServerTestCase):
-    def test_json_mode_prints_frames_and_sends_json_or_text(self):
-        alice = self.peer("alice")
-        bot = self.client("-n", "robot", "--json")
-        welcome = json.loads(bot.wait_line(r'^\{.*"welcome"').string)
-        self.assertEqual(welcome["nick"], "robot")
-        alice.send({"type": "msg", "text": "hello robot"})
-        frame = json.loads(bot.wait_line(r'"hello robot"').string)
-        self.assertEqual((frame["type"], frame["from"]), ("msg", "alice"))
-        bot.write('{"type":"pm","to":"alice","text":"as a frame"}\nplain text line\n')
-        self.assertEqual(alice.expect("msg")["to"], "alice")
-        self.assertEqual(alice.expect("msg")["text"], "plain text line")
-        bot.proc.stdin.close()
-        self.assertEqual(bot.wait(), 0)
-
-    def test_the_readme_bot_answers_time(self):
-        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
-            readme = f.read()
-        code = re.search(r"<!-- bot -->\s*```python\n(.*?)```", readme, re.S)[1]
-        with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
-            f.write(code)
-        self.addCleanup(os.unlink, f.name)
-        alice = self.peer("alice")
-        alice.send({"type": "join", "room": "dev"})
-        bot = subprocess.Popen([sys.executable, f.name, "-p", str(self.port), "#dev"], cwd=HERE,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
-        self.addCleanup(bot.stderr.close)
-        self.addCleanup(bot.wait)
-        self.addCleanup(bot.kill)
-        alice.expect("join", nick="timebot", room="dev")
-        alice.send({"type": "msg", "text": "!time", "room": "dev"})
-        answer = alice.expect("msg")
-        self.assertEqual((answer["from"], answer["room"]), ("timebot", "dev"))
-        self.assertRegex(answer["text"], r"\d\d:\d\d:\d\d")
-        alice.send({"type": "msg", "text": "!time"})
-        self.assertEqual(alice.expect("msg")["room"], "lobby")
-        os.killpg(bot.pid, signal.SIGINT)      # Ctrl-C at its terminal: to the bot and its client
-        self.assertEqual(bot.wait(TIMEOUT), 0)
-        self.assertEqual(bot.stderr.read(), "", "no traceback")
-        self.assertEqual(alice.expect("leave", nick="timebot")["room"], "lobby")
+        port = int(server.wait_line(r"listening on 127\.0\.0\.1:(\d+)")[1])
+        self.assertGreater(port, 0)
+        server.proc.send_signal(signal.SIGINT)
+        self.assertEqual(server.wait(), 0)
+        self.assertEqual(server.err_lines, [], "-q: no info lines")
+        loud = Process("server", "-p", 0, stdin=subprocess.DEVNULL)
+        self.addCleanup(loud.kill)
+        loud.wait_line("listening on")
+        Peer(int(re.search(r":(\d+) ", loud.out_lines[0])[1]), "alice").close()
+        loud.wait_line("alice.*left", "stderr")
+        loud.proc.send_signal(signal.SIGINT)
+        self.assertEqual(loud.wait(), 0)
+        for line in loud.err_lines:
+            self.assertRegex(line, r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ")
+        self.assertIn("shutting down (Ctrl-C)", "\n".join(loud.err_lines))
+        self.assertNotIn("shutting down: server shutting down", "\n".join(loud.err_lines))
 
 
 # ---------------------------------------------------------------------------
-# Several servers as one chat through Redis (issue 7)
+# 6. Cluster
 # ---------------------------------------------------------------------------
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class RedisServer:
-    """A throwaway redis-server on a free port, without persistence."""
-
-    def __init__(self, test, port=None):
-        self.port = port or free_port()
-        self.url = f"redis://127.0.0.1:{self.port}"
-        self.proc = None
-        self.start()
-        test.addCleanup(self.stop)
-
-    def start(self):
-        debug = ["--enable-debug-command", "local"] if self.version() >= (7,) else []
-        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-                                      "--save", "", "--appendonly", "no", *debug],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-        def answers():
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
-                    s.sendall(b"PING\r\n")
-                    return s.recv(16).startswith(b"+PONG")
-            except OSError:
-                return False
-        wait_until(answers, what="redis-server to start")
-
-    def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-    @staticmethod
-    def version():
-        out = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout
-        return tuple(int(part) for part in re.search(r"v=(\d+)\.(\d+)", out).groups())
-
-    def call(self, *args):
-        """One command's reply (chat.py's own RESP code speaks it)."""
-        parser = chat.RespParser()
-        with socket.create_connection(("127.0.0.1", self.port), timeout=TIMEOUT) as s:
-            s.sendall(chat.resp_command(*args))
-            while True:
-                parser.feed(s.recv(65536))
-                replies = parser.replies()
-                if replies:
-                    return replies[0]
-
-    def sleep(self, seconds):
-        """Freeze Redis for `seconds` (DEBUG SLEEP), as a slow or stuck Redis would be; returns at once."""
-        def freeze():
-            with socket.create_connection(("127.0.0.1", self.port), timeout=seconds + TIMEOUT) as s:
-                s.sendall(f"DEBUG SLEEP {seconds}\r\n".encode())
-                s.recv(64)
-        thread = threading.Thread(target=freeze, daemon=True)
-        thread.start()
-        return thread
-
-
-class ClusterSetup:
-    """Two servers A and B linked through a throwaway Redis."""
-    TTL = 1.5
-
-    def setUp(self):
-        self.redis = RedisServer(self)
-        self.a, self.b = self.server(), self.server()
-
-    def server(self, **config):
-        server = ServerThread(redis=self.redis.url, cluster_ttl=self.TTL, **config)
-        self.addCleanup(server.stop)
-        wait_until(lambda: server.call(lambda: server.loop.chat.relay.up), what="the cluster link")
-        return server
-
-    def peer(self, server, nick=None, **options):
-        peer = Peer(server.port if isinstance(server, ServerThread) else server, nick, **options)
-        self.addCleanup(peer.close)
-        return peer
-
 
 @unittest.skipUnless(chat.shutil.which("redis-server"), "redis-server is not installed (.ci/run installs it)")
 class ClusterTest(ClusterSetup, unittest.TestCase):
@@ -2097,1599 +2738,6 @@ class ClusterTest(ClusterSetup, unittest.TestCase):
         server.wait_line(r"\[worker \d\] shutting down \(the supervisor process is gone\)", "stderr")
 
 
-class InternalErrorTest(HarnessTestCase):
-    def test_a_bug_in_a_handler_costs_that_connection_only(self):
-        alice, bob = self.peer("alice"), self.peer("bob")
-
-        def broken(conn, frame):
-            raise RuntimeError("a bug")
-        self.server.chat.handlers["rooms"] = broken
-        with self.assertLogs("chat", logging.ERROR) as logs:
-            bob.send({"type": "rooms"})
-            self.assertEqual(bob.expect("error")["code"], "internal")
-            bob.closed()
-        self.assertIn("a bug", "\n".join(logs.output))
-        self.assertEqual(alice.expect("leave")["nick"], "bob")
-        alice.send({"type": "ping"})
-        alice.expect("pong")
-        self.peer("carol")
-
-
-# ---------------------------------------------------------------------------
-# Hostile users (issue 11): each attack as it was measured, and what must hold
-# ---------------------------------------------------------------------------
-
-LONE = '"\\ud800"'     # a lone surrogate, spelled as JSON escapes it
-
-
-class LoneSurrogateTest(BadInputChecks, HarnessTestCase):
-    """Item 1: one 45-byte frame killed the server (and see WireTest)."""
-
-    def test_a_lone_surrogate_in_any_field_of_any_frame(self):
-        fields = {"hello": ["nick", "session", "password", "instance"], "msg": ["text", "room"], "me": ["text"],
-                  "pm": ["to", "text"], "nick": ["nick"], "who": ["room"], "ping": ["token"],
-                  "pong": ["x"], "join": ["room"], "part": ["room"], "rooms": ["x"], "quit": ["reason"],
-                  "teleport": ["x"]}
-        cases = [('{"type":%s}' % LONE).encode()]
-        for kind, names in fields.items():
-            for name in names:
-                cases.append(('{"type":"%s","%s":%s}' % (kind, name, LONE)).encode())
-                cases.append(('{"type":"%s","%s":["a",{"b":%s}]}' % (kind, name, LONE)).encode())
-            cases.append(('{"type":"%s",%s:"key"}' % (kind, LONE)).encode())
-        for payload in cases:
-            with self.subTest(payload):
-                self.check(frame_bytes(payload), "bad-frame", closes=True)
-
-    def test_surrogates_before_hello_and_in_hello(self):
-        for payload in (b'{"type":"hello","nick":"x","session":"\\udfff"}',
-                        b'{"type":"hello","nick":"x","since":{"\\ud800":1},"rooms":["\\ud800"]}'):
-            with self.subTest(payload):
-                self.check(frame_bytes(payload), "bad-frame", closes=True, joined=False)
-
-    def test_a_valid_surrogate_pair_is_an_ordinary_character(self):
-        self.alice.send_raw(frame_bytes(b'{"type":"msg","text":"\\ud83d\\ude00 ok"}'))
-        self.assertEqual(self.bob.expect("msg")["text"], "\U0001F600 ok")
-
-    def test_a_non_ascii_session_is_compared_not_crashed_on(self):
-        self.check(chat.encode({"type": "hello", "nick": "alice", "session": "\u00e9t\u00e9"}), "nick-taken",
-                   closes=True, joined=False)
-
-
-class ErrorPathTest(ServerTestCase):
-    def test_a_failure_while_answering_a_refusal_costs_that_connection_only(self):
-        alice, bob = self.peer("alice"), self.peer("bob")
-        real_send = chat.Output.send
-
-        def failing_send(output, conn, frame):
-            if frame.get("code") == "unknown-type":
-                raise UnicodeEncodeError("utf-8", "x", 0, 1, "a bug while answering")
-            return real_send(output, conn, frame)
-        with unittest.mock.patch.object(chat.Output, "send", failing_send), \
-                self.assertLogs("chat", logging.ERROR) as logs:
-            bob.send({"type": "teleport"})
-            self.assertEqual(bob.closed()[-1]["code"], "internal")
-        self.assertIn("a bug while answering", "\n".join(logs.output))
-        self.assertEqual(alice.expect("leave")["nick"], "bob")
-        alice.send({"type": "ping"})
-        alice.expect("pong")
-
-    def test_a_failing_timer_costs_its_connection_only(self):
-        alice, _ = self.peer("alice"), self.peer("bob")
-        bob_conn = self.server.call(lambda: self.server.loop.chat.users[chat.name_key("bob")])
-
-        def broken(conn):
-            raise RuntimeError("a timer bug")
-        with self.assertLogs("chat", logging.ERROR) as logs:
-            self.server.call(lambda: self.server.loop.call_later(0, broken, bob_conn))
-            self.assertEqual(alice.expect("leave")["nick"], "bob")
-        self.assertIn("a timer bug", "\n".join(logs.output))
-        alice.send({"type": "ping"})
-        alice.expect("pong")
-
-
-class ShownTest(unittest.TestCase):
-    def test_client_strings_are_escaped_and_cut_for_logs_and_errors(self):
-        forged = "nobody\n2099-01-01 00:00:00 alice@127.0.0.1:1 joined"
-        self.assertNotIn("\n", chat.shown(forged))
-        self.assertTrue(chat.shown(forged).endswith("..."))
-        self.assertEqual(chat.shown("\x1b]0;t\x07\u202e\u200b"), "\\x1b]0;t\\x07\\u202e\\u200b")
-        self.assertEqual(chat.shown("h\u00e9llo \u4e16\u754c"), "h\u00e9llo \u4e16\u754c")
-        self.assertEqual(chat.shown(None), "None")
-
-
-# ---------------------------------------------------------------------------
-# Protocol rules in memory (Harness: no socket, fake clock)
-# ---------------------------------------------------------------------------
-
-class HarnessFloodTest(unittest.TestCase):
-    def test_a_flooder_is_slowed_down_without_losing_lines_or_starving_others(self):
-        server = Harness(flood_rate=20.0, flood_burst=5)
-        flooder, talker, observer = (server.connect(nick) for nick in ("flooder", "talker", "observer"))
-        flooder.send(*({"type": "msg", "text": f"flood {i}"} for i in range(40)))
-        self.assertTrue(any("slowing you down" in f["text"] for f in flooder.frames("notice")))
-        self.assertEqual(len(observer.frames("msg")), 5, "the burst, then nothing until a token is back")
-        talker.send({"type": "msg", "text": "can I speak?"})
-        self.assertEqual(observer.frames("msg")[0]["text"], "can I speak?", "the talker is not starved")
-        server.advance(1.0)
-        self.assertEqual(len(observer.frames("msg")), 20, "20 lines a second")
-        server.advance(0.75)
-        texts = [f["text"] for f in observer.frames("msg")]
-        self.assertEqual(texts[-1], "flood 39", "35 lines over the burst at 20/s take 1.75s")
-
-
-class RequestCostTest(unittest.TestCase):
-    """Items 2 and 3: every request costs flood tokens, big answers cost more,
-    and a connection is not read while more than its share is queued for it."""
-
-    def populated(self, rooms=40, **config):
-        server = Harness(**{"flood_rate": 10.0, "flood_burst": 50, **config})
-        for i in range(rooms):
-            server.connect(f"u{i}").send({"type": "join", "room": f"room-with-a-long-name-{i:04d}"})
-        return server
-
-    def test_cheap_requests_with_big_answers_are_paid_for(self):
-        server = self.populated()
-        attacker = server.connect("attacker")
-        attacker.send(*[{"type": "rooms"}] * 1000)
-        answered = len(attacker.frames("rooms"))
-        size = len(chat.encode({"type": "rooms", "rooms": [{"name": "room-with-a-long-name-0000", "users": 1}] * 41}))
-        self.assertLessEqual(answered, 50 / (1 + size / chat.REPLY_BYTES_PER_TOKEN) + 1)
-        server.advance(1.0)
-        self.assertLessEqual(len(attacker.frames("rooms")), 10 / (1 + size / chat.REPLY_BYTES_PER_TOKEN) + 1)
-
-    def test_every_request_type_costs_a_token(self):
-        for frame in ({"type": "who"}, {"type": "ping"}, {"type": "nick", "nick": "x"},
-                      {"type": "join", "room": "r"}, {"type": "part", "room": "r"}, {"type": "pong"},
-                      {"type": "teleport"}, {"type": "msg", "text": 5}):
-            with self.subTest(frame["type"]):
-                server = Harness(flood_rate=10.0, flood_burst=20)
-                attacker = server.connect("attacker")
-                server.connect("watcher")       # a room member, for part and join to tell
-                attacker.send(*[frame] * 200)
-                self.assertTrue(attacker.conn.paused and attacker.conn.held is not None)
-                self.assertLess(attacker.conn.tokens, 1.0)
-
-    def test_join_part_nick_churn_is_capped_like_a_flood(self):
-        server = Harness(flood_rate=10.0, flood_burst=20)
-        attacker, victim = server.connect("attacker"), server.connect("victim")
-        victim.frames()
-        churn = [{"type": "part", "room": "lobby"}, {"type": "join", "room": "lobby"},
-                 {"type": "nick", "nick": "attacker2"}, {"type": "nick", "nick": "attacker"}]
-        attacker.send(*churn * 1000)
-        server.advance(10.0)
-        events = victim.frames()
-        self.assertLessEqual(len(events), 20 + 10 * 10 + 1, "a burst, then the flood rate")
-        self.assertGreater(len(events), 100, "slowed, not stopped")
-        self.assertFalse(victim.gone)
-
-    def test_a_connection_that_does_not_read_its_answers_is_not_read_either(self):
-        server = self.populated(flood_rate=1e9, flood_burst=1e9, max_buffer=64 * 1024)
-        attacker = server.connect("attacker")
-        attacker.reading = False
-        attacker.send(*[{"type": "rooms"}] * 10000)
-        self.assertTrue(attacker.conn.backlogged)
-        self.assertLessEqual(attacker.conn.queued, server.chat.out.share + 4096)
-        self.assertGreater(len(attacker.outbound) + attacker.conn.decoder.buffered, 100000,
-                           "the rest waits unhandled, in its socket or the one read taken")
-        attacker.reading = True
-        attacker.take()
-        self.assertFalse(attacker.conn.backlogged)
-        self.assertGreater(len(attacker.frames("rooms")), 5, "read again once it reads")
-
-
-def ping_ms(peer):
-    """How long the server takes to answer `peer`'s ping, in milliseconds."""
-    started = time.monotonic()
-    peer.sync()
-    return (time.monotonic() - started) * 1000
-
-
-class ReplyFloodTest(ServerTestCase):
-    """Item 2 on real sockets: 253 KB of `rooms` from 4 connections that do
-    not read froze the server for 34 s and took 2.7 GB. Stated bound: what is
-    queued for each of them stays under its share plus one answer."""
-
-    def test_attackers_that_never_read_cannot_freeze_the_server_or_grow_it(self):
-        for i in range(10):
-            member = self.peer(f"member{i}")
-            for j in range(10):
-                member.send({"type": "join", "room": f"populated-room-{i:02d}-{j:02d}"})
-            member.sync()
-        watcher = self.peer("watcher")
-        attackers = []
-        for i in range(4):
-            sock = socket.socket()
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)     # a small window: its queue fills
-            sock.connect(("127.0.0.1", self.port))
-            attackers.append(self.peer(f"attacker{i}", sock=sock))
-        flood = chat.encode({"type": "rooms"}) * (253000 // 16)
-        for attacker in attackers:
-            threading.Thread(target=attacker.sock.sendall, args=(flood,), daemon=True).start()
-        worst = max(ping_ms(watcher) for _ in range(10))
-        wait_until(lambda: self.server.call(
-            lambda: sum(c.paused for c in self.server.loop.open)) == 4, what="all four to be paused")
-        worst = max([worst] + [ping_ms(watcher) for _ in range(10)])
-        self.assertLess(worst, 500, "the watcher's ping was answered late")
-        share = self.server.loop.chat.out.share
-        queued = self.server.call(lambda: [c.queued for c in self.server.loop.open if c.nick.startswith("att")])
-        self.assertEqual(len(queued), 4, "the attackers are paused, not dropped")
-        self.assertLessEqual(max(queued), share + chat.MAX_SERVER_PAYLOAD)
-
-
-class RoomTableTest(unittest.TestCase):
-    """Item 4: the room table shrinks, and no one user can fill it."""
-
-    def test_join_part_churn_leaves_no_empty_rooms(self):
-        server = Harness(flood_rate=1e6, flood_burst=1e6, max_rooms=1000)
-        churner, other = server.connect("churner"), server.connect("other")
-        for i in range(1100):
-            churner.send({"type": "join", "room": f"r{i}"}, {"type": "part", "room": f"r{i}"})
-        self.assertEqual([room.name for room in server.chat.rooms], ["lobby"])
-        other.send({"type": "join", "room": "mine"})
-        self.assertEqual(other.expect("joined")["room"], "mine")
-
-    def test_rooms_kept_for_their_history_never_lock_anyone_out(self):
-        server = Harness(flood_rate=1e6, flood_burst=1e6, max_rooms=10)
-        churner, other = server.connect("churner"), server.connect("other")
-        for i in range(30):
-            churner.send({"type": "join", "room": f"r{i}"}, {"type": "msg", "room": f"r{i}", "text": "mark"},
-                         {"type": "part", "room": f"r{i}"})
-        self.assertLessEqual(len(server.chat.rooms.dormant), 10, "at most max_rooms dormant rooms")
-        self.assertIsNotNone(server.chat.rooms.get("r29"), "the newest are kept")
-        self.assertIsNone(server.chat.rooms.get("r0"), "the oldest went")
-        other.send({"type": "join", "room": "mine"})
-        self.assertEqual(other.expect("joined")["room"], "mine")
-
-    def test_a_dormant_room_keeps_its_history_and_a_freed_one_numbers_on(self):
-        server = Harness(max_rooms=2)
-        alice = server.connect("alice")
-        alice.send({"type": "join", "room": "dev"}, {"type": "msg", "room": "dev", "text": "one"},
-                   {"type": "part", "room": "dev"})
-        alice.frames()
-        alice.send({"type": "join", "room": "dev"})
-        joined = alice.expect("joined", room="dev")
-        self.assertEqual([line["text"] for line in joined["history"]], ["one"])
-        alice.send({"type": "part", "room": "dev"})
-        for name in ("a", "b", "c"):    # pushes dev out of the dormant rooms
-            alice.send({"type": "join", "room": name}, {"type": "msg", "room": name, "text": "x"},
-                       {"type": "part", "room": name})
-        self.assertIsNone(server.chat.rooms.get("dev"))
-        alice.frames()
-        alice.send({"type": "join", "room": "dev"}, {"type": "msg", "room": "dev", "text": "two"})
-        self.assertEqual(alice.expect("joined", room="dev")["seq"], 1, "numbering goes on, not back to 0")
-        self.assertEqual(server.chat.rooms.get("dev").history[-1].seq, 2)
-
-    def test_a_history_file_full_of_rooms_does_not_lock_out_after_a_restart(self):
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "history.jsonl")
-            server = Harness(flood_rate=1e6, flood_burst=1e6, max_rooms=20, history_file=path)
-            churner = server.connect("churner")
-            for i in range(40):
-                churner.send({"type": "join", "room": f"r{i}"}, {"type": "msg", "room": f"r{i}", "text": "x"},
-                             {"type": "part", "room": f"r{i}"})
-            server.chat.close()
-            again = Harness(max_rooms=20, history_file=path)
-            self.addCleanup(again.chat.close)
-            self.assertLessEqual(len(again.chat.rooms.dormant), 20)
-            newcomer = again.connect("newcomer")
-            newcomer.send({"type": "join", "room": "fresh"})
-            self.assertEqual(newcomer.expect("joined")["room"], "fresh")
-
-
-class HistoryBudgetTest(unittest.TestCase):
-    """Item 5: 1,000 rooms x 50 lines x 16 KiB took 800 MiB. Stated bound:
-    the history of all rooms stays under --history-bytes, and one joined
-    or welcome carries at most REPLAY_MAX bytes of it."""
-
-    def test_big_lines_in_many_rooms_stay_within_the_budget(self):
-        budget = 2 << 20
-        server = Harness(flood_rate=1e6, flood_burst=1e6, history_bytes=budget, max_rooms=100)
-        big = "\U0001F600" * 4096     # 16 KiB of UTF-8
-        for user in range(5):
-            spammer = server.connect(f"spammer{user}")
-            for room in range(20):
-                name = f"s{user}-{room}"
-                spammer.send({"type": "join", "room": name}, *[{"type": "msg", "room": name, "text": big}] * 20)
-                spammer.frames()
-            self.assertLessEqual(server.chat.rooms.history_bytes, budget)
-        self.assertEqual(server.chat.rooms.history_bytes,
-                         sum(room.history_bytes for room in server.chat.rooms), "counted right")
-        newcomer = server.connect("newcomer")
-        newcomer.send({"type": "join", "room": "s4-19"})
-        self.assertLessEqual(len(chat.encode(newcomer.expect("joined"))), chat.REPLAY_MAX + 4096)
-        for client in list(server.clients.values()):
-            client.close()
-        self.assertLessEqual(server.chat.rooms.history_bytes, budget)
-        self.assertLessEqual(len(server.chat.rooms), 101)
-
-    def test_a_resume_counts_what_the_replay_could_not_carry_as_missed(self):
-        server = Harness(flood_rate=1e6, flood_burst=1e6)
-        alice, bob = server.connect("alice"), server.connect("bob")
-        seen = bob.welcome["seq"]["lobby"]
-        session, instance = bob.welcome["session"], bob.welcome["instance"]
-        bob.close()
-        alice.send(*[{"type": "msg", "text": "x" * 4000}] * 50)
-        alice.send(*[{"type": "msg", "text": "\U0001F600" * 4000}] * 50)
-        bob = server.connect("bob", session=session, instance=instance, rooms=["lobby"], since={"lobby": seen})
-        history, missed = bob.welcome["history"], bob.welcome["missed"]
-        self.assertTrue(bob.welcome["truncated"])
-        self.assertEqual(len(history) + missed["lobby"], 100)
-        self.assertEqual(history[-1]["seq"], 100)
-
-
-class HistoryFileCompactionTest(unittest.TestCase):
-    """Item 6: past the compaction threshold the whole file was rewritten and
-    fsync'd every turn. Now a compaction happens once the file has doubled."""
-
-    def test_compaction_makes_progress(self):
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "history.jsonl")
-            server = Harness(flood_rate=1e6, flood_burst=1e6, history_file=path, history_file_max=20000)
-            self.addCleanup(server.chat.close)
-            alice = server.connect("alice")
-            for room in range(5):     # 5 rooms x 50 kept lines x ~150 bytes: ~40 KB kept, twice the threshold
-                alice.send({"type": "join", "room": f"r{room}"})
-            rewrites = []
-            real = chat.HistoryFile.rewrite
-            with unittest.mock.patch.object(chat.HistoryFile, "rewrite",
-                                            lambda self_, lines: rewrites.append(len(lines)) or real(self_, lines)):
-                for i in range(1000):
-                    alice.send({"type": "msg", "room": f"r{i % 5}", "text": f"line {i:04d} " + "x" * 80})
-            self.assertLess(len(rewrites), 20, "not a rewrite per line")
-            self.assertGreater(len(rewrites), 2, "but compacted all the same")
-            self.assertLess(os.path.getsize(path), 2 * 250 * 200)
-
-
-class IdsTest(unittest.TestCase):
-    """Item 13: a pm's id was given again to a room line after a restart."""
-
-    def test_ids_never_repeat_across_a_restart(self):
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "history.jsonl")
-            server = Harness(history_file=path)
-            alice, bob = server.connect("alice"), server.connect("bob")
-            alice.send({"type": "msg", "text": "room line"})
-            for _ in range(3):
-                alice.send({"type": "pm", "to": "bob", "text": "private"})
-            ids = [frame["id"] for frame in bob.frames("msg")]
-            server.chat.close()
-            again = Harness(history_file=path)
-            self.addCleanup(again.chat.close)
-            carol, dave = again.connect("carol"), again.connect("dave")
-            carol.send({"type": "msg", "text": "after the restart"})
-            self.assertGreater(dave.expect("msg")["id"], max(ids))
-
-    def test_a_file_that_is_not_a_history_is_refused_and_left_as_it_is(self):
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "notes.txt")
-            with open(path, "w") as f:
-                f.write("my notes\nbuy milk\n")
-            with self.assertRaises(ValueError) as refused:
-                chat.HistoryFile(path, 1 << 20).load()
-            self.assertIn("not a chat.py history", str(refused.exception))
-            with open(path) as f:
-                self.assertEqual(f.read(), "my notes\nbuy milk\n")
-
-
-class SlotTest(unittest.TestCase):
-    """Item 7: 100 silent connections locked people out (server-full 14-23
-    times in 25). Now one source holds at most a tenth of the slots unjoined,
-    and a full server gives a silent connection's slot to a newcomer."""
-
-    def test_silent_connections_cannot_lock_anyone_out(self):
-        server = Harness(max_connections=100)
-        silent = [server.connect(ip=f"198.51.100.{i % 20}") for i in range(100)]
-        server.advance(chat.Gate.PREEMPT_AFTER)
-        for i in range(25):
-            user = server.connect(f"user{i}", ip="192.0.2.7")
-            self.assertEqual(user.welcome["nick"], f"user{i}")
-        self.assertEqual(sum(client.gone for client in silent), 25)
-        self.assertEqual(silent[0].frames()[-1]["code"], "timeout")
-
-    def test_a_fresh_connection_is_not_preempted(self):
-        server = Harness(max_connections=10)
-        for i in range(10):
-            server.connect(ip=f"198.51.100.{i}")
-        late = server.connect(ip="192.0.2.7")
-        self.assertEqual(late.expect("error")["code"], "server-full")
-        self.assertTrue(late.gone)
-
-    def test_one_source_holds_at_most_a_tenth_of_the_slots_unjoined(self):
-        server = Harness(max_connections=200)
-        waiting = [server.connect(ip="198.51.100.1") for _ in range(21)]
-        self.assertEqual([c.gone for c in waiting], [False] * 20 + [True])
-        self.assertIn("already waiting to join", waiting[-1].expect("error")["text"])
-        other_v6 = [server.connect(ip=f"2001:db8::{i:x}") for i in range(21)]
-        self.assertTrue(other_v6[-1].gone, "an IPv6 /64 counts as one source")
-        self.assertEqual(server.connect("someone", ip="198.51.100.2").welcome["nick"], "someone")
-
-    def test_a_wrong_password_frees_its_slot_at_once(self):
-        server = Harness(max_connections=2, password="right")
-        server.connect("alice", password="right")
-        guesser = server.connect(ip="198.51.100.9")
-        guesser.send({"type": "hello", "nick": "x", "password": "wrong"})
-        self.assertEqual(guesser.expect("error")["code"], "auth-failed")
-        self.assertTrue(guesser.gone, "closed at once, not after a delay")
-        self.assertEqual(server.connect("bob", password="right", ip="192.0.2.8").welcome["nick"], "bob")
-
-
-class PasswordGuessingTest(unittest.TestCase):
-    """Item 8: with a delay per address, rotating addresses gave 100 guesses/s."""
-
-    def guess(self, server, ip, password="guess"):
-        client = server.connect(ip=ip)
-        client.send({"type": "hello", "nick": "x", "password": password} if password else
-                    {"type": "hello", "nick": "x"})
-        frame = next(f for f in client.frames() if f["type"] in ("welcome", "error"))
-        if frame["type"] == "welcome":
-            client.send({"type": "quit"})
-        return frame["type"] if frame["type"] == "welcome" else frame["code"]
-
-    def test_one_address_waits_longer_after_each_wrong_password(self):
-        server = Harness(password="right", auth_delay=1.0)
-        self.assertEqual(self.guess(server, "198.51.100.1"), "auth-failed")
-        self.assertEqual(self.guess(server, "198.51.100.1", "right"), "rate-limited", "not even checked")
-        server.advance(1.0)
-        self.assertEqual(self.guess(server, "198.51.100.1"), "auth-failed")
-        server.advance(1.0)
-        self.assertEqual(self.guess(server, "198.51.100.1"), "rate-limited", "2 s after the second")
-        server.advance(1.0)
-        self.assertEqual(self.guess(server, "198.51.100.1", "right"), "welcome")
-
-    def test_a_missing_password_is_a_question_not_a_strike(self):
-        server = Harness(password="right")
-        for _ in range(5):
-            self.assertEqual(self.guess(server, "198.51.100.1", None), "auth-failed")
-        self.assertEqual(self.guess(server, "198.51.100.1", "right"), "welcome")
-
-    def checked_in(self, server, addresses, seconds):
-        """Guesses from `addresses` in turn, one every 10 ms for `seconds`: how many were checked."""
-        checked = 0
-        for step in range(int(seconds * 100)):
-            checked += self.guess(server, next(addresses)) == "auth-failed"
-            server.advance(0.01)
-        return checked
-
-    def test_rotating_through_a_network_is_as_slow_as_one_address(self):
-        server = Harness(password="right", auth_delay=1.0)
-        addresses = (f"203.0.113.{i % 250}" for i in itertools.count())
-        checked = self.checked_in(server, addresses, 60)
-        self.assertLess(checked, 40, "a /24 doubles its wait every 4 strikes")
-
-    def test_rotating_through_many_networks_stays_slow_and_the_regulars_still_get_in(self):
-        server = Harness(password="right", auth_delay=1.0)
-        regular = self.guess(server, "192.0.2.50", "right")
-        addresses = (f"10.{i // 250 % 250}.{i % 250}.1" for i in itertools.count())
-        checked = self.checked_in(server, addresses, 60)
-        self.assertLess(checked, chat.Gate.GLOBAL_BURST + 60 + 2, "a burst, then one a second, whatever the source")
-        self.assertEqual(regular, "welcome")
-        self.assertEqual(self.guess(server, "192.0.2.50", "right"), "welcome", "an address that logged in before")
-        self.assertEqual(self.guess(server, "192.0.2.51", "right"), "rate-limited", "a new one waits its turn")
-
-
-class LogFloodTest(unittest.TestCase):
-    """Items 7 and 12: each refusal or bad frame logged a line (56 MB in 60 s),
-    and a client string could forge a line or put escapes on the operator's terminal."""
-
-    def test_a_flood_of_bad_frames_logs_a_few_lines(self):
-        limiter = chat.LogLimiter(burst=20, rate=1.0, clock=lambda: server.now)
-        server = Harness(flood_rate=1e6, flood_burst=1e6)
-        chat.log.addFilter(limiter)
-        self.addCleanup(chat.log.removeFilter, limiter)
-        attacker = server.connect("attacker")
-        with self.assertLogs("chat", logging.INFO) as logs:
-            attacker.send(*[{"type": "x" * 60000}] * 1000)
-            server.advance(5.0)
-            attacker.send({"type": "teleport"})
-        self.assertLessEqual(len(logs.output), 20 + 1 + 1)
-        self.assertIn("more lines like this not logged", logs.output[-1])
-        self.assertLess(max(len(line) for line in logs.output), 300, "client strings are cut")
-
-    def test_client_strings_cannot_forge_a_log_line_or_reach_the_terminal(self):
-        server = Harness()
-        attacker = server.connect("attacker")
-        with self.assertLogs("chat", logging.INFO) as logs:
-            attacker.send({"type": "pm", "to": "nobody\n2099-01-01 00:00:00 alice@127.0.0.1:1 joined", "text": "x"},
-                          {"type": "\x1b]0;owned\x07\x1b[2J"}, {"type": "quit", "reason": "bye\u202e\u200b"})
-        for line in logs.output:
-            self.assertNotIn("\n", line)
-            self.assertFalse(re.search("[\x00-\x1f\x7f\u202e\u200b]", line), line)
-
-
-@unittest.skipUnless(sys.platform.startswith("linux"), "binds source addresses across 127.0.0.0/8")
-class SlotAttackTest(unittest.TestCase):
-    """Item 7 on real sockets: silent connections and stalled TLS handshakes
-    from many addresses fill a server; people still get in, every time."""
-
-    def hold(self, port, source, first_bytes=b""):
-        sock = socket.socket()
-        sock.bind((source, 0))
-        sock.connect(("127.0.0.1", port))
-        sock.sendall(first_bytes)
-        self.addCleanup(sock.close)
-        return sock
-
-    def attack(self, first_bytes, connect):
-        with unittest.mock.patch.object(chat.Gate, "PREEMPT_AFTER", 0.2):
-            files = TlsFiles(self)
-            tls = {"tls_cert": files.cert, "tls_key": files.key} if connect is tls_peer else {}
-            server = ServerThread(max_connections=20, **tls)
-            self.addCleanup(server.stop)
-            for i in range(40):     # twice the slots, from 10 addresses
-                self.hold(server.port, f"127.0.0.{2 + i % 10}", first_bytes)
-            gate = server.loop.chat.gate
-            wait_until(lambda: server.call(lambda: len(server.loop.chat.conns) == 20 and server.loop.now
-                                           - next(iter(gate.unjoined.values())) >= chat.Gate.PREEMPT_AFTER),
-                       what="a server full of connections that have not said hello in time")
-            for i in range(25):
-                started = time.monotonic()
-                peer = connect(server.port, f"user{i}")
-                self.assertEqual(peer.welcome["nick"], f"user{i}")
-                self.assertLess(time.monotonic() - started, 1.0)
-                peer.close()
-
-    def test_silent_connections(self):
-        self.attack(b"", Peer)
-
-    def test_stalled_tls_client_hellos(self):
-        self.attack(b"\x16\x03\x01", tls_peer)
-
-
-class LookAlikeTest(unittest.TestCase):
-    """Item 9: look-alike nicks were accepted while `alice` was online."""
-
-    def test_look_alikes_of_an_online_nick_are_taken(self):
-        server = Harness()
-        server.connect("alice")
-        for nick in ("ALICE", "\uff41\uff4c\uff49\uff43\uff45", "\U0001d41a\U0001d425\U0001d422\U0001d41c\U0001d41e",
-                     "al\u0131ce", "aIice", "a1ice"):
-            with self.subTest(nick):
-                client = server.connect()
-                client.send({"type": "hello", "nick": nick})
-                self.assertEqual(client.expect("error")["code"], "nick-taken")
-
-    def test_mixed_scripts_and_letters_that_draw_nothing_are_refused(self):
-        server = Harness()
-        for nick, why in (("\u0430lice", "mixes scripts"), ("alice\u3164", "draws nothing"),
-                          ("alice\u1160", "draws nothing"), ("alice\uffa0", "draws nothing"),
-                          ("\u115falice", "draws nothing"), ("al\u03b9ce", "mixes scripts")):
-            with self.subTest(nick):
-                client = server.connect()
-                client.send({"type": "hello", "nick": nick})
-                error = client.expect("error")
-                self.assertEqual(error["code"], "bad-nick")
-                self.assertIn(why, error["text"])
-
-    def test_one_script_names_are_fine_and_collide_only_with_their_look_alikes(self):
-        server = Harness()
-        for nick in ("\u0430\u043b\u0438\u0441\u0430", "\u4e2d\u6587", "\u65e5\u672c\u8a9e\u3072\u3089\u30ab\u30bf",
-                     "Bob\u540d\u524d", "\u00e9lodie", "\uc9c0\ubbfc"):
-            with self.subTest(nick):
-                self.assertEqual(server.connect(nick).welcome["nick"], nick)
-        server.connect("aoe")
-        impostor = server.connect()
-        impostor.send({"type": "hello", "nick": "\u0430\u043e\u0435"})     # all Cyrillic, draws as "aoe"
-        self.assertEqual(impostor.expect("error")["code"], "nick-taken")
-
-    def test_rooms_follow_the_same_rules(self):
-        server = Harness()
-        alice = server.connect("alice")
-        alice.send({"type": "join", "room": "eo"}, {"type": "join", "room": "\u0435\u043e"})
-        self.assertEqual([f["room"] for f in alice.frames("joined")], ["eo", "eo"], "one room")
-        alice.send({"type": "join", "room": "d\u0435v"})
-        self.assertEqual(alice.expect("error")["code"], "bad-room")
-
-    def test_a_nick_is_coloured_by_its_skeleton(self):
-        self.assertEqual(chat.nick_color("alice"), chat.nick_color("AIice"))
-        self.assertEqual(chat.name_key("\uff41lice"), chat.name_key("alice"))
-
-
-class ForgedLineTest(unittest.TestCase):
-    """Item 10: text that passes for someone else's line."""
-
-    def test_padding_to_the_terminal_width_cannot_start_a_row_of_its_own(self):
-        view = chat.View(me="carol", timestamps=True, width=60)
-        forged = "hi" + " " * 200 + "10:19 <alice> send me your password"
-        rows = chat.render({"type": "msg", "from": "mallory", "text": forged, "ts": 0}, view).split("\n")
-        self.assertTrue(all(chat.display_width(row) <= 60 for row in rows))
-        self.assertRegex(rows[0], r"^\d\d:\d\d <mallory> hi$")
-        for row in rows[1:]:
-            self.assertTrue(row.startswith(" " * len("00:00 <mallory> ")), row)
-
-    def test_a_newline_in_pipe_mode_is_indented_under_the_text(self):
-        line = chat.render({"type": "msg", "from": "m", "text": "hi\n<alice> fake"}, chat.View(me="carol"))
-        self.assertEqual(line, "<m> hi\n    <alice> fake")
-
-    def test_words_wrap_at_spaces_and_wide_characters_count_two(self):
-        self.assertEqual(chat.wrap("the quick brown fox", 10), ["the quick", "brown fox"])
-        self.assertEqual(chat.wrap("\u4f60\u597d" * 4, 6), ["\u4f60\u597d\u4f60", "\u597d\u4f60\u597d", "\u4f60\u597d"])
-        self.assertEqual(chat.wrap("abcdefghij", 4), ["abcd", "efgh", "ij"])
-
-    def test_invisible_characters_are_removed_by_the_server_and_escaped_by_the_client(self):
-        invisible = ("\u200e\u200f\u061c\u200b\u2060\u00ad\u3164\u115f\u1160\uffa0\U000e0041\U000e007f"
-                     "\ufff9\ufffa\ufffb")
-        self.assertEqual(chat.clean_text(f"a{invisible}b"), "ab")
-        self.assertNotRegex(chat.printable(f"a{invisible}b"), "[\u200b-\u200f\u2060\u00ad\u3164]")
-        self.assertEqual(chat.clean_text("\U0001F469\u200d\U0001F4BB \u2764\ufe0f"), "\U0001F469\u200d\U0001F4BB \u2764\ufe0f",
-                         "joiners and variation selectors stay: emoji need them")
-
-
-class NickHoldTest(unittest.TestCase):
-    """Item 11: a nick was taken 9 ms after its owner's connection dropped."""
-
-    def lose(self, server, nick):
-        client = server.connect(nick)
-        client.close()
-        return client.welcome
-
-    def test_a_lost_connection_keeps_its_nick_for_its_session(self):
-        server = Harness()
-        bob = server.connect("bob")
-        welcome = self.lose(server, "alice")
-        taker = server.connect()
-        taker.send({"type": "hello", "nick": "ALICE"})
-        self.assertIn("waits for them", taker.expect("error")["text"])
-        bob.send({"type": "pm", "to": "alice", "text": "secret"}, {"type": "nick", "nick": "alice"})
-        self.assertIn("lost their connection", bob.expect("error", code="no-such-user")["text"])
-        self.assertEqual(bob.expect("error")["code"], "nick-taken")
-        server.advance(30)
-        back = server.connect("alice", session=welcome["session"], instance=welcome["instance"])
-        self.assertEqual(back.welcome["nick"], "alice")
-
-    def test_the_hold_ends_after_a_while_or_at_a_quit(self):
-        server = Harness(nick_hold=60)
-        self.lose(server, "alice")
-        server.advance(60)
-        self.assertEqual(server.connect("alice").welcome["nick"], "alice")
-        quitter = server.connect("carol")
-        quitter.send({"type": "quit"})
-        self.assertEqual(server.connect("carol").welcome["nick"], "carol", "a quit leaves nothing held")
-
-    def test_dropped_as_too_slow_or_silent_is_held_too(self):
-        server = Harness(ping_interval=1, idle_timeout=2)
-        silent = server.connect("silent")
-        silent.reading = False
-        server.advance(2)
-        self.assertIn(chat.name_key("silent"), server.chat.nicks.holds)
-
-
-class FuzzTest(unittest.TestCase):
-    """Random frames of every type, with fields of every shape, from several
-    connections: each is refused or handled, never an internal error."""
-
-    VALUES = [None, True, 0, -1, 2 ** 63, 1.5, float("inf"), "", "x", "#lobby", "lobby", "a" * 40,
-              "\x1b[2J", "\u202e", "\u3164", "\U0001F600", [], ["lobby"], [1, [2, {}]], {}, {"lobby": 3},
-              {"lobby": "x"}, {"x": None}]
-    TYPES = ["hello", "msg", "me", "pm", "nick", "who", "ping", "pong", "quit", "join", "part", "rooms",
-             "teleport", ""]
-    FIELDS = ["nick", "text", "to", "room", "rooms", "since", "session", "instance", "password", "reason",
-              "token", "type"]
-
-    def test_random_frames_never_break_the_server(self):
-        rng = random.Random(11)
-        server = Harness(flood_rate=1e6, flood_burst=1e6, password=None)
-        watcher = server.connect("watcher")
-        with self.assertLogs("chat", logging.DEBUG) as logs:
-            for round_ in range(200):
-                client = server.connect(f"fuzz{round_}" if rng.random() < 0.8 else None)
-                for _ in range(rng.randrange(1, 20)):
-                    frame = {"type": rng.choice(self.TYPES)}
-                    for field in rng.sample(self.FIELDS, rng.randrange(0, 4)):
-                        frame[field] = rng.choice(self.VALUES)
-                    if type(frame["type"]) is not str:
-                        frame["type"] = "msg"
-                    try:
-                        data = chat.encode(frame)
-                    except ValueError:      # inf is not JSON
-                        continue
-                    client.send_raw(data)
-                    if client.gone:
-                        break
-                if not client.gone and rng.random() < 0.5:
-                    client.close()
-            chat.log.info("done")
-        self.assertFalse([line for line in logs.output if "internal error" in line])
-        watcher.send({"type": "ping", "token": "alive"})
-        self.assertEqual(watcher.expect("pong")["token"], "alive")
-
-
-class ClientSessionTest(unittest.TestCase):
-    """The client's protocol core (chat.Session) in memory: frames in, state and what follows out."""
-
-    WELCOME = {"type": "welcome", "nick": "alice", "users": ["alice", "bob"], "history": [], "rooms": ["lobby"],
-               "room": "lobby", "instance": "i1", "session": "s1", "seq": {"lobby": 7}, "max_text": 100,
-               "ping_interval": 5, "idle_timeout": 12}
-
-    def welcomed(self):
-        session = chat.Session("alice")
-        session.welcome(dict(self.WELCOME), reconnected=False)
-        return session
-
-    def test_a_welcome_sets_where_lines_go_and_where_a_resume_starts(self):
-        session = self.welcomed()
-        self.assertEqual((session.room, session.rooms, session.seen), ("lobby", ["lobby"], {"lobby": 7}))
-        self.assertEqual((session.max_text, session.ping_interval, session.idle_timeout), (100, 5.0, 12.0))
-        session.receive({"type": "msg", "from": "bob", "text": "x", "room": "lobby", "seq": 9})
-        self.assertEqual(session.hello(), {"type": "hello", "nick": "alice", "session": "s1", "instance": "i1",
-                                           "rooms": ["lobby"], "since": {"lobby": 9}})
-
-    def test_a_resume_hides_your_own_lines_and_a_restart_forgets_the_cursors(self):
-        session = self.welcomed()
-        history = [{"type": "msg", "from": "ALICE", "text": "mine", "room": "lobby", "seq": 8},
-                   {"type": "msg", "from": "bob", "text": "missed", "room": "lobby", "seq": 9}]
-        resumed, shown, _ = session.welcome(dict(self.WELCOME, history=history), reconnected=True)
-        self.assertTrue(resumed)
-        self.assertEqual([f["text"] for f in shown if isinstance(f, dict)], ["missed"])
-        resumed, _, _ = session.welcome(dict(self.WELCOME, instance="i2", seq={}), reconnected=True)
-        self.assertFalse(resumed)
-        self.assertEqual(session.seen, {})
-    def test_a_line_shown_early_is_not_shown_again_when_it_comes_numbered(self):
-        session = self.welcomed()
-        early = {"type": "msg", "from": "bob", "text": "slow redis", "room": "lobby", "ts": 5.5, "id": -9, "local": True}
-        numbered = dict(early, id=8, seq=8)
-        del numbered["local"]
-        other = dict(numbered, text="another", id=9, seq=9)
-        self.assertEqual(session.receive(dict(early)), [early])
-        self.assertEqual(session.seen, {"lobby": 7})                # a provisional line moves no cursor
-        history = [numbered, other]
-        _, shown, _ = session.welcome(dict(self.WELCOME, history=history), reconnected=True)   # a resume
-        self.assertEqual([f["text"] for f in shown if isinstance(f, dict)], ["another"])
-        self.assertEqual(session.receive(dict(numbered)), [dict(numbered)])   # known once only
-        hostile = dict(early, text=["not", "hashable"], ts={})
-        self.assertEqual(session.receive(dict(hostile)), [hostile])
-
-
-    def test_frames_from_the_server(self):
-        session = self.welcomed()
-        self.assertEqual(session.receive({"type": "ping"}), [chat.Send({"type": "pong"})])
-        session.receive({"type": "nick", "old": "alice", "new": "alicia"})
-        self.assertEqual(session.nick, "alicia")
-        session.join("#dev")
-        shown = session.receive({"type": "joined", "room": "dev", "users": ["alicia"], "seq": 3, "history": []})
-        self.assertEqual((session.room, session.rooms, session.seen["dev"]), ("dev", ["lobby", "dev"], 3))
-        self.assertIn("your lines go here now", shown[-1].text)
-        session.receive({"type": "parted", "room": "dev"})
-        self.assertEqual(session.room, "lobby")
-        session.receive({"type": "error", "code": "kicked", "text": "bye"})
-        self.assertEqual(session.last_error, "kicked")
-        session.receive({"type": "bye", "reason": "down"})
-        self.assertTrue(session.ended)
-
-    def test_typed_text_is_split_to_the_servers_limit_and_echoed(self):
-        session = self.welcomed()
-        sends = [e.frame for e in session.say("x" * 250) if isinstance(e, chat.Send)]
-        self.assertEqual([len(f["text"]) for f in sends], [100, 100, 50])
-        self.assertTrue(all(f["room"] == "lobby" for f in sends))
-        self.assertEqual(session.switch("#nowhere")[0].code, "31")
-
-
-class PasswordRulesTest(HarnessTestCase):
-    config = {"password": "s3cret", "auth_delay": 0.2}
-
-    def test_the_right_password_joins(self):
-        self.assertEqual(self.peer("alice", password="s3cret").welcome["nick"], "alice")
-
-    def test_a_wrong_or_missing_password_is_refused_at_once_and_the_next_try_must_wait(self):
-        for password, code, text in ((None, "auth-failed", "needs a password"), ("wrong", "auth-failed", "wrong"),
-                                     ("s3cret", "rate-limited", "try again in 1 second")):
-            peer = self.peer()
-            peer.send({"type": "hello", "nick": "mallory", **({"password": password} if password else {})})
-            frames = peer.closed()      # at once: no time passes
-            self.assertEqual([(f["code"], text in f["text"]) for f in frames], [(code, True)])
-        self.assertEqual(frames[0]["retry_after"], 1)
-
-    def test_refusals_hold_no_slot_and_block_nobody(self):
-        alice = self.peer("alice", password="s3cret")
-        for _ in range(5):
-            peer = self.peer()
-            peer.send({"type": "hello", "nick": "x", "password": "no"})
-            peer.closed()
-        self.assertEqual(len(self.server.chat.conns), 1)
-        alice.send({"type": "ping"})
-        alice.expect("pong")
-
-
-class ResumeRulesTest(HarnessTestCase):
-    def test_a_half_open_old_connection_is_replaced_by_the_same_user(self):
-        alice = self.peer("alice")
-        ghost = self.peer("ghost")
-        session = ghost.welcome["session"]
-        thief = self.peer()
-        thief.send({"type": "hello", "nick": "ghost", "session": "guessed"})
-        self.assertEqual(thief.expect("error")["code"], "nick-taken")
-        back = self.peer("ghost", session=session)
-        self.assertEqual(back.welcome["nick"], "ghost")
-        self.assertEqual(ghost.expect("error")["code"], "replaced")
-        ghost.closed()
-        self.assertEqual(alice.expect("leave")["reason"], "reconnected")
-
-
-class HistoryFileRulesTest(unittest.TestCase):
-    def test_the_file_is_compacted_to_stay_bounded(self):
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "history.jsonl")
-            server = Harness(history_file=path, history_file_max=4000, history=5)
-            alice = server.connect("alice")
-            for i in range(200):
-                alice.send({"type": "msg", "text": f"line {i:03d} " + "x" * 50})
-            server.chat.close()
-            self.assertLess(os.path.getsize(path), 4000 + 1000)
-            again = Harness(history_file=path, history=5)
-            self.addCleanup(again.chat.close)
-            peer = again.connect("bob")
-        self.assertEqual([line["text"][:8] for line in peer.welcome["history"]], [f"line {i}" for i in range(195, 200)])
-
-
-# ---------------------------------------------------------------------------
-# The first five minutes (issue 13): options, startup errors, help, console
-# ---------------------------------------------------------------------------
-
-def usage_error(*argv):
-    """What `chat.py ARGV` says for a usage error, run in this process: (exit code, stderr)."""
-    err = io.StringIO()
-    with unittest.mock.patch("sys.stderr", err), unittest.mock.patch("sys.stdout", io.StringIO()):
-        try:
-            parser = chat.build_parser()
-            chat.check_args(parser, parser.parse_args(list(argv)))
-        except SystemExit as exit_:
-            return exit_.code, err.getvalue()
-    return 0, err.getvalue()
-
-
-class OptionsTest(unittest.TestCase):
-    def test_every_bad_value_is_one_line_naming_the_option_and_its_range(self):
-        cases = [
-            (["server", "-p", "70000"], "-p/--port", "from 0 to 65535"),
-            (["server", "-p", "-1"], "-p/--port", "from 0 to 65535"),
-            (["client", "-p", "116781"], "-p/--port", "from 1 to 65535"),
-            (["client", "-p", "0"], "-p/--port", "from 1 to 65535"),
-            (["server", "-m", "0"], "--max-connections", "from 1"),
-            (["server", "-m", "-5"], "--max-connections", "from 1"),
-            (["server", "--history", "-1"], "--history", "from 0"),
-            (["server", "--history-bytes", "lots"], "--history-bytes", "size in bytes"),
-            (["client", "--reconnect", "-5"], "--reconnect", "seconds from 0"),
-            (["server", "--workers", "0"], "--workers", "from 1 to 256"),
-            (["server", "--flood-rate", "0"], "--flood-rate", "above 0"),
-            (["server", "--hello-timeout", "-1"], "--hello-timeout", "seconds above 0"),
-            (["server", "--ping-interval", "nan"], "--ping-interval", "seconds above 0"),
-            (["server", "--idle-timeout", "10", "--ping-interval", "30"], "--idle-timeout", "--ping-interval"),
-            (["server", "--max-buffer", "1"], "--max-buffer", "at least 16K"),
-            (["client", "-n", ""], "-n/--nick", "1-32 characters"),
-            (["client", "-n", "a b"], "-n/--nick", "only letters"),
-            (["client", "--fingerprint", "SHA256:nonsense"], "--fingerprint", "not a SHA-256 fingerprint"),
-            (["server", "--tls-key", "k.pem"], "--tls-key", "needs --tls-cert"),
-            (["server", "--workers", "2"], "--workers", "needs --redis"),
-            (["server", "--redis", "http://x"], "--redis", "redis://"),
-            (["server", "--redis", "redis://h", "--history-file", "f"], "--history-file", "--redis"),
-            (["gencert", "--days", "0"], "--days", "days from 1"),
-            (["bench", "-c", "2", "-s", "5"], "--senders", "--clients"),
-        ]
-        for argv, option, range_ in cases:
-            with self.subTest(argv):
-                code, err = usage_error(*argv)
-                self.assertEqual(code, 2)
-                self.assertEqual(len(err.strip().splitlines()), 1, err)
-                self.assertIn(option, err)
-                self.assertIn(range_, err)
-
-    def test_sizes_take_a_suffix(self):
-        parser = chat.build_parser()
-        self.assertEqual(parser.parse_args(["server", "--history-bytes", "64M"]).history_bytes, 64 << 20)
-        self.assertEqual(parser.parse_args(["server", "--max-buffer", "512k"]).max_buffer, 512 << 10)
-
-    def test_a_fingerprint_or_a_ca_file_implies_tls(self):
-        parser = chat.build_parser()
-        for extra in (["--cafile", "ca.pem"], ["--fingerprint", "SHA256:" + "A" * 43]):
-            args = parser.parse_args(["client", *extra])
-            chat.check_args(parser, args)
-            self.assertTrue(args.tls)
-
-    def test_fingerprints_in_every_form_people_have(self):
-        canonical = chat.fingerprint(TEST_CERT.encode())       # any 32-byte digest will do
-        hexed = chat.fingerprint_forms(canonical)[1]
-        b64 = canonical[len("SHA256:"):]
-        for form in (canonical, b64, b64 + "=", "sha256:" + b64, hexed, hexed.lower(), hexed.replace(":", ""),
-                     "SHA256 Fingerprint=" + hexed, " " + hexed + " "):
-            with self.subTest(form):
-                self.assertEqual(chat.fingerprint_option(form), canonical)
-        for bad in ("", "SHA256:", b64[:-2], hexed[:-3], "MD5:" + hexed, "zz" * 32):
-            with self.subTest(bad):
-                with self.assertRaises(argparse.ArgumentTypeError):
-                    chat.fingerprint_option(bad)
-
-    def test_help_states_each_real_default_once(self):
-        parser = chat.build_parser()
-        for name, sub in parser.subcommands.items():
-            with self.subTest(name):
-                text = sub.format_help()
-                self.assertNotIn("(default: None)", text)
-                self.assertNotIn("(default: False)", text)
-                self.assertNotRegex(text, r"default:[^)]*\)\s*\(default:", "one default per option")
-                self.assertNotRegex(text, r"default: \d+\.0\)", "floats as 100, not 100.0")
-                self.assertTrue(sub.description)
-        server = parser.subcommands["server"].format_help()
-        self.assertIn("(default: 50000)", server)
-        self.assertIn("(default: 127.0.0.1)", server)
-        self.assertIn("(default: 1M)", server)
-        self.assertIn("in days (default: 825)", parser.subcommands["gencert"].format_help())
-
-    def test_the_gitignore_keeps_private_keys_out_of_commits(self):
-        with open(os.path.join(HERE, ".gitignore")) as f:
-            patterns = [line.strip() for line in f if line.strip() and not line.startswith("#")]
-        for name in ("chat-key.pem", "chat-cert.pem", "server-key.pem"):
-            self.assertTrue(any(fnmatch.fnmatch(name, pattern) for pattern in patterns), name)
-
-
-def run_chat(*args, env=None):
-    """`chat.py ARGS` to its end: (exit code, stdout, stderr)."""
-    result = subprocess.run([sys.executable, CHAT, *map(str, args)], capture_output=True, text=True,
-                            timeout=TIMEOUT, stdin=subprocess.DEVNULL, env=dict(os.environ, **(env or {})))
-    return result.returncode, result.stdout, result.stderr
-
-
-class StartupErrorTest(unittest.TestCase):
-    def setUp(self):
-        tmp = tempfile.TemporaryDirectory()
-        self.addCleanup(tmp.cleanup)
-        self.dir = tmp.name
-        self.cert = os.path.join(self.dir, "cert.pem")
-        with open(self.cert, "w") as f:
-            f.write(TEST_CERT)
-
-    def assert_one_line(self, args, *expected):
-        code, _, err = run_chat(*args)
-        self.assertEqual(code, 1, err)
-        self.assertNotIn("Traceback", err)
-        self.assertEqual(len(err.strip().splitlines()), 1, err)
-        for fragment in expected:
-            self.assertIn(fragment, err)
-
-    def test_each_bad_file_or_host_is_one_line_naming_it(self):
-        missing = os.path.join(self.dir, "missing.pem")
-        cases = [
-            (["server", "-p", 0, "--tls-cert", missing], missing, "TLS certificate", "No such file"),
-            (["server", "-p", 0, "--tls-cert", self.cert], self.cert, "holds no private key", "--tls-key"),
-            (["server", "-p", 0, "--history-file", os.path.join(self.dir, "nodir", "h.jsonl")],
-             os.path.join(self.dir, "nodir"), "does not exist"),
-            (["server", "-p", 0, "-H", "nosuch.invalid"], "nosuch.invalid", "no such host"),
-            (["server", "-p", 0, "--password-file", missing], missing, "password file"),
-            (["client", "-p", 1, "--password-file", missing], missing, "password file"),
-            (["client", "-p", 1, "--tls", "--cafile", missing], missing, "CA file"),
-            (["client", "-p", 1, "--cafile", missing], missing, "CA file"),
-        ]
-        for args, *expected in cases:
-            with self.subTest(args):
-                self.assert_one_line(args, *expected)
-
-    def test_a_file_that_is_not_a_history_is_left_as_it_is_and_nothing_listens(self):
-        notes = os.path.join(self.dir, "notes.txt")
-        with open(notes, "w") as f:
-            f.write("my notes\nbuy milk\n")
-        port = free_port()
-        self.assert_one_line(["server", "-p", port, "--history-file", notes], notes, "not a chat.py history")
-        with open(notes) as f:
-            self.assertEqual(f.read(), "my notes\nbuy milk\n")
-        self.assertFalse(os.path.exists(notes + ".tmp"))
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", port))     # nothing was ever bound there
-
-    def test_an_empty_history_file_is_made_a_history(self):
-        path = os.path.join(self.dir, "empty.jsonl")
-        open(path, "w").close()
-        server, _ = server_process("--history-file", path)
-        server.kill()
-        with open(path) as f:
-            self.assertIn('"format":1', f.readline())
-
-
-class ServerStartTest(unittest.TestCase):
-    def test_quiet_still_says_where_it_listens_and_logs_keep_one_format(self):
-        server = Process("server", "-p", 0, "-q", stdin=subprocess.DEVNULL)
-        self.addCleanup(server.kill)
-        port = int(server.wait_line(r"listening on 127\.0\.0\.1:(\d+)")[1])
-        self.assertGreater(port, 0)
-        server.proc.send_signal(signal.SIGINT)
-        self.assertEqual(server.wait(), 0)
-        self.assertEqual(server.err_lines, [], "-q: no info lines")
-        loud = Process("server", "-p", 0, stdin=subprocess.DEVNULL)
-        self.addCleanup(loud.kill)
-        loud.wait_line("listening on")
-        Peer(int(re.search(r":(\d+) ", loud.out_lines[0])[1]), "alice").close()
-        loud.wait_line("alice.*left", "stderr")
-        loud.proc.send_signal(signal.SIGINT)
-        self.assertEqual(loud.wait(), 0)
-        for line in loud.err_lines:
-            self.assertRegex(line, r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ")
-        self.assertIn("shutting down (Ctrl-C)", "\n".join(loud.err_lines))
-        self.assertNotIn("shutting down: server shutting down", "\n".join(loud.err_lines))
-
-
-class Terminal:
-    """chat.py on a real pseudo-terminal (its controlling terminal, so Ctrl-C
-    is a signal): keystrokes in, the bytes it draws out."""
-
-    def __init__(self, test, *args, rows=24, columns=80, env=None):
-        master, slave = os.openpty()
-        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
-
-        def own_terminal():
-            os.setsid()
-            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-        self.proc = subprocess.Popen([sys.executable, CHAT, *map(str, args)], stdin=slave, stdout=slave,
-                                     stderr=slave, preexec_fn=own_terminal, close_fds=True,
-                                     env={**{k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")},
-                                          "TERM": "xterm", **(env or {})})
-        os.close(slave)
-        self.master, self.output, self.mark = master, b"", 0
-        self.screen = Screen(rows, columns)
-        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        test.addCleanup(self.close)
-
-    def resize(self, columns):
-        """The terminal gets narrower or wider (the program gets SIGWINCH); it reflows its lines."""
-        self.screen.resize(columns)
-        fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", self.screen.rows, columns, 0, 0))
-
-    def type(self, keys):
-        os.write(self.master, keys.encode() if isinstance(keys, str) else keys)
-
-    def read(self, timeout):
-        readable, _, _ = select.select([self.master], [], [], timeout)
-        if not readable:
-            return False
-        try:
-            data = os.read(self.master, 65536)
-        except OSError:     # the other side is closed: the process ended
-            data = b""
-        self.output += data
-        self.screen.feed(self._decoder.decode(data))
-        return bool(data)
-
-    def settle(self, pattern, timeout=TIMEOUT):
-        """Wait until the screen shows `pattern` (a regex) in one of its rows, and nothing more arrives."""
-        deadline = time.monotonic() + timeout
-        while not any(re.search(pattern, row) for row in self.screen.lines()):
-            if time.monotonic() > deadline or (not self.read(deadline - time.monotonic()) and self.proc.poll() is not None):
-                raise AssertionError(f"{pattern!r} not on the screen: {self.screen.lines()}")
-        while self.read(0.1):
-            pass
-        return self.screen
-
-    def expect(self, pattern, timeout=TIMEOUT):
-        """Wait for `pattern` (a regex) in what was drawn since the last expect()."""
-        deadline = time.monotonic() + timeout
-        while True:
-            match = re.search(pattern, self.output[self.mark:].decode("utf-8", "replace"))
-            if match:
-                self.mark += len(self.output[self.mark:].decode("utf-8", "replace")[:match.end()].encode())
-                return match
-            if time.monotonic() > deadline or not self.read(deadline - time.monotonic()):
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise AssertionError(f"{pattern!r} was not drawn; the screen got "
-                                         f"{self.output[self.mark:].decode('utf-8', 'replace')!r}")
-
-    def wait(self, timeout=TIMEOUT):
-        deadline = time.monotonic() + timeout
-        while self.proc.poll() is None and time.monotonic() < deadline:
-            self.read(0.05)     # keep the terminal drained, or the process blocks writing to it
-        return self.proc.wait(max(0.0, deadline - time.monotonic()))
-
-    def close(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        os.close(self.master)
-
-
-class Screen:
-    """Just enough of a VT100 to read what a program drew: the characters
-    and moves chat.py writes (CR, LF as CR LF, cursor up/down/left/right, erase to the
-    end of the screen or line, home, clear), colours ignored, deferred wrap
-    at the last column as xterm does, scrolling at the bottom."""
-
-    def __init__(self, rows=24, columns=80):
-        self.rows, self.columns = rows, columns
-        self.grid = [[" "] * columns for _ in range(rows)]
-        self.wrapped = [False] * rows       # this row goes on from the one above (a soft wrap)
-        self.row = self.column = 0
-        self.wrap_pending = False
-        self.bells = 0
-
-    def feed(self, text):
-        for match in re.finditer(r"\x1b\[([?0-9;]*)([@-~])|\x1b.|(.)", text, re.S):
-            if match[2]:
-                self._sequence(match[1], match[2])
-            elif match[3] is not None:
-                self._char(match[3])
-
-    def _char(self, ch):
-        if ch == "\r":
-            self.column, self.wrap_pending = 0, False
-        elif ch == "\n":       # a terminal's driver turns \n into \r\n (ONLCR)
-            self.column = 0
-            self._line_feed()
-        elif ch == "\x07":
-            self.bells += 1
-        elif ch == "\x08":
-            self.column = max(0, self.column - 1)
-        elif ch >= " ":
-            width = chat.display_width(ch)
-            if width == 0:
-                return
-            if self.wrap_pending or self.column + width > self.columns:
-                self.column, self.wrap_pending = 0, False
-                self._line_feed()
-                self.wrapped[self.row] = True
-            self.grid[self.row][self.column] = ch
-            if width == 2:
-                self.grid[self.row][self.column + 1] = ""
-            self.column += width
-            if self.column >= self.columns:
-                self.column, self.wrap_pending = self.columns - 1, True
-
-    def _line_feed(self):
-        self.wrap_pending = False
-        if self.row == self.rows - 1:
-            self.grid = self.grid[1:] + [[" "] * self.columns]
-            self.wrapped = self.wrapped[1:] + [False]
-        else:
-            self.row += 1
-            self.wrapped[self.row] = False
-
-    def resize(self, columns):
-        """A new width, with wrapped lines reflowed as tmux and most terminals do."""
-        lines = []      # [text, where the cursor is in it (or None)], the rows joined where they wrapped
-        for row in range(self.rows):
-            text = "".join(self.grid[row])
-            if self.wrapped[row] and lines:
-                lines[-1][0] += text
-            else:
-                lines.append([text, None])
-            if row == self.row:
-                lines[-1][1] = len(lines[-1][0]) - len(text) + self.column
-        while len(lines) > 1 and lines[-1][1] is None and not lines[-1][0].strip():
-            lines.pop()
-        grid, wrapped, cursor = [], [], (0, 0)
-        for text, offset in lines:
-            text = text[:max(len(text.rstrip()), offset or 0)]
-            pieces = [text[i:i + columns] for i in range(0, len(text), columns)] or [""]
-            if offset is not None:
-                cursor = (len(grid) + offset // columns, offset % columns)
-                pieces += [""] * (cursor[0] - len(grid) - len(pieces) + 1)
-            for number, piece in enumerate(pieces):
-                grid.append(list(piece.ljust(columns)))
-                wrapped.append(number > 0)
-        top = max(0, len(grid) - self.rows)
-        grid, wrapped = grid[top:], wrapped[top:]
-        self.columns, self.row, self.column = columns, cursor[0] - top, cursor[1]
-        self.grid = grid + [[" "] * columns for _ in range(self.rows - len(grid))]
-        self.wrapped = wrapped + [False] * (self.rows - len(wrapped))
-        self.wrap_pending = False
-
-    def _sequence(self, params, final):
-        if params.startswith("?") or final not in "ABCDHJK":     # modes and colours change nothing here
-            return
-        n = int(params.split(";")[0] or 1) if final in "ABCD" else int(params or 0)
-        self.wrap_pending = False
-        if final == "A":
-            self.row = max(0, self.row - n)
-        elif final == "B":
-            self.row = min(self.rows - 1, self.row + n)
-        elif final == "C":
-            self.column = min(self.columns - 1, self.column + n)
-        elif final == "D":
-            self.column = max(0, self.column - n)
-        elif final == "H":
-            self.row = self.column = 0
-        elif final == "J":
-            rows = range(self.rows) if n == 2 else range(self.row + 1, self.rows)
-            if n != 2:
-                self.grid[self.row][self.column:] = [" "] * (self.columns - self.column)
-            for row in rows:
-                self.grid[row] = [" "] * self.columns
-        elif final == "K":
-            self.grid[self.row][self.column:] = [" "] * (self.columns - self.column)
-
-    def lines(self):
-        """The screen's rows as text, trailing spaces and empty rows at the bottom left out."""
-        rows = ["".join(row).rstrip() for row in self.grid]
-        while rows and not rows[-1]:
-            rows.pop()
-        return rows
-
-    def cursor_text(self):
-        """The row the cursor is on, up to the cursor."""
-        return "".join(self.grid[self.row][:self.column])
-
-
-class OperatorTerminalTest(unittest.TestCase):
-    def test_the_console_prompts_hints_confirms_and_says_what_ctrl_d_does(self):
-        terminal = Terminal(self, "server", "-p", 0)
-        port = int(terminal.expect(r"listening on 127\.0\.0\.1:(\d+)")[1])
-        terminal.expect("server> ")
-        alice = Peer(port, "alice")
-        self.addCleanup(alice.close)
-        terminal.type("hello everyone\r")
-        terminal.expect("commands start with /: /say TEXT tells everyone")
-        terminal.expect("server> ")
-        terminal.type("/say maintenance at noon\r")
-        terminal.expect("said to 1 user here: maintenance at noon")
-        terminal.expect("server> ")
-        self.assertEqual(alice.expect("notice", text="maintenance at noon")["type"], "notice")
-        terminal.type("who\r")
-        terminal.expect(r"#lobby \(1\): alice")
-        terminal.expect("server> ")     # typed at the prompt, as a person would
-        terminal.type("\x04")
-        terminal.expect("the operator console is closed; the server goes on")
-        alice.send({"type": "ping"})
-        alice.expect("pong")
-        terminal.type("\x03")
-        self.assertEqual(terminal.wait(), 0)
-
-
-class PromptCancelTest(ServerTestCase):
-    config = {"password": "s3cret"}
-
-    def test_ctrl_c_at_the_password_prompt_cancels(self):
-        terminal = Terminal(self, "client", "-p", self.port, "-n", "alice")
-        terminal.expect("password for 127.0.0.1:")
-        terminal.type("\x03")
-        self.assertEqual(terminal.wait(), 1)
-        terminal.expect("cancelled")
-
-
-class ReadmeTest(unittest.TestCase):
-    """The README stands alone and says what the program does."""
-
-    def setUp(self):
-        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
-            self.readme = f.read()
-
-    def test_no_link_leads_out_of_the_repository(self):
-        for target in re.findall(r"\]\(([^)]+)\)", self.readme):
-            with self.subTest(target):
-                if target.startswith("#"):
-                    anchors = {re.sub(r"[^\w\- ]", "", heading).strip().lower().replace(" ", "-")
-                               for heading in re.findall(r"^#+ (.*)$", self.readme, re.M)}
-                    self.assertIn(target[1:], anchors)
-                else:
-                    self.assertFalse(re.match(r"\w+://|\.\./|/", target), "outside the repository")
-                    self.assertTrue(os.path.exists(os.path.join(HERE, target)))
-
-    def test_every_frame_type_both_ways_is_in_the_protocol(self):
-        protocol = self.readme[self.readme.index("## Protocol"):self.readme.index("## Exit codes")]
-        server = Harness()
-        client_sends = set(server.chat.handlers) | set(server.chat.before_hello)
-        server_sends = {"welcome", "msg", "join", "leave", "nick", "who", "joined", "parted", "rooms", "notice",
-                        "error", "ping", "pong", "bye"}
-        self.assertEqual(set(chat._RENDERERS) - server_sends, set(), "the client renders no other type")
-        for kind in client_sends | server_sends:
-            with self.subTest(kind):
-                self.assertIn(f"| `{kind}`", protocol)
-        with open(CHAT, encoding="utf-8") as f:
-            codes = set(re.findall(r'ProtocolError\(\s*"([a-z-]+)"', f.read()))
-        for code in codes:
-            with self.subTest(code):
-                self.assertIn(f"| `{code}` |", protocol)
-        self.assertIn('"protocol": 2', protocol)
-        self.assertEqual(chat.PROTOCOL, 2)
-
-    def test_the_command_reference_is_the_help(self):
-        reference = self.readme[self.readme.index("<!-- help -->"):self.readme.index("<!-- /help -->")]
-        parser = chat.build_parser()
-        for name, sub in parser.subcommands.items():
-            block = reference[reference.index(f"$ python3 chat.py {name} --help"):]
-            block = block[:block.index("```")]
-            for action in sub._actions:
-                if action.help == argparse.SUPPRESS:
-                    continue
-                with self.subTest(f"{name} {action.option_strings}"):
-                    self.assertIn(action.option_strings[-1], block)
-                    help_text = chat.HelpFormatter("x")._get_help_string(action)
-                    default = re.search(r"\(default: [^)]*\)$", help_text)
-                    if default:
-                        self.assertIn(default[0], " ".join(block.split()))
-
-
-# ---------------------------------------------------------------------------
-# The client people keep open all day (issue 14)
-# ---------------------------------------------------------------------------
-
-class ClientTerminalTest(ServerTestCase):
-    """The client on a real pseudo-terminal, read back through Screen."""
-
-    def terminal(self, *args, columns=80, env=None, nick="alice"):
-        terminal = Terminal(self, "client", "-p", self.port, "-n", nick, *args, columns=columns, env=env)
-        terminal.settle(r"#lobby>$")
-        return terminal
-
-    def test_the_screen_shows_what_enter_sends_and_the_cursor_where_the_next_key_goes(self):
-        bob = self.peer("bob")
-        terminal = self.terminal()
-        bob.expect("join", nick="alice")
-        terminal.type("helo world" + "\x1b[D" * 7)
-        terminal.settle(r"#lobby> helo world$")
-        bob.send({"type": "msg", "text": "a line arrives"})
-        terminal.settle("<bob> a line arrives")
-        terminal.type("l")
-        screen = terminal.settle(r"#lobby> hello world$")
-        self.assertEqual(screen.cursor_text(), "#lobby> hell")
-        terminal.type("\r")
-        self.assertEqual(bob.expect("msg")["text"], "hello world")
-        self.assertEqual(len([row for row in terminal.settle(r"<alice> hello world").lines()
-                              if "hello world" in row]), 1, "the typed line is replaced by the sent one")
-
-    def test_resizing_and_ctrl_l_leave_no_stale_copies(self):
-        bob = self.peer("bob")
-        terminal = self.terminal(columns=60)
-        typed = " ".join(f"w{i:02d}" for i in range(30))        # 119 columns with the prompt: two rows
-        terminal.type(typed)
-        terminal.settle("w29$")
-        terminal.resize(40)
-        bob.send({"type": "msg", "text": "after the resize"})
-        screen = terminal.settle("after the resize")
-        self.assertEqual(sum(row.count("w00") for row in screen.lines()), 1, screen.lines())
-        self.assertTrue(screen.lines()[-1].endswith("w29"))
-        terminal.type("\x0c")
-        screen = terminal.settle("#lobby> w00")
-        self.assertTrue(screen.lines()[0].startswith("#lobby> w00"), "Ctrl-L: the input at the top")
-        terminal.type("\x15slow1\r")
-        self.assertEqual(bob.expect("msg")["text"], "slow1")
-        screen = terminal.settle("<alice> slow1")
-        self.assertEqual([row for row in screen.lines() if "slow1" in row], ["<alice> slow1"][:0] or
-                         [row for row in screen.lines() if "slow1" in row][:1])
-        self.assertNotIn("#lobby> slow1", screen.lines())
-
-    def test_a_bye_leaves_no_prompt_behind(self):
-        terminal = self.terminal()
-        terminal.type("half typed")
-        terminal.settle("half typed")
-        self.server.stop()
-        self.assertEqual(terminal.wait(), 0)
-        terminal.read(0.1)
-        lines = terminal.screen.lines()
-        self.assertIn("the server is going away", lines[-1])
-        self.assertFalse([row for row in lines if row.startswith("#lobby>")], lines)
-
-    def test_a_dumb_terminal_gets_plain_lines(self):
-        bob = self.peer("bob")
-        terminal = Terminal(self, "client", "-p", self.port, "-n", "alice", env={"TERM": "dumb"})
-        terminal.expect("you are alice in #lobby")
-        bob.expect("join", nick="alice")
-        terminal.type("plain\r")
-        self.assertEqual(bob.expect("msg")["text"], "plain")
-        bob.send({"type": "msg", "text": "hi alice"})
-        terminal.expect("<bob> hi alice")
-        self.assertNotIn(b"\x1b", terminal.output)
-
-    def test_a_line_that_names_you_or_a_private_message_rings_the_bell_and_nothing_else_does(self):
-        bob = self.peer("bob")
-        terminal = self.terminal()
-        bob.expect("join", nick="alice")
-        for text in ("hello everyone", "malice is not a name", "alicex neither"):
-            bob.send({"type": "msg", "text": text})
-        terminal.settle("alicex neither")
-        self.assertEqual(terminal.screen.bells, 0)
-        bob.send({"type": "msg", "text": "ALICE, lunch?"})
-        terminal.settle("lunch")
-        self.assertEqual(terminal.screen.bells, 1)
-        bob.send({"type": "pm", "to": "alice", "text": "psst"})
-        terminal.settle(r"\[pm from bob\] psst")
-        self.assertEqual(terminal.screen.bells, 2)
-        terminal.type("/r back at you\r")
-        self.assertEqual((bob.expect("msg")["text"]), "back at you")
-        quiet = self.terminal("--no-bell", nick="carol")
-        bob.send({"type": "pm", "to": "carol", "text": "psst"})
-        quiet.settle("psst")
-        self.assertEqual(quiet.screen.bells, 0)
-
-    def test_tab_completes_commands_nicks_and_rooms(self):
-        self.peer("bob")
-        terminal = self.terminal()
-        terminal.type("/jo\t")
-        terminal.settle(r"#lobby> /join$")
-        terminal.type("#dev\r")
-        terminal.settle(r"#dev>$")
-        terminal.type("/switch #lo\t")
-        terminal.settle(r"#dev> /switch #lobby$")
-        terminal.type("\r")
-        terminal.settle(r"#lobby>$")
-        terminal.type("b\t")
-        terminal.settle(r"#lobby> bob:$")
-        terminal.type("\x01\x0bhi b\t")      # in the middle of a line: no colon
-        terminal.settle(r"#lobby> hi bob$")
-        terminal.type("\x01\x0bal\t")        # yourself: not a candidate
-        terminal.settle(r"#lobby> al$")
-
-    def test_offline_lines_say_they_wait_then_go(self):
-        server, port = server_process()
-        self.addCleanup(server.kill)
-        terminal = Terminal(self, "client", "-p", port, "-n", "alice")
-        terminal.settle(r"#lobby>$")
-        server.kill()
-        terminal.settle("reconnecting")
-        terminal.type("typed while offline\r")
-        terminal.settle(r"typed while offline \(waiting to be sent\)")
-        again = Process("server", "-p", port, stdin=subprocess.DEVNULL)
-        self.addCleanup(again.kill)
-        terminal.settle(r"sent 1 line kept while disconnected", timeout=10)
-
-    def test_with_no_room_the_prompt_says_so_and_nothing_is_sent(self):
-        terminal = self.terminal()
-        terminal.type("/part\r")
-        terminal.settle(r"you left #lobby; you are in no room now")
-        terminal.settle(r"\(no room\)>$")
-        terminal.type("into the void\r")
-        terminal.settle("nothing was sent")
-
-
-class ClientOrderTest(ServerTestCase):
-    """Commands take effect in the order typed (a pipe: the same client, no terminal)."""
-
-    def test_a_line_after_join_goes_to_the_new_room(self):
-        bob, carol = self.peer("bob"), self.peer("carol")
-        carol.send({"type": "join", "room": "secret"})
-        carol.expect("joined")
-        client = self.client("-n", "alice")
-        bob.expect("join", nick="alice")
-        client.write("/join #secret\nsecret plan\n/part\nback in the lobby\n")
-        self.assertEqual(carol.expect("msg")["text"], "secret plan")
-        self.assertEqual(bob.expect("msg")["text"], "back in the lobby")
-        self.assertFalse([f for f in bob.sync() if f["type"] == "msg"])
-
-    def test_a_pipe_prints_only_what_is_said_after_it_joined_unless_asked(self):
-        alice = self.peer("alice")
-        alice.send({"type": "msg", "text": "said before"})
-        alice.sync()
-        plain = self.client("-n", "plain")
-        alice.expect("join", nick="plain")
-        alice.send({"type": "msg", "text": "said after"})
-        plain.wait_line("<alice> said after")
-        self.assertNotIn("<alice> said before", plain.out_lines)
-        replay = self.client("-n", "replay", "--replay")
-        replay.wait_line("<alice> said before")
-
-    def test_one_line_per_reconnect_attempt(self):
-        port = free_port()
-        client = Process("client", "-p", port, "-n", "alice", "--reconnect", 0)
-        self.assertEqual(client.wait(), 1)
-        server, port = server_process()
-        client = Process("client", "-p", port, "-n", "alice", "--reconnect", 2.5)
-        self.addCleanup(client.kill)
-        client.wait_line("CONNECTED", "stderr")
-        server.kill()
-        self.assertEqual(client.wait(timeout=10), 1)
-        attempts = [line for line in client.err_lines if "cannot connect" in line]
-        self.assertGreaterEqual(len(attempts), 2)
-        self.assertTrue(all("trying again in" in line or "gave up" in line for line in attempts), client.err_lines)
-        self.assertFalse([line for line in client.err_lines if line.startswith("reconnecting in")])
-
-
-class ResumeTruthTest(ServerTestCase):
-    config = {"history": 3}
-
-    def test_your_own_lines_are_not_counted_as_missed(self):
-        alice = self.peer("alice")
-        client = self.client("-n", "bob")
-        alice.expect("join", nick="bob")
-        client.write("".join(f"mine {i}\n" for i in range(5)))
-        for _ in range(5):
-            alice.expect("msg")
-        cut(self.server, "bob")
-        client.wait_line("RECONNECTED", "stderr", timeout=10)
-        alice.send({"type": "ping"})
-        alice.expect("pong")
-        client.write("after\n")
-        alice.expect("msg", text="after")
-        self.assertFalse([line for line in client.err_lines if "no longer be replayed" in line], client.err_lines)
-
-
-class ClientSessionRulesTest(unittest.TestCase):
-    """The session's rules for issue 14, in memory."""
-
-    def welcomed(self, **fields):
-        session = chat.Session("alice")
-        session.welcome(dict(ClientSessionTest.WELCOME, **fields), reconnected=False)
-        return session
-
-    def test_join_switches_at_once_and_a_refusal_switches_back(self):
-        session = self.welcomed()
-        self.assertEqual(session.join("#dev"), [chat.Send({"type": "join", "room": "dev"})])
-        self.assertEqual(session.say("secret plan")[0].frame["room"], "dev")
-        notes = session.receive({"type": "error", "code": "bad-room", "text": "no"})
-        self.assertEqual(session.room, "lobby")
-        self.assertIn("you did not join #dev", notes[-1].text)
-
-    def test_part_moves_your_lines_at_once_and_says_where_after_you_left(self):
-        session = self.welcomed(rooms=["lobby", "dev"], room="lobby")
-        session.part()
-        self.assertEqual(session.room, "dev")
-        note = session.receive({"type": "parted", "room": "lobby"})
-        self.assertEqual(note[-1].text, "you left #lobby; now talking in #dev")
-
-    def test_join_of_a_room_you_are_in_switches_and_renaming_to_yourself_says_so(self):
-        session = self.welcomed(rooms=["lobby", "dev"])
-        self.assertEqual(session.join("dev"), [chat.Note("now talking in #dev")])
-        self.assertEqual(session.rename("alice")[0].text, "you are alice already")
-
-    def test_reply_and_a_message_to_yourself(self):
-        session = self.welcomed()
-        self.assertIn("nobody", session.reply("hi")[0].text)
-        session.receive({"type": "msg", "from": "bob", "to": "alice", "text": "psst", "id": 9})
-        self.assertEqual(session.reply("hi")[0].frame, {"type": "pm", "to": "bob", "text": "hi"})
-        self.assertEqual(session.message("ALICE", "note"), [chat.Send({"type": "pm", "to": "ALICE", "text": "note"})])
-
-    def test_missed_counts_only_what_you_did_not_see(self):
-        session = self.welcomed()
-        for i in range(5):
-            session.say(f"mine {i}")
-        _, _, missed = session.welcome(dict(ClientSessionTest.WELCOME, missed={"lobby": 2}, history=[
-            {"type": "msg", "from": "alice", "text": f"mine {i}", "room": "lobby", "seq": 10 + i} for i in (2, 3, 4)]),
-            reconnected=True)
-        self.assertEqual(missed, {})
-
-    def test_completion(self):
-        session = self.welcomed(users=["alice", "bob", "Bernard"])
-        self.assertEqual(session.completions("b", 1, ["join"]), (["Bernard: ", "bob: "], 0))
-        self.assertEqual(session.completions("hi bo", 5, ["join"]), (["bob "], 3))
-        self.assertEqual(session.completions("/jo", 3, ["join", "quit"]), (["/join "], 0))
-        session.receive({"type": "rooms", "rooms": [{"name": "dev", "users": 1}]})
-        self.assertEqual(session.completions("/join #d", 8, []), (["#dev "], 6))
-
-
-class WindowsKeysTest(unittest.TestCase):
-    """Windows' console keys (through a fake msvcrt) drive the same editor."""
-
-    class FakeMsvcrt:
-        def __init__(self, keys):
-            self.keys = list(keys)
-
-        def getwch(self):
-            return self.keys.pop(0)
-
-    def test_arrows_backspace_history_and_the_end_of_input(self):
-        keys = ["h", "e", "l", "o", "\xe0", "K", "l", "\r", "x", "\x08", "\xe0", "H", "\r", "\x1a"]
-        editor = chat.LineEditor("> ")
-        lines = []
-        for key in chat.Console._windows_keys(self.FakeMsvcrt(keys)):
-            if key is None:
-                lines.append(None)
-                break
-            lines += editor.feed(key)[0]
-        self.assertEqual(lines, ["hello", "hello", None])
-
-
-class AloneNoticeTest(unittest.TestCase):
-    def test_one_alone_notice_not_again_on_a_resume_and_true_numbers(self):
-        server = Harness(history=0)
-        alice = server.connect("alice")
-        notices = [f["text"] for f in alice.frames("notice")]
-        self.assertEqual(notices, ["you are alone in #lobby; nothing said here is kept for whoever joins later"])
-        alice.close()
-        back = server.connect("alice", session=alice.welcome["session"], instance=alice.welcome["instance"],
-                              rooms=["lobby"], since={"lobby": 0})
-        self.assertEqual(back.frames("notice"), [], "a resume is no news")
-        self.assertIn("the last 1 line said", Harness(history=1).connect("bob").frames("notice")[0]["text"])
-
-
-class ReadmeCommandsTest(unittest.TestCase):
-    def test_the_readme_lists_every_client_command(self):
-        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
-            readme = f.read()
-        args = chat.build_parser().parse_args(["client"])
-        args.password = None
-        client = chat.ChatClient(args, chat.Console(False), chat.View())
-        self.addCleanup(client.console.wake_r.close)
-        self.addCleanup(client.console.wake_w.close)
-        for command in client.commands.commands.values():
-            with self.subTest(command.name):
-                self.assertIn(f"| `/{command.name}{' ' + command.usage if command.usage else ''}` |", readme)
-
-
-# ---------------------------------------------------------------------------
-# Several servers under real conditions (issue 12)
-# ---------------------------------------------------------------------------
-
 @unittest.skipUnless(chat.shutil.which("redis-server") and RedisServer.version() >= (7,),
                      "redis-server 7 (DEBUG SLEEP) is not installed (.ci/run installs it)")
 class ClusterConditionsTest(ClusterSetup, unittest.TestCase):
@@ -3845,3 +2893,985 @@ class RedisLinkTest(unittest.TestCase):
         link.check(1065.2)
         self.assertEqual(len(failures), 1)
         self.assertIn("no answer for 5.2s", failures[0])
+
+
+# ---------------------------------------------------------------------------
+# 7. The terminal and the operator console
+# ---------------------------------------------------------------------------
+
+class LineEditorTest(unittest.TestCase):
+    """The line being typed (chat.LineEditor), keys in and screen bytes out, with no terminal."""
+
+    def editor(self, columns=80, **options):
+        editor = chat.LineEditor("#lobby> ", lambda: columns, **options)
+        editor.draw()
+        return editor
+
+    def test_a_long_paste_is_drawn_once_not_once_a_key(self):
+        editor = self.editor()
+        lines, screen = editor.feed("\x1b[200~" + "x" * 20000 + "\r\nsecond\x1b[201~")
+        self.assertEqual((lines, editor.buffer), ([], "x" * 20000 + "\nsecond"))
+        self.assertLess(len(screen), 20100)     # once a key, it was 20000 drawings of the line: ~200 MB
+
+    def test_the_cursor_stays_where_it_was_when_a_line_arrives(self):
+        editor = self.editor()
+        editor.feed("helo world" + "\x1b[D" * 7)      # Left seven times: after "hel"
+        screen = editor.print("<bob> hi")
+        self.assertEqual(screen, "\r\x1b[J<bob> hi\n#lobby> helo world\r\x1b[11C")
+        lines, _ = editor.feed("l\r")
+        self.assertEqual(lines, ["hello world"])
+
+    def test_a_wrapped_line_is_erased_from_its_first_row(self):
+        editor = self.editor(columns=20)
+        editor.feed("x" * 30 + "\x01")      # 38 columns on two rows; Ctrl-A: the cursor on the first
+        self.assertTrue(editor.print("<bob> hi").startswith("\r\x1b[J<bob> hi\n"))
+        editor.feed("\x05")                   # Ctrl-E: on the second row
+        self.assertTrue(editor.print("<bob> hi").startswith("\x1b[1A\r\x1b[J"))
+
+    def test_editing_keys(self):
+        cases = [("ab\x1b[Dc\r", "acb"), ("abc\x08\r", "ab"), ("abc\x01\x1b[3~\r", "bc"),
+                 ("one two\x17\r", "one "), ("abc\x1b[D\x0b\r", "ab"), ("abc\x1b[D\x15\r", "c"),
+                 ("abc\x15\x19\x19\r", "abcabc"), ("one two\x1b[1;5Dx\r", "one xtwo"),
+                 ("\x1b[200~a\rb\x1b[201~\r", "a\nb"), ("\u4f60\u597d\x1b[D!\r", "\u4f60!\u597d")]
+        for keys, line in cases:
+            with self.subTest(keys):
+                self.assertEqual(self.editor().feed(keys)[0], [line])
+
+    def test_history_and_end_of_input(self):
+        editor = self.editor()
+        editor.feed("first\rsecond\r")
+        editor.feed("draft\x1b[A\x1b[A")
+        self.assertEqual(editor.buffer, "first")
+        editor.feed("\x1b[B\x1b[B")
+        self.assertEqual(editor.buffer, "draft")
+        self.assertEqual(self.editor().feed("\x04")[0], [None], "Ctrl-D on an empty line")
+
+    def test_an_escape_sequence_cut_in_two_is_waited_for(self):
+        editor = self.editor()
+        editor.feed("ab\x1b[")
+        editor.feed("Dc\r")
+        self.assertEqual(editor.history, ["acb"])
+
+    def test_tab_completes_and_a_second_tab_lists(self):
+        editor = self.editor(complete=lambda line, point: (["alice: ", "albert: "], 0))
+        self.assertTrue(editor.feed("al\t")[1].endswith("\x07"), "ambiguous: the bell")
+        self.assertIn("alice:  albert:", editor.feed("\t")[1], "a second Tab lists them")
+        editor = self.editor(complete=lambda line, point: (["/join "], 0))
+        editor.feed("/jo\t")
+        self.assertEqual(editor.buffer, "/join ")
+
+    def test_the_prompt_changes_in_place_and_ctrl_l_redraws_at_the_top(self):
+        editor = self.editor()
+        editor.feed("typed")
+        self.assertEqual(editor.set_prompt("#dev> "), "\r\x1b[J#dev> typed\r\x1b[11C")
+        self.assertTrue(editor.feed("\x0c")[1].startswith("\x1b[H\x1b[2J#dev> typed"))
+
+
+class WindowsKeysTest(unittest.TestCase):
+    """Windows' console keys (through a fake msvcrt) drive the same editor."""
+
+    class FakeMsvcrt:
+        def __init__(self, keys):
+            self.keys = list(keys)
+
+        def getwch(self):
+            return self.keys.pop(0)
+
+    def test_arrows_backspace_history_and_the_end_of_input(self):
+        keys = ["h", "e", "l", "o", "\xe0", "K", "l", "\r", "x", "\x08", "\xe0", "H", "\r", "\x1a"]
+        editor = chat.LineEditor("> ")
+        lines = []
+        for key in chat.Console._windows_keys(self.FakeMsvcrt(keys)):
+            if key is None:
+                lines.append(None)
+                break
+            lines += editor.feed(key)[0]
+        self.assertEqual(lines, ["hello", "hello", None])
+
+
+class LogFloodTest(HarnessTestCase):
+    """Items 7 and 12: each refusal or bad frame logged a line (56 MB in 60 s),
+    and a client string could forge a line or put escapes on the operator's terminal."""
+
+    def test_a_flood_of_bad_frames_logs_a_few_lines(self):
+        limiter = chat.LogLimiter(burst=20, rate=1.0, clock=lambda: server.now)
+        server = self.harness(flood_rate=1e6, flood_burst=1e6)
+        chat.log.addFilter(limiter)
+        self.addCleanup(chat.log.removeFilter, limiter)
+        attacker = server.connect("attacker")
+        with self.assertLogs("chat", logging.INFO) as logs:
+            attacker.send(*[{"type": "x" * 60000}] * 1000)
+            server.advance(5.0)
+            attacker.send({"type": "teleport"})
+        self.assertLessEqual(len(logs.output), 20 + 1 + 1)
+        self.assertIn("more lines like this not logged", logs.output[-1])
+        self.assertLess(max(len(line) for line in logs.output), 300, "client strings are cut")
+
+    def test_client_strings_cannot_forge_a_log_line_or_reach_the_terminal(self):
+        server = self.harness()
+        attacker = server.connect("attacker")
+        with self.assertLogs("chat", logging.INFO) as logs:
+            attacker.send({"type": "pm", "to": "nobody\n2099-01-01 00:00:00 alice@127.0.0.1:1 joined", "text": "x"},
+                          {"type": "\x1b]0;owned\x07\x1b[2J"}, {"type": "quit", "reason": "bye\u202e\u200b"})
+        for line in logs.output:
+            self.assertNotIn("\n", line)
+            self.assertFalse(re.search("[\x00-\x1f\x7f\u202e\u200b]", line), line)
+
+
+class OperatorConsoleTest(HarnessTestCase):
+    def test_say_who_kick(self):
+        alice, bob = self.peer("alice"), self.peer("bob")
+        shown = []
+        table = chat.operator_commands(self.server, shown.append)
+        self.server.call(table.run, "/say maintenance at noon")
+        for peer in (alice, bob):
+            self.assertEqual(peer.expect("notice", text="maintenance at noon")["type"], "notice")
+        self.server.call(table.run, "/who")
+        self.assertIn("#lobby (2): alice, bob", shown)
+        self.server.call(table.run, "/kick bob spamming")
+        error = bob.expect("error")
+        self.assertEqual(error["code"], "kicked")
+        bob.closed()
+        self.assertIn("spamming", alice.expect("leave")["reason"])
+        self.server.call(table.run, "/kick nobody")
+        self.assertIn("nobody here is called nobody", shown)
+        self.server.call(table.run, "/help")
+        self.assertTrue(any(line.startswith("/kick NICK [REASON]") for line in shown))
+
+
+class OperatorTerminalTest(unittest.TestCase):
+    def test_the_console_prompts_hints_confirms_and_says_what_ctrl_d_does(self):
+        terminal = Terminal(self, "server", "-p", 0)
+        port = int(terminal.expect(r"listening on 127\.0\.0\.1:(\d+)")[1])
+        terminal.expect("server> ")
+        alice = Peer(port, "alice")
+        self.addCleanup(alice.close)
+        terminal.type("hello everyone\r")
+        terminal.expect("commands start with /: /say TEXT tells everyone")
+        terminal.expect("server> ")
+        terminal.type("/say maintenance at noon\r")
+        terminal.expect("said to 1 user here: maintenance at noon")
+        terminal.expect("server> ")
+        self.assertEqual(alice.expect("notice", text="maintenance at noon")["type"], "notice")
+        terminal.type("who\r")
+        terminal.expect(r"#lobby \(1\): alice")
+        terminal.expect("server> ")     # typed at the prompt, as a person would
+        terminal.type("\x04")
+        terminal.expect("the operator console is closed; the server goes on")
+        alice.send({"type": "ping"})
+        alice.expect("pong")
+        terminal.type("\x03")
+        self.assertEqual(terminal.wait(), 0)
+
+
+# ---------------------------------------------------------------------------
+# 8. Client
+# ---------------------------------------------------------------------------
+
+class RenderTest(unittest.TestCase):
+    view = chat.View(me="alice")
+
+    def test_lines(self):
+        cases = [
+            ({"type": "msg", "from": "bob", "text": "hi"}, "<bob> hi"),
+            ({"type": "msg", "from": "alice", "text": "mine"}, "[alice] mine"),
+            ({"type": "msg", "from": "bob", "text": "waves", "action": True}, "* bob waves"),
+            ({"type": "msg", "from": "bob", "to": "alice", "text": "psst"}, "[pm from bob] psst"),
+            ({"type": "msg", "from": "alice", "to": "bob", "text": "psst"}, "[pm to bob] psst"),
+            ({"type": "join", "nick": "bob", "users": 2}, "-- bob joined (2 here)"),
+            ({"type": "leave", "nick": "bob", "reason": "quit", "users": 1}, "-- bob quit (1 here)"),
+            ({"type": "leave", "nick": "bob", "reason": "quit: gotta go"}, "-- bob quit: gotta go"),
+            ({"type": "leave", "nick": "bob", "reason": "parted", "users": 2}, "-- bob left (2 here)"),
+            ({"type": "leave", "nick": "bob", "reason": "ping timeout (75s silent)"},
+             "-- bob left (ping timeout (75s silent))"),
+            ({"type": "notice", "text": "maintenance at noon", "by": "operator"},
+             "*** operator: maintenance at noon"),
+            ({"type": "msg", "from": "bob", "text": "ALICE: lunch?"}, "!<bob> ALICE: lunch?"),
+            ({"type": "msg", "from": "bob", "text": "malice aforethought"}, "<bob> malice aforethought"),
+            ({"type": "nick", "old": "bob", "new": "rob"}, "-- bob is now known as rob"),
+            ({"type": "error", "code": "no-such-user", "text": "nobody"}, "!!! nobody (no-such-user)"),
+            ({"type": "bye", "reason": "maintenance"}, "*** the server is going away: maintenance"),
+            ({"type": "pong"}, None),
+            ({"type": "from-the-future"}, None),
+        ]
+        for frame, expected in cases:
+            with self.subTest(frame=frame):
+                self.assertEqual(chat.render(frame, self.view), expected)
+
+    def test_hostile_text_never_reaches_the_terminal_raw(self):
+        frame = {"type": "msg", "from": "ev\x1bil", "text": "\x1b]0;owned\x07\x1b[2Jgone\u202e 你好"}
+        line = chat.render(frame, self.view)
+        self.assertNotIn("\x1b", line)
+        self.assertNotIn("\x07", line)
+        self.assertNotIn("\u202e", line)
+        self.assertIn("你好", line)
+
+    def test_colour_timestamps_rooms_and_continuation_lines(self):
+        view = chat.View(me="alice", color=True, timestamps=True, rooms=True)
+        line = chat.render({"type": "msg", "from": "bob", "text": "a\nb", "room": "dev", "ts": 0}, view)
+        self.assertIn("\x1b[", line)
+        plain = chat._plain(line)
+        first, second = plain.split("\n")
+        self.assertRegex(first, r"^\d\d:\d\d #dev <bob> a$")
+        self.assertEqual(second.strip(), "b")
+        self.assertEqual(len(second) - len(second.lstrip()), len("00:00 #dev <bob> "), "under the text")
+
+
+class ClientSessionTest(unittest.TestCase):
+    """The client's protocol core (chat.Session) in memory: frames in, state and what follows out."""
+
+    WELCOME = {"type": "welcome", "nick": "alice", "users": ["alice", "bob"], "history": [], "rooms": ["lobby"],
+               "room": "lobby", "instance": "i1", "session": "s1", "seq": {"lobby": 7}, "max_text": 100,
+               "ping_interval": 5, "idle_timeout": 12}
+
+    def welcomed(self):
+        session = chat.Session("alice")
+        session.welcome(dict(self.WELCOME), reconnected=False)
+        return session
+
+    def test_a_welcome_sets_where_lines_go_and_where_a_resume_starts(self):
+        session = self.welcomed()
+        self.assertEqual((session.room, session.rooms, session.seen), ("lobby", ["lobby"], {"lobby": 7}))
+        self.assertEqual((session.max_text, session.ping_interval, session.idle_timeout), (100, 5.0, 12.0))
+        session.receive({"type": "msg", "from": "bob", "text": "x", "room": "lobby", "seq": 9})
+        self.assertEqual(session.hello(), {"type": "hello", "nick": "alice", "session": "s1", "instance": "i1",
+                                           "rooms": ["lobby"], "since": {"lobby": 9}})
+
+    def test_a_resume_hides_your_own_lines_and_a_restart_forgets_the_cursors(self):
+        session = self.welcomed()
+        history = [{"type": "msg", "from": "ALICE", "text": "mine", "room": "lobby", "seq": 8},
+                   {"type": "msg", "from": "bob", "text": "missed", "room": "lobby", "seq": 9}]
+        resumed, shown, _ = session.welcome(dict(self.WELCOME, history=history), reconnected=True)
+        self.assertTrue(resumed)
+        self.assertEqual([f["text"] for f in shown if isinstance(f, dict)], ["missed"])
+        resumed, _, _ = session.welcome(dict(self.WELCOME, instance="i2", seq={}), reconnected=True)
+        self.assertFalse(resumed)
+        self.assertEqual(session.seen, {})
+    def test_a_line_shown_early_is_not_shown_again_when_it_comes_numbered(self):
+        session = self.welcomed()
+        early = {"type": "msg", "from": "bob", "text": "slow redis", "room": "lobby", "ts": 5.5, "id": -9, "local": True}
+        numbered = dict(early, id=8, seq=8)
+        del numbered["local"]
+        other = dict(numbered, text="another", id=9, seq=9)
+        self.assertEqual(session.receive(dict(early)), [early])
+        self.assertEqual(session.seen, {"lobby": 7})                # a provisional line moves no cursor
+        history = [numbered, other]
+        _, shown, _ = session.welcome(dict(self.WELCOME, history=history), reconnected=True)   # a resume
+        self.assertEqual([f["text"] for f in shown if isinstance(f, dict)], ["another"])
+        self.assertEqual(session.receive(dict(numbered)), [dict(numbered)])   # known once only
+        hostile = dict(early, text=["not", "hashable"], ts={})
+        self.assertEqual(session.receive(dict(hostile)), [hostile])
+
+
+    def test_frames_from_the_server(self):
+        session = self.welcomed()
+        self.assertEqual(session.receive({"type": "ping"}), [chat.Send({"type": "pong"})])
+        session.receive({"type": "nick", "old": "alice", "new": "alicia"})
+        self.assertEqual(session.nick, "alicia")
+        session.join("#dev")
+        shown = session.receive({"type": "joined", "room": "dev", "users": ["alicia"], "seq": 3, "history": []})
+        self.assertEqual((session.room, session.rooms, session.seen["dev"]), ("dev", ["lobby", "dev"], 3))
+        self.assertIn("your lines go here now", shown[-1].text)
+        session.receive({"type": "parted", "room": "dev"})
+        self.assertEqual(session.room, "lobby")
+        session.receive({"type": "error", "code": "kicked", "text": "bye"})
+        self.assertEqual(session.last_error, "kicked")
+        session.receive({"type": "bye", "reason": "down"})
+        self.assertTrue(session.ended)
+
+    def test_typed_text_is_split_to_the_servers_limit_and_echoed(self):
+        session = self.welcomed()
+        sends = [e.frame for e in session.say("x" * 250) if isinstance(e, chat.Send)]
+        self.assertEqual([len(f["text"]) for f in sends], [100, 100, 50])
+        self.assertTrue(all(f["room"] == "lobby" for f in sends))
+        self.assertEqual(session.switch("#nowhere")[0].code, "31")
+
+
+class ClientSessionRulesTest(unittest.TestCase):
+    """The session's rules for issue 14, in memory."""
+
+    def welcomed(self, **fields):
+        session = chat.Session("alice")
+        session.welcome(dict(ClientSessionTest.WELCOME, **fields), reconnected=False)
+        return session
+
+    def test_join_switches_at_once_and_a_refusal_switches_back(self):
+        session = self.welcomed()
+        self.assertEqual(session.join("#dev"), [chat.Send({"type": "join", "room": "dev"})])
+        self.assertEqual(session.say("secret plan")[0].frame["room"], "dev")
+        notes = session.receive({"type": "error", "code": "bad-room", "text": "no"})
+        self.assertEqual(session.room, "lobby")
+        self.assertIn("you did not join #dev", notes[-1].text)
+
+    def test_part_moves_your_lines_at_once_and_says_where_after_you_left(self):
+        session = self.welcomed(rooms=["lobby", "dev"], room="lobby")
+        session.part()
+        self.assertEqual(session.room, "dev")
+        note = session.receive({"type": "parted", "room": "lobby"})
+        self.assertEqual(note[-1].text, "you left #lobby; now talking in #dev")
+
+    def test_join_of_a_room_you_are_in_switches_and_renaming_to_yourself_says_so(self):
+        session = self.welcomed(rooms=["lobby", "dev"])
+        self.assertEqual(session.join("dev"), [chat.Note("now talking in #dev")])
+        self.assertEqual(session.rename("alice")[0].text, "you are alice already")
+
+    def test_reply_and_a_message_to_yourself(self):
+        session = self.welcomed()
+        self.assertIn("nobody", session.reply("hi")[0].text)
+        session.receive({"type": "msg", "from": "bob", "to": "alice", "text": "psst", "id": 9})
+        self.assertEqual(session.reply("hi")[0].frame, {"type": "pm", "to": "bob", "text": "hi"})
+        self.assertEqual(session.message("ALICE", "note"), [chat.Send({"type": "pm", "to": "ALICE", "text": "note"})])
+
+    def test_missed_counts_only_what_you_did_not_see(self):
+        session = self.welcomed()
+        for i in range(5):
+            session.say(f"mine {i}")
+        _, _, missed = session.welcome(dict(ClientSessionTest.WELCOME, missed={"lobby": 2}, history=[
+            {"type": "msg", "from": "alice", "text": f"mine {i}", "room": "lobby", "seq": 10 + i} for i in (2, 3, 4)]),
+            reconnected=True)
+        self.assertEqual(missed, {})
+
+    def test_completion(self):
+        session = self.welcomed(users=["alice", "bob", "Bernard"])
+        self.assertEqual(session.completions("b", 1, ["join"]), (["Bernard: ", "bob: "], 0))
+        self.assertEqual(session.completions("hi bo", 5, ["join"]), (["bob "], 3))
+        self.assertEqual(session.completions("/jo", 3, ["join", "quit"]), (["/join "], 0))
+        session.receive({"type": "rooms", "rooms": [{"name": "dev", "users": 1}]})
+        self.assertEqual(session.completions("/join #d", 8, []), (["#dev "], 6))
+
+
+class ClientProcessTest(ServerTestCase):
+    def test_piped_lines_are_sent_and_the_client_exits_0_at_their_end(self):
+        alice = self.peer("alice")
+        client = self.client("-n", "bot", stdin=subprocess.PIPE)
+        alice.expect("join", nick="bot")
+        client.write("hello from a pipe\n\n/me pipes up\n//slash line\ncafé 你好 🎉\n")
+        client.proc.stdin.close()
+        self.assertEqual([alice.expect("msg")["text"] for _ in range(4)],
+                         ["hello from a pipe", "pipes up", "/slash line", "café 你好 🎉"])
+        self.assertEqual(alice.expect("leave")["nick"], "bot")
+        self.assertEqual(client.wait(), 0)
+
+    def test_incoming_lines_are_printed_plainly_and_safely(self):
+        alice = self.peer("alice")
+        client = self.client("-n", "reader")
+        alice.expect("join", nick="reader")
+        alice.send({"type": "msg", "text": "hi \x1b[2Jthere\x07 你好"})
+        self.assertIn("there", client.wait_line("<alice>").string)
+        self.assertNotIn("\x1b", "".join(client.out_lines))
+        self.assertIn("你好", "".join(client.out_lines))
+        client.proc.stdin.close()
+        self.assertEqual(client.wait(), 0)
+
+    def test_printf_pipe_exactly_as_the_readme_says(self):
+        alice = self.peer("alice")
+        result = subprocess.run(f"printf 'hi\\n' | {sys.executable} {CHAT} client -p {self.port} -n printer",
+                                shell=True, capture_output=True, text=True, timeout=TIMEOUT)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(alice.expect("msg")["text"], "hi")
+
+    def test_a_taken_nick_is_retried_with_a_suffix(self):
+        alice = self.peer("alice")
+        client = self.client("-n", "alice")
+        client.wait_line("taken; trying alice_2", "stderr")
+        self.assertEqual(alice.expect("join")["nick"], "alice_2")
+
+    def test_unknown_command_is_a_local_error_and_nothing_is_sent(self):
+        alice = self.peer("alice")
+        client = self.client("-n", "bob")
+        alice.expect("join", nick="bob")
+        client.write("/frobnicate now\n/msg alice private\n")
+        client.wait_line("unknown command /frobnicate", "stderr")
+        self.assertEqual(alice.expect("msg")["to"], "alice")
+
+    def test_frames_that_arrive_with_the_welcome_are_shown(self):
+        with socket.create_server(("127.0.0.1", 0)) as listener:    # a fake server, to control the bytes
+            client = self.client("-n", "bob", "-p", listener.getsockname()[1])
+            conn, _ = listener.accept()
+            with conn:
+                fake = Peer(0, sock=conn)
+                self.assertEqual(fake.next()["type"], "hello")
+                conn.sendall(chat.encode({"type": "welcome", "nick": "bob", "users": ["alice", "bob"],
+                                          "history": [], "server": "fake", "max_payload": 65536})
+                             + chat.encode({"type": "msg", "id": 1, "from": "alice", "text": "right behind",
+                                            "ts": 0.0}))     # one segment: both frames in one read
+                client.wait_line("<alice> right behind")
+
+    def test_no_server_is_one_clear_line_and_exit_1(self):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]       # bound but not listening: connections are refused
+            result = subprocess.run([sys.executable, CHAT, "client", "-p", str(port)], stdin=subprocess.DEVNULL,
+                                    capture_output=True, text=True, timeout=TIMEOUT)
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(result.stderr.strip(),
+                         f"cannot connect to 127.0.0.1:{port}: connection refused - is the server running?")
+        self.assertEqual(result.stdout, "")
+
+    def test_a_dying_server_is_connection_lost_and_exit_1(self):
+        server, port = server_process()
+        try:
+            client = Process("client", "-p", port, "-n", "x", "--reconnect", 0)
+            client.wait_line("CONNECTED", "stderr")
+            server.proc.kill()
+            self.assertEqual(client.wait(), 1)
+            self.assertTrue(any("connection lost" in line for line in client.err_lines))
+            self.assertFalse(any("Traceback" in line for line in client.err_lines))
+            client.kill()
+        finally:
+            server.kill()
+
+    def test_help_of_every_command_shows_defaults(self):
+        for command in ([], ["server"], ["client"], ["bench"], ["gencert"]):
+            with self.subTest(command=command):
+                result = subprocess.run([sys.executable, CHAT] + command + ["--help"], capture_output=True,
+                                        text=True, timeout=TIMEOUT)
+                self.assertEqual(result.returncode, 0)
+                if command:
+                    self.assertIn("(default:", result.stdout)
+        result = subprocess.run([sys.executable, CHAT, "server", "--help"], capture_output=True, text=True)
+        self.assertIn("50000", result.stdout)
+        self.assertIn("127.0.0.1", result.stdout)
+
+
+class ClientRoomsTest(ServerTestCase):
+    def test_the_client_joins_switches_and_tags_lines_with_rooms(self):
+        alice = self.peer("alice")
+        alice.send({"type": "join", "room": "dev"})
+        alice.expect("joined")
+        client = self.client("-n", "bob")
+        alice.expect("join", nick="bob", room="lobby")
+        client.write("/join #dev\n")
+        client.wait_line("you are in #dev", "stderr")
+        client.write("in dev\n/switch #lobby\nin the lobby\n")
+        self.assertEqual((alice.expect("msg")["room"], alice.expect("msg")["room"]), ("dev", "lobby"))
+        alice.send({"type": "msg", "text": "tagged", "room": "dev"})
+        client.wait_line("#dev <alice> tagged")
+
+
+class ClientOrderTest(ServerTestCase):
+    """Commands take effect in the order typed (a pipe: the same client, no terminal)."""
+
+    def test_a_line_after_join_goes_to_the_new_room(self):
+        bob, carol = self.peer("bob"), self.peer("carol")
+        carol.send({"type": "join", "room": "secret"})
+        carol.expect("joined")
+        client = self.client("-n", "alice")
+        bob.expect("join", nick="alice")
+        client.write("/join #secret\nsecret plan\n/part\nback in the lobby\n")
+        self.assertEqual(carol.expect("msg")["text"], "secret plan")
+        self.assertEqual(bob.expect("msg")["text"], "back in the lobby")
+        self.assertFalse([f for f in bob.sync() if f["type"] == "msg"])
+
+    def test_a_pipe_prints_only_what_is_said_after_it_joined_unless_asked(self):
+        alice = self.peer("alice")
+        alice.send({"type": "msg", "text": "said before"})
+        alice.sync()
+        plain = self.client("-n", "plain")
+        alice.expect("join", nick="plain")
+        alice.send({"type": "msg", "text": "said after"})
+        plain.wait_line("<alice> said after")
+        self.assertNotIn("<alice> said before", plain.out_lines)
+        replay = self.client("-n", "replay", "--replay")
+        replay.wait_line("<alice> said before")
+
+    def test_one_line_per_reconnect_attempt(self):
+        port = free_port()
+        client = Process("client", "-p", port, "-n", "alice", "--reconnect", 0)
+        self.assertEqual(client.wait(), 1)
+        server, port = server_process()
+        client = Process("client", "-p", port, "-n", "alice", "--reconnect", 2.5)
+        self.addCleanup(client.kill)
+        client.wait_line("CONNECTED", "stderr")
+        server.kill()
+        self.assertEqual(client.wait(timeout=10), 1)
+        attempts = [line for line in client.err_lines if "cannot connect" in line]
+        self.assertGreaterEqual(len(attempts), 2)
+        self.assertTrue(all("trying again in" in line or "gave up" in line for line in attempts), client.err_lines)
+        self.assertFalse([line for line in client.err_lines if line.startswith("reconnecting in")])
+
+
+class ReconnectTest(ServerTestCase):
+    def test_a_cut_client_reconnects_and_gets_exactly_what_it_missed(self):
+        alice = self.peer("alice")
+        client = self.client("-n", "bob")
+        alice.expect("join", nick="bob")
+        client.write("/join #dev\n")
+        client.wait_line("you are in #dev", "stderr")
+        client.write("/switch #lobby\n")
+        client.wait_line("now talking in #lobby", "stderr")
+        alice.send({"type": "msg", "text": "before"})
+        client.wait_line("<alice> before")
+        client.write("mine, before the cut\n")
+        alice.expect("msg", text="mine, before the cut")
+        cut(self.server, "bob")
+        alice.expect("leave", nick="bob")
+        for i in range(5):
+            alice.send({"type": "msg", "text": f"missed {i}"})
+        client.wait_line("reconnecting", "stderr")
+        client.write("typed while away\n")
+        client.wait_line("RECONNECTED", "stderr")
+        self.assertEqual(alice.expect("msg")["text"], "typed while away")
+        alice.send({"type": "msg", "text": "after"})
+        client.wait_line("<alice> after")
+        said = [line for line in client.out_lines if "<alice>" in line]
+        self.assertEqual(said, [f"#lobby <alice> {text}" for text in
+                                ["before"] + [f"missed {i}" for i in range(5)] + ["after"]])
+        self.assertFalse(any("mine, before the cut" in line for line in client.out_lines),
+                         "the replay does not show bob his own line again")
+        alice.send({"type": "who", "room": "dev"})
+        self.assertEqual(alice.expect("who")["users"], ["bob"], "bob is back in #dev")
+
+    def test_lines_no_longer_kept_are_counted(self):
+        self.server.stop()
+        self.server = ServerThread(history=3)
+        self.addCleanup(self.server.stop)
+        self.port = self.server.port
+        alice = self.peer("alice")
+        client = self.client("-n", "bob")
+        alice.expect("join", nick="bob")
+        cut(self.server, "bob")
+        alice.expect("leave", nick="bob")
+        for i in range(8):
+            alice.send({"type": "msg", "text": f"missed {i}"})
+        client.wait_line("5 lines said in #lobby while you were away can no longer be replayed", "stderr",
+                         timeout=10)
+        client.wait_line("<alice> missed 7")
+        self.assertEqual([line for line in client.out_lines if "<alice>" in line],
+                         [f"<alice> missed {i}" for i in (5, 6, 7)])
+
+    def test_kicked_clients_do_not_reconnect(self):
+        alice = self.peer("alice")
+        client = self.client("-n", "bob")
+        alice.expect("join", nick="bob")
+        self.server.call(self.server.loop.chat.kick, "bob", "bye")
+        self.assertEqual(client.wait(), 3)
+        self.assertFalse(any("reconnecting" in line for line in client.err_lines))
+
+
+class ResumeTruthTest(ServerTestCase):
+    config = {"history": 3}
+
+    def test_your_own_lines_are_not_counted_as_missed(self):
+        alice = self.peer("alice")
+        client = self.client("-n", "bob")
+        alice.expect("join", nick="bob")
+        client.write("".join(f"mine {i}\n" for i in range(5)))
+        for _ in range(5):
+            alice.expect("msg")
+        cut(self.server, "bob")
+        client.wait_line("RECONNECTED", "stderr", timeout=10)
+        alice.send({"type": "ping"})
+        alice.expect("pong")
+        client.write("after\n")
+        alice.expect("msg", text="after")
+        self.assertFalse([line for line in client.err_lines if "no longer be replayed" in line], client.err_lines)
+
+
+class ClientKeepaliveTest(unittest.TestCase):
+    def test_the_client_notices_a_frozen_server(self):
+        server, port = server_process("--ping-interval", 0.3, "--idle-timeout", 1)
+        try:
+            client = Process("client", "-p", port, "-n", "watcher", "--reconnect", 0)
+            client.wait_line("CONNECTED", "stderr")
+            server.proc.send_signal(signal.SIGSTOP)     # alive but silent, like a half-open peer
+            try:
+                self.assertEqual(client.wait(timeout=5), 1)
+            finally:
+                server.proc.send_signal(signal.SIGCONT)
+            self.assertTrue(any("nothing from the server" in line for line in client.err_lines))
+            client.kill()
+        finally:
+            server.kill()
+
+
+class BotModeTest(ServerTestCase):
+    def test_json_mode_prints_frames_and_sends_json_or_text(self):
+        alice = self.peer("alice")
+        bot = self.client("-n", "robot", "--json")
+        welcome = json.loads(bot.wait_line(r'^\{.*"welcome"').string)
+        self.assertEqual(welcome["nick"], "robot")
+        alice.send({"type": "msg", "text": "hello robot"})
+        frame = json.loads(bot.wait_line(r'"hello robot"').string)
+        self.assertEqual((frame["type"], frame["from"]), ("msg", "alice"))
+        bot.write('{"type":"pm","to":"alice","text":"as a frame"}\nplain text line\n')
+        self.assertEqual(alice.expect("msg")["to"], "alice")
+        self.assertEqual(alice.expect("msg")["text"], "plain text line")
+        bot.proc.stdin.close()
+        self.assertEqual(bot.wait(), 0)
+
+    def test_the_readme_bot_answers_time(self):
+        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+            readme = f.read()
+        code = re.search(r"<!-- bot -->\s*```python\n(.*?)```", readme, re.S)[1]
+        with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+            f.write(code)
+        self.addCleanup(os.unlink, f.name)
+        alice = self.peer("alice")
+        alice.send({"type": "join", "room": "dev"})
+        bot = subprocess.Popen([sys.executable, f.name, "-p", str(self.port), "#dev"], cwd=HERE,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+        self.addCleanup(bot.stderr.close)
+        self.addCleanup(bot.wait)
+        self.addCleanup(bot.kill)
+        alice.expect("join", nick="timebot", room="dev")
+        alice.send({"type": "msg", "text": "!time", "room": "dev"})
+        answer = alice.expect("msg")
+        self.assertEqual((answer["from"], answer["room"]), ("timebot", "dev"))
+        self.assertRegex(answer["text"], r"\d\d:\d\d:\d\d")
+        alice.send({"type": "msg", "text": "!time"})
+        self.assertEqual(alice.expect("msg")["room"], "lobby")
+        os.killpg(bot.pid, signal.SIGINT)      # Ctrl-C at its terminal: to the bot and its client
+        self.assertEqual(bot.wait(TIMEOUT), 0)
+        self.assertEqual(bot.stderr.read(), "", "no traceback")
+        self.assertEqual(alice.expect("leave", nick="timebot")["room"], "lobby")
+
+
+class ClientTerminalTest(ServerTestCase):
+    """The client on a real pseudo-terminal, read back through Screen."""
+
+    def terminal(self, *args, columns=80, env=None, nick="alice"):
+        terminal = Terminal(self, "client", "-p", self.port, "-n", nick, *args, columns=columns, env=env)
+        terminal.settle(r"#lobby>$")
+        return terminal
+
+    def test_the_screen_shows_what_enter_sends_and_the_cursor_where_the_next_key_goes(self):
+        bob = self.peer("bob")
+        terminal = self.terminal()
+        bob.expect("join", nick="alice")
+        terminal.type("helo world" + "\x1b[D" * 7)
+        terminal.settle(r"#lobby> helo world$")
+        bob.send({"type": "msg", "text": "a line arrives"})
+        terminal.settle("<bob> a line arrives")
+        terminal.type("l")
+        screen = terminal.settle(r"#lobby> hello world$")
+        self.assertEqual(screen.cursor_text(), "#lobby> hell")
+        terminal.type("\r")
+        self.assertEqual(bob.expect("msg")["text"], "hello world")
+        self.assertEqual(len([row for row in terminal.settle(r"<alice> hello world").lines()
+                              if "hello world" in row]), 1, "the typed line is replaced by the sent one")
+
+    def test_resizing_and_ctrl_l_leave_no_stale_copies(self):
+        bob = self.peer("bob")
+        terminal = self.terminal(columns=60)
+        typed = " ".join(f"w{i:02d}" for i in range(30))        # 119 columns with the prompt: two rows
+        terminal.type(typed)
+        terminal.settle("w29$")
+        terminal.resize(40)
+        bob.send({"type": "msg", "text": "after the resize"})
+        screen = terminal.settle("after the resize")
+        self.assertEqual(sum(row.count("w00") for row in screen.lines()), 1, screen.lines())
+        self.assertTrue(screen.lines()[-1].endswith("w29"))
+        terminal.type("\x0c")
+        screen = terminal.settle("#lobby> w00")
+        self.assertTrue(screen.lines()[0].startswith("#lobby> w00"), "Ctrl-L: the input at the top")
+        terminal.type("\x15slow1\r")
+        self.assertEqual(bob.expect("msg")["text"], "slow1")
+        screen = terminal.settle("<alice> slow1")
+        self.assertEqual([row for row in screen.lines() if "slow1" in row], ["<alice> slow1"][:0] or
+                         [row for row in screen.lines() if "slow1" in row][:1])
+        self.assertNotIn("#lobby> slow1", screen.lines())
+
+    def test_a_bye_leaves_no_prompt_behind(self):
+        terminal = self.terminal()
+        terminal.type("half typed")
+        terminal.settle("half typed")
+        self.server.stop()
+        self.assertEqual(terminal.wait(), 0)
+        terminal.read(0.1)
+        lines = terminal.screen.lines()
+        self.assertIn("the server is going away", lines[-1])
+        self.assertFalse([row for row in lines if row.startswith("#lobby>")], lines)
+
+    def test_a_dumb_terminal_gets_plain_lines(self):
+        bob = self.peer("bob")
+        terminal = Terminal(self, "client", "-p", self.port, "-n", "alice", env={"TERM": "dumb"})
+        terminal.expect("you are alice in #lobby")
+        bob.expect("join", nick="alice")
+        terminal.type("plain\r")
+        self.assertEqual(bob.expect("msg")["text"], "plain")
+        bob.send({"type": "msg", "text": "hi alice"})
+        terminal.expect("<bob> hi alice")
+        self.assertNotIn(b"\x1b", terminal.output)
+
+    def test_a_line_that_names_you_or_a_private_message_rings_the_bell_and_nothing_else_does(self):
+        bob = self.peer("bob")
+        terminal = self.terminal()
+        bob.expect("join", nick="alice")
+        for text in ("hello everyone", "malice is not a name", "alicex neither"):
+            bob.send({"type": "msg", "text": text})
+        terminal.settle("alicex neither")
+        self.assertEqual(terminal.screen.bells, 0)
+        bob.send({"type": "msg", "text": "ALICE, lunch?"})
+        terminal.settle("lunch")
+        self.assertEqual(terminal.screen.bells, 1)
+        bob.send({"type": "pm", "to": "alice", "text": "psst"})
+        terminal.settle(r"\[pm from bob\] psst")
+        self.assertEqual(terminal.screen.bells, 2)
+        terminal.type("/r back at you\r")
+        self.assertEqual((bob.expect("msg")["text"]), "back at you")
+        quiet = self.terminal("--no-bell", nick="carol")
+        bob.send({"type": "pm", "to": "carol", "text": "psst"})
+        quiet.settle("psst")
+        self.assertEqual(quiet.screen.bells, 0)
+
+    def test_tab_completes_commands_nicks_and_rooms(self):
+        self.peer("bob")
+        terminal = self.terminal()
+        terminal.type("/jo\t")
+        terminal.settle(r"#lobby> /join$")
+        terminal.type("#dev\r")
+        terminal.settle(r"#dev>$")
+        terminal.type("/switch #lo\t")
+        terminal.settle(r"#dev> /switch #lobby$")
+        terminal.type("\r")
+        terminal.settle(r"#lobby>$")
+        terminal.type("b\t")
+        terminal.settle(r"#lobby> bob:$")
+        terminal.type("\x01\x0bhi b\t")      # in the middle of a line: no colon
+        terminal.settle(r"#lobby> hi bob$")
+        terminal.type("\x01\x0bal\t")        # yourself: not a candidate
+        terminal.settle(r"#lobby> al$")
+
+    def test_offline_lines_say_they_wait_then_go(self):
+        server, port = server_process()
+        self.addCleanup(server.kill)
+        terminal = Terminal(self, "client", "-p", port, "-n", "alice")
+        terminal.settle(r"#lobby>$")
+        server.kill()
+        terminal.settle("reconnecting")
+        terminal.type("typed while offline\r")
+        terminal.settle(r"typed while offline \(waiting to be sent\)")
+        again = Process("server", "-p", port, stdin=subprocess.DEVNULL)
+        self.addCleanup(again.kill)
+        terminal.settle(r"sent 1 line kept while disconnected", timeout=10)
+
+    def test_with_no_room_the_prompt_says_so_and_nothing_is_sent(self):
+        terminal = self.terminal()
+        terminal.type("/part\r")
+        terminal.settle(r"you left #lobby; you are in no room now")
+        terminal.settle(r"\(no room\)>$")
+        terminal.type("into the void\r")
+        terminal.settle("nothing was sent")
+
+
+class PromptCancelTest(ServerTestCase):
+    config = {"password": "s3cret"}
+
+    def test_ctrl_c_at_the_password_prompt_cancels(self):
+        terminal = Terminal(self, "client", "-p", self.port, "-n", "alice")
+        terminal.expect("password for 127.0.0.1:")
+        terminal.type("\x03")
+        self.assertEqual(terminal.wait(), 1)
+        terminal.expect("cancelled")
+
+
+# ---------------------------------------------------------------------------
+# 10. Certificates and the command line; the README
+# ---------------------------------------------------------------------------
+
+class OptionsTest(unittest.TestCase):
+    def test_every_bad_value_is_one_line_naming_the_option_and_its_range(self):
+        cases = [
+            (["server", "-p", "70000"], "-p/--port", "from 0 to 65535"),
+            (["server", "-p", "-1"], "-p/--port", "from 0 to 65535"),
+            (["client", "-p", "116781"], "-p/--port", "from 1 to 65535"),
+            (["client", "-p", "0"], "-p/--port", "from 1 to 65535"),
+            (["server", "-m", "0"], "--max-connections", "from 1"),
+            (["server", "-m", "-5"], "--max-connections", "from 1"),
+            (["server", "--history", "-1"], "--history", "from 0"),
+            (["server", "--history-bytes", "lots"], "--history-bytes", "size in bytes"),
+            (["client", "--reconnect", "-5"], "--reconnect", "seconds from 0"),
+            (["server", "--workers", "0"], "--workers", "from 1 to 256"),
+            (["server", "--flood-rate", "0"], "--flood-rate", "above 0"),
+            (["server", "--hello-timeout", "-1"], "--hello-timeout", "seconds above 0"),
+            (["server", "--ping-interval", "nan"], "--ping-interval", "seconds above 0"),
+            (["server", "--idle-timeout", "10", "--ping-interval", "30"], "--idle-timeout", "--ping-interval"),
+            (["server", "--max-buffer", "1"], "--max-buffer", "at least 16K"),
+            (["client", "-n", ""], "-n/--nick", "1-32 characters"),
+            (["client", "-n", "a b"], "-n/--nick", "only letters"),
+            (["client", "--fingerprint", "SHA256:nonsense"], "--fingerprint", "not a SHA-256 fingerprint"),
+            (["server", "--tls-key", "k.pem"], "--tls-key", "needs --tls-cert"),
+            (["server", "--workers", "2"], "--workers", "needs --redis"),
+            (["server", "--redis", "http://x"], "--redis", "redis://"),
+            (["server", "--redis", "redis://h", "--history-file", "f"], "--history-file", "--redis"),
+            (["gencert", "--days", "0"], "--days", "days from 1"),
+            (["bench", "-c", "2", "-s", "5"], "--senders", "--clients"),
+        ]
+        for argv, option, range_ in cases:
+            with self.subTest(argv):
+                code, err = usage_error(*argv)
+                self.assertEqual(code, 2)
+                self.assertEqual(len(err.strip().splitlines()), 1, err)
+                self.assertIn(option, err)
+                self.assertIn(range_, err)
+
+    def test_sizes_take_a_suffix(self):
+        parser = chat.build_parser()
+        self.assertEqual(parser.parse_args(["server", "--history-bytes", "64M"]).history_bytes, 64 << 20)
+        self.assertEqual(parser.parse_args(["server", "--max-buffer", "512k"]).max_buffer, 512 << 10)
+
+    def test_a_fingerprint_or_a_ca_file_implies_tls(self):
+        parser = chat.build_parser()
+        for extra in (["--cafile", "ca.pem"], ["--fingerprint", "SHA256:" + "A" * 43]):
+            args = parser.parse_args(["client", *extra])
+            chat.check_args(parser, args)
+            self.assertTrue(args.tls)
+
+    def test_fingerprints_in_every_form_people_have(self):
+        canonical = chat.fingerprint(TEST_CERT.encode())       # any 32-byte digest will do
+        hexed = chat.fingerprint_forms(canonical)[1]
+        b64 = canonical[len("SHA256:"):]
+        for form in (canonical, b64, b64 + "=", "sha256:" + b64, hexed, hexed.lower(), hexed.replace(":", ""),
+                     "SHA256 Fingerprint=" + hexed, " " + hexed + " "):
+            with self.subTest(form):
+                self.assertEqual(chat.fingerprint_option(form), canonical)
+        for bad in ("", "SHA256:", b64[:-2], hexed[:-3], "MD5:" + hexed, "zz" * 32):
+            with self.subTest(bad):
+                with self.assertRaises(argparse.ArgumentTypeError):
+                    chat.fingerprint_option(bad)
+
+    def test_help_states_each_real_default_once(self):
+        parser = chat.build_parser()
+        for name, sub in parser.subcommands.items():
+            with self.subTest(name):
+                text = sub.format_help()
+                self.assertNotIn("(default: None)", text)
+                self.assertNotIn("(default: False)", text)
+                self.assertNotRegex(text, r"default:[^)]*\)\s*\(default:", "one default per option")
+                self.assertNotRegex(text, r"default: \d+\.0\)", "floats as 100, not 100.0")
+                self.assertTrue(sub.description)
+        server = parser.subcommands["server"].format_help()
+        self.assertIn("(default: 50000)", server)
+        self.assertIn("(default: 127.0.0.1)", server)
+        self.assertIn("(default: 1M)", server)
+        self.assertIn("in days (default: 825)", parser.subcommands["gencert"].format_help())
+
+    def test_the_gitignore_keeps_private_keys_out_of_commits(self):
+        with open(os.path.join(HERE, ".gitignore")) as f:
+            patterns = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+        for name in ("chat-key.pem", "chat-cert.pem", "server-key.pem"):
+            self.assertTrue(any(fnmatch.fnmatch(name, pattern) for pattern in patterns), name)
+
+
+class StartupErrorTest(unittest.TestCase):
+    def setUp(self):
+        tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(tmp.cleanup)
+        self.dir = tmp.name
+        self.cert = os.path.join(self.dir, "cert.pem")
+        with open(self.cert, "w") as f:
+            f.write(TEST_CERT)
+
+    def assert_one_line(self, args, *expected):
+        code, _, err = run_chat(*args)
+        self.assertEqual(code, 1, err)
+        self.assertNotIn("Traceback", err)
+        self.assertEqual(len(err.strip().splitlines()), 1, err)
+        for fragment in expected:
+            self.assertIn(fragment, err)
+
+    def test_each_bad_file_or_host_is_one_line_naming_it(self):
+        missing = os.path.join(self.dir, "missing.pem")
+        cases = [
+            (["server", "-p", 0, "--tls-cert", missing], missing, "TLS certificate", "No such file"),
+            (["server", "-p", 0, "--tls-cert", self.cert], self.cert, "holds no private key", "--tls-key"),
+            (["server", "-p", 0, "--history-file", os.path.join(self.dir, "nodir", "h.jsonl")],
+             os.path.join(self.dir, "nodir"), "does not exist"),
+            (["server", "-p", 0, "-H", "nosuch.invalid"], "nosuch.invalid", "no such host"),
+            (["server", "-p", 0, "--password-file", missing], missing, "password file"),
+            (["client", "-p", 1, "--password-file", missing], missing, "password file"),
+            (["client", "-p", 1, "--tls", "--cafile", missing], missing, "CA file"),
+            (["client", "-p", 1, "--cafile", missing], missing, "CA file"),
+        ]
+        for args, *expected in cases:
+            with self.subTest(args):
+                self.assert_one_line(args, *expected)
+
+    def test_a_file_that_is_not_a_history_is_left_as_it_is_and_nothing_listens(self):
+        notes = os.path.join(self.dir, "notes.txt")
+        with open(notes, "w") as f:
+            f.write("my notes\nbuy milk\n")
+        port = free_port()
+        self.assert_one_line(["server", "-p", port, "--history-file", notes], notes, "not a chat.py history")
+        with open(notes) as f:
+            self.assertEqual(f.read(), "my notes\nbuy milk\n")
+        self.assertFalse(os.path.exists(notes + ".tmp"))
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))     # nothing was ever bound there
+
+    def test_an_empty_history_file_is_made_a_history(self):
+        path = os.path.join(self.dir, "empty.jsonl")
+        open(path, "w").close()
+        server, _ = server_process("--history-file", path)
+        server.kill()
+        with open(path) as f:
+            self.assertIn('"format":1', f.readline())
+
+
+class ReadmeTest(unittest.TestCase):
+    """The README stands alone and says what the program does."""
+
+    def setUp(self):
+        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+            self.readme = f.read()
+
+    def test_no_link_leads_out_of_the_repository(self):
+        for target in re.findall(r"\]\(([^)]+)\)", self.readme):
+            with self.subTest(target):
+                if target.startswith("#"):
+                    anchors = {re.sub(r"[^\w\- ]", "", heading).strip().lower().replace(" ", "-")
+                               for heading in re.findall(r"^#+ (.*)$", self.readme, re.M)}
+                    self.assertIn(target[1:], anchors)
+                else:
+                    self.assertFalse(re.match(r"\w+://|\.\./|/", target), "outside the repository")
+                    self.assertTrue(os.path.exists(os.path.join(HERE, target)))
+
+    def test_every_frame_type_both_ways_is_in_the_protocol(self):
+        protocol = self.readme[self.readme.index("## Protocol"):self.readme.index("## Exit codes")]
+        server = Harness()
+        client_sends = set(server.chat.handlers) | set(server.chat.before_hello)
+        server_sends = {"welcome", "msg", "join", "leave", "nick", "who", "joined", "parted", "rooms", "notice",
+                        "error", "ping", "pong", "bye"}
+        self.assertEqual(set(chat._RENDERERS) - server_sends, set(), "the client renders no other type")
+        for kind in client_sends | server_sends:
+            with self.subTest(kind):
+                self.assertIn(f"| `{kind}`", protocol)
+        with open(CHAT, encoding="utf-8") as f:
+            codes = set(re.findall(r'ProtocolError\(\s*"([a-z-]+)"', f.read()))
+        for code in codes:
+            with self.subTest(code):
+                self.assertIn(f"| `{code}` |", protocol)
+        self.assertIn('"protocol": 2', protocol)
+        self.assertEqual(chat.PROTOCOL, 2)
+
+    def test_the_command_reference_is_the_help(self):
+        reference = self.readme[self.readme.index("<!-- help -->"):self.readme.index("<!-- /help -->")]
+        parser = chat.build_parser()
+        for name, sub in parser.subcommands.items():
+            block = reference[reference.index(f"$ python3 chat.py {name} --help"):]
+            block = block[:block.index("```")]
+            for action in sub._actions:
+                if action.help == argparse.SUPPRESS:
+                    continue
+                with self.subTest(f"{name} {action.option_strings}"):
+                    self.assertIn(action.option_strings[-1], block)
+                    help_text = chat.HelpFormatter("x")._get_help_string(action)
+                    default = re.search(r"\(default: [^)]*\)$", help_text)
+                    if default:
+                        self.assertIn(default[0], " ".join(block.split()))
+
+
+class ReadmeCommandsTest(unittest.TestCase):
+    def test_the_readme_lists_every_client_command(self):
+        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+            readme = f.read()
+        args = chat.build_parser().parse_args(["client"])
+        args.password = None
+        client = chat.ChatClient(args, chat.Console(False), chat.View())
+        self.addCleanup(client.console.wake_r.close)
+        self.addCleanup(client.console.wake_w.close)
+        for command in client.commands.commands.values():
+            with self.subTest(command.name):
+                self.assertIn(f"| `/{command.name}{' ' + command.usage if command.usage else ''}` |", readme)
