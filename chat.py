@@ -29,6 +29,7 @@ import bisect
 import codecs
 import collections
 import dataclasses
+import enum
 import errno
 import functools
 import getpass
@@ -402,11 +403,15 @@ class CommandTable:
 #   chat.open(conn)             a connection came; False if it was refused
 #   chat.received(conn, data)   bytes from it
 #   (the timers it asked for)   fire as plain calls
-#   chat.end_turn()             -> (connections with bytes to write, connections over their limit)
-#   chat.drained(conn)          a backlogged connection has read enough
-#   chat.lost(conn, reason)     its socket is gone
+#   chat.end_turn()             -> the connections to write to now
+#   chat.wrote(conn, n)         the kernel took n bytes of conn.out (0: none); the core
+#                               drops what was sent, and decides who is too slow
+#   chat.closed(conn, reason)   its socket is gone
 #
-# and the core asks the loop only for what ServerIO lists. Where lines are
+# and the core asks the loop only for what ServerIO lists. A connection's
+# state (State) is the core's, moved only by Chat.move() along MOVES; what
+# stops the loop reading it is Intake's (hold/release, by reason); its queue
+# (`out`, `queued`) is Output's; its socket and TLS handshake are the loop's. Where lines are
 # numbered, and what crosses to other servers, is a Relay's job: LocalRelay
 # for one server, Cluster (section 6) for several.
 
@@ -442,23 +447,51 @@ class ServerConfig:
     name: str = f"chat.py {VERSION}"
 
 
-# Session states. A connection moves down this list and never back. (A TLS
-# handshake in progress is the loop's business: see Conn.handshake.)
-HELLO, AUTH, JOINED, CLOSING, CLOSED = "hello", "auth", "joined", "closing", "closed"
+class State(enum.Enum):
+    """Where a connection is in its session (a TLS handshake in progress is
+    the loop's business, not a state here)."""
+    HELLO = "hello"         # connected; nothing taken from it yet but hello or quit
+    AUTH = "auth"           # its hello is being answered (the nick claimed, a password checked)
+    JOINED = "joined"       # welcomed: it chats
+    CLOSING = "closing"     # its last frames are being delivered; nothing more is read from it
+    CLOSED = "closed"       # its socket is gone
+
+
+HELLO, AUTH, JOINED, CLOSING, CLOSED = State
+# The moves a connection may make: only down, never back.
+MOVES: Dict[State, Tuple[State, ...]] = {
+    HELLO: (AUTH, CLOSING, CLOSED),
+    AUTH: (JOINED, CLOSING, CLOSED),
+    JOINED: (CLOSING, CLOSED),
+    CLOSING: (CLOSED,),
+    CLOSED: (),
+}
+
+# Why a connection is not read (Conn.holds, a set of these bits): while any
+# holds, its frames wait in its socket and TCP slows the sender; nothing is lost.
+FLOOD = 1           # out of flood tokens until a timer gives one back
+BACKLOG = 2         # more than its share is queued for it, until it reads
+ANSWER = 4          # its hello, rename or password waits for an answer (Redis, a hash)
 REPLY_BYTES_PER_TOKEN = 4096   # after hello every frame costs a flood token, and a reply one more per this
 FANOUT_BUDGET = 64 << 20    # bytes one turn may queue for all recipients together: bounds a turn's
                             # work (the recipients share the bytes, so not its memory), and so latency
 
 
 class Conn:
-    """One client connection: the socket side (the loop's) and the session
-    side (the core's). `out` lists the chunks of bytes queued for the client,
-    `queued` their total: a line fanned out to a room is one bytes object
-    shared by every member's list, never a copy per member."""
+    """One client connection: the socket side and the session side, each
+    field with one owner that changes it (the others only read it):
+
+    - the loop: sock, fd, tls, handshake, shut, events;
+    - Chat: state (through Chat.move), nick, key, session, claimed, rooms;
+    - Intake: holds (through hold/release), decoder, tokens, refilled, held,
+      deferred, last_heard, flood_noticed;
+    - Output: out, the chunks of bytes queued for the client, and queued,
+      their total (a line fanned out to a room is one bytes object shared by
+      every member's list, never a copy per member)."""
 
     __slots__ = ("sock", "fd", "addr", "ip", "source", "tls", "handshake", "shut", "events", "state", "decoder",
                  "out", "queued",
-                 "nick", "key", "session", "claimed", "rooms", "tokens", "refilled", "held", "paused", "backlogged", "deferred",
+                 "nick", "key", "session", "claimed", "rooms", "tokens", "refilled", "held", "holds", "deferred",
                  "last_heard", "flood_noticed")
 
     def __init__(self, sock, addr: str, ip: str, max_payload: int, now: float, burst: float):
@@ -479,14 +512,18 @@ class Conn:
         self.rooms: List[Room] = []
         self.tokens, self.refilled = float(burst), now    # flood-control token bucket
         self.held: Optional[dict] = None   # a frame waiting for a token
-        self.paused = False             # not reading: flood control, a backlog or a pending answer
-        self.backlogged = False         # paused until what is queued for it drains below Output.share
+        self.holds = 0                  # why it is not read (FLOOD, BACKLOG, ANSWER bits); 0: it is
         self.deferred = False           # has frames waiting for the next turn's budget
         self.last_heard = now
         self.flood_noticed = -1e9
 
     def __repr__(self) -> str:
         return f"{self.nick or '?'}@{self.addr}"
+
+    @property
+    def paused(self) -> bool:
+        """Not read for now, for one reason or more (see Intake.hold)."""
+        return self.holds != 0
 
 
 class ServerIO(Protocol):
@@ -498,10 +535,11 @@ class ServerIO(Protocol):
         in it costs the connection among `args`, if any, never the loop."""
 
     def update_interest(self, conn: Conn) -> None:
-        """conn.paused (or conn.out) changed: read from it only while it is not paused."""
+        """conn.holds (or conn.out) changed: read from it only while nothing holds it."""
 
     def close_soon(self, conn: Conn) -> None:
-        """Deliver what is queued for `conn`, then close it."""
+        """Deliver what is queued for `conn`, then close it (at once over an
+        unfinished TLS handshake: nothing can be said there)."""
 
     def stop(self, why: str = "") -> None:
         """Say bye to everyone (through Chat.shutdown) and stop; `why` is for the log."""
@@ -744,6 +782,19 @@ def _newest_within(lines: List[HistoryLine], budget: int) -> int:
 # ---------------------------------------------------------------------------
 # 4b. Output: what the core sends, batched per loop turn
 
+def _consume(chunks: List[bytes], sent: int) -> None:
+    """Drop the first `sent` bytes from `chunks` (whole chunks, then a slice)."""
+    whole = 0
+    for chunk in chunks:
+        if sent < len(chunk):
+            break
+        sent -= len(chunk)
+        whole += 1
+    del chunks[:whole]
+    if sent:
+        chunks[0] = memoryview(chunks[0])[sent:]
+
+
 class Output:
     """Frames for the clients, queued per connection and batched per turn.
 
@@ -801,12 +852,24 @@ class Output:
         payload = head[4:-1] + b',"history":[' + spliced + b"]}"
         return _LENGTH.pack(len(payload)) + payload
 
-    def end(self) -> Tuple[List[Conn], List[Conn]]:
-        """Fan out what is pending; the connections to write to, and those over their limit."""
+    def end(self) -> List[Conn]:
+        """Fan out what is pending; the connections to write to: those with
+        new bytes, and those over their limit (for a last try before they go)."""
         self.flush()
         dirty, slow = self.dirty, self.slow
         self.dirty, self.slow = [], []
-        return dirty, slow
+        return list(dict.fromkeys(dirty + slow)) if slow else dirty
+
+    def sent(self, conn: Conn, size: int) -> None:
+        """The first `size` bytes queued for `conn` are on their way: drop them."""
+        if size:
+            _consume(conn.out, size)
+            conn.queued -= size
+
+    def discard(self, conn: Conn) -> None:
+        """`conn`'s socket is gone: what waited for it never goes."""
+        conn.out.clear()
+        conn.queued = 0
 
     # -- to one connection ---------------------------------------------------
 
@@ -1363,10 +1426,9 @@ class Intake:
     def process(self, conn: Conn) -> None:
         """Hand Chat every complete frame from `conn` that the rules allow now."""
         decoder = conn.decoder
-        while not conn.paused and conn.state in (HELLO, JOINED):
+        while not conn.holds and conn.state in (HELLO, JOINED):
             if conn.queued > self.out.share:
-                conn.backlogged = True
-                self.pause(conn)
+                self.hold(conn, BACKLOG)
                 return
             if self.out.spent:
                 if not conn.deferred and (conn.held or decoder.buffered):
@@ -1385,7 +1447,7 @@ class Intake:
             conn.last_heard = self.clock
             if conn.state is JOINED and not self._take_token(conn):
                 conn.held = frame
-                self._pause_for_flood(conn)
+                self._hold_for_flood(conn)
                 return
             self.chat.dispatch(conn, frame["type"], frame)
 
@@ -1402,9 +1464,9 @@ class Intake:
         conn.tokens = tokens - 1.0
         return True
 
-    def _pause_for_flood(self, conn: Conn) -> None:
-        self.pause(conn)
-        self.io.call_later((1.0 - conn.tokens) / self.config.flood_rate, self.resume, conn)
+    def _hold_for_flood(self, conn: Conn) -> None:
+        self.hold(conn, FLOOD)
+        self.io.call_later((1.0 - conn.tokens) / self.config.flood_rate, self.release, conn, FLOOD)
         if self.clock - conn.flood_noticed > 10:
             conn.flood_noticed = self.clock
             log.info("%r is over the flood limit; slowing it down", conn)
@@ -1412,22 +1474,30 @@ class Intake:
                                  f" lines or requests a second; the server is slowing you down (nothing is lost)"})
 
     def drained(self, conn: Conn) -> None:
-        """The loop wrote to a backlogged connection: read it again once its
-        queue is below its share. However cheap its requests, it cannot make
-        the server hold more for it than that."""
-        if conn.queued <= self.out.share:
-            conn.backlogged = False
-            self.resume(conn)
+        """Bytes queued for `conn` were sent: a backlogged connection is read
+        again once its queue is below its share. However cheap its requests,
+        it cannot make the server hold more for it than that."""
+        if conn.holds & BACKLOG and conn.queued <= self.out.share:
+            self.release(conn, BACKLOG)
 
-    def pause(self, conn: Conn) -> None:
-        conn.paused = True
-        self.io.update_interest(conn)
+    # -- the one mechanism for not reading: holds, by reason ------------------
 
-    def resume(self, conn: Conn) -> None:
-        if conn.state is JOINED and conn.paused and not conn.backlogged:
-            conn.paused = False
-            self.io.update_interest(conn)
-            self.process(conn)
+    def hold(self, conn: Conn, reason: int) -> None:
+        """Stop reading `conn` for `reason` (FLOOD, BACKLOG, ANSWER); again is the same."""
+        if not conn.holds & reason:
+            paused = conn.holds != 0
+            conn.holds |= reason
+            if not paused:
+                self.io.update_interest(conn)
+
+    def release(self, conn: Conn, reason: int) -> None:
+        """`reason` no longer holds `conn`: when nothing does, its frames are
+        taken again, those already read first. Releasing what does not hold is nothing."""
+        if conn.holds & reason:
+            conn.holds &= ~reason
+            if not conn.holds and conn.state in (HELLO, AUTH, JOINED):
+                self.io.update_interest(conn)
+                self.process(conn)
 
 
 class Nicks:
@@ -1560,13 +1630,12 @@ class Chat:
         if refusal is not None:
             log.warning("%s refused: %s", conn.addr, refusal.text)
             self.out.queue(conn, self.out.encode(refusal.frame()))
-            conn.state = CLOSING
+            self.move(conn, CLOSING)
             self.io.close_soon(conn)
             return False
         if victim is not None:
             self.drop(victim, f"made room for a newcomer: no hello within {Gate.PREEMPT_AFTER:g}s on a full server",
-                      ProtocolError("timeout", "the server is full and you had not said hello")
-                      if victim.handshake is None else None)
+                      ProtocolError("timeout", "the server is full and you had not said hello"))
         self.conns.add(conn)
         self.io.call_later(self.config.hello_timeout, self._hello_deadline, conn)
         return True
@@ -1580,32 +1649,41 @@ class Chat:
         conn.decoder.feed(data)
         self.intake.process(conn)
 
-    def end_turn(self) -> Tuple[List[Conn], List[Conn]]:
+    def end_turn(self) -> List[Conn]:
         """The turn's events are handled: fan out, keep history within its
-        budget, let the relay write. Returns Output.end()'s lists."""
+        budget, let the relay write. Returns the connections to write to:
+        each is to be answered with wrote()."""
         self.out.flush()
         self.rooms.end_turn()
         self.relay.end_turn()
         return self.out.end()
 
-    def drained(self, conn: Conn) -> None:
-        """The loop wrote to a backlogged connection (see Intake.drained)."""
-        self.intake.drained(conn)
+    def wrote(self, conn: Conn, sent: int) -> None:
+        """The loop tried to write `conn.out` and the kernel took `sent` bytes
+        of it. Here, in one place, is decided who is too slow: a connection
+        still over its buffer limit after a write."""
+        self.out.sent(conn, sent)
+        if sent:
+            self.intake.drained(conn)
+        if conn.queued > self.config.max_buffer and conn.state is JOINED:
+            self.drop(conn, f"too slow: over {self.config.max_buffer} bytes unread",
+                      ProtocolError("too-slow", "you stopped reading; disconnected"))
 
-    def too_slow(self, conn: Conn) -> None:
-        """The loop found `conn` still over its buffer limit after writing."""
-        self.drop(conn, f"too slow: over {self.config.max_buffer} bytes unread",
-                  ProtocolError("too-slow", "you stopped reading; disconnected"))
+    def closed(self, conn: Conn, reason: str) -> None:
+        """The socket is gone (closed by the peer, broken, or closed by the loop)."""
+        if conn.state not in (CLOSING, CLOSED):
+            if conn.decoder.buffered:
+                reason += f" (in the middle of a frame, {conn.decoder.buffered} bytes unread)"
+            self._leave(conn, reason, hold=True)
+        self.move(conn, CLOSED)
+        self.out.discard(conn)
 
-    def lost(self, conn: Conn, reason: str) -> None:
-        """The socket is gone (closed by the peer or broken)."""
-        if conn.state in (CLOSING, CLOSED):
-            conn.state = CLOSED
-            return
-        if conn.decoder.buffered:
-            reason += f" (in the middle of a frame, {conn.decoder.buffered} bytes unread)"
-        self._leave(conn, reason, hold=True)
-        conn.state = CLOSED
+    def move(self, conn: Conn, state: State) -> None:
+        """The one place a connection's state changes, along MOVES only."""
+        if state is not conn.state:
+            if state not in MOVES[conn.state]:
+                raise RuntimeError(f"{conn!r}: no move from {conn.state.value} to {state.value}")
+            conn.state = state
 
     def shutdown(self, reason: str) -> None:
         """Say `bye` to everyone and close every connection (no leave events:
@@ -1615,7 +1693,7 @@ class Chat:
         for conn in list(self.conns):
             if conn.state in (HELLO, JOINED, AUTH):
                 self.out.queue(conn, bye)
-            conn.state = CLOSING
+            self.move(conn, CLOSING)
             self.io.close_soon(conn)
         self.conns.clear()
         self.users.clear()
@@ -1660,16 +1738,15 @@ class Chat:
             self.out.send(conn, error.frame())
         # Dropped for being slow or silent, a client reconnects: its nick waits for it.
         self._leave(conn, reason, hold=error is not None and error.code in ("too-slow", "timeout"))
-        conn.state = CLOSING
+        self.move(conn, CLOSING)
         self.io.close_soon(conn)
 
     # -- timers --------------------------------------------------------------
 
     def _hello_deadline(self, conn: Conn) -> None:
         if conn.state is HELLO:
-            # Over a TLS handshake still in progress, nothing can be delivered.
-            error = ProtocolError("timeout", "no hello in time") if conn.handshake is None else None
-            self.drop(conn, f"no hello within {self.config.hello_timeout:g}s", error)
+            self.drop(conn, f"no hello within {self.config.hello_timeout:g}s",
+                      ProtocolError("timeout", "no hello in time"))
 
     def _keepalive(self, conn: Conn) -> None:
         """Ping a client silent for ping_interval; drop it when silent for
@@ -1704,11 +1781,11 @@ class Chat:
         conn.nick, conn.key, conn.session = nick, name_key(nick), secrets.token_urlsafe(16)
         conn.claimed = self.out.ts
         session = frame.get("session") if type(frame.get("session")) is str else ""
-        conn.state = AUTH
+        self.move(conn, AUTH)
         self.nicks.claiming[conn.key] = conn
         self.relay.claim(conn, conn.key, session, lambda ok: self._claimed(conn, frame, ok))
         if conn.state is AUTH:      # the relay answers later (Redis decides): read nothing until then
-            self.intake.pause(conn)
+            self.intake.hold(conn, ANSWER)
 
     def _claimed(self, conn: Conn, hello: dict, ok: bool) -> None:
         del self.nicks.claiming[conn.key]
@@ -1716,20 +1793,14 @@ class Chat:
             if ok:
                 self.relay.release(conn.key)
             return
-        waited = conn.paused
-        if waited:
-            conn.paused = False
-            self.io.update_interest(conn)
         if not ok:
             self.drop(conn, "refused: nick taken on another server", nick_taken(conn.nick))
             return
-        conn.state = HELLO
         self._welcome(conn, hello)
-        if waited:
-            self.intake.process(conn)      # frames that arrived while we waited
+        self.intake.release(conn, ANSWER)      # frames that arrived while we waited come next
 
     def _welcome(self, conn: Conn, hello: dict) -> None:
-        conn.state = JOINED
+        self.move(conn, JOINED)
         self.gate.settled(conn)
         self.users[conn.key] = conn
         rooms = self.rooms.rejoin(hello.get("rooms"), self.config.rooms_per_user) or [self.rooms.lobby]
@@ -1871,7 +1942,6 @@ class Chat:
 
         def claimed(ok: bool) -> None:
             del self.nicks.claiming[key]
-            waited = conn.paused
             if conn.state is not JOINED:
                 if ok:
                     self.relay.release(key)
@@ -1880,13 +1950,10 @@ class Chat:
                 self._rename(conn, new)
             else:
                 self.out.send(conn, nick_taken(new).frame())
-            if waited:      # what it sent after the nick comes after the nick
-                conn.paused = False
-                self.io.update_interest(conn)
-                self.intake.process(conn)
+            self.intake.release(conn, ANSWER)     # what it sent after the nick comes after the nick
         self.relay.claim(conn, key, "", claimed)
         if key in self.nicks.claiming:      # the relay answers later: read nothing until then
-            self.intake.pause(conn)
+            self.intake.hold(conn, ANSWER)
 
     def _rename(self, conn: Conn, new: str) -> None:
         old, old_key, key = conn.nick, conn.key, name_key(new)
@@ -2032,19 +2099,6 @@ def _head(chunks: List[bytes], skip: int, limit: int) -> bytes:
     return taken[0] if len(taken) == 1 else b"".join(taken)
 
 
-def _consume(chunks: List[bytes], sent: int) -> None:
-    """Drop the first `sent` bytes from `chunks` (whole chunks, then a slice)."""
-    whole = 0
-    for chunk in chunks:
-        if sent < len(chunk):
-            break
-        sent -= len(chunk)
-        whole += 1
-    del chunks[:whole]
-    if sent:
-        chunks[0] = memoryview(chunks[0])[sent:]
-
-
 def server_tls_context(cert: str, key: str) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -2152,7 +2206,7 @@ class ServerLoop:
         want = 0
         if conn.handshake == "tls-write" or (conn.out and conn.handshake is None):
             want = selectors.EVENT_WRITE
-        if not conn.paused or conn.state is CLOSING:
+        if not conn.holds or conn.state is CLOSING:     # a closing one is read (and what it sends dropped)
             want |= selectors.EVENT_READ
         if want != conn.events:
             if want:
@@ -2163,8 +2217,8 @@ class ServerLoop:
 
     def close_soon(self, conn: Conn) -> None:
         """Deliver what is queued for `conn`, then close it; give up after LINGER."""
-        if conn.handshake is not None and not conn.out:
-            self._close(conn, "closed")     # nothing to say over an unfinished TLS handshake
+        if conn.handshake is not None:
+            self._close(conn, "closed")     # nothing can be said over an unfinished TLS handshake
             return
         self.call_later(LINGER, self._linger_over, conn)
         if conn.handshake is None and not conn.out:
@@ -2247,21 +2301,15 @@ class ServerLoop:
                     log.exception("internal error closing %r", conn)
 
     def _deliver(self) -> None:
-        """Fan out, write to every connection with bytes queued, and drop those
-        still over their limit after writing. Writing may find dead peers,
-        whose leave events fan out in turn."""
-        chat, limit = self.chat, self.config.max_buffer
+        """Fan out, and write to every connection the core names (telling it
+        what was sent). Writing may find dead peers or drop slow ones, whose
+        leave events fan out in turn."""
         while True:
-            dirty, slow = chat.end_turn()
-            if not (dirty or slow):
+            conns = self.chat.end_turn()
+            if not conns:
                 return
-            for conn in dirty:
+            for conn in conns:
                 self._write(conn)
-            for conn in slow:
-                if conn.queued > limit and conn.state is JOINED:
-                    self._write(conn)
-                    if conn.queued > limit and conn.state is JOINED:
-                        chat.too_slow(conn)
 
     def _on_wake(self, mask: int) -> None:
         try:
@@ -2389,11 +2437,9 @@ class ServerLoop:
         except OSError as error:
             self._close(conn, f"connection error: {error.strerror or error}")
             return
-        if sent:
-            _consume(out, sent)
-            conn.queued -= sent
-            if conn.backlogged:
-                self.chat.drained(conn)
+        self.chat.wrote(conn, sent)
+        if conn.state is CLOSED:
+            return
         if not out and conn.state is CLOSING:
             self._shut(conn)
         else:
@@ -2411,7 +2457,6 @@ class ServerLoop:
         except OSError:
             self._close(conn, "closed")
             return
-        conn.paused = False
         self.update_interest(conn)
 
     def _linger_over(self, conn: Conn) -> None:
@@ -2421,14 +2466,12 @@ class ServerLoop:
     def _close(self, conn: Conn, reason: str) -> None:
         if conn.state is CLOSED and conn not in self.open:
             return
-        self.chat.lost(conn, reason)
+        self.chat.closed(conn, reason)
         self.open.discard(conn)
         if conn.events:
             self.unwatch(conn.fd)
             conn.events = 0
         conn.sock.close()
-        conn.out.clear()
-        conn.queued = 0
 
     # -- TLS -----------------------------------------------------------------
 

@@ -171,15 +171,14 @@ class Harness:
             client.pump()
 
     def _deliver(self):
+        """The loop's half of the contract: write to each connection the core
+        names, and tell it what was taken (all, or nothing for one that stopped reading)."""
         while True:
-            dirty, slow = self.chat.end_turn()
-            if not (dirty or slow):
+            conns = self.chat.end_turn()
+            if not conns:
                 return
-            for conn in dirty:
+            for conn in conns:
                 self.clients[conn].take()
-            for conn in slow:
-                if conn.queued > self.config.max_buffer and conn.state is chat.JOINED:
-                    self.chat.too_slow(conn)
 
     def call(self, function, *args):
         """Run `function` in a turn of the loop, as the real loop's call_soon_threadsafe does."""
@@ -231,13 +230,14 @@ class FakeClient:
     def take(self):
         """The server writes: the client reads everything queued (unless it stopped reading)."""
         conn = self.conn
-        if self.reading and conn.out:
+        if conn.state is chat.CLOSED:
+            return
+        if not self.reading:
+            self.harness.chat.wrote(conn, 0)
+        elif conn.out:
             for chunk in conn.out:
                 self.decoder.feed(bytes(chunk))
-            conn.out.clear()
-            conn.queued = 0
-            if conn.backlogged:
-                self.harness.chat.drained(conn)
+            self.harness.chat.wrote(conn, conn.queued)
             while True:
                 frame = self.decoder.next_frame()
                 if frame is None:
@@ -252,7 +252,7 @@ class FakeClient:
     def close(self, reason="connection closed"):
         if not self.gone:
             self.gone = True
-            self.harness.chat.lost(self.conn, reason)
+            self.harness.chat.closed(self.conn, reason)
             self.harness._deliver()
             del self.harness.clients[self.conn]
 
@@ -1737,13 +1737,13 @@ class RequestCostTest(HarnessTestCase):
         attacker = server.connect("attacker")
         attacker.reading = False
         attacker.send(*[{"type": "rooms"}] * 10000)
-        self.assertTrue(attacker.conn.backlogged)
+        self.assertTrue(attacker.conn.holds & chat.BACKLOG)
         self.assertLessEqual(attacker.conn.queued, server.chat.out.share + 4096)
         self.assertGreater(len(attacker.outbound) + attacker.conn.decoder.buffered, 100000,
                            "the rest waits unhandled, in its socket or the one read taken")
         attacker.reading = True
         attacker.take()
-        self.assertFalse(attacker.conn.backlogged)
+        self.assertFalse(attacker.conn.holds & chat.BACKLOG)
         self.assertGreater(len(attacker.frames("rooms")), 5, "read again once it reads")
 
 
