@@ -440,11 +440,17 @@ class ServerConfig:
     tls_key: Optional[str] = None
     max_rooms: int = 1000
     rooms_per_user: int = 20
+    rooms_per_source: int = 0          # rooms one source (address, IPv6 /64) may have opened at once; 0: a
+                                       # tenth of max_rooms, at least rooms_per_user
     redis: Optional[str] = None        # redis://HOST:PORT/DB: one chat with the other servers there
     cluster_ttl: float = 15.0          # seconds without a heartbeat before a server counts as gone
     reuse_port: bool = False           # share the port with other processes (--workers)
     supervisor: Optional[int] = None   # a worker's parent: if it goes, the worker goes too
     name: str = f"chat.py {VERSION}"
+
+    def __post_init__(self) -> None:
+        if not self.rooms_per_source:
+            self.rooms_per_source = max(self.rooms_per_user, self.max_rooms // 10)
 
 
 class State(enum.Enum):
@@ -561,18 +567,75 @@ HISTORY_LINE_COST = 100     # what a kept line costs beyond its bytes (tuple, by
 REPLAY_MAX = 256 << 10      # history bytes one welcome or joined carries at most (the newest lines)
 
 
-class Room:
-    __slots__ = ("name", "key", "members", "remote", "roster", "arrivals", "history", "history_bytes", "seq")
+class Shares:
+    """Entries (a dict, oldest first) held for owners (a source: an address
+    or an IPv6 /64), at most `limit` in all. Past the limit, the owner who
+    holds the most gives up its oldest entry (of those who hold as many,
+    the one whose oldest is oldest): so one source's churn pushes out its
+    own entries, never another's while it holds more than they do."""
 
-    def __init__(self, name: str):
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.entries: "collections.OrderedDict[str, Tuple[str, object]]" = collections.OrderedDict()  # -> (owner, value)
+        self.counts: Dict[str, int] = collections.Counter()    # owner -> entries held
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.entries
+
+    def get(self, key: str, default=None):
+        entry = self.entries.get(key)
+        return default if entry is None else entry[1]
+
+    def put(self, key: str, owner: str, value: object = None) -> List[Tuple[str, object]]:
+        """Hold `value` under `key` for `owner` (as the newest); returns the (key, value) pushed out."""
+        self.pop(key)
+        self.entries[key] = (owner, value)
+        self.counts[owner] += 1
+        pushed = []
+        while len(self.entries) > self.limit:
+            victim = self._victim()
+            pushed.append((victim, self.pop(victim)))
+        return pushed
+
+    def pop(self, key: str, default=None):
+        entry = self.entries.pop(key, None)
+        if entry is None:
+            return default
+        owner = entry[0]
+        self.counts[owner] -= 1
+        if not self.counts[owner]:
+            del self.counts[owner]
+        return entry[1]
+
+    def oldest(self) -> Optional[str]:
+        """The key the next push would take out (None if empty)."""
+        return self._victim() if self.entries else None
+
+    def _victim(self) -> str:
+        most = max(self.counts.values())
+        owners = {owner for owner, count in self.counts.items() if count == most}
+        return next(key for key, (owner, _) in self.entries.items() if owner in owners)
+
+
+class Room:
+    __slots__ = ("name", "key", "maker", "opener", "members", "remote", "roster", "arrivals", "history",
+                 "history_bytes", "seq", "base")
+
+    def __init__(self, name: str, maker: str = ""):
         self.name, self.key = name, name_key(name)
+        self.maker = maker or "#" + self.key        # the source that made it; a room of its own if none did
+        self.opener = maker                         # the source whose rooms in use it counts among
         self.members: set = set()
         self.remote: Dict[str, str] = {}            # key -> nick of members on other servers
         self.roster: List[Tuple[str, str]] = []     # (casefolded nick, nick) of members here, kept sorted
         self.arrivals: Dict[Conn, int] = {}         # newcomer -> where it arrived in Output.pending
         self.history: collections.deque = collections.deque()    # HistoryLine, oldest first (Rooms trims it)
         self.history_bytes = 0                      # what `history` costs, counted as Rooms.keep() does
-        self.seq = 0    # lines ever said here; the `seq` of the newest line
+        self.seq = 0        # the `seq` of the newest line said here (Rooms alone moves it, only up)
+        self.base = 0       # the seq it began at: lines at or below it (if any) were said before it was forgotten
 
     def add(self, conn: Conn) -> None:
         self.members.add(conn)
@@ -604,21 +667,28 @@ class Room:
 
 
 class Rooms:
-    """The room table and every room's history, within their limits.
+    """The room table and every room's history and numbering, within their limits.
 
     A room lives while someone is in it (here or on another server). An empty
     room is freed, or kept dormant while it has history; dormant rooms do not
-    count against max_rooms (at most max_rooms of them are kept, the oldest
-    freed first), so nobody can fill the table. A freed room's seq is
-    remembered, so a room that comes back numbers on. The history of all
-    rooms together stays under history_bytes: dormant rooms go first, then
-    the oldest lines of the rooms holding the most."""
+    count against max_rooms, so nobody can fill the table. At most max_rooms
+    are dormant and a source may have at most rooms_per_source rooms in use;
+    past that, the rooms of the source with the most go first (see Shares), so
+    one source's churn never pushes out other people's quiet rooms. The
+    history of all rooms together stays under history_bytes: dormant rooms go
+    first (by the same rule), then the oldest lines of the rooms holding most.
+
+    Seqs never go back: a freed room's seq is remembered (by the same rule),
+    and a room whose seq was forgotten begins above every seq forgotten so
+    far (`floor`), so no seq is given twice in one room."""
 
     def __init__(self, config: ServerConfig):
         self.config = config
         self.table: Dict[str, Room] = {}            # name key -> room
-        self.dormant: "collections.OrderedDict[str, Room]" = collections.OrderedDict()   # oldest first
-        self.retired: "collections.OrderedDict[str, int]" = collections.OrderedDict()    # freed room -> its seq
+        self.dormant = Shares(config.max_rooms)     # name key -> its Room, by maker
+        self.retired = Shares(10 * config.max_rooms)    # name key of a freed room -> its seq, by maker
+        self.in_use: Dict[str, int] = collections.Counter()    # maker -> its rooms in use
+        self.floor = 0                              # no room whose seq is forgotten ever went past this
         self.history_bytes = 0                      # all rooms' history, as keep() counts it
         self.lobby = self.open(LOBBY)
 
@@ -631,23 +701,46 @@ class Rooms:
     def get(self, name: str) -> Optional[Room]:
         return self.table.get(name_key(name))
 
-    def open(self, name: str) -> Room:
-        """The room called `name` (valid already), created if new."""
+    def open(self, name: str, source: str = "") -> Room:
+        """The room called `name` (valid already), in use: made, or woken if
+        dormant, for `source` (whose rooms in use it then counts among; ""
+        for the server itself or another one, which have no such limit)."""
         key = name_key(name)
         room = self.table.get(key)
+        if room is not None and key not in self.dormant:
+            return room
+        if len(self.table) - len(self.dormant) >= self.config.max_rooms:
+            raise ProtocolError("too-many-rooms", f"the server has {self.config.max_rooms} rooms in use")
+        if source and self.in_use[source] >= self.config.rooms_per_source:
+            raise ProtocolError("too-many-rooms", f"{self.in_use[source]} rooms opened from your address are in"
+                                                  " use; leave some first")
         if room is None:
-            if len(self.table) - len(self.dormant) >= self.config.max_rooms:
-                raise ProtocolError("too-many-rooms", f"the server has {self.config.max_rooms} rooms in use")
-            room = self.table[key] = Room(name)
-            room.seq = self.retired.pop(key, 0)
+            room = self.table[key] = Room(name, source)
+            room.seq = room.base = self.retired.pop(key, self.floor)
+        else:
+            self.dormant.pop(key)
+            room.opener = source
+        self.in_use[source] += 1
         return room
 
-    def rejoin(self, names: object, limit: int) -> List[Room]:
+    # -- seqs: numbering only goes up ----------------------------------------
+
+    def next_seq(self, room: Room) -> int:
+        """The seq for a new line said in `room` (where lines are numbered here)."""
+        room.seq += 1
+        return room.seq
+
+    def numbered(self, room: Room, seq: int) -> None:
+        """A line of `room` numbered elsewhere (Redis, a history file) has `seq`."""
+        if seq > room.seq:
+            room.seq = seq
+
+    def rejoin(self, names: object, limit: int, source: str) -> List[Room]:
         """The rooms a reconnecting client says it was in (at most `limit`; names not valid are skipped)."""
         rooms: List[Room] = []
         for name in names[:limit] if type(names) is list else ():
             try:
-                room = self.open(check_room(name))
+                room = self.open(check_room(name), source)
             except ProtocolError:
                 continue
             if room not in rooms:
@@ -664,29 +757,27 @@ class Rooms:
 
     def vacated(self, room: Room) -> None:
         """`room` may have lost its last member: free it, or keep it dormant
-        while it has history (the newest dormant room)."""
+        while it has history (as its maker's newest dormant room)."""
         if room.count() or room is self.lobby or room.key in self.dormant or self.table.get(room.key) is not room:
             return
+        self.in_use[room.opener] -= 1
+        if not self.in_use[room.opener]:
+            del self.in_use[room.opener]
         if not room.history:
             self._free(room)
             return
-        self.dormant[room.key] = room
-        if len(self.dormant) > self.config.max_rooms:
-            self._free(next(iter(self.dormant.values())))
-
-    def occupied(self, room: Room) -> None:
-        """`room` has a member again."""
-        if self.dormant:
-            self.dormant.pop(room.key, None)
+        for _, pushed in self.dormant.put(room.key, room.maker, room):
+            self._free(pushed)
 
     def _free(self, room: Room) -> None:
+        """Forget a room that is not in use, but not its seq (a few bytes, so
+        numbering never goes back; past 10 x max_rooms the floor rises instead)."""
         del self.table[room.key]
-        self.dormant.pop(room.key, None)
+        self.dormant.pop(room.key)
         self.forget(room, len(room.history))
-        if room.seq:    # a few bytes, so that line numbers never go back; the oldest are forgotten
-            self.retired[room.key] = room.seq
-            if len(self.retired) > 10 * self.config.max_rooms:
-                self.retired.popitem(last=False)
+        if room.seq > self.floor:
+            for _, seq in self.retired.put(room.key, room.maker, room.seq):
+                self.floor = max(self.floor, seq)
 
     # -- history -------------------------------------------------------------
 
@@ -714,7 +805,7 @@ class Rooms:
             return
         target = self.config.history_bytes * 7 // 8
         while self.history_bytes > target and self.dormant:
-            self._free(next(iter(self.dormant.values())))
+            self._free(self.dormant.get(self.dormant.oldest()))
         heap = [(-room.history_bytes, room.key, room) for room in self.table.values() if room.history]
         heapq.heapify(heap)
         while self.history_bytes > target and heap:
@@ -734,8 +825,8 @@ class Rooms:
             last = since.get(room.name)
             if type(last) is not int:
                 continue
-            if last > room.seq:     # the room was freed and begun anew: all it has is new
-                last = 0
+            # Before `base`, the room was forgotten: what was said then is gone uncounted.
+            last = max(last, room.base) if last <= room.seq else room.base
             newer = [line for line in room.history if line.seq > last]
             lines += newer
             first_kept = newer[0].seq if newer else room.seq + 1
@@ -748,12 +839,11 @@ class Rooms:
         are dormant (nobody is in them yet), so they lock nobody out."""
         for obj, payload in lines:
             try:
-                room = self.get(obj["room"]) or self.open(check_room(obj["room"]))
+                room = self.open(check_room(obj["room"]))
             except ProtocolError:
                 continue
             self.keep(room, HistoryLine(obj["id"], room.name, obj["seq"], _LENGTH.pack(len(payload)) + payload))
-            room.seq = max(room.seq, obj["seq"])
-            self.dormant.pop(room.key, None)
+            self.numbered(room, obj["seq"])
             self.vacated(room)      # (again) the newest dormant room
         self.end_turn()
 
@@ -763,6 +853,7 @@ class Rooms:
         for payload in payloads:
             line = json.loads(payload)
             self.keep(room, HistoryLine(line["id"], room.name, line["seq"], _LENGTH.pack(len(payload)) + payload))
+            self.numbered(room, line["seq"])
         self.vacated(room)
 
     def in_memory(self) -> List[bytes]:
@@ -1046,8 +1137,7 @@ class LocalRelay:
             log.info("history: %s from %s", plural(len(lines), "line"), history.path)
 
     def post(self, room: Room, sender: Conn, line: dict) -> None:
-        room.seq += 1
-        line["id"], line["seq"] = self.new_id(), room.seq
+        line["id"], line["seq"] = self.new_id(), self.chat.rooms.next_seq(room)
         data = self.chat.out.encode(line)
         self.chat.deliver_line(room, sender, data, line["id"], line["seq"])
         if self.history is not None:
@@ -1803,7 +1893,7 @@ class Chat:
         self.move(conn, JOINED)
         self.gate.settled(conn)
         self.users[conn.key] = conn
-        rooms = self.rooms.rejoin(hello.get("rooms"), self.config.rooms_per_user) or [self.rooms.lobby]
+        rooms = self.rooms.rejoin(hello.get("rooms"), self.config.rooms_per_user, conn.source) or [self.rooms.lobby]
         since = hello.get("since") if hello.get("instance") == self.relay.instance else None
         history, missed = self.rooms.replay(rooms, since)
         start = _newest_within(history, REPLAY_MAX)
@@ -1838,7 +1928,6 @@ class Chat:
     def enter(self, conn: Conn, room: Room) -> None:
         room.add(conn)
         conn.rooms.append(room)
-        self.rooms.occupied(room)
         self.out.arrive(conn, room)
 
     def _announce_join(self, conn: Conn, room: Room, resumed: bool = False) -> None:
@@ -2000,7 +2089,7 @@ class Chat:
         existing = self.rooms.get(name)
         if existing not in conn.rooms and len(conn.rooms) >= self.config.rooms_per_user:
             raise ProtocolError("too-many-rooms", f"you are in {len(conn.rooms)} rooms already")
-        room = existing or self.rooms.open(name)
+        room = self.rooms.open(name, conn.source)
         self.out.flush()
         fresh = room not in conn.rooms
         if fresh:
@@ -2985,7 +3074,6 @@ class Elsewhere:
         self.users[key] = user
         for room in open_rooms(rooms, user.rooms):
             room.remote[key] = user.nick
-            rooms.occupied(room)
         if old is not None:
             for room in filter(None, map(rooms.get, set(old.rooms) - set(user.rooms))):
                 room.remote.pop(key, None)
@@ -3167,7 +3255,6 @@ class Cluster:
             for line in room.history:
                 if line.seq > shown_up_to and not self._was_shown(line):
                     self.chat.deliver_line(room, None, line.data, line.id, line.seq, keep=False)
-            room.seq = max(room.seq, room.history[-1].seq)
 
     def _gone(self, room: "Room", count: int) -> None:
         if count > 0 and room.members:
@@ -3193,7 +3280,7 @@ class Cluster:
             for room in open_rooms(self.chat.rooms, [name.decode()]):
                 if room.key in self.before:     # no history left: whatever was said is gone
                     self._gone(room, int(seq) - self.before.pop(room.key))
-                room.seq = max(room.seq, int(seq))
+                self.chat.rooms.numbered(room, int(seq))
                 self.chat.rooms.vacated(room)   # (unless someone is in it)
         self._synced()
 
@@ -3439,7 +3526,7 @@ class Cluster:
         if not rooms or head["id"] in self.loaded:      # held while syncing, and loaded already
             return
         room = rooms[0]
-        room.seq = head["seq"]
+        chat.rooms.numbered(room, head["seq"])
         sender = chat.users.get(head["from"]) if head["sid"] == self.sid else None
         chat.deliver_line(room, sender, data, head["id"], head["seq"], fan_out=not (flight and flight.shown))
         if not room.count():    # a room of the other servers' only: dormant here, not in use

@@ -1241,7 +1241,7 @@ class HistoryBudgetTest(HarnessTestCase):
         server = self.harness(flood_rate=1e6, flood_burst=1e6, history_bytes=budget, max_rooms=100)
         big = "\U0001F600" * 4096     # 16 KiB of UTF-8
         for user in range(5):
-            spammer = server.connect(f"spammer{user}")
+            spammer = server.connect(f"spammer{user}", ip=f"198.51.100.{user}")    # 20 rooms each: a source's share
             for room in range(20):
                 name = f"s{user}-{room}"
                 spammer.send({"type": "join", "room": name}, *[{"type": "msg", "room": name, "text": big}] * 20)
