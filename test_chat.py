@@ -1231,6 +1231,43 @@ class RoomTableTest(HarnessTestCase):
             self.assertEqual(newcomer.expect("joined")["room"], "fresh")
 
 
+class RoomChurnTest(HarnessTestCase):
+    """Issue 18, items 3 and 4: one source's rooms cannot fill the table or
+    push out other people's quiet rooms, and a room's seq never goes back."""
+    config = {"flood_rate": 1e6, "flood_burst": 1e6, "max_rooms": 1000}
+
+    def test_churn_from_one_source_leaves_a_quiet_room_its_history_and_seq(self):
+        team = self.peer("alice", ip="192.0.2.10", rooms=["team"])
+        team.send(*[{"type": "msg", "room": "team", "text": f"plan {i}"} for i in range(5)])
+        team.close()                            # #team is quiet now: dormant, with its 5 lines
+        churners = [self.peer(f"churn{i}", ip="203.0.113.66") for i in range(4)]
+        for i in range(1001):                   # as measured: 4 connections, 1,001 rooms
+            churners[i % 4].send({"type": "join", "room": f"junk{i}"}, {"type": "msg", "room": f"junk{i}", "text": "x"},
+                                 {"type": "part", "room": f"junk{i}"})
+        self.assertLessEqual(len(self.server.chat.rooms.dormant), 1000)
+        bob = self.peer("bob", ip="192.0.2.11")
+        bob.send({"type": "join", "room": "team"})
+        joined = bob.expect("joined", room="team")
+        self.assertEqual(([line["text"] for line in joined["history"]], joined["seq"]),
+                         ([f"plan {i}" for i in range(5)], 5))
+        for churner in churners:
+            churner.send({"type": "join", "room": "junk0"}, {"type": "msg", "room": "junk0", "text": "again"})
+        seqs = [line["seq"] for line in bob.frames("msg")] + [self.server.chat.rooms.get("junk0").seq]
+        self.assertGreater(min(seqs), 1, "a room that was pushed out numbers above what it gave before")
+
+    def test_one_source_cannot_fill_the_room_table(self):
+        per_source = self.server.config.rooms_per_source
+        self.assertEqual(per_source, 100, "a tenth of --max-rooms")
+        hogs = [self.peer(f"hog{i}", ip="203.0.113.66") for i in range(53)]
+        for i, hog in enumerate(hogs):          # as measured: 53 connections x 19 joins
+            hog.send(*[{"type": "join", "room": f"hog{i}-{j}"} for j in range(19)])
+        refused = sum(1 for hog in hogs for f in hog.frames("error") if f["code"] == "too-many-rooms")
+        self.assertEqual(refused, 53 * 19 - per_source)
+        user = self.peer("user", ip="192.0.2.12")
+        user.send({"type": "join", "room": "team"})
+        self.assertEqual(user.expect("joined")["room"], "team")
+
+
 class HistoryBudgetTest(HarnessTestCase):
     """Item 5: 1,000 rooms x 50 lines x 16 KiB took 800 MiB. Stated bound:
     the history of all rooms stays under --history-bytes, and one joined
