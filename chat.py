@@ -173,6 +173,77 @@ class FrameDecoder:
         return None
 
 
+def encode_fitted(frame: dict, fit: str, limit: int = MAX_SERVER_PAYLOAD) -> bytes:
+    """`frame` on the wire, its list `fit` halved (the last items go) until
+    the frame fits `limit`, and then marked "truncated"."""
+    data = encode(frame)
+    while fit and len(data) - 4 > limit and frame[fit]:
+        frame[fit] = frame[fit][:len(frame[fit]) // 2]
+        frame["truncated"] = True
+        data = encode(frame)
+    return data
+
+
+class Audience:
+    """The connections that read a room's frames as the same bytes: all
+    those of one dialect spoken one way. The core encodes each room frame
+    once per turn for each audience in the room, and queues those bytes for
+    every member of it (see Output). Each frame comes with its encoding as a
+    JSON frame (`data`); the frame itself may be None (a line relayed as
+    bytes), to be parsed from `data` where a dialect needs it."""
+
+    echo = False        # a sender gets its own room frames back (IRCv3 echo-message)
+
+    def room_bytes(self, frame: Optional[dict], data: bytes) -> bytes:
+        """A room frame as this audience reads it."""
+        return data
+
+    def shared(self, frame: dict) -> Optional[bytes]:
+        """A frame for several connections at once (a nick change, a notice),
+        if it reads the same for each of them; None: encode it for each one."""
+        return encode(frame)
+
+
+FRAMES = Audience()     # the JSON frames of the protocol, the same for everyone
+
+
+class FrameCodec:
+    """A connection speaking the protocol in README.md: length-prefixed JSON
+    frames in (as requests) and out. Each connection has a codec: what it
+    sends becomes the requests the core handles, and what the core sends it
+    becomes bytes its dialect reads; the core sees the same requests and
+    events whatever the dialect (see Audience)."""
+
+    audience = FRAMES
+
+    def __init__(self, max_payload: int = MAX_CLIENT_PAYLOAD):
+        self.decoder = FrameDecoder(max_payload)
+
+    @property
+    def buffered(self) -> int:
+        return self.decoder.buffered
+
+    def feed(self, data: bytes) -> None:
+        self.decoder.feed(data)
+
+    def next(self) -> Optional[dict]:
+        """The next request, or None until more bytes come (ProtocolError if bad)."""
+        return self.decoder.next_frame()
+
+    def encode(self, frame: dict, fit: str = "") -> bytes:
+        """A frame (stamped) for this connection alone; `fit`: see encode_fitted()."""
+        return encode_fitted(frame, fit) if fit else encode(frame)
+
+    def with_history(self, frame: dict, lines: List["HistoryLine"]) -> bytes:
+        """`frame` (a welcome or joined) with `lines` as its "history". The
+        lines are kept as they were sent, so they are spliced in, not encoded
+        again; "users" is cut to fit what they leave of the 1 MiB limit."""
+        spliced = b",".join([memoryview(line.data)[4:] for line in lines])
+        head = encode_fitted(frame, "users", MAX_SERVER_PAYLOAD - len(spliced) - 16)
+        payload = head[4:-1] + b',"history":[' + spliced + b"]}"
+        return _LENGTH.pack(len(payload)) + payload
+
+
 # ---------------------------------------------------------------------------
 # 2. Text rules
 # ---------------------------------------------------------------------------
@@ -489,13 +560,13 @@ class Conn:
 
     - the loop: sock, fd, tls, handshake, shut, events;
     - Chat: state (through Chat.move), nick, key, session, claimed, rooms;
-    - Intake: holds (through hold/release), decoder, tokens, refilled, held,
+    - Intake: holds (through hold/release), codec, tokens, refilled, held,
       deferred, last_heard, flood_noticed;
     - Output: out, the chunks of bytes queued for the client, and queued,
       their total (a line fanned out to a room is one bytes object shared by
       every member's list, never a copy per member)."""
 
-    __slots__ = ("sock", "fd", "addr", "ip", "source", "tls", "handshake", "shut", "events", "state", "decoder",
+    __slots__ = ("sock", "fd", "addr", "ip", "source", "tls", "handshake", "shut", "events", "state", "codec",
                  "out", "queued",
                  "nick", "key", "session", "claimed", "rooms", "tokens", "refilled", "held", "holds", "deferred",
                  "last_heard", "flood_noticed")
@@ -510,7 +581,7 @@ class Conn:
         self.shut = False               # our side of the TCP stream is closed
         self.events = 0                 # what the selector watches for
         self.state = HELLO
-        self.decoder = FrameDecoder(max_payload)
+        self.codec = FrameCodec(max_payload)    # the dialect it speaks
         self.out: List[bytes] = []
         self.queued = 0
         self.nick = self.key = self.session = None
@@ -621,14 +692,15 @@ class Shares:
 
 
 class Room:
-    __slots__ = ("name", "key", "maker", "opener", "members", "remote", "roster", "arrivals", "history",
-                 "history_bytes", "seq", "base")
+    __slots__ = ("name", "key", "maker", "opener", "members", "audiences", "remote", "roster", "arrivals",
+                 "history", "history_bytes", "seq", "base")
 
     def __init__(self, name: str, maker: str = ""):
         self.name, self.key = name, name_key(name)
         self.maker = maker or "#" + self.key        # the source that made it; a room of its own if none did
         self.opener = maker                         # the source whose rooms in use it counts among
         self.members: set = set()
+        self.audiences: Dict[Audience, set] = {}    # the members by how they read it (see Output)
         self.remote: Dict[str, str] = {}            # key -> nick of members on other servers
         self.roster: List[Tuple[str, str]] = []     # (casefolded nick, nick) of members here, kept sorted
         self.arrivals: Dict[Conn, int] = {}         # newcomer -> where it arrived in Output.pending
@@ -639,10 +711,16 @@ class Room:
 
     def add(self, conn: Conn) -> None:
         self.members.add(conn)
+        self.audiences.setdefault(conn.codec.audience, set()).add(conn)
         bisect.insort(self.roster, (conn.nick.casefold(), conn.nick))
 
     def remove(self, conn: Conn) -> None:
         self.members.discard(conn)
+        audience = self.audiences.get(conn.codec.audience)
+        if audience is not None:
+            audience.discard(conn)
+            if not audience:
+                del self.audiences[conn.codec.audience]
         self.arrivals.pop(conn, None)
         self._unlist(conn.nick)
 
@@ -890,13 +968,14 @@ class Output:
     """Frames for the clients, queued per connection and batched per turn.
 
     A frame for one connection goes on its `out` at once, after a flush(),
-    so nobody sees lines out of order. Frames for a room wait in `pending`
-    until flush(): each room's run of lines is joined into one bytes object
-    queued for every member, so the per-recipient cost of a turn is one list
-    append, not one per line. A turn's budget bounds what it may add for any
-    one recipient (`share`) and in all (FANOUT_BUDGET); once spent, the core
-    reads no more frames this turn. Every frame is stamped with the turn's
-    time here, in encode()."""
+    so nobody sees lines out of order, encoded by its codec. Frames for a
+    room wait in `pending` until flush(): each room's run of frames is
+    encoded once for each audience in the room and joined into one bytes
+    object queued for every member of that audience, so the per-recipient
+    cost of a turn is one list append, not one per line. A turn's budget
+    bounds what it may add for any one recipient (`share`) and in all
+    (FANOUT_BUDGET); once spent, the core reads no more frames this turn.
+    Every frame is stamped with the turn's time here, in stamp()."""
 
     def __init__(self, max_buffer: int):
         self.limit = max_buffer
@@ -904,7 +983,7 @@ class Output:
         # may have queued before its own frames are no longer read.
         self.share = max(4096, max_buffer // 4)
         self.ts = 0.0
-        self.pending: List[tuple] = []      # (room, sender, frame bytes) not yet fanned out
+        self.pending: List[tuple] = []      # (room, sender, frame bytes, frame or None) not yet fanned out
         self.arrived: List[Room] = []       # rooms with arrivals during `pending`
         self.dirty: List[Conn] = []         # connections whose `out` became non-empty
         self.slow: List[Conn] = []          # connections over their buffer limit
@@ -921,27 +1000,20 @@ class Output:
         frame.setdefault("ts", self.ts)
         return frame
 
-    def encode(self, frame: dict, fit: str = "", limit: int = MAX_SERVER_PAYLOAD) -> bytes:
-        """`frame` on the wire, stamped. With `fit`, that list is halved (its
-        last items go) until the frame fits `limit`, and marked "truncated"."""
-        data = encode(self.stamp(frame))
-        while fit and len(data) - 4 > limit and frame[fit]:
-            frame[fit] = frame[fit][:len(frame[fit]) // 2]
-            frame["truncated"] = True
-            data = encode(frame)
-        return data
+    def encode(self, frame: dict) -> bytes:
+        """`frame` stamped, as a JSON frame (how lines are kept and relayed)."""
+        return encode(self.stamp(frame))
 
-    def with_history(self, frame: dict, lines: List[HistoryLine]) -> bytes:
-        """`frame` (a welcome or joined) on the wire with `lines` as its
-        "history", newest kept: the oldest are left out past REPLAY_MAX (and
-        the frame says "truncated"). The lines are kept encoded, so they are
-        spliced in, not encoded again; "users" is cut to fit what they leave
-        of the 1 MiB limit."""
+    def encode_for(self, conn: Conn, frame: dict, fit: str = "") -> bytes:
+        """`frame` stamped, as `conn` reads it; `fit`: see encode_fitted()."""
+        return conn.codec.encode(self.stamp(frame), fit)
+
+    def with_history(self, conn: Conn, frame: dict, lines: List[HistoryLine]) -> bytes:
+        """`frame` (a welcome or joined) for `conn` with `lines` as its
+        history, newest kept: the oldest are left out past REPLAY_MAX (and
+        the frame then says "truncated")."""
         lines = lines[_newest_within(lines, REPLAY_MAX):] if lines else lines
-        spliced = b",".join([memoryview(line.data)[4:] for line in lines])
-        head = self.encode(frame, "users", MAX_SERVER_PAYLOAD - len(spliced) - 16)
-        payload = head[4:-1] + b',"history":[' + spliced + b"]}"
-        return _LENGTH.pack(len(payload)) + payload
+        return conn.codec.with_history(self.stamp(frame), lines)
 
     def end(self) -> List[Conn]:
         """Fan out what is pending; the connections to write to: those with
@@ -975,19 +1047,28 @@ class Output:
         if conn.queued > self.limit:
             self.slow.append(conn)
 
+    def first(self, conn: Conn, frame: dict) -> None:
+        """Queue a frame for a connection that has nothing pending (a newcomer), without a flush."""
+        self.queue(conn, self.encode_for(conn, frame))
+
     def send(self, conn: Conn, frame: dict) -> None:
         """Queue one frame for one connection, after everything said before it."""
-        self.send_data(conn, self.encode(frame))
+        self.send_data(conn, self.encode_for(conn, frame))
 
     def send_data(self, conn: Conn, data: bytes) -> None:
+        """Queue bytes already encoded for `conn`, after everything said before them."""
         self.flush()
         self.queue(conn, data)
 
     def send_each(self, conns: Iterable[Conn], frame: dict) -> None:
+        """One frame for each of `conns`: encoded once for each audience, where it reads the same."""
         self.flush()
-        data = self.encode(frame)
+        self.stamp(frame)
+        shared: Dict[Audience, Optional[bytes]] = {}
         for conn in conns:
-            self.queue(conn, data)
+            audience = conn.codec.audience
+            data = shared[audience] if audience in shared else shared.setdefault(audience, audience.shared(frame))
+            self.queue(conn, data if data is not None else conn.codec.encode(frame))
 
     def charge(self, size: int) -> None:
         """An answer of `size` bytes was queued: it counts against the turn's budget."""
@@ -999,10 +1080,13 @@ class Output:
 
     def to_room(self, room: Room, frame: dict, sender: Optional[Conn] = None) -> None:
         """Queue a frame for everyone in `room` but `sender`, in order with its lines."""
-        self.to_room_data(room, self.encode(frame), sender)
+        self.to_room_data(room, self.encode(frame), sender, frame)
 
-    def to_room_data(self, room: Room, data: bytes, sender: Optional[Conn] = None) -> None:
-        self.pending.append((room, sender, data))
+    def to_room_data(self, room: Room, data: bytes, sender: Optional[Conn] = None,
+                     frame: Optional[dict] = None) -> None:
+        """Queue a room frame already encoded as a JSON frame (`data`; `frame`
+        itself if at hand: a dialect other than frames reads it)."""
+        self.pending.append((room, sender, data, frame))
         # Bound what one turn adds to buffers: any one recipient's growth
         # (turn_bytes) and the memory fan-out takes in all (turn_fanout).
         self.turn_bytes += len(data)
@@ -1030,31 +1114,39 @@ class Output:
                 room, end = batch[start][0], start + 1
                 while end < len(batch) and batch[end][0] is room:
                     end += 1
-                self._fan_out(room, batch, start, end)
+                run = batch[start:end]
+                for audience, members in room.audiences.items():
+                    datas = [entry[2] for entry in run] if audience is FRAMES else \
+                        [audience.room_bytes(entry[3], entry[2]) for entry in run]
+                    self._fan_out(room, run, start, datas, members, audience.echo)
                 start = end
             for room in self.arrived:
                 room.arrivals.clear()
             self.arrived.clear()
 
-    def _fan_out(self, room: Room, batch: List[tuple], start: int, end: int) -> None:
-        """Queue batch[start:end] (all for `room`) for its members. The hot
-        path: per recipient, a set lookup and appending a shared bytes object."""
-        run = batch[start:end]
+    def _fan_out(self, room: Room, run: List[tuple], start: int, datas: List[bytes], members: set,
+                 echo: bool) -> None:
+        """Queue `datas` (a run of `room`'s frames, batch[start:...], as one
+        audience reads them) for `members`. The hot path: per recipient, a
+        set lookup and appending a shared bytes object."""
         if len(run) == 1:
-            senders, blob = (run[0][1],), run[0][2]
+            senders, blob = (run[0][1],), datas[0]
         else:
-            senders, blob = {entry[1] for entry in run}, b"".join([entry[2] for entry in run])
+            senders, blob = {entry[1] for entry in run}, b"".join(datas)
+        if echo:
+            senders = ()
         limit, dirty, slow, arrivals = self.limit, self.dirty, self.slow, room.arrivals
         size = len(blob)
-        for member in room.members:
+        for member in members:
             data = blob
             arrived = arrivals.get(member, 0) if arrivals else 0
             if arrived > start:     # joined during this batch: only what came after
-                if arrived >= end:
+                if arrived >= start + len(run):
                     continue
-                data = b"".join([entry[2] for entry in batch[arrived:end] if entry[1] is not member])
+                data = b"".join([datas[i] for i in range(arrived - start, len(run))
+                                 if echo or run[i][1] is not member])
             elif member in senders:     # nobody gets their own lines back
-                data = b"".join([entry[2] for entry in run if entry[1] is not member])
+                data = b"".join([datas[i] for i in range(len(run)) if run[i][1] is not member])
             if data is not blob:
                 if not data:
                     continue
@@ -1139,7 +1231,7 @@ class LocalRelay:
     def post(self, room: Room, sender: Conn, line: dict) -> None:
         line["id"], line["seq"] = self.new_id(), self.chat.rooms.next_seq(room)
         data = self.chat.out.encode(line)
-        self.chat.deliver_line(room, sender, data, line["id"], line["seq"])
+        self.chat.deliver_line(room, sender, data, line["id"], line["seq"], line=line)
         if self.history is not None:
             self.history.append(data[4:])
 
@@ -1515,20 +1607,20 @@ class Intake:
 
     def process(self, conn: Conn) -> None:
         """Hand Chat every complete frame from `conn` that the rules allow now."""
-        decoder = conn.decoder
+        codec = conn.codec
         while not conn.holds and conn.state in (HELLO, JOINED):
             if conn.queued > self.out.share:
                 self.hold(conn, BACKLOG)
                 return
             if self.out.spent:
-                if not conn.deferred and (conn.held or decoder.buffered):
+                if not conn.deferred and (conn.held or codec.buffered):
                     conn.deferred = True
                     self.deferred.append(conn)
                 return
             frame, conn.held = conn.held, None
             if frame is None:
                 try:
-                    frame = decoder.next_frame()
+                    frame = codec.next()
                 except ProtocolError as error:
                     self.chat.drop(conn, f"sent a bad frame: {error.text}", error)
                     return
@@ -1719,7 +1811,7 @@ class Chat:
         refusal, victim = self.gate.admit(conn, len(self.conns), self.clock)
         if refusal is not None:
             log.warning("%s refused: %s", conn.addr, refusal.text)
-            self.out.queue(conn, self.out.encode(refusal.frame()))
+            self.out.first(conn, refusal.frame())
             self.move(conn, CLOSING)
             self.io.close_soon(conn)
             return False
@@ -1733,10 +1825,10 @@ class Chat:
     def received(self, conn: Conn, data) -> None:
         if conn.state not in (HELLO, JOINED):
             return          # refused or closing: whatever it sends is ignored
-        if conn.state is HELLO and not conn.decoder.buffered and data[:1] == b"\x16":
+        if conn.state is HELLO and not conn.codec.buffered and data[:1] == b"\x16":
             self.drop(conn, "sent a TLS handshake, but this server has no --tls-cert")
             return
-        conn.decoder.feed(data)
+        conn.codec.feed(data)
         self.intake.process(conn)
 
     def end_turn(self) -> List[Conn]:
@@ -1762,8 +1854,8 @@ class Chat:
     def closed(self, conn: Conn, reason: str) -> None:
         """The socket is gone (closed by the peer, broken, or closed by the loop)."""
         if conn.state not in (CLOSING, CLOSED):
-            if conn.decoder.buffered:
-                reason += f" (in the middle of a frame, {conn.decoder.buffered} bytes unread)"
+            if conn.codec.buffered:
+                reason += f" (in the middle of a frame, {conn.codec.buffered} bytes unread)"
             self._leave(conn, reason, hold=True)
         self.move(conn, CLOSED)
         self.out.discard(conn)
@@ -1778,11 +1870,9 @@ class Chat:
     def shutdown(self, reason: str) -> None:
         """Say `bye` to everyone and close every connection (no leave events:
         everybody is leaving)."""
-        self.out.flush()
-        bye = self.out.encode({"type": "bye", "reason": reason})
+        self.out.send_each([conn for conn in self.conns if conn.state in (HELLO, JOINED, AUTH)],
+                           {"type": "bye", "reason": reason})
         for conn in list(self.conns):
-            if conn.state in (HELLO, JOINED, AUTH):
-                self.out.queue(conn, bye)
             self.move(conn, CLOSING)
             self.io.close_soon(conn)
         self.conns.clear()
@@ -1915,12 +2005,12 @@ class Chat:
         if start:
             welcome["truncated"] = True
         self.relay.presence(conn)
-        self.out.queue(conn, self.out.with_history(welcome, history))
+        self.out.queue(conn, self.out.with_history(conn, welcome, history))
         log.info("%r joined (%s)", conn, plural(len(self.users), "user"))
         if not self.relay.up:
-            self.out.queue(conn, self.out.encode({
+            self.out.first(conn, {
                 "type": "notice", "text": "the link to the other servers is down; for now you are"
-                                          " talking with the people on this server only"}))
+                                          " talking with the people on this server only"})
         for room in rooms:
             self._announce_join(conn, room, resumed=missed is not None)
         self.io.call_later(self.config.ping_interval, self._keepalive, conn)
@@ -1934,8 +2024,7 @@ class Chat:
         if room.count() == 1 and not resumed:   # a newcomer has nothing pending: no flush needed
             kept = (f"the last {plural(self.config.history, 'line')} said here are shown to whoever joins"
                     " later" if self.config.history else "nothing said here is kept for whoever joins later")
-            self.out.queue(conn, self.out.encode({"type": "notice", "room": room.name,
-                                                  "text": f"you are alone in #{room.name}; {kept}"}))
+            self.out.first(conn, {"type": "notice", "room": room.name, "text": f"you are alone in #{room.name}; {kept}"})
         # Announced even when this server sees nobody else: in a cluster its
         # view of the other servers' members may be a moment behind.
         self._event(room, {"type": "join", "nick": conn.nick, "users": room.count(), "room": room.name},
@@ -1980,13 +2069,14 @@ class Chat:
         self.relay.post(room, conn, line)   # numbered, it comes back through deliver_line()
 
     def deliver_line(self, room: Room, sender: Optional[Conn], data: bytes, id: int, seq: Optional[int],
-                     keep: bool = True, fan_out: bool = True) -> None:
-        """A numbered line (`data`, as encoded) goes into the room's history
-        (if it has a seq) and out to its members (unless they have had it)."""
+                     keep: bool = True, fan_out: bool = True, line: Optional[dict] = None) -> None:
+        """A numbered line (`data`, as encoded; `line` itself if at hand) goes
+        into the room's history (if it has a seq) and out to its members
+        (unless they have had it)."""
         if keep and seq is not None:
             self.rooms.keep(room, HistoryLine(id, room.name, seq, data))
         if fan_out:
-            self.out.to_room_data(room, data, sender)
+            self.out.to_room_data(room, data, sender, line)
 
     def on_pm(self, conn: Conn, frame: dict) -> None:
         to, text = frame.get("to"), check_text(frame.get("text"))
@@ -2073,10 +2163,10 @@ class Chat:
             if room is None:
                 raise ProtocolError("no-such-room", f"there is no room #{check_room(name)}")
             reply = {"type": "who", "room": room.name, "users": room.nicks()}
-        self.reply(conn, self.out.encode(reply, "users"))
+        self.reply(conn, self.out.encode_for(conn, reply, "users"))
 
     def on_ping(self, conn: Conn, frame: dict) -> None:
-        data = self.out.encode(dict(frame, type="pong"))
+        data = self.out.encode_for(conn, dict(frame, type="pong"))
         if len(data) - 4 > MAX_SERVER_PAYLOAD:   # cannot happen with sane limits; never send it
             raise ProtocolError("bad-field", "ping too large to echo")
         self.reply(conn, data)
@@ -2099,7 +2189,7 @@ class Chat:
         joined = {"type": "joined", "room": room.name, "users": room.nicks(), "seq": room.seq}
         if _newest_within(history, REPLAY_MAX):
             joined["truncated"] = True
-        self.reply(conn, self.out.with_history(joined, history))
+        self.reply(conn, self.out.with_history(conn, joined, history))
         if fresh:
             self._announce_join(conn, room)
 
@@ -2113,7 +2203,7 @@ class Chat:
         self.out.send(conn, {"type": "parted", "room": room.name})
 
     def on_rooms(self, conn: Conn, frame: dict) -> None:
-        self.reply(conn, self.out.encode({"type": "rooms", "rooms": self.rooms.listing()}, "rooms"))
+        self.reply(conn, self.out.encode_for(conn, {"type": "rooms", "rooms": self.rooms.listing()}, "rooms"))
 
     def _event(self, room: Room, frame: dict, sender: Optional[Conn] = None) -> None:
         """A join or leave: this server's members of `room` now, the others' through the relay."""
@@ -3399,7 +3489,7 @@ class Cluster:
         own (negative: never one Redis gives), no seq (it is not in the shared history)."""
         line = dict(line, id=next(self.island_ids), local=True)
         line.pop("seq", None)
-        self.chat.deliver_line(room, sender, self.chat.out.encode(line), line["id"], None)
+        self.chat.deliver_line(room, sender, self.chat.out.encode(line), line["id"], None, line=line)
 
     def new_id(self) -> int:
         """An id for a private message delivered while Redis is away."""

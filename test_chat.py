@@ -1317,7 +1317,8 @@ class FittingTest(unittest.TestCase):
     def test_history_is_trimmed_oldest_first_and_spliced_as_it_was_sent(self):
         history = [chat.HistoryLine(i, "lobby", i, chat.encode({"type": "msg", "id": i, "text": "x" * 4000}))
                    for i in range(400)]
-        data = chat.Output(1 << 20).with_history({"type": "welcome", "users": ["u%d" % i for i in range(200000)]},
+        conn = chat.Conn(None, "192.0.2.1:1", "192.0.2.1", chat.MAX_CLIENT_PAYLOAD, 0.0, 1)
+        data = chat.Output(1 << 20).with_history(conn, {"type": "welcome", "users": ["u%d" % i for i in range(200000)]},
                                                  history)
         self.assertLessEqual(len(data) - 4, chat.MAX_SERVER_PAYLOAD)
         frame = json.loads(data[4:])
@@ -1326,6 +1327,48 @@ class FittingTest(unittest.TestCase):
         kept = len(frame["history"])
         self.assertLessEqual(sum(len(line.data) for line in history[-kept:]), chat.REPLAY_MAX)
         self.assertGreater(sum(len(line.data) for line in history[-kept - 1:]), chat.REPLAY_MAX)
+
+
+class DialectSeamTest(HarnessTestCase):
+    """Issue 19, item 9: the codec is chosen per connection; the core sees the
+    same requests and sends the same events; a room's frames are encoded once
+    per turn for each audience in the room, shared by every member of it."""
+
+    class Shouting(chat.Audience):
+        """A toy dialect: frames, with every line's text in capitals."""
+        def __init__(self):
+            self.rendered = 0
+
+        def room_bytes(self, frame, data):
+            self.rendered += 1
+            frame = frame if frame is not None else json.loads(data[4:])
+            return chat.encode(dict(frame, text=frame["text"].upper()) if "text" in frame else frame)
+
+    def test_a_line_is_encoded_once_per_audience_and_shared(self):
+        shouting = self.Shouting()
+        talker = self.peer("talker")
+        listeners = [self.peer(f"quiet{i}") for i in range(3)]
+        shouters = []
+        for i in range(2):
+            client = self.server.connect()
+            client.conn.codec.audience = shouting
+            client.send({"type": "hello", "nick": f"loud{i}"})
+            shouters.append(client)
+        for client in listeners + shouters:
+            client.frames()
+        shouting.rendered = 0
+        seen = []
+        real = chat.Output._fan_out
+        with unittest.mock.patch.object(chat.Output, "_fan_out",
+                                        lambda out, room, run, start, datas, members, echo:
+                                        seen.append([id(d) for d in datas]) or real(out, room, run, start, datas, members, echo)):
+            talker.send(*[{"type": "msg", "text": f"hello {i}"} for i in range(3)])
+        self.assertEqual(shouting.rendered, 3, "each line once for the audience, not once per member")
+        self.assertEqual(len(seen), 2, "one run per audience in the room")
+        for client in listeners:
+            self.assertEqual([f["text"] for f in client.frames("msg")], ["hello 0", "hello 1", "hello 2"])
+        for client in shouters:
+            self.assertEqual([f["text"] for f in client.frames("msg")], ["HELLO 0", "HELLO 1", "HELLO 2"])
 
 
 # ---------------------------------------------------------------------------
@@ -1776,7 +1819,7 @@ class RequestCostTest(HarnessTestCase):
         attacker.send(*[{"type": "rooms"}] * 10000)
         self.assertTrue(attacker.conn.holds & chat.BACKLOG)
         self.assertLessEqual(attacker.conn.queued, server.chat.out.share + 4096)
-        self.assertGreater(len(attacker.outbound) + attacker.conn.decoder.buffered, 100000,
+        self.assertGreater(len(attacker.outbound) + attacker.conn.codec.buffered, 100000,
                            "the rest waits unhandled, in its socket or the one read taken")
         attacker.reading = True
         attacker.take()
