@@ -513,6 +513,8 @@ class ServerConfig:
     rooms_per_user: int = 20
     rooms_per_source: int = 0          # rooms one source (address, IPv6 /64) may have opened at once; 0: a
                                        # tenth of max_rooms, at least rooms_per_user
+    connections_per_source: int = 0    # connections one source may hold; 0: a quarter of max_connections,
+                                       # at least 50 (an office behind one NAT)
     redis: Optional[str] = None        # redis://HOST:PORT/DB: one chat with the other servers there
     cluster_ttl: float = 15.0          # seconds without a heartbeat before a server counts as gone
     reuse_port: bool = False           # share the port with other processes (--workers)
@@ -522,6 +524,8 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if not self.rooms_per_source:
             self.rooms_per_source = max(self.rooms_per_user, self.max_rooms // 10)
+        if not self.connections_per_source:
+            self.connections_per_source = max(50, self.max_connections // 4)
 
 
 class State(enum.Enum):
@@ -636,6 +640,12 @@ class HistoryLine(NamedTuple):
 
 HISTORY_LINE_COST = 100     # what a kept line costs beyond its bytes (tuple, bytes header, deque slot)
 REPLAY_MAX = 256 << 10      # history bytes one welcome or joined carries at most (the newest lines)
+
+
+def _uncount(counter: Dict[str, int], key: str) -> None:
+    counter[key] -= 1
+    if not counter[key]:
+        del counter[key]
 
 
 class Shares:
@@ -838,9 +848,7 @@ class Rooms:
         while it has history (as its maker's newest dormant room)."""
         if room.count() or room is self.lobby or room.key in self.dormant or self.table.get(room.key) is not room:
             return
-        self.in_use[room.opener] -= 1
-        if not self.in_use[room.opener]:
-            del self.in_use[room.opener]
+        _uncount(self.in_use, room.opener)
         if not room.history:
             self._free(room)
             return
@@ -1463,100 +1471,168 @@ class Strikes:
         return count
 
 
+class Verdict(NamedTuple):
+    """What the gate says of a password try: "ok", "wrong" (with the wait
+    the next try from there would have), or "wait" (seconds, and why)."""
+    kind: str
+    seconds: float = 0.0
+    why: str = ""
+
+
 class Gate:
     """Who may hold a connection slot and try a password. Sans-I/O, like Chat.
 
     Slots: at most max_connections; one source (an address, or an IPv6 /64)
-    may have at most `pending_per_source` connections that have not joined;
-    and when the server is full, a connection that has not joined after
-    PREEMPT_AFTER seconds gives its slot to a newcomer. So silent
-    connections, stalled TLS handshakes and slow guessers cannot lock people
-    out.
+    may hold at most connections_per_source of them (joined or not: enough
+    for an office behind one NAT, not the whole server), and at most
+    pending_per_source that have not joined; and when the server is full, a
+    connection that has not joined after PREEMPT_AFTER seconds gives its
+    slot to a newcomer. So silent connections, stalled TLS handshakes, slow
+    guessers and one busy address cannot lock people out.
 
     Passwords: each wrong one is a strike against its address, its network
-    (IPv4 /24, IPv6 /48) and the whole server. A source still paying for
-    its strikes is refused at once (`rate-limited`, with `retry_after`)
-    without its password being checked, so waiting costs the server no slot
-    and guessing goes no faster than the penalties allow, whatever addresses
-    are used: an address waits auth_delay after its first strike, doubling
-    with each (at most 5 minutes), a network doubles every 4 strikes, and
-    the whole server allows a burst of GLOBAL_BURST strikes, then one per
-    auth_delay. A right password is answered at once; only while the whole
-    server's allowance is spent must an address that never logged in wait
-    too. A hello without a password is a question, not a strike."""
+    (IPv4 /24, IPv6 /48) and the whole server, and is answered at once (its
+    slot is freed). The next try from a source still paying for its strikes
+    is not refused: it waits on its own connection for its turn (at most
+    HOLD_MAX; longer is `rate-limited` with `retry_after`, unchecked), then
+    is checked. So one typo never keeps the right password out, and
+    guessing goes no faster than the penalties allow, whatever addresses are
+    used: an address waits auth_delay after its first strike, doubling with
+    each (at most 5 minutes), a network doubles every 4 strikes, and the
+    whole server allows a burst of GLOBAL_BURST strikes, then one per
+    auth_delay; an address or network that logged in before, and a session
+    coming back, skip the server-wide wait. A hello without a password is a
+    question, not a strike."""
 
     PREEMPT_AFTER = 2.0         # seconds a connection may sit silent on a full server
+    HOLD_MAX = 10.0             # seconds a password try may wait on its connection for its turn
     MAX_PENALTY = 300.0
     GLOBAL_BURST = 50
     FORGET = 900.0              # strikes are forgotten after this many quiet seconds
 
-    def __init__(self, config: ServerConfig):
-        self.config = config
+    def __init__(self, config: ServerConfig, io: ServerIO, clock: Callable[[], float]):
+        self.config, self.io, self.clock = config, io, clock
         self.pending_per_source = max(8, config.max_connections // 10)
         self.unjoined: "collections.OrderedDict[Conn, float]" = collections.OrderedDict()  # -> when it came
         self.pending: Dict[str, int] = collections.Counter()    # source -> connections not joined
+        self.slots: Dict[str, int] = collections.Counter()      # source -> connections, joined or not
+        self.admitted: set = set()                              # the connections counted in `slots`
+        self.waiting: "collections.OrderedDict[Conn, float]" = collections.OrderedDict()  # password try -> its turn
         self.by_address, self.by_network = Strikes(self.FORGET), Strikes(self.FORGET)
         self.allowance, self.refilled = float(self.GLOBAL_BURST), 0.0     # the whole server's, in strikes
         self.proven: "collections.OrderedDict[str, float]" = collections.OrderedDict()  # address -> last login
+        self.seen: "collections.OrderedDict[str, float]" = collections.OrderedDict()    # network -> first try
+        self.turns: List[tuple] = []        # heap of (network first seen, order, conn, go): tries for the allowance
+        self.order = itertools.count()
+        self.turn_timer = False             # a timer waits for the allowance's next strike
 
     # -- slots ---------------------------------------------------------------
 
     def admit(self, conn: Conn, connections: int, now: float) -> Tuple[Optional[ProtocolError], Optional[Conn]]:
         """(refusal, None) for a newcomer that may not have a slot, or (None,
         a connection to drop to make room for it, if the server is full)."""
-        if self.pending[conn.source] >= self.pending_per_source:
-            return ProtocolError("server-full", f"{self.pending[conn.source]} connections from your address"
+        source = conn.source
+        if self.slots[source] >= self.config.connections_per_source:
+            return ProtocolError("server-full", f"{self.slots[source]} connections from your address are here"
+                                                " already, the most one address may have"), None
+        if self.pending[source] >= self.pending_per_source:
+            return ProtocolError("server-full", f"{self.pending[source]} connections from your address"
                                                 " are already waiting to join; try again in a moment"), None
         victim = None
-        if connections >= self.config.max_connections:
-            oldest = next(iter(self.unjoined.items()), None)
-            if oldest is None or now - oldest[1] < self.PREEMPT_AFTER:
+        if connections >= self.config.max_connections:     # a try waiting its turn goes first, then the silent
+            oldest = next(iter(self.waiting.items()), None) or next(iter(self.unjoined.items()), None)
+            if oldest is None or (oldest[0] not in self.waiting and now - oldest[1] < self.PREEMPT_AFTER):
                 return ProtocolError("server-full", f"the server is full ({self.config.max_connections}"
                                                     " connections); try again later"), None
             victim = oldest[0]
         self.unjoined[conn] = now
-        self.pending[conn.source] += 1
+        self.pending[source] += 1
+        self.slots[source] += 1
+        self.admitted.add(conn)
         return None, victim
 
-    def settled(self, conn: Conn) -> None:
-        """`conn` joined or left: it no longer counts as waiting."""
+    def joined(self, conn: Conn) -> None:
+        """`conn` joined: it no longer counts as waiting (its slot it keeps)."""
+        self.waiting.pop(conn, None)
         if self.unjoined.pop(conn, None) is not None:
-            self.pending[conn.source] -= 1
-            if not self.pending[conn.source]:
-                del self.pending[conn.source]
+            _uncount(self.pending, conn.source)
+
+    def preempted(self, conn: Conn, now: float) -> ProtocolError:
+        """What `conn`, taken back by a full server for a newcomer, is told."""
+        turn = self.waiting.get(conn)
+        if turn is None:
+            return ProtocolError("timeout", "the server is full and you had not said hello")
+        seconds = max(1, math.ceil(turn - now))
+        return ProtocolError("rate-limited", f"the server is full; your password's turn comes in"
+                                             f" {plural(seconds, 'second')}: try again then", retry_after=seconds)
+
+    def left(self, conn: Conn) -> None:
+        """`conn` is gone: its slot is free."""
+        self.joined(conn)
+        if conn in self.admitted:
+            self.admitted.discard(conn)
+            _uncount(self.slots, conn.source)
 
     # -- passwords -----------------------------------------------------------
 
-    def wait(self, conn: Conn, now: float) -> float:
-        """Seconds before `conn`'s source may have a password checked (0: now)."""
-        delay = self.config.auth_delay
-        count, last = self.by_address.get(conn.ip, now)
-        wait = last + min(delay * 2 ** (count - 1), self.MAX_PENALTY) - now if count else 0.0
-        count, last = self.by_network.get(self._network(conn), now)
-        if count >= 4:
-            wait = max(wait, last + min(delay * 2 ** (count // 4 - 1), self.MAX_PENALTY) - now)
-        if conn.ip not in self.proven:
-            self._refill(now)
-            if self.allowance < 1.0:
-                wait = max(wait, (1.0 - self.allowance) * delay)
-        return max(0.0, wait)
-
-    def check_password(self, conn: Conn, given: object, now: float) -> None:
-        """Return if `given` is the password; else ProtocolError, at once
-        (the penalty for wrong ones applies to the next attempt)."""
+    def judge(self, conn: Conn, given: object, now: float, returning: bool = False) -> Verdict:
+        """Whether `given` is the password, if `conn`'s source may have it
+        checked now; else how long it must wait and why. `returning`: a
+        session coming back, which skips the server-wide wait."""
         if given is None:       # a client asking whether a password is needed
             raise ProtocolError("auth-failed", "this server needs a password")
-        wait = self.wait(conn, now)
-        if wait > 0:
-            seconds = math.ceil(wait)
-            raise ProtocolError("rate-limited", f"too many wrong passwords from your network; try again in"
-                                                f" {plural(seconds, 'second')}", retry_after=seconds)
-        if type(given) is str and hmac.compare_digest(given.encode("utf-8"), self.config.password.encode()):
+        seconds, why = self.wait(conn, now, returning)
+        if seconds > 0:
+            return Verdict("wait", seconds, why)
+        if type(given) is str and hmac.compare_digest(given.encode("utf-8"), str(self.config.password).encode()):
             self.succeeded(conn, now)
-            return
+            return Verdict("ok")
         strikes = self.failed(conn, now)
         log.warning("%s: wrong password (%s from this address)", conn.addr, plural(strikes, "strike"))
-        raise ProtocolError("auth-failed", "wrong password")
+        return Verdict("wrong", self.wait(conn, now, returning)[0])
+
+    def wait(self, conn: Conn, now: float, returning: bool = False) -> Tuple[float, str]:
+        """Seconds before `conn`'s source may have a password checked (0: now), and whose strikes those are."""
+        delay, waits = self.config.auth_delay, [(0.0, "")]
+        count, last = self.by_address.get(conn.ip, now)
+        if count:
+            waits.append((last + min(delay * 2 ** (count - 1), self.MAX_PENALTY) - now, "your address"))
+        count, last = self.by_network.get(self._network(conn), now)
+        if count >= 4:
+            waits.append((last + min(delay * 2 ** (count // 4 - 1), self.MAX_PENALTY) - now, "your network"))
+        if not returning and conn.ip not in self.proven and self._network(conn) not in self.proven:
+            self._refill(now)
+            if self.allowance < 1.0:
+                waits.append(((1.0 - self.allowance) * delay, "everywhere"))
+        return max(waits)
+
+    def take_turn(self, conn: Conn, go: Callable[[], None], now: float) -> None:
+        """`conn`'s try waits for the server-wide allowance; go() when its turn
+        comes. Tries from networks first seen longest ago go first, so a
+        guesser spraying tries from fresh networks cannot starve people who
+        were here before it, or who try again."""
+        network = self._network(conn)
+        if network not in self.seen:
+            self.seen[network] = now
+            if len(self.seen) > 10000:
+                self.seen.popitem(last=False)
+        heapq.heappush(self.turns, (self.seen[network], next(self.order), conn, go))
+        if not self.turn_timer:
+            self.turn_timer = True
+            self._refill(now)
+            self.io.call_later(max(0.0, 1.0 - self.allowance) * self.config.auth_delay, self._next_turns)
+
+    def _next_turns(self) -> None:
+        self.turn_timer = False
+        now = self.clock()
+        self._refill(now)
+        while self.turns and self.allowance >= 1.0:
+            _, _, conn, go = heapq.heappop(self.turns)
+            if conn in self.waiting:
+                go()        # checked now (if wrong, it spends the allowance), or queued again
+        if self.turns and not self.turn_timer:
+            self.turn_timer = True
+            self.io.call_later(max(0.01, 1.0 - self.allowance) * self.config.auth_delay, self._next_turns)
 
     def failed(self, conn: Conn, now: float) -> int:
         """A wrong password from `conn`: a strike everywhere; returns its address's count."""
@@ -1566,9 +1642,11 @@ class Gate:
         return self.by_address.add(conn.ip, now)
 
     def succeeded(self, conn: Conn, now: float) -> None:
-        self.proven[conn.ip] = now
-        self.proven.move_to_end(conn.ip)
-        if len(self.proven) > 10000:
+        """A right password: its address and network have proven themselves (the newest 10,000 are kept)."""
+        for where in (conn.ip, self._network(conn)):
+            self.proven[where] = now
+            self.proven.move_to_end(where)
+        while len(self.proven) > 10000:
             self.proven.popitem(last=False)
 
     def _refill(self, now: float) -> None:
@@ -1686,13 +1764,16 @@ class Nicks:
     """Who has which nick: the joined users, the nicks being claimed (while
     the relay answers), and the nicks held for the session of a connection
     that was lost: its owner is likely reconnecting and must find the nick
-    theirs, so for nick_hold seconds nobody else may take it."""
+    theirs, so for nick_hold seconds nobody else may take it. Holds are
+    bounded like the connections that made them (max_connections in all),
+    and past that the source holding the most gives up its oldest (see
+    Shares): churn from one source never frees another's holds."""
 
     def __init__(self, chat: "Chat"):
         self.chat = chat
         self.users: Dict[str, Conn] = {}         # nick key -> joined connection
         self.claiming: Dict[str, Conn] = {}      # nick key -> connection waiting for the relay's answer
-        self.holds: "collections.OrderedDict[str, Hold]" = collections.OrderedDict()   # nick key -> lost owner
+        self.holds = Shares(chat.config.max_connections)    # nick key -> Hold of its lost owner, by source
 
     def taken(self, key: str) -> bool:
         return key in self.users or key in self.claiming or key in self.holds
@@ -1708,11 +1789,18 @@ class Nicks:
         if held is not None:
             if not _same_session(session, held.session):
                 raise nick_taken(nick, f"{held.nick} lost their connection and it waits for them to come back")
-            del self.holds[key]
+            self.holds.pop(key)
         holder = self.users.get(key)
         if holder is not None and not _same_session(session, holder.session):
             raise nick_taken(nick)
         return holder
+
+    def returning(self, nick: object, session: object) -> bool:
+        """Whether a hello with `session` is the owner of `nick` coming back."""
+        key = name_key(nick) if type(nick) is str else ""
+        held, holder = self.holds.get(key), self.users.get(key)
+        return _same_session(session, held.session if held is not None else
+                             holder.session if holder is not None else None)
 
     def away(self, key: str) -> Optional[str]:
         """The nick held for its lost owner, if `key` is one."""
@@ -1721,22 +1809,21 @@ class Nicks:
 
     def hold(self, conn: Conn) -> None:
         relay = self.chat.relay
-        self.holds[conn.key] = Hold(conn.nick, conn.session)
-        if len(self.holds) > self.chat.config.max_connections:   # bounded like the connections that made them
-            relay.release(self.holds.popitem(last=False)[0])
+        for key, _ in self.holds.put(conn.key, conn.source, Hold(conn.nick, conn.session)):
+            relay.release(key)
         relay.vanished(conn.key)
         self.chat.io.call_later(self.chat.config.nick_hold, self._hold_over, conn.key, conn.session)
 
     def _hold_over(self, key: str, session: str) -> None:
         held = self.holds.get(key)
         if held is not None and held.session == session:
-            del self.holds[key]
+            self.holds.pop(key)
             self.chat.relay.release(key)
 
     def back_elsewhere(self, key: str) -> Optional[Conn]:
         """The owner of `key` connected again on another server: no hold
         stays; the connection here, if any, is to go."""
-        self.holds.pop(key, None)
+        self.holds.pop(key)
         return self.users.get(key)
 
 
@@ -1761,6 +1848,118 @@ def _same_session(given: object, session: Optional[str]) -> bool:
     return type(given) is str and bool(session) and hmac.compare_digest(given.encode(), session.encode())
 
 
+class Login:
+    """One connection's way in, from its hello to its welcome: the steps in
+    `steps`, in turn. A step may finish later (a password try waiting for
+    its turn, a nick claim Redis decides); meanwhile the connection is in
+    AUTH and not read (held for ANSWER), and the step runs again when it may
+    go on. A step refuses by raising ProtocolError: the connection is told
+    why and closed."""
+
+    def __init__(self, chat: "Chat", conn: Conn, hello: dict):
+        self.chat, self.conn, self.hello = chat, conn, hello
+        self.nick = ""
+        self.steps: List[Callable[[], bool]] = [self._password, self._nick, self._claim]
+        self.since: Optional[float] = None     # when the password try began to wait for its turn
+        self.asked = False          # the relay was asked for the nick
+        self.answer: Optional[bool] = None     # its answer
+        self.running = False
+
+    def start(self) -> None:
+        try:
+            self.nick = check_name(self.hello.get("nick"))
+        except ProtocolError as error:
+            self.chat.drop(self.conn, f"refused: {error.text}", error)
+            return
+        self.chat.move(self.conn, AUTH)
+        self.chat.intake.hold(self.conn, ANSWER)
+        self.go()
+
+    def go(self) -> None:
+        """Run the steps from the first not done, up to one that finishes later."""
+        chat, conn = self.chat, self.conn
+        self.running = True
+        try:
+            while conn.state is AUTH:
+                if not self.steps:
+                    chat.welcome(conn, self.hello)
+                    return
+                if not self.steps[0]():
+                    return
+                self.steps.pop(0)
+        except ProtocolError as error:
+            chat.drop(conn, f"refused: {error.text}", error)
+        finally:
+            self.running = False
+
+    def _password(self) -> bool:
+        """The server's password, if it has one, checked when its source may have it checked."""
+        chat = self.chat
+        if chat.config.password is None:
+            return True
+        returning = chat.nicks.returning(self.nick, self.hello.get("session"))
+        verdict = chat.gate.judge(self.conn, self.hello.get("password"), chat.clock, returning)
+        chat.gate.waiting.pop(self.conn, None)
+        if verdict.kind == "ok":
+            return True
+        if verdict.kind == "wrong":
+            raise ProtocolError("auth-failed", "wrong password")
+        self.since = chat.clock if self.since is None else self.since
+        if chat.clock - self.since + verdict.seconds > Gate.HOLD_MAX:
+            seconds = math.ceil(verdict.seconds)
+            raise ProtocolError("rate-limited", _BUSY[verdict.why].format(seconds=plural(seconds, "second")),
+                                retry_after=seconds)
+        chat.gate.waiting[self.conn] = chat.clock + verdict.seconds
+        if verdict.why == "everywhere":
+            chat.gate.take_turn(self.conn, self.go, chat.clock)
+        else:
+            chat.io.call_later(verdict.seconds, self.go)
+        return False
+
+    def _nick(self) -> bool:
+        """The nick is free, or this is its owner coming back (whose old connection goes)."""
+        chat, conn, hello = self.chat, self.conn, self.hello
+        replaced = chat.nicks.check(self.nick, hello.get("session"))
+        if replaced is not None:
+            chat.drop(replaced, "reconnected", ProtocolError("replaced", "you connected again elsewhere"))
+        conn.nick, conn.key, conn.session = self.nick, name_key(self.nick), secrets.token_urlsafe(16)
+        conn.claimed = chat.out.ts
+        return True
+
+    def _claim(self) -> bool:
+        """The nick claimed wherever there are users (Redis decides, in a cluster)."""
+        chat, conn = self.chat, self.conn
+        if not self.asked:
+            self.asked = True
+            chat.nicks.claiming[conn.key] = conn
+            session = self.hello.get("session")
+            chat.relay.claim(conn, conn.key, session if type(session) is str else "", self._claimed)
+        if self.answer is None:
+            return False
+        if not self.answer:
+            raise nick_taken(conn.nick, "on another server")
+        return True
+
+    def _claimed(self, ok: bool) -> None:
+        chat, conn = self.chat, self.conn
+        del chat.nicks.claiming[conn.key]
+        if conn.state is not AUTH:      # gone while Redis answered
+            if ok:
+                chat.relay.release(conn.key)
+            return
+        self.answer = ok
+        if not self.running:
+            self.go()
+
+
+# What a password try that must wait too long is told, by whose strikes it waits for.
+_BUSY = {
+    "your address": "wrong passwords were tried from your address; try again in {seconds}",
+    "your network": "many wrong passwords were tried from addresses near yours; try again in {seconds}",
+    "everywhere": "the server is being sent many wrong passwords; try again in {seconds}",
+}
+
+
 class Chat:
     """Users, rooms and the rules of the protocol: the frames a connection
     sends become frames queued for connections (see Output), and the calls
@@ -1775,7 +1974,7 @@ class Chat:
         self.clock = 0.0                         # the loop's monotonic time this turn (see tick)
         self.out = Output(config.max_buffer)
         self.rooms = Rooms(config)
-        self.gate = Gate(config)
+        self.gate = Gate(config, io, lambda: self.clock)
         self.conns: set = set()                  # every connection not yet closing
         self.nicks = Nicks(self)
         self.users = self.nicks.users            # nick key -> joined connection
@@ -1816,8 +2015,7 @@ class Chat:
             self.io.close_soon(conn)
             return False
         if victim is not None:
-            self.drop(victim, f"made room for a newcomer: no hello within {Gate.PREEMPT_AFTER:g}s on a full server",
-                      ProtocolError("timeout", "the server is full and you had not said hello"))
+            self.drop(victim, "made room for a newcomer on a full server", self.gate.preempted(victim, self.clock))
         self.conns.add(conn)
         self.io.call_later(self.config.hello_timeout, self._hello_deadline, conn)
         return True
@@ -1948,40 +2146,16 @@ class Chat:
     # -- joining -------------------------------------------------------------
 
     def on_hello(self, conn: Conn, frame: dict) -> None:
-        try:
-            nick = check_name(frame.get("nick"))
-            if self.config.password is not None:
-                self.gate.check_password(conn, frame.get("password"), self.clock)
-            replaced = self.nicks.check(nick, frame.get("session"))
-        except ProtocolError as error:
-            self.drop(conn, f"refused: {error.text}", error)
-            return
-        if replaced is not None:
-            self.drop(replaced, "reconnected", ProtocolError("replaced", "you connected again elsewhere"))
-        conn.nick, conn.key, conn.session = nick, name_key(nick), secrets.token_urlsafe(16)
-        conn.claimed = self.out.ts
-        session = frame.get("session") if type(frame.get("session")) is str else ""
-        self.move(conn, AUTH)
-        self.nicks.claiming[conn.key] = conn
-        self.relay.claim(conn, conn.key, session, lambda ok: self._claimed(conn, frame, ok))
-        if conn.state is AUTH:      # the relay answers later (Redis decides): read nothing until then
-            self.intake.hold(conn, ANSWER)
+        Login(self, conn, frame).start()
 
-    def _claimed(self, conn: Conn, hello: dict, ok: bool) -> None:
-        del self.nicks.claiming[conn.key]
-        if conn.state is not AUTH:      # gone while Redis answered
-            if ok:
-                self.relay.release(conn.key)
-            return
-        if not ok:
-            self.drop(conn, "refused: nick taken on another server", nick_taken(conn.nick))
-            return
+    def welcome(self, conn: Conn, hello: dict) -> None:
+        """`conn` is in (see Login): in its rooms, told so, and read again."""
         self._welcome(conn, hello)
-        self.intake.release(conn, ANSWER)      # frames that arrived while we waited come next
+        self.intake.release(conn, ANSWER)      # frames that came after its hello come next
 
     def _welcome(self, conn: Conn, hello: dict) -> None:
         self.move(conn, JOINED)
-        self.gate.settled(conn)
+        self.gate.joined(conn)
         self.users[conn.key] = conn
         rooms = self.rooms.rejoin(hello.get("rooms"), self.config.rooms_per_user, conn.source) or [self.rooms.lobby]
         since = hello.get("since") if hello.get("instance") == self.relay.instance else None
@@ -2038,7 +2212,7 @@ class Chat:
     def _leave(self, conn: Conn, reason: str, hold: bool = False) -> None:
         """Forget `conn` and tell the rooms it was in; `hold` its nick for it."""
         self.conns.discard(conn)
-        self.gate.settled(conn)
+        self.gate.left(conn)
         if conn.state is not JOINED:
             log.info("%s closed before joining: %s", conn.addr, shown(reason, 160))
             return
