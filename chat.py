@@ -920,10 +920,11 @@ class Rooms:
                 missed[room.name] = first_kept - last - 1
         return sorted(lines), missed
 
-    def load(self, lines: Iterable[Tuple[dict, bytes]]) -> None:
-        """Rooms and their lines from a history file, oldest first. The rooms
-        are dormant (nobody is in them yet), so they lock nobody out."""
-        for obj, payload in lines:
+    def load(self, saved: "Saved") -> None:
+        """Rooms, their lines and their numbering from a store. The rooms are
+        dormant (nobody is in them yet), so they lock nobody out; lines the
+        store lost count as said (numbering goes on above them)."""
+        for obj, payload in saved.lines:
             try:
                 room = self.open(check_room(obj["room"]))
             except ProtocolError:
@@ -931,7 +932,20 @@ class Rooms:
             self.keep(room, HistoryLine(obj["id"], room.name, obj["seq"], _LENGTH.pack(len(payload)) + payload))
             self.numbered(room, obj["seq"])
             self.vacated(room)      # (again) the newest dormant room
+        for room in self:
+            self.numbered(room, max(room.seq, saved.seqs.get(room.name, 0)) + saved.lost)
+        for name, seq in saved.seqs.items():
+            key = name_key(name)
+            if key not in self.table and seq + saved.lost > self.floor:
+                self.retired.put(key, "#" + key, seq + saved.lost)
+        self.floor = max(self.floor, saved.floor + saved.lost)
         self.end_turn()
+
+    def snapshot(self) -> "Snapshot":
+        """What a store compacts itself to: every kept line, and how far numbering went."""
+        seqs = {key: seq for key, (_, seq) in self.retired.entries.items()}
+        seqs.update((room.key, room.seq) for room in self.table.values() if room.seq)
+        return Snapshot(self.in_memory(), seqs, self.floor)
 
     def restore(self, room: Room, payloads: List[bytes]) -> None:
         """Replace `room`'s history with these lines (from Redis, as they were sent)."""
@@ -1218,38 +1232,40 @@ class Relay(Protocol):
 
 
 class LocalRelay:
-    """One server on its own: it numbers lines itself and, with a history
-    file, keeps them across restarts (loading them first)."""
+    """One server on its own: it numbers lines itself, and hands them to its
+    store, which keeps them (and the numbering) across restarts.
+
+    Ids are reserved in the store ahead of use, half a block early, so a
+    store that cannot write (a full disk) leaves runway and none is given
+    twice; a store that lost lines says how many at the next start, and
+    every seq continues above them."""
 
     up = True
+    ID_BLOCK = 1024     # ids reserved in the store at a time
 
     def __init__(self, chat: "Chat"):
-        config = chat.config
         self.chat = chat
-        self.history = HistoryFile(config.history_file, config.history_file_max) if config.history_file else None
-        self.next_id = 1
-        self.instance = secrets.token_hex(8)
-        history = self.history
-        if history is not None:
-            lines = history.load()
-            self.instance, self.next_id = history.instance, history.reserved
-            chat.rooms.load(lines)
-            log.info("history: %s from %s", plural(len(lines), "line"), history.path)
+        self.store = chat.store
+        saved = self.store.load()
+        self.instance, self.next_id = saved.instance, saved.next_id
+        self.reserved = saved.next_id       # ids below this may be given without asking the store
+        chat.rooms.load(saved)
+        if saved.lines:
+            log.info("history: %s from %s", plural(len(saved.lines), "line"), self.store.where)
 
     def post(self, room: Room, sender: Conn, line: dict) -> None:
         line["id"], line["seq"] = self.new_id(), self.chat.rooms.next_seq(room)
         data = self.chat.out.encode(line)
         self.chat.deliver_line(room, sender, data, line["id"], line["seq"], line=line)
-        if self.history is not None:
-            self.history.append(data[4:])
+        self.store.line(data[4:])
 
     def new_id(self) -> int:
-        """The next id. With a history file, ids are reserved on disk ahead of
-        use, so none is given twice, even across a restart."""
+        """The next id, reserved in the store well before it is given."""
         given = self.next_id
         self.next_id += 1
-        if self.history is not None and self.next_id > self.history.reserved:
-            self.history.reserve(self.next_id + HistoryFile.ID_BLOCK)
+        if self.next_id + self.ID_BLOCK // 2 > self.reserved:
+            self.reserved = self.next_id + self.ID_BLOCK
+            self.store.reserve(self.reserved)
         return given
 
     def pm(self, sender: Conn, key: str, line: dict) -> bool:
@@ -1274,39 +1290,177 @@ class LocalRelay:
         return []
 
     def end_turn(self) -> None:
-        if self.history is not None and self.history.write(self.chat.rooms.in_memory):
-            self.chat.io.call_later(1.0, self.history.sync)
+        if self.store.end_turn(self.chat.rooms.snapshot):
+            self.chat.io.call_later(1.0, self.store.sync)
 
     def close(self) -> None:
-        if self.history is not None:
-            self.history.write(self.chat.rooms.in_memory)
-            self.history.close()
+        self.store.end_turn(self.chat.rooms.snapshot)
+        self.store.close()
 
 
-class HistoryFile:
-    """Chat lines kept on disk as JSON lines, so a restart loses nothing.
+class Saved(NamedTuple):
+    """What a store held when the server started."""
+    instance: str                       # the history's identity (clients resume only within one)
+    next_id: int                        # no id below it is to be given again
+    lines: List[Tuple[dict, bytes]]     # room lines kept, oldest first: parsed, and as they were sent
+    seqs: Dict[str, int]                # room -> its newest seq, for rooms that may have no lines kept
+    floor: int                          # rooms not known begin above this seq
+    lost: int                           # lines numbered but never written: every seq goes on above them
+    records: Dict[str, Dict[str, dict]]     # kind -> key -> record (accounts, bans, topics...)
 
-    The first line is a header with the history's instance id: clients use it
-    to know that message ids they remember still mean the same lines. Then
-    come the room lines as they were sent, and now and then an `{"ids": N}`
-    record: ids below N may have been given (to private messages too, which
-    are not kept), so after a restart ids continue from there and never
-    repeat. Lines are written once per loop turn (flushed to the OS, so a
-    crash or SIGKILL loses nothing) and fsync'd at most once a second (a
-    power cut may lose that last second). A torn line is skipped with a
-    warning. Past `max_bytes`, or twice the size of its last compaction, the
-    file is rewritten with only what the server keeps in memory."""
 
-    ID_BLOCK = 1024     # ids reserved on disk at a time
+class Store(Protocol):
+    """What must outlive the process: the history (its identity, its lines,
+    how far numbering went) and records (accounts, bans, mutes, topics, kept
+    messages, where each account left off). Chosen once, at start:
+    MemoryStore, HistoryFile (--history-file) or the database (--db); with
+    --redis, Redis keeps it all (section 6). Writes are batched: what a turn
+    added is written by end_turn()."""
+
+    where: str          # what it is, for the log: a file name, or "memory"
+
+    def load(self) -> Saved:
+        """What it holds (nothing, the first time); from then on it is written to."""
+
+    def line(self, payload: bytes) -> None:
+        """A room line, numbered (its payload as it was sent)."""
+
+    def reserve(self, next_id: int) -> None:
+        """Ids below `next_id` may be given from now on, never again after a restart."""
+
+    def put(self, kind: str, key: str, value: Optional[dict]) -> None:
+        """Keep a record (None: forget it)."""
+
+    def end_turn(self, snapshot: Callable[[], "Snapshot"]) -> bool:
+        """Write what this turn added (compacting from `snapshot` if needed);
+        True when a sync() should now be scheduled."""
+
+    def sync(self) -> None:
+        """What is written reaches the disk itself."""
+
+    def close(self) -> None:
+        """The server stops: write what is left."""
+
+
+class Snapshot(NamedTuple):
+    """What the server keeps in memory, for a store to compact itself to."""
+    lines: List[bytes]          # every kept line as it was sent, oldest first
+    seqs: Dict[str, int]        # every room's newest seq known (rooms freed included)
+    floor: int                  # rooms not among them begin above this
+
+
+class MemoryStore:
+    """A store that keeps everything in memory for the server's lifetime
+    (records included: accounts, bans and topics last until it stops)."""
+
+    where = "memory"
+
+    def __init__(self) -> None:
+        self.records: Dict[str, Dict[str, dict]] = {}
+
+    def load(self) -> Saved:
+        return Saved(secrets.token_hex(8), 1, [], {}, 0, 0, self.records)
+
+    def line(self, payload: bytes) -> None:
+        pass
+
+    def reserve(self, next_id: int) -> None:
+        pass
+
+    def put(self, kind: str, key: str, value: Optional[dict]) -> None:
+        table = self.records.setdefault(kind, {})
+        if value is None:
+            table.pop(key, None)
+        else:
+            table[key] = value
+
+    def end_turn(self, snapshot: Callable[[], Snapshot]) -> bool:
+        return False
+
+    def sync(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class Watermark:
+    """How far numbering went, in a small file beside a store, written in
+    place every turn that numbered lines: its bytes are allocated when it is
+    made, so writing them needs no free space. A store that could not write
+    its lines (the disk full) then knows at the next start how many it lost,
+    and numbering goes on above them."""
+
+    SIZE = 256
+
+    def __init__(self, path: str):
+        self.path = path
+        self.fd = -1
+
+    def read(self) -> Optional[dict]:
+        try:
+            with open(self.path, "rb") as f:
+                obj = _json_or_none(f.read(self.SIZE).rstrip(b" \n\0"))
+        except OSError:
+            return None
+        return obj if isinstance(obj, dict) and type(obj.get("given")) is int else None
+
+    def open(self) -> None:
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        os.pwrite(self.fd, b" " * (self.SIZE - 1) + b"\n", 0)
+
+    def write(self, instance: str, given: int, ids: int) -> None:
+        """`given` room lines were numbered in `instance`, and ids below `ids`
+        may have been given (best effort: a full disk does not stop chat)."""
+        record = _dumps({"instance": instance, "given": given, "ids": ids}).encode()
+        try:
+            os.pwrite(self.fd, record.ljust(self.SIZE - 1) + b"\n", 0)
+        except OSError as error:
+            log.error("history %s: cannot write: %s", self.path, error.strerror or error)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class HistoryFile(MemoryStore):
+    """Chat lines kept on disk as JSON lines, so a restart loses nothing (the
+    store of --history-file: the history only; records stay in memory).
+
+    The first line is a header with the history's instance id (clients use it
+    to know that message ids they remember still mean the same lines) and
+    how far numbering went when it was written: ids, every room's seq, and
+    how many lines had been written in all. Then come the room lines as they
+    were sent, and now and then an `{"ids": N}` record: ids below N may have
+    been given (to private messages too, which are not kept), so after a
+    restart ids continue from there and never repeat. Lines are written once
+    per loop turn (flushed to the OS, so a crash or SIGKILL loses nothing)
+    and fsync'd at most once a second (a power cut may lose that last
+    second). Lines that cannot be written (a full disk) are kept and tried
+    again each turn, and said loudly; the Watermark beside the file counts
+    what was numbered, so lines lost for good are counted at the next start
+    and no seq is given twice. A torn line is skipped with a warning. Past
+    `max_bytes`, or twice the size of its last compaction, the file is
+    rewritten with only what the server keeps in memory."""
+
+    PENDING_MAX = 4 << 20       # bytes of lines kept for another try while the disk refuses them
 
     def __init__(self, path: str, max_bytes: int):
+        super().__init__()
         self.path, self.max_bytes = path, max_bytes
-        self.instance = None
+        self.where = path
+        self.watermark = Watermark(path + ".mark")
+        self.instance = ""
         self.reserved = 1           # ids below this may have been used
+        self.written = 0            # room lines written in this instance, ever
+        self.given = 0              # room lines numbered in this instance, ever
         self._compacted = 0         # size of the file after its last rewrite
-        self._pending: List[bytes] = []
+        self._pending: List[bytes] = []     # lines and records not written yet
+        self._pending_lines = 0
+        self._failing = False       # writes fail (the disk is full, say)
         self._unsynced = False
-        self._file = None
+        self._fd = -1
 
     def check(self) -> None:
         """Before the server listens: StartupError unless the file is a chat.py
@@ -1328,11 +1482,10 @@ class HistoryFile:
         if not os.access(self.path if os.path.exists(self.path) else folder, os.W_OK):
             raise StartupError(f"{what}: permission denied (it must be writable)")
 
-    def load(self) -> List[Tuple[dict, bytes]]:
-        """Lines on disk, oldest first, each parsed and as written; sets
-        `instance` (a new one for a new or empty file) and `reserved`.
+    def load(self) -> Saved:
+        """What the file holds (a new instance for a new or empty file).
         ValueError for a file that is not a chat.py history (left untouched)."""
-        lines, torn = [], 0
+        lines, torn, seqs, floor, kept, after = [], 0, {}, 0, 0, 0
         try:
             with open(self.path, "rb") as f:
                 for number, raw in enumerate(f, 1):
@@ -1343,74 +1496,129 @@ class HistoryFile:
                                              " not a chat.py header); it was left as it is")
                         self.instance = obj["instance"]
                         self.reserved = max(self.reserved, obj.get("ids", 1))
+                        seqs = {k: v for k, v in obj.get("seqs", {}).items() if type(v) is int}
+                        floor, self.written, kept = obj.get("floor", 0), obj.get("written", 0), obj.get("kept", 0)
                     elif obj is None:
                         torn += 1
                         log.warning("history %s: line %d is damaged; skipped", self.path, number)
                     elif _is_history_line(obj):
                         lines.append((obj, raw.strip()))
+                        after += len(lines) > kept
                     elif isinstance(obj, dict) and type(obj.get("ids")) is int:
                         self.reserved = max(self.reserved, obj["ids"])
         except FileNotFoundError:
             pass
         if lines:
             self.reserved = max(self.reserved, max(obj["id"] for obj, _ in lines) + 1)
-        if self.instance is None or torn:
+        self.written += after
+        mark = self.watermark.read()
+        lost = 0
+        if mark and mark.get("instance") == self.instance:
+            lost = max(0, mark["given"] - self.written)
+            self.reserved = max(self.reserved, mark["ids"] if type(mark.get("ids")) is int else 0)
+        if lost:
+            log.error("history %s: %s numbered before the last stop never reached the file (was the disk"
+                      " full?); line numbers go on above them", self.path, plural(lost, "line"))
+        self.given = self.written = self.written + lost
+        if not self.instance or torn or lost:
             self.instance = self.instance or secrets.token_hex(8)
-            self.rewrite([raw for _, raw in lines])
-        self._file = open(self.path, "ab")
-        return lines
+            room_seqs = {obj["room"]: obj["seq"] for obj, _ in lines}
+            self.rewrite(Snapshot([raw for _, raw in lines],
+                                  {room: seq + lost for room, seq in {**seqs, **room_seqs}.items()}, floor + lost))
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self.watermark.open()
+        self.watermark.write(self.instance, self.given, self.reserved)
+        return Saved(self.instance, self.reserved, lines, seqs, floor, lost, self.records)
 
-    def rewrite(self, lines: List[bytes]) -> None:
-        """Replace the file atomically with a header and `lines` (payloads)."""
+    def rewrite(self, snapshot: Snapshot) -> None:
+        """Replace the file atomically with a header and the lines kept: all
+        the server holds, so what waited to be written is in it."""
+        header = {"instance": self.instance, "format": 1, "ids": self.reserved, "written": self.given,
+                  "kept": len(snapshot.lines), "seqs": snapshot.seqs, "floor": snapshot.floor}
         tmp = self.path + ".tmp"
         with open(tmp, "wb") as f:
-            f.write(_dumps({"instance": self.instance, "format": 1, "ids": self.reserved}).encode() + b"\n")
-            f.writelines(bytes(line) + b"\n" for line in lines)
+            f.write(_dumps(header).encode() + b"\n")
+            f.writelines(bytes(line) + b"\n" for line in snapshot.lines)
             f.flush()
             os.fsync(f.fileno())
             self._compacted = f.tell()
         os.replace(tmp, self.path)
+        self.written = self.given
+        self._pending.clear()
+        self._pending_lines = 0
 
-    def append(self, payload: bytes) -> None:
+    def line(self, payload: bytes) -> None:
         self._pending.append(payload)
+        self._pending_lines += 1
+        self.given += 1
 
-    def reserve(self, below: int) -> None:
-        """Record that ids up to `below` may be given before the next reservation."""
-        self.reserved = below
-        self._pending.append(_dumps({"ids": below}).encode())
+    def reserve(self, next_id: int) -> None:
+        self.reserved = next_id
+        self._pending.append(_dumps({"ids": next_id}).encode())
 
-    def write(self, keep: Callable[[], List[bytes]]) -> bool:
-        """Once per loop turn: write what this turn added; compact when too
-        big. True when an fsync should now be scheduled."""
-        if not self._pending:
+    def end_turn(self, snapshot: Callable[[], Snapshot]) -> bool:
+        """Write what this turn added (and what earlier turns could not);
+        compact when too big. True when an fsync should now be scheduled."""
+        if not self._pending or self._fd < 0:
             return False
+        self.watermark.write(self.instance, self.given, self.reserved)
+        data = b"\n".join(self._pending) + b"\n"
+        size = os.lseek(self._fd, 0, os.SEEK_END)
         try:
-            self._file.write(b"\n".join(self._pending) + b"\n")
-            self._file.flush()
-            if self._file.tell() > max(self.max_bytes, 2 * self._compacted):
-                self.rewrite(keep())    # if this fails, the old file stays, whole and open
-                self._file.close()
-                self._file = open(self.path, "ab")
-                return False
-        except OSError as error:     # e.g. the disk is full: chat goes on, the operator is told
-            log.error("history %s: cannot write %s: %s", self.path, plural(len(self._pending), "line"),
-                      error.strerror or error)
+            written = 0
+            while written < len(data):
+                written += os.write(self._fd, data[written:])
+        except OSError as error:     # e.g. the disk is full: chat goes on, the lines are tried again
+            os.ftruncate(self._fd, size)    # no torn line is left (shrinking needs no space)
+            self._cannot_write(error)
             return False
-        finally:
-            self._pending.clear()
+        self.written += self._pending_lines
+        self._pending.clear()
+        self._pending_lines = 0
+        if self._failing:
+            log.warning("history %s: written again; nothing was lost", self.path)
+            self._failing = False
+        if size + written > max(self.max_bytes, 2 * self._compacted):
+            try:
+                self.rewrite(snapshot())    # if this fails, the old file stays, whole and open
+                os.close(self._fd)
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+            except OSError as error:
+                log.error("history %s: cannot compact it: %s", self.path, error.strerror or error)
+            return False
         was_synced, self._unsynced = not self._unsynced, True
         return was_synced
 
+    def _cannot_write(self, error: OSError) -> None:
+        """Lines that did not reach the file wait for another try (up to
+        PENDING_MAX bytes, then the oldest are lost), and the operator hears it."""
+        lost = 0
+        while sum(map(len, self._pending)) > self.PENDING_MAX:
+            lost += _is_history_line(_json_or_none(self._pending.pop(0)))
+        self._pending_lines -= lost
+        self._failing = True
+        log.error("history %s: cannot write: %s; %s waiting to be written (lost if the server stops now)%s",
+                  self.path, error.strerror or error, plural(self._pending_lines, "line"),
+                  f"; {plural(lost, 'line')} lost for good" if lost else "")
+
     def sync(self) -> None:
-        if self._unsynced and self._file is not None:
-            os.fsync(self._file.fileno())
+        if self._unsynced and self._fd >= 0:
+            os.fsync(self._fd)
             self._unsynced = False
 
     def close(self) -> None:
-        if self._file is not None:
+        if self._fd >= 0:
             self.sync()
-            self._file.close()
-            self._file = None
+            os.close(self._fd)
+            self._fd = -1
+        self.watermark.close()
+
+
+def open_store(config: ServerConfig) -> Store:
+    """The store the config asks for (with --redis, Redis is the store: see Cluster)."""
+    if config.history_file:
+        return HistoryFile(config.history_file, config.history_file_max)
+    return MemoryStore()
 
 
 def _json_or_none(raw: bytes) -> object:
@@ -1968,7 +2176,7 @@ class Chat:
     which becomes an `error` frame, and the connection stays."""
 
     def __init__(self, config: ServerConfig, io: ServerIO,
-                 relay: Optional[Callable[["Chat"], Relay]] = None):
+                 relay: Optional[Callable[["Chat"], Relay]] = None, store: Optional[Store] = None):
         self.config = config
         self.io = io
         self.clock = 0.0                         # the loop's monotonic time this turn (see tick)
@@ -1979,6 +2187,7 @@ class Chat:
         self.nicks = Nicks(self)
         self.users = self.nicks.users            # nick key -> joined connection
         self.intake = Intake(config, io, self.out, self)
+        self.store: Store = store or open_store(config)
         self.relay: Relay = (relay or LocalRelay)(self)
         self.before_hello = {"hello": self.on_hello, "quit": self.on_quit}
         self.handlers = {

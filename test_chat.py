@@ -10,6 +10,7 @@ condition (a frame, a line of output, an exit) with a timeout.
 """
 import argparse
 import codecs
+import errno
 import fcntl
 import fnmatch
 import heapq
@@ -454,11 +455,14 @@ class Peer:
 class Process:
     """A chat.py subprocess whose output lines are collected as they come."""
 
-    def __init__(self, *args, stdin=subprocess.PIPE, env=None):
+    def __init__(self, *args, stdin=subprocess.PIPE, env=None, file_limit=None):
+        def limit_files():      # no file may grow past file_limit bytes, as on a full disk
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (file_limit, file_limit))
         self.proc = subprocess.Popen([sys.executable, CHAT] + [str(a) for a in args], stdin=stdin,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                      env=dict(os.environ, **(env or {})), encoding="utf-8",
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=limit_files if file_limit else None)
         self.stdout, self.stderr = queue.Queue(), queue.Queue()
         self.out_lines, self.err_lines = [], []
         for stream, lines, sink in ((self.proc.stdout, self.out_lines, self.stdout),
@@ -1384,7 +1388,7 @@ class HistoryFileTest(unittest.TestCase):
                 f.write('{"instance":"abc","format":1}\n' + json.dumps(line) + '\n{"type":"msg","id":8,"fr')
             history = chat.HistoryFile(path, 1 << 20)
             with self.assertLogs("chat", logging.WARNING) as logs:
-                lines = history.load()
+                lines = history.load().lines
             history.close()
             self.assertEqual([obj for obj, _ in lines], [line])
             self.assertEqual(history.instance, "abc")
@@ -1451,6 +1455,39 @@ class IdsTest(HarnessTestCase):
             carol.send({"type": "msg", "text": "after the restart"})
             self.assertGreater(dave.expect("msg")["id"], max(ids))
 
+    def test_a_full_disk_then_kill_9_gives_no_id_or_seq_twice(self):
+        """Issue 18 item 7, as measured: disk full, 1,500 pms and 1,500 lines,
+        kill -9, disk freed, restart: ids and seqs were given again."""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "history.jsonl")
+            server = self.harness(history_file=path, flood_rate=1e6, flood_burst=1e6)
+            alice, bob = server.connect("alice"), server.connect("bob")
+            alice.send({"type": "msg", "text": "before"})
+            real_write = os.write
+
+            def full(fd, data):
+                if fd == server.chat.store._fd:
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                return real_write(fd, data)
+            with unittest.mock.patch("os.write", full), self.assertLogs("chat", logging.ERROR) as logs:
+                for i in range(1500):
+                    alice.send({"type": "pm", "to": "bob", "text": f"pm {i}"}, {"type": "msg", "text": f"line {i}"})
+            self.assertIn("No space left on device", logs.output[0])
+            self.assertIn("lost if the server stops now", logs.output[0])
+            given = bob.frames("msg")
+            self.assertEqual(len(given), 3001)
+            os.close(server.chat.store._fd)     # kill -9: nothing more is written, nothing closed politely
+            server.chat.store._fd = -1
+            with self.assertLogs("chat", logging.ERROR) as logs:
+                again = self.harness(history_file=path)
+            self.assertIn("1500 lines numbered before the last stop never reached the file", logs.output[0])
+            carol, dave = again.connect("carol"), again.connect("dave")
+            carol.send({"type": "pm", "to": "dave", "text": "after"}, {"type": "msg", "text": "after"})
+            pm, line = dave.frames("msg")
+            self.assertGreater(min(pm["id"], line["id"]), max(f["id"] for f in given))
+            self.assertGreater(line["seq"], max(f["seq"] for f in given if "seq" in f))
+            self.assertEqual(again.chat.relay.instance, server.chat.relay.instance, "the same history goes on")
+
     def test_a_file_that_is_not_a_history_is_refused_and_left_as_it_is(self):
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "notes.txt")
@@ -1472,11 +1509,35 @@ class DurableHistoryTest(unittest.TestCase):
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
 
-    def start(self):
-        server = Process("server", "-p", self.port, "--history-file", self.path, stdin=subprocess.DEVNULL)
+    def start(self, file_limit=None):
+        server = Process("server", "-p", self.port, "--history-file", self.path, stdin=subprocess.DEVNULL,
+                         file_limit=file_limit)
         self.addCleanup(server.kill)
         server.wait_line("listening on")
         return server
+
+    def test_a_disk_that_fills_up_then_kill_9_gives_no_id_or_seq_twice(self):
+        server = self.start(file_limit=16 << 10)       # files may grow to 16 KiB: then the disk is "full"
+        alice, bob = Peer(self.port, "alice"), Peer(self.port, "bob")
+        self.addCleanup(alice.close)
+        self.addCleanup(bob.close)
+        for i in range(300):
+            alice.send({"type": "pm", "to": "bob", "text": f"pm {i}"})
+            alice.send({"type": "msg", "text": f"line {i} " + "x" * 100})
+        given = [bob.expect("msg") for _ in range(600)]
+        server.wait_line("cannot write: File too large", "stderr")
+        server.proc.kill()
+        server.wait()
+        server = self.start()
+        server.wait_line("lines numbered before the last stop never reached the file", "stderr")
+        carol, dave = Peer(self.port, "carol"), Peer(self.port, "dave")
+        self.addCleanup(carol.close)
+        self.addCleanup(dave.close)
+        carol.send({"type": "pm", "to": "dave", "text": "after"})
+        carol.send({"type": "msg", "text": "after"})
+        pm, line = dave.expect("msg"), dave.expect("msg")
+        self.assertGreater(min(pm["id"], line["id"]), max(f["id"] for f in given))
+        self.assertGreater(line["seq"], max(f["seq"] for f in given if "seq" in f))
 
     def test_sigkill_and_restart_loses_nothing_and_resumes_clients(self):
         server = self.start()
