@@ -6066,7 +6066,9 @@ def cannot_listen(host: str, port: int, error: OSError) -> str:
 
 def run_workers(args: argparse.Namespace) -> int:
     """Start N copies of this server on one port (SO_REUSEPORT: the kernel
-    spreads connections over them), linked through Redis; stop them together."""
+    spreads connections over them), linked through Redis; start again one
+    that dies (after a wait that doubles while they keep dying); stop them
+    together."""
     if not sys.platform.startswith("linux"):
         log.error("--workers needs Linux (only there does SO_REUSEPORT spread connections)")
         return 1
@@ -6082,20 +6084,65 @@ def run_workers(args: argparse.Namespace) -> int:
     port = holder.getsockname()[1]
     command = [sys.executable, os.path.abspath(__file__)] + args.argv + ["-p", str(port), "--workers", "1",
                                                                       "--reuse-port"]
-    workers = [subprocess.Popen(command + ["--worker", str(i)], stdin=subprocess.DEVNULL)
-               for i in range(args.workers)]
     print(f"chat.py server: {args.workers} workers on {args.host}:{port}, linked through"
           f" {RedisUrl.parse(args.redis)}", flush=True)
-
-    def stop(*_) -> None:
-        for worker in workers:
-            if worker.poll() is None:
-                worker.send_signal(signal.SIGTERM)
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
-    codes = [worker.wait() for worker in workers]
+    code = Supervisor(command, args.workers).run()
     holder.close()
-    return max(codes)
+    return code
+
+
+class Supervisor:
+    """The --workers processes: each started, watched, and started again if it dies."""
+
+    STEADY = 60.0       # seconds a worker must live for its restart wait to start again from 1 s
+
+    def __init__(self, command: List[str], count: int):
+        self.command, self.count = command, count
+        self.workers: Dict[int, Tuple[int, subprocess.Popen, float]] = {}   # pid -> (number, process, started)
+        self.backoff = [1.0] * count
+        self.stopping = False
+
+    def run(self) -> int:
+        for number in range(self.count):
+            self.start(number)
+        signal.signal(signal.SIGINT, self.stop)
+        signal.signal(signal.SIGTERM, self.stop)
+        code = 0
+        while self.workers:
+            try:
+                pid, status = os.wait()
+            except ChildProcessError:
+                break
+            if pid not in self.workers:
+                continue
+            number, process, started = self.workers.pop(pid)
+            process.returncode = os.waitstatus_to_exitcode(status) if hasattr(os, "waitstatus_to_exitcode") \
+                else -(status & 0x7f) if status & 0x7f else status >> 8
+            code = max(code, process.returncode)
+            if not self.stopping:
+                self.restart(number, process.returncode, time.monotonic() - started)
+        return 0 if self.stopping and code <= 0 else code
+
+    def start(self, number: int) -> None:
+        process = subprocess.Popen(self.command + ["--worker", str(number)], stdin=subprocess.DEVNULL)
+        self.workers[process.pid] = (number, process, time.monotonic())
+
+    def restart(self, number: int, code: int, lived: float) -> None:
+        why = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+        if lived > self.STEADY:
+            self.backoff[number] = 1.0
+        wait = self.backoff[number]
+        self.backoff[number] = min(wait * 2, 60.0)
+        log.error("worker %d stopped (%s); starting it again in %gs", number, why, wait)
+        time.sleep(wait)        # the supervisor has nothing else to do meanwhile
+        if not self.stopping:
+            self.start(number)
+
+    def stop(self, *_) -> None:
+        self.stopping = True
+        for _, process, _ in self.workers.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
 
 
 def _raise_file_limit(wanted: int) -> None:

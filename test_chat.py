@@ -519,6 +519,19 @@ def server_process(*args, env=None):
     return server, port
 
 
+def children(pid):
+    """The processes whose parent is `pid` (Linux: read from /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
 class ServerTestCase(unittest.TestCase):
     config = {}
 
@@ -2978,6 +2991,27 @@ class ClusterTest(ClusterSetup, unittest.TestCase):
         peers[5].send({"type": "msg", "text": "to all workers"})
         for peer in peers[:5]:
             self.assertEqual(peer.expect("msg")["text"], "to all workers")
+        server.proc.send_signal(signal.SIGINT)
+        self.assertEqual(server.wait(), 0)
+
+    @unittest.skipUnless(sys.platform.startswith("linux"), "SO_REUSEPORT spreads connections on Linux only")
+    def test_a_killed_worker_is_started_again(self):
+        """Issue 18 item 14: a worker killed with kill -9 was not restarted."""
+        port = free_port()
+        server = Process("server", "-p", port, "--workers", 2, "--redis", self.redis.url, stdin=subprocess.DEVNULL)
+        self.addCleanup(server.kill)
+        for _ in range(2):
+            server.wait_line(r"\[worker \d\].*linked through Redis as server", "stderr")
+        workers = children(server.proc.pid)
+        self.assertEqual(len(workers), 2)
+        os.kill(workers[0], signal.SIGKILL)
+        server.wait_line(r"worker \d stopped \(killed by signal 9\); starting it again in 1s", "stderr")
+        server.wait_line(r"\[worker \d\].*linked through Redis as server", "stderr")
+        wait_until(lambda: len(children(server.proc.pid)) == 2, what="two workers again")
+        peers = [self.peer(port, f"p{i}") for i in range(4)]
+        peers[3].send({"type": "msg", "text": "to all workers"})
+        for peer in peers[:3]:
+            self.assertEqual(peer.expect("msg", timeout=10)["text"], "to all workers")
         server.proc.send_signal(signal.SIGINT)
         self.assertEqual(server.wait(), 0)
 
