@@ -262,8 +262,10 @@ def check_name(name: object, what: str = "nick") -> str:
     invisible and bidi-override characters by construction. Letters may be
     of any script, but of one script per name (or a CJK mix), so a name
     cannot hide a look-alike from another script; letters that draw nothing
-    (Hangul fillers) are refused. NFKC turns fullwidth and mathematical
-    letters into plain ones."""
+    (Hangul fillers) are refused, and so are those Unicode TR39 does not
+    allow in identifiers (IPA and phonetic letters, obsolete and rare ones:
+    `ɑ`, `ʅ`, `ᴏ`, `ǀ`). NFKC turns fullwidth and mathematical letters into
+    plain ones."""
     if type(name) is not str:
         raise ProtocolError("bad-nick" if what == "nick" else "bad-room", f"{what} must be a string")
     return _checked_name(name[:NAME_MAX + 1], what)
@@ -281,6 +283,11 @@ def _checked_name(name: str, what: str) -> str:
                                       f" (not {shown(ch)!r})")
         if ch in _FILLERS:
             raise ProtocolError(code, f"{what} may not hold {ascii(ch)[1:-1]}, a letter that draws nothing")
+    restricted = _NOT_ID_ALLOWED.search(name)
+    if restricted:
+        ch = restricted.group()
+        raise ProtocolError(code, f"{what} may not hold {ch} ({ascii(ch)[1:-1]}), a letter Unicode does not"
+                                  " recommend in names (technical, obsolete or rare)")
     scripts = {script for script in map(_script, name) if script}
     if len(scripts) > 1 and not any(scripts <= mix for mix in _SCRIPT_MIXES):
         raise ProtocolError(code, f"{what} mixes scripts ({' and '.join(sorted(s.title() for s in scripts))});"
@@ -311,42 +318,34 @@ def check_room(name: object) -> str:
     return check_name(name, "room")
 
 
-# Letters that look alike, mapped to one (after NFKC and case folding, so a
-# capital's look-alike is found through its small letter): the Cyrillic and
-# Greek letters that draw as Latin ones, and the Latin letters and digits
-# that draw as each other. A small part of Unicode TR39's confusables.txt:
-# the part that lets a name pass for a Latin one.
-_CONFUSABLES = str.maketrans({
-    "а": "a", "в": "b", "е": "e", "к": "k", "м": "m", "н": "h", "о": "o", "р": "p", "с": "c", "т": "t",
-    "у": "y", "х": "x", "ѕ": "s", "і": "i", "ј": "j", "һ": "h", "ԁ": "d", "ԛ": "q", "ԝ": "w", "ӏ": "i",
-    "ү": "y", "ɡ": "g", "α": "a", "β": "b", "ε": "e", "ζ": "z", "η": "h", "ι": "i", "κ": "k", "μ": "m",
-    "ν": "n", "ο": "o", "ρ": "p", "τ": "t", "υ": "y", "χ": "x", "ϲ": "c", "ϳ": "j", "ı": "i", "ɩ": "i",
-    "l": "i", "1": "i", "0": "o",
-})
-
-
 def name_key(name: str) -> str:
-    """What makes two nicks or room names the same one: their skeleton.
-    Case, width and look-alike letters do not count, so `alice`, `ALICE`,
-    `аlice` (Cyrillic а), `ａｌｉｃｅ`, `alıce` and `aIice` are one name."""
+    """What makes two nicks or room names the same one: their skeleton, as
+    Unicode TR39 draws it (see _CONFUSABLE_SOURCES, at the end of this
+    section). Case, width and look-alike letters do not count, so `alice`,
+    `ALICE`, `аlice` (Cyrillic а), `ａｌｉｃｅ`, `alıce`, `aIice` and
+    all-Armenian `հսցօ` for `hugo` are one name each."""
     return _skeleton(name) if len(name) <= NAME_MAX else _skeleton.__wrapped__(name)   # only short ones cached
 
 
 @functools.lru_cache(maxsize=4096)
 def _skeleton(name: str) -> str:
-    key = unicodedata.normalize("NFKC", name).casefold().translate(_CONFUSABLES)
-    return key.replace("rn", "m").replace("vv", "w")
+    return unicodedata.normalize("NFKC", name).casefold().translate(_CONFUSABLES)
 
 
 # Characters the server never relays: C0 and C1 controls except tab and
-# newline, DEL, bidi embeddings/overrides/isolates and marks (they reorder
-# what others see), lone surrogates (not encodable), and the characters that
-# draw nothing: soft hyphen, zero-width space, word joiner and invisible
-# operators, BOM, Hangul fillers, tag characters, interlinear annotations.
-# (Zero-width joiners and variation selectors stay: emoji and scripts need
-# them.) \r and U+2028/9 become \n.
-_INVISIBLE = ("\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180e\u200b\u200e\u200f\u202a-\u202e"
-              "\u2060-\u2064\u2066-\u206f\u3164\ufeff\uffa0\ufff9-\ufffb\U000e0000-\U000e007f")
+# newline, DEL, lone surrogates (not encodable), every format character
+# (Unicode's Cf: bidi embeddings, overrides, isolates and marks, which
+# reorder what others see; soft hyphen, zero-width space and non-joiner,
+# word joiner and invisible operators, BOM, tag characters, interlinear
+# annotations, musical and Egyptian format controls) but the zero-width
+# joiner, and the letters that draw nothing (Hangul fillers, the combining
+# grapheme joiner, Khmer's inherent vowels). (The joiner and variation
+# selectors stay: emoji need them.) \r and U+2028/9 become \n.
+_INVISIBLE = ("\u00ad\u034f\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891\u08e2\u115f\u1160\u17b4\u17b5"
+              "\u180e\u200b\u200c\u200e\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\u3164\ufeff\uffa0"
+              "\ufff9-\ufffb\U000110bd\U000110cd\U00013430-\U0001343f\U0001bca0-\U0001bca3\U0001d173-\U0001d17a"
+              "\U000e0001\U000e0020-\U000e007f")
+MARKS_MAX = 4       # combining marks kept on one letter (Vietnamese needs 2; 3,900 are a smear)
 _UNSAFE = re.compile(f"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029{_INVISIBLE}\ud800-\udfff]")
 _ESCAPE_SEQUENCE = re.compile(
     "\x1b(?:\\[[0-?]*[ -/]*[@-~]"          # CSI: colours, cursor movement
@@ -358,7 +357,10 @@ _NEWLINES = re.compile("\r\n?|[\u2028\u2029]")
 
 def clean_text(text: str) -> str:
     """Text as the server relays it: escape sequences removed whole (so no
-    stray '[31m' is left), other unsafe characters removed, newlines unified."""
+    stray '[31m' is left), other unsafe characters removed, newlines
+    unified, at most MARKS_MAX combining marks on a letter."""
+    if not text.isascii():
+        text = _TOO_MANY_MARKS.sub(r"\1", text)
     if not _UNSAFE.search(text):   # the common case costs one C-level scan
         return text
     text = _NEWLINES.sub("\n", _ESCAPE_SEQUENCE.sub("", text))
@@ -387,7 +389,10 @@ _UNPRINTABLE = re.compile(f"[\x00-\x09\x0b-\x1f\x7f-\x9f\u2028\u2029{_INVISIBLE}
 
 def printable(text: str) -> str:
     """Text safe to write to a terminal: tabs become spaces, every other
-    control character is shown as an escape. Valid UTF-8 stays as it is."""
+    control or format character is shown as an escape, and combining marks
+    past MARKS_MAX on a letter are dropped. Valid UTF-8 stays as it is."""
+    if not text.isascii():
+        text = _TOO_MANY_MARKS.sub(r"\1", text)
     if not _UNPRINTABLE.search(text):
         return text
     text = text.replace("\t", "    ")
@@ -421,6 +426,181 @@ def display_width(text: str) -> int:
             continue
         width += 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
     return width
+
+
+# -- the Unicode tables the rules above use -----------------------------------
+# Generated from Unicode data (the generators are not part of chat.py; the
+# tests check the tables against the unicodedata of the Python running them).
+# A table of code point ranges is written as the gaps between their bounds
+# (start, end + 1, start, ...), each a base-32 number in _RANGE_DIGITS, most
+# significant digit first, whose last digit is from the upper half.
+
+_RANGE_DIGITS = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ+/"
+
+
+def _char_class(encoded: str) -> str:
+    """The ranges of an encoded table as the inside of a regex character class."""
+    bounds, n, bound = [], 0, 0
+    for digit in map(_RANGE_DIGITS.index, encoded):
+        n = n << 5 | digit & 31
+        if digit > 31:
+            bound, n = bound + n, 0
+            bounds.append(bound)
+    # Raw characters, not \U escapes, in the class: sre parses them twice as fast.
+    return "".join(re.escape(chr(start)) + "-" + re.escape(chr(end - 1))
+                   for start, end in zip(bounds[::2], bounds[1::2]))
+
+
+# Letters and digits that look alike, mapped to one (generated by gen.py
+# from Unicode TR39 confusables.txt, Version 18.0.0, Date 2026-08-06, 01:05:35 GMT;
+# do not edit by hand: rerun gen.py on a newer confusables.txt).
+# Every character whose TR39 prototype draws as ASCII letters or digits, mapped
+# to that prototype lower-cased, with chat.py's folds l/1 -> i, 0 -> o, m -> rn,
+# w -> vv (TR39 has 1 -> l, 0 -> O, m -> rn); fullwidth and mathematical letters
+# are left to NFKC. No multi-character sources in the file.
+# The key: NFKC, casefold, translate. So a small letter carries what its capital
+# draws as (в: В -> b), and where TR39 reads the two differently the capital wins:
+# Յ->3 յ->j, Ƽ->5 ƽ->s, Ϭ->6 ϭ->o, 𑢦->e 𑣆->7, Ν->n ν->v, 𑢵->o 𑣕->6, 𑢼->t 𑣜->y, Υ->y υ->u.
+_CONFUSABLE_SOURCES = {
+    "2": "ƨϩჷᒿᘖⴧꙅꛯꝛ\U0001ccf2",
+    "3": "ȝɜʒзӡյ३૩ვᜂⲝⳅⳍꝫ𑣊𖼻\U0001ccf3𝈆",
+    "4": "Ꮞ𑣏𖺂\U0001ccf4",
+    "5": "ƽ𑣛\U0001ccf5",
+    "6": "ϭбᏮⳓⳝꕃ\U0001ccf6",
+    "7": "ᜪ𐓺𖺊\U0001ccf7\U0001d1fe𝈒",
+    "8": "ȣ৪੪\u0b03ꖉ𐌚\U00011445𖧾\U0001ccf8\U0001e8cb",
+    "9": "৭੧୨൭ⳋꝯ𑣌𑣖𖧁\U0001ccf9𞋲",
+    "a": "ɑαаᎪᗅ⍺ꓮꭤ𐊠𖽀\U0001ccd6\U0001df5a\U0001df6a",
+    "b": "ƅβвь\u07d5ᏏᏴᑲᖯᗷⲃꓐꕗꞵ𐊂𐊡𐌁𐌜\U00016eb6\U0001ccd7𝈇",
+    "c": "сငၚᏟᴄⲥꓚ𐊢𐌂𐐽𐔛𑣩𑣲\U0001ccd8𝄴🝌",
+    "d": "ԁᎠᏧᑯᗞᗪꓒꓓ𐆋\U0001ccd9",
+    "e": "εеҽᎬ℮⋿ⴹꓰꗋꬲ𐊆𑣆𑣎\U0001ccda\U0001df81",
+    "f": "ƒʄϝք\u07d3ᖴẝꓝꞙꬵ𐅾𐊇𐊥𐔥𑣂\U0001ccdb𝈓",
+    "g": "ƍɡԍցᏀᏳᶃꓖ\U0001ccdc",
+    "h": "ηнһհᎻᏂᕼⲏⴙꓧ𐋏\U0001ccdd",
+    "i": "1l¡ıǀɩɪιіӏւ\u05c0\u05d5\u05df\u0627\u0661۱\u07ca।၊ᎥᏞᒪᛁᛐ—↿∣⍳⏽│┃ⲓⳑⵊⵏꓡꓲꕯꙇꞁꟾ꠰꣎꩝𐊊𐌉𐌠𐑃𐔎𐔦"
+         "\U00010926\U00010c3e\U00010ce5\U00010cfa𑁇𑃀𑅁𑇅\U000113d4𑑋𑗅𑙁𑣃𑣒𑱁\U00011dda\U00011de1"
+         "\U00016d63\U00016eaa𖼖𖼨\U0001ccde\U0001cce1\U0001ccf1𝄀𝈪𝍷𞅁\U0001e8c7\U0001ed01",
+    "j": "ȷʝϳјᎫᒍꓙ\U0001ccdf",
+    "k": "κкᏦᛕⲕꓗ𐔘\U0001cce0",
+    "n": "νոռⲛꓠ𐔓𑪾\U0001cce3",
+    "o": "0οσоօ\u05e1\u0647\u0665\u06be\u06c1\u06d5۵\u07c0\u07cb\u0840०০੦૦ଠ୦௦\u0c02౦\u0c82೦\u0d02ഠ൦"
+         "\u0d82๐໐ဝ၀ჿᄋᆼዐ០ᩅ᪀᪐\u1beaᴏᴑⲟⵔ〇ꓳꬽ𐊒𐊫𐌏𐐬𐓪𐔖\U0001092c\U00010c17\U00010d07𑄤\U00011302𑓐𑣈𑣕𑣗𑣠"
+         "\U00011de0𖫩\U0001cce4\U0001ccf0𞅀𞋰",
+    "p": "þƿρϸрᏢᑭ⍴ⲣⳏꓑ𐊕\U0001cce5",
+    "q": "ԛգզⵕ\U0001cce6",
+    "r": "ɍʀгᎡᎱᏒᖇᴦⲅꓣꭇꭈ𐓜𖨙𖼵\U0001cce7𝈖",
+    "s": "ѕտടჽᏕᏚⴝꓢꕶꜱ𐊖𐑈𑣁𖫖𖼺\U0001cce8",
+    "t": "τт\u07e0Ꭲ⊤⟙ⲧㄒ丅ꓔꔋ𐊗𐊱𐌕𑣜𖼊\U0001cce9𝍳🝨",
+    "u": "ʋսሀᑌᴜ∪⋃ꓴꞟꭎꭒ𐓶𑣘𖽂\U0001ccea",
+    "v": "ѵ\u05d8\u0667۷Ꮩᐯᴠ∨⋁ⴸꓦꛟ𐔝\U00010c1f𑜆𑣀𖼈\U0001cceb\U0001cefc𝈍𞅅",
+    "x": "×χхᕁᕽ᙭᙮ᚷᝣ\u1becᳵ╳⤫⤬⨯ⲭⵝꓫꭓ𐊐𐊴𐌗𐌢𐔧\U00010c13\U00010cc2\U00010cfc𑣬\U0001cced",
+    "y": "ɣʏγυуү\u07ccყᎩᎽᶌỿⲩㄚ丫ꓬꭚ𐊲\U00010c20𑣄𖽃\U0001ccee",
+    "z": "ζᏃᴢⱬⲍⴭꓜꛉ𐋵𐔇𑣉𑣥𑪼\U0001ccef",
+    "aa": "ꜳ",
+    "ae": "æӕ",
+    "ao": "ꜵ",
+    "ar": "🜇",
+    "au": "ꜷ",
+    "av": "ꜹꜻ",
+    "ay": "ꜽ",
+    "bi": "ы",
+    "co": "ꭃ",
+    "dz": "ʣ",
+    "ie": "\U0001df5d",
+    "ii": "ǁ\u05f0॥။ỻ‖∥꣏𑁈𑃁𑅂𑇆\U000113d5𑑌𑙂𑱂\U0001d262",
+    "iii": "ꔖ",
+    "io": "ю⏨",
+    "is": "ʪ",
+    "it": "₶",
+    "iz": "ʫ",
+    "oe": "œ",
+    "oi": "\U0001df5e",
+    "oo": "ᅇᇮ∞ꚙꝏ",
+    "ou": "\U0001df5f",
+    "oy": "ѹ",
+    "qe": "🜀",
+    "rn": "mμϻмՠᎷᗰᛖⲙꓟ𐊰𐌑\U00010c21𑜀𑣣\U0001cce2",
+    "rnb": "🝫",
+    "sss": "🝜",
+    "t3": "ꜩ",
+    "tf": "ꝷ",
+    "th": "\U0001df64",
+    "ts": "ʦ",
+    "ue": "ᵫ",
+    "uo": "ꭣ",
+    "vb": "🝬",
+    "vv": "wɯшѡԝաᎳᏔᴡ⧢ⲽꓪꟺ𑜊𑜎𑜏𑣦𑣯\U0001ccec𝈌\U0001df7d",
+    "vvh": "\U0001df65",
+}
+_CONFUSABLES = str.maketrans({ch: target for target, chars in _CONFUSABLE_SOURCES.items()
+                              for ch in chars})
+
+
+# Characters Unicode allows in identifiers (generated by gen_allowed.py from Unicode TR39
+# IdentifierStatus.txt, Version 18.0.0, Date 2026-04-13, 16:55:34 GMT;
+# sha256 5863c7d99ca18f21...; do not edit by hand: rerun gen_allowed.py on a newer file).
+# The 33792 code points with Identifier_Status=Allowed, in 1613 ranges; all others are
+# Restricted (technical, obsolete, uncommon, limited-use, not NFKC, ...). chat.py's names are
+# NFKC-normalised and hold only letters, digits and _-. before this test, so what it adds is
+# refusing restricted letters: IPA, phonetic (U+0251 U+0285 U+01C0 U+1D0F), archaic, uncommon.
+# _ID_ALLOWED: the range bounds (start, end + 1, start, end + 1, ...) as gaps from the bound
+# before, each a base-32 number in _ID_DIGITS, most significant digit first, whose last digit
+# is from the upper half. Needs `import re`.
+_ID_ALLOWED = (
+    "1DxByxHCWAxxW1YxETx/xYySyAyAxCyExAyCyGyXyxAxyyzBxxxAzxyyJyxzyxREExEAAyEy+A1ExDyByxyxxxxDxAyExS"
+    "xxxCx1Ey2zBxDKxDxyzEx2QxxzxxxQx1I1OIx2yxIxy1MIyEyMyDKHyKAEyy1GyH1CG1Czx2BXEy1HXyxzOxyGGCxxxxxA"
+    "TxGAyxxxExBxxxzyBxQxxUIzz2NyzxFxxyyzxxzAK1O6ZxMxxENEAx1VzxDxYxGxExCxFxxCyKGyCzyxyxzxDzyySxDxxz"
+    "AyxxDyyyATIMxyCAyySxDxxyxyyyxxBAyyzKxPyMyxFxzxSxDxyxByxxExzxzUGNzxDzyySxDxyyAyxxCzyyzExExNxNxx"
+    "CzzxAzyxxxyzyzzzIABzzxA1QyxDyzxTxDxyxBADxzxA1QyxDyzxTxDxyxBACyzxAUGOyxDyzxTxMACyzxyxxFx1yCyyxF"
+    "zCzAxPxFxxyDzxACxxxDPxK1OxDBKyG1DyxxyyxxyxCAxDxzxxxxyyxyxzxCxzyBxxxCyG1NxQGSzxAxAxAxAxAxIEyxxB"
+    "DzxHzxAxAxAxAxAxxzExz2z2GMHMSAx1TxBxy1x8LDx2xxAyDxxxAy1DxxxAy/xxxAyDxxxAyLx1wELxxxAyDx1DxO11CZ"
+    "yAyzyGyUyxxxJG15C1HyzaIyAyIyyyMyAAyGKyCyEyyyWyAyGxx2W5CMyz1Tx1zxExJx3uZz1V2SCyx2/qEx1Hx3Mx4Ox1"
+    "CxyxHxNxKx1AxGxLxHxnZx2DxJx3wyGxzxUxBxVx1VxFxGxHx6BxQx2Qx6Gx3Nx8Cxzx4Ex2XxcBxKxAx2Mx1zx2Tx1Dxe"
+    "Tx3QxAx1xxFx3Bx4OxPx8Xx2BxQx6xxBx2OxMx3Cx4Jx6Ax1OxyxAyxyQxzxSy2Wx5Bxd+xBxzxzxTD3LD4Qx2NOxSx1+x"
+    "MxYxIxUxLxWxMzxxxxExKxNxExzxxxExzx1IxWxxxPxWxExxxzxRxVyOx1zxzxAxAxLxBx1zxAxNxzxDzTxFxQxCxxyExE"
+    "xyx1zxIxyxSxDxAxzxAxDxzxJxHxAyFxOxxxFxGxxxDxLyHxIxxxzx3wxOxOxHxEx1RxzxzxxxyxyxIxzxExQyPxyxyxEx"
+    "xxExyyHxUxxxIxyxOx1wxEyzxGxGxFxJyExTyVxDx1FxMxHx1wx1Gx2wx+xyy1JxUxVx3BxTxNyQxGxHxAxDxCxBxAxExx"
+    "xPxDxGxyxGxDxXxQxFxIxLxxxyyExHxBxFxyxUxBxAxIyxxGxQxExBxKxNx1xxCxFx1Xy1TxBxFxByLxZxQxHxFxyyExyx"
+    "MxAxKxHxzxyxExxxLxLxyx1yxxx2Xx1Lx1YxxxBxzx1zxAxRxxxRxBxZx1DxXyVxyx1HxIxExyxJyJxFxAxDxFxUxExAxA"
+    "xHxNx1BxWxDxyxyxIx1zx1Gx1KxAxXxDxTx1RxzxHxTxzxEx1yxOxIyCxDxBxGxOxyxxxVxXx1RxEx2wx1DxBx1GxJxQx1"
+    "Ixxx2NxGxEyHxNxHxIxCxFxLx1Cx1OxGxLxyxYxxxNx1IxzxDxCxTxAxAxFxIxOxxxxxyy1CxWxzxCxMxAxYxxxTxxxSxy"
+    "xRx1LxzxZx1RxLx2wxHx/xIxVxBx1zx1LxDx1Zx3FyIxMx1zxDxWxJxCxNxIxUxCxzxExDxQxExTxxxTxAxZxIxLxWxExF"
+    "yDxCxzxDxBxKxAxUxQxGyLxAxOxyx1KxFxxxJy1yxyxzxDxLxOxAxNxGxAx1Zx1wxJx1CxxxRxxx1xxDxPxNxEx1Dxxxzx"
+    "XxWxzxHxOxGxRxExyx1zx1QxKx2NxyxZxMyyz1HxUxDxOxOxNxNxxxRxzxAxFxzxPxIxxxzxAxKxMx1AxIxOxCxGxSyAxG"
+    "xzxxxyxzxDx1Wx1MxDxyxBxLxNxMxKxEx1Cxxx1Nx1TxXxJxVxDx2IxLxQxVyAx2DyxyzxHxBxNx1xx/xKzJxFx2BxDx1w"
+    "xCx1SxBxxx1Kx+xxxAxTxJxGxyx1xxDxOxyx1Pxzxyx1zyDxBxHxFxzxKxDxzx+x1ExFxXxKy1yxPxxx/xExLxAxGxRxCx"
+    "/xCxMxBxzxxxExzyFxAxMxExxxAx2RxOx2zxJxTx1Gx2Ex1Ax1NxDxYx1wxAxExxxKx1yxExNxCx1Fxxxyx+x1Qx1wxMxy"
+    "xExyxLxFxFx1zxJx1AxNx1ZxTyHxzxZxVxPyyxyxGxyxGxFxJxNxQxxxHxOxFxPxyx1xx1NxJxVxyxMxGxCxxxJy1KxNxH"
+    "xzxAx1GxNx1VxAxGxZxDxDxDxAxDxFyNxzx1yxOxxxCyLySxGxOxDxyxAxDxyx1FxBxxx1yxHxxx1FxBxAxOxTyZxxzAxz"
+    "x1yxHxCxGxTxDxxxUxMx2LxxxGxxx2Dx1wxOy1yxyxDxUxMxHxCxNx1CxCyBxxxxyRxyx1zxCxyxWxAxIxFxPxFxOxyxHx"
+    "zx1AxBxNxBxNzUx2yxEx1Ux4ZyAxAxOx1GxHxCxxxWx1xxCxCx1Bx1AxIxzx1Bx1xxBxBxNzGxBx1Bx1zy1Ly2KxHxBx1Q"
+    "xUxGy1yxMxYx1zx1Cx1Bx1LxVxJxBx/x1Ax3Ex1DxCx1CxxyDx1Ux1GxNx1xxHx1FxTxGx1xyUxzx1KxPx+xExMx1xxAxE"
+    "xCxFyxxAxDxVx/xZxPxExJxBx1KxGxCxRx/xNxJxDx1HxYxGx2wxRxSxGxWxIxIxMxzxyxWx3HxyxzxRxHxQx2wxLxDxLx"
+    "yxzxAxSxzxCy1NxCxzxzxDyJxAxCyFxNxJxUxPxAxGxSxLxDxUxXx1YxExBxCx1xyCxHxCxAxBxBxxxHx4YxDxzxIzAxXx"
+    "GxzxzxzxLxGx1AxGxxxMxJxFxLy3Fx1FxVx1AxXxFx1CxPxEx+xCxxxxx1xxCxMxyyFxyxQxSx+xZxIxCx2XxCxKxLxCxY"
+    "x2yxxxGxExBx3Ax1wyAx1zxPx1NyXx1xxVxyxMxRxAxXxKx1zxHxyx1wx1BySxyxVx+xSxCxCx1VxPy1MxBxyxzxzxAxCx"
+    "xxFxMxzxGxLx1AxOxKxQxAxxyAx+xGxZxKx7YyAxCxNxXyzxExTxzx2DyyxQxTy1xxxxzxxyFxFxzxyxxxHxzxBx1KxxyQ"
+    "xTxyxyyTyyxEyHxFxHxNxNxxxNxJxCyzxExxxNx1Fx1yxBxAxExCxzxzxAxKxLxxx2KxOxVxDxAxCxyxZx1xxExRxyx3xx"
+    "1wxBxAxFxWxCy1yxRxCxAxBx2BxPxGxKxExzxzyCxLxxxCxGxCxUxExyxLxCxGxLxSxyxIx1Ex1PxFyxx1+xIxxxLxyxSx"
+    "4MyzxRxJxCx1Mx1DxUxKxyx1FxNxNxDxBx2+xPyDxBxzxEyAx1WxAxNxJxyxNx+xJxVx1Pxxxy1vDxYxmMxcAatAeqZxxx"
+    "1Ux1uJx1j6RDxAxyxL7oLx1yx2Dx16Vx1AxZx1UxBx1/x3Cxyx4Ky3Dx1BxAx1Qx1xy1OyZx3DxDx1Jx3NxOxByAx2BxDx"
+    "8Lx3nJx1nJxo/x3Jx4Cx4Cxzx3Ix2Bx2zxWxaHx3gzx20Xx27Ax1Nxqwx49Ix1bPxhBxDx42zx1o+x5Fx6Wx2fDxyxAx46"
+    "Bx")
+_NOT_ID_ALLOWED = re.compile(f"[^{_char_class(_ID_ALLOWED)}]")   # .search(name): the first letter not allowed
+
+# Combining marks (Mn, Mc, Me) of Unicode 14.0, in 299 ranges: more than
+# MARKS_MAX of them in a row on one letter are cut to MARKS_MAX.
+_MARKS = (
+    "ow3M8PD8D1Jxxxyxyxx2EH1MRMx3BDyCyyxA1zx+X2XH1WFFxUAxFxzxB1Hz1YE1GUx1x1SzxOxDGyZz1UxxDyyyzFxGyW"
+    "xyz1UxxBAyyzzx+yzxHz1UxxExzxzQySCxz1UxxDyyyzDzGy+x1XBzzxAFx1EB1TxxDxzxADyHyZz1UxxDxzxADyHyYA1T"
+    "yxDxzxAFxGyZz2CxACxxxEOy1ZxyDIE3yxyFHC2GyXxxxxxAy1NQxyBHx1AFx3AQTAAzxzyDzAJIxxGAl/ztOAYzZy+y2w"
+    "1wFx1Jzxx3Ry1yx3SIAI6XB1VGxZyx1M/1NB1LN1CFIz+J1UK1MQ4UzxRAxCxyz6C2wmM1x2v+z4Jx3w1whGC3FyteQAxG"
+    "1wy2My8MxzxAxTBAx2Py1OOWOJx1CEVJ1IA1LK1Ax2zKIxEy1Jz1OxxzyyByxx1FBBy7IExyjpMxnxMMMuJx7yx4RB1kCz"
+    "xyBA1EzAx5ByhZAczy4VH1NA3Wz1RL1FxyyGA1JHDx1Zz1AKMy1IxIz1MKEAxy2YICx5wIRA1TyxDyyyzFxGyyDzB6wOTx"
+    "2NQ7HDyFXy2ON3GJ3BL8wL7RCxyyAxxxy4JDyDzxYG1EDxAExFH1KMcRExE2OSxK3WCzxxyxDxx2yBxyxBaXAivVB1XD10"
+    "Uxx1TDA2NxHyj5Hy4jx1KyTg+BzCEEyD+A4Qz1tX1TA1OExKxSBxL1aMDxNyDxyxB8BDbTx1ZA1fwD3JDo5tR7M")
+_TOO_MANY_MARKS = re.compile(f"([{_char_class(_MARKS)}]{{{MARKS_MAX}}})[{_char_class(_MARKS)}]+")
 
 
 # ---------------------------------------------------------------------------

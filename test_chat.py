@@ -34,6 +34,7 @@ import tempfile
 import termios
 import threading
 import time
+import unicodedata
 import unittest
 import unittest.mock
 
@@ -1059,9 +1060,64 @@ class LookAlikeTest(HarnessTestCase):
         alice.send({"type": "join", "room": "d\u0435v"})
         self.assertEqual(alice.expect("error")["code"], "bad-room")
 
+    def test_the_look_alikes_measured_in_issue_18_are_not_accepted(self):
+        server = self.harness()
+        for real in ("alice", "root", "bob", "hugo"):
+            server.connect(real)
+        for nick in ("\u0251lice", "a\u01c0ice", "a\u0285ice", "r\u1d0f\u1d0ft", "b\u1d0fb",
+                     "\u0570\u057d\u0581\u0585", "\u13aa\u13de\u13a5\u13df\u13ac"):
+            with self.subTest(nick):
+                client = server.connect()
+                client.send({"type": "hello", "nick": nick})
+                self.assertIn(client.expect("error")["code"], ("nick-taken", "bad-nick"))
+                self.assertTrue(client.gone)
+
+    def test_the_skeleton_is_tr39s_and_keeps_different_names_apart(self):
+        self.assertEqual(chat.name_key("\u0570\u057d\u0581\u0585"), chat.name_key("hugo"), "all-Armenian hugo")
+        self.assertEqual(chat.name_key("vw"), chat.name_key("wv"), "both draw as vvv")
+        self.assertEqual(chat.name_key("rn"), chat.name_key("m"))
+        for one, other in (("bob", "dob"), ("alice", "alise"), ("anna", "anne"), ("li", "lu")):
+            self.assertNotEqual(chat.name_key(one), chat.name_key(other))
+        for name in ("\u00e9lodie", "\u0131\u015f\u0131k", "stra\u00dfe", "\u4e2d\u6587", "\uc9c0\ubbfc",
+                     "\u05d3\u05d5\u05d3", "\u0645\u062d\u0645\u062f", "\u0438\u0432\u0430\u043d"):
+            self.assertEqual(chat.check_name(name), name, "ordinary names in their own script")
+
     def test_a_nick_is_coloured_by_its_skeleton(self):
         self.assertEqual(chat.nick_color("alice"), chat.nick_color("AIice"))
         self.assertEqual(chat.name_key("\uff41lice"), chat.name_key("alice"))
+
+
+class FormatCharacterTest(HarnessTestCase):
+    """Issue 18 item 13: U+1D173..U+1D17A passed both cleaners (`al\\U0001D173ice`
+    showed as alice and did not ring her bell), and 3,900 combining marks on
+    one letter arrived whole."""
+
+    def test_every_format_character_but_the_joiner_is_removed_and_escaped(self):
+        formats = [chr(cp) for cp in range(0x110000) if unicodedata.category(chr(cp)) == "Cf" and cp != 0x200D]
+        self.assertGreater(len(formats), 150)
+        for ch in formats:
+            self.assertEqual(chat.clean_text(f"al{ch}ice"), "alice", ascii(ch))
+            self.assertNotIn(ch, chat.printable(f"al{ch}ice"), ascii(ch))
+        self.assertEqual(chat.clean_text("\U0001F469\u200d\U0001F4BB"), "\U0001F469\u200d\U0001F4BB")
+
+    def test_a_mention_hidden_by_a_format_character_rings_after_the_server_cleans_it(self):
+        alice, mallory = self.peer("alice"), self.peer("mallory")
+        mallory.send({"type": "msg", "text": "hey al\U0001D173ice"})
+        line = alice.expect("msg")
+        self.assertTrue(chat.calls_for_attention(line, "alice"))
+
+    def test_combining_marks_are_capped_per_letter(self):
+        self.assertEqual(chat.clean_text("a" + "\u0301" * 3900 + "b"), "a" + "\u0301" * chat.MARKS_MAX + "b")
+        self.assertEqual(chat.clean_text("Vi\u1ec7t Nam"), "Vi\u1ec7t Nam")
+        self.assertEqual(chat.clean_text("e\u0302\u0323"), "e\u0302\u0323", "Vietnamese stacks two")
+        self.assertEqual(len(chat.printable("x" + "\u0489" * 100)), 1 + chat.MARKS_MAX)
+
+    def test_the_marks_table_holds_only_marks(self):
+        marks = chat._TOO_MANY_MARKS.pattern[1:chat._TOO_MANY_MARKS.pattern.index("]")]
+        for start, end in re.findall("(.)-(.)", marks, re.S):
+            for cp in range(ord(start), ord(end) + 1):
+                if unicodedata.category(chr(cp)) != "Cn":     # assigned here
+                    self.assertEqual(unicodedata.category(chr(cp))[0], "M", hex(cp))
 
 
 class ForgedLineTest(unittest.TestCase):
