@@ -411,8 +411,9 @@ def shown(value: object, limit: int = 40) -> str:
     return text + "..." if cut else text
 
 
-def plural(count: int, noun: str) -> str:
-    return f"{count} {noun}" + ("" if count == 1 else "s")
+def plural(count: int, noun: str, nouns: str = "") -> str:
+    """'1 line', '2 lines'; `nouns` where the plural is not noun + s ('lines you missed')."""
+    return f"{count} {noun if count == 1 else nouns or noun + 's'}"
 
 
 def display_width(text: str) -> int:
@@ -4508,6 +4509,7 @@ class Console:
         self._lock = threading.Lock()
         self._saved_tty = None
         self._entered: collections.deque = collections.deque()    # lines the editor gave, not yet taken
+        self.started = False
 
     @property
     def prompt(self) -> str:
@@ -4520,6 +4522,7 @@ class Console:
 
     def start(self) -> None:
         """Begin reading: raw keys on a terminal that can edit, else whole lines."""
+        self.started = True
         if self.editing:
             self._raw_mode()
             self._write("\x1b[?2004h" + self.editor.draw())     # bracketed paste on, then the prompt
@@ -4964,7 +4967,7 @@ def _names(users: object) -> str:
 
 def _company(users: object, me: str) -> str:
     """'with alice, bob' or 'on your own', for the lines that greet you."""
-    others = [printable(u) for u in users if type(u) is str and name_key(u) != name_key(me)] \
+    others = [nick for nick in map(nick_of, users) if nick and name_key(nick) != name_key(me)] \
         if type(users) is list else []
     if not others:
         return "on your own so far"
@@ -5198,6 +5201,24 @@ class Past(NamedTuple):
     frame: dict
 
 
+class Retry(NamedTuple):
+    """Logging in: connect and say hello again, after `after` seconds."""
+    after: float
+    note: str = ""
+
+
+class Ask(NamedTuple):
+    """Logging in: ask the user for the password (hidden), then say hello again."""
+    prompt: str
+    note: str = ""
+
+
+class GiveUp(NamedTuple):
+    """Logging in: the server will not have us; exit with `code`."""
+    code: int
+    message: str
+
+
 class Session:
     """The client's side of the protocol, with no socket and no terminal
     (ChatClient keeps those): who we are, the rooms we are in and who is in
@@ -5215,8 +5236,13 @@ class Session:
 
     PROVISIONAL_KEPT = 1000     # provisional lines remembered, to know their numbered copies
 
+    LOGIN_TRIES = 20            # hellos one login may take (taken nicks, waits)
+    PASSWORD_ASKS = 3           # times the user is asked for a password
+
     def __init__(self, nick: str, password: Optional[str] = None):
         self.nick, self.password = nick, password
+        self.base_nick = nick       # what a taken nick's suffixes are added to
+        self.tries = self.asks = 0  # in this login
         self.rooms: List[str] = []
         self.room: Optional[str] = LOBBY    # where typed lines go; None: in no room
         self.members: Dict[str, Dict[str, str]] = {}    # room key -> {nick key: nick}, for completion
@@ -5250,19 +5276,25 @@ class Session:
     def welcome(self, frame: dict, reconnected: bool) -> Tuple[bool, list, Dict[str, int]]:
         """Take a welcome: (whether it resumed our session, the history to
         show, how many lines said in each room while we were away are gone:
-        the server's count, less the lines we said ourselves)."""
-        resumed = reconnected and frame.get("instance") == self.instance
-        self.nick = frame.get("nick") or self.nick
-        self.rooms = [r for r in frame.get("rooms") or [LOBBY] if type(r) is str]
+        the server's count, less the lines we said ourselves). Every field
+        is checked: a name that is not one, a number out of range or of the
+        wrong type is not taken (a hostile server gets no further)."""
+        instance = _token(frame.get("instance"))
+        resumed = reconnected and instance is not None and instance == self.instance
+        self.nick = nick_of(frame.get("nick")) or self.nick
+        rooms = frame.get("rooms")
+        self.rooms = list(dict.fromkeys(filter(None, map(room_of, rooms[:ServerConfig.rooms_per_user]))))\
+            if type(rooms) is list else []
+        self.rooms = self.rooms or [LOBBY]
         if self.room not in self.rooms:
-            self.room = frame.get("room") if type(frame.get("room")) is str else LOBBY
-        self.instance, self.session = frame.get("instance"), frame.get("session")
+            self.room = room_of(frame.get("room")) or (self.rooms[0] if self.rooms else None)
+        self.instance, self.session = instance, _token(frame.get("session"))
         self.joining.clear()
         self.members = {}
         self._add_members(frame.get("room"), frame.get("users"))
         history = _lines(frame.get("history"))
         missed = frame.get("missed") if resumed and isinstance(frame.get("missed"), dict) else {}
-        missed = {room: count for room, count in missed.items() if type(room) is str and type(count) is int}
+        missed = {room_of(room): count for room, count in missed.items() if room_of(room) and _count_of(count)}
         if resumed:     # your own lines were shown as you typed them, and the ones not kept were seen
             for room in list(missed):
                 mine_kept = sum(1 for line in history if line.get("room") == room and self._mine(line.get("from")))
@@ -5274,12 +5306,40 @@ class Session:
         self.sent = {}
         seqs = frame.get("seq")
         for room, seq in seqs.items() if isinstance(seqs, dict) else ():
-            self._saw(room, seq)
-        self.max_text = frame.get("max_text") if type(frame.get("max_text")) is int else TEXT_MAX
-        for key in ("ping_interval", "idle_timeout"):
-            if type(frame.get(key)) in (int, float) and frame[key] > 0:
-                setattr(self, key, float(frame[key]))
-        return resumed, self._history(history, "line you missed" if resumed else "earlier line"), missed
+            self._saw(room_of(room), seq)
+        self.max_text = _number(frame.get("max_text"), 1, TEXT_MAX, TEXT_MAX, int)
+        self.ping_interval = _number(frame.get("ping_interval"), 1.0, 3600.0, ServerConfig.ping_interval)
+        self.idle_timeout = _number(frame.get("idle_timeout"), self.ping_interval + 1.0, 4 * 3600.0,
+                                    max(ServerConfig.idle_timeout, 2.5 * self.ping_interval))
+        return resumed, self._history(history, resumed), missed
+
+    def refused(self, frame: dict, where: str, can_ask: bool) -> object:
+        """A login's answer that is not a welcome: Retry, Ask or GiveUp. A
+        taken nick tries NICK_2, NICK_3...; a password the server wants is
+        asked for (where `can_ask`: a terminal, not while reconnecting), a
+        wrong one asked for again; a try told to wait (`rate-limited`) waits
+        `retry_after` and goes again."""
+        self.tries += 1
+        code = frame.get("code") if type(frame.get("code")) is str else ""
+        text = printable(str(frame.get("text", frame.get("reason", ""))))[:300]
+        if frame.get("type") == "bye":
+            return GiveUp(EXIT_LOST, f"{where}: the server is going away: {text}")
+        if self.tries >= self.LOGIN_TRIES:
+            return GiveUp(EXIT_REFUSED, f"{where} refused: {text} ({code}); gave up after {self.tries} tries")
+        if code == "nick-taken":
+            taken, self.nick = self.nick, f"{self.base_nick[:NAME_MAX - 3]}_{self.tries + 1}"
+            return Retry(0.0, f"the nick {taken} is taken; trying {self.nick}")
+        if code == "auth-failed" and can_ask and self.asks < self.PASSWORD_ASKS:
+            self.asks += 1
+            return Ask(f"password for {where}: ", "wrong password" if self.password is not None else "")
+        if code == "rate-limited":
+            wait = _number(frame.get("retry_after"), 1, 600, 5)
+            return Retry(wait, f"{text}; trying again in {plural(math.ceil(wait), 'second')}")
+        return GiveUp(EXIT_REFUSED, f"{where} refused: {text} ({code})")
+
+    def logged_in(self) -> None:
+        """A welcome came: the next login starts afresh (from the nick we have now)."""
+        self.base_nick, self.tries, self.asks = self.nick, 0, 0
 
     # -- frames from the server ----------------------------------------------
 
@@ -5288,7 +5348,7 @@ class Session:
         return handler(frame) if handler is not None else [frame]
 
     def on_msg(self, frame: dict) -> list:
-        self._saw(frame.get("room"), frame.get("seq"))
+        self._saw(room_of(frame.get("room")), frame.get("seq"))
         said = _plain_said(frame)
         if frame.get("local") is True and said is not None:
             self.provisional[said] = None
@@ -5297,12 +5357,12 @@ class Session:
         elif self._shown_early(frame):
             return []
         if frame.get("to") is not None and not self._mine(frame.get("from")):
-            self.last_pm_from = frame.get("from")
+            self.last_pm_from = nick_of(frame.get("from")) or self.last_pm_from
         return [frame]
 
     def on_joined(self, frame: dict) -> list:
-        room = frame.get("room")
-        if type(room) is not str:
+        room = room_of(frame.get("room"))
+        if room is None:
             return []
         self._joined(room)
         if room not in self.rooms:
@@ -5311,22 +5371,24 @@ class Session:
         self._add_members(room, frame.get("users"))
         self._saw(room, frame.get("seq"))
         here = "; your lines go here now" if self.room == room else ""
-        return self._history(_lines(frame.get("history")), "earlier line") + [
+        return self._history(_lines(frame.get("history")), False) + [
             Note(f"you are in #{room} {_company(frame.get('users'), self.nick)}{here}")]
 
     def on_parted(self, frame: dict) -> list:
-        room = frame.get("room")
+        room = room_of(frame.get("room"))
+        if room is None:
+            return []
         if room in self.rooms:
             self.rooms.remove(room)
-        self.members.pop(name_key(room) if type(room) is str else "", None)
+        self.members.pop(name_key(room), None)
         if self.room == room:       # (a part this client did not ask for)
             self.room = self.rooms[0] if self.rooms else None
         where = f"now talking in #{self.room}" if self.room else "you are in no room now; /join one"
-        return [Note(f"you left #{printable(str(room))}; {where}")]
+        return [Note(f"you left #{room}; {where}")]
 
     def on_nick(self, frame: dict) -> list:
-        old, new = frame.get("old"), frame.get("new")
-        if type(old) is str and type(new) is str:
+        old, new = nick_of(frame.get("old")), nick_of(frame.get("new"))
+        if old is not None and new is not None:
             if old == self.nick:
                 self.nick = new
             for members in self.members.values():
@@ -5345,19 +5407,21 @@ class Session:
         return [frame]
 
     def on_who(self, frame: dict) -> list:
-        if type(frame.get("room")) is str:
-            self.members[name_key(frame["room"])] = {}
-            self._add_members(frame["room"], frame.get("users"))
+        room = room_of(frame.get("room"))
+        if room is not None:
+            self.members[name_key(room)] = {}
+            self._add_members(room, frame.get("users"))
         return [frame]
 
     def on_rooms(self, frame: dict) -> list:
         rooms = frame.get("rooms")
-        self.known_rooms = [r["name"] for r in rooms if isinstance(r, dict) and type(r.get("name")) is str] \
+        self.known_rooms = [name for name in (room_of(r.get("name")) for r in rooms if isinstance(r, dict)) if name]\
             if type(rooms) is list else []
         return [frame]
 
     def on_error(self, frame: dict) -> list:
-        self.last_error = frame.get("code", "")
+        code = frame.get("code")
+        self.last_error = code if type(code) is str else ""
         if self.last_error in ("bad-room", "too-many-rooms") and self.joining:     # our oldest /join failed
             room, before = self.joining.pop(0)
             if self.room == room:
@@ -5464,9 +5528,9 @@ class Session:
 
     # -- keeping track -------------------------------------------------------
 
-    def _saw(self, room: object, seq: object) -> None:
-        """Remember the newest line seen in `room`: where a resume starts."""
-        if type(room) is str and type(seq) is int and seq >= self.seen.get(room, seq):
+    def _saw(self, room: Optional[str], seq: object) -> None:
+        """Remember the newest line seen in `room` (a valid name): where a resume starts."""
+        if room is not None and type(seq) is int and 0 <= seq < 1 << 53 and seq >= self.seen.get(room, seq):
             if seq > self.seen.get(room, -1):
                 self.sent.pop(room, None)   # what we said before this line was before it too
             self.seen[room] = seq
@@ -5481,9 +5545,11 @@ class Session:
                 break
 
     def _add_members(self, room: object, nicks: object) -> None:
-        members = self.members.setdefault(name_key(room), {}) if type(room) is str else None
+        """Names that pass the nick rules only: nothing else can be completed (or drawn) from the list."""
+        room = room_of(room)
+        members = self.members.setdefault(name_key(room), {}) if room is not None else None
         if members is not None and type(nicks) is list:
-            members.update((name_key(nick), nick) for nick in nicks if type(nick) is str)
+            members.update((name_key(nick), nick) for nick in filter(None, map(nick_of, nicks[:100000])))
 
     def _mine(self, nick: object) -> bool:
         return type(nick) is str and name_key(nick) == name_key(self.nick)
@@ -5497,13 +5563,48 @@ class Session:
         del self.provisional[said]
         return True
 
-    def _history(self, lines: List[dict], label: str) -> list:
+    def _history(self, lines: List[dict], missed: bool) -> list:
         for line in lines:
-            self._saw(line.get("room"), line.get("seq"))
+            self._saw(room_of(line.get("room")), line.get("seq"))
         if not lines:
             return []
-        shown = lines if label == "line you missed" else map(Past, lines)   # what was said while we were here
-        return [Note(f"--- {plural(len(lines), label)} ---", "2"), *shown, Note("--- now ---", "2")]
+        shown = lines if missed else map(Past, lines)   # what was said while we were away is news
+        label = plural(len(lines), "line you missed", "lines you missed") if missed else \
+            plural(len(lines), "earlier line")
+        return [Note(f"--- {label} ---", "2"), *shown, Note("--- now ---", "2")]
+
+
+def nick_of(value: object) -> Optional[str]:
+    """A nick from the server, if it passes the nick rules (so it is safe to
+    draw, compare and complete); None if it does not."""
+    try:
+        return check_name(value) if type(value) is str else None
+    except ProtocolError:
+        return None
+
+
+def room_of(value: object) -> Optional[str]:
+    """A room name from the server (or typed), if it passes the rules; else None."""
+    try:
+        return check_room(value) if type(value) is str else None
+    except ProtocolError:
+        return None
+
+
+def _token(value: object) -> Optional[str]:
+    """An opaque string the server hands out (instance, session), if it is a sane one."""
+    return value if type(value) is str and 0 < len(value) <= 200 and value.isprintable() else None
+
+
+def _number(value: object, low: float, high: float, default: float, kind: type = float):
+    """A number from the server within [low, high] (clamped); `default` if it is not a finite number."""
+    if type(value) not in (int, float) or value != value or value in (float("inf"), float("-inf")):
+        return kind(default)
+    return kind(min(max(value, low), high))
+
+
+def _count_of(value: object) -> bool:
+    return type(value) is int and 0 < value < 1 << 53
 
 
 def _plain_said(line: dict) -> Optional[tuple]:
@@ -5524,11 +5625,13 @@ class ChatClient:
 
     OUTBOX_LINES = 100      # lines kept while disconnected
     RECONNECT_CAP = 30.0    # seconds between attempts, at most
+    BELL_QUIET = 2.0        # seconds after a bell before the next may ring
 
     def __init__(self, args: argparse.Namespace, console: Console, view: View):
         self.args, self.console, self.view = args, console, view
         self.json = args.json
         self.bell = console.interactive and not args.no_bell
+        self.rang = -1e9        # when the bell last rang
         self.session = Session(args.nick or default_nick(), args.password)
         self.link: Optional[Link] = None
         self.welcomed = False
@@ -5604,6 +5707,13 @@ class ChatClient:
             line += paint(" (waiting to be sent)", "2", view)
         self.show(line)
         if self.bell and calls_for_attention(frame, session.nick):
+            self.ring()
+
+    def ring(self) -> None:
+        """The bell, at most once every BELL_QUIET seconds: a burst of mentions is one ring."""
+        now = time.monotonic()
+        if now - self.rang >= self.BELL_QUIET:
+            self.rang = now
             self.console.bell()
 
     def set_prompt(self) -> None:
@@ -5702,10 +5812,10 @@ class ChatClient:
     # -- connecting ----------------------------------------------------------
 
     def login(self, reconnecting: bool = False) -> None:
-        """Connect and exchange hello/welcome, retrying a taken nick with a
-        suffix and (on a terminal) asking for a password the server wants."""
+        """Connect and exchange hello/welcome; what to do when refused is the
+        Session's rule (see Session.refused): try another nick, ask for the
+        password, wait and try again, or give up."""
         session = self.session
-        base, tries = session.nick, 1
         while True:
             link = connect(self.args.host, self.args.port, self.args.tls_options)
             link.send(session.hello())
@@ -5716,23 +5826,26 @@ class ChatClient:
                 raise ClientExit(EXIT_LOST, f"{link.where}: {error}") from None
             if frame["type"] == "welcome":
                 self.link, self.last_heard = link, time.monotonic()
+                session.logged_in()
                 self.on_welcome(frame, reconnecting)
                 return
             link.close()
-            code, text = frame.get("code"), printable(str(frame.get("text", frame.get("reason", ""))))
-            if code == "nick-taken" and tries < 20:
-                tries += 1
-                session.nick = f"{base[:NAME_MAX - 3]}_{tries}"
-                self.note(f"the nick {base} is taken; trying {session.nick}")
-            elif code == "auth-failed" and self.console.interactive and not reconnecting and tries < 4:
-                tries += 1
-                if session.password is not None:
-                    self.note("wrong password", "31")
-                session.password = ask_user(f"password for {link.where}: ", secret=True)
-            elif frame["type"] == "bye":
-                raise ClientExit(EXIT_LOST, f"{link.where}: the server is going away: {text}")
-            else:
-                raise ClientExit(EXIT_REFUSED, f"{link.where} refused: {text} ({code})")
+            step = session.refused(frame, link.where, self.console.interactive and not reconnecting)
+            if isinstance(step, GiveUp):
+                raise ClientExit(step.code, step.message)
+            if step.note:
+                self.note(step.note, "31" if isinstance(step, Ask) else "33")
+            if isinstance(step, Ask):
+                session.password = ask_user(step.prompt, secret=True)
+            elif step.after:
+                self.pause(step.after)
+
+    def pause(self, seconds: float) -> None:
+        """Wait before trying again (typed lines, once the console runs, are taken meanwhile)."""
+        if self.console.started:
+            self.wait_input(seconds)
+        else:
+            time.sleep(seconds)     # nothing else to do yet: the user waits to be let in
 
     def flush_outbox(self) -> None:
         waiting, self.outbox = self.outbox, []

@@ -3585,6 +3585,61 @@ class ClientSessionRulesTest(unittest.TestCase):
         self.assertEqual(session.completions("/join #d", 8, []), (["#dev "], 6))
 
 
+class HostileServerTest(unittest.TestCase):
+    """Issue 18 items 8, 9, 11: what a hostile server sends never reaches the
+    terminal raw, never crashes the client, and is never typed for the user."""
+
+    OSC, CLEAR = "\x1b]0;PWNED\x07", "\x1b[2J"
+
+    def welcomed(self, **fields):
+        session = chat.Session("alice")
+        session.welcome(dict(ClientSessionTest.WELCOME, **fields), reconnected=False)
+        return session
+
+    def test_names_that_are_not_names_are_not_taken(self):
+        session = self.welcomed(nick=self.OSC + "alice", room=self.CLEAR, rooms=["lobby", self.OSC])
+        self.assertEqual((session.nick, session.room, session.rooms), ("alice", "lobby", ["lobby"]))
+        self.assertEqual(session.receive({"type": "joined", "room": self.OSC, "users": []}), [])
+        shown = session.receive({"type": "joined", "room": "dev", "users": ["bob" + self.CLEAR, "carol"]})
+        self.assertNotIn("\x1b", shown[-1].text)
+        session.receive({"type": "nick", "old": "alice", "new": self.OSC})
+        self.assertEqual(session.nick, "alice")
+
+    def test_fields_of_the_wrong_type_or_out_of_range_crash_nothing(self):
+        for fields in ({"rooms": 5, "nick": 123, "idle_timeout": 1e300}, {"idle_timeout": float("inf")},
+                       {"ping_interval": -1, "idle_timeout": float("nan")}, {"seq": {"lobby": "x", 5: 5}},
+                       {"max_text": 10 ** 12, "instance": ["x"], "session": {"a": 1}, "users": "alice"},
+                       {"missed": {"lobby": 10 ** 30, "\x1b": 3}, "history": [1, "x", {"room": 5}]}):
+            with self.subTest(fields):
+                session = chat.Session("alice")
+                session.welcome(dict(ClientSessionTest.WELCOME, **fields), reconnected=True)
+                self.assertLessEqual(session.idle_timeout, 4 * 3600)
+                self.assertGreater(session.idle_timeout, session.ping_interval)
+                self.assertGreaterEqual(session.ping_interval, 1.0)
+                self.assertLessEqual(session.max_text, chat.TEXT_MAX)
+                session.receive({"type": "error", "code": {"kicked": 1}, "text": ["x"]})
+
+    def test_tab_offers_only_names_that_are_nicks(self):
+        session = self.welcomed(users=["alice", "eve\n/msg mallory my-draft", "eve2"])
+        self.assertEqual(session.completions("e", 1, []), (["eve2: "], 0))
+
+    def test_the_prompt_and_greeting_draw_nothing_raw(self):
+        with socket.create_server(("127.0.0.1", 0)) as listener:    # a fake server, to control the bytes
+            terminal = Terminal(self, "client", "-n", "alice", "-p", listener.getsockname()[1])
+            conn, _ = listener.accept()
+            with conn:
+                fake = Peer(0, sock=conn)
+                self.assertEqual(fake.next()["type"], "hello")
+                conn.sendall(chat.encode({"type": "welcome", "nick": self.OSC, "room": self.CLEAR,
+                                          "rooms": [self.CLEAR], "users": [self.OSC], "history": [],
+                                          "idle_timeout": float("inf")})
+                             + chat.encode({"type": "joined", "room": self.OSC + "x", "users": [], "history": []}))
+                terminal.settle(r"#lobby>")
+                self.assertNotIn(b"PWNED", terminal.output)
+                self.assertNotIn(b"\x1b[2J", terminal.output)
+                self.assertIsNone(terminal.proc.poll())
+
+
 class ClientProcessTest(ServerTestCase):
     def test_piped_lines_are_sent_and_the_client_exits_0_at_their_end(self):
         alice = self.peer("alice")
@@ -3951,15 +4006,27 @@ class ClientTerminalTest(ServerTestCase):
         bob.send({"type": "msg", "text": "ALICE, lunch?"})
         terminal.settle("lunch")
         self.assertEqual(terminal.screen.bells, 1)
-        bob.send({"type": "pm", "to": "alice", "text": "psst"})
-        terminal.settle(r"\[pm from bob\] psst")
-        self.assertEqual(terminal.screen.bells, 2)
-        terminal.type("/r back at you\r")
+        dave = self.terminal(nick="dave")       # (a second bell within 2 s would be coalesced: see below)
+        bob.send({"type": "pm", "to": "dave", "text": "psst"})
+        dave.settle(r"\[pm from bob\] psst")
+        self.assertEqual(dave.screen.bells, 1)
+        dave.type("/r back at you\r")
         self.assertEqual((bob.expect("msg")["text"]), "back at you")
         quiet = self.terminal("--no-bell", nick="carol")
         bob.send({"type": "pm", "to": "carol", "text": "psst"})
         quiet.settle("psst")
         self.assertEqual(quiet.screen.bells, 0)
+
+    def test_a_thousand_mentions_in_a_second_ring_once(self):
+        """Issue 18 item 10, as measured: 1,000 mentions in a second rang 1,000 bells (500 pms, 500 lines)."""
+        bob = self.peer("bob")
+        terminal = self.terminal()
+        bob.expect("join", nick="alice")
+        for i in range(500):
+            bob.send({"type": "pm", "to": "alice", "text": f"alice {i}"})
+            bob.send({"type": "msg", "text": f"alice {i}"})
+        terminal.settle(r"<bob> alice 499", timeout=15)
+        self.assertEqual(terminal.screen.bells, 1)
 
     def test_tab_completes_commands_nicks_and_rooms(self):
         self.peer("bob")
