@@ -70,7 +70,7 @@ log = logging.getLogger("chat")
 # 1. Wire codec
 # ---------------------------------------------------------------------------
 
-PROTOCOL = 2                    # the version of the wire contract in README.md ("Protocol"); welcome says it
+PROTOCOL = 3                    # the version of the wire contract in README.md ("Protocol"); welcome says it
 MAX_CLIENT_PAYLOAD = 65536      # largest frame a client may send
 MAX_SERVER_PAYLOAD = 1 << 20    # largest frame a server may send
 _LENGTH = struct.Struct(">I")
@@ -688,6 +688,11 @@ class ServerConfig:
     nick_hold: float = 60.0            # seconds a lost connection's nick waits for its owner to reconnect
     auth_delay: float = 1.0            # an address's wait after its first wrong password (it doubles)
     password: Optional[str] = None
+    ops: Tuple[str, ...] = ()          # accounts that are server operators (--op)
+    registered_only: bool = False      # guests may not join: only accounts
+    motd: str = ""                     # shown at welcome (--motd FILE)
+    db: Optional[str] = None           # the SQLite file that keeps everything (--db)
+    db_history: int = 10000            # lines per room the database keeps, to catch up on
     tls_cert: Optional[str] = None
     tls_key: Optional[str] = None
     max_rooms: int = 1000
@@ -744,7 +749,8 @@ class Conn:
     field with one owner that changes it (the others only read it):
 
     - the loop: sock, fd, tls, handshake, shut, events;
-    - Chat: state (through Chat.move), nick, key, session, claimed, rooms;
+    - Chat: state (through Chat.move), nick, key, session, claimed, rooms,
+      since, said, echo; People: account, away, told_away;
     - Intake: holds (through hold/release), codec, tokens, refilled, held,
       deferred, last_heard, flood_noticed;
     - Output: out, the chunks of bytes queued for the client, and queued,
@@ -753,8 +759,8 @@ class Conn:
 
     __slots__ = ("sock", "fd", "addr", "ip", "source", "tls", "handshake", "shut", "events", "state", "codec",
                  "out", "queued",
-                 "nick", "key", "session", "claimed", "rooms", "tokens", "refilled", "held", "holds", "deferred",
-                 "last_heard", "flood_noticed")
+                 "nick", "key", "session", "claimed", "rooms", "account", "away", "told_away", "since", "said", "echo",
+                 "tokens", "refilled", "held", "holds", "deferred", "last_heard", "flood_noticed")
 
     def __init__(self, sock, addr: str, ip: str, max_payload: int, now: float, burst: float):
         self.sock = sock
@@ -772,6 +778,11 @@ class Conn:
         self.nick = self.key = self.session = None
         self.claimed = 0.0              # when it got its nick (wall clock): the earlier claim wins
         self.rooms: List[Room] = []
+        self.account = ""               # the account it is logged in to ("": a guest)
+        self.away: Optional[str] = None     # its away text
+        self.told_away: set = set()     # who was told it is away, since it went away
+        self.since = self.said = 0.0    # when it joined, and when it last said something (wall clock)
+        self.echo = False               # it wants its own private messages back (protocol 3)
         self.tokens, self.refilled = float(burst), now    # flood-control token bucket
         self.held: Optional[dict] = None   # a frame waiting for a token
         self.holds = 0                  # why it is not read (FLOOD, BACKLOG, ANSWER bits); 0: it is
@@ -805,6 +816,11 @@ class ServerIO(Protocol):
 
     def stop(self, why: str = "") -> None:
         """Say bye to everyone (through Chat.shutdown) and stop; `why` is for the log."""
+
+    def work(self, function: Callable, *args, done: Callable[[object], None]) -> None:
+        """Run function(*args) away from the loop's thread (a password hash
+        takes tens of milliseconds), then done(its result, or the exception
+        it raised) in a turn."""
 
 
 # ---------------------------------------------------------------------------
@@ -1122,6 +1138,17 @@ class Rooms:
         self.floor = max(self.floor, saved.floor + saved.lost)
         self.end_turn()
 
+    def purge(self, sender: str, room: Optional[Room]) -> int:
+        """Take the lines of `sender` (a nick key) out of `room`'s history (None: every room's); how many."""
+        removed = 0
+        for where in [room] if room is not None else list(self.table.values()):
+            kept = [line for line in where.history if name_key(str(json.loads(line.data[4:]).get("from"))) != sender]
+            removed += len(where.history) - len(kept)
+            self.forget(where, len(where.history))
+            for line in kept:
+                self.keep(where, line)
+        return removed
+
     def snapshot(self) -> "Snapshot":
         """What a store compacts itself to: every kept line, and how far numbering went."""
         seqs = {key: seq for key, (_, seq) in self.retired.entries.items()}
@@ -1405,6 +1432,14 @@ class Relay(Protocol):
     def others(self) -> List[str]:
         """The nicks on the other servers."""
 
+    records: Dict[str, Dict[str, dict]]     # the records (accounts, bans...) the store had at start
+
+    def profile(self, key: str) -> Optional[dict]:
+        """What another server says of its user `key` (for /whois, away), if it has one."""
+
+    def act(self, act: str, key: str, by: str, reason: str, room: Optional[str]) -> None:
+        """A kick or ban for `key`, who is not on this server: to the server that has them."""
+
     def end_turn(self) -> None:
         """The loop turn is over: write what it produced."""
 
@@ -1430,6 +1465,7 @@ class LocalRelay:
         saved = self.store.load()
         self.instance, self.next_id = saved.instance, saved.next_id
         self.reserved = saved.next_id       # ids below this may be given without asking the store
+        self.records = saved.records
         chat.rooms.load(saved)
         if saved.lines:
             log.info("history: %s from %s", plural(len(saved.lines), "line"), self.store.where)
@@ -1469,6 +1505,12 @@ class LocalRelay:
 
     def others(self) -> List[str]:
         return []
+
+    def profile(self, key: str) -> Optional[dict]:
+        return None
+
+    def act(self, act: str, key: str, by: str, reason: str, room: Optional[str]) -> None:
+        pass        # nobody on another server: there is none
 
     def end_turn(self) -> None:
         if self.store.end_turn(self.chat.rooms.snapshot):
@@ -1512,6 +1554,9 @@ class Store(Protocol):
     def put(self, kind: str, key: str, value: Optional[dict]) -> None:
         """Keep a record (None: forget it)."""
 
+    def purge(self, sender: str, room: Optional[str]) -> None:
+        """Forget the lines of `sender` (a nick key) kept for `room` (None: every room)."""
+
     def end_turn(self, snapshot: Callable[[], "Snapshot"]) -> bool:
         """Write what this turn added (compacting from `snapshot` if needed);
         True when a sync() should now be scheduled."""
@@ -1554,6 +1599,9 @@ class MemoryStore:
             table.pop(key, None)
         else:
             table[key] = value
+
+    def purge(self, sender: str, room: Optional[str]) -> None:
+        pass        # the lines are in memory only: Rooms.purge took them
 
     def end_turn(self, snapshot: Callable[[], Snapshot]) -> bool:
         return False
@@ -1640,6 +1688,7 @@ class HistoryFile(MemoryStore):
         self._pending: List[bytes] = []     # lines and records not written yet
         self._pending_lines = 0
         self._failing = False       # writes fail (the disk is full, say)
+        self._purged = False        # lines were taken out of the history: rewrite the file
         self._unsynced = False
         self._fd = -1
 
@@ -1737,9 +1786,15 @@ class HistoryFile(MemoryStore):
         self.reserved = next_id
         self._pending.append(_dumps({"ids": next_id}).encode())
 
+    def purge(self, sender: str, room: Optional[str]) -> None:
+        self._purged = True         # the file is rewritten from what the server keeps, at the end of the turn
+
     def end_turn(self, snapshot: Callable[[], Snapshot]) -> bool:
         """Write what this turn added (and what earlier turns could not);
         compact when too big. True when an fsync should now be scheduled."""
+        if self._purged and self._fd >= 0:
+            self._purged = False
+            self._compact(snapshot)
         if not self._pending or self._fd < 0:
             return False
         self.watermark.write(self.instance, self.given, self.reserved)
@@ -1760,15 +1815,18 @@ class HistoryFile(MemoryStore):
             log.warning("history %s: written again; nothing was lost", self.path)
             self._failing = False
         if size + written > max(self.max_bytes, 2 * self._compacted):
-            try:
-                self.rewrite(snapshot())    # if this fails, the old file stays, whole and open
-                os.close(self._fd)
-                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
-            except OSError as error:
-                log.error("history %s: cannot compact it: %s", self.path, error.strerror or error)
+            self._compact(snapshot)
             return False
         was_synced, self._unsynced = not self._unsynced, True
         return was_synced
+
+    def _compact(self, snapshot: Callable[[], Snapshot]) -> None:
+        try:
+            self.rewrite(snapshot())    # if this fails, the old file stays, whole and open
+            os.close(self._fd)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        except OSError as error:
+            log.error("history %s: cannot compact it: %s", self.path, error.strerror or error)
 
     def _cannot_write(self, error: OSError) -> None:
         """Lines that did not reach the file wait for another try (up to
@@ -1860,14 +1918,6 @@ class Strikes:
         return count
 
 
-class Verdict(NamedTuple):
-    """What the gate says of a password try: "ok", "wrong" (with the wait
-    the next try from there would have), or "wait" (seconds, and why)."""
-    kind: str
-    seconds: float = 0.0
-    why: str = ""
-
-
 class Gate:
     """Who may hold a connection slot and try a password. Sans-I/O, like Chat.
 
@@ -1908,6 +1958,7 @@ class Gate:
         self.admitted: set = set()                              # the connections counted in `slots`
         self.waiting: "collections.OrderedDict[Conn, float]" = collections.OrderedDict()  # password try -> its turn
         self.by_address, self.by_network = Strikes(self.FORGET), Strikes(self.FORGET)
+        self.by_account = Strikes(self.FORGET)     # an account's password guessed from anywhere
         self.allowance, self.refilled = float(self.GLOBAL_BURST), 0.0     # the whole server's, in strikes
         self.proven: "collections.OrderedDict[str, float]" = collections.OrderedDict()  # address -> last login
         self.seen: "collections.OrderedDict[str, float]" = collections.OrderedDict()    # network -> first try
@@ -1964,24 +2015,12 @@ class Gate:
 
     # -- passwords -----------------------------------------------------------
 
-    def judge(self, conn: Conn, given: object, now: float, returning: bool = False) -> Verdict:
-        """Whether `given` is the password, if `conn`'s source may have it
-        checked now; else how long it must wait and why. `returning`: a
-        session coming back, which skips the server-wide wait."""
-        if given is None:       # a client asking whether a password is needed
-            raise ProtocolError("auth-failed", "this server needs a password")
-        seconds, why = self.wait(conn, now, returning)
-        if seconds > 0:
-            return Verdict("wait", seconds, why)
-        if type(given) is str and hmac.compare_digest(given.encode("utf-8"), str(self.config.password).encode()):
-            self.succeeded(conn, now)
-            return Verdict("ok")
-        strikes = self.failed(conn, now)
-        log.warning("%s: wrong password (%s from this address)", conn.addr, plural(strikes, "strike"))
-        return Verdict("wrong", self.wait(conn, now, returning)[0])
-
-    def wait(self, conn: Conn, now: float, returning: bool = False) -> Tuple[float, str]:
-        """Seconds before `conn`'s source may have a password checked (0: now), and whose strikes those are."""
+    def wait(self, conn: Conn, now: float, trusted: bool = False, account: str = "") -> Tuple[float, str]:
+        """Seconds before `conn` may have a password checked (0: now), and
+        whose strikes it waits for: its address's, its network's, the whole
+        server's, or (`account`: a try at an account's password) that
+        account's. `trusted`: a session coming back, or an account's own
+        network, which wait for neither the server nor the account."""
         delay, waits = self.config.auth_delay, [(0.0, "")]
         count, last = self.by_address.get(conn.ip, now)
         if count:
@@ -1989,7 +2028,11 @@ class Gate:
         count, last = self.by_network.get(self._network(conn), now)
         if count >= 4:
             waits.append((last + min(delay * 2 ** (count // 4 - 1), self.MAX_PENALTY) - now, "your network"))
-        if not returning and conn.ip not in self.proven and self._network(conn) not in self.proven:
+        if account and not trusted:
+            count, last = self.by_account.get(account, now)
+            if count >= 3:
+                waits.append((last + min(delay * 2 ** (count - 3), self.MAX_PENALTY) - now, "the account"))
+        if not trusted and conn.ip not in self.proven and self._network(conn) not in self.proven:
             self._refill(now)
             if self.allowance < 1.0:
                 waits.append(((1.0 - self.allowance) * delay, "everywhere"))
@@ -2023,12 +2066,18 @@ class Gate:
             self.turn_timer = True
             self.io.call_later(max(0.01, 1.0 - self.allowance) * self.config.auth_delay, self._next_turns)
 
-    def failed(self, conn: Conn, now: float) -> int:
-        """A wrong password from `conn`: a strike everywhere; returns its address's count."""
+    def failed(self, conn: Conn, now: float, account: str = "") -> int:
+        """A wrong password from `conn` (for `account`, if one): a strike
+        everywhere; returns its address's count."""
         self.by_network.add(self._network(conn), now)
+        if account:
+            self.by_account.add(account, now)
         self._refill(now)
         self.allowance -= 1.0
-        return self.by_address.add(conn.ip, now)
+        strikes = self.by_address.add(conn.ip, now)
+        log.warning("%s: wrong password%s (%s from this address)", conn.addr, f" for {account}" if account else "",
+                    plural(strikes, "strike"))
+        return strikes
 
     def succeeded(self, conn: Conn, now: float) -> None:
         """A right password: its address and network have proven themselves (the newest 10,000 are kept)."""
@@ -2045,6 +2094,8 @@ class Gate:
     @staticmethod
     def _network(conn: Conn) -> str:
         return network_of(conn.ip, 24, 48)
+
+    network = _network
 
 
 # ---------------------------------------------------------------------------
@@ -2217,7 +2268,518 @@ class Nicks:
 
 
 # ---------------------------------------------------------------------------
-# 4f. Chat: the protocol's rules
+# 4f. People: accounts that own their nick, operators, bans, mutes, topics,
+# away, kept messages and where each account left off
+
+SCRYPT = {"n": 1 << 14, "r": 8, "p": 1}    # 16 MiB and about 40 ms a hash on a 2-core box
+SCRYPT_N_MAX = 1 << 20                     # a stored record asking more is not believed
+INBOX_MAX, INBOX_PER_SENDER = 100, 10      # messages kept for an account, and from any one sender
+PLACE_ROOMS = 20                           # rooms an account comes back to
+
+
+def hash_password(password: str) -> dict:
+    """A password as it is kept: scrypt with a salt of its own, and its parameters."""
+    salt = os.urandom(16)
+    key = hashlib.scrypt(password.encode("utf-8"), salt=salt, dklen=32, maxmem=64 << 20, **SCRYPT)
+    return {"scrypt": dict(SCRYPT), "salt": base64.b64encode(salt).decode(), "key": base64.b64encode(key).decode()}
+
+
+def password_matches(kept: dict, password: object) -> bool:
+    """Whether `password` is the one `kept` was made from (in constant time)."""
+    try:
+        params = {name: int(kept["scrypt"][name]) for name in ("n", "r", "p")}
+        salt, key = base64.b64decode(kept["salt"]), base64.b64decode(kept["key"])
+    except (KeyError, TypeError, ValueError):
+        return False
+    if type(password) is not str or not 1 < params["n"] <= SCRYPT_N_MAX or not 0 < params["r"] * params["p"] <= 64:
+        return False
+    given = hashlib.scrypt(password.encode("utf-8"), salt=salt, dklen=len(key), maxmem=256 << 20, **params)
+    return hmac.compare_digest(given, key)
+
+
+_DURATION = re.compile(r"(\d{1,6})([smhdw])$")
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> Optional[float]:
+    """'30m', '2h', '1d' as seconds; None if `text` is not one."""
+    match = _DURATION.match(text.lower())
+    return float(int(match[1]) * _SECONDS[match[2]]) if match and int(match[1]) else None
+
+
+def spoken_duration(seconds: float) -> str:
+    """Seconds as people say them: '30m', '2h', '1d', '90s'."""
+    for unit in "wdhm":
+        if seconds >= _SECONDS[unit] and seconds % _SECONDS[unit] == 0:
+            return f"{int(seconds // _SECONDS[unit])}{unit}"
+    return f"{math.ceil(seconds)}s"
+
+
+class Records:
+    """The records a store keeps (kinds below), cached here: read from the
+    cache, written through to the store. In a cluster the store is Redis,
+    shared by every server, and changes made by the others come in through
+    changed(), which tells `on_change` (People) so it can act on them."""
+
+    KINDS = ("account", "ban", "mute", "topic", "roomop", "place", "inbox")
+
+    def __init__(self, store: "Store", saved: Dict[str, Dict[str, dict]]):
+        self.store = store
+        self.tables: Dict[str, Dict[str, dict]] = {kind: dict(saved.get(kind, {})) for kind in self.KINDS}
+        self.on_change: Callable[[str, str, Optional[dict]], None] = lambda kind, key, value: None
+
+    def get(self, kind: str, key: str) -> Optional[dict]:
+        return self.tables[kind].get(key)
+
+    def items(self, kind: str) -> List[Tuple[str, dict]]:
+        return list(self.tables[kind].items())
+
+    def put(self, kind: str, key: str, value: Optional[dict]) -> None:
+        """Keep (or with None, forget) a record, here and in the store."""
+        self._set(kind, key, value)
+        self.store.put(kind, key, value)
+
+    def changed(self, kind: str, key: str, value: Optional[dict]) -> None:
+        """Another server changed a record (the shared store has it already)."""
+        if kind in self.tables:
+            self._set(kind, key, value)
+            self.on_change(kind, key, value)
+
+    def _set(self, kind: str, key: str, value: Optional[dict]) -> None:
+        if value is None:
+            self.tables[kind].pop(key, None)
+        else:
+            self.tables[kind][key] = value
+
+
+def scoped(room: Optional["Room"], key: str) -> str:
+    """A record key for `key` in `room` (bans, mutes and room operators), or server-wide."""
+    return f"{room.key if room is not None else ''}/{key}"
+
+
+class Ban(NamedTuple):
+    """A ban or a mute, as kept (see People)."""
+    nick: str
+    until: Optional[float]      # wall clock; None: until lifted
+    reason: str
+    by: str
+    room: Optional[str]
+    source: Optional[str]       # a guest's network, also shut out (never an account)
+
+    @classmethod
+    def of(cls, record: Optional[dict], now: float) -> Optional["Ban"]:
+        """The ban `record` holds, if it is still on at `now`."""
+        if not isinstance(record, dict):
+            return None
+        until = record.get("until")
+        if type(until) in (int, float) and until <= now:
+            return None
+        return cls(str(record.get("nick", "")), until if type(until) in (int, float) else None,
+                   str(record.get("reason", "")), str(record.get("by", "")), record.get("room"), record.get("source"))
+
+    def until_text(self, now: float) -> str:
+        if self.until is None:
+            return "until it is lifted"
+        return f"for {spoken_duration(max(1, self.until - now))} more (until {time.strftime('%Y-%m-%d %H:%M', time.localtime(self.until))})"
+
+
+class People:
+    """Who people are and what they may do. Its state is kept in Records
+    (so it lasts, and in a cluster is one for every server); its requests
+    come through Chat's handler table (see handlers()).
+
+    - Accounts own their nick: a registered nick (or a look-alike: its key)
+      needs its password at hello, online or not. `register` makes one,
+      `password` changes it; hashes are scrypt, computed off the loop.
+    - Server operators (--op NAME, the console's /op) may do everything, in
+      every room; a server operator may make an account the operator of one
+      room, who may then kick, ban, mute and set the topic there.
+    - A ban covers the person: their account, or for a guest their nick
+      (look-alikes too) and their network; an account is never shut out by
+      a network ban. Bans and mutes end on time; every act is announced in
+      the rooms concerned and logged.
+    - Away texts, /whois, topics, messages kept for an account that is not
+      online, and where each account left off (its rooms, and the last line
+      it had in each), so it comes back there."""
+
+    def __init__(self, chat: "Chat", records: Records):
+        self.chat, self.records, self.config = chat, records, chat.config
+        self.ops = {name_key(name) for name in chat.config.ops}
+        records.on_change = self.changed
+
+    # -- who is who ----------------------------------------------------------
+
+    def account(self, key: str) -> Optional[dict]:
+        return self.records.get("account", key)
+
+    def is_op(self, conn: "Conn") -> bool:
+        """A server operator: logged in to an account --op or /op made one."""
+        if not conn.account:
+            return False
+        record = self.account(conn.account)
+        return conn.account in self.ops or bool(record and record.get("op"))
+
+    def is_room_op(self, conn: "Conn", room: "Room") -> bool:
+        return self.is_op(conn) or bool(conn.account and self.records.get("roomop", scoped(room, conn.account)))
+
+    def banned(self, conn: "Conn", key: str, room: Optional["Room"] = None) -> Optional[Ban]:
+        """The ban that keeps `conn` (about to be `key`) out of the server (or `room`), if any."""
+        now = self.chat.out.ts
+        ban = Ban.of(self.records.get("ban", scoped(room, key)), now)
+        if ban is not None or self.account(key) is not None:
+            return ban      # an account is judged by its account alone
+        for record_key, record in self.records.items("ban"):    # a guest: its network too
+            if record.get("source") == conn.source and record_key.startswith(scoped(room, "")):
+                ban = Ban.of(record, now)
+                if ban is not None:
+                    return ban
+        return None
+
+    def muted(self, conn: "Conn", room: Optional["Room"]) -> Optional[Ban]:
+        now = self.chat.out.ts
+        return Ban.of(self.records.get("mute", scoped(None, conn.key)), now) or \
+            (Ban.of(self.records.get("mute", scoped(room, conn.key)), now) if room is not None else None)
+
+    # -- the requests ----------------------------------------------------------
+
+    def handlers(self) -> Dict[str, Callable[["Conn", dict], None]]:
+        return {"register": self.on_register, "password": self.on_password, "op": self.on_op,
+                "deop": self.on_deop, "kick": self.on_kick, "ban": self.on_ban, "unban": self.on_unban,
+                "bans": self.on_bans, "mute": self.on_mute, "unmute": self.on_unmute, "topic": self.on_topic,
+                "purge": self.on_purge, "away": self.on_away, "whois": self.on_whois}
+
+    def on_register(self, conn: "Conn", frame: dict) -> None:
+        """Register your nick (you are logged in to it from then on), or, as
+        a server operator, someone else's (`nick`: on a --registered-only server)."""
+        password = _new_password(frame.get("password"))
+        nick = frame.get("nick")
+        if nick is None or nick == conn.nick:
+            nick, key = conn.nick, conn.key
+            if conn.account:
+                raise ProtocolError("bad-field", f"you are logged in to {conn.account} already;"
+                                                 " /password changes its password")
+        else:
+            self._require(self.is_op(conn), "only a server operator registers other people's nicks")
+            nick = check_name(nick)
+            key = name_key(nick)
+        if self.account(key) is not None:
+            raise ProtocolError("bad-nick", f"{nick} is registered already")
+
+        def hashed(kept: object) -> None:
+            if not isinstance(kept, dict) or self.account(key) is not None:
+                self.chat.out.send(conn, ProtocolError("internal", f"{nick} could not be registered").frame())
+                return
+            self.records.put("account", key, {"name": nick, "password": kept, "created": self.chat.out.ts})
+            if key == conn.key:
+                self.logged_in(conn, key)
+            log.info("%r registered %s", conn, nick)
+            self.chat.out.send(conn, {"type": "registered", "nick": nick, "mine": key == conn.key})
+        self.chat.off_loop(conn, hash_password, password, done=hashed)
+
+    def on_password(self, conn: "Conn", frame: dict) -> None:
+        """Change your account's password (the old one first)."""
+        self._require(bool(conn.account), "you are not logged in to an account; /register makes one")
+        account, new = self.account(conn.account), _new_password(frame.get("new"))
+        old = frame.get("old")
+
+        def changed(kept: object) -> None:
+            if isinstance(kept, dict):
+                self.records.put("account", conn.account, dict(self.account(conn.account) or {}, password=kept))
+                self.chat.out.send(conn, {"type": "notice", "text": "your password is changed"})
+
+        def checked(right: object) -> None:
+            if right is not True:
+                self.chat.out.send(conn, ProtocolError("login-failed", "that is not your password").frame())
+            else:
+                self.chat.off_loop(conn, hash_password, new, done=changed)
+        self.chat.off_loop(conn, password_matches, (account or {}).get("password", {}), old, done=checked)
+
+    def on_op(self, conn: "Conn", frame: dict, on: bool = True) -> None:
+        """Make an account the operator of a room (a server operator may)."""
+        room = self._room(frame)
+        if room is None:
+            raise ProtocolError("not-allowed", "only the server's console makes server operators (/op NAME there)")
+        self._require(self.is_op(conn), "only a server operator makes room operators")
+        nick = check_name(frame.get("nick"))
+        if self.account(name_key(nick)) is None:
+            raise ProtocolError("no-such-account", f"{nick} has no account: only an account can operate a room")
+        self.records.put("roomop", scoped(room, name_key(nick)),
+                         {"nick": nick, "room": room.name, "by": conn.nick} if on else None)
+        self.announce(conn, room, f"{conn.nick} made {nick} an operator of #{room.name}" if on else
+                      f"{conn.nick} took operator rights in #{room.name} from {nick}")
+        target = self.chat.users.get(name_key(nick))
+        if target is not None and room in target.rooms:
+            self.chat.out.send(target, {"type": "joined", "room": room.name, "op": on, "users": room.nicks(),
+                                        "seq": room.seq, "history": [], "again": True})
+
+    def on_deop(self, conn: "Conn", frame: dict) -> None:
+        self.on_op(conn, frame, on=False)
+
+    def on_kick(self, conn: "Conn", frame: dict) -> None:
+        """A server operator disconnects someone; a room operator puts them out of the room."""
+        room, nick = self._room(frame), check_name(frame.get("nick"))
+        reason = _reason(frame.get("reason"))
+        if room is not None and not self.is_op(conn):
+            self._require(self.is_room_op(conn, room), f"only an operator of #{room.name} kicks people from it")
+            self.enforce("kick", name_key(nick), conn.nick, reason, room)
+            return
+        self._require(self.is_op(conn), "only an operator kicks people")
+        self.enforce("kick", name_key(nick), conn.nick, reason, None)
+
+    def on_ban(self, conn: "Conn", frame: dict, kind: str = "ban") -> None:
+        """Ban (or mute) someone for a while or until lifted: from the room as
+        its operator (`room`), from the server as a server operator."""
+        room, nick = self._room(frame), check_name(frame.get("nick"))
+        key, duration = name_key(nick), _duration(frame.get("duration"))
+        reason = _reason(frame.get("reason"))
+        self._may_act(conn, room, kind)
+        if self.account(key) is not None and self.is_op_key(key) and room is None:
+            raise ProtocolError("not-allowed", f"{nick} is a server operator: /deop them at the console first")
+        target = self.chat.users.get(key)
+        source = target.source if target is not None and not target.account else None
+        until = self.chat.out.ts + duration if duration else None
+        self.records.put(kind, scoped(room, key), {"nick": nick, "until": until, "reason": reason, "by": conn.nick,
+                                                  "room": room.name if room else None, "source": source,
+                                                  "at": self.chat.out.ts})
+        what = "banned" if kind == "ban" else "muted"
+        log.info("%s %s %s%s%s", conn.nick, what, nick, f" in #{room.name}" if room else "",
+                 f" for {spoken_duration(duration)}" if duration else "")
+        self.announce(conn, room, f"{conn.nick} {what} {nick}" + (f" from #{room.name}" if room and kind == "ban" else "")
+                      + (f" for {spoken_duration(duration)}" if duration else "") + (f": {reason}" if reason else ""),
+                      about=key)
+        if kind == "ban":
+            self.enforce("ban", key, conn.nick, reason, room)
+
+    def on_mute(self, conn: "Conn", frame: dict) -> None:
+        self.on_ban(conn, frame, "mute")
+
+    def on_unban(self, conn: "Conn", frame: dict, kind: str = "ban") -> None:
+        room, nick = self._room(frame), check_name(frame.get("nick"))
+        self._may_act(conn, room, kind)
+        if self.records.get(kind, scoped(room, name_key(nick))) is None:
+            raise ProtocolError("no-such-user", f"{nick} is not {'banned' if kind == 'ban' else 'muted'}"
+                                                + (f" in #{room.name}" if room else ""))
+        self.records.put(kind, scoped(room, name_key(nick)), None)
+        self.announce(conn, room, f"{conn.nick} lifted the {kind} on {nick}")
+
+    def on_unmute(self, conn: "Conn", frame: dict) -> None:
+        self.on_unban(conn, frame, "mute")
+
+    def on_bans(self, conn: "Conn", frame: dict) -> None:
+        """The bans and mutes in force (in a room, for its operators; all, for server operators)."""
+        room = self._room(frame)
+        self._may_act(conn, room, "ban")
+        now, listed = self.chat.out.ts, []
+        for kind in ("ban", "mute"):
+            for key, record in self.records.items(kind):
+                ban = Ban.of(record, now)
+                if ban is not None and (room is None or key.startswith(scoped(room, ""))):
+                    listed.append({"kind": kind, "nick": ban.nick, "until": ban.until, "reason": ban.reason,
+                                   "by": ban.by, "room": ban.room})
+        self.chat.reply(conn, self.chat.out.encode_for(conn, {"type": "bans", "bans": listed}, "bans"))
+
+    def on_topic(self, conn: "Conn", frame: dict) -> None:
+        """The room's topic; with `text`, set it (its operators may)."""
+        room = self.chat.room_of(conn, frame.get("room"))
+        text = frame.get("text")
+        if text is None:
+            self.chat.reply(conn, self.chat.out.encode_for(conn, dict(self.topic(room), type="topic")))
+            return
+        self._require(self.is_room_op(conn, room), f"only an operator of #{room.name} sets its topic")
+        text = check_text(text, TOPIC_MAX).replace("\n", " ") if text != "" else ""
+        self.records.put("topic", room.key, {"room": room.name, "text": text, "by": conn.nick,
+                                             "at": self.chat.out.ts} if text else None)
+        log.info("%s set the topic of #%s: %s", conn.nick, room.name, shown(text, 100))
+        event = {"type": "topic", "room": room.name, "text": text, "by": conn.nick}
+        self.chat.out.to_room(room, event)
+        self.chat.relay.event([room.name], event)
+
+    def topics(self, rooms: List["Room"]) -> Dict[str, str]:
+        """The topics of those of `rooms` that have one."""
+        return {room.name: self.topic(room)["text"] for room in rooms if self.records.get("topic", room.key)}
+
+    def topic(self, room: "Room") -> dict:
+        record = self.records.get("topic", room.key) or {}
+        return {"room": room.name, "text": record.get("text", ""), "by": record.get("by"), "at": record.get("at")}
+
+    def on_purge(self, conn: "Conn", frame: dict) -> None:
+        """Remove someone's lines from the kept history (a room's, for its operator)."""
+        room, nick = self._room(frame), check_name(frame.get("nick"))
+        self._may_act(conn, room, "purge")
+        removed = self.chat.rooms.purge(name_key(nick), room)
+        self.chat.store.purge(name_key(nick), room.name if room else None)
+        log.info("%s removed %s of %s's from the history", conn.nick, plural(removed, "line"), nick)
+        self.announce(conn, room, f"{conn.nick} removed {nick}'s lines from the history")
+
+    def on_away(self, conn: "Conn", frame: dict) -> None:
+        text = frame.get("text")
+        conn.away = check_text(text, REASON_MAX).replace("\n", " ") if text else None
+        conn.told_away = set()
+        self.chat.relay.presence(conn)
+        self.chat.out.send(conn, {"type": "notice", "text": f"you are away: {conn.away}" if conn.away
+                                  else "you are back"})
+
+    def on_whois(self, conn: "Conn", frame: dict) -> None:
+        nick = check_name(frame.get("nick"))
+        key = name_key(nick)
+        target = self.chat.users.get(key)
+        if target is not None:
+            info = self.profile(target)
+        else:
+            info = self.chat.relay.profile(key) or {}
+            if not info and self.account(key) is None:
+                raise ProtocolError("no-such-user", f"nobody here is called {shown(nick)}")
+            info = dict(info or {"nick": (self.account(key) or {}).get("name", nick), "online": False},
+                        account=info.get("account") or (key if self.account(key) else None))
+        self.chat.reply(conn, self.chat.out.encode_for(conn, dict(info, type="whois")))
+
+    def profile(self, conn: "Conn") -> dict:
+        """What /whois says of a user on this server (and what other servers are told)."""
+        return {"nick": conn.nick, "online": True, "account": conn.account or None, "rooms": [room.name for room in conn.rooms],
+                "away": conn.away, "since": conn.since, "idle": round(self.chat.out.ts - conn.said),
+                "server": self.config.name, "op": self.is_op(conn)}
+
+    # -- acts ----------------------------------------------------------------
+
+    def enforce(self, act: str, key: str, by: str, reason: str, room: Optional["Room"]) -> None:
+        """Put a kick or ban on `key` into effect wherever they are: here, or
+        (through the relay) on the server that has them."""
+        target = self.chat.users.get(key)
+        if target is not None:
+            self.apply(act, target, by, reason, room)
+        else:
+            self.chat.relay.act(act, key, by, reason, room.name if room else None)
+
+    def apply(self, act: str, conn: "Conn", by: str, reason: str, room: Optional["Room"]) -> None:
+        """A kick or ban on `conn`, here: out of the server (told why, and till when), or out of `room`."""
+        why = f"{'kicked' if act == 'kick' else 'banned'} by {by}" + (f": {reason}" if reason else "")
+        if room is not None:
+            if room in conn.rooms:
+                self.chat.leave_room(conn, room, why)
+            return
+        fields = {}
+        if act == "ban":
+            ban = self.banned(conn, conn.key)
+            fields = {"until": ban.until} if ban is not None and ban.until else {}
+            why += f" ({ban.until_text(self.chat.out.ts)})" if ban is not None else ""
+        log.info("%r %s", conn, why)
+        self.chat.drop(conn, why, ProtocolError("kicked" if act == "kick" else "banned", why, **fields))
+
+    def announce(self, actor: Optional["Conn"], room: Optional["Room"], text: str, about: str = "") -> None:
+        """An act told in the room it concerns (or the rooms of the one it is
+        about), on every server; and to whoever did it, in any case."""
+        rooms = [room] if room is not None else self.chat.rooms_of(about) if about else []
+        for where in rooms:
+            notice = {"type": "notice", "room": where.name, "text": text}
+            self.chat.out.to_room(where, notice)
+            self.chat.relay.event([where.name], notice)
+        if actor is not None and not any(actor in where.members for where in rooms):
+            self.chat.out.send(actor, {"type": "notice", "text": text})
+        log.info("%s", text)
+
+    def changed(self, kind: str, key: str, value: Optional[dict]) -> None:
+        """A record another server changed (nothing to do here yet: acts come as acts)."""
+
+    # -- where accounts come back to ----------------------------------------
+
+    def left(self, conn: "Conn") -> None:
+        """An account's connection is gone (or changed rooms): keep where it was."""
+        if conn.account and conn.nick and conn.key == conn.account:
+            self.records.put("place", conn.account, {"rooms": [room.name for room in conn.rooms][:PLACE_ROOMS],
+                                                     "seen": {room.name: room.seq for room in conn.rooms},
+                                                     "instance": self.chat.relay.instance})
+
+    def logged_in(self, conn: "Conn", key: str) -> None:
+        """`conn` gave the right password for the account `key`: it is logged
+        in, and its network is one the account's tries are trusted from."""
+        conn.account = key
+        record = self.account(key) or {}
+        homes = [net for net in record.get("from", []) if net != self.chat.gate.network(conn)][-4:]
+        self.records.put("account", key, dict(record, **{"from": homes + [self.chat.gate.network(conn)]}))
+
+    def place(self, conn: "Conn") -> Optional[dict]:
+        """Where `conn`'s account left off, if it has an account and a place."""
+        record = self.records.get("place", conn.account) if conn.account else None
+        if not isinstance(record, dict) or type(record.get("rooms")) is not list:
+            return None
+        return record
+
+    def keep_message(self, to_key: str, line: dict) -> int:
+        """A private message for an account that is not online: kept (within
+        INBOX_MAX, and INBOX_PER_SENDER from one sender); how many are kept for it."""
+        kept = list((self.records.get("inbox", to_key) or {}).get("lines", []))
+        sender = name_key(line["from"])
+        if sum(1 for old in kept if name_key(str(old.get("from"))) == sender) >= INBOX_PER_SENDER:
+            raise ProtocolError("no-such-user", f"{line['to']} is not here, and {INBOX_PER_SENDER} of your messages"
+                                                " already wait for them")
+        if len(kept) >= INBOX_MAX:
+            raise ProtocolError("no-such-user", f"{line['to']} is not here, and their kept messages are full")
+        kept.append(line)
+        self.records.put("inbox", to_key, {"lines": kept})
+        return len(kept)
+
+    def take_messages(self, conn: "Conn") -> List[dict]:
+        """What was kept for `conn`'s account; it is delivered, and kept no more."""
+        record = self.records.get("inbox", conn.account) if conn.account else None
+        if not record:
+            return []
+        self.records.put("inbox", conn.account, None)
+        return [line for line in record.get("lines", []) if isinstance(line, dict)]
+
+    # -- helpers -------------------------------------------------------------
+
+    def is_op_key(self, key: str) -> bool:
+        record = self.account(key)
+        return key in self.ops or bool(record and record.get("op"))
+
+    def _room(self, frame: dict) -> Optional["Room"]:
+        """The room a request acts in, or None (server-wide)."""
+        name = frame.get("room")
+        if name is None:
+            return None
+        room = self.chat.rooms.get(check_room(name))
+        if room is None:
+            raise ProtocolError("no-such-room", f"there is no room #{check_room(name)}")
+        return room
+
+    def _may_act(self, conn: "Conn", room: Optional["Room"], what: str) -> None:
+        if room is None:
+            self._require(self.is_op(conn), f"only a server operator may {what} people on the whole server")
+        else:
+            self._require(self.is_room_op(conn, room), f"only an operator of #{room.name} may {what} people there")
+
+    @staticmethod
+    def _require(allowed: bool, why: str) -> None:
+        if not allowed:
+            raise ProtocolError("not-allowed", why)
+
+
+TOPIC_MAX = 300         # characters in a room's topic
+PASSWORD_MAX = 200      # characters in an account's password
+
+
+def _new_password(password: object) -> str:
+    if type(password) is not str or not 4 <= len(password) <= PASSWORD_MAX:
+        raise ProtocolError("bad-field", f"a password is 4-{PASSWORD_MAX} characters")
+    return password
+
+
+def _reason(reason: object) -> str:
+    return clean_text(reason)[:REASON_MAX].replace("\n", " ").strip() if type(reason) is str else ""
+
+
+def _duration(value: object) -> Optional[float]:
+    """A ban's length from a request: seconds, or '30m', '2h', '1d'; None: until lifted."""
+    if value is None:
+        return None
+    seconds = parse_duration(value) if type(value) is str else float(value) if type(value) in (int, float) else None
+    if seconds is None or not 0 < seconds <= 10 * 365 * 86400:
+        raise ProtocolError("bad-field", "a duration is like 30m, 2h or 1d (at most ten years)")
+    return seconds
+
+
+# ---------------------------------------------------------------------------
+# 4g. Chat: the protocol's rules
 
 class Hold(NamedTuple):
     """A nick kept for the session of a connection that was lost."""
@@ -2239,17 +2801,20 @@ def _same_session(given: object, session: Optional[str]) -> bool:
 
 class Login:
     """One connection's way in, from its hello to its welcome: the steps in
-    `steps`, in turn. A step may finish later (a password try waiting for
-    its turn, a nick claim Redis decides); meanwhile the connection is in
-    AUTH and not read (held for ANSWER), and the step runs again when it may
-    go on. A step refuses by raising ProtocolError: the connection is told
-    why and closed."""
+    `steps`, in turn (the server's password, the account's, bans, the nick,
+    its claim). A step may finish later (a password try waiting for its
+    turn, a hash computed off the loop, a nick claim Redis decides);
+    meanwhile the connection is in AUTH and not read (held for ANSWER), and
+    the step runs again when it may go on. A step refuses by raising
+    ProtocolError: the connection is told why and closed."""
 
     def __init__(self, chat: "Chat", conn: Conn, hello: dict):
         self.chat, self.conn, self.hello = chat, conn, hello
-        self.nick = ""
-        self.steps: List[Callable[[], bool]] = [self._password, self._nick, self._claim]
-        self.since: Optional[float] = None     # when the password try began to wait for its turn
+        self.nick = self.key = ""
+        self.steps: List[Callable[[], bool]] = [self._password, self._account, self._ban, self._nick, self._claim]
+        self.since: Optional[float] = None     # when a password try began to wait for its turn
+        self.hashing = False        # the account's password is being checked (off the loop)
+        self.verified: Optional[bool] = None   # and whether it was right
         self.asked = False          # the relay was asked for the nick
         self.answer: Optional[bool] = None     # its answer
         self.running = False
@@ -2260,6 +2825,7 @@ class Login:
         except ProtocolError as error:
             self.chat.drop(self.conn, f"refused: {error.text}", error)
             return
+        self.key = name_key(self.nick)
         self.chat.move(self.conn, AUTH)
         self.chat.intake.hold(self.conn, ANSWER)
         self.go()
@@ -2276,34 +2842,89 @@ class Login:
                 if not self.steps[0]():
                     return
                 self.steps.pop(0)
+                self.since = None
         except ProtocolError as error:
             chat.drop(conn, f"refused: {error.text}", error)
         finally:
             self.running = False
 
+    def _turn(self, account: str = "", trusted: bool = False) -> bool:
+        """Whether a password may be checked now. If its source (or the
+        account) is still paying for wrong ones, it waits for its turn on its
+        connection and this step runs again then; past Gate.HOLD_MAX it is
+        refused with `retry_after`."""
+        chat, conn = self.chat, self.conn
+        trusted = trusted or chat.nicks.returning(self.nick, self.hello.get("session"))
+        seconds, why = chat.gate.wait(conn, chat.clock, trusted, account)
+        chat.gate.waiting.pop(conn, None)
+        if seconds <= 0:
+            return True
+        self.since = chat.clock if self.since is None else self.since
+        if chat.clock - self.since + seconds > Gate.HOLD_MAX:
+            wait = math.ceil(seconds)
+            raise ProtocolError("rate-limited", _BUSY[why].format(seconds=plural(wait, "second")), retry_after=wait)
+        chat.gate.waiting[conn] = chat.clock + seconds
+        if why == "everywhere":
+            chat.gate.take_turn(conn, self.go, chat.clock)
+        else:
+            chat.io.call_later(seconds, self.go)
+        return False
+
     def _password(self) -> bool:
-        """The server's password, if it has one, checked when its source may have it checked."""
-        chat = self.chat
+        """The server's password, if it has one."""
+        chat, conn, given = self.chat, self.conn, self.hello.get("password")
         if chat.config.password is None:
             return True
-        returning = chat.nicks.returning(self.nick, self.hello.get("session"))
-        verdict = chat.gate.judge(self.conn, self.hello.get("password"), chat.clock, returning)
-        chat.gate.waiting.pop(self.conn, None)
-        if verdict.kind == "ok":
+        if given is None:       # a client asking whether a password is needed: no strike
+            raise ProtocolError("auth-failed", "this server needs a password")
+        if not self._turn():
+            return False
+        if type(given) is str and hmac.compare_digest(given.encode("utf-8"), chat.config.password.encode()):
+            chat.gate.succeeded(conn, chat.clock)
             return True
-        if verdict.kind == "wrong":
-            raise ProtocolError("auth-failed", "wrong password")
-        self.since = chat.clock if self.since is None else self.since
-        if chat.clock - self.since + verdict.seconds > Gate.HOLD_MAX:
-            seconds = math.ceil(verdict.seconds)
-            raise ProtocolError("rate-limited", _BUSY[verdict.why].format(seconds=plural(seconds, "second")),
-                                retry_after=seconds)
-        chat.gate.waiting[self.conn] = chat.clock + verdict.seconds
-        if verdict.why == "everywhere":
-            chat.gate.take_turn(self.conn, self.go, chat.clock)
-        else:
-            chat.io.call_later(verdict.seconds, self.go)
-        return False
+        chat.gate.failed(conn, chat.clock)
+        raise ProtocolError("auth-failed", "wrong password")
+
+    def _account(self) -> bool:
+        """A registered nick is its account's: its password, checked off the loop."""
+        chat, conn = self.chat, self.conn
+        record = chat.people.account(self.key)
+        if record is None:
+            if chat.config.registered_only:
+                raise ProtocolError("registered-only", "only registered nicks may join this server; an operator"
+                                                       " makes accounts")
+            return True
+        if self.verified is None:
+            if not self.hashing:
+                given = self.hello.get("account_password")
+                if given is None:
+                    raise ProtocolError("account-required", f"{self.nick} is a registered nick: log in with its"
+                                                            " password")
+                if not self._turn(self.key, chat.gate.network(conn) in record.get("from", ())):
+                    return False
+                self.hashing = True
+                chat.io.work(password_matches, record.get("password", {}), given, done=self._verified)
+            if self.verified is None:
+                return False
+        if not self.verified:
+            chat.gate.failed(conn, chat.clock, self.key)
+            raise ProtocolError("login-failed", f"wrong password for {self.nick}")
+        chat.gate.succeeded(conn, chat.clock)
+        chat.people.logged_in(conn, self.key)
+        return True
+
+    def _verified(self, result: object) -> None:
+        if self.conn.state is AUTH:
+            self.verified = result is True
+            if not self.running:
+                self.go()
+
+    def _ban(self) -> bool:
+        ban = self.chat.people.banned(self.conn, self.key)
+        if ban is not None:
+            raise ProtocolError("banned", f"you are banned from this server {ban.until_text(self.chat.out.ts)}"
+                                          + (f": {ban.reason}" if ban.reason else ""), until=ban.until)
+        return True
 
     def _nick(self) -> bool:
         """The nick is free, or this is its owner coming back (whose old connection goes)."""
@@ -2311,7 +2932,7 @@ class Login:
         replaced = chat.nicks.check(self.nick, hello.get("session"))
         if replaced is not None:
             chat.drop(replaced, "reconnected", ProtocolError("replaced", "you connected again elsewhere"))
-        conn.nick, conn.key, conn.session = self.nick, name_key(self.nick), secrets.token_urlsafe(16)
+        conn.nick, conn.key, conn.session = self.nick, self.key, secrets.token_urlsafe(16)
         conn.claimed = chat.out.ts
         return True
 
@@ -2344,6 +2965,7 @@ class Login:
 # What a password try that must wait too long is told, by whose strikes it waits for.
 _BUSY = {
     "your address": "wrong passwords were tried from your address; try again in {seconds}",
+    "the account": "wrong passwords were tried for this account; try again in {seconds}",
     "your network": "many wrong passwords were tried from addresses near yours; try again in {seconds}",
     "everywhere": "the server is being sent many wrong passwords; try again in {seconds}",
 }
@@ -2370,11 +2992,14 @@ class Chat:
         self.intake = Intake(config, io, self.out, self)
         self.store: Store = store or open_store(config)
         self.relay: Relay = (relay or LocalRelay)(self)
+        self.people = People(self, Records(self.store, self.relay.records))
+        self.working = 0                         # jobs handed to the loop's worker thread, not back yet
         self.before_hello = {"hello": self.on_hello, "quit": self.on_quit}
         self.handlers = {
             "hello": self.on_second_hello, "msg": self.on_msg, "me": self.on_msg, "pm": self.on_pm,
             "nick": self.on_nick, "who": self.on_who, "ping": self.on_ping, "pong": self.on_pong,
             "quit": self.on_quit, "join": self.on_join, "part": self.on_part, "rooms": self.on_rooms,
+            **self.people.handlers(),
         }
 
     # -- the loop's calls ----------------------------------------------------
@@ -2490,6 +3115,24 @@ class Chat:
             log.exception("%r: internal error handling %s", conn, shown(kind))
             self.drop(conn, "internal error", ProtocolError("internal", "the server failed on that frame"))
 
+    WORK_MAX = 8        # jobs (password hashes) waiting for the worker thread at once
+
+    def off_loop(self, conn: Conn, function: Callable, *args, done: Callable[[object], None]) -> None:
+        """Run function(*args) on the worker thread for `conn`'s request; its
+        next frames wait (not read) till done(result) has answered it."""
+        if self.working >= self.WORK_MAX:
+            raise ProtocolError("rate-limited", "the server is busy checking passwords; try again in a second",
+                                retry_after=1)
+        self.working += 1
+        self.intake.hold(conn, ANSWER)
+
+        def back(result: object) -> None:
+            self.working -= 1
+            if conn.state is JOINED:
+                done(result)
+            self.intake.release(conn, ANSWER)
+        self.io.work(function, *args, done=back)
+
     def reply(self, conn: Conn, data: bytes) -> None:
         """Queue an answer to `conn`'s own request. It costs `conn` flood
         tokens by its size (so no cheap request buys a big answer for free)
@@ -2547,8 +3190,16 @@ class Chat:
         self.move(conn, JOINED)
         self.gate.joined(conn)
         self.users[conn.key] = conn
-        rooms = self.rooms.rejoin(hello.get("rooms"), self.config.rooms_per_user, conn.source) or [self.rooms.lobby]
+        conn.since = conn.said = self.out.ts
+        conn.echo = type(hello.get("protocol")) is int and hello["protocol"] >= 3
         since = hello.get("since") if hello.get("instance") == self.relay.instance else None
+        place = self.people.place(conn) if not hello.get("session") else None
+        if place is not None:       # an account comes back where it left off
+            hello = dict(hello, rooms=place["rooms"])
+            since = place.get("seen") if place.get("instance") in (None, self.relay.instance) else None
+        rooms = self.rooms.rejoin(hello.get("rooms"), self.config.rooms_per_user, conn.source) or [self.rooms.lobby]
+        rooms = [room for room in rooms if room is self.rooms.lobby or not self.people.banned(conn, conn.key, room)]
+        rooms = rooms or [self.rooms.lobby]
         history, missed = self.rooms.replay(rooms, since)
         start = _newest_within(history, REPLAY_MAX)
         if missed is not None:      # lines a resume cannot carry are missed too
@@ -2563,9 +3214,15 @@ class Chat:
                    "max_text": TEXT_MAX, "rooms": [room.name for room in rooms], "room": rooms[0].name,
                    "instance": self.relay.instance, "session": conn.session,
                    "ping_interval": self.config.ping_interval, "idle_timeout": self.config.idle_timeout,
-                   "seq": {room.name: room.seq for room in rooms}}   # resume points for rooms with no lines
+                   "seq": {room.name: room.seq for room in rooms},   # resume points for rooms with no lines
+                   "account": conn.account or None, "op": self.people.is_op(conn),
+                   "topics": self.people.topics(rooms)}
+        if self.config.motd:
+            welcome["motd"] = self.config.motd
         if missed is not None:
             welcome["missed"] = missed
+            if place is not None:
+                welcome["back"] = True      # these are lines said since this account left
         if start:
             welcome["truncated"] = True
         self.relay.presence(conn)
@@ -2575,8 +3232,11 @@ class Chat:
             self.out.first(conn, {
                 "type": "notice", "text": "the link to the other servers is down; for now you are"
                                           " talking with the people on this server only"})
+        for line in self.people.take_messages(conn):     # private messages kept while it was away
+            self.out.first(conn, dict(line, kept=True))
         for room in rooms:
             self._announce_join(conn, room, resumed=missed is not None)
+        self.people.left(conn)      # (where it is now, should it vanish)
         self.io.call_later(self.config.ping_interval, self._keepalive, conn)
 
     def enter(self, conn: Conn, room: Room) -> None:
@@ -2607,6 +3267,7 @@ class Chat:
             log.info("%s closed before joining: %s", conn.addr, shown(reason, 160))
             return
         del self.users[conn.key]
+        self.people.left(conn)
         if hold and self.config.nick_hold > 0:
             self.nicks.hold(conn)
         else:       # first, so that other servers count the rooms without them
@@ -2626,11 +3287,19 @@ class Chat:
 
     def on_msg(self, conn: Conn, frame: dict) -> None:
         """A `msg`, or a `me` (an action: "* nick waves")."""
-        room = self._room_of(conn, frame.get("room"))
+        room = self.room_of(conn, frame.get("room"))
         line = {"type": "msg", "from": conn.nick, "text": check_text(frame.get("text")), "room": room.name}
         if frame["type"] == "me":
             line["action"] = True
+        self._not_muted(conn, room)
+        conn.said = self.out.ts
         self.relay.post(room, conn, line)   # numbered, it comes back through deliver_line()
+
+    def _not_muted(self, conn: Conn, room: Optional[Room]) -> None:
+        mute = self.people.muted(conn, room)
+        if mute is not None:
+            raise ProtocolError("muted", f"you are muted {mute.until_text(self.out.ts)}"
+                                         + (f": {mute.reason}" if mute.reason else "") + "; nothing was sent")
 
     def deliver_line(self, room: Room, sender: Optional[Conn], data: bytes, id: int, seq: Optional[int],
                      keep: bool = True, fan_out: bool = True, line: Optional[dict] = None) -> None:
@@ -2643,21 +3312,59 @@ class Chat:
             self.out.to_room_data(room, data, sender, line)
 
     def on_pm(self, conn: Conn, frame: dict) -> None:
+        """A private message: to its target, wherever it is; kept for an
+        account that is not online; the sender hears once that someone is away."""
         to, text = frame.get("to"), check_text(frame.get("text"))
+        self._not_muted(conn, None)
         key = name_key(to) if type(to) is str else ""
         target = self.users.get(key)
         line = {"type": "msg", "from": conn.nick, "to": target.nick if target else to, "text": text}
+        conn.said = self.out.ts
         if self.relay.pm(conn, key, line):      # numbered and delivered by the relay (through Redis)
+            self._tell_away(conn, key, (self.relay.profile(key) or {}).get("away"))
             return
         if target is None:
+            account = self.people.account(key)
+            if account is not None:
+                line.update(to=account.get("name", to), id=self.relay.new_id())
+                kept = self.people.keep_message(key, self.out.stamp(line))
+                self.deliver_pm(None, conn, self.out.encode(line))
+                self.out.send(conn, {"type": "notice", "text": f"{line['to']} is not online: your message is kept"
+                                     f" for them ({plural(kept, 'message')} waiting)"})
+                return
             if self.nicks.away(key):
                 raise ProtocolError("no-such-user", f"{self.nicks.away(key)} lost their connection and may be"
                                                     " back in a moment; nothing was sent")
             raise ProtocolError("no-such-user", f"nobody here is called {shown(to)}")
         line["id"] = self.relay.new_id()
-        self.out.send(target, line)
+        self.deliver_pm(target, conn, self.out.encode(line))
+        self._tell_away(conn, key, target.away)
 
-    def _room_of(self, conn: Conn, name: object) -> Room:
+    def deliver_pm(self, target: Optional[Conn], sender: Optional[Conn], data: bytes) -> None:
+        """A numbered private message (as a JSON frame) to its target here,
+        and back to its sender here if it asked for its own (protocol 3)."""
+        for conn in (target, sender if sender is not None and sender.echo and sender is not target else None):
+            if conn is not None:
+                self.out.send_data(conn, data if conn.codec.audience is FRAMES else
+                                   conn.codec.encode(json.loads(data[4:])))
+
+    def _tell_away(self, conn: Conn, key: str, away: object) -> None:
+        """Who sends a private message to someone away is told so, once (until they are back and away again)."""
+        target = self.users.get(key)
+        told = target.told_away if target is not None else set()
+        if type(away) is str and conn.key not in told:
+            told.add(conn.key)
+            nick = target.nick if target is not None else (self.relay.profile(key) or {}).get("nick", key)
+            self.out.send(conn, {"type": "notice", "text": f"{nick} is away: {away}"})
+
+    def rooms_of(self, key: Optional[str]) -> List[Room]:
+        """The rooms the user `key` is in, here or on another server."""
+        conn = self.users.get(key or "")
+        if conn is not None:
+            return list(conn.rooms)
+        return [room for room in self.rooms if key in room.remote]
+
+    def room_of(self, conn: Conn, name: object) -> Room:
         """The room a line is for: the one named, or the lobby for clients
         that know nothing of rooms."""
         if name is None:
@@ -2681,6 +3388,44 @@ class Chat:
         if key == conn.key:     # the same nick, written differently: nothing to claim
             self._rename(conn, new)
             return
+        ban = self.people.banned(conn, key)
+        if ban is not None:
+            raise ProtocolError("not-allowed", f"{new} is banned {ban.until_text(self.out.ts)}")
+        record = self.people.account(key)
+        if record is None or key == conn.account:
+            self._claim_nick(conn, new, key)
+            return
+        given = frame.get("password")       # a registered nick: its password too
+        if given is None:
+            raise ProtocolError("account-required", f"{new} is a registered nick: /nick {new} PASSWORD")
+        wait, why = self.gate.wait(conn, self.clock, account=key)
+        if wait > Gate.HOLD_MAX:
+            seconds = math.ceil(wait)
+            raise ProtocolError("rate-limited", _BUSY[why].format(seconds=plural(seconds, "second")),
+                                retry_after=seconds)
+        if wait > 0:        # its turn comes soon: the request waits for it (and what came after it, too)
+            self.intake.hold(conn, ANSWER)
+            self.io.call_later(wait, self._nick_again, conn, frame)
+            return
+
+        def verified(right: object) -> None:
+            if right is not True:
+                self.gate.failed(conn, self.clock, key)
+                self.out.send(conn, ProtocolError("login-failed", f"wrong password for {new}").frame())
+            elif not self.nicks.taken(key):
+                self.people.logged_in(conn, key)
+                self._claim_nick(conn, new, key)
+            else:
+                self.out.send(conn, nick_taken(new).frame())
+        self.off_loop(conn, password_matches, record.get("password", {}), given, done=verified)
+
+    def _nick_again(self, conn: Conn, frame: dict) -> None:
+        if conn.state is JOINED:
+            self.dispatch(conn, "nick", frame)
+            self.intake.release(conn, ANSWER)
+
+    def _claim_nick(self, conn: Conn, new: str, key: str) -> None:
+        """Rename `conn` to `new` once the relay says the nick is ours (at once, on a server alone)."""
         self.nicks.claiming[key] = conn
 
         def claimed(ok: bool) -> None:
@@ -2727,7 +3472,17 @@ class Chat:
             if room is None:
                 raise ProtocolError("no-such-room", f"there is no room #{check_room(name)}")
             reply = {"type": "who", "room": room.name, "users": room.nicks()}
+        away = {nick: text for nick, text in ((n, self.away_of(n)) for n in reply["users"]) if text}
+        if away:
+            reply["away"] = away
         self.reply(conn, self.out.encode_for(conn, reply, "users"))
+
+    def away_of(self, nick: str) -> Optional[str]:
+        """The away text of a user here or on another server."""
+        conn = self.users.get(name_key(nick))
+        if conn is not None:
+            return conn.away
+        return (self.relay.profile(name_key(nick)) or {}).get("away")
 
     def on_ping(self, conn: Conn, frame: dict) -> None:
         data = self.out.encode_for(conn, dict(frame, type="pong"))
@@ -2743,14 +3498,23 @@ class Chat:
         existing = self.rooms.get(name)
         if existing not in conn.rooms and len(conn.rooms) >= self.config.rooms_per_user:
             raise ProtocolError("too-many-rooms", f"you are in {len(conn.rooms)} rooms already")
+        ban = self.people.banned(conn, conn.key, existing) if existing is not None else None
+        if ban is not None:
+            raise ProtocolError("banned", f"you are banned from #{existing.name} {ban.until_text(self.out.ts)}"
+                                          + (f": {ban.reason}" if ban.reason else ""), until=ban.until)
         room = self.rooms.open(name, conn.source)
         self.out.flush()
         fresh = room not in conn.rooms
         if fresh:
             self.enter(conn, room)
             self.relay.presence(conn)
+            self.people.left(conn)
         history = list(room.history)
-        joined = {"type": "joined", "room": room.name, "users": room.nicks(), "seq": room.seq}
+        joined = {"type": "joined", "room": room.name, "users": room.nicks(), "seq": room.seq,
+                  "op": self.people.is_room_op(conn, room)}
+        topic = self.people.topic(room)["text"]
+        if topic:
+            joined["topic"] = topic
         if _newest_within(history, REPLAY_MAX):
             joined["truncated"] = True
         self.reply(conn, self.out.with_history(conn, joined, history))
@@ -2758,16 +3522,28 @@ class Chat:
             self._announce_join(conn, room)
 
     def on_part(self, conn: Conn, frame: dict) -> None:
-        room = self._room_of(conn, frame.get("room"))
+        self.leave_room(conn, self.room_of(conn, frame.get("room")), "parted")
+
+    def leave_room(self, conn: Conn, room: Room, reason: str) -> None:
+        """`conn` leaves `room` (it parted, or was kicked or banned from it: `reason`)."""
         room.remove(conn)
         conn.rooms.remove(room)
         self.relay.presence(conn)
-        self._event(room, leave_frame(conn.nick, "parted", room))
+        self.people.left(conn)
+        self._event(room, leave_frame(conn.nick, reason, room))
         self.rooms.vacated(room)
-        self.out.send(conn, {"type": "parted", "room": room.name})
+        parted = {"type": "parted", "room": room.name}
+        if reason != "parted":
+            parted["reason"] = reason
+        self.out.send(conn, parted)
 
     def on_rooms(self, conn: Conn, frame: dict) -> None:
-        self.reply(conn, self.out.encode_for(conn, {"type": "rooms", "rooms": self.rooms.listing()}, "rooms"))
+        listing = self.rooms.listing()
+        for entry in listing:       # (the rooms' topics, where they have one)
+            topic = self.people.topic(self.rooms.get(entry["name"]))["text"]
+            if topic:
+                entry["topic"] = topic
+        self.reply(conn, self.out.encode_for(conn, {"type": "rooms", "rooms": listing}, "rooms"))
 
     def _event(self, room: Room, frame: dict, sender: Optional[Conn] = None) -> None:
         """A join or leave: this server's members of `room` now, the others' through the relay."""
@@ -2803,11 +3579,11 @@ class Chat:
         self.relay.close()
 
     def kick(self, nick: str, reason: str) -> bool:
-        conn = self.users.get(name_key(nick))
-        if conn is None:
+        """The operator's console kicks `nick` off the server, wherever it is; False if nobody has it."""
+        key = name_key(nick)
+        if key not in self.users and self.relay.profile(key) is None:
             return False
-        why = f"kicked by the operator: {reason}" if reason else "kicked by the operator"
-        self.drop(conn, why, ProtocolError("kicked", why))
+        self.people.enforce("kick", key, "the operator", reason, None)
         return True
 
 
@@ -2876,6 +3652,7 @@ class ServerLoop:
         self.timers: List[tuple] = []       # heap of (when, seq, function, args)
         self._timer_seq = itertools.count()
         self._calls: queue.SimpleQueue = queue.SimpleQueue()   # from signal handlers and threads
+        self._worker: Optional[queue.SimpleQueue] = None       # jobs for the worker thread (see work())
         self.now = time.monotonic()         # read once per turn; timers and the chat run on it
         self.tls = server_tls_context(config.tls_cert, config.tls_key) if config.tls_cert else None
         self.open: set = set()              # connections whose socket is open
@@ -2932,6 +3709,22 @@ class ServerLoop:
 
     def call_later(self, delay: float, function: Callable, *args) -> None:
         heapq.heappush(self.timers, (self.now + delay, next(self._timer_seq), function, args))
+
+    def work(self, function: Callable, *args, done: Callable[[object], None]) -> None:
+        if self._worker is None:
+            self._worker = queue.SimpleQueue()
+            threading.Thread(target=self._work_forever, name="work", daemon=True).start()
+        self._worker.put((function, args, done))
+
+    def _work_forever(self) -> None:
+        """The loop's one worker thread: what it is given, in order, each result back to the loop."""
+        while True:
+            function, args, done = self._worker.get()
+            try:
+                result = function(*args)
+            except Exception as error:      # handed to `done`, which decides
+                result = error
+            self.call_soon_threadsafe(done, result)
 
     def call_soon_threadsafe(self, function: Callable, *args) -> None:
         """Run `function` in the loop's thread; safe from threads and signal handlers."""
@@ -4125,6 +4918,16 @@ class Cluster:
     def others(self) -> List[str]:
         return [user.nick for user in self.elsewhere.users.values()]
 
+    records: Dict[str, Dict[str, dict]] = {}
+
+    def profile(self, key: str) -> Optional[dict]:
+        user = self.elsewhere.users.get(key)
+        return {"nick": user.nick, "online": True, "rooms": list(user.rooms)} if user is not None else None
+
+    def act(self, act: str, key: str, by: str, reason: str, room: Optional[str]) -> None:
+        self._publish({"kind": "act", "sid": self.sid, "act": act, "key": key, "by": by, "reason": reason,
+                       "room": room})
+
     def close(self) -> None:
         """Leaving for good: our users leave the others' lists now, not after a timeout."""
         if self.up:
@@ -4159,7 +4962,7 @@ class Cluster:
         if obj.get("sid") == self.sid:
             return
         handler = {"event": self._on_event, "user": self._on_user, "replaced": self._on_replaced,
-                   "yield": self._on_yield, "gone": self._on_gone}.get(obj.get("kind"))
+                   "yield": self._on_yield, "gone": self._on_gone, "act": self._on_act}.get(obj.get("kind"))
         if handler is not None:
             handler(obj)
 
@@ -4216,6 +5019,12 @@ class Cluster:
         conn = self.chat.users.get(obj["key"])
         if conn is not None:
             self.chat.lost_nick(conn)
+
+    def _on_act(self, obj: dict) -> None:
+        conn = self.chat.users.get(obj["key"])
+        if conn is not None:
+            room = self.chat.rooms.get(obj["room"]) if obj.get("room") else None
+            self.chat.people.apply(obj["act"], conn, obj["by"], obj["reason"], room)
 
     def _on_gone(self, obj: dict) -> None:
         self.elsewhere.remove_servers(lambda sid: sid == obj["sid"], "their server shut down")
@@ -4967,7 +5776,7 @@ def _names(users: object) -> str:
 
 def _company(users: object, me: str) -> str:
     """'with alice, bob' or 'on your own', for the lines that greet you."""
-    others = [nick for nick in map(nick_of, users) if nick and name_key(nick) != name_key(me)] \
+    others = [nick for nick in map(valid_nick, users) if nick and name_key(nick) != name_key(me)] \
         if type(users) is list else []
     if not others:
         return "on your own so far"
@@ -5281,20 +6090,20 @@ class Session:
         wrong type is not taken (a hostile server gets no further)."""
         instance = _token(frame.get("instance"))
         resumed = reconnected and instance is not None and instance == self.instance
-        self.nick = nick_of(frame.get("nick")) or self.nick
+        self.nick = valid_nick(frame.get("nick")) or self.nick
         rooms = frame.get("rooms")
-        self.rooms = list(dict.fromkeys(filter(None, map(room_of, rooms[:ServerConfig.rooms_per_user]))))\
+        self.rooms = list(dict.fromkeys(filter(None, map(valid_room, rooms[:ServerConfig.rooms_per_user]))))\
             if type(rooms) is list else []
         self.rooms = self.rooms or [LOBBY]
         if self.room not in self.rooms:
-            self.room = room_of(frame.get("room")) or (self.rooms[0] if self.rooms else None)
+            self.room = valid_room(frame.get("room")) or (self.rooms[0] if self.rooms else None)
         self.instance, self.session = instance, _token(frame.get("session"))
         self.joining.clear()
         self.members = {}
         self._add_members(frame.get("room"), frame.get("users"))
         history = _lines(frame.get("history"))
         missed = frame.get("missed") if resumed and isinstance(frame.get("missed"), dict) else {}
-        missed = {room_of(room): count for room, count in missed.items() if room_of(room) and _count_of(count)}
+        missed = {valid_room(room): count for room, count in missed.items() if valid_room(room) and _count_of(count)}
         if resumed:     # your own lines were shown as you typed them, and the ones not kept were seen
             for room in list(missed):
                 mine_kept = sum(1 for line in history if line.get("room") == room and self._mine(line.get("from")))
@@ -5306,7 +6115,7 @@ class Session:
         self.sent = {}
         seqs = frame.get("seq")
         for room, seq in seqs.items() if isinstance(seqs, dict) else ():
-            self._saw(room_of(room), seq)
+            self._saw(valid_room(room), seq)
         self.max_text = _number(frame.get("max_text"), 1, TEXT_MAX, TEXT_MAX, int)
         self.ping_interval = _number(frame.get("ping_interval"), 1.0, 3600.0, ServerConfig.ping_interval)
         self.idle_timeout = _number(frame.get("idle_timeout"), self.ping_interval + 1.0, 4 * 3600.0,
@@ -5348,7 +6157,7 @@ class Session:
         return handler(frame) if handler is not None else [frame]
 
     def on_msg(self, frame: dict) -> list:
-        self._saw(room_of(frame.get("room")), frame.get("seq"))
+        self._saw(valid_room(frame.get("room")), frame.get("seq"))
         said = _plain_said(frame)
         if frame.get("local") is True and said is not None:
             self.provisional[said] = None
@@ -5357,11 +6166,11 @@ class Session:
         elif self._shown_early(frame):
             return []
         if frame.get("to") is not None and not self._mine(frame.get("from")):
-            self.last_pm_from = nick_of(frame.get("from")) or self.last_pm_from
+            self.last_pm_from = valid_nick(frame.get("from")) or self.last_pm_from
         return [frame]
 
     def on_joined(self, frame: dict) -> list:
-        room = room_of(frame.get("room"))
+        room = valid_room(frame.get("room"))
         if room is None:
             return []
         self._joined(room)
@@ -5375,7 +6184,7 @@ class Session:
             Note(f"you are in #{room} {_company(frame.get('users'), self.nick)}{here}")]
 
     def on_parted(self, frame: dict) -> list:
-        room = room_of(frame.get("room"))
+        room = valid_room(frame.get("room"))
         if room is None:
             return []
         if room in self.rooms:
@@ -5387,7 +6196,7 @@ class Session:
         return [Note(f"you left #{room}; {where}")]
 
     def on_nick(self, frame: dict) -> list:
-        old, new = nick_of(frame.get("old")), nick_of(frame.get("new"))
+        old, new = valid_nick(frame.get("old")), valid_nick(frame.get("new"))
         if old is not None and new is not None:
             if old == self.nick:
                 self.nick = new
@@ -5407,7 +6216,7 @@ class Session:
         return [frame]
 
     def on_who(self, frame: dict) -> list:
-        room = room_of(frame.get("room"))
+        room = valid_room(frame.get("room"))
         if room is not None:
             self.members[name_key(room)] = {}
             self._add_members(room, frame.get("users"))
@@ -5415,7 +6224,7 @@ class Session:
 
     def on_rooms(self, frame: dict) -> list:
         rooms = frame.get("rooms")
-        self.known_rooms = [name for name in (room_of(r.get("name")) for r in rooms if isinstance(r, dict)) if name]\
+        self.known_rooms = [name for name in (valid_room(r.get("name")) for r in rooms if isinstance(r, dict)) if name]\
             if type(rooms) is list else []
         return [frame]
 
@@ -5546,10 +6355,10 @@ class Session:
 
     def _add_members(self, room: object, nicks: object) -> None:
         """Names that pass the nick rules only: nothing else can be completed (or drawn) from the list."""
-        room = room_of(room)
+        room = valid_room(room)
         members = self.members.setdefault(name_key(room), {}) if room is not None else None
         if members is not None and type(nicks) is list:
-            members.update((name_key(nick), nick) for nick in filter(None, map(nick_of, nicks[:100000])))
+            members.update((name_key(nick), nick) for nick in filter(None, map(valid_nick, nicks[:100000])))
 
     def _mine(self, nick: object) -> bool:
         return type(nick) is str and name_key(nick) == name_key(self.nick)
@@ -5565,7 +6374,7 @@ class Session:
 
     def _history(self, lines: List[dict], missed: bool) -> list:
         for line in lines:
-            self._saw(room_of(line.get("room")), line.get("seq"))
+            self._saw(valid_room(line.get("room")), line.get("seq"))
         if not lines:
             return []
         shown = lines if missed else map(Past, lines)   # what was said while we were away is news
@@ -5574,7 +6383,7 @@ class Session:
         return [Note(f"--- {label} ---", "2"), *shown, Note("--- now ---", "2")]
 
 
-def nick_of(value: object) -> Optional[str]:
+def valid_nick(value: object) -> Optional[str]:
     """A nick from the server, if it passes the nick rules (so it is safe to
     draw, compare and complete); None if it does not."""
     try:
@@ -5583,7 +6392,7 @@ def nick_of(value: object) -> Optional[str]:
         return None
 
 
-def room_of(value: object) -> Optional[str]:
+def valid_room(value: object) -> Optional[str]:
     """A room name from the server (or typed), if it passes the rules; else None."""
     try:
         return check_room(value) if type(value) is str else None

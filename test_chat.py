@@ -145,6 +145,14 @@ class Harness:
     def stop(self, reason="server shutting down"):
         self.stopped = reason
 
+    def work(self, function, *args, done):
+        """Work the loop hands to a thread is done here at once (the clock does not move)."""
+        try:
+            result = function(*args)
+        except Exception as error:
+            result = error
+        done(result)
+
     # -- driving it ----------------------------------------------------------
 
     def connect(self, nick=None, ip="192.0.2.1", autopong=True, **hello):
@@ -2152,6 +2160,272 @@ class NickHoldTest(HarnessTestCase):
         silent.reading = False
         server.advance(2)
         self.assertIn(chat.name_key("silent"), server.chat.nicks.holds)
+
+
+# ---------------------------------------------------------------------------
+# 4f. People: accounts, operators, bans, mutes, topics, presence
+# ---------------------------------------------------------------------------
+
+class CommunityTestCase(HarnessTestCase):
+    """A server with accounts: `root` is a server operator (--op root)."""
+    config = {"ops": ("root",)}
+
+    def account(self, nick, password="secret1", ip="192.0.2.1", server=None):
+        """`nick` registered (with `password`), then logged out again."""
+        client = (server or self.server).connect(nick, ip=ip)
+        client.send({"type": "register", "password": password})
+        self.assertEqual(client.expect("registered")["nick"], nick)
+        client.send({"type": "quit"})
+        return password
+
+    def login(self, nick, password="secret1", server=None, ip="192.0.2.1", **hello):
+        """Logged in to `nick`'s account (waiting, as a client does, while its try waits its turn)."""
+        server = server or self.server
+        client = server.connect(ip=ip)
+        client.send({"type": "hello", "nick": nick, "account_password": password, **hello})
+        for _ in range(int(chat.Gate.HOLD_MAX / 0.05)):
+            if any(f["type"] in ("welcome", "error") for f in client.received):
+                break
+            server.advance(0.05)
+        client.welcome = client.expect("welcome")
+        self.assertEqual(client.welcome["account"], chat.name_key(nick))
+        return client
+
+
+class AccountTest(CommunityTestCase):
+    def test_a_registered_nick_is_owned_online_or_not(self):
+        self.account("alice")
+        for nick in ("alice", "ALICE", "a\u0131ice"):     # the nick, and look-alikes of it
+            with self.subTest(nick):
+                thief = self.peer()
+                thief.send({"type": "hello", "nick": nick})
+                self.assertEqual(thief.expect("error")["code"], "account-required")
+                thief.closed()
+        wrong = self.peer()
+        wrong.send({"type": "hello", "nick": "alice", "account_password": "guess"})
+        self.assertEqual(wrong.expect("error")["code"], "login-failed")
+        alice = self.login("alice")
+        self.assertFalse(alice.welcome["op"])
+        thief = self.peer()
+        thief.send({"type": "hello", "nick": "alice"})
+        self.assertEqual(thief.expect("error")["code"], "account-required", "while she is online too")
+
+    def test_the_password_is_kept_as_scrypt_with_its_own_salt(self):
+        self.account("alice", "hunter22")
+        self.account("bob", "hunter22")
+        alice, bob = (self.server.chat.people.account(key)["password"] for key in ("aiice", "bob"))
+        self.assertEqual(alice["scrypt"], chat.SCRYPT)
+        self.assertNotEqual(alice["salt"], bob["salt"])
+        self.assertNotEqual(alice["key"], bob["key"])
+        self.assertNotIn("hunter22", json.dumps(self.server.chat.store.records))
+        self.assertTrue(chat.password_matches(alice, "hunter22"))
+        self.assertFalse(chat.password_matches(alice, "hunter23"))
+        self.assertFalse(chat.password_matches(dict(alice, scrypt={"n": 1 << 30, "r": 8, "p": 1}), "hunter22"),
+                         "a record asking for 128 GiB is not believed")
+
+    def test_renaming_to_a_registered_nick_needs_its_password_and_a_password_can_be_changed(self):
+        self.account("alice")
+        bob = self.peer("bob")
+        bob.send({"type": "nick", "nick": "alice"})
+        self.assertEqual(bob.expect("error")["code"], "account-required")
+        bob.send({"type": "nick", "nick": "alice", "password": "nope1"})
+        self.assertEqual(bob.expect("error")["code"], "login-failed")
+        bob.send({"type": "nick", "nick": "alice", "password": "secret1"})      # (right after a typo: it waits)
+        self.server.advance(1.0)
+        self.assertEqual(bob.expect("nick")["new"], "alice")
+        bob.send({"type": "password", "old": "secret1", "new": "better2"})
+        self.assertEqual(bob.expect("notice")["text"], "your password is changed")
+        bob.send({"type": "quit"})
+        self.login("alice", "better2")
+
+    def test_wrong_account_passwords_are_priced_per_account_and_never_lock_out_its_owner(self):
+        self.account("alice", ip="192.0.2.1")
+        for i in range(6):      # guessed from six networks: the account's tries now wait
+            guess = self.server.connect(ip=f"198.51.{i}.7")
+            guess.send({"type": "hello", "nick": "alice", "account_password": f"guess{i}"})
+            while not guess.gone:
+                self.server.advance(0.1)
+            self.assertEqual(guess.frames("error")[0]["code"], "login-failed")
+        late = self.server.connect(ip="203.0.113.9")
+        late.send({"type": "hello", "nick": "alice", "account_password": "guess9"})
+        self.assertEqual(late.frames(), [], "it waits for the account's turn")
+        self.assertEqual(self.login("alice", ip="192.0.2.1").welcome["nick"], "alice",
+                         "from where she logged in before, at once")
+
+    def test_registered_only_servers_let_operators_make_accounts(self):
+        server = self.harness(ops=("root",), registered_only=True)
+        guest = server.connect()
+        guest.send({"type": "hello", "nick": "guest"})
+        self.assertEqual(guest.expect("error")["code"], "registered-only")
+        server.chat.people.records.put("account", "root", {"name": "root", "password": chat.hash_password("rootpw")})
+        root = self.login("root", "rootpw", server=server)
+        self.assertTrue(root.welcome["op"])
+        root.send({"type": "register", "nick": "carol", "password": "carolpw"})
+        self.assertEqual(root.expect("registered")["nick"], "carol")
+        self.login("carol", "carolpw", server=server)
+
+
+class ModerationTest(CommunityTestCase):
+    def setUp(self):
+        super().setUp()
+        self.account("root", "rootpw")
+        self.root = self.login("root", "rootpw", ip="192.0.2.99")
+        self.assertTrue(self.root.welcome["op"])
+
+    def test_a_kick_disconnects_and_is_announced_but_a_guest_may_come_back(self):
+        alice, bob = self.peer("alice"), self.peer("bob", ip="198.51.100.5")
+        self.root.send({"type": "kick", "nick": "bob", "reason": "calm down"})
+        error = bob.closed()[-1]
+        self.assertEqual((error["code"], error["text"]), ("kicked", "kicked by root: calm down"))
+        self.assertEqual(alice.expect("leave", nick="bob")["reason"], "kicked by root: calm down")
+        self.assertEqual(self.peer("bob", ip="198.51.100.5").welcome["nick"], "bob")
+
+    def test_a_ban_covers_the_person_and_ends_on_time(self):
+        alice, bob = self.peer("alice"), self.peer("bob", ip="198.51.100.5")
+        self.account("carol", ip="198.51.100.6")
+        self.root.send({"type": "ban", "nick": "bob", "duration": "1h", "reason": "spamming"})
+        error = bob.closed()[-1]
+        self.assertEqual(error["code"], "banned")
+        self.assertIn("spamming", error["text"])
+        self.assertAlmostEqual(error["until"], self.server.wall + 3600, delta=2)
+        self.assertEqual(alice.expect("notice")["text"], "root banned bob for 1h: spamming")
+        for nick, ip in (("bob", "203.0.113.1"), ("B0B", "203.0.113.1"), ("robert", "198.51.100.5")):
+            with self.subTest(nick=nick, ip=ip):     # the nick and look-alikes anywhere; a guest's network
+                again = self.peer(ip=ip)
+                again.send({"type": "hello", "nick": nick})
+                self.assertEqual(again.expect("error")["code"], "banned")
+        self.login("carol", ip="198.51.100.5")      # an account is judged by its account, not its network
+        self.server.advance(3600)
+        self.assertEqual(self.peer("bob", ip="198.51.100.5").welcome["nick"], "bob", "the ban ended on time")
+
+    def test_only_operators_act_and_nothing_happens_otherwise(self):
+        alice, bob = self.peer("alice"), self.peer("bob")
+        for frame in ({"type": "kick", "nick": "bob"}, {"type": "ban", "nick": "bob"},
+                      {"type": "mute", "nick": "bob"}, {"type": "topic", "room": "lobby", "text": "mine"},
+                      {"type": "op", "nick": "alice", "room": "lobby"}, {"type": "purge", "nick": "bob"},
+                      {"type": "bans"}, {"type": "unban", "nick": "bob"}):
+            with self.subTest(frame["type"]):
+                alice.send(frame)
+                self.assertEqual(alice.expect("error")["code"], "not-allowed")
+        bob.send({"type": "msg", "text": "still here"})
+        self.assertEqual(alice.expect("msg")["text"], "still here")
+
+    def test_a_mute_lets_them_read_not_speak(self):
+        alice, bob = self.peer("alice"), self.peer("bob")
+        self.root.send({"type": "mute", "nick": "bob", "duration": 1800})
+        self.assertEqual(alice.expect("notice")["text"], "root muted bob for 30m")
+        bob.send({"type": "msg", "text": "spam"}, {"type": "pm", "to": "alice", "text": "spam"})
+        self.assertEqual([f["code"] for f in bob.frames("error")], ["muted", "muted"])
+        self.assertEqual(alice.frames("msg"), [])
+        alice.send({"type": "msg", "text": "can you read this?"})
+        self.assertEqual(bob.expect("msg")["text"], "can you read this?")
+        self.root.send({"type": "unmute", "nick": "bob"})
+        bob.send({"type": "msg", "text": "thanks"})
+        self.assertEqual(alice.expect("msg")["text"], "thanks")
+
+    def test_room_operators_act_in_their_room_only(self):
+        self.account("carol")
+        carol, dave = self.login("carol"), self.peer("dave", ip="198.51.100.8")
+        for client in (self.root, carol, dave):
+            client.send({"type": "join", "room": "dev"})
+        self.root.send({"type": "op", "nick": "carol", "room": "dev"})
+        self.assertIn("made carol an operator of #dev", carol.expect("notice")["text"])
+        carol.send({"type": "topic", "room": "dev", "text": "release on friday"})
+        self.assertEqual(dave.expect("topic")["text"], "release on friday")
+        carol.send({"type": "kick", "nick": "dave", "room": "dev", "reason": "off topic"})
+        self.assertEqual(dave.expect("parted")["reason"], "kicked by carol: off topic")
+        self.assertFalse(dave.gone, "still on the server, in the lobby")
+        carol.send({"type": "ban", "nick": "dave", "room": "dev"})
+        dave.send({"type": "join", "room": "dev"})
+        self.assertEqual(dave.expect("error")["code"], "banned")
+        carol.send({"type": "kick", "nick": "dave", "room": "lobby"})
+        self.assertEqual(carol.expect("error")["code"], "not-allowed")
+        newcomer = self.peer("erin")
+        newcomer.send({"type": "join", "room": "dev"})
+        self.assertEqual(newcomer.expect("joined")["topic"], "release on friday")
+        newcomer.send({"type": "rooms"})
+        self.assertIn({"name": "dev", "users": 3, "topic": "release on friday"}, newcomer.expect("rooms")["rooms"])
+
+    def test_bans_list_and_unban(self):
+        self.root.send({"type": "ban", "nick": "mallory", "reason": "spam"})
+        self.root.send({"type": "bans"})
+        bans = self.root.expect("bans")["bans"]
+        self.assertEqual([(b["kind"], b["nick"], b["until"], b["reason"]) for b in bans],
+                         [("ban", "mallory", None, "spam")])
+        self.root.send({"type": "unban", "nick": "mallory"})
+        self.assertEqual(self.peer("mallory").welcome["nick"], "mallory")
+
+    def test_a_spammers_lines_can_be_taken_out_of_the_history(self):
+        alice, spammer = self.peer("alice"), self.peer("spammer")
+        alice.send({"type": "msg", "text": "real talk"})
+        spammer.send(*[{"type": "msg", "text": f"buy now {i}"} for i in range(20)])
+        self.root.send({"type": "purge", "nick": "spammer"})
+        self.assertIn("removed spammer's lines", self.root.expect("notice")["text"])
+        latecomer = self.peer("latecomer")
+        self.assertEqual([line["text"] for line in latecomer.welcome["history"]], ["real talk"])
+
+
+class PresenceTest(CommunityTestCase):
+    def test_away_is_shown_and_a_pm_sender_hears_it_once(self):
+        alice, bob = self.peer("alice"), self.peer("bob")
+        bob.send({"type": "away", "text": "lunch"})
+        self.assertEqual(bob.expect("notice")["text"], "you are away: lunch")
+        alice.send({"type": "who", "room": "lobby"})
+        self.assertEqual(alice.expect("who")["away"], {"bob": "lunch"})
+        alice.send({"type": "pm", "to": "bob", "text": "one"}, {"type": "pm", "to": "bob", "text": "two"})
+        self.assertEqual([f["text"] for f in alice.frames("notice")], ["bob is away: lunch"])
+        self.assertEqual([f["text"] for f in bob.frames("msg")], ["one", "two"])
+        bob.send({"type": "away"})
+        self.assertEqual(bob.expect("notice")["text"], "you are back")
+
+    def test_whois(self):
+        self.account("alice")
+        alice, bob = self.login("alice"), self.peer("bob")
+        alice.send({"type": "join", "room": "dev"}, {"type": "away", "text": "in a meeting"})
+        self.server.advance(90)
+        bob.send({"type": "whois", "nick": "ALICE"})
+        info = bob.expect("whois")
+        self.assertEqual((info["nick"], info["account"], info["rooms"], info["away"], info["online"]),
+                         ("alice", "aiice", ["lobby", "dev"], "in a meeting", True))
+        self.assertGreaterEqual(info["idle"], 90)
+        self.assertIn("chat.py", info["server"])
+        alice.send({"type": "quit"})
+        bob.send({"type": "whois", "nick": "alice"})
+        self.assertEqual(bob.expect("whois")["online"], False)
+        bob.send({"type": "whois", "nick": "nobody"})
+        self.assertEqual(bob.expect("error")["code"], "no-such-user")
+
+    def test_a_pm_to_an_account_not_online_is_kept_and_delivered_at_its_next_login(self):
+        self.account("alice")
+        bob = self.peer("bob")
+        bob.frames()
+        bob.send({"type": "pm", "to": "alice", "text": "see you tomorrow"})
+        self.assertIn("alice is not online: your message is kept", bob.expect("notice")["text"])
+        for i in range(20):
+            bob.send({"type": "pm", "to": "alice", "text": f"more {i}"})
+        self.assertEqual(len(bob.frames("error")), 11, "at most 10 from one sender")
+        alice = self.login("alice")
+        kept = alice.frames("msg")
+        self.assertEqual([f["text"] for f in kept], ["see you tomorrow"] + [f"more {i}" for i in range(9)])
+        self.assertTrue(all(f["kept"] and f["from"] == "bob" for f in kept))
+        alice.send({"type": "quit"})
+        self.assertEqual(self.login("alice").frames("msg"), [], "delivered once")
+
+    def test_an_account_comes_back_where_it_left_off_with_what_it_missed(self):
+        self.account("alice")
+        alice, bob = self.login("alice"), self.peer("bob")
+        alice.send({"type": "join", "room": "dev"})
+        bob.send({"type": "join", "room": "dev"}, {"type": "msg", "room": "dev", "text": "before"})
+        alice.send({"type": "quit"})
+        bob.send(*[{"type": "msg", "room": "dev", "text": f"while away {i}"} for i in range(3)])
+        back = self.login("alice")
+        self.assertEqual(back.welcome["rooms"], ["lobby", "dev"])
+        self.assertTrue(back.welcome["back"])
+        self.assertEqual([line["text"] for line in back.welcome["history"]], [f"while away {i}" for i in range(3)])
+
+    def test_the_motd_is_shown_at_welcome(self):
+        server = self.harness(motd="welcome to the team chat\nbe kind")
+        self.assertEqual(server.connect("alice").welcome["motd"], "welcome to the team chat\nbe kind")
 
 
 # ---------------------------------------------------------------------------
@@ -4245,7 +4519,7 @@ class ReadmeTest(unittest.TestCase):
         server = Harness()
         client_sends = set(server.chat.handlers) | set(server.chat.before_hello)
         server_sends = {"welcome", "msg", "join", "leave", "nick", "who", "joined", "parted", "rooms", "notice",
-                        "error", "ping", "pong", "bye"}
+                        "error", "ping", "pong", "bye", "registered", "topic", "whois", "bans"}
         self.assertEqual(set(chat._RENDERERS) - server_sends, set(), "the client renders no other type")
         for kind in client_sends | server_sends:
             with self.subTest(kind):
@@ -4255,8 +4529,8 @@ class ReadmeTest(unittest.TestCase):
         for code in codes:
             with self.subTest(code):
                 self.assertIn(f"| `{code}` |", protocol)
-        self.assertIn('"protocol": 2', protocol)
-        self.assertEqual(chat.PROTOCOL, 2)
+        self.assertIn('"protocol": 3', protocol)
+        self.assertEqual(chat.PROTOCOL, 3)
 
     def test_the_command_reference_is_the_help(self):
         reference = self.readme[self.readme.index("<!-- help -->"):self.readme.index("<!-- /help -->")]
