@@ -28,6 +28,7 @@ import base64
 import bisect
 import codecs
 import collections
+import contextlib
 import dataclasses
 import enum
 import errno
@@ -51,6 +52,7 @@ import selectors
 import shutil
 import signal
 import socket
+import sqlite3
 import ssl
 import struct
 import subprocess
@@ -58,6 +60,7 @@ import sys
 import threading
 import time
 import unicodedata
+import urllib.parse
 from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Protocol, Tuple
 
 VERSION = "1.0"
@@ -1474,7 +1477,7 @@ class LocalRelay:
         line["id"], line["seq"] = self.new_id(), self.chat.rooms.next_seq(room)
         data = self.chat.out.encode(line)
         self.chat.deliver_line(room, sender, data, line["id"], line["seq"], line=line)
-        self.store.line(data[4:])
+        self.store.line(data[4:], line)
 
     def new_id(self) -> int:
         """The next id, reserved in the store well before it is given."""
@@ -1545,8 +1548,8 @@ class Store(Protocol):
     def load(self) -> Saved:
         """What it holds (nothing, the first time); from then on it is written to."""
 
-    def line(self, payload: bytes) -> None:
-        """A room line, numbered (its payload as it was sent)."""
+    def line(self, payload: bytes, line: dict) -> None:
+        """A room line, numbered: its payload as it was sent, and the line itself."""
 
     def reserve(self, next_id: int) -> None:
         """Ids below `next_id` may be given from now on, never again after a restart."""
@@ -1556,6 +1559,10 @@ class Store(Protocol):
 
     def purge(self, sender: str, room: Optional[str]) -> None:
         """Forget the lines of `sender` (a nick key) kept for `room` (None: every room)."""
+
+    def lines_after(self, room: str, seq: int, limit: int) -> List[bytes]:
+        """Up to `limit` lines of `room` after `seq`, oldest first, as they were
+        sent: what it keeps beyond the server's memory, to catch up on."""
 
     def end_turn(self, snapshot: Callable[[], "Snapshot"]) -> bool:
         """Write what this turn added (compacting from `snapshot` if needed);
@@ -1587,7 +1594,7 @@ class MemoryStore:
     def load(self) -> Saved:
         return Saved(secrets.token_hex(8), 1, [], {}, 0, 0, self.records)
 
-    def line(self, payload: bytes) -> None:
+    def line(self, payload: bytes, line: dict) -> None:
         pass
 
     def reserve(self, next_id: int) -> None:
@@ -1602,6 +1609,9 @@ class MemoryStore:
 
     def purge(self, sender: str, room: Optional[str]) -> None:
         pass        # the lines are in memory only: Rooms.purge took them
+
+    def lines_after(self, room: str, seq: int, limit: int) -> List[bytes]:
+        return []   # nothing beyond the server's memory
 
     def end_turn(self, snapshot: Callable[[], Snapshot]) -> bool:
         return False
@@ -1777,7 +1787,7 @@ class HistoryFile(MemoryStore):
         self._pending.clear()
         self._pending_lines = 0
 
-    def line(self, payload: bytes) -> None:
+    def line(self, payload: bytes, line: dict) -> None:
         self._pending.append(payload)
         self._pending_lines += 1
         self.given += 1
@@ -1853,8 +1863,226 @@ class HistoryFile(MemoryStore):
         self.watermark.close()
 
 
+class Database(MemoryStore):
+    """Everything kept in one SQLite file (--db): the history (every room's
+    lines, the newest `keep` of each, for catching up far beyond what is in
+    memory), the numbering, and every record. WAL, synchronous=NORMAL: a
+    committed turn survives kill -9 (a power cut may lose the last ones).
+
+    Writes are batched per loop turn and committed by a thread of its own,
+    so the loop never waits for the disk; a batch the disk refuses (full) is
+    kept and tried again, said loudly, and the Watermark beside the file
+    counts what was numbered, so nothing is numbered twice after a restart.
+    Reads (the load at start, catching up at a login) use a connection of
+    the loop's own: WAL lets them run beside the writer."""
+
+    FORMAT = "chat.py-db-1"
+
+    def __init__(self, path: str, keep: int, in_memory: int):
+        super().__init__()
+        self.path, self.keep, self.where = path, keep, path
+        self.in_memory = in_memory      # lines per room loaded at start (the server's --history)
+        self.import_from: Optional[str] = None      # a history file to take over, into a new database
+        self.watermark = Watermark(path + ".mark")
+        self.instance, self.reserved, self.given = "", 1, 0
+        self.batch: List[tuple] = []        # (sql, rows) of this turn
+        self.lines: List[tuple] = []        # this turn's lines: (room, seq, id, sender, payload)
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()     # batches for the writer thread
+        self.reader: Optional[sqlite3.Connection] = None
+        self.writer: Optional[threading.Thread] = None
+
+    def check(self) -> None:
+        """Before the server listens: StartupError unless the file is a chat.py
+        database (or missing, in a directory it can be made in)."""
+        folder = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.exists(self.path):
+            if not os.path.isdir(folder):
+                raise StartupError(f"cannot use the database {self.path}: the directory {folder} does not exist")
+            return
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{urllib.parse.quote(self.path)}?mode=ro", uri=True)) as db:
+                row = db.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()
+        except sqlite3.Error:
+            row = None
+        if row is None or row[0] != self.FORMAT:
+            raise StartupError(f"{self.path} is not a chat.py database; it was left as it is: choose another file")
+        if not os.access(self.path, os.W_OK):
+            raise StartupError(f"cannot use the database {self.path}: permission denied (it must be writable)")
+
+    def load(self) -> Saved:
+        db = self._connect()
+        db.executescript(_SCHEMA)
+        meta = dict(db.execute("SELECT key, value FROM meta"))
+        if "instance" not in meta:
+            meta = {"format": self.FORMAT, "instance": secrets.token_hex(8), "ids": "1", "written": "0"}
+            if self.import_from:
+                meta.update(self._import(db, HistoryFile(self.import_from, 1 << 62)))
+            db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", meta.items())
+            db.commit()
+        self.instance, self.reserved = meta["instance"], int(meta["ids"])
+        written = int(meta["written"])
+        mark = self.watermark.read()
+        lost = 0
+        if mark and mark.get("instance") == self.instance:
+            lost = max(0, mark["given"] - written)
+            self.reserved = max(self.reserved, mark["ids"] if type(mark.get("ids")) is int else 0)
+        if lost:
+            log.error("database %s: %s numbered before the last stop never reached it (was the disk full?);"
+                      " line numbers go on above them", self.path, plural(lost, "line"))
+        self.given = written + lost
+        seqs = dict(db.execute("SELECT room, seq FROM seqs"))
+        lines = []
+        for (room,) in db.execute("SELECT DISTINCT room FROM lines").fetchall():
+            rows = db.execute("SELECT payload FROM lines WHERE room = ? ORDER BY seq DESC LIMIT ?",
+                              (room, self.in_memory)).fetchall()
+            lines += [(json.loads(payload), payload.encode()) for (payload,) in reversed(rows)]
+        lines.sort(key=lambda line: line[0]["id"])
+        for kind, key, value in db.execute("SELECT kind, key, value FROM records"):
+            self.records.setdefault(kind, {})[key] = json.loads(value)
+        db.execute("UPDATE meta SET value = ? WHERE key = 'written'", (str(self.given),))
+        db.commit()
+        self.reader = db
+        self.watermark.open()
+        self.watermark.write(self.instance, self.given, self.reserved)
+        self.writer = threading.Thread(target=self._write_forever, args=(self._connect(),), name="db", daemon=True)
+        self.writer.start()
+        return Saved(self.instance, self.reserved, lines, seqs, 0, lost, self.records)
+
+    def _import(self, db: sqlite3.Connection, history: "HistoryFile") -> Dict[str, str]:
+        """A history file's lines and numbering, taken into a new database (the file is left as it is)."""
+        saved = history.load()
+        history.close()
+        rows = [(obj["room"], obj["seq"], obj["id"], name_key(obj["from"]), raw.decode()) for obj, raw in saved.lines]
+        db.executemany("INSERT OR REPLACE INTO lines VALUES (?, ?, ?, ?, ?)", rows)
+        db.executemany("INSERT OR REPLACE INTO seqs VALUES (?, ?)", saved.seqs.items())
+        log.info("database %s: took %s from the history file %s (which is no longer written: remove it"
+                 " from the command line)", self.path, plural(len(rows), "line"), history.path)
+        return {"instance": saved.instance, "ids": str(saved.next_id), "written": str(len(rows))}
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA busy_timeout=5000")
+        return db
+
+    # -- what a turn adds (the loop's thread) --------------------------------
+
+    def line(self, payload: bytes, line: dict) -> None:
+        self.lines.append((line["room"], line["seq"], line["id"], name_key(line["from"]), payload.decode("utf-8")))
+        self.given += 1
+
+    def reserve(self, next_id: int) -> None:
+        self.reserved = next_id
+        self.batch.append(("INSERT OR REPLACE INTO meta VALUES ('ids', ?)", [(str(next_id),)]))
+
+    def put(self, kind: str, key: str, value: Optional[dict]) -> None:
+        super().put(kind, key, value)
+        if value is None:
+            self.batch.append(("DELETE FROM records WHERE kind = ? AND key = ?", [(kind, key)]))
+        else:
+            self.batch.append(("INSERT OR REPLACE INTO records VALUES (?, ?, ?)", [(kind, key, _dumps(value))]))
+
+    def purge(self, sender: str, room: Optional[str]) -> None:
+        if room is None:
+            self.batch.append(("DELETE FROM lines WHERE sender = ?", [(sender,)]))
+        else:
+            self.batch.append(("DELETE FROM lines WHERE sender = ? AND room = ?", [(sender, room)]))
+
+    def end_turn(self, snapshot: Callable[[], Snapshot]) -> bool:
+        """Hand this turn's writes to the writer thread, as one transaction."""
+        if not (self.lines or self.batch) or self.writer is None:
+            return False
+        if self.lines:
+            self.watermark.write(self.instance, self.given, self.reserved)
+        self.queue.put((self.lines, self.batch, self.given))
+        self.lines, self.batch = [], []
+        return False
+
+    def lines_after(self, room: str, seq: int, limit: int) -> List[bytes]:
+        """Up to `limit` lines of `room` after `seq`, oldest first, as they were sent (what the writer has committed)."""
+        if self.reader is None:
+            return []
+        rows = self.reader.execute("SELECT payload FROM lines WHERE room = ? AND seq > ? ORDER BY seq LIMIT ?",
+                                   (room, seq, limit)).fetchall()
+        return [payload.encode() for (payload,) in rows]
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.end_turn(lambda: Snapshot([], {}, 0))
+            self.queue.put(None)
+            self.writer.join(10.0)
+            self.writer = None
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None
+        self.watermark.close()
+
+    # -- the writer thread ---------------------------------------------------
+
+    def _write_forever(self, db: sqlite3.Connection) -> None:
+        """Commit each turn's batch; a batch that fails waits (merged with
+        the next ones) and is tried again a second later, said loudly."""
+        waiting: List[tuple] = []
+        failing = False
+        while True:
+            try:
+                item = self.queue.get(timeout=1.0) if waiting else self.queue.get()
+            except queue.Empty:
+                item = ()
+            stop = item is None
+            if item:
+                waiting.append(item)
+            if waiting:
+                try:
+                    self._commit(db, waiting)
+                    if failing:
+                        log.warning("database %s: written again; nothing was lost", self.path)
+                    waiting, failing = [], False
+                except sqlite3.Error as error:
+                    db.rollback() if db.in_transaction else None
+                    failing = True
+                    log.error("database %s: cannot write: %s; %s waiting to be written (lost if the server stops"
+                              " now)", self.path, error, plural(sum(len(lines) for lines, _, _ in waiting), "line"))
+            if stop:
+                db.close()
+                return
+
+    def _commit(self, db: sqlite3.Connection, batches: List[tuple]) -> None:
+        db.execute("BEGIN")
+        trim: Dict[str, int] = {}
+        for lines, batch, given in batches:
+            db.executemany("INSERT OR REPLACE INTO lines VALUES (?, ?, ?, ?, ?)", lines)
+            db.executemany("INSERT INTO seqs VALUES (?, ?) ON CONFLICT(room) DO UPDATE SET seq = MAX(seq, excluded.seq)",
+                           [(room, seq) for room, seq, _, _, _ in lines])
+            for room, seq, _, _, _ in lines:
+                trim[room] = seq
+            for sql, rows in batch:
+                db.executemany(sql, rows)
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('written', ?)", (str(given),))
+        for room, seq in trim.items():      # each room keeps its newest `keep` lines
+            if seq % 100 == 0:
+                db.execute("DELETE FROM lines WHERE room = ? AND seq <= ?", (room, seq - self.keep))
+        db.execute("COMMIT")
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS lines (room TEXT NOT NULL, seq INTEGER NOT NULL, id INTEGER NOT NULL,
+                                  sender TEXT NOT NULL, payload TEXT NOT NULL, PRIMARY KEY (room, seq)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS lines_by_sender ON lines (sender);
+CREATE TABLE IF NOT EXISTS seqs (room TEXT PRIMARY KEY, seq INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS records (kind TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL,
+                                    PRIMARY KEY (kind, key)) WITHOUT ROWID;
+"""
+
+
 def open_store(config: ServerConfig) -> Store:
     """The store the config asks for (with --redis, Redis is the store: see Cluster)."""
+    if config.db:
+        database = Database(config.db, config.db_history, config.history)
+        database.import_from = config.history_file
+        return database
     if config.history_file:
         return HistoryFile(config.history_file, config.history_file_max)
     return MemoryStore()
@@ -3201,6 +3429,8 @@ class Chat:
         rooms = [room for room in rooms if room is self.rooms.lobby or not self.people.banned(conn, conn.key, room)]
         rooms = rooms or [self.rooms.lobby]
         history, missed = self.rooms.replay(rooms, since)
+        if missed:
+            history, missed = self._catch_up(rooms, since, history, missed)
         start = _newest_within(history, REPLAY_MAX)
         if missed is not None:      # lines a resume cannot carry are missed too
             for line in history[:start]:
@@ -3238,6 +3468,27 @@ class Chat:
             self._announce_join(conn, room, resumed=missed is not None)
         self.people.left(conn)      # (where it is now, should it vanish)
         self.io.call_later(self.config.ping_interval, self._keepalive, conn)
+
+    def _catch_up(self, rooms: List[Room], since: dict, history: List[HistoryLine],
+                  missed: Dict[str, int]) -> Tuple[List[HistoryLine], Dict[str, int]]:
+        """Lines a resume (or an account coming back) missed that memory no
+        longer has, from the store if it keeps them (--db); what cannot be
+        had stays counted in `missed`."""
+        for room in rooms:
+            count = missed.get(room.name, 0)
+            if not count:
+                continue
+            older = []
+            for payload in self.store.lines_after(room.name, since[room.name], min(count, 10000)):
+                line = json.loads(payload)
+                older.append(HistoryLine(line["id"], room.name, line["seq"], _LENGTH.pack(len(payload)) + payload))
+            first = next((line.seq for line in history if line.room == room.name), room.seq + 1)
+            older = [line for line in older if line.seq < first]
+            history = older + history
+            missed[room.name] = count - len(older)
+            if not missed[room.name]:
+                del missed[room.name]
+        return sorted(history), missed
 
     def enter(self, conn: Conn, room: Room) -> None:
         room.add(conn)
@@ -7031,6 +7282,20 @@ def run_gencert(args: argparse.Namespace) -> int:
     return 0
 
 
+MOTD_MAX = 4096     # characters of --motd shown
+
+
+def read_motd(path: Optional[str]) -> str:
+    """The message of the day, cleaned like any text (an operator's file may hold anything)."""
+    if not path:
+        return ""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return clean_text(f.read(MOTD_MAX + 1))[:MOTD_MAX].strip("\n")
+    except (OSError, UnicodeDecodeError) as error:
+        raise StartupError(f"cannot read the message of the day {path}: {_why(error)}") from None
+
+
 def read_password(path: Optional[str]) -> Optional[str]:
     """The first line of `path`, else $CHAT_PASSWORD, else None."""
     if not path:
@@ -7080,6 +7345,8 @@ def check_server(config: ServerConfig) -> None:
                                f" {config.tls_key}: {_why(error)}{hint}") from None
     if config.history_file:
         HistoryFile(config.history_file, config.history_file_max).check()
+    if config.db:
+        Database(config.db, config.db_history, config.history).check()
     try:
         socket.getaddrinfo(config.host or None, config.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except OSError as error:
@@ -7093,6 +7360,7 @@ def run_server(args: argparse.Namespace) -> int:
     log.addFilter(LogLimiter())
     try:
         config = ServerConfig(**{field: getattr(args, field) for field in SERVER_OPTIONS},
+                              ops=tuple(args.ops), motd=read_motd(args.motd),
                               password=read_password(args.password_file),
                               tls_key=args.tls_key or args.tls_cert,
                               supervisor=os.getppid() if args.worker is not None else None)
@@ -7367,6 +7635,7 @@ class HelpFormatter(argparse.HelpFormatter):
 
 # What ServerConfig takes from the command line as it is; its defaults are ServerConfig's.
 SERVER_OPTIONS = ("host", "port", "max_connections", "tls_cert", "history", "history_bytes", "history_file",
+                  "db", "db_history", "registered_only",
                   "max_buffer", "max_payload", "flood_rate", "flood_burst", "hello_timeout", "ping_interval",
                   "idle_timeout", "max_rooms", "nick_hold", "redis", "cluster_ttl", "reuse_port")
 
@@ -7398,7 +7667,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="lines kept per room")
     server.add_argument("--history-bytes", type=Number(0, size=True), default=d.history_bytes, metavar="BYTES",
                         help="what the history of all rooms together may hold")
-    server.add_argument("--history-file", metavar="FILE", help="keep history in FILE across restarts")
+    server.add_argument("--history-file", metavar="FILE", help="keep history in FILE across restarts"
+                        " (with --db: import it into the new database once)")
+    server.add_argument("--db", metavar="FILE", help="keep everything in this SQLite file: history, accounts, bans,"
+                        " topics, kept messages (without it, only --history-file's history outlives the server)")
+    server.add_argument("--db-history", type=Number(0, 10_000_000), default=d.db_history, metavar="N",
+                        help="with --db: lines kept per room, to catch up on")
+    server.add_argument("--op", action="append", default=[], type=nick_option, metavar="NAME", dest="ops",
+                        help="this account is a server operator (repeatable)")
+    server.add_argument("--registered-only", action="store_true",
+                        help="only accounts may join (operators make them: /register NAME at the console)")
+    server.add_argument("--motd", metavar="FILE", help="show this file's text to everyone who joins")
     server.add_argument("--max-buffer", type=Number(16 << 10, size=True), default=d.max_buffer, metavar="BYTES",
                         help="unsent bytes per client before it is dropped as too slow")
     server.add_argument("--max-payload", type=Number(256, MAX_CLIENT_PAYLOAD * 16, size=True),
@@ -7497,8 +7776,9 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             fail(f"--idle-timeout ({args.idle_timeout:g}) must be more than --ping-interval ({args.ping_interval:g})")
         if args.tls_key and not args.tls_cert:
             fail("--tls-key needs --tls-cert")
-        if args.redis and args.history_file:
-            fail("--history-file and --redis do not go together: with Redis, history is kept there")
+        if args.redis and (args.history_file or args.db):
+            fail(f"{'--db' if args.db else '--history-file'} and --redis do not go together: with Redis,"
+                 " everything is kept there")
         if args.workers > 1 and not args.redis:
             fail("--workers needs --redis: each worker is a server of its own, linked through Redis")
     elif args.command == "client":

@@ -1666,6 +1666,80 @@ class DurableHistoryTest(unittest.TestCase):
         self.assertEqual([line["text"] for line in bob.welcome["history"]], ["whole"])
 
 
+class DatabaseTest(HarnessTestCase):
+    """--db: one SQLite file keeps the history, the numbering and every record, across restarts."""
+
+    def setUp(self):
+        super().setUp()
+        tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(tmp.cleanup)
+        self.path = os.path.join(tmp.name, "chat.db")
+
+    def restart(self, server=None, **config):
+        if server is not None:
+            server.chat.close()
+        return self.harness(db=self.path, ops=("root",), **config)
+
+    def test_accounts_bans_topics_and_history_outlive_a_restart(self):
+        server = self.restart()
+        root = server.connect("root")
+        root.send({"type": "register", "password": "rootpw"}, {"type": "join", "room": "dev"},
+                  {"type": "topic", "room": "dev", "text": "ship it"}, {"type": "ban", "nick": "mallory", "reason": "spam"},
+                  {"type": "mute", "nick": "eve", "duration": "1d"}, {"type": "msg", "room": "dev", "text": "kept line"})
+        bob = server.connect("bob")
+        bob.send({"type": "pm", "to": "root", "text": "for later"})
+        ids = [f["id"] for f in bob.frames("msg")]
+        server = self.restart(server)
+        bob = server.connect("bob")
+        bob.send({"type": "join", "room": "dev"})
+        joined = bob.expect("joined")
+        self.assertEqual((joined["topic"], [line["text"] for line in joined["history"]]), ("ship it", ["kept line"]))
+        mallory = server.connect()
+        mallory.send({"type": "hello", "nick": "mallory"})
+        self.assertEqual(mallory.expect("error")["code"], "banned")
+        thief = server.connect()
+        thief.send({"type": "hello", "nick": "root"})
+        self.assertEqual(thief.expect("error")["code"], "account-required")
+        root = server.connect("root", account_password="rootpw")
+        self.assertTrue(root.welcome["op"])
+        self.assertEqual(root.welcome["rooms"], ["lobby", "dev"], "back where it left")
+        bob.send({"type": "msg", "room": "dev", "text": "after"})
+        line = root.expect("msg", text="after")
+        self.assertEqual(line["seq"], 2)
+        self.assertGreater(line["id"], max(ids + [0]))
+
+    def test_an_account_catches_up_beyond_what_memory_holds(self):
+        server = self.restart(history=5)
+        alice = server.connect("alice")
+        alice.send({"type": "register", "password": "alicepw"}, {"type": "quit"})
+        bob = server.connect("bob", flood_rate=1e6)
+        bob.send(*[{"type": "msg", "text": f"line {i}"} for i in range(40)])
+        server = self.restart(server, history=5)
+        back = server.connect("alice", account_password="alicepw")
+        self.assertTrue(back.welcome["back"])
+        self.assertEqual([line["text"] for line in back.welcome["history"]], [f"line {i}" for i in range(40)])
+        self.assertEqual(back.welcome["missed"], {})
+
+    def test_a_history_file_is_taken_over_by_a_new_database(self):
+        history = os.path.join(os.path.dirname(self.path), "history.jsonl")
+        old = self.harness(history_file=history)
+        old.connect("alice").send({"type": "msg", "text": "from the file"})
+        instance = old.chat.relay.instance
+        old.chat.close()
+        server = self.harness(db=self.path, history_file=history)
+        self.assertEqual(server.chat.relay.instance, instance, "clients resume across the move")
+        self.assertEqual([line["text"] for line in server.connect("bob").welcome["history"]], ["from the file"])
+
+    def test_a_file_that_is_not_a_chat_py_database_is_refused_and_left_as_it_is(self):
+        with open(self.path, "w") as f:
+            f.write("my notes\n")
+        with self.assertRaises(chat.StartupError) as refused:
+            chat.Database(self.path, 100, 50).check()
+        self.assertIn("not a chat.py database", str(refused.exception))
+        with open(self.path) as f:
+            self.assertEqual(f.read(), "my notes\n")
+
+
 # ---------------------------------------------------------------------------
 # 4d. Gate: slots and passwords
 # ---------------------------------------------------------------------------
