@@ -2713,7 +2713,7 @@ class People:
         def changed(kept: object) -> None:
             if isinstance(kept, dict):
                 self.records.put("account", conn.account, dict(self.account(conn.account) or {}, password=kept))
-                self.chat.out.send(conn, {"type": "notice", "text": "your password is changed"})
+                self.chat.out.send(conn, {"type": "registered", "nick": conn.nick, "mine": True, "changed": True})
 
         def checked(right: object) -> None:
             if right is not True:
@@ -2736,9 +2736,8 @@ class People:
         self.announce(conn, room, f"{conn.nick} made {nick} an operator of #{room.name}" if on else
                       f"{conn.nick} took operator rights in #{room.name} from {nick}")
         target = self.chat.users.get(name_key(nick))
-        if target is not None and room in target.rooms:
-            self.chat.out.send(target, {"type": "joined", "room": room.name, "op": on, "users": room.nicks(),
-                                        "seq": room.seq, "history": [], "again": True})
+        if target is not None:
+            self.chat.out.send(target, {"type": "op", "room": room.name, "on": on})
 
     def on_deop(self, conn: "Conn", frame: dict) -> None:
         self.on_op(conn, frame, on=False)
@@ -2919,11 +2918,14 @@ class People:
 
     def logged_in(self, conn: "Conn", key: str) -> None:
         """`conn` gave the right password for the account `key`: it is logged
-        in, and its network is one the account's tries are trusted from."""
+        in, and its network is one the account's tries are trusted from. (A
+        connection already in is told if that makes it a server operator.)"""
         conn.account = key
         record = self.account(key) or {}
         homes = [net for net in record.get("from", []) if net != self.chat.gate.network(conn)][-4:]
         self.records.put("account", key, dict(record, **{"from": homes + [self.chat.gate.network(conn)]}))
+        if conn.state is JOINED and self.is_op(conn):
+            self.chat.out.send(conn, {"type": "op", "on": True})
 
     def place(self, conn: "Conn") -> Optional[dict]:
         """Where `conn`'s account left off, if it has an account and a place."""
@@ -5307,7 +5309,7 @@ _KEYS = {
 _SEQUENCE = re.compile(r"\x1b(\[[0-9;]*[@-~]|O.|[^\[O])")      # an escape sequence, whole
 _SEQUENCE_START = re.compile(r"\x1b(\[[0-9;]*|O)?")              # the start of one, not yet whole
 _TYPED = re.compile("[^\x00-\x1f\x7f]+")     # a run of keys that are text: inserted in one go
-_PASTED = re.compile("[^\x1b]+")              # in a paste, all up to the next escape sequence is text
+_PASTE_END = "\x1b[201~"
 
 
 class LineEditor:
@@ -5334,9 +5336,11 @@ class LineEditor:
         self.killed = ""            # what Ctrl-K/U/W took, for Ctrl-Y
         self.pending = ""           # an escape sequence not yet complete
         self.pasting = False
+        self.pasted = ""            # what a paste brought so far
         self.tabbed = False         # the last key was Tab: another lists the candidates
         self.cursor_row = 0         # the row of the cursor within the drawn input, counted from its first
         self.drawn = False
+        self.secret = False         # what is typed is not drawn, nor kept in the history (a password)
 
     # -- keys ----------------------------------------------------------------
 
@@ -5348,12 +5352,15 @@ class LineEditor:
         text, self.pending = self.pending + text, ""
         i = 0
         while i < len(text):
+            if self.pasting:
+                i = self._paste(text, i, out)
+                continue
             # A run of text is inserted at once, and drawn once: a long paste
             # costs its length, not its length squared.
-            run = (_PASTED if self.pasting else _TYPED).match(text, i)
+            run = _TYPED.match(text, i)
             if run:
                 self.tabbed = False
-                out.append(self._insert(_NEWLINES.sub("\n", run.group()) if self.pasting else run.group()))
+                out.append(self._insert(run.group()))
                 i = run.end()
                 continue
             key, size = self._next_key(text, i)
@@ -5363,6 +5370,22 @@ class LineEditor:
             i += size
             out.append(self._key(key, lines))
         return lines, "".join(out)
+
+    def _paste(self, text: str, i: int, out: List[str]) -> int:
+        """Keys inside a bracketed paste, from text[i]: kept until the paste
+        ends, then inserted once, cleaned as the server would clean it (escape
+        sequences and controls out, tabs and newlines kept), so what the line
+        shows is what Enter sends. Returns where the keys not pasted begin."""
+        end = text.find(_PASTE_END, i)
+        if end < 0:
+            tail = next((n for n in range(len(_PASTE_END) - 1, 0, -1) if text.endswith(_PASTE_END[:n])), 0)
+            self.pasted += text[i:len(text) - tail]
+            self.pending = text[len(text) - tail:]      # perhaps the end of the paste, cut in two
+            return len(text)
+        self.pasted += text[i:end]
+        self.pasting, pasted, self.pasted = False, clean_text(self.pasted), ""
+        out.append(self._insert(pasted))
+        return end + len(_PASTE_END)
 
     @staticmethod
     def _next_key(text: str, i: int) -> Tuple[Optional[str], int]:
@@ -5381,15 +5404,13 @@ class LineEditor:
         return "\x1b", 1
 
     def _key(self, key: str, lines: List[Optional[str]]) -> str:
-        if self.pasting and key != "\x1b[201~":     # an escape sequence in a paste: not a key
-            return self._insert(key) if len(key) == 1 else ""
         action = _KEYS.get(key)
         tabbed, self.tabbed = self.tabbed, False
         if action is None:
             return self._insert(key) if len(key) == 1 and key >= " " else ""
         if action == "enter":
             lines.append(self.buffer)
-            if self.buffer.strip() and (not self.history or self.history[-1] != self.buffer):
+            if self.buffer.strip() and not self.secret and (not self.history or self.history[-1] != self.buffer):
                 self.history.append(self.buffer)
             self.buffer, self.point, self.browsing = "", 0, None
             return self.erase() + self.draw()
@@ -5441,7 +5462,6 @@ class LineEditor:
         return self._set(buffer, point)
 
     def _insert(self, text: str) -> str:
-        text = text.replace("\t", " ")
         return self._set(self.buffer[:self.point] + text + self.buffer[self.point:], self.point + len(text))
 
     def _browse(self, step: int) -> str:
@@ -5507,8 +5527,8 @@ class LineEditor:
     def draw(self) -> str:
         """What draws the prompt and the line, leaving the cursor at the point."""
         columns = max(self.columns(), 2)
-        shown = _editable(self.buffer)
-        before = _plain(self.prompt) + _editable(self.buffer[:self.point])
+        shown = "" if self.secret else _editable(self.buffer)
+        before = _plain(self.prompt) + ("" if self.secret else _editable(self.buffer[:self.point]))
         end_row, end_column = _position(_plain(self.prompt) + shown, columns)
         row, column = _position(before, columns)
         out = self.prompt + shown
@@ -5570,6 +5590,7 @@ class Console:
         self._saved_tty = None
         self._entered: collections.deque = collections.deque()    # lines the editor gave, not yet taken
         self.started = False
+        self.at_prompt = False      # (TERM=dumb) the cursor is after the prompt, where the user types
 
     @property
     def prompt(self) -> str:
@@ -5578,7 +5599,13 @@ class Console:
     @prompt.setter
     def prompt(self, prompt: str) -> None:
         with self._lock:
-            self._write(self.editor.set_prompt(prompt))
+            if self.editing:
+                self._write(self.editor.set_prompt(prompt))
+            elif self.interactive:      # a terminal that cannot move its cursor: the prompt, plainly
+                self.editor.prompt = prompt
+                if self.started and not self.at_prompt:
+                    self._write(prompt)
+                    self.at_prompt = True
 
     def start(self) -> None:
         """Begin reading: raw keys on a terminal that can edit, else whole lines."""
@@ -5588,6 +5615,9 @@ class Console:
             self._write("\x1b[?2004h" + self.editor.draw())     # bracketed paste on, then the prompt
             if hasattr(signal, "SIGWINCH") and threading.current_thread() is threading.main_thread():
                 signal.signal(signal.SIGWINCH, lambda *_: self._wake(b"w"))
+        elif self.interactive and self.editor.prompt:     # TERM=dumb: the prompt, plainly
+            self._write(self.editor.prompt)
+            self.at_prompt = True
         reader = self._keys if self.editing else self._piped_lines
         threading.Thread(target=self._read_forever, args=(reader(),), name="stdin", daemon=True).start()
 
@@ -5702,6 +5732,7 @@ class Console:
             except queue.Empty:
                 return False, None
             if not self.editing or item is None:
+                self.at_prompt = False      # (Enter moved the cursor to a line of its own)
                 return True, item
             with self._lock:
                 lines, out = self.editor.feed(item)
@@ -5719,10 +5750,27 @@ class Console:
         except (OSError, ValueError):
             return shutil.get_terminal_size().columns or 80
 
-    def show(self, text: str) -> None:
-        """Print `text` on its own lines, keeping the prompt and half-typed input intact."""
+    def ask(self, question: str) -> None:
+        """The next line is an answer not to be shown: the prompt asks, what is typed is drawn as nothing."""
         with self._lock:
-            self._write(self.editor.print(text) if self.editing and self.editor.drawn else text + "\n")
+            self.editor.secret = True
+            self._write(self.editor.set_prompt(question))
+
+    def asked(self) -> None:
+        self.editor.secret = False
+
+    def show(self, text: str) -> None:
+        """Print `text` on its own lines, keeping the prompt and half-typed input
+        intact (on a terminal that cannot move its cursor: below what is being
+        typed, never glued to it, and the prompt again after it)."""
+        with self._lock:
+            if self.editing and self.editor.drawn:
+                self._write(self.editor.print(text))
+            elif self.interactive and not self.editing and self.started:
+                self._write(("\n" if self.at_prompt else "") + text + "\n" + self.editor.prompt)
+                self.at_prompt = True
+            else:
+                self._write(text + "\n")
 
     def bell(self) -> None:
         """Ring the terminal's bell (a backgrounded terminal or tmux window flags it)."""
@@ -5957,13 +6005,15 @@ def _render_msg(frame: dict, view: View) -> Shown:
     sender, text = _field(frame, "from"), _field(frame, "text")
     mine = name_key(sender) == name_key(view.me)
     color = "1;32" if mine else nick_color(sender)
+    named = not mine and mentions(text, view.me)
     if frame.get("action"):
-        return Shown(f"* {sender}", text, color, color)
+        return Shown(f"* {sender}" if view.color or not named else f"!* {sender}", text, color, "1" if named else color)
     if frame.get("to") is not None:
         if mine:
             return Shown(f"[pm to {_field(frame, 'to')}]", text, color)
-        return Shown(f"[pm from {sender}]", text, "1;" + color)
-    if not mine and mentions(text, view.me):     # highlighted: bold, or marked where there is no colour
+        kept = " while you were away" if frame.get("kept") else ""
+        return Shown(f"[pm from {sender}{kept}]", text, "1;" + color)
+    if named:     # highlighted: bold, or marked where there is no colour
         return Shown(f"<{sender}>" if view.color else f"!<{sender}>", text, color, "1")
     return Shown(f"[{sender}]" if mine and not view.color else f"<{sender}>", text, color)
 
@@ -6012,16 +6062,58 @@ _RENDERERS: Dict[str, Callable[[dict, View], Optional[Shown]]] = {
                                  "1;33", "1;33"),
     "error": lambda f, v: Shown("!!!", f"{_field(f, 'text')} ({_field(f, 'code')})", "1;31", "1;31"),
     "who": lambda f, v: _event(
-        (f"in #{_field(f, 'room')}" if f.get("room") else "online") + f": {_names(f.get('users'))}"),
+        (f"in #{_field(f, 'room')}" if f.get("room") else "online") + f": {_names(f.get('users'), f.get('away'))}"),
     "rooms": lambda f, v: _event("rooms: " + ", ".join(
-        f"#{_field(r, 'name')} ({_field(r, 'users')})" for r in f.get("rooms") or [] if isinstance(r, dict))),
-    "parted": lambda f, v: _event(f"you left #{_field(f, 'room')}"),
+        f"#{_field(r, 'name')} ({_field(r, 'users')})" + (f" {_field(r, 'topic')}" if r.get("topic") else "")
+        for r in f.get("rooms") or [] if isinstance(r, dict))),
+    "parted": lambda f, v: _event(f"you left #{_field(f, 'room')}"
+                                  + (f" ({_field(f, 'reason')})" if f.get("reason") else "")),
     "bye": lambda f, v: Shown("***", f"the server is going away: {_field(f, 'reason')}", "1;33", "1;33"),
+    "topic": lambda f, v: _event(f"the topic of #{_field(f, 'room')}: " + (_field(f, "text") or "(none)")
+                                 + (f" (set by {_field(f, 'by')})" if f.get("by") else "")),
+    "registered": lambda f, v: _event("your password is changed" if f.get("changed") else
+                                      f"{_field(f, 'nick')} is registered" + ("; you are logged in to it, and it is"
+                                      " yours: next time log in with its password" if f.get("mine") else "")),
+    "whois": lambda f, v: _event(_whois_text(f)),
+    "bans": lambda f, v: _event("in force: " + ("; ".join(_ban_text(b) for b in f.get("bans") or []
+                                                         if isinstance(b, dict)) or "none")),
+    "op": lambda f, v: _event(f"you are {'now' if f.get('on') else 'no longer'} an operator of "
+                              + (f"#{_field(f, 'room')}" if f.get("room") else "this server")),
 }
 
 
-def _names(users: object) -> str:
-    names = [printable(u) for u in users if type(u) is str] if type(users) is list else []
+def _whois_text(frame: dict) -> str:
+    nick = _field(frame, "nick")
+    if not frame.get("online"):
+        return f"{nick} is not online" + (" (a registered nick)" if frame.get("account") else "")
+    said = [f"{nick}: " + ("an account" if frame.get("account") else "a guest")
+            + (", a server operator" if frame.get("op") else "")]
+    if type(frame.get("rooms")) is list:
+        said.append("in " + ", ".join(f"#{printable(r)}" for r in frame["rooms"] if type(r) is str))
+    if type(frame.get("idle")) in (int, float):
+        said.append(f"idle {spoken_duration(max(1, frame['idle']))}")
+    if type(frame.get("since")) in (int, float):
+        said.append("here since " + time.strftime("%Y-%m-%d %H:%M", time.localtime(frame["since"])))
+    if frame.get("away"):
+        said.append(f"away: {_field(frame, 'away')}")
+    if frame.get("server"):
+        said.append(f"on {_field(frame, 'server')}")
+    return "; ".join(said)
+
+
+def _ban_text(ban: dict) -> str:
+    until = ban.get("until")
+    when = time.strftime("until %Y-%m-%d %H:%M", time.localtime(until)) if type(until) in (int, float) \
+        else "until lifted"
+    where = f" in #{_field(ban, 'room')}" if ban.get("room") else ""
+    why = f": {_field(ban, 'reason')}" if ban.get("reason") else ""
+    return f"{_field(ban, 'nick')} {'muted' if ban.get('kind') == 'mute' else 'banned'}{where} {when} by {_field(ban, 'by')}{why}"
+
+
+def _names(users: object, away: object = None) -> str:
+    away = away if isinstance(away, dict) else {}
+    names = [printable(u) + (f" (away: {printable(str(away[u]))})" if u in away else "")
+             for u in users if type(u) is str] if type(users) is list else []
     return f"{', '.join(names)} ({len(names)})"
 
 
@@ -6049,7 +6141,7 @@ class ConnectionLost(Exception):
 
 # Errors after which reconnecting would not help (the server meant it).
 _FINAL_ERRORS = {"kicked", "bad-frame", "frame-too-large", "auth-failed", "bad-nick", "tls-required",
-                 "server-full", "replaced"}
+                 "server-full", "replaced", "banned", "registered-only", "login-failed", "account-required"}
 EXIT_OK, EXIT_LOST, EXIT_USAGE, EXIT_REFUSED = 0, 1, 2, 3
 
 
@@ -6213,10 +6305,12 @@ class TlsOptions(NamedTuple):
                              f"REFUSING {where}: ITS CERTIFICATE HAS CHANGED (now {seen}, was {known})."
                              f" Someone may be intercepting you. If the server really has a new"
                              f" certificate, delete its line from {self.known_hosts}")
-        if self.ask is None or not self.ask(f"The server at {where} presents a certificate never seen"
-                                            f" before:\n  {seen}\nTrust it and remember it? [y/N] "):
+        if self.ask is None:
             raise ClientExit(EXIT_LOST, f"not connecting to {where}: its certificate {seen} is not trusted"
                                         " (pin it with --fingerprint, or connect once from a terminal)")
+        if not self.ask(f"The server at {where} presents a certificate never seen"
+                        f" before:\n  {seen}\nTrust it and remember it? [y/N] "):
+            raise ClientExit(EXIT_LOST, f"not connecting to {where}: you did not trust its certificate {seen}")
         remember_host(self.known_hosts, where, seen)
 
 
@@ -6268,9 +6362,11 @@ class Retry(NamedTuple):
 
 
 class Ask(NamedTuple):
-    """Logging in: ask the user for the password (hidden), then say hello again."""
+    """Logging in: ask the user for the password (hidden: the server's, or
+    with `account` the nick's account's), then say hello again."""
     prompt: str
     note: str = ""
+    account: bool = False
 
 
 class GiveUp(NamedTuple):
@@ -6299,8 +6395,14 @@ class Session:
     LOGIN_TRIES = 20            # hellos one login may take (taken nicks, waits)
     PASSWORD_ASKS = 3           # times the user is asked for a password
 
-    def __init__(self, nick: str, password: Optional[str] = None):
-        self.nick, self.password = nick, password
+    def __init__(self, nick: str, password: Optional[str] = None, account_password: Optional[str] = None):
+        self.nick, self.password, self.account_password = nick, password, account_password
+        self.protocol = 0           # the server's (welcome says it)
+        self.op = False             # a server operator
+        self.room_ops: set = set()  # the rooms (keys) we operate
+        self.ignored: Dict[str, str] = {}   # nick key -> nick: nothing from them is shown
+        self.rooms_asked = False    # the rooms list was asked for, quietly (for Tab after /join)
+        self.pending_password: Optional[str] = None     # an account password sent, taken when the server says so
         self.base_nick = nick       # what a taken nick's suffixes are added to
         self.tries = self.asks = 0  # in this login
         self.rooms: List[str] = []
@@ -6321,14 +6423,17 @@ class Session:
             "msg": self.on_msg, "joined": self.on_joined, "parted": self.on_parted, "nick": self.on_nick,
             "join": self.on_join, "leave": self.on_leave, "who": self.on_who, "rooms": self.on_rooms,
             "error": self.on_error, "bye": self.on_bye, "ping": self.on_ping, "pong": lambda frame: [],
+            "op": self.on_op, "registered": self.on_registered,
         }
 
     # -- logging in ----------------------------------------------------------
 
     def hello(self) -> dict:
-        frame = {"type": "hello", "nick": self.nick}
+        frame = {"type": "hello", "nick": self.nick, "protocol": PROTOCOL}
         if self.password is not None:
             frame["password"] = self.password
+        if self.account_password is not None:
+            frame["account_password"] = self.account_password
         if self.session:    # resuming: same nick, same rooms, what was missed
             frame.update(session=self.session, instance=self.instance, rooms=self.rooms, since=self.seen)
         return frame
@@ -6349,6 +6454,9 @@ class Session:
         if self.room not in self.rooms:
             self.room = valid_room(frame.get("room")) or (self.rooms[0] if self.rooms else None)
         self.instance, self.session = instance, _token(frame.get("session"))
+        self.protocol = _number(frame.get("protocol"), 1, 1000, 1, int)
+        self.op = frame.get("op") is True
+        self.room_ops = set()
         self.joining.clear()
         self.members = {}
         self._add_members(frame.get("room"), frame.get("users"))
@@ -6392,6 +6500,10 @@ class Session:
         if code == "auth-failed" and can_ask and self.asks < self.PASSWORD_ASKS:
             self.asks += 1
             return Ask(f"password for {where}: ", "wrong password" if self.password is not None else "")
+        if code in ("account-required", "login-failed") and can_ask and self.asks < self.PASSWORD_ASKS:
+            self.asks += 1
+            return Ask(f"password of the account {self.nick}: ", text if code == "login-failed" else "",
+                       account=True)
         if code == "rate-limited":
             wait = _number(frame.get("retry_after"), 1, 600, 5)
             return Retry(wait, f"{text}; trying again in {plural(math.ceil(wait), 'second')}")
@@ -6404,11 +6516,15 @@ class Session:
     # -- frames from the server ----------------------------------------------
 
     def receive(self, frame: dict) -> list:
+        if frame["type"] != "error":
+            self.last_error = ""        # only an error the connection ends on is the reason it ended
         handler = self.handlers.get(frame["type"])
         return handler(frame) if handler is not None else [frame]
 
     def on_msg(self, frame: dict) -> list:
         self._saw(valid_room(frame.get("room")), frame.get("seq"))
+        if type(frame.get("from")) is str and name_key(frame["from"]) in self.ignored:
+            return []
         said = _plain_said(frame)
         if frame.get("local") is True and said is not None:
             self.provisional[said] = None
@@ -6430,9 +6546,14 @@ class Session:
         self.members[name_key(room)] = {}
         self._add_members(room, frame.get("users"))
         self._saw(room, frame.get("seq"))
+        if frame.get("op") is True:
+            self.room_ops.add(name_key(room))
         here = "; your lines go here now" if self.room == room else ""
+        company = _company(frame.get("users"), self.nick)
+        company = "" if company == "on your own so far" else f" {company}"     # (the server says you are alone)
+        topic = [{"type": "topic", "room": room, "text": frame["topic"]}] if frame.get("topic") else []
         return self._history(_lines(frame.get("history")), False) + [
-            Note(f"you are in #{room} {_company(frame.get('users'), self.nick)}{here}")]
+            Note(f"you are in #{room}{company}{here}")] + topic
 
     def on_parted(self, frame: dict) -> list:
         room = valid_room(frame.get("room"))
@@ -6477,11 +6598,37 @@ class Session:
         rooms = frame.get("rooms")
         self.known_rooms = [name for name in (valid_room(r.get("name")) for r in rooms if isinstance(r, dict)) if name]\
             if type(rooms) is list else []
+        if self.rooms_asked:        # asked for at welcome, for Tab: not shown
+            self.rooms_asked = False
+            return []
+        return [frame]
+
+    def register(self, password: str) -> list:
+        self.pending_password = password
+        return [Send({"type": "register", "password": password})]
+
+    def change_password(self, old: str, new: str) -> list:
+        self.pending_password = new
+        return [Send({"type": "password", "old": old, "new": new})]
+
+    def on_registered(self, frame: dict) -> list:
+        if frame.get("mine") is True and self.pending_password is not None:     # what to log in with from now on
+            self.account_password, self.pending_password = self.pending_password, None
+        return [frame]
+
+    def on_op(self, frame: dict) -> list:
+        room = valid_room(frame.get("room"))
+        if room is not None:
+            (self.room_ops.add if frame.get("on") is True else self.room_ops.discard)(name_key(room))
+        elif frame.get("room") is None:     # the whole server's
+            self.op = frame.get("on") is True
         return [frame]
 
     def on_error(self, frame: dict) -> list:
         code = frame.get("code")
         self.last_error = code if type(code) is str else ""
+        if self.last_error in ("login-failed", "bad-field"):
+            self.pending_password = None
         if self.last_error in ("bad-room", "too-many-rooms") and self.joining:     # our oldest /join failed
             room, before = self.joining.pop(0)
             if self.room == room:
@@ -6513,10 +6660,51 @@ class Session:
         return out
 
     def message(self, nick: str, text: str) -> list:
+        """A private message. A server of protocol 3 sends it back once it took
+        it, and that copy is the one shown (so a refused one never looks sent);
+        an older server's is shown as typed."""
         sent = Send({"type": "pm", "to": nick, "text": text})
-        if self._mine(nick):        # to yourself: the server's copy is the one shown
+        if self._mine(nick) or self.protocol >= 3:
             return [sent]
         return [sent, Echo({"type": "msg", "from": self.nick, "to": nick, "text": text})]
+
+    # -- accounts, moderation, presence --------------------------------------
+
+    def moderate(self, kind: str, nick: str, rest: str = "") -> list:
+        """/kick /ban /mute /unban /unmute /purge: on the whole server for a
+        server operator, in the current room for a room's operator."""
+        frame: dict = {"type": kind, "nick": nick}
+        if kind in ("ban", "mute"):
+            duration, _, reason = rest.partition(" ")
+            if parse_duration(duration) is None:
+                duration, reason = "", rest
+            if duration:
+                frame["duration"] = duration
+            rest = reason
+        if rest.strip() and kind in ("kick", "ban", "mute"):
+            frame["reason"] = rest.strip()
+        if not self.op:
+            if self.room is None:
+                return [Note("you are in no room; /join one first", "31")]
+            frame["room"] = self.room
+        return [Send(frame)]
+
+    def topic(self, text: str = "") -> list:
+        if self.room is None:
+            return [Note("you are in no room; /join one first", "31")]
+        return [Send({"type": "topic", "room": self.room, **({"text": text} if text else {})})]
+
+    def ignore(self, nick: str) -> list:
+        name = valid_nick(nick)
+        if name is None:
+            return [Note(f"{printable(nick)} is not a nick", "31")]
+        self.ignored[name_key(name)] = name
+        return [Note(f"ignoring {name}: nothing from them is shown (/unignore {name} to stop)")]
+
+    def unignore(self, nick: str) -> list:
+        if self.ignored.pop(name_key(nick), None) is None:
+            return [Note(f"you are not ignoring {printable(nick)}", "31")]
+        return [Note(f"no longer ignoring {printable(nick)}")]
 
     def reply(self, text: str) -> list:
         if self.last_pm_from is None:
@@ -6692,7 +6880,7 @@ class ChatClient:
         self.json = args.json
         self.bell = console.interactive and not args.no_bell
         self.rang = -1e9        # when the bell last rang
-        self.session = Session(args.nick or default_nick(), args.password)
+        self.session = Session(args.nick or default_nick(), args.password, args.account_password)
         self.link: Optional[Link] = None
         self.welcomed = False
         self.last_heard = self.pinged = 0.0
@@ -6716,8 +6904,41 @@ class ChatClient:
             Command("switch", "ROOM", "talk in another room you are in",
                     lambda room: self.perform(session.switch(room))),
             Command("rooms", "", "list the rooms", lambda: self.send({"type": "rooms"})),
+            Command("topic", "[TEXT]", "show the room's topic, or set it (its operators)",
+                    lambda text="": self.perform(session.topic(text))),
+            Command("away", "[TEXT]", "say you are away (no text: you are back)",
+                    lambda text="": self.send({"type": "away", **({"text": text} if text else {})})),
+            Command("whois", "NICK", "who someone is: account, rooms, idle, away",
+                    lambda nick: self.send({"type": "whois", "nick": nick})),
+            Command("ignore", "NICK", "show nothing from someone (kept on this machine)", self.cmd_ignore),
+            Command("unignore", "NICK", "show them again", lambda nick: self.cmd_ignore(nick, False)),
+            Command("ignores", "", "who you ignore", self.cmd_ignores),
+            Command("register", "[PASSWORD]", "register your nick (asked twice, hidden, if not given)",
+                    self.cmd_register),
+            Command("password", "[OLD NEW]", "change your account's password (asked, hidden, if not given)",
+                    self.cmd_password),
+            Command("kick", "NICK [REASON]", "operators: put someone out (of the room, for a room's operator)",
+                    lambda nick, reason="": self.perform(session.moderate("kick", nick, reason))),
+            Command("ban", "NICK [DURATION] [REASON]", "operators: ban someone (30m, 2h, 1d; none: until lifted)",
+                    lambda nick, *rest: self.perform(session.moderate("ban", nick, " ".join(rest)))),
+            Command("unban", "NICK", "operators: lift a ban", lambda nick: self.perform(session.moderate("unban", nick))),
+            Command("mute", "NICK [DURATION] [REASON]", "operators: they may read, not speak",
+                    lambda nick, *rest: self.perform(session.moderate("mute", nick, " ".join(rest)))),
+            Command("unmute", "NICK", "operators: lift a mute",
+                    lambda nick: self.perform(session.moderate("unmute", nick))),
+            Command("bans", "", "operators: the bans and mutes in force",
+                    lambda: self.send({"type": "bans"} if session.op else {"type": "bans", "room": session.room})),
+            Command("op", "NICK", "server operators: make an account an operator of this room",
+                    lambda nick: self.send({"type": "op", "nick": nick, "room": session.room})),
+            Command("deop", "NICK", "server operators: take it back",
+                    lambda nick: self.send({"type": "deop", "nick": nick, "room": session.room})),
+            Command("purge", "NICK", "operators: take someone's lines out of the kept history",
+                    lambda nick: self.perform(session.moderate("purge", nick))),
             Command("quit", "[REASON]", "leave the chat", self.cmd_quit),
         ])
+        self.asking: List[Callable[[str], None]] = []   # what the next lines typed answer (hidden prompts)
+        self.ignores_file = os.path.join(os.path.dirname(args.known_hosts or default_known_hosts()), "ignores")
+        session.ignored = read_ignores(self.ignores_file)
         console.editor.complete = lambda line, point: session.completions(line, point, self.commands.commands)
 
     # -- output --------------------------------------------------------------
@@ -6765,6 +6986,10 @@ class ChatClient:
             return
         if waiting:
             line += paint(" (waiting to be sent)", "2", view)
+        if not self.console.interactive and frame.get("type") not in ("msg", "join", "leave", "nick"):
+            sys.stderr.write(line + "\n")      # a pipe's stdout has only what people say and do
+            sys.stderr.flush()
+            return
         self.show(line)
         if self.bell and calls_for_attention(frame, session.nick):
             self.ring()
@@ -6829,6 +7054,40 @@ class ChatClient:
                                                   "Tab completes nicks, commands and rooms"]:
             self.note(line, "0")
 
+    def ask_hidden(self, question: str, then: Callable[[str], None]) -> None:
+        """Ask on the terminal, the answer not shown (nor kept in the history); then(answer)."""
+        self.asking.append(then)
+        self.console.ask(paint(question, "1;33", self.view))
+
+    def cmd_register(self, password: str = "") -> None:
+        if password:
+            self.perform(self.session.register(password))
+        elif not self.console.editing:
+            self.note("usage: /register PASSWORD (on a terminal you are asked for it, hidden)", "31")
+        else:
+            def again(first: str) -> None:
+                self.ask_hidden("the same password again: ",
+                                lambda second: self.perform(self.session.register(first)) if second == first
+                                else self.note("the two passwords differ: nothing was registered", "31"))
+            self.ask_hidden("a password for your nick: ", again)
+
+    def cmd_password(self, old: str = "", new: str = "") -> None:
+        if old and new:
+            self.perform(self.session.change_password(old, new))
+        elif not self.console.editing:
+            self.note("usage: /password OLD NEW (on a terminal you are asked, hidden)", "31")
+        else:
+            self.ask_hidden("your password now: ", lambda old: self.ask_hidden(
+                "the new one: ", lambda new: self.perform(self.session.change_password(old, new))))
+
+    def cmd_ignore(self, nick: str, on: bool = True) -> None:
+        self.perform(self.session.ignore(nick) if on else self.session.unignore(nick))
+        write_ignores(self.ignores_file, self.session.ignored)
+
+    def cmd_ignores(self) -> None:
+        ignored = sorted(self.session.ignored.values(), key=str.casefold)
+        self.note("ignoring: " + (", ".join(ignored) if ignored else "nobody"), "0")
+
     def cmd_quit(self, reason: str = "") -> None:
         if self.link is not None and self.welcomed:
             self.link.send({"type": "quit", "reason": reason} if reason else {"type": "quit"})
@@ -6859,15 +7118,24 @@ class ChatClient:
                 self.note("the server restarted: lines said while you were away are gone", "33")
         else:
             self.note(f"=== CONNECTED TO SERVER AT {self.link.where} ===", "1;32")
+            if type(frame.get("motd")) is str:
+                self.note(printable(frame["motd"][:MOTD_MAX]), "0")
         self.perform(history)
         for room, count in missed.items():
-            self.note(f"{plural(count, 'line')} said in #{printable(room)} while you"
-                      " were away can no longer be replayed", "33")
+            self.note(f"{plural(count, 'line')} said in #{room} while you were away can no longer be replayed", "33")
         if not reconnected:
             others = _company(frame.get("users"), session.nick)
-            self.note(f"you are {session.nick} in #{session.room}" + ("" if others == "on your own so far"
-                                                                      else f" {others}") + "."
+            where = ", ".join(f"#{room}" for room in session.rooms) if frame.get("back") else f"#{session.room}"
+            self.note(f"you are {session.nick} in {where}" + ("" if others == "on your own so far" else f" {others}")
+                      + (" (logged in to your account)" if frame.get("account") else "") + "."
                       + (" Type /help for commands." if self.console.interactive else ""), "0")
+            topics = frame.get("topics") if isinstance(frame.get("topics"), dict) else {}
+            for room in session.rooms:
+                if type(topics.get(room)) is str:
+                    self.show_frame({"type": "topic", "room": room, "text": topics[room]})
+            if self.console.interactive:        # the rooms there are, for Tab after /join (not shown)
+                session.rooms_asked = True
+                self.link.send({"type": "rooms"})
 
     # -- connecting ----------------------------------------------------------
 
@@ -6895,7 +7163,9 @@ class ChatClient:
                 raise ClientExit(step.code, step.message)
             if step.note:
                 self.note(step.note, "31" if isinstance(step, Ask) else "33")
-            if isinstance(step, Ask):
+            if isinstance(step, Ask) and step.account:
+                session.account_password = ask_user(step.prompt, secret=True)
+            elif isinstance(step, Ask):
                 session.password = ask_user(step.prompt, secret=True)
             elif step.after:
                 self.pause(step.after)
@@ -6934,9 +7204,11 @@ class ChatClient:
                 self.link.close()
                 self.link, self.welcomed = None, False
                 final = self.session.last_error in _FINAL_ERRORS
-                if final or self.args.reconnect <= 0:
+                if final:
+                    return EXIT_REFUSED     # (the server's error, already shown, says why)
+                if self.args.reconnect <= 0:
                     self.note(str(lost), "31")
-                    return EXIT_REFUSED if final else EXIT_LOST
+                    return EXIT_LOST
                 if not self.reconnect(str(lost)):
                     return EXIT_LOST if not self.quitting else EXIT_OK
 
@@ -6980,6 +7252,11 @@ class ChatClient:
             if line is None:    # Ctrl-D, or the end of piped input
                 self.cmd_quit()
                 return
+            if self.asking:     # the answer to a hidden question
+                self.console.asked()
+                self.asking.pop(0)(line)
+                self.set_prompt()
+                continue
             self.handle_input(line)
 
     def finish_quit(self) -> None:
@@ -7037,6 +7314,26 @@ class ChatClient:
         return False
 
 
+def read_ignores(path: str) -> Dict[str, str]:
+    """The nicks ignored on this machine (one a line), by key; unreadable or missing: none."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            nicks = [valid_nick(line.strip()) for line in f]
+    except (OSError, UnicodeDecodeError):
+        return {}
+    return {name_key(nick): nick for nick in nicks if nick}
+
+
+def write_ignores(path: str, ignored: Dict[str, str]) -> None:
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.writelines(f"{nick}\n" for nick in sorted(ignored.values(), key=str.casefold))
+        os.replace(path + ".tmp", path)
+    except OSError as error:
+        sys.stderr.write(f"cannot keep the ignore list in {path}: {_why(error)}\n")
+
+
 def default_nick() -> str:
     """The login name, made into a valid nick (or 'guest')."""
     try:
@@ -7059,6 +7356,7 @@ def ask_user(question: str, secret: bool = False) -> str:
 def run_client(args: argparse.Namespace) -> int:
     try:
         args.password = read_password(args.password_file)
+        args.account_password = read_password(args.account_password_file, "CHAT_ACCOUNT_PASSWORD")
         if args.cafile:
             _readable(args.cafile, "the CA file")
     except StartupError as error:
@@ -7296,10 +7594,10 @@ def read_motd(path: Optional[str]) -> str:
         raise StartupError(f"cannot read the message of the day {path}: {_why(error)}") from None
 
 
-def read_password(path: Optional[str]) -> Optional[str]:
-    """The first line of `path`, else $CHAT_PASSWORD, else None."""
+def read_password(path: Optional[str], variable: str = "CHAT_PASSWORD") -> Optional[str]:
+    """The first line of `path`, else the environment's `variable`, else None."""
     if not path:
-        return os.environ.get("CHAT_PASSWORD")
+        return os.environ.get(variable)
     try:
         with open(path, encoding="utf-8") as f:
             password = f.readline().rstrip("\r\n")
@@ -7727,6 +8025,9 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--password-file", metavar="FILE",
                         help="send the password on the first line of FILE (or set $CHAT_PASSWORD;"
                              " on a terminal you are asked when the server wants one)")
+    client.add_argument("--account-password-file", metavar="FILE",
+                        help="log in to your nick's account with the password on the first line of FILE (or set"
+                             " $CHAT_ACCOUNT_PASSWORD; on a terminal you are asked when the nick is registered)")
     client.add_argument("--json", action="store_true",
                         help="bot mode: print every frame as a JSON line; send JSON lines as frames"
                              " and other lines as messages")
@@ -7798,4 +8099,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except BrokenPipeError:     # `chat.py gencert | head -2`: what reads our output stopped; so do we
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)

@@ -24,6 +24,7 @@ import random
 import re
 import resource
 import select
+import shutil
 import signal
 import socket
 import ssl
@@ -2308,7 +2309,7 @@ class AccountTest(CommunityTestCase):
         self.server.advance(1.0)
         self.assertEqual(bob.expect("nick")["new"], "alice")
         bob.send({"type": "password", "old": "secret1", "new": "better2"})
-        self.assertEqual(bob.expect("notice")["text"], "your password is changed")
+        self.assertTrue(bob.expect("registered")["changed"])
         bob.send({"type": "quit"})
         self.login("alice", "better2")
 
@@ -3106,7 +3107,7 @@ class ServerProcessTest(unittest.TestCase):
                         self.assertEqual(server.wait(), 0)
                         self.assertLess(time.monotonic() - started, 1.5)
                         self.assertEqual(client.wait(), 0)
-                        self.assertTrue(any("going away" in line for line in client.out_lines))
+                        self.assertTrue(any("going away" in line for line in client.err_lines), "a note, so on stderr")
                         self.assertFalse(any("Traceback" in line for line in server.err_lines + client.err_lines))
                     finally:
                         client.kill()
@@ -3827,7 +3828,7 @@ class ClientSessionTest(unittest.TestCase):
         self.assertEqual((session.room, session.rooms, session.seen), ("lobby", ["lobby"], {"lobby": 7}))
         self.assertEqual((session.max_text, session.ping_interval, session.idle_timeout), (100, 5.0, 12.0))
         session.receive({"type": "msg", "from": "bob", "text": "x", "room": "lobby", "seq": 9})
-        self.assertEqual(session.hello(), {"type": "hello", "nick": "alice", "session": "s1", "instance": "i1",
+        self.assertEqual(session.hello(), {"type": "hello", "nick": "alice", "protocol": 3, "session": "s1", "instance": "i1",
                                            "rooms": ["lobby"], "since": {"lobby": 9}})
 
     def test_a_resume_hides_your_own_lines_and_a_restart_forgets_the_cursors(self):
@@ -4276,6 +4277,136 @@ class BotModeTest(ServerTestCase):
         self.assertEqual(alice.expect("leave", nick="timebot")["room"], "lobby")
 
 
+class NewcomerTest(ServerTestCase):
+    """Issue 21: what a new user tripped over, each as it was seen."""
+
+    def terminal(self, *args, columns=80, env=None, nick="alice"):
+        terminal = Terminal(self, "client", "-p", self.port, "-n", nick, *args, columns=columns, env=env)
+        terminal.settle(r"#lobby>$")
+        return terminal
+
+    def test_a_dumb_terminal_never_glues_a_line_to_what_you_type_and_shows_the_room(self):
+        bob = self.peer("bob")
+        terminal = Terminal(self, "client", "-p", self.port, "-n", "alice", env={"TERM": "dumb"})
+        terminal.expect(r"#lobby> $")
+        bob.expect("join", nick="alice")
+        terminal.type("dumb typ")
+        terminal.expect("dumb typ")
+        bob.send({"type": "msg", "text": "hi alice"})
+        terminal.expect(r"^\r?\n[^\n]*<bob> hi alice\r?\n#lobby> ")     # below what is typed, then the prompt
+        terminal.type("ing\r")
+        self.assertEqual(bob.expect("msg")["text"], "dumb typing")
+        self.assertNotIn(b"\x1b", terminal.output)
+
+    def test_a_pm_that_fails_is_never_shown_as_sent(self):
+        terminal = self.terminal()
+        terminal.type("/msg nobody hi there\r")
+        terminal.settle("nobody here is called nobody")
+        self.assertFalse([row for row in terminal.screen.lines() if "[pm to nobody]" in row])
+        bob = self.peer("bob")
+        terminal.type("/msg bob hi bob\r")
+        self.assertEqual(bob.expect("msg")["text"], "hi bob")
+        terminal.settle(r"\[pm to bob\] hi bob")
+
+    def test_tab_completes_rooms_after_join_without_asking_for_the_list_first(self):
+        other = self.peer("bob")
+        other.send({"type": "join", "room": "design"})
+        other.expect("joined")
+        terminal = self.terminal()
+        terminal.type("/join #des\t")
+        terminal.settle(r"#lobby> /join #design$")
+
+    def test_pipe_mode_sends_notices_to_stderr_and_chat_to_stdout(self):
+        bob = self.peer("bob")
+        client = self.client("-n", "piper")
+        bob.expect("join", nick="piper")
+        bob.send({"type": "msg", "text": "said"})
+        client.wait_line("<bob> said")
+        bob.send({"type": "part", "room": "lobby"})
+        client.wait_line("bob left")
+        self.assertFalse([line for line in client.out_lines if "***" in line], client.out_lines)
+        client.proc.stdin.close()
+        self.assertEqual(client.wait(), 0)
+
+    def test_a_kicked_client_says_it_was_kicked_and_nothing_more(self):
+        client = self.client("-n", "bob")
+        wait_until(lambda: self.server.call(lambda: "bob" in self.server.loop.chat.users), what="bob in")
+        self.server.call(self.server.loop.chat.kick, "bob", "enough")
+        self.assertEqual(client.wait(), 3)
+        self.assertTrue(any("kicked by the operator: enough" in line for line in client.err_lines + client.out_lines))
+        self.assertFalse([line for line in client.err_lines if "connection lost" in line], client.err_lines)
+
+    def test_joining_an_empty_room_says_alone_once(self):
+        terminal = self.terminal()
+        terminal.type("/join #dev\r")
+        screen = terminal.settle("you are alone in #dev")
+        self.assertEqual(len([row for row in screen.lines() if "alone" in row or "on your own" in row]), 2,
+                         "one for the lobby, one for #dev")
+
+    def test_gencert_into_a_closed_pipe_is_no_traceback(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            result = subprocess.run(f"{sys.executable} {CHAT} gencert --cert {tmp}/c.pem --key {tmp}/k.pem | head -c 5",
+                                    shell=True, capture_output=True, text=True, timeout=30)
+        self.assertNotIn("Traceback", result.stderr)
+
+
+class CommunityClientTest(ServerTestCase):
+    """Issue 20 through the real client: accounts and moderation as people use them."""
+    config = {"ops": ("root",)}
+
+    def test_register_asks_twice_hidden_and_logs_in_next_time(self):
+        terminal = Terminal(self, "client", "-p", self.port, "-n", "alice")
+        terminal.settle(r"#lobby>$")
+        terminal.type("/register\r")
+        terminal.settle("a password for your nick:")
+        terminal.type("s3cret-pw\r")
+        terminal.settle("the same password again:")
+        terminal.type("s3cret-pw\r")
+        terminal.settle("alice is registered")
+        self.assertNotIn(b"s3cret-pw", terminal.output)
+        terminal.type("/quit\r")
+        terminal.wait()
+        again = Terminal(self, "client", "-p", self.port, "-n", "alice")
+        again.settle("password of the account alice:")
+        again.type("s3cret-pw\r")
+        again.settle("logged in to your account")
+        bot = self.client("-n", "alice", env={"CHAT_ACCOUNT_PASSWORD": "wrong"})
+        self.assertEqual(bot.wait(), 3)
+        self.assertTrue(any("wrong password for alice (login-failed)" in line for line in bot.err_lines), bot.err_lines)
+
+    def test_an_operator_bans_from_their_client_and_the_banned_client_stays_out(self):
+        root = self.client("-n", "root")
+        root.write("/register rootpw\n")
+        root.wait_line("root is registered", "stderr")
+        bob = self.client("-n", "bob")
+        root.wait_line("bob joined")
+        root.write("/ban bob 1h spamming\n")
+        self.assertEqual(bob.wait(), 3)
+        self.assertTrue(any("banned by root" in line and "spamming" in line for line in bob.err_lines), bob.err_lines)
+        again = self.client("-n", "bob")
+        self.assertEqual(again.wait(), 3)
+        self.assertTrue(any("you are banned from this server" in line for line in again.err_lines), again.err_lines)
+        root.write("/bans\n")
+        root.wait_line("bob banned until", "stderr")
+
+    def test_ignore_shows_nothing_from_them_and_is_kept(self):
+        known = os.path.join(tempfile.mkdtemp(), "known_hosts")
+        self.addCleanup(shutil.rmtree, os.path.dirname(known))
+        bob = self.peer("bob")
+        terminal = Terminal(self, "client", "-p", self.port, "-n", "alice", "--known-hosts", known)
+        terminal.settle(r"#lobby>$")
+        terminal.type("/ignore bob\r")
+        terminal.settle("ignoring bob")
+        bob.send({"type": "msg", "text": "you cannot see me"})
+        bob.send({"type": "pm", "to": "alice", "text": "nor this"})
+        carol = self.peer("carol")
+        carol.send({"type": "msg", "text": "but me"})
+        screen = terminal.settle("but me")
+        self.assertFalse([row for row in screen.lines() if "see me" in row or "nor this" in row])
+        with open(os.path.join(os.path.dirname(known), "ignores")) as f:
+            self.assertEqual(f.read(), "bob\n")
+
+
 class ClientTerminalTest(ServerTestCase):
     """The client on a real pseudo-terminal, read back through Screen."""
 
@@ -4593,7 +4724,7 @@ class ReadmeTest(unittest.TestCase):
         server = Harness()
         client_sends = set(server.chat.handlers) | set(server.chat.before_hello)
         server_sends = {"welcome", "msg", "join", "leave", "nick", "who", "joined", "parted", "rooms", "notice",
-                        "error", "ping", "pong", "bye", "registered", "topic", "whois", "bans"}
+                        "error", "ping", "pong", "bye", "registered", "topic", "whois", "bans", "op"}
         self.assertEqual(set(chat._RENDERERS) - server_sends, set(), "the client renders no other type")
         for kind in client_sends | server_sends:
             with self.subTest(kind):
@@ -4628,7 +4759,7 @@ class ReadmeCommandsTest(unittest.TestCase):
         with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
             readme = f.read()
         args = chat.build_parser().parse_args(["client"])
-        args.password = None
+        args.password = args.account_password = None
         client = chat.ChatClient(args, chat.Console(False), chat.View())
         self.addCleanup(client.console.wake_r.close)
         self.addCleanup(client.console.wake_w.close)
