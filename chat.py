@@ -2728,16 +2728,7 @@ class People:
         if room is None:
             raise ProtocolError("not-allowed", "only the server's console makes server operators (/op NAME there)")
         self._require(self.is_op(conn), "only a server operator makes room operators")
-        nick = check_name(frame.get("nick"))
-        if self.account(name_key(nick)) is None:
-            raise ProtocolError("no-such-account", f"{nick} has no account: only an account can operate a room")
-        self.records.put("roomop", scoped(room, name_key(nick)),
-                         {"nick": nick, "room": room.name, "by": conn.nick} if on else None)
-        self.announce(conn, room, f"{conn.nick} made {nick} an operator of #{room.name}" if on else
-                      f"{conn.nick} took operator rights in #{room.name} from {nick}")
-        target = self.chat.users.get(name_key(nick))
-        if target is not None:
-            self.chat.out.send(target, {"type": "op", "room": room.name, "on": on})
+        self.make_room_op(conn, check_name(frame.get("nick")), room, on)
 
     def on_deop(self, conn: "Conn", frame: dict) -> None:
         self.on_op(conn, frame, on=False)
@@ -2745,37 +2736,19 @@ class People:
     def on_kick(self, conn: "Conn", frame: dict) -> None:
         """A server operator disconnects someone; a room operator puts them out of the room."""
         room, nick = self._room(frame), check_name(frame.get("nick"))
-        reason = _reason(frame.get("reason"))
-        if room is not None and not self.is_op(conn):
-            self._require(self.is_room_op(conn, room), f"only an operator of #{room.name} kicks people from it")
-            self.enforce("kick", name_key(nick), conn.nick, reason, room)
-            return
-        self._require(self.is_op(conn), "only an operator kicks people")
-        self.enforce("kick", name_key(nick), conn.nick, reason, None)
+        if self.is_op(conn):
+            room = None if frame.get("room") is None else room
+        else:
+            self._require(room is not None and self.is_room_op(conn, room), "only an operator kicks people" if
+                          room is None else f"only an operator of #{room.name} kicks people from it")
+        self.enforce("kick", name_key(nick), conn.nick, _reason(frame.get("reason")), room)
 
     def on_ban(self, conn: "Conn", frame: dict, kind: str = "ban") -> None:
         """Ban (or mute) someone for a while or until lifted: from the room as
         its operator (`room`), from the server as a server operator."""
         room, nick = self._room(frame), check_name(frame.get("nick"))
-        key, duration = name_key(nick), _duration(frame.get("duration"))
-        reason = _reason(frame.get("reason"))
         self._may_act(conn, room, kind)
-        if self.account(key) is not None and self.is_op_key(key) and room is None:
-            raise ProtocolError("not-allowed", f"{nick} is a server operator: /deop them at the console first")
-        target = self.chat.users.get(key)
-        source = target.source if target is not None and not target.account else None
-        until = self.chat.out.ts + duration if duration else None
-        self.records.put(kind, scoped(room, key), {"nick": nick, "until": until, "reason": reason, "by": conn.nick,
-                                                  "room": room.name if room else None, "source": source,
-                                                  "at": self.chat.out.ts})
-        what = "banned" if kind == "ban" else "muted"
-        log.info("%s %s %s%s%s", conn.nick, what, nick, f" in #{room.name}" if room else "",
-                 f" for {spoken_duration(duration)}" if duration else "")
-        self.announce(conn, room, f"{conn.nick} {what} {nick}" + (f" from #{room.name}" if room and kind == "ban" else "")
-                      + (f" for {spoken_duration(duration)}" if duration else "") + (f": {reason}" if reason else ""),
-                      about=key)
-        if kind == "ban":
-            self.enforce("ban", key, conn.nick, reason, room)
+        self.ban(conn, kind, nick, room, _duration(frame.get("duration")), _reason(frame.get("reason")))
 
     def on_mute(self, conn: "Conn", frame: dict) -> None:
         self.on_ban(conn, frame, "mute")
@@ -2783,11 +2756,7 @@ class People:
     def on_unban(self, conn: "Conn", frame: dict, kind: str = "ban") -> None:
         room, nick = self._room(frame), check_name(frame.get("nick"))
         self._may_act(conn, room, kind)
-        if self.records.get(kind, scoped(room, name_key(nick))) is None:
-            raise ProtocolError("no-such-user", f"{nick} is not {'banned' if kind == 'ban' else 'muted'}"
-                                                + (f" in #{room.name}" if room else ""))
-        self.records.put(kind, scoped(room, name_key(nick)), None)
-        self.announce(conn, room, f"{conn.nick} lifted the {kind} on {nick}")
+        self.lift(conn, kind, nick, room)
 
     def on_unmute(self, conn: "Conn", frame: dict) -> None:
         self.on_unban(conn, frame, "mute")
@@ -2796,14 +2765,7 @@ class People:
         """The bans and mutes in force (in a room, for its operators; all, for server operators)."""
         room = self._room(frame)
         self._may_act(conn, room, "ban")
-        now, listed = self.chat.out.ts, []
-        for kind in ("ban", "mute"):
-            for key, record in self.records.items(kind):
-                ban = Ban.of(record, now)
-                if ban is not None and (room is None or key.startswith(scoped(room, ""))):
-                    listed.append({"kind": kind, "nick": ban.nick, "until": ban.until, "reason": ban.reason,
-                                   "by": ban.by, "room": ban.room})
-        self.chat.reply(conn, self.chat.out.encode_for(conn, {"type": "bans", "bans": listed}, "bans"))
+        self.chat.reply(conn, self.chat.out.encode_for(conn, {"type": "bans", "bans": self.bans(room)}, "bans"))
 
     def on_topic(self, conn: "Conn", frame: dict) -> None:
         """The room's topic; with `text`, set it (its operators may)."""
@@ -2813,13 +2775,114 @@ class People:
             self.chat.reply(conn, self.chat.out.encode_for(conn, dict(self.topic(room), type="topic")))
             return
         self._require(self.is_room_op(conn, room), f"only an operator of #{room.name} sets its topic")
-        text = check_text(text, TOPIC_MAX).replace("\n", " ") if text != "" else ""
-        self.records.put("topic", room.key, {"room": room.name, "text": text, "by": conn.nick,
+        self.set_topic(conn, room, check_text(text, TOPIC_MAX).replace("\n", " ") if text != "" else "")
+
+    def on_purge(self, conn: "Conn", frame: dict) -> None:
+        """Remove someone's lines from the kept history (a room's, for its operator)."""
+        room, nick = self._room(frame), check_name(frame.get("nick"))
+        self._may_act(conn, room, "purge")
+        self.purge(conn, nick, room)
+
+    # -- the acts (for an operator's client, or the console: `actor` None) ---
+
+    def make_room_op(self, actor: Optional["Conn"], nick: str, room: "Room", on: bool) -> None:
+        if self.account(name_key(nick)) is None:
+            raise ProtocolError("no-such-account", f"{nick} has no account: only an account can operate a room")
+        self.records.put("roomop", scoped(room, name_key(nick)),
+                         {"nick": nick, "room": room.name, "by": _by(actor)} if on else None)
+        self.announce(actor, room, f"{_by(actor)} made {nick} an operator of #{room.name}" if on else
+                      f"{_by(actor)} took operator rights in #{room.name} from {nick}")
+        target = self.chat.users.get(name_key(nick))
+        if target is not None:
+            self.chat.out.send(target, {"type": "op", "room": room.name, "on": on})
+
+    def ban(self, actor: Optional["Conn"], kind: str, nick: str, room: Optional["Room"],
+            duration: Optional[float], reason: str) -> None:
+        """A ban or mute on `nick`: kept, announced, and (a ban) put into effect wherever they are."""
+        key = name_key(nick)
+        if room is None and self.is_op_key(key):
+            raise ProtocolError("not-allowed", f"{nick} is a server operator: /deop them at the console first")
+        target = self.chat.users.get(key)
+        profile = self.chat.relay.profile(key) or {}
+        source = (target.source if not target.account else None) if target is not None else \
+            (profile.get("source") if not profile.get("account") else None)
+        until = self.chat.out.ts + duration if duration else None
+        self.records.put(kind, scoped(room, key), {"nick": nick, "until": until, "reason": reason, "by": _by(actor),
+                                                  "room": room.name if room else None, "source": source,
+                                                  "at": self.chat.out.ts})
+        what = "banned" if kind == "ban" else "muted"
+        self.announce(actor, room, f"{_by(actor)} {what} {nick}"
+                      + (f" from #{room.name}" if room and kind == "ban" else f" in #{room.name}" if room else "")
+                      + (f" for {spoken_duration(duration)}" if duration else "") + (f": {reason}" if reason else ""),
+                      about=key)
+        if kind == "ban":
+            self.enforce("ban", key, _by(actor), reason, room)
+
+    def lift(self, actor: Optional["Conn"], kind: str, nick: str, room: Optional["Room"]) -> None:
+        if self.records.get(kind, scoped(room, name_key(nick))) is None:
+            raise ProtocolError("no-such-user", f"{nick} is not {'banned' if kind == 'ban' else 'muted'}"
+                                                + (f" in #{room.name}" if room else ""))
+        self.records.put(kind, scoped(room, name_key(nick)), None)
+        self.announce(actor, room, f"{_by(actor)} lifted the {kind} on {nick}", about=name_key(nick))
+
+    def bans(self, room: Optional["Room"]) -> List[dict]:
+        """The bans and mutes in force (of `room`; None: all)."""
+        now, listed = self.chat.out.ts, []
+        for kind in ("ban", "mute"):
+            for key, record in self.records.items(kind):
+                ban = Ban.of(record, now)
+                if ban is not None and (room is None or key.startswith(scoped(room, ""))):
+                    listed.append({"kind": kind, "nick": ban.nick, "until": ban.until, "reason": ban.reason,
+                                   "by": ban.by, "room": ban.room})
+        return listed
+
+    def set_topic(self, actor: Optional["Conn"], room: "Room", text: str) -> None:
+        self.records.put("topic", room.key, {"room": room.name, "text": text, "by": _by(actor),
                                              "at": self.chat.out.ts} if text else None)
-        log.info("%s set the topic of #%s: %s", conn.nick, room.name, shown(text, 100))
-        event = {"type": "topic", "room": room.name, "text": text, "by": conn.nick}
+        log.info("%s set the topic of #%s: %s", _by(actor), room.name, shown(text, 100))
+        event = {"type": "topic", "room": room.name, "text": text, "by": _by(actor)}
         self.chat.out.to_room(room, event)
         self.chat.relay.event([room.name], event)
+
+    def purge(self, actor: Optional["Conn"], nick: str, room: Optional["Room"]) -> None:
+        removed = self.chat.rooms.purge(name_key(nick), room)
+        self.chat.store.purge(name_key(nick), room.name if room else None)
+        log.info("%s removed %s of %s's from the history", _by(actor), plural(removed, "line"), nick)
+        self.announce(actor, room, f"{_by(actor)} removed {nick}'s lines from the history")
+
+    # -- the console's own acts ----------------------------------------------
+
+    def set_server_op(self, name: str, on: bool) -> str:
+        """The console's /op NAME and /deop NAME: kept in the account."""
+        key = name_key(check_name(name))
+        record = self.account(key)
+        if record is None:
+            raise ProtocolError("no-such-account", f"{name} has no account (/register {name} makes one)")
+        self.records.put("account", key, dict(record, op=on))
+        target = self.chat.users.get(key)
+        if target is not None and target.account == key:
+            self.chat.out.send(target, {"type": "op", "on": self.is_op(target)})
+        if not on and key in self.ops:
+            return f"{name} is no longer an operator here, but still one by --op: restart without it"
+        return f"{name} is {'now' if on else 'no longer'} a server operator"
+
+    def set_password(self, name: str, done: Callable[[str], None], create: bool = False) -> None:
+        """The console's /register NAME (create) and /password NAME: a new
+        password, made up here, hashed off the loop; done(what to show)."""
+        nick = check_name(name)
+        key = name_key(nick)
+        record = self.account(key)
+        if create == (record is not None):
+            raise ProtocolError("bad-nick", f"{nick} is registered already" if create else f"{nick} has no account")
+        password = secrets.token_urlsafe(12)
+
+        def hashed(kept: object) -> None:
+            if isinstance(kept, dict):
+                self.records.put("account", key, dict(record or {"name": nick, "created": self.chat.out.ts},
+                                                      password=kept))
+                done(f"{'registered' if create else 'new password for'} {nick}: {password}"
+                     " (tell them; /password changes it)")
+        self.chat.io.work(hash_password, password, done=hashed)
 
     def topics(self, rooms: List["Room"]) -> Dict[str, str]:
         """The topics of those of `rooms` that have one."""
@@ -2962,6 +3025,13 @@ class People:
         record = self.account(key)
         return key in self.ops or bool(record and record.get("op"))
 
+    def room(self, name: str) -> "Room":
+        """A room by its name (for the console)."""
+        room = self.chat.rooms.get(check_room(name))
+        if room is None:
+            raise ProtocolError("no-such-room", f"there is no room #{check_room(name)}")
+        return room
+
     def _room(self, frame: dict) -> Optional["Room"]:
         """The room a request acts in, or None (server-wide)."""
         name = frame.get("room")
@@ -2982,6 +3052,11 @@ class People:
     def _require(allowed: bool, why: str) -> None:
         if not allowed:
             raise ProtocolError("not-allowed", why)
+
+
+def _by(actor: Optional["Conn"]) -> str:
+    """Who did an act: a nick, or the server's console."""
+    return actor.nick if actor is not None else "the operator"
 
 
 TOPIC_MAX = 300         # characters in a room's topic
@@ -5841,14 +5916,29 @@ class ConsoleLogHandler(logging.Handler):
 
 
 def operator_commands(loop: ServerLoop, show: Callable[[str], None]) -> CommandTable:
-    """What the server's operator can type at its terminal."""
+    """What the server's operator can type at its terminal: the operator's
+    acts as a server operator's client has them (as "the operator"), and
+    those only the console may: making server operators and accounts."""
     chat = loop.chat
+    people = chat.people
+
+    def guarded(act: Callable) -> Callable:
+        """An act whose refusal (no such account, room...) is shown, not raised."""
+        def run(*words: str) -> None:
+            try:
+                act(*words)
+            except ProtocolError as error:
+                show(error.text)
+        return run
 
     def who() -> None:
         for room in sorted(chat.rooms, key=lambda r: r.name.casefold()):
-            if room.members:
-                show(f"#{room.name} ({len(room.members)}): {', '.join(room.nicks())}")
-        show(f"{plural(len(chat.users), 'user')}, {plural(len(chat.conns), 'connection')}")
+            if room.count():
+                here = f"{len(room.members)} here, {len(room.remote)} elsewhere" if room.remote else str(room.count())
+                show(f"#{room.name} ({here}): {', '.join(room.nicks())}")
+        elsewhere = len(chat.relay.others())
+        show(f"{plural(len(chat.users), 'user')} here" + (f", {elsewhere} on the other servers" if elsewhere else "")
+             + f", {plural(len(chat.conns), 'connection')}")
 
     def say(text: str) -> None:
         chat.announce(text)
@@ -5858,10 +5948,39 @@ def operator_commands(loop: ServerLoop, show: Callable[[str], None]) -> CommandT
     def kick(nick: str, reason: str = "") -> None:
         show(f"kicked {nick}" if chat.kick(nick, reason) else f"nobody here is called {nick}")
 
+    def ban(kind: str, nick: str, rest: str = "") -> None:
+        duration, _, reason = rest.partition(" ")
+        if parse_duration(duration) is None:
+            duration, reason = "", rest
+        people.ban(None, kind, check_name(nick), None, _duration(duration or None), _reason(reason))
+
+    def topic(room: str, text: str = "") -> None:
+        if text:
+            people.set_topic(None, people.room(room), check_text(text, TOPIC_MAX).replace("\n", " "))
+        else:
+            show(f"#{check_room(room)}: {people.topic(people.room(room))['text'] or '(no topic)'}")
+
     table = CommandTable([
         Command("say", "TEXT", "send a notice to everyone", say),
         Command("who", "", "list rooms and who is in them", who),
-        Command("kick", "NICK [REASON]", "disconnect someone", kick),
+        Command("kick", "NICK [REASON]", "disconnect someone, on whatever server they are", guarded(kick)),
+        Command("ban", "NICK [DURATION] [REASON]", "ban someone from the server (30m, 2h, 1d; none: until lifted)",
+                guarded(lambda nick, *rest: ban("ban", nick, " ".join(rest)))),
+        Command("unban", "NICK", "lift a ban", guarded(lambda nick: people.lift(None, "ban", check_name(nick), None))),
+        Command("mute", "NICK [DURATION] [REASON]", "they may read, not speak",
+                guarded(lambda nick, *rest: ban("mute", nick, " ".join(rest)))),
+        Command("unmute", "NICK", "lift a mute", guarded(lambda nick: people.lift(None, "mute", check_name(nick), None))),
+        Command("bans", "", "the bans and mutes in force",
+                lambda: show("in force: " + ("; ".join(map(_ban_text, people.bans(None))) or "none"))),
+        Command("topic", "ROOM [TEXT]", "show a room's topic, or set it", guarded(topic)),
+        Command("purge", "NICK", "take someone's lines out of the kept history",
+                guarded(lambda nick: people.purge(None, check_name(nick), None))),
+        Command("op", "NAME", "make an account a server operator", guarded(lambda name: show(people.set_server_op(name, True)))),
+        Command("deop", "NAME", "take that back", guarded(lambda name: show(people.set_server_op(name, False)))),
+        Command("register", "NAME", "make an account (its password is made up and shown)",
+                guarded(lambda name: people.set_password(name, show, create=True))),
+        Command("password", "NAME", "give an account a new password (made up and shown)",
+                guarded(lambda name: people.set_password(name, show))),
         Command("shutdown", "", "say bye to everyone and stop the server", lambda: loop.stop("/shutdown")),
         Command("help", "", "show this list", lambda: [show(line) for line in table.help_lines()]),
     ])
@@ -7002,7 +7121,7 @@ class ChatClient:
             self.console.bell()
 
     def set_prompt(self) -> None:
-        if self.console.interactive:
+        if self.console.interactive and not self.asking:     # (a hidden question keeps its own prompt)
             room = f"#{self.session.room}" if self.session.room else "(no room)"
             self.console.prompt = paint(f"{room}>", "1;32", self.view) + " "
 

@@ -3733,6 +3733,33 @@ class OperatorConsoleTest(HarnessTestCase):
         self.assertTrue(any(line.startswith("/kick NICK [REASON]") for line in shown))
 
 
+class OperatorConsoleCommunityTest(HarnessTestCase):
+    """Issue 20: everything an operator does from a client, the console does too, and makes operators and accounts."""
+
+    def test_accounts_operators_bans_and_topics_from_the_console(self):
+        shown = []
+        table = chat.operator_commands(self.server, shown.append)
+        self.server.call(table.run, "/register carol")
+        password = re.search(r"registered carol: (\S+)", shown[-1])[1]
+        carol = self.server.connect("carol", account_password=password)
+        self.assertFalse(carol.welcome["op"])
+        self.server.call(table.run, "/op carol")
+        self.assertEqual(carol.expect("op")["on"], True)
+        self.assertIn("carol is now a server operator", shown)
+        bob = self.peer("bob")
+        self.server.call(table.run, "/ban bob 2h flooding")
+        self.assertEqual(bob.closed()[-1]["code"], "banned")
+        self.assertEqual(carol.expect("notice")["text"], "the operator banned bob for 2h: flooding")
+        self.server.call(table.run, "/bans")
+        self.assertIn("bob banned until", shown[-1])
+        self.server.call(table.run, "/topic lobby be nice")
+        self.assertEqual(carol.expect("topic")["text"], "be nice")
+        self.server.call(table.run, "/op nobody")
+        self.assertIn("nobody has no account", shown[-1])
+        self.server.call(table.run, "/password carol")
+        self.assertRegex(shown[-1], r"new password for carol: \S+")
+
+
 class OperatorTerminalTest(unittest.TestCase):
     def test_the_console_prompts_hints_confirms_and_says_what_ctrl_d_does(self):
         terminal = Terminal(self, "server", "-p", 0)
