@@ -2079,6 +2079,8 @@ CREATE TABLE IF NOT EXISTS records (kind TEXT NOT NULL, key TEXT NOT NULL, value
 
 def open_store(config: ServerConfig) -> Store:
     """The store the config asks for (with --redis, Redis is the store: see Cluster)."""
+    if config.redis:
+        return RedisStore()
     if config.db:
         database = Database(config.db, config.db_history, config.history)
         database.import_from = config.history_file
@@ -2572,6 +2574,11 @@ class Records:
         if kind in self.tables:
             self._set(kind, key, value)
             self.on_change(kind, key, value)
+
+    def replace(self, kind: str, table: Dict[str, dict]) -> None:
+        """All the records of `kind`, as the shared store has them now."""
+        if kind in self.tables:
+            self.tables[kind] = dict(table)
 
     def _set(self, kind: str, key: str, value: Optional[dict]) -> None:
         if value is None:
@@ -3892,9 +3899,56 @@ class Chat:
         if conn is not None:
             self.drop(conn, "reconnected elsewhere", ProtocolError("replaced", "you connected again elsewhere"))
 
+    # -- what a relay may do to the core (RelayHost) --------------------------
+
     def notice_here(self, text: str) -> None:
         """A notice from this server to its own users (about its link to the others)."""
         self.out.send_each(self.users.values(), {"type": "notice", "text": text})
+
+    def notice_to(self, key: str, text: str) -> None:
+        """A notice from this server to its user `key`, if it is here."""
+        conn = self.users.get(key)
+        if conn is not None:
+            self.out.send(conn, {"type": "notice", "text": text})
+
+    def notice_room(self, room: Room, text: str) -> None:
+        """A notice to this server's members of `room`."""
+        self.out.to_room(room, {"type": "notice", "room": room.name, "text": text})
+
+    def remote_left(self, room: Room, nick: str, reason: str) -> None:
+        """A user of another server left `room` (its server went away): told to the members here."""
+        self.out.to_room(room, leave_frame(nick, reason, room))
+
+    def deliver_event(self, rooms: Optional[List[str]], frame: dict) -> None:
+        """An event from another server: to everyone here (None), or to the
+        members of `rooms` here (a join or leave once per room, with this
+        server's count; a nick change once to each neighbour)."""
+        frame.pop("ts", None)   # it is delivered now
+        if rooms is None:
+            self.out.send_each(self.users.values(), frame)
+        elif frame["type"] in ("join", "leave"):
+            for room in filter(None, map(self.rooms.get, rooms)):
+                self.out.to_room(room, dict(frame, room=room.name, users=room.count()))
+        elif frame["type"] in ("notice", "topic"):
+            for room in filter(None, map(self.rooms.get, rooms)):
+                self.out.to_room(room, frame)
+        else:
+            members = set().union(*(room.members for room in filter(None, map(self.rooms.get, rooms))))
+            self.out.send_each(members, frame)
+
+    def act(self, act: str, key: str, by: str, reason: str, room: Optional[str]) -> None:
+        """Another server's operator kicks or bans a user of this server."""
+        conn = self.users.get(key)
+        if conn is not None:
+            self.people.apply(act, conn, by, reason, self.rooms.get(room) if room else None)
+
+    def record_changed(self, kind: str, key: str, value: Optional[dict]) -> None:
+        """Another server changed a record (an account, a ban, a topic...)."""
+        self.people.records.changed(kind, key, value)
+
+    def records_loaded(self, kind: str, table: Dict[str, dict]) -> None:
+        """The shared store's records of `kind`, all of them (when the link to it is back)."""
+        self.people.records.replace(kind, table)
 
     def lost_nick(self, conn: Conn) -> None:
         """After an outage, another server's user had claimed `conn`'s nick first."""
@@ -4690,18 +4744,50 @@ class RedisLink:
 
 
 # The Lua scripts run atomically in Redis, so no other server sees a half-done step.
-# Lines of one room (or private messages, for room ''): KEYS id, seq, hist:ROOM, bus,
-# active; ARGV room, history length, rooms kept, the prefix of history keys, then per
-# line the bus message's head, open after '"id":', and the line's JSON, open where id
-# and seq go (see _unnumbered). The bus message is HEAD ID,"seq":SEQ,"line":LINE} (no
-# seq for a pm): a server reads the numbers in the head and relays LINE as it is.
-# Redis keeps the history and seq of the rooms most recently said something in
-# (`active`, by time): past that many, the longest silent room is forgotten, so
-# rooms made and left one after another cannot fill Redis. (A forgotten room that
-# comes back numbers its lines from 1 again.)
+#
+# Lines of one room (or private messages, for room ''). KEYS: id, seq, hist:ROOM,
+# bus, active, floor, sizes, total, servers; ARGV: room, lines kept per room,
+# rooms kept, the key prefix, the byte budget, the ttl, then per line the bus
+# message's head, open after '"id":', and the line's JSON, open where id and seq go
+# (see _unnumbered). The bus message is HEAD ID,"seq":SEQ,"line":LINE} (no seq for
+# a pm): a server reads the numbers in the head and relays LINE as it is.
+#
+# What Redis keeps stays bounded: each room's newest lines (by count), the rooms
+# said something in most recently (`active`, by time), and all the history's bytes
+# (`total`, each room's in `sizes`) within the budget: past it, the longest silent
+# rooms go first, then the oldest lines of the biggest. A room that has members on
+# a live server (in one of the `in:SID` sets) is never forgotten; a room that is
+# forgotten begins again above every seq forgotten (`floor`): no seq goes back.
 _LINES_SCRIPT = """
-local room = ARGV[1]
-for i = 5, #ARGV, 2 do
+local room, prefix = ARGV[1], ARGV[4]
+local function occupied(name)
+  for _, sid in ipairs(redis.call('ZRANGEBYSCORE', KEYS[9], tonumber(redis.call('TIME')[1]) - tonumber(ARGV[6]), '+inf')) do
+    if redis.call('SISMEMBER', prefix .. 'in:' .. sid, name) == 1 then return true end
+  end
+  return false
+end
+local function forget(name)
+  local seq = tonumber(redis.call('HGET', KEYS[2], name) or '0')
+  if seq > tonumber(redis.call('GET', KEYS[6]) or '0') then redis.call('SET', KEYS[6], seq) end
+  redis.call('DECRBY', KEYS[8], tonumber(redis.call('ZSCORE', KEYS[7], name) or '0'))
+  redis.call('DEL', prefix .. 'hist:' .. name)
+  redis.call('HDEL', KEYS[2], name)
+  redis.call('ZREM', KEYS[7], name)
+  redis.call('ZREM', KEYS[5], name)
+end
+local function trim(name, count)
+  local lines = redis.call('LPOP', prefix .. 'hist:' .. name, count) or {}
+  local size = 0
+  for _, old in ipairs(lines) do size = size + #old end
+  redis.call('ZINCRBY', KEYS[7], -size, name)
+  redis.call('DECRBY', KEYS[8], size)
+  return #lines
+end
+if room ~= '' and redis.call('HEXISTS', KEYS[2], room) == 0 then
+  redis.call('HSET', KEYS[2], room, tonumber(redis.call('GET', KEYS[6]) or '0'))
+end
+local added = 0
+for i = 7, #ARGV, 2 do
   local id = redis.call('INCR', KEYS[1])
   local numbers, line = id, nil
   if room == '' then
@@ -4711,40 +4797,56 @@ for i = 5, #ARGV, 2 do
     line = ARGV[i + 1] .. ',"id":' .. id .. ',"seq":' .. seq .. '}'
     numbers = id .. ',"seq":' .. seq
     redis.call('RPUSH', KEYS[3], line)
+    added = added + #line
   end
   redis.call('PUBLISH', KEYS[4], ARGV[i] .. numbers .. ',"line":' .. line .. '}')
 end
-if room ~= '' then
-  redis.call('LTRIM', KEYS[3], -tonumber(ARGV[2]), -1)
-  redis.call('ZADD', KEYS[5], tonumber(redis.call('TIME')[1]), room)
-  local excess = redis.call('ZCARD', KEYS[5]) - tonumber(ARGV[3])
-  if excess > 0 then
-    for _, old in ipairs(redis.call('ZRANGE', KEYS[5], 0, excess - 1)) do
-      redis.call('DEL', ARGV[4] .. old)
-      redis.call('HDEL', KEYS[2], old)
-    end
-    redis.call('ZREMRANGEBYRANK', KEYS[5], 0, excess - 1)
+if room == '' then return 1 end
+redis.call('ZINCRBY', KEYS[7], added, room)
+redis.call('INCRBY', KEYS[8], added)
+local extra = redis.call('LLEN', KEYS[3]) - tonumber(ARGV[2])
+if extra > 0 then trim(room, extra) end
+local time = redis.call('TIME')
+redis.call('ZADD', KEYS[5], tonumber(time[1]) + tonumber(time[2]) / 1e6, room)
+local excess = redis.call('ZCARD', KEYS[5]) - tonumber(ARGV[3])
+local budget = tonumber(ARGV[5])
+for _, old in ipairs(redis.call('ZRANGE', KEYS[5], 0, -1)) do
+  if excess <= 0 and tonumber(redis.call('GET', KEYS[8]) or '0') <= budget then break end
+  if old ~= room and not occupied(old) then
+    forget(old)
+    excess = excess - 1
   end
+end
+local work = 0
+while tonumber(redis.call('GET', KEYS[8]) or '0') > budget * 7 / 8 and work < 1000 do
+  local biggest = redis.call('ZREVRANGE', KEYS[7], 0, 0)[1]
+  if not biggest or trim(biggest, 1) == 0 then break end
+  work = work + 1
 end
 return 1
 """
-# After (re)connecting: KEYS instance, id, seq; ARGV our instance, our last id, room/seq pairs.
+# After (re)connecting: KEYS instance, id, seq, floor; ARGV our instance, our last id,
+# our floor, then room/seq pairs. Counters only go up.
 _SEED_SCRIPT = """
 redis.call('SET', KEYS[1], ARGV[1], 'NX')
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return redis.call('GET', KEYS[1]) end
 if tonumber(redis.call('GET', KEYS[2]) or '0') < tonumber(ARGV[2]) then redis.call('SET', KEYS[2], ARGV[2]) end
-for i = 3, #ARGV, 2 do
+if tonumber(redis.call('GET', KEYS[4]) or '0') < tonumber(ARGV[3]) then redis.call('SET', KEYS[4], ARGV[3]) end
+for i = 4, #ARGV, 2 do
   if tonumber(redis.call('HGET', KEYS[3], ARGV[i]) or '0') < tonumber(ARGV[i + 1]) then
     redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1])
   end
 end
 return ARGV[1]
 """
-# KEYS instance, hist:ROOM, active; ARGV our instance, room, the lines we keep.
+# KEYS instance, hist:ROOM, active, sizes, total; ARGV our instance, room, the lines we keep.
 _RESTORE_SCRIPT = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] or redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
-for i = 3, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
+local size = 0
+for i = 3, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]); size = size + #ARGV[i] end
 redis.call('ZADD', KEYS[3], 'NX', tonumber(redis.call('TIME')[1]), ARGV[2])
+redis.call('ZINCRBY', KEYS[4], size, ARGV[2])
+redis.call('INCRBY', KEYS[5], size)
 return 1
 """
 # Who has a nick is four hashes keyed by the nick's key: owner (the server id),
@@ -4785,8 +4887,9 @@ if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
 end
 return 1
 """
-# KEYS servers, owner, presence, session, since; ARGV our server id, ttl, 'beat' or 'leave'.
-# Forgets servers (and their users) silent for ttl; returns the live servers.
+# KEYS servers, owner, presence, session, since; ARGV our server id, ttl, 'beat' or
+# 'leave', the key prefix. Forgets servers silent for ttl (their users and the rooms
+# they had people in: `in:SID`); returns the live servers.
 _HEARTBEAT_SCRIPT = """
 local now = tonumber(redis.call('TIME')[1])
 if ARGV[3] == 'beat' then redis.call('ZADD', KEYS[1], now, ARGV[1]) else redis.call('ZREM', KEYS[1], ARGV[1]) end
@@ -4795,6 +4898,7 @@ if #dead > 0 or ARGV[3] ~= 'beat' then
   local gone = {}
   for _, sid in ipairs(dead) do gone[sid] = true; redis.call('ZREM', KEYS[1], sid) end
   if ARGV[3] ~= 'beat' then gone[ARGV[1]] = true end
+  for sid in pairs(gone) do redis.call('DEL', ARGV[4] .. 'in:' .. sid) end
   local owners = redis.call('HGETALL', KEYS[2])
   for i = 1, #owners, 2 do
     if gone[owners[i + 1]] then
@@ -4803,6 +4907,14 @@ if #dead > 0 or ARGV[3] ~= 'beat' then
   end
 end
 return redis.call('ZRANGEBYSCORE', KEYS[1], now - tonumber(ARGV[2]), '+inf')
+"""
+# KEYS hist:ROOM, sizes, total; ARGV room, then lines to take out of its history (a purge).
+_UNKEEP_SCRIPT = """
+local size = 0
+for i = 2, #ARGV do size = size + #ARGV[i] * redis.call('LREM', KEYS[1], 0, ARGV[i]) end
+redis.call('ZINCRBY', KEYS[2], -size, ARGV[1])
+redis.call('DECRBY', KEYS[3], size)
+return size
 """
 
 
@@ -4821,6 +4933,7 @@ class RemoteUser(NamedTuple):
     nick: str
     sid: str
     rooms: Tuple[str, ...]
+    profile: dict           # what its server says of it (away, account, since...: see People.profile)
 
 
 def open_rooms(rooms: "Rooms", names: Iterable[str]) -> List["Room"]:
@@ -4837,13 +4950,17 @@ def open_rooms(rooms: "Rooms", names: Iterable[str]) -> List["Room"]:
 
 class Elsewhere:
     """This server's replica of the users on the other servers, fed by the
-    bus: for `who`, pms, nick checks and each Room's `remote` members."""
+    bus: for `who`, pms, nick checks and each Room's `remote` members. A nick
+    that is a user of this server is never its replica's too (a presence
+    record left by an old server of ours, say, is not someone else)."""
 
     def __init__(self, chat: "Chat"):
         self.chat = chat
         self.users: Dict[str, RemoteUser] = {}      # nick key -> who, on which server, in which rooms
 
     def add(self, key: str, user: RemoteUser) -> None:
+        if key in self.chat.users:
+            return
         rooms = self.chat.rooms
         old = self.users.get(key)
         self.users[key] = user
@@ -4861,8 +4978,8 @@ class Elsewhere:
             return
         for room in filter(None, map(self.chat.rooms.get, user.rooms)):
             room.remote.pop(key, None)
-            if announce:
-                self.chat.out.to_room(room, leave_frame(user.nick, announce, room))
+            if announce and key not in self.chat.users:
+                self.chat.remote_left(room, user.nick, announce)
             self.chat.rooms.vacated(room)
 
     def remove_servers(self, gone: Callable[[str], bool], announce: str) -> None:
@@ -4893,14 +5010,45 @@ def _said(room: str, line: dict) -> tuple:
     return room, line.get("from"), line.get("ts"), line.get("text")
 
 
+class RedisStore(MemoryStore):
+    """The store of a cluster: records in Redis hashes (chatpy:rec:KIND), one
+    set for every server. A record put is written to Redis and told to the
+    other servers on the bus; while the link is down it waits, and is
+    written when the link is back (then everything is loaded again: see
+    ClusterSync). History and numbering are the line script's (Cluster)."""
+
+    where = "Redis"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cluster: Optional["Cluster"] = None
+        self.waiting: List[Tuple[str, str, Optional[dict]]] = []     # records put while the link was down
+
+    def put(self, kind: str, key: str, value: Optional[dict]) -> None:
+        super().put(kind, key, value)
+        cluster = self.cluster
+        if cluster is None or not cluster.up:
+            self.waiting.append((kind, key, value))
+            return
+        cluster.write_record(kind, key, value)
+
+    def flush_waiting(self) -> None:
+        waiting, self.waiting = self.waiting, []
+        for kind, key, value in waiting:
+            self.put(kind, key, value)
+
+    def purge(self, sender: str, room: Optional[str]) -> None:
+        if self.cluster is not None:
+            self.cluster.purge(sender, room)
+
+
 class Cluster:
     """This server's link to the others (see the diagram above): the Relay
-    for a server with --redis.
-
-    Chat calls it where something crosses servers: a line said (post), a
-    private message (pm), an event (event), a nick to claim (claim/release)
-    and a user's rooms (presence). Who is on the other servers it keeps in
-    `elsewhere`.
+    for a server with --redis. It is three parts: this one, what Chat asks
+    of a relay (post, pm, claim, presence, event, act...); ClusterSync, the
+    links' life (linking, loading the shared state, outages); and Bus, what
+    comes from the other servers. What it does to the core is only what
+    RelayHost lists (deliver_line, deliver_pm, deliver_event, notices...).
 
     Lines: every line is numbered by Redis and delivered, here too, when it
     comes back on the bus, so every server shows the same lines in the same
@@ -4921,41 +5069,50 @@ class Cluster:
         self.chat, self.loop, self.ttl, self.history = chat, loop, ttl, history
         self.rooms_kept = 2 * chat.config.max_rooms     # in Redis: as many as a server may hold, in use or dormant
         self.sid = secrets.token_hex(6)
-        self.instance = secrets.token_hex(8)        # Redis's, once linked (see _load)
+        self.instance = secrets.token_hex(8)        # Redis's, once linked (see ClusterSync.load)
         self.next_id = 1                            # above every Redis id seen (to seed a Redis that lost it)
         self.island_ids = itertools.count(-(int(self.sid[:6], 16) << 24) - 1, -1)   # this server's own range
-        self.up = False
+        self.up = False                             # linked, and the shared state loaded
+        self.records: Dict[str, Dict[str, dict]] = {}     # the store's records at start: none until linked
         self.elsewhere = Elsewhere(chat)
         self.in_flight: Dict[str, Flight] = {}      # nonce -> line said here, not yet back (oldest first)
         self.waiting = False                        # a timer watches the oldest flight
         self.unconfirmed: Dict[tuple, List[Flight]] = {}    # lines in flight when the link went down, by _said()
         self.unsent: Dict[str, int] = collections.Counter()   # sender key -> island lines said
-        self.before: Dict[str, int] = {}            # room key -> newest seq shown here, when the link came back
-        self.syncing: Optional[List[bytes]] = None  # bus messages held while the state loads
-        self.loaded: set = set()                    # ids of the lines the load brought (while syncing)
         self.claims: Dict[str, Callable[[bool], None]] = {}    # nick key -> done(), while Redis decides
         self.nonces = itertools.count()
         self.outgoing: Dict[str, list] = {}         # room -> this turn's lines, as script arguments
+        self.occupied: set = set()                  # the rooms with people here, as Redis has it (in:SID)
+        self.presence_changed = False
+        self.sync = ClusterSync(self)
+        self.bus_in = Bus(self)
         timeout = ttl / 3
-        self.commands = RedisLink(loop, url, "commands", self._link_up, self._link_down, reply_timeout=timeout)
-        self.bus = RedisLink(loop, url, "bus", self._link_up, self._link_down, on_message=self._on_bus,
+        self.commands = RedisLink(loop, url, "commands", self.sync.link_up, self.sync.link_down,
+                                  reply_timeout=timeout)
+        self.bus = RedisLink(loop, url, "bus", self.sync.link_up, self.sync.link_down, on_message=self.bus_in.received,
                              reply_timeout=timeout)
+        store = chat.store
+        if isinstance(store, RedisStore):
+            store.cluster = self
 
     @staticmethod
-    def _key(*parts: str) -> str:
+    def key(*parts: str) -> str:
         return REDIS_PREFIX + ":".join(parts)
 
     def start(self) -> "Cluster":
         self.commands.start()
         self.bus.start()
-        self.loop.call_later(self.ttl / 3, self._heartbeat)
+        self.loop.call_later(self.ttl / 3, self.sync.heartbeat)
         return self
 
     def end_turn(self) -> None:
-        k = self._key
+        k = self.key
+        if self.presence_changed and self.up:       # first: the line script trims by what is occupied now
+            self._tell_occupied()
         for room, lines in self.outgoing.items():
-            self.commands.command("EVAL", _LINES_SCRIPT, 5, k("id"), k("seq"), k("hist", room), k("bus"),
-                                  k("active"), room, self.history, self.rooms_kept, k("hist", ""), *lines,
+            self.commands.command("EVAL", _LINES_SCRIPT, 9, k("id"), k("seq"), k("hist", room), k("bus"), k("active"),
+                                  k("floor"), k("sizes"), k("total"), k("servers"), room, self.history,
+                                  self.rooms_kept, REDIS_PREFIX, self.chat.config.history_bytes, self.ttl, *lines,
                                   reply=self._stored)
         self.outgoing.clear()
         self.commands.flush()
@@ -4968,171 +5125,19 @@ class Cluster:
         if isinstance(value, RespError):
             self.commands.fail(f"it refused lines ({value})")
 
-    # -- the links -----------------------------------------------------------
-
-    def _link_up(self) -> None:
-        if not (self.commands.up and self.bus.up):
-            return
-        self.syncing = []
-        self.bus.command("SUBSCRIBE", self._key("bus"), reply=lambda _: self._load())
-
-    def _load(self) -> None:
-        """Subscribed: now load the shared state (bus messages wait meanwhile).
-        If Redis lost its data (a restart without persistence), what this
-        server remembers seeds it again, so ids keep increasing and clients
-        can still resume: counters only go up, history only fills an empty list."""
-        chat, run, k = self.chat, self.commands.command, self._key
-        self.before = {room.key: room.seq for room in chat.rooms}
-        seqs = [part for room in chat.rooms for part in (room.name, room.seq)]
-        run("EVAL", _SEED_SCRIPT, 3, k("instance"), k("id"), k("seq"), self.instance, self.next_id - 1, *seqs,
-            reply=self._set_instance)
-        for room in chat.rooms:
-            if room.history:
-                run("EVAL", _RESTORE_SCRIPT, 3, k("instance"), k("hist", room.name), k("active"), self.instance,
-                    room.name, *(line.data[4:] for line in room.history))
-        self._beat("beat", then=self._load_people)
-
-    def _set_instance(self, value) -> None:
-        if isinstance(value, RespError):
-            self.commands.fail(f"it refused to be seeded ({value})")
-            return
-        self.instance = value.decode()
-
-    def _load_people(self, live: list) -> None:
-        self.commands.command("HGETALL", self._key("presence"), reply=lambda v: self._load_presence(v, live))
-        self.commands.command("ZRANGE", self._key("active"), 0, -1, reply=self._load_rooms)
-
-    def _load_presence(self, flat: list, live: list) -> None:
-        live_sids = {sid.decode() for sid in live}
-        self.elsewhere.forget()
-        for key, record in zip(flat[::2], flat[1::2]):
-            user = json.loads(record)
-            if user["sid"] != self.sid and user["sid"] in live_sids:
-                self.elsewhere.add(key.decode(), RemoteUser(user["nick"], user["sid"], tuple(user["rooms"])))
-
-    def _load_rooms(self, names: list) -> None:
-        for name in (name.decode() for name in names):
-            self.commands.command("LRANGE", self._key("hist", name), -self.history, -1,
-                                  reply=lambda lines, name=name: self._load_history(name, lines))
-        self.commands.command("HGETALL", self._key("seq"), reply=self._load_seq)
-
-    def _load_history(self, name: str, lines: list) -> None:
-        """A room's history from Redis. What of it was said while the link was
-        down and not shown here yet is shown now, once; what is no longer
-        kept is counted for the people here."""
-        for room in open_rooms(self.chat.rooms, [name]):
-            self.chat.rooms.restore(room, lines)
-            self.loaded.update(line.id for line in room.history)
-            shown_up_to = self.before.pop(room.key, None)
-            if shown_up_to is None or not room.history:
-                continue
-            self._gone(room, room.history[0].seq - shown_up_to - 1)
-            for line in room.history:
-                if line.seq > shown_up_to and not self._was_shown(line):
-                    self.chat.deliver_line(room, None, line.data, line.id, line.seq, keep=False)
-
-    def _gone(self, room: "Room", count: int) -> None:
-        if count > 0 and room.members:
-            self.chat.out.to_room(room, {"type": "notice", "room": room.name, "text": (
-                f"{plural(count, 'line')} said in #{room.name} on the other servers while the link was down"
-                " can no longer be shown")})
-
-    def _was_shown(self, line: HistoryLine) -> bool:
-        """Whether a published line is one this server showed already, provisionally
-        (recognised by room, sender, time and text: the same line, numbered late)."""
-        said = _said(line.room, json.loads(line.data[4:]))
-        flights = self.unconfirmed.get(said)
-        if not flights:
-            return False
-        flights.pop()       # it reached the others after all
-        if not flights:
-            del self.unconfirmed[said]
-        return True
-
-    def _load_seq(self, flat: list) -> None:
-        """The last reply of the load: each room's newest seq, then the link is up."""
-        for name, seq in zip(flat[::2], flat[1::2]):
-            for room in open_rooms(self.chat.rooms, [name.decode()]):
-                if room.key in self.before:     # no history left: whatever was said is gone
-                    self._gone(room, int(seq) - self.before.pop(room.key))
-                self.chat.rooms.numbered(room, int(seq))
-                self.chat.rooms.vacated(room)   # (unless someone is in it)
-        self._synced()
-
-    def _synced(self) -> None:
-        held, self.syncing = self.syncing or [], None
-        self.up = True
-        for conn in list(self.chat.users.values()):      # our users, back in the shared presence
-            self._reclaim(conn)
-            self.presence(conn)
-        log.info("cluster: linked through Redis as server %s (%d users elsewhere)", self.sid, len(self.elsewhere.users))
-        if self.chat.users:     # they were told it was down
-            self.chat.notice_here("the link to the other servers is back up")
-        self._report_unsent()
-        for message in held:
-            self._on_bus(message)
-        self.loaded.clear()
-
-    def _report_unsent(self) -> None:
-        """Each sender hears once how many of their lines never reached the other servers."""
-        for flights in self.unconfirmed.values():
-            for flight in flights:
-                self.unsent[flight.sender] += 1
-        self.unconfirmed = {}
-        for key, count in self.unsent.items():
-            sender = self.chat.users.get(key)
-            if sender is not None:
-                self.chat.out.send(sender, {"type": "notice", "text": f"{plural(count, 'line')} you said while the"
-                                            " link was down reached only the people on this server"})
-        self.unsent.clear()
-
-    def _reclaim(self, conn: "Conn") -> None:
-        """Our user's nick, claimed again after an outage: if another server
-        gave it out too, the earlier claim keeps it, and the other is told."""
-        def answer(value) -> None:
-            if value == 0:
-                self.chat.lost_nick(conn)
-            elif value == 2:
-                self._publish({"kind": "yield", "sid": self.sid, "key": conn.key})
-        self._claim(conn, conn.key, "again", "", answer)
-
-    def _link_down(self) -> None:
-        """Redis is gone: show here what we said that did not come back, and
-        be an island until it returns."""
-        if self.syncing is None and not self.up:
-            return
-        self.up, self.syncing = False, None
-        self.loaded.clear()
-        self.elsewhere.forget()
-        self.chat.notice_here("the link to the other servers is down; until it is back you are"
-                              " talking with the people on this server only")
-        for nonce in list(self.in_flight):
-            self._show_here(nonce)
-        for flight in self.in_flight.values():
-            self.unconfirmed.setdefault(_said(flight.room, flight.line), []).append(flight)
-        self.in_flight.clear()
-        claims, self.claims = self.claims, {}
-        for done in claims.values():    # an island: this server's users were checked already
-            done(True)
-
-    def _heartbeat(self) -> None:
-        if self.commands.up:
-            self._beat("beat", then=self._prune)
-        self.commands.check(self.loop.now)
-        self.bus.check(self.loop.now)
-        self.loop.call_later(self.ttl / 3, self._heartbeat)
-
-    def _beat(self, mode: str, then: Optional[Callable] = None) -> None:
-        k = self._key
-        self.commands.command("EVAL", _HEARTBEAT_SCRIPT, 5, k("servers"), k("owner"), k("presence"),
-                              k("session"), k("since"), self.sid, self.ttl, mode, reply=then)
-
-    def _prune(self, live: list) -> None:
-        """Users of servers that stopped beating leave."""
-        if isinstance(live, RespError):
-            return
-        live_sids = {sid.decode() for sid in live}
-        self.elsewhere.remove_servers(lambda sid: sid not in live_sids, "their server went away")
+    def _tell_occupied(self, again: bool = False) -> None:
+        """Redis learns which rooms have people on this server (in:SID), so it never forgets them."""
+        self.presence_changed = False
+        now = {room.name for room in self.chat.rooms if room.members}
+        key = self.key("in", self.sid)
+        if again:
+            self.commands.command("DEL", key)
+            self.occupied = set()
+        if now - self.occupied:
+            self.commands.command("SADD", key, *(now - self.occupied))
+        if self.occupied - now:
+            self.commands.command("SREM", key, *(self.occupied - now))
+        self.occupied = now
 
     # -- lines ---------------------------------------------------------------
 
@@ -5140,7 +5145,7 @@ class Cluster:
         """Number, store and publish a room line; it comes back on the bus."""
         if not self.up:
             self.unsent[sender.key] += 1
-            self._island(room, sender, line)
+            self.island(room, sender, line)
             return
         nonce = f"{self.sid}.{next(self.nonces)}"
         self.in_flight[nonce] = Flight(room.name, sender.key, self.chat.out.stamp(line), self.loop.now, False)
@@ -5159,17 +5164,17 @@ class Cluster:
                 self.waiting = True
                 self.loop.call_later(self.LOCAL_WAIT - (self.loop.now - flight.sent), self._overdue)
                 return
-            self._show_here(nonce)
+            self.show_here(nonce)
 
-    def _show_here(self, nonce: str) -> None:
+    def show_here(self, nonce: str) -> None:
         flight = self.in_flight[nonce]
         if not flight.shown:
             room = self.chat.rooms.get(flight.room)
             if room is not None:
-                self._island(room, self.chat.users.get(flight.sender), flight.line)
+                self.island(room, self.chat.users.get(flight.sender), flight.line)
             self.in_flight[nonce] = flight._replace(shown=True)
 
-    def _island(self, room: "Room", sender: Optional["Conn"], line: dict) -> None:
+    def island(self, room: "Room", sender: Optional["Conn"], line: dict) -> None:
         """A line shown here only, numbered here: `local`, an id of this server's
         own (negative: never one Redis gives), no seq (it is not in the shared history)."""
         line = dict(line, id=next(self.island_ids), local=True)
@@ -5188,22 +5193,52 @@ class Cluster:
             return False
         if to_key in elsewhere:
             line["to"] = elsewhere[to_key].nick
-        head = f'{{"kind":"pm","sid":"{self.sid}","to":{_dumps(to_key)},"id":'
+        head = f'{{"kind":"pm","sid":"{self.sid}","to":{_dumps(to_key)},"from":{_dumps(sender.key)},"id":'
         self.outgoing.setdefault("", []).extend((head, _unnumbered(self.chat.out.stamp(line))))
         return True
 
     def event(self, rooms: Optional[List[str]], frame: dict) -> None:
         """An event for the members of `rooms` (None: everyone) elsewhere."""
-        self._publish({"kind": "event", "sid": self.sid, "rooms": rooms, "frame": frame})
+        self.publish({"kind": "event", "sid": self.sid, "rooms": rooms, "frame": frame})
+
+    def act(self, act: str, key: str, by: str, reason: str, room: Optional[str]) -> None:
+        """A kick or ban for someone on another server: that server does it."""
+        self.publish({"kind": "act", "sid": self.sid, "act": act, "key": key, "by": by, "reason": reason,
+                      "room": room})
+
+    def write_record(self, kind: str, key: str, value: Optional[dict]) -> None:
+        """A record, into Redis and to the other servers (see RedisStore)."""
+        table = self.key("rec", kind)
+        if value is None:
+            self.commands.command("HDEL", table, key)
+        else:
+            self.commands.command("HSET", table, key, _dumps(value))
+        self.publish({"kind": "record", "sid": self.sid, "table": kind, "key": key, "value": value})
+
+    def purge(self, sender: str, room: Optional[str]) -> None:
+        """Take a sender's lines (a nick key) out of what Redis keeps of each room (or one)."""
+        if not self.up:
+            return
+        for name in [room] if room else [room.name for room in self.chat.rooms]:
+            self.commands.command("LRANGE", self.key("hist", name), 0, -1,
+                                  reply=lambda lines, name=name: self._unkeep(name, sender, lines))
+
+    def _unkeep(self, room: str, sender: str, lines: list) -> None:
+        if isinstance(lines, list):
+            theirs = [line for line in lines if name_key(str(json.loads(line).get("from"))) == sender]
+            if theirs:
+                k = self.key
+                self.commands.command("EVAL", _UNKEEP_SCRIPT, 3, k("hist", room), k("sizes"), k("total"), room, *theirs)
 
     # -- nicks and presence --------------------------------------------------
 
     def presence(self, conn: "Conn") -> None:
-        """`conn` joined, changed rooms or nick: tell the others (and Redis)."""
-        record = self._record(conn)
+        """`conn` joined, changed rooms or nick, or went away: tell the others (and Redis)."""
+        record = self.record(conn)
         if self.up:
-            self.commands.command("HSET", self._key("presence"), conn.key, _dumps(record))
-        self._publish({"kind": "user", "sid": self.sid, "key": conn.key, "user": record})
+            self.commands.command("HSET", self.key("presence"), conn.key, _dumps(record))
+        self.publish({"kind": "user", "sid": self.sid, "key": conn.key, "user": record})
+        self.presence_changed = True
 
     def claim(self, conn: "Conn", key: str, session: str, done: Callable[[bool], None]) -> None:
         """Claim the nick `key` cluster-wide for `conn`; `done(ok)` when Redis answers.
@@ -5220,148 +5255,364 @@ class Cluster:
                 return
             del self.claims[key]
             if value == 2:      # the same user, still connected elsewhere: that connection goes
-                self._publish({"kind": "replaced", "sid": self.sid, "key": key})
+                self.publish({"kind": "replaced", "sid": self.sid, "key": key})
             done(value > 0)
         self.claims[key] = done
-        self._claim(conn, key, "new", session or "", answer)
+        self.claim_nick(conn, key, "new", session or "", answer)
 
-    def _claim(self, conn: "Conn", key: str, mode: str, presented: str, reply: Callable) -> None:
-        k = self._key
+    def claim_nick(self, conn: "Conn", key: str, mode: str, presented: str, reply: Callable) -> None:
+        k = self.key
         self.commands.command("EVAL", _CLAIM_SCRIPT, 5, k("owner"), k("servers"), k("session"), k("presence"),
-                              k("since"), key, self.sid, self.ttl, conn.session or "", _dumps(self._record(conn)),
+                              k("since"), key, self.sid, self.ttl, conn.session or "", _dumps(self.record(conn)),
                               conn.claimed, mode, presented, reply=reply)
+
+    def settle_claims(self) -> None:
+        """The link went down with claims unanswered: an island, this server's users were checked already."""
+        claims, self.claims = self.claims, {}
+        for done in claims.values():
+            done(True)
 
     def vanished(self, key: str) -> None:
         """`key` lost its connection: gone from the lists, its nick still claimed (held for it)."""
-        self._publish({"kind": "user", "sid": self.sid, "key": key, "user": None})
+        self.publish({"kind": "user", "sid": self.sid, "key": key, "user": None})
+        self.presence_changed = True
 
     def release(self, key: str) -> None:
         """`key` is no longer used here (left, or renamed)."""
         if self.up:
-            k = self._key
+            k = self.key
             self.commands.command("EVAL", _RELEASE_SCRIPT, 4, k("owner"), k("presence"), k("session"),
                                   k("since"), key, self.sid)
-        self._publish({"kind": "user", "sid": self.sid, "key": key, "user": None})
+        self.publish({"kind": "user", "sid": self.sid, "key": key, "user": None})
+        self.presence_changed = True
 
     def others(self) -> List[str]:
         return [user.nick for user in self.elsewhere.users.values()]
 
-    records: Dict[str, Dict[str, dict]] = {}
+    def fetch_presence(self, key: str) -> None:
+        """Learn from Redis who has the nick `key` elsewhere (if anyone)."""
+        def learned(record) -> None:
+            if isinstance(record, bytes):
+                user = json.loads(record)
+                if user.get("sid") != self.sid:
+                    self.elsewhere.add(key, RemoteUser(user["nick"], user["sid"], tuple(user["rooms"]), user))
+        if self.up:
+            self.commands.command("HGET", self.key("presence"), key, reply=learned)
 
     def profile(self, key: str) -> Optional[dict]:
+        """What another server says of its user `key` (see People.profile), idle time as of now."""
         user = self.elsewhere.users.get(key)
-        return {"nick": user.nick, "online": True, "rooms": list(user.rooms)} if user is not None else None
-
-    def act(self, act: str, key: str, by: str, reason: str, room: Optional[str]) -> None:
-        self._publish({"kind": "act", "sid": self.sid, "act": act, "key": key, "by": by, "reason": reason,
-                       "room": room})
+        if user is None:
+            return None
+        profile = dict(user.profile, nick=user.nick, rooms=list(user.rooms), online=True)
+        if type(profile.get("said")) in (int, float):
+            profile["idle"] = round(max(0.0, self.chat.out.ts - profile["said"]))
+        return profile
 
     def close(self) -> None:
         """Leaving for good: our users leave the others' lists now, not after a timeout."""
         if self.up:
-            self._beat("leave")
-            self._publish({"kind": "gone", "sid": self.sid})
+            self.sync.beat("leave")
+            self.publish({"kind": "gone", "sid": self.sid})
             self.end_turn()
         self.commands.close()
         self.bus.close()
 
-    # -- the bus -------------------------------------------------------------
-
-    def _publish(self, message: dict) -> None:
+    def publish(self, message: dict) -> None:
         if self.up:
-            self.commands.command("PUBLISH", self._key("bus"), _dumps(message))
+            self.commands.command("PUBLISH", self.key("bus"), _dumps(message))
 
-    def _on_bus(self, message: bytes) -> None:
-        if self.syncing is not None:
-            self.syncing.append(message)
+    def record(self, conn: "Conn") -> dict:
+        """Who `conn` is, as the other servers keep it (chatpy:presence)."""
+        return dict(self.chat.people.profile(conn), sid=self.sid, said=conn.said, source=conn.source)
+
+
+class ClusterSync:
+    """The life of the cluster's links: linking, loading the shared state
+    (bus messages held meanwhile), the heartbeat, and what an outage leaves
+    to say when the link is back."""
+
+    def __init__(self, cluster: Cluster):
+        self.cluster, self.chat = cluster, cluster.chat
+        self.syncing: Optional[List[bytes]] = None  # bus messages held while the state loads
+        self.before: Dict[str, int] = {}            # room key -> newest seq shown here, when the link came back
+        self.loaded: set = set()                    # ids of the lines the load brought (while syncing)
+
+    def link_up(self) -> None:
+        cluster = self.cluster
+        if not (cluster.commands.up and cluster.bus.up):
             return
-        if not self.up:
+        self.syncing = []
+        cluster.bus.command("SUBSCRIBE", cluster.key("bus"), reply=lambda _: self.load())
+
+    def hold(self, message: bytes) -> bool:
+        """A bus message that comes while the state loads waits for it (True)."""
+        if self.syncing is None:
+            return False
+        self.syncing.append(message)
+        return True
+
+    def load(self) -> None:
+        """Subscribed: now load the shared state (bus messages wait meanwhile).
+        If Redis lost its data (a restart without persistence), what this
+        server remembers seeds it again, so ids keep increasing and clients
+        can still resume: counters only go up, history only fills an empty list."""
+        cluster, chat = self.cluster, self.chat
+        run, k = cluster.commands.command, cluster.key
+        self.before = {room.key: room.seq for room in chat.rooms}
+        seqs = [part for room in chat.rooms for part in (room.name, room.seq)]
+        run("EVAL", _SEED_SCRIPT, 4, k("instance"), k("id"), k("seq"), k("floor"), cluster.instance,
+            cluster.next_id - 1, chat.rooms.floor, *seqs, reply=self.set_instance)
+        for room in chat.rooms:
+            if room.history:
+                run("EVAL", _RESTORE_SCRIPT, 5, k("instance"), k("hist", room.name), k("active"), k("sizes"),
+                    k("total"), cluster.instance, room.name, *(line.data[4:] for line in room.history))
+        store = chat.store
+        if isinstance(store, RedisStore):
+            store.flush_waiting()
+        for kind in Records.KINDS:
+            run("HGETALL", k("rec", kind), reply=lambda flat, kind=kind: self.load_records(kind, flat))
+        self.beat("beat", then=self.load_people)
+
+    def set_instance(self, value) -> None:
+        if isinstance(value, RespError):
+            self.cluster.commands.fail(f"it refused to be seeded ({value})")
             return
-        # Lines (the bulk of the traffic) are told by their first bytes, not parsed whole.
+        self.cluster.instance = value.decode()
+
+    def load_records(self, kind: str, flat: list) -> None:
+        if isinstance(flat, list):
+            self.chat.records_loaded(kind, {key.decode(): json.loads(value) for key, value in zip(flat[::2], flat[1::2])})
+
+    def load_people(self, live: list) -> None:
+        run = self.cluster.commands.command
+        run("HGETALL", self.cluster.key("presence"), reply=lambda v: self.load_presence(v, live))
+        run("ZRANGE", self.cluster.key("active"), 0, -1, reply=self.load_rooms)
+
+    def load_presence(self, flat: list, live: list) -> None:
+        live_sids = {sid.decode() for sid in live}
+        elsewhere = self.cluster.elsewhere
+        elsewhere.forget()
+        for key, record in zip(flat[::2], flat[1::2]):
+            user = json.loads(record)
+            if user["sid"] != self.cluster.sid and user["sid"] in live_sids:
+                elsewhere.add(key.decode(), RemoteUser(user["nick"], user["sid"], tuple(user["rooms"]), user))
+
+    def load_rooms(self, names: list) -> None:
+        cluster = self.cluster
+        for name in (name.decode() for name in names):
+            cluster.commands.command("LRANGE", cluster.key("hist", name), -cluster.history, -1,
+                                     reply=lambda lines, name=name: self.load_history(name, lines))
+        cluster.commands.command("HGETALL", cluster.key("seq"), reply=self.load_seq)
+
+    def load_history(self, name: str, lines: list) -> None:
+        """A room's history from Redis. What of it was said while the link was
+        down and not shown here yet is shown now, once; what is no longer
+        kept is counted for the people here."""
+        for room in open_rooms(self.chat.rooms, [name]):
+            self.chat.rooms.restore(room, lines)
+            self.loaded.update(line.id for line in room.history)
+            shown_up_to = self.before.pop(room.key, None)
+            if shown_up_to is None or not room.history:
+                continue
+            self.gone(room, room.history[0].seq - shown_up_to - 1)
+            for line in room.history:
+                if line.seq > shown_up_to and not self.was_shown(line):
+                    self.chat.deliver_line(room, None, line.data, line.id, line.seq, keep=False)
+
+    def gone(self, room: "Room", count: int) -> None:
+        if count > 0 and room.members:
+            self.chat.notice_room(room, f"{plural(count, 'line')} said in #{room.name} on the other servers while"
+                                        " the link was down can no longer be shown")
+
+    def was_shown(self, line: HistoryLine) -> bool:
+        """Whether a published line is one this server showed already, provisionally
+        (recognised by room, sender, time and text: the same line, numbered late)."""
+        unconfirmed = self.cluster.unconfirmed
+        said = _said(line.room, json.loads(line.data[4:]))
+        flights = unconfirmed.get(said)
+        if not flights:
+            return False
+        flights.pop()       # it reached the others after all
+        if not flights:
+            del unconfirmed[said]
+        return True
+
+    def load_seq(self, flat: list) -> None:
+        """The last reply of the load: each room's newest seq, then the link is up."""
+        for name, seq in zip(flat[::2], flat[1::2]):
+            for room in open_rooms(self.chat.rooms, [name.decode()]):
+                if room.key in self.before:     # no history left: whatever was said is gone
+                    self.gone(room, int(seq) - self.before.pop(room.key))
+                self.chat.rooms.numbered(room, int(seq))
+                self.chat.rooms.vacated(room)   # (unless someone is in it)
+        self.synced()
+
+    def synced(self) -> None:
+        cluster, chat = self.cluster, self.chat
+        held, self.syncing = self.syncing or [], None
+        cluster.up = True
+        cluster._tell_occupied(again=True)
+        for conn in list(chat.users.values()):      # our users, back in the shared presence (if still theirs)
+            self.reclaim(conn)
+        log.info("cluster: linked through Redis as server %s (%d users elsewhere)", cluster.sid,
+                 len(cluster.elsewhere.users))
+        if chat.users:     # they were told it was down
+            chat.notice_here("the link to the other servers is back up")
+        self.report_unsent()
+        for message in held:
+            cluster.bus_in.received(message)
+        self.loaded.clear()
+
+    def report_unsent(self) -> None:
+        """Each sender hears once how many of their lines never reached the other servers."""
+        cluster = self.cluster
+        for flights in cluster.unconfirmed.values():
+            for flight in flights:
+                cluster.unsent[flight.sender] += 1
+        cluster.unconfirmed = {}
+        for key, count in cluster.unsent.items():
+            self.chat.notice_to(key, f"{plural(count, 'line')} you said while the link was down reached only the"
+                                     " people on this server")
+        cluster.unsent.clear()
+
+    def reclaim(self, conn: "Conn") -> None:
+        """Our user's nick, claimed again after an outage: if another server
+        gave it out too, the earlier claim keeps it, and the other is told."""
+        cluster = self.cluster
+
+        def answer(value) -> None:
+            if value == 0:
+                self.chat.lost_nick(conn)
+                cluster.fetch_presence(conn.key)    # (ours was in the way of knowing the earlier one)
+                return
+            if value == 2:
+                cluster.publish({"kind": "yield", "sid": cluster.sid, "key": conn.key})
+            if conn.state is JOINED:
+                cluster.presence(conn)
+        cluster.claim_nick(conn, conn.key, "again", "", answer)
+
+    def link_down(self) -> None:
+        """Redis is gone: show here what we said that did not come back, and
+        be an island until it returns."""
+        cluster = self.cluster
+        if self.syncing is None and not cluster.up:
+            return
+        cluster.up, self.syncing = False, None
+        self.loaded.clear()
+        cluster.elsewhere.forget()
+        self.chat.notice_here("the link to the other servers is down; until it is back you are"
+                              " talking with the people on this server only")
+        for nonce in list(cluster.in_flight):
+            cluster.show_here(nonce)
+        for flight in cluster.in_flight.values():
+            cluster.unconfirmed.setdefault(_said(flight.room, flight.line), []).append(flight)
+        cluster.in_flight.clear()
+        cluster.settle_claims()
+
+    def heartbeat(self) -> None:
+        cluster = self.cluster
+        if cluster.commands.up:
+            self.beat("beat", then=self.prune)
+        cluster.commands.check(cluster.loop.now)
+        cluster.bus.check(cluster.loop.now)
+        cluster.loop.call_later(cluster.ttl / 3, self.heartbeat)
+
+    def beat(self, mode: str, then: Optional[Callable] = None) -> None:
+        cluster, k = self.cluster, self.cluster.key
+        cluster.commands.command("EVAL", _HEARTBEAT_SCRIPT, 5, k("servers"), k("owner"), k("presence"),
+                                 k("session"), k("since"), cluster.sid, cluster.ttl, mode, REDIS_PREFIX, reply=then)
+
+    def prune(self, live: list) -> None:
+        """Users of servers that stopped beating leave."""
+        if isinstance(live, RespError):
+            return
+        live_sids = {sid.decode() for sid in live}
+        self.cluster.elsewhere.remove_servers(lambda sid: sid not in live_sids, "their server went away")
+
+
+class Bus:
+    """What the other servers say, from the bus: lines (told by their first
+    bytes, not parsed whole), private messages, events, users coming and
+    going, records changed, acts for a user here."""
+
+    def __init__(self, cluster: Cluster):
+        self.cluster, self.chat = cluster, cluster.chat
+        self.handlers = {"event": self.on_event, "user": self.on_user, "replaced": self.on_replaced,
+                         "yield": self.on_yield, "gone": self.on_gone, "act": self.on_act, "record": self.on_record}
+
+    def received(self, message: bytes) -> None:
+        cluster = self.cluster
+        if cluster.sync.hold(message) or not cluster.up:
+            return
         kind = message[len(_KIND):message.index(b'"', len(_KIND))] if message.startswith(_KIND) else b""
         if kind in (b"line", b"pm"):
-            self._on_line(kind, message)
+            self.on_line(kind, message)
             return
         try:
             obj = json.loads(message)
         except ValueError:
             log.warning("cluster: a bus message that is not JSON: %.60r", message)
             return
-        if obj.get("sid") == self.sid:
+        if obj.get("sid") == cluster.sid:
             return
-        handler = {"event": self._on_event, "user": self._on_user, "replaced": self._on_replaced,
-                   "yield": self._on_yield, "gone": self._on_gone, "act": self._on_act}.get(obj.get("kind"))
+        handler = self.handlers.get(obj.get("kind"))
         if handler is not None:
             handler(obj)
 
-    def _on_line(self, kind: bytes, message: bytes) -> None:
+    def on_line(self, kind: bytes, message: bytes) -> None:
         # HEAD,"line":LINE}: the head says what the line is; LINE is what clients get, as is.
+        cluster, chat = self.cluster, self.chat
         split = message.index(_LINE_FIELD)
         head, raw = json.loads(message[:split] + b"}"), message[split + len(_LINE_FIELD):-1]
-        chat = self.chat
-        self.next_id = max(self.next_id, head["id"] + 1)
+        cluster.next_id = max(cluster.next_id, head["id"] + 1)
         data = _LENGTH.pack(len(raw)) + raw
+        ours = head["sid"] == cluster.sid
         if kind == b"pm":
-            target = chat.users.get(head["to"])
-            if target is not None:
-                chat.out.send_data(target, data)
+            chat.deliver_pm(chat.users.get(head["to"]), chat.users.get(head.get("from", "")) if ours else None, data)
             return
-        flight = self.in_flight.pop(head["nonce"], None) if head["sid"] == self.sid else None
-        rooms = open_rooms(self.chat.rooms, [head["room"]])
-        if not rooms or head["id"] in self.loaded:      # held while syncing, and loaded already
+        flight = cluster.in_flight.pop(head["nonce"], None) if ours else None
+        rooms = open_rooms(chat.rooms, [head["room"]])
+        if not rooms or head["id"] in cluster.sync.loaded:      # held while syncing, and loaded already
             return
         room = rooms[0]
         chat.rooms.numbered(room, head["seq"])
-        sender = chat.users.get(head["from"]) if head["sid"] == self.sid else None
+        sender = chat.users.get(head["from"]) if ours else None
         chat.deliver_line(room, sender, data, head["id"], head["seq"], fan_out=not (flight and flight.shown))
         if not room.count():    # a room of the other servers' only: dormant here, not in use
             chat.rooms.vacated(room)
 
-    def _on_event(self, obj: dict) -> None:
-        frame, rooms, out = obj["frame"], obj.get("rooms"), self.chat.out
-        about = frame.get("old" if frame["type"] == "nick" else "nick")
+    def on_event(self, obj: dict) -> None:
+        frame, about = obj["frame"], obj["frame"].get("old" if obj["frame"]["type"] == "nick" else "nick")
         if type(about) is str and name_key(about) in self.chat.users:
             return      # the other holder of a nick both sides gave out while apart: it is ours
-        frame.pop("ts", None)   # it is delivered now
-        if rooms is None:       # for everyone (an operator's notice)
-            out.send_each(self.chat.users.values(), frame)
-        elif frame["type"] in ("join", "leave"):    # one per room, with this server's count
-            for room in filter(None, map(self.chat.rooms.get, rooms)):
-                out.to_room(room, dict(frame, room=room.name, users=room.count()))
-        else:                   # a nick change: once to everyone sharing a room with them
-            out.send_each(set().union(*(room.members for room in filter(None, map(self.chat.rooms.get, rooms)))),
-                          frame)
+        self.chat.deliver_event(obj.get("rooms"), frame)
 
-    def _on_user(self, obj: dict) -> None:
+    def on_user(self, obj: dict) -> None:
         key, user = obj["key"], obj.get("user")
         if user is None:
-            self.elsewhere.remove(key, None)
+            self.cluster.elsewhere.remove(key, None)
         else:
-            self.elsewhere.add(key, RemoteUser(user["nick"], obj["sid"], tuple(user["rooms"])))
+            self.cluster.elsewhere.add(key, RemoteUser(user["nick"], obj["sid"], tuple(user["rooms"]), user))
 
-    def _on_replaced(self, obj: dict) -> None:
+    def on_replaced(self, obj: dict) -> None:
         self.chat.replaced(obj["key"])
 
-    def _on_yield(self, obj: dict) -> None:
+    def on_yield(self, obj: dict) -> None:
         """Another server holds an earlier claim on a nick a user of ours has too."""
         conn = self.chat.users.get(obj["key"])
         if conn is not None:
             self.chat.lost_nick(conn)
+            self.cluster.fetch_presence(obj["key"])
 
-    def _on_act(self, obj: dict) -> None:
-        conn = self.chat.users.get(obj["key"])
-        if conn is not None:
-            room = self.chat.rooms.get(obj["room"]) if obj.get("room") else None
-            self.chat.people.apply(obj["act"], conn, obj["by"], obj["reason"], room)
+    def on_gone(self, obj: dict) -> None:
+        self.cluster.elsewhere.remove_servers(lambda sid: sid == obj["sid"], "their server shut down")
 
-    def _on_gone(self, obj: dict) -> None:
-        self.elsewhere.remove_servers(lambda sid: sid == obj["sid"], "their server shut down")
+    def on_act(self, obj: dict) -> None:
+        self.chat.act(obj["act"], obj["key"], obj["by"], obj["reason"], obj.get("room"))
 
-    # -- the replica of who is elsewhere --------------------------------------
-
-    def _record(self, conn: "Conn") -> dict:
-        """Who `conn` is, as the other servers keep it (chatpy:presence)."""
-        return {"nick": conn.nick, "sid": self.sid, "rooms": [room.name for room in conn.rooms]}
+    def on_record(self, obj: dict) -> None:
+        self.chat.record_changed(obj["table"], obj["key"], obj.get("value"))
 
 
 # ---------------------------------------------------------------------------

@@ -3216,24 +3216,52 @@ class ClusterTest(ClusterSetup, unittest.TestCase):
         bob.send({"type": "join", "room": "fresh"})
         self.assertEqual(bob.expect("joined")["room"], "fresh")
 
-    def test_redis_keeps_the_rooms_said_in_last_and_a_room_forgotten_there_starts_anew(self):
-        small = self.server(max_rooms=3)        # so Redis keeps 6 rooms
-        bob = self.peer(self.b, "bob", rooms=["lobby", "old"])
-        mallory = self.peer(small, "mallory", rooms=["lobby", "old"])
-        mallory.send({"type": "msg", "room": "old", "text": "first"})
-        self.assertEqual(bob.expect("msg", room="old")["seq"], 1)
-        for i in range(10):     # rooms made, said something in, and left
+    def test_redis_forgets_quiet_rooms_but_never_an_occupied_one_and_no_seq_goes_back(self):
+        """Issue 18 item 5, as measured: --max-rooms 4 (Redis keeps 8); #dev on B had 30 lines and 2
+        members; one line in each of 12 throwaway rooms on A deleted hist:dev and its seq."""
+        small = self.server(max_rooms=4)
+        bob = self.peer(self.b, "bob", rooms=["lobby", "dev"])
+        carol = self.peer(self.b, "carol", rooms=["lobby", "dev"])
+        for i in range(30):
+            bob.send({"type": "msg", "room": "dev", "text": f"dev {i}"})
+        self.assertEqual([carol.expect("msg", room="dev")["seq"] for _ in range(30)][-1], 30)
+        mallory = self.peer(small, "mallory")
+        mallory.send({"type": "join", "room": "quiet"})
+        mallory.send({"type": "msg", "room": "quiet", "text": "once"})
+        first = mallory.expect("joined")["seq"]
+        mallory.send({"type": "part", "room": "quiet"})
+        for i in range(12):     # rooms made, said something in, and left
             mallory.send({"type": "join", "room": f"r{i}"})
             mallory.send({"type": "msg", "room": f"r{i}", "text": "x"})
             mallory.send({"type": "part", "room": f"r{i}"})
         mallory.send({"type": "msg", "text": "done"})
         bob.expect("msg", text="done")
-        self.assertEqual(self.redis.call("ZCARD", "chatpy:active"), 6)
-        self.assertEqual(len(self.redis.call("KEYS", "chatpy:hist:*")), 6)
-        self.assertEqual(self.redis.call("HEXISTS", "chatpy:seq", "old"), 0)
-        mallory.send({"type": "msg", "room": "old", "text": "again"})
-        line = bob.expect("msg", room="old")
-        self.assertEqual((line["text"], line["seq"]), ("again", 1))
+        self.assertEqual(self.redis.call("LLEN", "chatpy:hist:dev"), 30, "an occupied room is never forgotten")
+        self.assertLessEqual(self.redis.call("ZCARD", "chatpy:active"), 8 + 2)
+        self.assertEqual(self.redis.call("HEXISTS", "chatpy:seq", "quiet"), 0, "a quiet one is")
+        bob.send({"type": "msg", "room": "dev", "text": "after"})
+        self.assertEqual(carol.expect("msg", text="after")["seq"], 31)
+        mallory.send({"type": "join", "room": "quiet"})
+        mallory.send({"type": "msg", "room": "quiet", "text": "again"})
+        again = self.peer(small, "watcher", rooms=["quiet"])
+        seqs = [line["seq"] for line in again.welcome["history"] if line["text"] == "again"]
+        self.assertEqual(len(seqs), 1)
+        self.assertGreater(seqs[0], first + 1, "a forgotten room begins above every seq forgotten")
+
+    def test_redis_keeps_history_within_the_byte_budget(self):
+        """Issue 18 item 6, as measured: --history-bytes 2M, 2,000 lines of 4,096 emoji in 40 rooms: +41 MB."""
+        budget = 2 << 20
+        server = self.server(history_bytes=budget)
+        spammer = self.peer(server, "spammer", rooms=[f"s{i}" for i in range(20)])
+        big = "\U0001F600" * 4096      # 16 KiB of UTF-8
+        for i in range(400):
+            spammer.send({"type": "msg", "room": f"s{i % 20}", "text": big})
+        spammer.sync()
+        wait_until(lambda: self.redis.call("LLEN", "chatpy:hist:s19") > 0, what="the lines in Redis")
+        total = int(self.redis.call("GET", "chatpy:total"))
+        kept = sum(len(line) for room in range(20) for line in self.redis.call("LRANGE", f"chatpy:hist:s{room}", 0, -1))
+        self.assertEqual(total, kept, "counted right")
+        self.assertLessEqual(total, budget)
 
     def test_a_join_reaches_members_this_server_has_not_heard_of_yet(self):
         cluster, held = self.b.loop.chat.relay, []
@@ -3244,9 +3272,9 @@ class ClusterTest(ClusterSetup, unittest.TestCase):
         self.assertEqual(alice.expect("join")["nick"], "bob")   # ...but alice still hears bob arrive
 
         def catch_up():
-            cluster.bus.on_message = cluster._on_bus
+            cluster.bus.on_message = cluster.bus_in.received
             for message in held:
-                cluster._on_bus(message)
+                cluster.bus_in.received(message)
         self.b.call(catch_up)
         bob.send({"type": "who"})
         self.assertEqual(bob.expect("who")["users"], ["alice", "bob"])
@@ -3367,7 +3395,7 @@ class ClusterTest(ClusterSetup, unittest.TestCase):
         def read():
             cluster = server.loop.chat.relay
             return dict(up=cluster.up, sid=cluster.sid, remote=dict(cluster.elsewhere.users), users=list(server.loop.chat.users),
-                        cmd_up=cluster.commands.up, bus_up=cluster.bus.up, syncing=cluster.syncing is not None)
+                        cmd_up=cluster.commands.up, bus_up=cluster.bus.up, syncing=cluster.sync.syncing is not None)
         return server.call(read)
 
     def test_a_stopped_server_users_leave_at_once(self):
