@@ -5235,6 +5235,7 @@ class Cluster:
     def presence(self, conn: "Conn") -> None:
         """`conn` joined, changed rooms or nick, or went away: tell the others (and Redis)."""
         record = self.record(conn)
+        self.elsewhere.remove(conn.key, None)       # (its record from a server of ours that died, say)
         if self.up:
             self.commands.command("HSET", self.key("presence"), conn.key, _dumps(record))
         self.publish({"kind": "user", "sid": self.sid, "key": conn.key, "user": record})

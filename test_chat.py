@@ -3398,6 +3398,33 @@ class ClusterTest(ClusterSetup, unittest.TestCase):
                         cmd_up=cluster.commands.up, bus_up=cluster.bus.up, syncing=cluster.sync.syncing is not None)
         return server.call(read)
 
+    def test_back_on_a_restarted_server_nobody_is_told_you_left(self):
+        """Issue 21 item 3: ann reconnected to a restarted server A; ~15 s later her own screen said
+        'ann left (their server went away)' for her rooms, though she was there."""
+        first, port = server_process("--redis", self.redis.url, "--cluster-ttl", self.TTL)
+        self.addCleanup(first.kill)
+        first.wait_line("linked through Redis", "stderr")
+        ann = Peer(port, "ann", rooms=["lobby", "ops"])
+        welcome = ann.welcome
+        bob = self.peer(self.b, "bob", rooms=["lobby", "ops"])
+        first.proc.kill()           # A dies; ann comes back on a new A
+        ann.close()
+        again, port = server_process("--redis", self.redis.url, "--cluster-ttl", self.TTL)
+        self.addCleanup(again.kill)
+        again.wait_line("linked through Redis", "stderr")
+        back = self.peer(port, "ann", session=welcome["session"], instance=welcome["instance"],
+                         rooms=welcome["rooms"], since={"lobby": 0, "ops": 0})
+        started = time.monotonic()
+        frames = []
+        while time.monotonic() - started < self.TTL * 4 / 3 + 1.0:     # past the old A's timeout
+            frames += back.sync()
+            time.sleep(0.05)        # pacing the probe, not waiting for anything
+        self.assertFalse([f for f in frames if f["type"] == "leave" and f["nick"] == "ann"], frames)
+        back.send({"type": "who", "room": "ops"})
+        self.assertEqual(back.expect("who")["users"], ["ann", "bob"])
+        bob.send({"type": "who", "room": "ops"})
+        self.assertEqual(bob.expect("who")["users"], ["ann", "bob"])
+
     def test_a_stopped_server_users_leave_at_once(self):
         alice = self.peer(self.a, "alice")
         self.peer(self.b, "bob")
