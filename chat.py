@@ -5667,6 +5667,7 @@ class LineEditor:
         self.tabbed = False         # the last key was Tab: another lists the candidates
         self.cursor_row = 0         # the row of the cursor within the drawn input, counted from its first
         self.drawn = False
+        self.drawn_at = 0           # the width it was drawn at
         self.secret = False         # what is typed is not drawn, nor kept in the history (a password)
 
     # -- keys ----------------------------------------------------------------
@@ -5841,7 +5842,11 @@ class LineEditor:
         return self.erase() + self.draw()
 
     def print(self, text: str) -> str:
-        """What writes `text` (one or more lines) above the input line, which stays as it was."""
+        """What writes `text` (one or more lines) above the input line, which
+        stays as it was (at the terminal's width now: a resize whose signal
+        comes after this line is not missed)."""
+        if self.drawn and self.columns() != self.drawn_at:
+            return self.resized() + self.erase() + text + "\n" + self.draw()
         return self.erase() + text + "\n" + self.draw()
 
     def erase(self) -> str:
@@ -5864,7 +5869,7 @@ class LineEditor:
         if end_row > row:
             out += f"\x1b[{end_row - row}A"
         out += "\r" + (f"\x1b[{column}C" if column else "")
-        self.cursor_row, self.drawn = row, True
+        self.cursor_row, self.drawn, self.drawn_at = row, True, columns
         return out
 
 
