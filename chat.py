@@ -632,10 +632,14 @@ class CommandTable:
         command = self.commands.get(name.lower())
         if command is None:
             raise ValueError(f"unknown command /{name}; /help lists them")
-        params, rest = command.usage.split(), rest.strip()
+        groups, rest = re.findall(r"\[[^\]]*\]|\S+", command.usage), rest.strip()
+        params = [word for group in groups for word in group.strip("[]").split()]
         words = rest.split(None, len(params) - 1) if params else []
-        required = [p for p in params if not p.startswith("[")]
-        if len(words) < len(required) or (not params and rest.strip()):
+        required = sum(1 for group in groups if not group.startswith("["))
+        optional = [len(group.split()) for group in groups if group.startswith("[")]
+        # a bracketed group is given whole or not at all: "[OLD NEW]" is two words or none
+        whole = len(words) - required in {sum(optional[:n]) for n in range(len(optional) + 1)}
+        if len(words) < required or (not params and rest) or not whole:
             raise ValueError(f"usage: /{command.name} {command.usage}".rstrip())
         return command, words
 
@@ -6775,6 +6779,7 @@ class Session:
         self.nick, self.password, self.account_password = nick, password, account_password
         self.protocol = 0           # the server's (welcome says it)
         self.op = False             # a server operator
+        self.account = False        # logged in to an account (the welcome and `registered` say)
         self.room_ops: set = set()  # the rooms (keys) we operate
         self.ignored: Dict[str, str] = {}   # nick key -> nick: nothing from them is shown
         self.rooms_asked = False    # the rooms list was asked for, quietly (for Tab after /join)
@@ -6832,6 +6837,7 @@ class Session:
         self.instance, self.session = instance, _token(frame.get("session"))
         self.protocol = _number(frame.get("protocol"), 1, 1000, 1, int)
         self.op = frame.get("op") is True
+        self.account = type(frame.get("account")) is str
         self.room_ops = set()
         self.joining.clear()
         self.members = {}
@@ -6988,8 +6994,10 @@ class Session:
         return [Send({"type": "password", "old": old, "new": new})]
 
     def on_registered(self, frame: dict) -> list:
-        if frame.get("mine") is True and self.pending_password is not None:     # what to log in with from now on
-            self.account_password, self.pending_password = self.pending_password, None
+        if frame.get("mine") is True:
+            self.account = True
+            if self.pending_password is not None:       # what to log in with from now on
+                self.account_password, self.pending_password = self.pending_password, None
         return [frame]
 
     def on_op(self, frame: dict) -> list:
@@ -7436,16 +7444,14 @@ class ChatClient:
         self.console.ask(paint(question, "1;33", self.view))
 
     def cmd_register(self, password: str = "") -> None:
-        if password:
+        if self.session.account:
+            self.note("you are logged in to your account already: /password changes its password", "31")
+        elif password:
             self.perform(self.session.register(password))
         elif not self.console.editing:
             self.note("usage: /register PASSWORD (on a terminal you are asked for it, hidden)", "31")
         else:
-            def again(first: str) -> None:
-                self.ask_hidden("the same password again: ",
-                                lambda second: self.perform(self.session.register(first)) if second == first
-                                else self.note("the two passwords differ: nothing was registered", "31"))
-            self.ask_hidden("a password for your nick: ", again)
+            self.ask_new_password("a password for your nick: ", lambda new: self.perform(self.session.register(new)))
 
     def cmd_password(self, old: str = "", new: str = "") -> None:
         if old and new:
@@ -7453,8 +7459,15 @@ class ChatClient:
         elif not self.console.editing:
             self.note("usage: /password OLD NEW (on a terminal you are asked, hidden)", "31")
         else:
-            self.ask_hidden("your password now: ", lambda old: self.ask_hidden(
+            self.ask_hidden("your password now: ", lambda old: self.ask_new_password(
                 "the new one: ", lambda new: self.perform(self.session.change_password(old, new))))
+
+    def ask_new_password(self, prompt: str, then: Callable[[str], None]) -> None:
+        """Ask for a new password twice, hidden; `then` it if both agree."""
+        def again(first: str) -> None:
+            self.ask_hidden("the same password again: ", lambda second: then(first) if second == first
+                            else self.note("the two passwords differ: nothing was changed", "31"))
+        self.ask_hidden(prompt, again)
 
     def cmd_ignore(self, nick: str, on: bool = True) -> None:
         self.perform(self.session.ignore(nick) if on else self.session.unignore(nick))

@@ -1170,6 +1170,7 @@ class CommandTableTest(unittest.TestCase):
             chat.Command("msg", "NICK TEXT", "private message", lambda *a: self.calls.append(("msg",) + a)),
             chat.Command("quit", "[REASON]", "leave", lambda *a: self.calls.append(("quit",) + a)),
             chat.Command("who", "", "who is here", lambda: self.calls.append(("who",))),
+            chat.Command("password", "[OLD NEW]", "change it", lambda *a: self.calls.append(("password",) + a)),
         ])
 
     def test_the_last_parameter_takes_the_rest_of_the_line(self):
@@ -1181,6 +1182,14 @@ class CommandTableTest(unittest.TestCase):
         self.assertEqual(self.calls, [("msg", "bob", "hello there  you"), ("msg", "bob", "x"), ("quit",),
                                       ("quit", "see you"), ("who",)])
 
+    def test_a_bracketed_group_is_given_whole_or_not_at_all(self):
+        self.table.run("/password")
+        self.table.run("/password old new")
+        with self.assertRaises(ValueError) as caught:      # one word is neither: never half a change
+            self.table.run("/password old")
+        self.assertIn("usage: /password [OLD NEW]", str(caught.exception))
+        self.assertEqual(self.calls, [("password",), ("password", "old", "new")])
+
     def test_errors_say_what_to_type(self):
         for line, message in [("/msg bob", "usage: /msg NICK TEXT"), ("/nope", "unknown command /nope"),
                               ("/who extra", "usage: /who")]:
@@ -1191,9 +1200,10 @@ class CommandTableTest(unittest.TestCase):
         self.assertEqual(self.calls, [])
 
     def test_help_comes_from_the_table(self):
-        self.assertEqual(self.table.help_lines(), ["/msg NICK TEXT  private message",
-                                                   "/quit [REASON]  leave",
-                                                   "/who            who is here"])
+        self.assertEqual(self.table.help_lines(), ["/msg NICK TEXT       private message",
+                                                   "/quit [REASON]       leave",
+                                                   "/who                 who is here",
+                                                   "/password [OLD NEW]  change it"])
 
 
 # ---------------------------------------------------------------------------
@@ -4452,9 +4462,35 @@ class CommunityClientTest(ServerTestCase):
         again.settle("password of the account alice:")
         again.type("s3cret-pw\r")
         again.settle("logged in to your account")
+        again.type("/register\r")
+        again.settle("logged in to your account already")
         bot = self.client("-n", "alice", env={"CHAT_ACCOUNT_PASSWORD": "wrong"})
         self.assertEqual(bot.wait(), 3)
         self.assertTrue(any("wrong password for alice (login-failed)" in line for line in bot.err_lines), bot.err_lines)
+
+    def test_password_asks_old_and_new_twice_and_never_says_them_in_the_room(self):
+        bob = self.peer("bob")
+        terminal = Terminal(self, "client", "-p", self.port, "-n", "alice")
+        terminal.settle(r"#lobby>$")
+        terminal.type("/register first-pw\r")
+        terminal.settle("alice is registered")
+        terminal.type("/password first-pw\r")         # half a change is none
+        terminal.settle(r"usage: /password \[OLD NEW\]")
+        terminal.type("/password\r")
+        terminal.settle("your password now:")
+        terminal.type("first-pw\r")
+        terminal.settle("the new one:")
+        terminal.type("second-pw\r")
+        terminal.settle("the same password again:")
+        terminal.type("second-pw\r")
+        terminal.settle("your password is changed")
+        terminal.type("seen\r")
+        said = []
+        while not said or said[-1] != "seen":
+            frame = bob.next()
+            said += [frame["text"]] if frame["type"] == "msg" else []
+        self.assertEqual(said, ["seen"], "no password went to the room")
+        self.assertNotIn(b"second-pw", terminal.output)
 
     def test_an_operator_bans_from_their_client_and_the_banned_client_stays_out(self):
         root = self.client("-n", "root")
