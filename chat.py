@@ -2596,6 +2596,13 @@ def scoped(room: Optional["Room"], key: str) -> str:
     return f"{room.key if room is not None else ''}/{key}"
 
 
+def spoken_until(until: Optional[float], now: float) -> str:
+    """How long something that ends at `until` (None: never) lasts, in words."""
+    if until is None:
+        return "until it is lifted"
+    return f"for {spoken_duration(max(1, until - now))} more, until {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(until))}"
+
+
 class Ban(NamedTuple):
     """A ban or a mute, as kept (see People)."""
     nick: str
@@ -2603,7 +2610,8 @@ class Ban(NamedTuple):
     reason: str
     by: str
     room: Optional[str]
-    source: Optional[str]       # a guest's network, also shut out (never an account)
+    source: Optional[str]       # the network they were on: guests from it are shut out too (never an account)
+    source_until: Optional[float]   # ... until then (a day at most: addresses are shared and change hands)
 
     @classmethod
     def of(cls, record: Optional[dict], now: float) -> Optional["Ban"]:
@@ -2613,13 +2621,18 @@ class Ban(NamedTuple):
         until = record.get("until")
         if type(until) in (int, float) and until <= now:
             return None
-        return cls(str(record.get("nick", "")), until if type(until) in (int, float) else None,
-                   str(record.get("reason", "")), str(record.get("by", "")), record.get("room"), record.get("source"))
+        until = until if type(until) in (int, float) else None
+        source_until = record.get("source_until", until)
+        return cls(str(record.get("nick", "")), until, str(record.get("reason", "")), str(record.get("by", "")),
+                   record.get("room"), record.get("source"),
+                   source_until if type(source_until) in (int, float) else until)
+
+    def on_source(self, now: float) -> bool:
+        """Whether guests from its network are still shut out."""
+        return self.source is not None and (self.source_until is None or self.source_until > now)
 
     def until_text(self, now: float) -> str:
-        if self.until is None:
-            return "until it is lifted"
-        return f"for {spoken_duration(max(1, self.until - now))} more (until {time.strftime('%Y-%m-%d %H:%M', time.localtime(self.until))})"
+        return spoken_until(self.until, now)
 
 
 class People:
@@ -2634,9 +2647,11 @@ class People:
       every room; a server operator may make an account the operator of one
       room, who may then kick, ban, mute and set the topic there.
     - A ban covers the person: their account, or for a guest their nick
-      (look-alikes too) and their network; an account is never shut out by
-      a network ban. Bans and mutes end on time; every act is announced in
-      the rooms concerned and logged.
+      (look-alikes too); and guests from the network they were on (their
+      IPv4 address, their IPv6 /64) for a day at most, as addresses are
+      shared and change hands. An account is never shut out by a network.
+      Bans and mutes end on time; every act is announced in the rooms
+      concerned and logged.
     - Away texts, /whois, topics, messages kept for an account that is not
       online, and where each account left off (its rooms, and the last line
       it had in each), so it comes back there."""
@@ -2661,8 +2676,12 @@ class People:
     def is_room_op(self, conn: "Conn", room: "Room") -> bool:
         return self.is_op(conn) or bool(conn.account and self.records.get("roomop", scoped(room, conn.account)))
 
+    SOURCE_BAN_MAX = 86400.0    # seconds a ban shuts out guests from the banned one's network
+
     def banned(self, conn: "Conn", key: str, room: Optional["Room"] = None) -> Optional[Ban]:
-        """The ban that keeps `conn` (about to be `key`) out of the server (or `room`), if any."""
+        """The ban that keeps `conn` (about to be `key`) out of the server
+        (or `room`), if any: its own, or (a guest) its network's, whose
+        `nick` is then someone else's."""
         now = self.chat.out.ts
         ban = Ban.of(self.records.get("ban", scoped(room, key)), now)
         if ban is not None or self.account(key) is not None:
@@ -2670,9 +2689,19 @@ class People:
         for record_key, record in self.records.items("ban"):    # a guest: its network too
             if record.get("source") == conn.source and record_key.startswith(scoped(room, "")):
                 ban = Ban.of(record, now)
-                if ban is not None:
+                if ban is not None and ban.on_source(now):
                     return ban
         return None
+
+    def refusal(self, ban: Ban, key: str, where: str) -> ProtocolError:
+        """What someone (about to be `key`) that `ban` keeps out of `where` is told."""
+        now, reason = self.chat.out.ts, f": {ban.reason}" if ban.reason else ""
+        if name_key(ban.nick) == key:
+            return ProtocolError("banned", f"you are banned from {where} {ban.until_text(now)}{reason}",
+                                 until=ban.until)
+        return ProtocolError("banned", f"guests from your address are shut out of {where} "
+                                       f"{spoken_until(ban.source_until, now)}, as {ban.nick} was banned from it"
+                                       f"{reason}; log in to an account, or ask an operator", until=ban.source_until)
 
     def muted(self, conn: "Conn", room: Optional["Room"]) -> Optional[Ban]:
         now = self.chat.out.ts
@@ -2813,14 +2842,12 @@ class People:
         key = name_key(nick)
         if room is None and self.is_op_key(key):
             raise ProtocolError("not-allowed", f"{nick} is a server operator: /deop them at the console first")
-        target = self.chat.users.get(key)
-        profile = self.chat.relay.profile(key) or {}
-        source = (target.source if not target.account else None) if target is not None else \
-            (profile.get("source") if not profile.get("account") else None)
-        until = self.chat.out.ts + duration if duration else None
-        self.records.put(kind, scoped(room, key), {"nick": nick, "until": until, "reason": reason, "by": _by(actor),
-                                                  "room": room.name if room else None, "source": source,
-                                                  "at": self.chat.out.ts})
+        target, now = self.chat.users.get(key), self.chat.out.ts
+        source = target.source if target is not None else (self.chat.relay.profile(key) or {}).get("source")
+        until = now + duration if duration else None
+        self.records.put(kind, scoped(room, key), {
+            "nick": nick, "until": until, "reason": reason, "by": _by(actor), "room": room.name if room else None,
+            "source": source, "source_until": min(until or math.inf, now + self.SOURCE_BAN_MAX), "at": now})
         what = "banned" if kind == "ban" else "muted"
         self.announce(actor, room, f"{_by(actor)} {what} {nick}"
                       + (f" from #{room.name}" if room and kind == "ban" else f" in #{room.name}" if room else "")
@@ -2926,16 +2953,19 @@ class People:
         target = self.chat.users.get(key)
         if target is not None:
             info = self.profile(target)
-        else:
-            info = self.chat.relay.profile(key) or {}
+        else:       # (what other servers keep of their users has more in it: never their address)
+            info = {field: value for field, value in (self.chat.relay.profile(key) or {}).items()
+                    if field in self.PUBLIC}
             if not info and self.account(key) is None:
                 raise ProtocolError("no-such-user", f"nobody here is called {shown(nick)}")
             info = dict(info or {"nick": (self.account(key) or {}).get("name", nick), "online": False},
                         account=info.get("account") or (key if self.account(key) else None))
         self.chat.reply(conn, self.chat.out.encode_for(conn, dict(info, type="whois")))
 
+    PUBLIC = ("nick", "online", "account", "rooms", "away", "since", "idle", "server", "op")   # of a profile
+
     def profile(self, conn: "Conn") -> dict:
-        """What /whois says of a user on this server (and what other servers are told)."""
+        """What /whois says of a user on this server (and what other servers are told): PUBLIC."""
         return {"nick": conn.nick, "online": True, "account": conn.account or None, "rooms": [room.name for room in conn.rooms],
                 "away": conn.away, "since": conn.since, "idle": round(self.chat.out.ts - conn.said),
                 "server": self.config.name, "op": self.is_op(conn)}
@@ -3238,8 +3268,7 @@ class Login:
     def _ban(self) -> bool:
         ban = self.chat.people.banned(self.conn, self.key)
         if ban is not None:
-            raise ProtocolError("banned", f"you are banned from this server {ban.until_text(self.chat.out.ts)}"
-                                          + (f": {ban.reason}" if ban.reason else ""), until=ban.until)
+            raise self.chat.people.refusal(ban, self.key, "this server")
         return True
 
     def _nick(self) -> bool:
@@ -3728,7 +3757,7 @@ class Chat:
             self._rename(conn, new)
             return
         ban = self.people.banned(conn, key)
-        if ban is not None:
+        if ban is not None and name_key(ban.nick) == key:      # (its network's bans let this one in)
             raise ProtocolError("not-allowed", f"{new} is banned {ban.until_text(self.out.ts)}")
         record = self.people.account(key)
         if record is None or key == conn.account:
@@ -3839,8 +3868,7 @@ class Chat:
             raise ProtocolError("too-many-rooms", f"you are in {len(conn.rooms)} rooms already")
         ban = self.people.banned(conn, conn.key, existing) if existing is not None else None
         if ban is not None:
-            raise ProtocolError("banned", f"you are banned from #{existing.name} {ban.until_text(self.out.ts)}"
-                                          + (f": {ban.reason}" if ban.reason else ""), until=ban.until)
+            raise self.people.refusal(ban, conn.key, f"#{existing.name}")
         room = self.rooms.open(name, conn.source)
         self.out.flush()
         fresh = room not in conn.rooms

@@ -2383,6 +2383,31 @@ class ModerationTest(CommunityTestCase):
         self.server.advance(3600)
         self.assertEqual(self.peer("bob", ip="198.51.100.5").welcome["nick"], "bob", "the ban ended on time")
 
+    def test_a_guest_behind_the_banned_address_is_told_why_and_for_a_day_at_most(self):
+        self.peer("bob", ip="198.51.100.5")
+        self.root.send({"type": "ban", "nick": "bob", "reason": "spamming"})       # until lifted
+        neighbour = self.peer(ip="198.51.100.5")
+        neighbour.send({"type": "hello", "nick": "newguy"})
+        error = neighbour.expect("error")
+        self.assertEqual(error["code"], "banned")
+        self.assertIn("guests from your address are shut out of this server for 1d more", error["text"])
+        self.assertIn("as bob was banned from it: spamming; log in to an account", error["text"])
+        self.assertAlmostEqual(error["until"], self.server.wall + 86400, delta=2)
+        self.server.advance(86400)
+        self.assertEqual(self.peer("newguy", ip="198.51.100.5").welcome["nick"], "newguy", "the address is free")
+        again = self.peer(ip="203.0.113.1")
+        again.send({"type": "hello", "nick": "bob"})
+        self.assertIn("you are banned from this server until it is lifted", again.expect("error")["text"])
+
+    def test_a_banned_account_cannot_come_back_as_a_guest_from_the_same_address(self):
+        self.account("spam2", ip="198.51.100.7")
+        self.login("spam2", ip="198.51.100.7")
+        self.root.send({"type": "ban", "nick": "spam2", "duration": "1h"})
+        dodge = self.peer(ip="198.51.100.7")
+        dodge.send({"type": "hello", "nick": "spam3"})
+        self.assertEqual(dodge.expect("error")["code"], "banned")
+        self.assertEqual(self.peer("spam3", ip="203.0.113.7").welcome["nick"], "spam3", "elsewhere: someone else")
+
     def test_only_operators_act_and_nothing_happens_otherwise(self):
         alice, bob = self.peer("alice"), self.peer("bob")
         for frame in ({"type": "kick", "nick": "bob"}, {"type": "ban", "nick": "bob"},
@@ -3288,6 +3313,33 @@ class ClusterTest(ClusterSetup, unittest.TestCase):
         self.b.call(catch_up)
         bob.send({"type": "who"})
         self.assertEqual(bob.expect("who")["users"], ["alice", "bob"])
+
+    def test_accounts_topics_whois_and_bans_are_one_for_every_server(self):
+        ops = self.server(ops=("root",))
+        root = self.peer(ops, "root")
+        root.send({"type": "register", "password": "rootpw"})
+        root.expect("registered")
+        alice = self.peer(self.b, "alice")
+        alice.send({"type": "register", "password": "alicepw"})
+        alice.expect("registered")
+        wait_until(lambda: self.a.call(lambda: self.a.loop.chat.people.account(chat.name_key("alice")) is not None),
+                   what="the account on A")
+        twin = self.peer(self.a)
+        twin.send({"type": "hello", "nick": "alice"})
+        self.assertEqual(twin.expect("error")["code"], "account-required", "registered on B, owned on A")
+        root.send({"type": "topic", "room": "lobby", "text": "be nice"})
+        self.assertEqual(alice.expect("topic")["text"], "be nice")
+        bob = self.peer(self.a, "bob")
+        root.expect("join", nick="bob")
+        root.send({"type": "whois", "nick": "bob"})
+        whois = root.expect("whois")
+        self.assertEqual((whois["nick"], whois["online"]), ("bob", True))
+        self.assertFalse({"source", "sid", "said"} & set(whois), "never another server's view of their address")
+        root.send({"type": "ban", "nick": "bob", "duration": "1h", "reason": "spam"})
+        self.assertEqual(bob.closed()[-1]["code"], "banned", "a ban reaches the server they are on")
+        again = self.peer(self.b)
+        again.send({"type": "hello", "nick": "bob"})
+        self.assertEqual(again.expect("error")["code"], "banned")
 
     def test_ids_and_seqs_are_one_sequence_across_servers(self):
         alice, bob = self.peer(self.a, "alice"), self.peer(self.b, "bob")
