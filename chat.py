@@ -254,7 +254,7 @@ class FrameCodec:
 NAME_MAX = 32          # nicks and room names
 TEXT_MAX = 4096        # characters in one chat line
 TEXT_MAX_LINES = 50    # newlines in one chat line, so one frame cannot fill a screen
-REASON_MAX = 200       # quit and kick reasons
+REASON_MAX = 200       # quit and kick reasons (a kick's is told as 'kicked by NICK: REASON')
 LOBBY = "lobby"
 
 
@@ -3455,7 +3455,7 @@ class Chat:
                 handler(conn, frame)
             except ProtocolError as error:     # refused, but the connection stays
                 log.info("%r: %s: %s", conn, error.code, error.text)
-                self.out.send(conn, error.frame())
+                self.out.send(conn, dict(error.frame(), of=kind) if handler is not None else error.frame())
         except Exception:   # a bug of ours, even in answering: it costs this connection, not the server
             log.exception("%r: internal error handling %s", conn, shown(kind))
             self.drop(conn, "internal error", ProtocolError("internal", "the server failed on that frame"))
@@ -6975,7 +6975,9 @@ class Session:
         if self.room == room:       # (a part this client did not ask for)
             self.room = self.rooms[0] if self.rooms else None
         where = f"now talking in #{self.room}" if self.room else "you are in no room now; /join one"
-        return [Note(f"you left #{room}; {where}")]
+        reason = frame.get("reason")
+        why = f" ({printable(reason[:REASON_MAX + NAME_MAX + 20])})" if type(reason) is str and reason else ""
+        return [Note(f"you left #{room}{why}; {where}")]
 
     def on_nick(self, frame: dict) -> list:
         old, new = valid_nick(frame.get("old")), valid_nick(frame.get("new"))
@@ -7041,7 +7043,8 @@ class Session:
         self.last_error = code if type(code) is str else ""
         if self.last_error in ("login-failed", "bad-field"):
             self.pending_password = None
-        if self.last_error in ("bad-room", "too-many-rooms") and self.joining:     # our oldest /join failed
+        failed_join = frame.get("of") == "join" or self.last_error in ("bad-room", "too-many-rooms")   # (older servers)
+        if failed_join and self.joining:    # our oldest /join failed
             room, before = self.joining.pop(0)
             if self.room == room:
                 self.room = before

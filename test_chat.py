@@ -2447,7 +2447,8 @@ class ModerationTest(CommunityTestCase):
         self.assertFalse(dave.gone, "still on the server, in the lobby")
         carol.send({"type": "ban", "nick": "dave", "room": "dev"})
         dave.send({"type": "join", "room": "dev"})
-        self.assertEqual(dave.expect("error")["code"], "banned")
+        error = dave.expect("error")
+        self.assertEqual((error["code"], error["of"]), ("banned", "join"), "an error says what it answers")
         carol.send({"type": "kick", "nick": "dave", "room": "lobby"})
         self.assertEqual(carol.expect("error")["code"], "not-allowed")
         newcomer = self.peer("erin")
@@ -4040,6 +4041,9 @@ class ClientSessionRulesTest(unittest.TestCase):
         notes = session.receive({"type": "error", "code": "bad-room", "text": "no"})
         self.assertEqual(session.room, "lobby")
         self.assertIn("you did not join #dev", notes[-1].text)
+        session.join("#dev")        # a room ban: any error answering a join is the join's
+        session.receive({"type": "error", "code": "banned", "of": "join", "text": "you are banned from #dev"})
+        self.assertEqual(session.room, "lobby")
 
     def test_part_moves_your_lines_at_once_and_says_where_after_you_left(self):
         session = self.welcomed(rooms=["lobby", "dev"], room="lobby")
@@ -4047,6 +4051,9 @@ class ClientSessionRulesTest(unittest.TestCase):
         self.assertEqual(session.room, "dev")
         note = session.receive({"type": "parted", "room": "lobby"})
         self.assertEqual(note[-1].text, "you left #lobby; now talking in #dev")
+        note = session.receive({"type": "parted", "room": "dev", "reason": "kicked by carol: off \x1b[2Jtopic"})
+        self.assertEqual(note[-1].text, "you left #dev (kicked by carol: off \\x1b[2Jtopic); "
+                                        "you are in no room now; /join one")
 
     def test_join_of_a_room_you_are_in_switches_and_renaming_to_yourself_says_so(self):
         session = self.welcomed(rooms=["lobby", "dev"])
