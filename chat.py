@@ -61,7 +61,7 @@ import threading
 import time
 import unicodedata
 import urllib.parse
-from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Protocol, Tuple
+from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Protocol, Tuple, Union
 
 VERSION = "1.0"
 DEFAULT_HOST = "127.0.0.1"
@@ -6759,8 +6759,9 @@ class Echo(NamedTuple):
 
 
 class Past(NamedTuple):
-    """A line said before you came (history): shown on a terminal, and in a pipe only if asked for."""
-    frame: dict
+    """A line said before you came (history), or a note around such lines:
+    shown on a terminal, and in a pipe only if asked for."""
+    event: Union[dict, Note]
 
 
 class Retry(NamedTuple):
@@ -6870,8 +6871,8 @@ class Session:
         self.joining.clear()
         self.members = {}
         self._add_members(frame.get("room"), frame.get("users"))
-        history = _lines(frame.get("history"))
-        missed = frame.get("missed") if resumed and isinstance(frame.get("missed"), dict) else {}
+        history, back = _lines(frame.get("history")), frame.get("back") is True    # back: where our account left
+        missed = frame.get("missed") if (resumed or back) and isinstance(frame.get("missed"), dict) else {}
         missed = {valid_room(room): count for room, count in missed.items() if valid_room(room) and _count_of(count)}
         if resumed:     # your own lines were shown as you typed them, and the ones not kept were seen
             for room in list(missed):
@@ -6889,7 +6890,7 @@ class Session:
         self.ping_interval = _number(frame.get("ping_interval"), 1.0, 3600.0, ServerConfig.ping_interval)
         self.idle_timeout = _number(frame.get("idle_timeout"), self.ping_interval + 1.0, 4 * 3600.0,
                                     max(ServerConfig.idle_timeout, 2.5 * self.ping_interval))
-        return resumed, self._history(history, resumed), missed
+        return resumed, self._history(history, resumed or back), missed
 
     def refused(self, frame: dict, where: str, can_ask: bool) -> object:
         """A login's answer that is not a welcome: Retry, Ask or GiveUp. A
@@ -7231,10 +7232,11 @@ class Session:
             self._saw(valid_room(line.get("room")), line.get("seq"))
         if not lines:
             return []
-        shown = lines if missed else map(Past, lines)   # what was said while we were away is news
-        label = plural(len(lines), "line you missed", "lines you missed") if missed else \
-            plural(len(lines), "earlier line")
-        return [Note(f"--- {label} ---", "2"), *shown, Note("--- now ---", "2")]
+        if missed:      # what was said while we were away is news
+            label = plural(len(lines), "line you missed", "lines you missed")
+            return [Note(f"--- {label} ---", "2"), *lines, Note("--- now ---", "2")]
+        return [Past(Note(f"--- {plural(len(lines), 'earlier line')} ---", "2")), *map(Past, lines),
+                Past(Note("--- now ---", "2"))]
 
 
 def valid_nick(value: object) -> Optional[str]:
@@ -7370,7 +7372,7 @@ class ChatClient:
                     self.show_frame(event.frame, waiting=not (self.link is not None and self.welcomed))
             elif isinstance(event, Past):
                 if self.console.interactive or self.args.replay:
-                    self.show_frame(event.frame)
+                    self.perform([event.event])
             else:
                 self.show_frame(event)
         self.set_prompt()

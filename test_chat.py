@@ -3986,6 +3986,14 @@ class ClientSessionTest(unittest.TestCase):
         resumed, _, _ = session.welcome(dict(self.WELCOME, instance="i2", seq={}), reconnected=True)
         self.assertFalse(resumed)
         self.assertEqual(session.seen, {})
+
+    def test_an_account_back_where_it_left_gets_its_lines_as_news_and_a_newcomer_as_the_past(self):
+        line = {"type": "msg", "from": "bob", "text": "while you were out", "room": "lobby", "seq": 9}
+        _, shown, _ = chat.Session("alice").welcome(dict(self.WELCOME, history=[line], back=True), reconnected=False)
+        self.assertEqual(shown, [chat.Note("--- 1 line you missed ---", "2"), line, chat.Note("--- now ---", "2")])
+        _, shown, _ = chat.Session("alice").welcome(dict(self.WELCOME, history=[line]), reconnected=False)
+        self.assertEqual(shown, [chat.Past(chat.Note("--- 1 earlier line ---", "2")), chat.Past(line),
+                                 chat.Past(chat.Note("--- now ---", "2"))], "a pipe shows none of it unless --replay")
     def test_a_line_shown_early_is_not_shown_again_when_it_comes_numbered(self):
         session = self.welcomed()
         early = {"type": "msg", "from": "bob", "text": "slow redis", "room": "lobby", "ts": 5.5, "id": -9, "local": True}
