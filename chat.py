@@ -1145,15 +1145,21 @@ class Rooms:
         self.floor = max(self.floor, saved.floor + saved.lost)
         self.end_turn()
 
-    def purge(self, sender: str, room: Optional[Room]) -> int:
-        """Take the lines of `sender` (a nick key) out of `room`'s history (None: every room's); how many."""
+    def purge(self, sender: str, room: Optional[Room], older: Callable[[str, int, int], List[bytes]]) -> int:
+        """Take the lines of `sender` (a nick key) out of `room`'s history
+        (None: every room's), and fill it up again with the lines before
+        (`older`: the store's lines_before) they had pushed out; how many
+        were taken out here."""
         removed = 0
         for where in [room] if room is not None else list(self.table.values()):
-            kept = [line for line in where.history if name_key(str(json.loads(line.data[4:]).get("from"))) != sender]
+            kept = [line.data[4:] for line in where.history if _sender_key(line.data[4:]) != sender]
+            if len(kept) == len(where.history):
+                continue
             removed += len(where.history) - len(kept)
-            self.forget(where, len(where.history))
-            for line in kept:
-                self.keep(where, line)
+            first = json.loads(kept[0])["seq"] if kept else where.seq + 1
+            before = [payload for payload in older(where.name, first, self.config.history)
+                      if _sender_key(payload) != sender]
+            self.restore(where, (before + kept)[-self.config.history:])
         return removed
 
     def snapshot(self) -> "Snapshot":
@@ -1174,6 +1180,11 @@ class Rooms:
     def in_memory(self) -> List[bytes]:
         """Every kept line as it was sent, oldest first (to compact a history file)."""
         return [line.data[4:] for line in sorted(line for room in self.table.values() for line in room.history)]
+
+
+def _sender_key(payload: bytes) -> str:
+    """Whose a kept line is (a nick key)."""
+    return name_key(str(json.loads(payload).get("from")))
 
 
 def _newest_within(lines: List[HistoryLine], budget: int) -> int:
@@ -1568,6 +1579,10 @@ class Store(Protocol):
         """Up to `limit` lines of `room` after `seq`, oldest first, as they were
         sent: what it keeps beyond the server's memory, to catch up on."""
 
+    def lines_before(self, room: str, seq: int, limit: int) -> List[bytes]:
+        """The newest `limit` lines of `room` before `seq`, oldest first: what
+        it keeps beyond the server's memory, to fill it again after a purge."""
+
     def end_turn(self, snapshot: Callable[[], "Snapshot"]) -> bool:
         """Write what this turn added (compacting from `snapshot` if needed);
         True when a sync() should now be scheduled."""
@@ -1616,6 +1631,9 @@ class MemoryStore:
 
     def lines_after(self, room: str, seq: int, limit: int) -> List[bytes]:
         return []   # nothing beyond the server's memory
+
+    def lines_before(self, room: str, seq: int, limit: int) -> List[bytes]:
+        return []
 
     def end_turn(self, snapshot: Callable[[], Snapshot]) -> bool:
         return False
@@ -2010,6 +2028,14 @@ class Database(MemoryStore):
         rows = self.reader.execute("SELECT payload FROM lines WHERE room = ? AND seq > ? ORDER BY seq LIMIT ?",
                                    (room, seq, limit)).fetchall()
         return [payload.encode() for (payload,) in rows]
+
+    def lines_before(self, room: str, seq: int, limit: int) -> List[bytes]:
+        """The newest `limit` lines of `room` before `seq`, oldest first (what the writer has committed)."""
+        if self.reader is None:
+            return []
+        rows = self.reader.execute("SELECT payload FROM lines WHERE room = ? AND seq < ? ORDER BY seq DESC LIMIT ?",
+                                   (room, seq, limit)).fetchall()
+        return [payload.encode() for (payload,) in reversed(rows)]
 
     def close(self) -> None:
         if self.writer is not None:
@@ -2787,7 +2813,7 @@ class People:
         """Ban (or mute) someone for a while or until lifted: from the room as
         its operator (`room`), from the server as a server operator."""
         room, nick = self._room(frame), check_name(frame.get("nick"))
-        self._may_act(conn, room, kind)
+        self._may_act(conn, room, f"{kind} people")
         self.ban(conn, kind, nick, room, _duration(frame.get("duration")), _reason(frame.get("reason")))
 
     def on_mute(self, conn: "Conn", frame: dict) -> None:
@@ -2795,7 +2821,7 @@ class People:
 
     def on_unban(self, conn: "Conn", frame: dict, kind: str = "ban") -> None:
         room, nick = self._room(frame), check_name(frame.get("nick"))
-        self._may_act(conn, room, kind)
+        self._may_act(conn, room, f"{kind} people")
         self.lift(conn, kind, nick, room)
 
     def on_unmute(self, conn: "Conn", frame: dict) -> None:
@@ -2804,7 +2830,7 @@ class People:
     def on_bans(self, conn: "Conn", frame: dict) -> None:
         """The bans and mutes in force (in a room, for its operators; all, for server operators)."""
         room = self._room(frame)
-        self._may_act(conn, room, "ban")
+        self._may_act(conn, room, "see the bans and mutes")
         self.chat.reply(conn, self.chat.out.encode_for(conn, {"type": "bans", "bans": self.bans(room)}, "bans"))
 
     def on_topic(self, conn: "Conn", frame: dict) -> None:
@@ -2820,7 +2846,7 @@ class People:
     def on_purge(self, conn: "Conn", frame: dict) -> None:
         """Remove someone's lines from the kept history (a room's, for its operator)."""
         room, nick = self._room(frame), check_name(frame.get("nick"))
-        self._may_act(conn, room, "purge")
+        self._may_act(conn, room, "take people's lines out of the history")
         self.purge(conn, nick, room)
 
     # -- the acts (for an operator's client, or the console: `actor` None) ---
@@ -2883,9 +2909,11 @@ class People:
         self.chat.relay.event([room.name], event)
 
     def purge(self, actor: Optional["Conn"], nick: str, room: Optional["Room"]) -> None:
-        removed = self.chat.rooms.purge(name_key(nick), room)
-        self.chat.store.purge(name_key(nick), room.name if room else None)
-        log.info("%s removed %s of %s's from the history", _by(actor), plural(removed, "line"), nick)
+        store = self.chat.store
+        removed = self.chat.rooms.purge(name_key(nick), room, store.lines_before)
+        store.purge(name_key(nick), room.name if room else None)
+        log.info("%s removed %s's lines from the history (%s of the lines in memory)", _by(actor), nick,
+                 plural(removed, "line"))
         self.announce(actor, room, f"{_by(actor)} removed {nick}'s lines from the history")
 
     # -- the console's own acts ----------------------------------------------
@@ -2929,15 +2957,6 @@ class People:
     def topic(self, room: "Room") -> dict:
         record = self.records.get("topic", room.key) or {}
         return {"room": room.name, "text": record.get("text", ""), "by": record.get("by"), "at": record.get("at")}
-
-    def on_purge(self, conn: "Conn", frame: dict) -> None:
-        """Remove someone's lines from the kept history (a room's, for its operator)."""
-        room, nick = self._room(frame), check_name(frame.get("nick"))
-        self._may_act(conn, room, "purge")
-        removed = self.chat.rooms.purge(name_key(nick), room)
-        self.chat.store.purge(name_key(nick), room.name if room else None)
-        log.info("%s removed %s of %s's from the history", conn.nick, plural(removed, "line"), nick)
-        self.announce(conn, room, f"{conn.nick} removed {nick}'s lines from the history")
 
     def on_away(self, conn: "Conn", frame: dict) -> None:
         text = frame.get("text")
@@ -3085,9 +3104,9 @@ class People:
 
     def _may_act(self, conn: "Conn", room: Optional["Room"], what: str) -> None:
         if room is None:
-            self._require(self.is_op(conn), f"only a server operator may {what} people on the whole server")
+            self._require(self.is_op(conn), f"only a server operator may {what} on the whole server")
         else:
-            self._require(self.is_room_op(conn, room), f"only an operator of #{room.name} may {what} people there")
+            self._require(self.is_room_op(conn, room), f"only an operator of #{room.name} may {what} there")
 
     @staticmethod
     def _require(allowed: bool, why: str) -> None:
@@ -3666,7 +3685,8 @@ class Chat:
     def _not_muted(self, conn: Conn, room: Optional[Room]) -> None:
         mute = self.people.muted(conn, room)
         if mute is not None:
-            raise ProtocolError("muted", f"you are muted {mute.until_text(self.out.ts)}"
+            where = f" in #{mute.room}" if mute.room else ""
+            raise ProtocolError("muted", f"you are muted{where} {mute.until_text(self.out.ts)}"
                                          + (f": {mute.reason}" if mute.reason else "") + "; nothing was sent")
 
     def deliver_line(self, room: Room, sender: Optional[Conn], data: bytes, id: int, seq: Optional[int],
@@ -3683,8 +3703,9 @@ class Chat:
         """A private message: to its target, wherever it is; kept for an
         account that is not online; the sender hears once that someone is away."""
         to, text = frame.get("to"), check_text(frame.get("text"))
-        self._not_muted(conn, None)
         key = name_key(to) if type(to) is str else ""
+        if not self.people.is_op_key(key):      # the muted may still write to an operator, to appeal
+            self._not_muted(conn, None)
         target = self.users.get(key)
         line = {"type": "msg", "from": conn.nick, "to": target.nick if target else to, "text": text}
         conn.said = self.out.ts

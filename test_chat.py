@@ -1731,6 +1731,20 @@ class DatabaseTest(HarnessTestCase):
         self.assertEqual([line["text"] for line in back.welcome["history"]], [f"line {i}" for i in range(40)])
         self.assertEqual(back.welcome["missed"], {})
 
+    def test_a_purge_brings_back_the_lines_the_spam_pushed_out_of_memory(self):
+        server = self.restart(history=5)
+        server.connect("alice", flood_rate=1e6).send(*[{"type": "msg", "text": f"real {i}"} for i in range(10)])
+        server = self.restart(server, history=5)        # (what is committed is what a refill can read)
+        root = server.connect("root")
+        root.send({"type": "register", "password": "rootpw"})
+        root.expect("registered")
+        server.connect("spammer", flood_rate=1e6).send(*[{"type": "msg", "text": "BUY"} for _ in range(5)])
+        self.assertEqual([line["text"] for line in server.connect("eve").welcome["history"]], ["BUY"] * 5)
+        root.send({"type": "purge", "nick": "spammer"})
+        root.expect("notice")
+        self.assertEqual([line["text"] for line in server.connect("newcomer").welcome["history"]],
+                         [f"real {i}" for i in range(5, 10)])
+
     def test_a_history_file_is_taken_over_by_a_new_database(self):
         history = os.path.join(os.path.dirname(self.path), "history.jsonl")
         old = self.harness(history_file=history)
@@ -2429,7 +2443,13 @@ class ModerationTest(CommunityTestCase):
         self.assertEqual(alice.frames("msg"), [])
         alice.send({"type": "msg", "text": "can you read this?"})
         self.assertEqual(bob.expect("msg")["text"], "can you read this?")
+        bob.send({"type": "pm", "to": "root", "text": "please, I was quoting him"})
+        self.assertEqual(self.root.expect("msg", to="root")["text"], "please, I was quoting him", "an appeal reaches an operator")
+        self.root.send({"type": "mute", "nick": "bob", "room": "lobby"})
         self.root.send({"type": "unmute", "nick": "bob"})
+        bob.send({"type": "msg", "text": "still?"})
+        self.assertIn("you are muted in #lobby until it is lifted", bob.expect("error", code="muted")["text"])
+        self.root.send({"type": "unmute", "nick": "bob", "room": "lobby"})
         bob.send({"type": "msg", "text": "thanks"})
         self.assertEqual(alice.expect("msg")["text"], "thanks")
 
