@@ -7009,6 +7009,9 @@ class Session:
             for members in self.members.values():
                 if members.pop(name_key(old), None) is not None:
                     members[name_key(new)] = new
+            if name_key(old) in self.ignored:       # a new nick is no way round an ignore
+                self.ignored[name_key(new)] = new
+                return [Note(f"{old} is now {new}: ignoring {new} too")]
         return [frame]
 
     def on_join(self, frame: dict) -> list:
@@ -7348,7 +7351,7 @@ class ChatClient:
                     lambda text="": self.send({"type": "away", **({"text": text} if text else {})})),
             Command("whois", "NICK", "who someone is: account, rooms, idle, away",
                     lambda nick: self.send({"type": "whois", "nick": nick})),
-            Command("ignore", "NICK", "show nothing from someone (kept on this machine)", self.cmd_ignore),
+            Command("ignore", "NICK", "show nothing from someone, under any new nick (kept on this machine, for this server)", self.cmd_ignore),
             Command("unignore", "NICK", "show them again", lambda nick: self.cmd_ignore(nick, False)),
             Command("ignores", "", "who you ignore", self.cmd_ignores),
             Command("register", "[PASSWORD]", "register your nick (asked twice, hidden, if not given)",
@@ -7376,7 +7379,8 @@ class ChatClient:
         ])
         self.asking: List[Callable[[str], None]] = []   # what the next lines typed answer (hidden prompts)
         self.ignores_file = os.path.join(os.path.dirname(args.known_hosts or default_known_hosts()), "ignores")
-        session.ignored = read_ignores(self.ignores_file)
+        self.ignores_server = f"{args.host}:{args.port}".lower()    # an ignore list is one server's
+        session.ignored = read_ignores(self.ignores_file, self.ignores_server)
         console.editor.complete = lambda line, point: session.completions(line, point, self.commands.commands)
 
     # -- output --------------------------------------------------------------
@@ -7525,7 +7529,7 @@ class ChatClient:
 
     def cmd_ignore(self, nick: str, on: bool = True) -> None:
         self.perform(self.session.ignore(nick) if on else self.session.unignore(nick))
-        write_ignores(self.ignores_file, self.session.ignored)
+        write_ignores(self.ignores_file, self.ignores_server, self.session.ignored)
 
     def cmd_ignores(self) -> None:
         ignored = sorted(self.session.ignored.values(), key=str.casefold)
@@ -7539,7 +7543,10 @@ class ChatClient:
     # -- frames from the server ----------------------------------------------
 
     def handle_frame(self, frame: dict) -> None:
+        ignoring = len(self.session.ignored)
         events = self.session.receive(frame)
+        if len(self.session.ignored) != ignoring:      # someone ignored took a new nick: kept too
+            write_ignores(self.ignores_file, self.ignores_server, self.session.ignored)
         if self.json:       # a bot sees every frame as it came; the session only answers pings
             self.show(_dumps(frame))
             events = [event for event in events if isinstance(event, Send)]
@@ -7757,21 +7764,29 @@ class ChatClient:
         return False
 
 
-def read_ignores(path: str) -> Dict[str, str]:
-    """The nicks ignored on this machine (one a line), by key; unreadable or missing: none."""
+def _ignore_lines(path: str) -> List[Tuple[str, str]]:
+    """The ignores file: (server, nick) a line, as 'HOST:PORT NICK'; unreadable or missing: none."""
     try:
         with open(path, encoding="utf-8") as f:
-            nicks = [valid_nick(line.strip()) for line in f]
+            return [(server, nick) for server, _, nick in (line.strip().partition(" ") for line in f) if nick]
     except (OSError, UnicodeDecodeError):
-        return {}
+        return []
+
+
+def read_ignores(path: str, server: str) -> Dict[str, str]:
+    """The nicks ignored on `server` (HOST:PORT), by key."""
+    nicks = [valid_nick(nick) for where, nick in _ignore_lines(path) if where == server]
     return {name_key(nick): nick for nick in nicks if nick}
 
 
-def write_ignores(path: str, ignored: Dict[str, str]) -> None:
+def write_ignores(path: str, server: str, ignored: Dict[str, str]) -> None:
+    """`ignored` as the list for `server`; other servers' lists are left as they are."""
+    others = [(where, nick) for where, nick in _ignore_lines(path) if where != server]
+    mine = [(server, nick) for nick in sorted(ignored.values(), key=str.casefold)]
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         with open(path + ".tmp", "w", encoding="utf-8") as f:
-            f.writelines(f"{nick}\n" for nick in sorted(ignored.values(), key=str.casefold))
+            f.writelines(f"{where} {nick}\n" for where, nick in others + mine)
         os.replace(path + ".tmp", path)
     except OSError as error:
         sys.stderr.write(f"cannot keep the ignore list in {path}: {_why(error)}\n")

@@ -4604,12 +4604,16 @@ class CommunityClientTest(ServerTestCase):
         terminal.settle("ignoring bob")
         bob.send({"type": "msg", "text": "you cannot see me"})
         bob.send({"type": "pm", "to": "alice", "text": "nor this"})
+        bob.send({"type": "nick", "nick": "bobby"})
+        terminal.settle("bob is now bobby: ignoring bobby too")
+        bob.send({"type": "msg", "text": "renamed, still hidden"})
         carol = self.peer("carol")
         carol.send({"type": "msg", "text": "but me"})
         screen = terminal.settle("but me")
-        self.assertFalse([row for row in screen.lines() if "see me" in row or "nor this" in row])
+        self.assertFalse([row for row in screen.lines() if "see me" in row or "nor this" in row or "hidden" in row])
         with open(os.path.join(os.path.dirname(known), "ignores")) as f:
-            self.assertEqual(f.read(), "bob\n")
+            self.assertEqual(f.read(), f"127.0.0.1:{self.port} bob\n127.0.0.1:{self.port} bobby\n",
+                             "this server's list: bob on another server is someone else")
 
 
 class ClientTerminalTest(ServerTestCase):
