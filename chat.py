@@ -2326,16 +2326,16 @@ class Gate:
             self.turn_timer = True
             self.io.call_later(max(0.01, 1.0 - self.allowance) * self.config.auth_delay, self._next_turns)
 
-    def failed(self, conn: Conn, now: float, account: str = "") -> int:
-        """A wrong password from `conn` (for `account`, if one): a strike
-        everywhere; returns its address's count."""
+    def failed(self, conn: Conn, now: float, account: str = "", nick: str = "") -> int:
+        """A wrong password from `conn` (for `account`, a key, if one; `nick`
+        as they spelled it): a strike everywhere; returns its address's count."""
         self.by_network.add(self._network(conn), now)
         if account:
             self.by_account.add(account, now)
         self._refill(now)
         self.allowance -= 1.0
         strikes = self.by_address.add(conn.ip, now)
-        log.warning("%s: wrong password%s (%s from this address)", conn.addr, f" for {account}" if account else "",
+        log.warning("%s: wrong password%s (%s from this address)", conn.addr, f" for {shown(nick)}" if nick else "",
                     plural(strikes, "strike"))
         return strikes
 
@@ -2568,11 +2568,15 @@ def parse_duration(text: str) -> Optional[float]:
 
 
 def spoken_duration(seconds: float) -> str:
-    """Seconds as people say them: '30m', '2h', '1d', '90s'."""
-    for unit in "wdhm":
-        if seconds >= _SECONDS[unit] and seconds % _SECONDS[unit] == 0:
-            return f"{int(seconds // _SECONDS[unit])}{unit}"
-    return f"{math.ceil(seconds)}s"
+    """Seconds as people say them, in at most two units: '30m', '2h',
+    '1d', '1m 30s', '59m 54s', '1d 2h' (what is left over is rounded up)."""
+    units, seconds = "wdhms", math.ceil(seconds)
+    for _ in range(2):      # rounding up may make it the next unit: 23h 59m 30s is 1d
+        big = next((unit for unit in units[:-1] if seconds >= _SECONDS[unit]), "s")
+        small = units[min(units.index(big) + 1, len(units) - 1)]
+        seconds = -(-seconds // _SECONDS[small]) * _SECONDS[small]
+    count, rest = divmod(seconds, _SECONDS[big])
+    return f"{count}{big}" + (f" {rest // _SECONDS[small]}{small}" if rest else "")
 
 
 class Records:
@@ -3272,7 +3276,7 @@ class Login:
             if self.verified is None:
                 return False
         if not self.verified:
-            chat.gate.failed(conn, chat.clock, self.key)
+            chat.gate.failed(conn, chat.clock, self.key, self.nick)
             raise ProtocolError("login-failed", f"wrong password for {self.nick}")
         chat.gate.succeeded(conn, chat.clock)
         chat.people.logged_in(conn, self.key)
@@ -3799,7 +3803,7 @@ class Chat:
 
         def verified(right: object) -> None:
             if right is not True:
-                self.gate.failed(conn, self.clock, key)
+                self.gate.failed(conn, self.clock, key, new)
                 self.out.send(conn, ProtocolError("login-failed", f"wrong password for {new}").frame())
             elif not self.nicks.taken(key):
                 self.people.logged_in(conn, key)
@@ -6377,7 +6381,7 @@ def render(frame: dict, view: View) -> Optional[str]:
     prefix = ""
     ts = frame.get("ts")
     if view.timestamps and type(ts) in (int, float):
-        prefix = time.strftime("%H:%M ", time.localtime(ts))
+        prefix = local_time(ts, "%H:%M ")
     room = frame.get("room")
     if view.rooms and type(room) is str and frame.get("type") in ("msg", "join", "leave", "notice"):
         prefix += f"#{printable(room)} "
@@ -6473,6 +6477,19 @@ def _leave_text(frame: dict) -> str:
     return said + _count(frame)
 
 
+def local_time(ts: object, form: str) -> str:
+    """A Unix time from the server as the local clock says it (strftime
+    `form`); '?' for what is no time (a hostile server's 1e300 or NaN)."""
+    if type(ts) not in (int, float) or not 0 <= ts < 1e11:     # (NaN fails both)
+        return "?"
+    return time.strftime(form, time.localtime(ts))
+
+
+def _dicts(value: object) -> List[dict]:
+    """The objects in a list from the server (anything else in it, or no list: none)."""
+    return [item for item in value if isinstance(item, dict)] if type(value) is list else []
+
+
 def _event(text: str) -> Shown:
     return Shown("--", text, "33", "33")
 
@@ -6492,9 +6509,9 @@ _RENDERERS: Dict[str, Callable[[dict, View], Optional[Shown]]] = {
     "error": lambda f, v: Shown("!!!", f"{_field(f, 'text')} ({_field(f, 'code')})", "1;31", "1;31"),
     "who": lambda f, v: _event(
         (f"in #{_field(f, 'room')}" if f.get("room") else "online") + f": {_names(f.get('users'), f.get('away'))}"),
-    "rooms": lambda f, v: _event("rooms: " + ", ".join(
-        f"#{_field(r, 'name')} ({_field(r, 'users')})" + (f" {_field(r, 'topic')}" if r.get("topic") else "")
-        for r in f.get("rooms") or [] if isinstance(r, dict))),
+    "rooms": lambda f, v: _event("rooms:" + "".join(
+        f"\n#{_field(r, 'name')} ({_field(r, 'users')})" + (f": {_field(r, 'topic')}" if r.get("topic") else "")
+        for r in _dicts(f.get("rooms")))),
     "parted": lambda f, v: _event(f"you left #{_field(f, 'room')}"
                                   + (f" ({_field(f, 'reason')})" if f.get("reason") else "")),
     "bye": lambda f, v: Shown("***", f"the server is going away: {_field(f, 'reason')}", "1;33", "1;33"),
@@ -6504,8 +6521,8 @@ _RENDERERS: Dict[str, Callable[[dict, View], Optional[Shown]]] = {
                                       f"{_field(f, 'nick')} is registered" + ("; you are logged in to it, and it is"
                                       " yours: next time log in with its password" if f.get("mine") else "")),
     "whois": lambda f, v: _event(_whois_text(f)),
-    "bans": lambda f, v: _event("in force: " + ("; ".join(_ban_text(b) for b in f.get("bans") or []
-                                                         if isinstance(b, dict)) or "none")),
+    "bans": lambda f, v: _event("in force:" + ("".join("\n" + _ban_text(b) for b in _dicts(f.get("bans")))
+                                                or " none")),
     "op": lambda f, v: _event(f"you are {'now' if f.get('on') else 'no longer'} an operator of "
                               + (f"#{_field(f, 'room')}" if f.get("room") else "this server")),
 }
@@ -6520,9 +6537,9 @@ def _whois_text(frame: dict) -> str:
     if type(frame.get("rooms")) is list:
         said.append("in " + ", ".join(f"#{printable(r)}" for r in frame["rooms"] if type(r) is str))
     if type(frame.get("idle")) in (int, float):
-        said.append(f"idle {spoken_duration(max(1, frame['idle']))}")
+        said.append(f"idle {spoken_duration(_number(frame['idle'], 1, 1e10, 1))}")
     if type(frame.get("since")) in (int, float):
-        said.append("here since " + time.strftime("%Y-%m-%d %H:%M", time.localtime(frame["since"])))
+        said.append("here since " + local_time(frame["since"], "%Y-%m-%d %H:%M"))
     if frame.get("away"):
         said.append(f"away: {_field(frame, 'away')}")
     if frame.get("server"):
@@ -6532,8 +6549,7 @@ def _whois_text(frame: dict) -> str:
 
 def _ban_text(ban: dict) -> str:
     until = ban.get("until")
-    when = time.strftime("until %Y-%m-%d %H:%M", time.localtime(until)) if type(until) in (int, float) \
-        else "until lifted"
+    when = local_time(until, "until %Y-%m-%d %H:%M") if type(until) in (int, float) else "until lifted"
     where = f" in #{_field(ban, 'room')}" if ban.get("room") else ""
     why = f": {_field(ban, 'reason')}" if ban.get("reason") else ""
     return f"{_field(ban, 'nick')} {'muted' if ban.get('kind') == 'mute' else 'banned'}{where} {when} by {_field(ban, 'by')}{why}"

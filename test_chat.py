@@ -2486,6 +2486,11 @@ class ModerationTest(CommunityTestCase):
         self.root.send({"type": "unban", "nick": "mallory"})
         self.assertEqual(self.peer("mallory").welcome["nick"], "mallory")
 
+    def test_durations_are_spoken_as_people_say_them(self):
+        self.assertEqual([chat.spoken_duration(s) for s in (0.2, 90, 600, 3594, 7260, 86399, 90000, 608400)],
+                         ["1s", "1m 30s", "10m", "59m 54s", "2h 1m", "1d", "1d 1h", "1w 1d"])
+        self.assertEqual([chat._duration(text) for text in ("90s", "30m", "2h", "1d", 45)], [90, 1800, 7200, 86400, 45])
+
     def test_a_spammers_lines_can_be_taken_out_of_the_history(self):
         alice, spammer = self.peer("alice"), self.peer("spammer")
         alice.send({"type": "msg", "text": "real talk"})
@@ -3297,8 +3302,10 @@ class ClusterTest(ClusterSetup, unittest.TestCase):
         self.assertEqual(self.redis.call("HEXISTS", "chatpy:seq", "quiet"), 0, "a quiet one is")
         bob.send({"type": "msg", "room": "dev", "text": "after"})
         self.assertEqual(carol.expect("msg", text="after")["seq"], 31)
+        observer = self.peer(small, "observer", rooms=["quiet"])
         mallory.send({"type": "join", "room": "quiet"})
         mallory.send({"type": "msg", "room": "quiet", "text": "again"})
+        observer.expect("msg", text="again")        # numbered (through Redis) and kept
         again = self.peer(small, "watcher", rooms=["quiet"])
         seqs = [line["seq"] for line in again.welcome["history"] if line["text"] == "again"]
         self.assertEqual(len(seqs), 1)
@@ -4147,6 +4154,22 @@ class HostileServerTest(unittest.TestCase):
                 self.assertLessEqual(session.max_text, chat.TEXT_MAX)
                 session.receive({"type": "error", "code": {"kicked": 1}, "text": ["x"]})
 
+    def test_no_frame_of_any_type_with_any_hostile_value_crashes_the_renderer(self):
+        view = chat.View(me="alice", color=True, timestamps=True, rooms=True, width=40)
+        fields = ("ts", "until", "since", "idle", "users", "retry_after", "text", "from", "nick", "room", "reason",
+                  "rooms", "bans", "away", "history", "topic", "by", "online", "account", "code", "old", "new")
+        values = (1e300, -1e300, float("nan"), float("inf"), -1, 10 ** 40, True, None, "\x1b[2J", [1, {}], {"a": 1},
+                  [{"until": 1e300, "since": float("nan"), "users": 10 ** 40, "name": 5}])
+        for kind in chat._RENDERERS:
+            for field in fields:
+                for value in values:
+                    frame = {"type": kind, "from": "bob", "text": "x", field: value}
+                    try:
+                        line = chat.render(frame, view)
+                    except Exception as error:
+                        self.fail(f"{frame!r}: {error!r}")
+                    self.assertNotIn("\x1b[2J", chat._plain(line or ""))
+
     def test_tab_offers_only_names_that_are_nicks(self):
         session = self.welcomed(users=["alice", "eve\n/msg mallory my-draft", "eve2"])
         self.assertEqual(session.completions("e", 1, []), (["eve2: "], 0))
@@ -4306,8 +4329,10 @@ class ClientOrderTest(ServerTestCase):
     def test_one_line_per_reconnect_attempt(self):
         port = free_port()
         client = Process("client", "-p", port, "-n", "alice", "--reconnect", 0)
+        self.addCleanup(client.kill)
         self.assertEqual(client.wait(), 1)
         server, port = server_process()
+        self.addCleanup(server.kill)
         client = Process("client", "-p", port, "-n", "alice", "--reconnect", 2.5)
         self.addCleanup(client.kill)
         client.wait_line("CONNECTED", "stderr")
