@@ -2621,6 +2621,14 @@ class Records:
             self.tables[kind][key] = value
 
 
+def _on_this_machine(ip: str) -> bool:
+    """A connection from the server's own machine (loopback)."""
+    try:
+        return ipaddress.ip_address(ip.split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
 def scoped(room: Optional["Room"], key: str) -> str:
     """A record key for `key` in `room` (bans, mutes and room operators), or server-wide."""
     return f"{room.key if room is not None else ''}/{key}"
@@ -2690,6 +2698,10 @@ class People:
         self.chat, self.records, self.config = chat, records, chat.config
         self.ops = {name_key(name) for name in chat.config.ops}
         records.on_change = self.changed
+        for name in chat.config.ops:
+            if self.account(name_key(name)) is None:
+                log.warning("--op %s: %s has no account yet, so nobody is that operator; make it at the console"
+                            " (/register %s), or register it from a client on this machine", name, name, name)
 
     # -- who is who ----------------------------------------------------------
 
@@ -2762,6 +2774,10 @@ class People:
             key = name_key(nick)
         if self.account(key) is not None:
             raise ProtocolError("bad-nick", f"{nick} is registered already")
+        if key in self.ops and not _on_this_machine(conn.ip):     # or anyone could become the operator
+            raise ProtocolError("not-allowed", f"{nick} is a server operator's name (--op): its account is made"
+                                               f" at the server's console (/register {nick}) or from a client"
+                                               " on the server's own machine")
 
         def hashed(kept: object) -> None:
             if not isinstance(kept, dict) or self.account(key) is not None:

@@ -1693,7 +1693,7 @@ class DatabaseTest(HarnessTestCase):
 
     def test_accounts_bans_topics_and_history_outlive_a_restart(self):
         server = self.restart()
-        root = server.connect("root")
+        root = server.connect("root", ip="127.0.0.1")
         root.send({"type": "register", "password": "rootpw"}, {"type": "join", "room": "dev"},
                   {"type": "topic", "room": "dev", "text": "ship it"}, {"type": "ban", "nick": "mallory", "reason": "spam"},
                   {"type": "mute", "nick": "eve", "duration": "1d"}, {"type": "msg", "room": "dev", "text": "kept line"})
@@ -1735,7 +1735,7 @@ class DatabaseTest(HarnessTestCase):
         server = self.restart(history=5)
         server.connect("alice", flood_rate=1e6).send(*[{"type": "msg", "text": f"real {i}"} for i in range(10)])
         server = self.restart(server, history=5)        # (what is committed is what a refill can read)
-        root = server.connect("root")
+        root = server.connect("root", ip="127.0.0.1")
         root.send({"type": "register", "password": "rootpw"})
         root.expect("registered")
         server.connect("spammer", flood_rate=1e6).send(*[{"type": "msg", "text": "BUY"} for _ in range(5)])
@@ -2367,9 +2367,22 @@ class AccountTest(CommunityTestCase):
 class ModerationTest(CommunityTestCase):
     def setUp(self):
         super().setUp()
-        self.account("root", "rootpw")
+        self.account("root", "rootpw", ip="127.0.0.1")      # an --op name is registered on the server's machine
         self.root = self.login("root", "rootpw", ip="192.0.2.99")
         self.assertTrue(self.root.welcome["op"])
+
+    def test_only_the_servers_machine_may_register_an_operators_name(self):
+        server = self.harness(ops=("boss",))
+        squatter = server.connect("boss", ip="203.0.113.66")
+        squatter.send({"type": "register", "password": "mine-now"})
+        error = squatter.expect("error")
+        self.assertEqual(error["code"], "not-allowed")
+        self.assertIn("at the server's console (/register boss)", error["text"])
+        self.assertIsNone(server.chat.people.account("boss"))
+        squatter.send({"type": "quit"})
+        local = server.connect("b0ss", ip="127.0.0.1")      # (a look-alike is the same name)
+        local.send({"type": "register", "password": "bosspw"})
+        self.assertEqual(local.expect("registered")["nick"], "b0ss")
 
     def test_a_kick_disconnects_and_is_announced_but_a_guest_may_come_back(self):
         alice, bob = self.peer("alice"), self.peer("bob", ip="198.51.100.5")
