@@ -7646,9 +7646,9 @@ class ChatClient:
             if step.note:
                 self.note(step.note, "31" if isinstance(step, Ask) else "33")
             if isinstance(step, Ask) and step.account:
-                session.account_password = ask_user(step.prompt, secret=True)
+                session.account_password = ask_user(step.prompt, True, self.console.wake_r)
             elif isinstance(step, Ask):
-                session.password = ask_user(step.prompt, secret=True)
+                session.password = ask_user(step.prompt, True, self.console.wake_r)
             elif step.after:
                 self.pause(step.after)
 
@@ -7834,13 +7834,47 @@ def default_nick() -> str:
     return name[:NAME_MAX] or "guest"
 
 
-def ask_user(question: str, secret: bool = False) -> str:
-    """An answer typed at the terminal; Ctrl-C or Ctrl-D cancels (ClientExit)."""
+def ask_user(question: str, secret: bool = False, wake: Optional[socket.socket] = None) -> str:
+    """An answer typed at the terminal (not echoed if `secret`), before the
+    console starts; Ctrl-C or Ctrl-D cancels (ClientExit).
+
+    Read here with select(), not by input(): a Ctrl-C landing between
+    input()'s prompt and its read() was lost, and the question waited
+    forever. `wake` (the console's, which signals write to) ends the wait,
+    and the signal's KeyboardInterrupt is raised then."""
+    if os.name == "nt" or wake is None:     # (no select() on a Windows console)
+        try:
+            return getpass.getpass(question) if secret else input(question)
+        except (KeyboardInterrupt, EOFError):
+            sys.stdout.write("\n")
+            raise ClientExit(EXIT_LOST, "cancelled") from None
+    import termios
+    fd, line = sys.stdin.fileno(), b""
+    saved = termios.tcgetattr(fd)
     try:
-        return getpass.getpass(question) if secret else input(question)
+        if secret:
+            hidden = termios.tcgetattr(fd)
+            hidden[3] &= ~termios.ECHO
+            termios.tcsetattr(fd, termios.TCSAFLUSH, hidden)
+        sys.stdout.write(question)
+        sys.stdout.flush()
+        while not line.endswith(b"\n"):
+            ready, _, _ = select.select([fd, wake], [], [])
+            if wake in ready:
+                wake.recv(4096)     # (a signal: its handler runs before the next line)
+            if fd in ready:
+                chunk = os.read(fd, 4096)
+                if not chunk:
+                    raise EOFError
+                line += chunk
     except (KeyboardInterrupt, EOFError):
-        sys.stdout.write("\n")
         raise ClientExit(EXIT_LOST, "cancelled") from None
+    finally:
+        termios.tcsetattr(fd, termios.TCSAFLUSH, saved)
+        if secret or not line.endswith(b"\n"):
+            sys.stdout.write("\n")     # (the Enter typed was not echoed)
+            sys.stdout.flush()
+    return line.decode("utf-8", "replace").rstrip("\r\n")
 
 
 def run_client(args: argparse.Namespace) -> int:
@@ -7857,7 +7891,8 @@ def run_client(args: argparse.Namespace) -> int:
     color = interactive and not os.environ.get("NO_COLOR") and not dumb
     console = Console(interactive, editing=not dumb)
     console.wake_on_signals()
-    ask = (lambda question: ask_user(question).strip().lower() in ("y", "yes")) if interactive else None
+    ask = (lambda question: ask_user(question, False, console.wake_r).strip().lower() in ("y", "yes")) \
+        if interactive else None
     args.tls_options = TlsOptions(args.cafile, args.fingerprint, args.known_hosts or default_known_hosts(),
                                   ask) if args.tls else None
     client = ChatClient(args, console, View(color=color, timestamps=interactive))

@@ -4587,6 +4587,7 @@ class CommunityClientTest(ServerTestCase):
         again.settle("password of the account alice:")
         again.type("s3cret-pw\r")
         again.settle("logged in to your account")
+        self.assertNotIn(b"s3cret-pw", again.output, "not echoed")
         again.type("/register\r")
         again.settle("logged in to your account already")
         bot = self.client("-n", "alice", env={"CHAT_ACCOUNT_PASSWORD": "wrong"})
