@@ -647,9 +647,11 @@ class CommandTable:
         command, words = self.parse(line)
         command.run(*words)
 
-    def help_lines(self) -> List[str]:
-        width = max(len(f"/{c.name} {c.usage}") for c in self.commands.values())
-        return [f"/{c.name} {c.usage}".ljust(width) + f"  {c.help}" for c in self.commands.values()]
+    def help_lines(self, columns: int = 0) -> List[str]:
+        """/help: a command a line, its help wrapped under the help column
+        when `columns` (the terminal's width) is given."""
+        width = max(len(f"/{c.name} {c.usage}") for c in self.commands.values()) + 2
+        return [fit(f"/{c.name} {c.usage}".ljust(width) + c.help, columns, width) for c in self.commands.values()]
 
 
 # ---------------------------------------------------------------------------
@@ -3140,6 +3142,7 @@ def _by(actor: Optional["Conn"]) -> str:
 
 
 TOPIC_MAX = 300         # characters in a room's topic
+CLEAR_TOPIC = "-delete"     # what /topic takes to clear one (as irssi has it)
 PASSWORD_MAX = 200      # characters in an account's password
 
 
@@ -6240,12 +6243,13 @@ class ConsoleLogHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            self.console.show(self.format(record))
+            self.console.show(fit(self.format(record), self.console.columns(), len("2026-12-04 12:00:00 ")))
         except Exception:
             self.handleError(record)
 
 
-def operator_commands(loop: ServerLoop, show: Callable[[str], None]) -> CommandTable:
+def operator_commands(loop: ServerLoop, show: Callable[[str], None],
+                      columns: Callable[[], int] = lambda: 0) -> CommandTable:
     """What the server's operator can type at its terminal: the operator's
     acts as a server operator's client has them (as "the operator"), and
     those only the console may: making server operators and accounts."""
@@ -6286,7 +6290,8 @@ def operator_commands(loop: ServerLoop, show: Callable[[str], None]) -> CommandT
 
     def topic(room: str, text: str = "") -> None:
         if text:
-            people.set_topic(None, people.room(room), check_text(text, TOPIC_MAX).replace("\n", " "))
+            text = "" if text == CLEAR_TOPIC else check_text(text, TOPIC_MAX).replace("\n", " ")
+            people.set_topic(None, people.room(room), text)
         else:
             show(f"#{check_room(room)}: {people.topic(people.room(room))['text'] or '(no topic)'}")
 
@@ -6301,8 +6306,8 @@ def operator_commands(loop: ServerLoop, show: Callable[[str], None]) -> CommandT
                 guarded(lambda nick, *rest: ban("mute", nick, " ".join(rest)))),
         Command("unmute", "NICK", "lift a mute", guarded(lambda nick: people.lift(None, "mute", check_name(nick), None))),
         Command("bans", "", "the bans and mutes in force",
-                lambda: show("in force: " + ("; ".join(map(_ban_text, people.bans(None))) or "none"))),
-        Command("topic", "ROOM [TEXT]", "show a room's topic, or set it", guarded(topic)),
+                lambda: show("in force:" + ("".join("\n" + _ban_text(ban) for ban in people.bans(None)) or " none"))),
+        Command("topic", "ROOM [TEXT]", f"show a room's topic, or set it ({CLEAR_TOPIC} clears it)", guarded(topic)),
         Command("purge", "NICK", "take someone's lines out of the kept history",
                 guarded(lambda nick: people.purge(None, check_name(nick), None))),
         Command("op", "NAME", "make an account a server operator", guarded(lambda name: show(people.set_server_op(name, True)))),
@@ -6312,7 +6317,7 @@ def operator_commands(loop: ServerLoop, show: Callable[[str], None]) -> CommandT
         Command("password", "NAME", "give an account a new password (made up and shown)",
                 guarded(lambda name: people.set_password(name, show))),
         Command("shutdown", "", "say bye to everyone and stop the server", lambda: loop.stop("/shutdown")),
-        Command("help", "", "show this list", lambda: [show(line) for line in table.help_lines()]),
+        Command("help", "", "show this list", lambda: [show(line) for line in table.help_lines(columns())]),
     ])
     return table
 
@@ -6320,7 +6325,7 @@ def operator_commands(loop: ServerLoop, show: Callable[[str], None]) -> CommandT
 def attach_operator_console(loop: ServerLoop) -> Console:
     """When the server runs in a terminal, typed lines are operator commands."""
     console = Console(interactive=True, prompt="server> ")
-    table = operator_commands(loop, console.show)
+    table = operator_commands(loop, lambda text: console.show(fit(text, console.columns())), console.columns)
 
     def on_line(line: Optional[str]) -> None:
         if line is None:    # Ctrl-D: the console closes, the server goes on
@@ -6329,6 +6334,7 @@ def attach_operator_console(loop: ServerLoop) -> Console:
             return
         line = line.strip()
         if line:
+            console.show(f"server> {printable(line)}")     # what was typed stays above what it did
             if not line.startswith("/") and line.split()[0].lower() in table.commands:
                 line = "/" + line       # "who" for "/who"
             try:
@@ -6412,6 +6418,22 @@ def render(frame: dict, view: View) -> Optional[str]:
 
 
 _TOKENS = re.compile(r" +|[^ ]+")
+
+
+def fit(text: str, columns: int, indent: int = 2) -> str:
+    """Plain `text` wrapped between words to `columns` (0: as it is), the
+    rows after each line's first indented by `indent` (so a row never looks
+    like a line of its own)."""
+    if not columns:
+        return text
+    indent = min(indent, max(2, columns - 20))
+    rows = []
+    for line in text.split("\n"):
+        first, *rest = wrap(line, columns)
+        rows.append(first)
+        if rest:
+            rows += [" " * indent + row for row in wrap(line[len(first):].lstrip(" "), columns - indent)]
+    return "\n".join(rows)
 
 
 def wrap(text: str, width: int) -> List[str]:
@@ -6531,7 +6553,9 @@ _RENDERERS: Dict[str, Callable[[dict, View], Optional[Shown]]] = {
     "parted": lambda f, v: _event(f"you left #{_field(f, 'room')}"
                                   + (f" ({_field(f, 'reason')})" if f.get("reason") else "")),
     "bye": lambda f, v: Shown("***", f"the server is going away: {_field(f, 'reason')}", "1;33", "1;33"),
-    "topic": lambda f, v: _event(f"the topic of #{_field(f, 'room')}: " + (_field(f, "text") or "(none)")
+    "topic": lambda f, v: _event(f"{_field(f, 'by')} cleared the topic of #{_field(f, 'room')}"
+                                 if f.get("by") and not f.get("text") else
+                                 f"the topic of #{_field(f, 'room')}: " + (_field(f, "text") or "(none)")
                                  + (f" (set by {_field(f, 'by')})" if f.get("by") else "")),
     "registered": lambda f, v: _event("your password is changed" if f.get("changed") else
                                       f"{_field(f, 'nick')} is registered" + ("; you are logged in to it, and it is"
@@ -7164,6 +7188,8 @@ class Session:
     def topic(self, text: str = "") -> list:
         if self.room is None:
             return [Note("you are in no room; /join one first", "31")]
+        if text == CLEAR_TOPIC:     # (the server clears it for an empty text)
+            return [Send({"type": "topic", "room": self.room, "text": ""})]
         return [Send({"type": "topic", "room": self.room, **({"text": text} if text else {})})]
 
     def ignore(self, nick: str) -> list:
@@ -7377,7 +7403,7 @@ class ChatClient:
             Command("switch", "ROOM", "talk in another room you are in",
                     lambda room: self.perform(session.switch(room))),
             Command("rooms", "", "list the rooms", lambda: self.send({"type": "rooms"})),
-            Command("topic", "[TEXT]", "show the room's topic, or set it (its operators)",
+            Command("topic", "[TEXT]", f"show the room's topic, or set it (its operators; {CLEAR_TOPIC} clears it)",
                     lambda text="": self.perform(session.topic(text))),
             Command("away", "[TEXT]", "say you are away (no text: you are back)",
                     lambda text="": self.send({"type": "away", **({"text": text} if text else {})})),
@@ -7442,7 +7468,7 @@ class ChatClient:
         if self.json:
             return
         if self.console.interactive:
-            self.show(paint(text, code, self.view))
+            self.show(paint(fit(text, self.console.columns()), code, self.view))
         else:
             sys.stderr.write(text + "\n")
             sys.stderr.flush()
@@ -7524,8 +7550,8 @@ class ChatClient:
     # -- commands ------------------------------------------------------------
 
     def cmd_help(self) -> None:
-        for line in self.commands.help_lines() + ["//text sends a line that starts with /",
-                                                  "Tab completes nicks, commands and rooms"]:
+        for line in self.commands.help_lines(self.console.columns()) + ["//text sends a line that starts with /",
+                                                                        "Tab completes nicks, commands and rooms"]:
             self.note(line, "0")
 
     def ask_hidden(self, question: str, then: Callable[[str], None]) -> None:

@@ -1199,6 +1199,15 @@ class CommandTableTest(unittest.TestCase):
                 self.assertIn(message, str(caught.exception))
         self.assertEqual(self.calls, [])
 
+    def test_help_wraps_between_words_under_the_help_column(self):
+        table = chat.CommandTable([chat.Command("ban", "NICK [DURATION]", "operators: ban someone for a while or"
+                                                " until the ban is lifted", lambda *a: None)])
+        rows = table.help_lines(50)[0].split("\n")
+        self.assertEqual(rows, ["/ban NICK [DURATION]  operators: ban someone for a",
+                                "                      while or until the ban is",
+                                "                      lifted"])
+        self.assertEqual(chat.fit("one two three", 8), "one two\n  three")
+
     def test_help_comes_from_the_table(self):
         self.assertEqual(self.table.help_lines(), ["/msg NICK TEXT       private message",
                                                    "/quit [REASON]       leave",
@@ -4102,6 +4111,14 @@ class ClientSessionRulesTest(unittest.TestCase):
         note = session.receive({"type": "parted", "room": "dev", "reason": "kicked by carol: off \x1b[2Jtopic"})
         self.assertEqual(note[-1].text, "you left #dev (kicked by carol: off \\x1b[2Jtopic); "
                                         "you are in no room now; /join one")
+
+    def test_topic_shows_sets_and_clears(self):
+        session = self.welcomed()
+        self.assertEqual([e.frame for e in session.topic() + session.topic("ship it") + session.topic("-delete")],
+                         [{"type": "topic", "room": "lobby"}, {"type": "topic", "room": "lobby", "text": "ship it"},
+                          {"type": "topic", "room": "lobby", "text": ""}])
+        self.assertEqual(chat.render({"type": "topic", "room": "lobby", "text": "", "by": "root"}, chat.View()),
+                         "-- root cleared the topic of #lobby")
 
     def test_join_of_a_room_you_are_in_switches_and_renaming_to_yourself_says_so(self):
         session = self.welcomed(rooms=["lobby", "dev"])
