@@ -2631,9 +2631,10 @@ def _on_this_machine(ip: str) -> bool:
         return False
 
 
-def scoped(room: Optional["Room"], key: str) -> str:
-    """A record key for `key` in `room` (bans, mutes and room operators), or server-wide."""
-    return f"{room.key if room is not None else ''}/{key}"
+def scoped(room: Union["Room", str, None], key: str) -> str:
+    """A record key for `key` in `room` (bans, mutes and room operators;
+    a Room, or a room's key for one not open now), or server-wide (None)."""
+    return f"{room if isinstance(room, str) else room.key if room is not None else ''}/{key}"
 
 
 def spoken_until(until: Optional[float], now: float) -> str:
@@ -2652,6 +2653,7 @@ class Ban(NamedTuple):
     room: Optional[str]
     source: Optional[str]       # the network they were on: guests from it are shut out too (never an account)
     source_until: Optional[float]   # ... until then (a day at most: addresses are shared and change hands)
+    shared: bool = False        # it applies as someone else's, on the same network
 
     @classmethod
     def of(cls, record: Optional[dict], now: float) -> Optional["Ban"]:
@@ -2722,35 +2724,63 @@ class People:
 
     SOURCE_BAN_MAX = 86400.0    # seconds a ban shuts out guests from the banned one's network
 
-    def banned(self, conn: "Conn", key: str, room: Optional["Room"] = None) -> Optional[Ban]:
-        """The ban that keeps `conn` (about to be `key`) out of the server
-        (or `room`), if any: its own, or (a guest) its network's, whose
-        `nick` is then someone else's."""
+    def banned(self, conn: "Conn", key: str, room: Union["Room", str, None] = None) -> Optional[Ban]:
+        """The ban that keeps `conn` (about to be `key`) out of the server (or `room`: see scoped()), if any."""
+        return self._in_force("ban", conn, key, room)
+
+    def muted(self, conn: "Conn", room: Optional["Room"]) -> Optional[Ban]:
+        """The mute that keeps `conn` quiet on the whole server (or in `room`), if any."""
+        return self._in_force("mute", conn, conn.key, None) or \
+            (self._in_force("mute", conn, conn.key, room) if room is not None else None)
+
+    def unmuted(self, conn: "Conn", room: Optional["Room"], unchanged: str = "nothing was sent") -> None:
+        """ProtocolError('muted') if `conn` may not speak (in `room`); `unchanged` says what that left undone."""
+        mute = self.muted(conn, room)
+        if mute is not None:
+            where = f" in #{mute.room}" if mute.room else ""
+            whose = "guests from your address are" if mute.shared else "you are"
+            raise ProtocolError("muted", f"{whose} muted{where} {mute.until_text(self.chat.out.ts)}"
+                                         + (f": {mute.reason}" if mute.reason else "") + f"; {unchanged}")
+
+    def _in_force(self, kind: str, conn: "Conn", key: str, room: Union["Room", str, None]) -> Optional[Ban]:
+        """A ban or mute on the person `conn` is (about to be `key`), in
+        `room` (None: server-wide): on their nick or their account, whatever
+        nick they use now; for a guest that came after it, also one on
+        someone else from its network (then `shared`): the banned one coming
+        back as someone new, while the neighbours already here are left be."""
         now = self.chat.out.ts
-        ban = Ban.of(self.records.get("ban", scoped(room, key)), now)
-        if ban is not None or self.account(key) is not None:
-            return ban      # an account is judged by its account alone
-        for record_key, record in self.records.items("ban"):    # a guest: its network too
-            if record.get("source") == conn.source and record_key.startswith(scoped(room, "")):
+        for who in {key, conn.account} - {""}:
+            ban = Ban.of(self.records.get(kind, scoped(room, who)), now)
+            if ban is not None:
+                return ban
+        if conn.account or self.account(key) is not None:
+            return None     # an account is judged by its account alone
+        for record_key, record in self.records.items(kind):      # (on those who came after it only)
+            if record.get("source") == conn.source and record_key.startswith(scoped(room, "")) \
+                    and not 0 < conn.since <= record.get("at", 0):
                 ban = Ban.of(record, now)
                 if ban is not None and ban.on_source(now):
-                    return ban
+                    return ban._replace(shared=True)
         return None
 
-    def refusal(self, ban: Ban, key: str, where: str) -> ProtocolError:
-        """What someone (about to be `key`) that `ban` keeps out of `where` is told."""
+    def subject(self, nick: str) -> str:
+        """The key a ban or mute on `nick` is kept under: the account of
+        whoever is `nick` now (so a new nick does not shed it), or the nick's."""
+        target = self.chat.users.get(name_key(nick))
+        if target is not None and target.account:
+            return target.account
+        remote = self.chat.relay.profile(name_key(nick)) or {}
+        return name_key(remote["account"]) if type(remote.get("account")) is str else name_key(nick)
+
+    def refusal(self, ban: Ban, where: str) -> ProtocolError:
+        """What someone that `ban` keeps out of `where` is told."""
         now, reason = self.chat.out.ts, f": {ban.reason}" if ban.reason else ""
-        if name_key(ban.nick) == key:
+        if not ban.shared:
             return ProtocolError("banned", f"you are banned from {where} {ban.until_text(now)}{reason}",
                                  until=ban.until)
         return ProtocolError("banned", f"guests from your address are shut out of {where} "
                                        f"{spoken_until(ban.source_until, now)}, as {ban.nick} was banned from it"
                                        f"{reason}; log in to an account, or ask an operator", until=ban.source_until)
-
-    def muted(self, conn: "Conn", room: Optional["Room"]) -> Optional[Ban]:
-        now = self.chat.out.ts
-        return Ban.of(self.records.get("mute", scoped(None, conn.key)), now) or \
-            (Ban.of(self.records.get("mute", scoped(room, conn.key)), now) if room is not None else None)
 
     # -- the requests ----------------------------------------------------------
 
@@ -2887,13 +2917,13 @@ class People:
     def ban(self, actor: Optional["Conn"], kind: str, nick: str, room: Optional["Room"],
             duration: Optional[float], reason: str) -> None:
         """A ban or mute on `nick`: kept, announced, and (a ban) put into effect wherever they are."""
-        key = name_key(nick)
-        if room is None and self.is_op_key(key):
+        key, subject = name_key(nick), self.subject(nick)
+        if room is None and (self.is_op_key(key) or self.is_op_key(subject)):
             raise ProtocolError("not-allowed", f"{nick} is a server operator: /deop them at the console first")
         target, now = self.chat.users.get(key), self.chat.out.ts
         source = target.source if target is not None else (self.chat.relay.profile(key) or {}).get("source")
         until = now + duration if duration else None
-        self.records.put(kind, scoped(room, key), {
+        self.records.put(kind, scoped(room, subject), {
             "nick": nick, "until": until, "reason": reason, "by": _by(actor), "room": room.name if room else None,
             "source": source, "source_until": min(until or math.inf, now + self.SOURCE_BAN_MAX), "at": now})
         what = "banned" if kind == "ban" else "muted"
@@ -2905,11 +2935,21 @@ class People:
             self.enforce("ban", key, _by(actor), reason, room)
 
     def lift(self, actor: Optional["Conn"], kind: str, nick: str, room: Optional["Room"]) -> None:
-        if self.records.get(kind, scoped(room, name_key(nick))) is None:
+        filed = self._filed(kind, nick, room)
+        if filed is None:
             raise ProtocolError("no-such-user", f"{nick} is not {'banned' if kind == 'ban' else 'muted'}"
                                                 + (f" in #{room.name}" if room else ""))
-        self.records.put(kind, scoped(room, name_key(nick)), None)
+        self.records.put(kind, filed, None)
         self.announce(actor, room, f"{_by(actor)} lifted the {kind} on {nick}", about=name_key(nick))
+
+    def _filed(self, kind: str, nick: str, room: Optional["Room"]) -> Optional[str]:
+        """The record key of the ban or mute an operator calls `nick` (their
+        account's, their nick's, or one the nick was banned as), if any."""
+        for key in (scoped(room, self.subject(nick)), scoped(room, name_key(nick))):
+            if self.records.get(kind, key) is not None:
+                return key
+        return next((key for key, record in self.records.items(kind) if key.startswith(scoped(room, ""))
+                     and name_key(str(record.get("nick"))) == name_key(nick)), None)
 
     def bans(self, room: Optional["Room"]) -> List[dict]:
         """The bans and mutes in force (of `room`; None: all)."""
@@ -2982,6 +3022,8 @@ class People:
 
     def on_away(self, conn: "Conn", frame: dict) -> None:
         text = frame.get("text")
+        if text:
+            self.unmuted(conn, None, "you are not marked away")     # (whoever writes to you would read it)
         conn.away = check_text(text, REASON_MAX).replace("\n", " ") if text else None
         conn.told_away = set()
         self.chat.relay.presence(conn)
@@ -3310,7 +3352,7 @@ class Login:
     def _ban(self) -> bool:
         ban = self.chat.people.banned(self.conn, self.key)
         if ban is not None:
-            raise self.chat.people.refusal(ban, self.key, "this server")
+            raise self.chat.people.refusal(ban, "this server")
         return True
 
     def _nick(self) -> bool:
@@ -3691,6 +3733,8 @@ class Chat:
     def on_quit(self, conn: Conn, frame: dict) -> None:
         reason = frame.get("reason")
         reason = clean_text(reason)[:REASON_MAX].replace("\n", " ").strip() if type(reason) is str else ""
+        if reason and self.people.muted(conn, None) is not None:
+            reason = ""     # (or it would be said to every room after all)
         self.drop(conn, f"quit: {reason}" if reason else "quit")
 
     # -- chat lines ----------------------------------------------------------
@@ -3701,16 +3745,9 @@ class Chat:
         line = {"type": "msg", "from": conn.nick, "text": check_text(frame.get("text")), "room": room.name}
         if frame["type"] == "me":
             line["action"] = True
-        self._not_muted(conn, room)
+        self.people.unmuted(conn, room)
         conn.said = self.out.ts
         self.relay.post(room, conn, line)   # numbered, it comes back through deliver_line()
-
-    def _not_muted(self, conn: Conn, room: Optional[Room]) -> None:
-        mute = self.people.muted(conn, room)
-        if mute is not None:
-            where = f" in #{mute.room}" if mute.room else ""
-            raise ProtocolError("muted", f"you are muted{where} {mute.until_text(self.out.ts)}"
-                                         + (f": {mute.reason}" if mute.reason else "") + "; nothing was sent")
 
     def deliver_line(self, room: Room, sender: Optional[Conn], data: bytes, id: int, seq: Optional[int],
                      keep: bool = True, fan_out: bool = True, line: Optional[dict] = None) -> None:
@@ -3728,7 +3765,7 @@ class Chat:
         to, text = frame.get("to"), check_text(frame.get("text"))
         key = name_key(to) if type(to) is str else ""
         if not self.people.is_op_key(key):      # the muted may still write to an operator, to appeal
-            self._not_muted(conn, None)
+            self.people.unmuted(conn, None)
         target = self.users.get(key)
         line = {"type": "msg", "from": conn.nick, "to": target.nick if target else to, "text": text}
         conn.said = self.out.ts
@@ -3793,6 +3830,7 @@ class Chat:
     def on_nick(self, conn: Conn, frame: dict) -> None:
         new = check_name(frame.get("nick"))
         key = name_key(new)
+        self.people.unmuted(conn, None, "your nick stays as it is")     # (a new nick is announced everywhere)
         if key != conn.key and self.nicks.taken(key):
             raise nick_taken(new)
         if new == conn.nick:
@@ -3801,9 +3839,12 @@ class Chat:
             self._rename(conn, new)
             return
         ban = self.people.banned(conn, key)
-        if ban is not None and name_key(ban.nick) == key:      # (its network's bans let this one in)
+        if ban is not None and not ban.shared:      # (its network's bans let this one in)
             raise ProtocolError("not-allowed", f"{new} is banned {ban.until_text(self.out.ts)}")
         record = self.people.account(key)
+        if record is None and self.config.registered_only:
+            raise ProtocolError("not-allowed", "on this server every nick is an account's: you may take only"
+                                               " your own (/nick NAME PASSWORD)")
         if record is None or key == conn.account:
             self._claim_nick(conn, new, key)
             return
@@ -3910,9 +3951,9 @@ class Chat:
         existing = self.rooms.get(name)
         if existing not in conn.rooms and len(conn.rooms) >= self.config.rooms_per_user:
             raise ProtocolError("too-many-rooms", f"you are in {len(conn.rooms)} rooms already")
-        ban = self.people.banned(conn, conn.key, existing) if existing is not None else None
+        ban = self.people.banned(conn, conn.key, existing or name_key(name))    # (a room not open now too)
         if ban is not None:
-            raise self.people.refusal(ban, conn.key, f"#{existing.name}")
+            raise self.people.refusal(ban, f"#{name}")
         room = self.rooms.open(name, conn.source)
         self.out.flush()
         fresh = room not in conn.rooms

@@ -2444,6 +2444,49 @@ class ModerationTest(CommunityTestCase):
         self.assertEqual(dodge.expect("error")["code"], "banned")
         self.assertEqual(self.peer("spam3", ip="203.0.113.7").welcome["nick"], "spam3", "elsewhere: someone else")
 
+    def test_a_mute_or_ban_follows_the_person_not_the_nick(self):
+        """The attack round's H1: a new nick, an account's other nick, or a quit reason got round them."""
+        alice = self.peer("alice", ip="198.51.100.1")
+        self.account("eve", ip="198.51.100.2")
+        eve = self.login("eve", ip="198.51.100.2")
+        guest = self.peer("guest", ip="198.51.100.3")
+        for nick in ("eve", "guest"):
+            self.root.send({"type": "mute", "nick": nick})
+        for client, nick in ((eve, "eve2"), (guest, "guest2")):
+            client.send({"type": "nick", "nick": nick}, {"type": "away", "text": "read my away text"},
+                        {"type": "msg", "text": "still talking"})
+            self.assertEqual([f["code"] for f in client.frames("error")], ["muted"] * 3)
+        guest.send({"type": "quit", "reason": "a reason is a line said to every room"})
+        self.assertEqual(alice.expect("leave", nick="guest")["reason"], "quit")
+        self.server.advance(1)
+        again = self.peer("newface", ip="198.51.100.3")      # the muted guest, as someone new
+        again.send({"type": "msg", "text": "hello again"})
+        self.assertIn("guests from your address are muted", again.expect("error", code="muted")["text"])
+        self.root.send({"type": "unmute", "nick": "eve"})
+        eve.send({"type": "nick", "nick": "evil"})
+        self.assertEqual(eve.expect("nick")["new"], "evil")
+        eve.send({"type": "join", "room": "dev"})
+        self.root.send({"type": "ban", "nick": "evil", "room": "dev"}, {"type": "ban", "nick": "evil"})
+        eve.closed()
+        back = self.peer(ip="203.0.113.2")      # her account, from elsewhere
+        back.send({"type": "hello", "nick": "eve", "account_password": "secret1"})
+        self.assertEqual(back.expect("error")["code"], "banned", "banned as evil is banned as eve")
+        self.root.send({"type": "unban", "nick": "evil"})
+        eve = self.login("eve", ip="203.0.113.2")
+        eve.send({"type": "join", "room": "dev"})
+        self.assertEqual(eve.expect("error")["code"], "banned", "and from #dev, under any nick")
+        self.assertFalse(alice.frames("msg"), "nothing of theirs was said")
+
+    def test_on_a_registered_only_server_nobody_takes_a_nick_that_is_not_theirs(self):
+        server = self.harness(registered_only=True)
+        for name in ("mallory", "carol"):
+            server.chat.people.records.put("account", chat.name_key(name),
+                                           {"name": name, "password": chat.hash_password("pw-" + name)})
+        mallory = self.login("mallory", "pw-mallory", server=server)
+        for nick in ("admin", "carol"):
+            mallory.send({"type": "nick", "nick": nick})
+        self.assertEqual([f["code"] for f in mallory.frames("error")], ["not-allowed", "account-required"])
+
     def test_only_operators_act_and_nothing_happens_otherwise(self):
         alice, bob = self.peer("alice"), self.peer("bob")
         for frame in ({"type": "kick", "nick": "bob"}, {"type": "ban", "nick": "bob"},
