@@ -768,7 +768,7 @@ class Conn:
 
     __slots__ = ("sock", "fd", "addr", "ip", "source", "tls", "handshake", "shut", "events", "state", "codec",
                  "out", "queued",
-                 "nick", "key", "session", "claimed", "rooms", "account", "away", "told_away", "since", "said", "echo",
+                 "nick", "key", "session", "claimed", "rooms", "account", "device", "away", "told_away", "since", "said", "echo",
                  "tokens", "refilled", "held", "holds", "deferred", "last_heard", "flood_noticed")
 
     def __init__(self, sock, addr: str, ip: str, max_payload: int, now: float, burst: float):
@@ -788,6 +788,7 @@ class Conn:
         self.claimed = 0.0              # when it got its nick (wall clock): the earlier claim wins
         self.rooms: List[Room] = []
         self.account = ""               # the account it is logged in to ("": a guest)
+        self.device = ""                # and the device token it was given for it (see People.logged_in)
         self.away: Optional[str] = None     # its away text
         self.told_away: set = set()     # who was told it is away, since it went away
         self.since = self.said = 0.0    # when it joined, and when it last said something (wall clock)
@@ -2623,6 +2624,11 @@ class Records:
             self.tables[kind][key] = value
 
 
+def _device_hash(token: str) -> str:
+    """What an account keeps of a device token (a leak of the records gives no tokens)."""
+    return hashlib.sha256(token.encode("utf-8", "replace")).hexdigest()
+
+
 def _on_this_machine(ip: str) -> bool:
     """A connection from the server's own machine (loopback)."""
     try:
@@ -2711,6 +2717,10 @@ class People:
 
     def account(self, key: str) -> Optional[dict]:
         return self.records.get("account", key)
+
+    def account_name(self, conn: "Conn") -> Optional[str]:
+        """The name of the account `conn` is logged in to, as it was registered (None: a guest)."""
+        return (self.account(conn.account) or {}).get("name", conn.account) if conn.account else None
 
     def is_op(self, conn: "Conn") -> bool:
         """A server operator: logged in to an account --op or /op made one."""
@@ -2819,7 +2829,8 @@ class People:
             if key == conn.key:
                 self.logged_in(conn, key)
             log.info("%r registered %s", conn, nick)
-            self.chat.out.send(conn, {"type": "registered", "nick": nick, "mine": key == conn.key})
+            self.chat.out.send(conn, {"type": "registered", "nick": nick, "mine": key == conn.key,
+                                      **({"device": conn.device} if key == conn.key else {})})
         self.chat.off_loop(conn, hash_password, password, done=hashed)
 
     def on_password(self, conn: "Conn", frame: dict) -> None:
@@ -3042,14 +3053,14 @@ class People:
             if not info and self.account(key) is None:
                 raise ProtocolError("no-such-user", f"nobody here is called {shown(nick)}")
             info = dict(info or {"nick": (self.account(key) or {}).get("name", nick), "online": False},
-                        account=info.get("account") or (key if self.account(key) else None))
+                        account=info.get("account") or (self.account(key) or {}).get("name"))
         self.chat.reply(conn, self.chat.out.encode_for(conn, dict(info, type="whois")))
 
     PUBLIC = ("nick", "online", "account", "rooms", "away", "since", "idle", "server", "op")   # of a profile
 
     def profile(self, conn: "Conn") -> dict:
         """What /whois says of a user on this server (and what other servers are told): PUBLIC."""
-        return {"nick": conn.nick, "online": True, "account": conn.account or None, "rooms": [room.name for room in conn.rooms],
+        return {"nick": conn.nick, "online": True, "account": self.account_name(conn), "rooms": [room.name for room in conn.rooms],
                 "away": conn.away, "since": conn.since, "idle": round(self.chat.out.ts - conn.said),
                 "server": self.config.name, "op": self.is_op(conn)}
 
@@ -3103,14 +3114,34 @@ class People:
                                                      "seen": {room.name: room.seq for room in conn.rooms},
                                                      "instance": self.chat.relay.instance})
 
-    def logged_in(self, conn: "Conn", key: str) -> None:
+    DEVICES_MAX = 10        # device tokens an account keeps (its newest logins)
+
+    def trusted(self, conn: "Conn", key: str, device: object) -> bool:
+        """Whether a try at the account `key`'s password waits for none of
+        the account's strikes: it comes from a network the account logged in
+        from, or with the device token a login was given (OWASP's "device
+        cookies": strangers' guesses cannot lock the owner out)."""
+        record = self.account(key) or {}
+        return self.chat.gate.network(conn) in record.get("from", ()) or \
+            (type(device) is str and _device_hash(device) in record.get("devices", ()))
+
+    def logged_in(self, conn: "Conn", key: str, device: object = None) -> None:
         """`conn` gave the right password for the account `key`: it is logged
-        in, and its network is one the account's tries are trusted from. (A
-        connection already in is told if that makes it a server operator.)"""
+        in; its network is one the account's tries are trusted from, and its
+        device token (`device`, if it is one of the account's, else a new
+        one, in conn.device) too. (A connection already in is told if that
+        makes it a server operator.)"""
         conn.account = key
         record = self.account(key) or {}
-        homes = [net for net in record.get("from", []) if net != self.chat.gate.network(conn)][-4:]
-        self.records.put("account", key, dict(record, **{"from": homes + [self.chat.gate.network(conn)]}))
+        network = self.chat.gate.network(conn)
+        homes = [net for net in record.get("from", []) if net != network][-4:] + [network]
+        devices = list(record.get("devices", []))
+        if type(device) is str and _device_hash(device) in devices:
+            conn.device = device
+        else:
+            conn.device = secrets.token_urlsafe(18)
+            devices = (devices + [_device_hash(conn.device)])[-self.DEVICES_MAX:]
+        self.records.put("account", key, dict(record, **{"from": homes, "devices": devices}))
         if conn.state is JOINED and self.is_op(conn):
             self.chat.out.send(conn, {"type": "op", "on": True})
 
@@ -3330,7 +3361,7 @@ class Login:
                 if given is None:
                     raise ProtocolError("account-required", f"{self.nick} is a registered nick: log in with its"
                                                             " password")
-                if not self._turn(self.key, chat.gate.network(conn) in record.get("from", ())):
+                if not self._turn(self.key, chat.people.trusted(conn, self.key, self.hello.get("device"))):
                     return False
                 self.hashing = True
                 chat.io.work(password_matches, record.get("password", {}), given, done=self._verified)
@@ -3340,7 +3371,7 @@ class Login:
             chat.gate.failed(conn, chat.clock, self.key, self.nick)
             raise ProtocolError("login-failed", f"wrong password for {self.nick}")
         chat.gate.succeeded(conn, chat.clock)
-        chat.people.logged_in(conn, self.key)
+        chat.people.logged_in(conn, self.key, self.hello.get("device"))
         return True
 
     def _verified(self, result: object) -> None:
@@ -3646,7 +3677,8 @@ class Chat:
                    "instance": self.relay.instance, "session": conn.session,
                    "ping_interval": self.config.ping_interval, "idle_timeout": self.config.idle_timeout,
                    "seq": {room.name: room.seq for room in rooms},   # resume points for rooms with no lines
-                   "account": conn.account or None, "op": self.people.is_op(conn),
+                   "account": self.people.account_name(conn), "op": self.people.is_op(conn),
+                   "device": conn.device or None,
                    "topics": self.people.topics(rooms)}
         if self.config.motd:
             welcome["motd"] = self.config.motd
@@ -3851,7 +3883,7 @@ class Chat:
         given = frame.get("password")       # a registered nick: its password too
         if given is None:
             raise ProtocolError("account-required", f"{new} is a registered nick: /nick {new} PASSWORD")
-        wait, why = self.gate.wait(conn, self.clock, account=key)
+        wait, why = self.gate.wait(conn, self.clock, self.people.trusted(conn, key, frame.get("device")), key)
         if wait > Gate.HOLD_MAX:
             seconds = math.ceil(wait)
             raise ProtocolError("rate-limited", _BUSY[why].format(seconds=plural(seconds, "second")),
@@ -3866,7 +3898,7 @@ class Chat:
                 self.gate.failed(conn, self.clock, key, new)
                 self.out.send(conn, ProtocolError("login-failed", f"wrong password for {new}").frame())
             elif not self.nicks.taken(key):
-                self.people.logged_in(conn, key)
+                self.people.logged_in(conn, key, frame.get("device"))
                 self._claim_nick(conn, new, key)
             else:
                 self.out.send(conn, nick_taken(new).frame())
@@ -6929,6 +6961,7 @@ class Session:
         self.account = False        # logged in to an account (the welcome and `registered` say)
         self.room_ops: set = set()  # the rooms (keys) we operate
         self.ignored: Dict[str, str] = {}   # nick key -> nick: nothing from them is shown
+        self.devices: Dict[str, str] = {}   # account key -> the device token the server gave our login to it
         self.rooms_asked = False    # the rooms list was asked for, quietly (for Tab after /join)
         self.pending_password: Optional[str] = None     # an account password sent, taken when the server says so
         self.base_nick = nick       # what a taken nick's suffixes are added to
@@ -6962,6 +6995,8 @@ class Session:
             frame["password"] = self.password
         if self.account_password is not None:
             frame["account_password"] = self.account_password
+        if name_key(self.nick) in self.devices:     # our past logins' device: strangers' guesses do not lock us out
+            frame["device"] = self.devices[name_key(self.nick)]
         if self.session:    # resuming: same nick, same rooms, what was missed
             frame.update(session=self.session, instance=self.instance, rooms=self.rooms, since=self.seen)
         return frame
@@ -6985,6 +7020,7 @@ class Session:
         self.protocol = _number(frame.get("protocol"), 1, 1000, 1, int)
         self.op = frame.get("op") is True
         self.account = type(frame.get("account")) is str
+        self._took_device(frame)
         self.room_ops = set()
         self.joining.clear()
         self.members = {}
@@ -7148,6 +7184,7 @@ class Session:
     def on_registered(self, frame: dict) -> list:
         if frame.get("mine") is True:
             self.account = True
+            self._took_device(frame)
             if self.pending_password is not None:       # what to log in with from now on
                 self.account_password, self.pending_password = self.pending_password, None
         return [frame]
@@ -7338,6 +7375,11 @@ class Session:
         if members is not None and type(nicks) is list:
             members.update((name_key(nick), nick) for nick in filter(None, map(valid_nick, nicks[:100000])))
 
+    def _took_device(self, frame: dict) -> None:
+        device = _token(frame.get("device"))
+        if self.account and device is not None:
+            self.devices[name_key(self.nick)] = device
+
     def _mine(self, nick: object) -> bool:
         return type(nick) is str and name_key(nick) == name_key(self.nick)
 
@@ -7477,9 +7519,11 @@ class ChatClient:
             Command("quit", "[REASON]", "leave the chat", self.cmd_quit),
         ])
         self.asking: List[Callable[[str], None]] = []   # what the next lines typed answer (hidden prompts)
-        self.ignores_file = os.path.join(os.path.dirname(args.known_hosts or default_known_hosts()), "ignores")
-        self.ignores_server = f"{args.host}:{args.port}".lower()    # an ignore list is one server's
-        session.ignored = read_ignores(self.ignores_file, self.ignores_server)
+        folder, server = os.path.dirname(args.known_hosts or default_known_hosts()), f"{args.host}:{args.port}".lower()
+        self.ignores = ServerFile(os.path.join(folder, "ignores"), server)     # an ignore list is one server's
+        self.devices = ServerFile(os.path.join(folder, "devices"), server, private=True)
+        session.ignored, session.devices = read_ignores(self.ignores), read_devices(self.devices)
+        self.kept_devices = dict(session.devices)
         console.editor.complete = lambda line, point: session.completions(line, point, self.commands.commands)
 
     # -- output --------------------------------------------------------------
@@ -7626,9 +7670,15 @@ class ChatClient:
                             else self.note("the two passwords differ: nothing was changed", "31"))
         self.ask_hidden(prompt, again)
 
+    def keep_devices(self) -> None:
+        """The device tokens the server gave us, in the devices file, when they changed."""
+        if self.session.devices != self.kept_devices:
+            self.kept_devices = dict(self.session.devices)
+            self.devices.write(f"{key} {token}" for key, token in sorted(self.kept_devices.items()))
+
     def cmd_ignore(self, nick: str, on: bool = True) -> None:
         self.perform(self.session.ignore(nick) if on else self.session.unignore(nick))
-        write_ignores(self.ignores_file, self.ignores_server, self.session.ignored)
+        write_ignores(self.ignores, self.session.ignored)
 
     def cmd_ignores(self) -> None:
         ignored = sorted(self.session.ignored.values(), key=str.casefold)
@@ -7645,7 +7695,8 @@ class ChatClient:
         ignoring = len(self.session.ignored)
         events = self.session.receive(frame)
         if len(self.session.ignored) != ignoring:      # someone ignored took a new nick: kept too
-            write_ignores(self.ignores_file, self.ignores_server, self.session.ignored)
+            write_ignores(self.ignores, self.session.ignored)
+        self.keep_devices()
         if self.json:       # a bot sees every frame as it came; the session only answers pings
             self.show(_dumps(frame))
             events = [event for event in events if isinstance(event, Send)]
@@ -7656,6 +7707,7 @@ class ChatClient:
     def on_welcome(self, frame: dict, reconnected: bool) -> None:
         session = self.session
         resumed, history, missed = session.welcome(frame, reconnected)
+        self.keep_devices()
         self.welcomed = True
         self.set_prompt()
         if self.json:
@@ -7863,32 +7915,51 @@ class ChatClient:
         return False
 
 
-def _ignore_lines(path: str) -> List[Tuple[str, str]]:
-    """The ignores file: (server, nick) a line, as 'HOST:PORT NICK'; unreadable or missing: none."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return [(server, nick) for server, _, nick in (line.strip().partition(" ") for line in f) if nick]
-    except (OSError, UnicodeDecodeError):
-        return []
+class ServerFile:
+    """A small file of the client's, beside known_hosts, that keeps a list
+    for each server: lines 'HOST:PORT VALUE'. Reading gives this server's
+    values; writing replaces them and leaves the other servers' be."""
+
+    def __init__(self, path: str, server: str, private: bool = False):
+        self.path, self.server = path, server
+        self.private = private      # only its owner may read it (it holds secrets)
+
+    def _lines(self) -> List[Tuple[str, str]]:
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                return [(where, value) for where, _, value in (line.strip().partition(" ") for line in f) if value]
+        except (OSError, UnicodeDecodeError):
+            return []       # unreadable or missing: none
+
+    def read(self) -> List[str]:
+        return [value for where, value in self._lines() if where == self.server]
+
+    def write(self, values: Iterable[str]) -> None:
+        lines = [line for line in self._lines() if line[0] != self.server] + [(self.server, v) for v in values]
+        try:
+            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+            fd = os.open(self.path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if self.private else 0o644)
+            with open(fd, "w", encoding="utf-8") as f:
+                f.writelines(f"{where} {value}\n" for where, value in lines)
+            os.replace(self.path + ".tmp", self.path)
+        except OSError as error:
+            sys.stderr.write(f"cannot write {self.path}: {_why(error)}\n")
 
 
-def read_ignores(path: str, server: str) -> Dict[str, str]:
-    """The nicks ignored on `server` (HOST:PORT), by key."""
-    nicks = [valid_nick(nick) for where, nick in _ignore_lines(path) if where == server]
+def read_ignores(file: ServerFile) -> Dict[str, str]:
+    """The nicks ignored on the file's server, by key."""
+    nicks = [valid_nick(nick) for nick in file.read()]
     return {name_key(nick): nick for nick in nicks if nick}
 
 
-def write_ignores(path: str, server: str, ignored: Dict[str, str]) -> None:
-    """`ignored` as the list for `server`; other servers' lists are left as they are."""
-    others = [(where, nick) for where, nick in _ignore_lines(path) if where != server]
-    mine = [(server, nick) for nick in sorted(ignored.values(), key=str.casefold)]
-    try:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            f.writelines(f"{where} {nick}\n" for where, nick in others + mine)
-        os.replace(path + ".tmp", path)
-    except OSError as error:
-        sys.stderr.write(f"cannot keep the ignore list in {path}: {_why(error)}\n")
+def write_ignores(file: ServerFile, ignored: Dict[str, str]) -> None:
+    file.write(sorted(ignored.values(), key=str.casefold))
+
+
+def read_devices(file: ServerFile) -> Dict[str, str]:
+    """The device tokens the file's server gave our logins: account key -> token."""
+    pairs = (value.split(" ", 1) for value in file.read())
+    return {key: token for key, token in (p for p in pairs if len(p) == 2) if _token(key) and _token(token)}
 
 
 def default_nick() -> str:

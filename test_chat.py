@@ -9,6 +9,7 @@ throwaway redis-server. Nothing waits by sleeping: every wait is for a
 condition (a frame, a line of output, an exit) with a timeout.
 """
 import argparse
+import atexit
 import codecs
 import errno
 import fcntl
@@ -45,6 +46,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CHAT = os.path.join(HERE, "chat.py")
 TIMEOUT = 5.0
 logging.getLogger("chat").setLevel(logging.CRITICAL)    # the server's log is not test output
+CONFIG_HOME = tempfile.mkdtemp(prefix="chat-test-config-")  # where clients the tests run keep their files,
+atexit.register(shutil.rmtree, CONFIG_HOME, True)            # never the user's own ~/.config
 
 # A self-signed test certificate (CN=localhost, valid until 2126), and a second one for "changed".
 TEST_CERT = """-----BEGIN CERTIFICATE-----
@@ -471,7 +474,8 @@ class Process:
             resource.setrlimit(resource.RLIMIT_FSIZE, (file_limit, file_limit))
         self.proc = subprocess.Popen([sys.executable, CHAT] + [str(a) for a in args], stdin=stdin,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     env=dict(os.environ, **(env or {})), encoding="utf-8",
+                                     env=dict(os.environ, XDG_CONFIG_HOME=CONFIG_HOME, **(env or {})),
+                                     encoding="utf-8",
                                      start_new_session=True, preexec_fn=limit_files if file_limit else None)
         self.stdout, self.stderr = queue.Queue(), queue.Queue()
         self.out_lines, self.err_lines = [], []
@@ -692,7 +696,7 @@ class Terminal:
         self.proc = subprocess.Popen([sys.executable, CHAT, *map(str, args)], stdin=slave, stdout=slave,
                                      stderr=slave, preexec_fn=own_terminal, close_fds=True,
                                      env={**{k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")},
-                                          "TERM": "xterm", **(env or {})})
+                                          "TERM": "xterm", "XDG_CONFIG_HOME": CONFIG_HOME, **(env or {})})
         os.close(slave)
         self.master, self.output, self.mark = master, b"", 0
         self.screen = Screen(rows, columns)
@@ -2296,7 +2300,7 @@ class CommunityTestCase(HarnessTestCase):
                 break
             server.advance(0.05)
         client.welcome = client.expect("welcome")
-        self.assertEqual(client.welcome["account"], chat.name_key(nick))
+        self.assertEqual(client.welcome["account"], nick, "the account as it was registered, not its key")
         return client
 
 
@@ -2359,6 +2363,29 @@ class AccountTest(CommunityTestCase):
         self.assertEqual(late.frames(), [], "it waits for the account's turn")
         self.assertEqual(self.login("alice", ip="192.0.2.1").welcome["nick"], "alice",
                          "from where she logged in before, at once")
+
+    def test_a_device_an_account_logged_in_on_is_never_locked_out_by_strangers_guesses(self):
+        """The attack round's H2: 8 wrong guesses from 8 networks kept alice out of every network new to her."""
+        home = self.server.connect("alice", ip="192.0.2.1")
+        home.send({"type": "register", "password": "secret1"})
+        device = home.expect("registered")["device"]
+        home.send({"type": "quit"})
+        for i in range(8):
+            guess = self.server.connect(ip=f"198.51.{i}.7")
+            guess.send({"type": "hello", "nick": "alice", "account_password": f"guess{i}"})
+            while not guess.gone:
+                self.server.advance(0.1)
+        travelling = self.server.connect(ip="203.0.113.9")      # a network she never used, her own laptop
+        travelling.send({"type": "hello", "nick": "alice", "account_password": "secret1", "device": device})
+        self.server.advance(0.1)        # (the hash, off the loop)
+        welcome = travelling.expect("welcome")
+        self.assertEqual(welcome["device"], device, "the same device keeps its token")
+        travelling.send({"type": "quit"})
+        stranger = self.server.connect(ip="100.64.0.10")
+        stranger.send({"type": "hello", "nick": "alice", "account_password": "secret1", "device": "made-up"})
+        self.server.advance(0.1)
+        self.assertEqual(stranger.frames("welcome"), [], "another device waits for the account's turn")
+        self.assertNotIn(device, json.dumps(self.server.chat.people.account("aiice")), "kept hashed")
 
     def test_registered_only_servers_let_operators_make_accounts(self):
         server = self.harness(ops=("root",), registered_only=True)
@@ -2587,7 +2614,7 @@ class PresenceTest(CommunityTestCase):
         bob.send({"type": "whois", "nick": "ALICE"})
         info = bob.expect("whois")
         self.assertEqual((info["nick"], info["account"], info["rooms"], info["away"], info["online"]),
-                         ("alice", "aiice", ["lobby", "dev"], "in a meeting", True))
+                         ("alice", "alice", ["lobby", "dev"], "in a meeting", True))
         self.assertGreaterEqual(info["idle"], 90)
         self.assertIn("chat.py", info["server"])
         alice.send({"type": "quit"})
@@ -4648,6 +4675,12 @@ class CommunityClientTest(ServerTestCase):
         again.type("s3cret-pw\r")
         again.settle("logged in to your account")
         self.assertNotIn(b"s3cret-pw", again.output, "not echoed")
+        devices = os.path.join(CONFIG_HOME, "chat.py", "devices")
+        with open(devices) as f:
+            self.assertEqual(len([line for line in f if line.startswith(f"127.0.0.1:{self.port} aiice ")]), 1)
+        self.assertEqual(os.stat(devices).st_mode & 0o777, 0o600, "a secret: its owner's only")
+        kept = self.server.call(lambda: self.server.loop.chat.people.account(chat.name_key("alice"))["devices"])
+        self.assertEqual(len(kept), 1, "the second login came with the first one's device")
         again.type("/register\r")
         again.settle("logged in to your account already")
         bot = self.client("-n", "alice", env={"CHAT_ACCOUNT_PASSWORD": "wrong"})
