@@ -7053,8 +7053,8 @@ class Session:
         wrong one asked for again; a try told to wait (`rate-limited`) waits
         `retry_after` and goes again."""
         self.tries += 1
-        code = frame.get("code") if type(frame.get("code")) is str else ""
-        text = printable(str(frame.get("text", frame.get("reason", ""))))[:300]
+        code = printable(frame["code"][:40]) if type(frame.get("code")) is str else ""
+        text = printable(str(frame.get("text", frame.get("reason", "")))[:300])
         if frame.get("type") == "bye":
             return GiveUp(EXIT_LOST, f"{where}: the server is going away: {text}")
         if self.tries >= self.LOGIN_TRIES:

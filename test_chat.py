@@ -4270,6 +4270,11 @@ class HostileServerTest(unittest.TestCase):
                         self.fail(f"{frame!r}: {error!r}")
                     self.assertNotIn("\x1b[2J", chat._plain(line or ""))
 
+    def test_a_refusals_code_is_drawn_escaped(self):
+        step = chat.Session("alice").refused({"type": "error", "code": "x" + self.OSC + self.CLEAR, "text": "no"},
+                                             "127.0.0.1:1", False)
+        self.assertNotIn("\x1b", step.message)
+
     def test_tab_offers_only_names_that_are_nicks(self):
         session = self.welcomed(users=["alice", "eve\n/msg mallory my-draft", "eve2"])
         self.assertEqual(session.completions("e", 1, []), (["eve2: "], 0))
