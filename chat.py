@@ -860,10 +860,13 @@ class Shares:
     or an IPv6 /64), at most `limit` in all. Past the limit, the owner who
     holds the most gives up its oldest entry (of those who hold as many,
     the one whose oldest is oldest): so one source's churn pushes out its
-    own entries, never another's while it holds more than they do."""
+    own entries, never another's while it holds more than they do. With
+    `first_come`, a new entry whose owner holds as many as any is the one
+    turned away: then many sources with one entry each cannot push out the
+    entries there before them either."""
 
-    def __init__(self, limit: int):
-        self.limit = limit
+    def __init__(self, limit: int, first_come: bool = False):
+        self.limit, self.first_come = limit, first_come
         self.entries: "collections.OrderedDict[str, Tuple[str, object]]" = collections.OrderedDict()  # -> (owner, value)
         self.counts: Dict[str, int] = collections.Counter()    # owner -> entries held
 
@@ -882,6 +885,8 @@ class Shares:
         self.pop(key)
         self.entries[key] = (owner, value)
         self.counts[owner] += 1
+        if self.first_come and len(self.entries) > self.limit and self.counts[owner] == max(self.counts.values()):
+            return [(key, self.pop(key))]
         pushed = []
         while len(self.entries) > self.limit:
             victim = self._victim()
@@ -2476,7 +2481,7 @@ class Nicks:
         self.chat = chat
         self.users: Dict[str, Conn] = {}         # nick key -> joined connection
         self.claiming: Dict[str, Conn] = {}      # nick key -> connection waiting for the relay's answer
-        self.holds = Shares(chat.config.max_connections)    # nick key -> Hold of its lost owner, by source
+        self.holds = Shares(chat.config.max_connections, first_come=True)  # nick key -> Hold of its lost owner, by source
 
     def taken(self, key: str) -> bool:
         return key in self.users or key in self.claiming or key in self.holds

@@ -2095,6 +2095,18 @@ class HoldChurnTest(HarnessTestCase):
         self.assertEqual(back.expect("msg")["text"], "for alice only")
         self.assertLessEqual(len(self.server.chat.nicks.holds), self.server.config.max_connections)
 
+    def test_many_sources_churn_never_frees_a_hold_there_before_them(self):
+        """The attack round's H4: 101 throwaway guests from 101 addresses did it."""
+        alice = self.peer("alice", ip="192.0.2.21")
+        welcome = alice.welcome
+        alice.close()
+        for i in range(self.server.config.max_connections + 1):
+            self.peer(f"throwaway{i}", ip=f"203.0.{i // 250}.{i % 250 + 1}").close()
+        thief = self.peer(ip="198.51.100.66")
+        thief.send({"type": "hello", "nick": "alice"})
+        self.assertEqual(thief.expect("error")["code"], "nick-taken")
+        self.peer("alice", ip="192.0.2.21", session=welcome["session"], instance=welcome["instance"])
+
 
 class SourceSlotsTest(HarnessTestCase):
     """Issue 18 item 3, as measured: 99 joined connections from one address on
