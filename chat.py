@@ -1583,9 +1583,10 @@ class Store(Protocol):
     def purge(self, sender: str, room: Optional[str]) -> None:
         """Forget the lines of `sender` (a nick key) kept for `room` (None: every room)."""
 
-    def lines_after(self, room: str, seq: int, limit: int) -> List[bytes]:
-        """Up to `limit` lines of `room` after `seq`, oldest first, as they were
-        sent: what it keeps beyond the server's memory, to catch up on."""
+    def lines_after(self, room: str, seq: int, before: int, budget: int) -> List[bytes]:
+        """The newest lines of `room` after `seq` and before `before` that fit
+        in `budget` bytes, oldest first, as they were sent: what it keeps
+        beyond the server's memory, to catch up on."""
 
     def lines_before(self, room: str, seq: int, limit: int) -> List[bytes]:
         """The newest `limit` lines of `room` before `seq`, oldest first: what
@@ -1637,7 +1638,7 @@ class MemoryStore:
     def purge(self, sender: str, room: Optional[str]) -> None:
         pass        # the lines are in memory only: Rooms.purge took them
 
-    def lines_after(self, room: str, seq: int, limit: int) -> List[bytes]:
+    def lines_after(self, room: str, seq: int, before: int, budget: int) -> List[bytes]:
         return []   # nothing beyond the server's memory
 
     def lines_before(self, room: str, seq: int, limit: int) -> List[bytes]:
@@ -2029,13 +2030,19 @@ class Database(MemoryStore):
         self.lines, self.batch = [], []
         return False
 
-    def lines_after(self, room: str, seq: int, limit: int) -> List[bytes]:
-        """Up to `limit` lines of `room` after `seq`, oldest first, as they were sent (what the writer has committed)."""
+    def lines_after(self, room: str, seq: int, before: int, budget: int) -> List[bytes]:
+        """See Store (what the writer has committed): read newest first, and
+        no further than the budget (a resume costs what it can be sent)."""
         if self.reader is None:
             return []
-        rows = self.reader.execute("SELECT payload FROM lines WHERE room = ? AND seq > ? ORDER BY seq LIMIT ?",
-                                   (room, seq, limit)).fetchall()
-        return [payload.encode() for (payload,) in rows]
+        lines = []
+        for (payload,) in self.reader.execute("SELECT payload FROM lines WHERE room = ? AND seq > ? AND seq < ?"
+                                              " ORDER BY seq DESC", (room, seq, before)):
+            budget -= len(payload) + 1
+            if budget < 0:
+                break
+            lines.append(payload.encode())
+        return lines[::-1]
 
     def lines_before(self, room: str, seq: int, limit: int) -> List[bytes]:
         """The newest `limit` lines of `room` before `seq`, oldest first (what the writer has committed)."""
@@ -2184,6 +2191,54 @@ class Strikes:
                 kept = sorted(self.table.items(), key=lambda item: item[1][1])[self.limit // 2:]
                 self.table = dict(kept)
         return count
+
+
+class Hashing:
+    """Password hashes (tens of milliseconds each), off the loop and shared
+    fairly: at most IN_FLIGHT at once with the worker thread; the rest wait
+    in a queue per source, served in turn, so a source flooding logins or
+    password changes waits behind its own jobs, never ahead of anyone else's
+    (and those from a trusted device or network go first). A source with
+    QUEUED_MAX jobs waiting is refused: `rate-limited`."""
+
+    IN_FLIGHT = 2
+    QUEUED_MAX = 4
+
+    def __init__(self, io: "ServerIO"):
+        self.io = io
+        self.busy = 0
+        self.queues: "collections.OrderedDict[str, collections.deque]" = collections.OrderedDict()  # source -> jobs
+        self.first: collections.deque = collections.deque()     # trusted jobs
+
+    def run(self, source: str, function: Callable, *args, done: Callable[[object], None],
+            trusted: bool = False) -> None:
+        job = (function, args, done)
+        if trusted:
+            self.first.append(job)
+        else:
+            queue = self.queues.setdefault(source, collections.deque())
+            if len(queue) >= self.QUEUED_MAX:
+                raise ProtocolError("rate-limited", "the server is busy checking your passwords; try again"
+                                                    " in a second", retry_after=1)
+            queue.append(job)
+        self._next()
+
+    def _next(self) -> None:
+        while self.busy < self.IN_FLIGHT and (self.first or self.queues):
+            if self.first:
+                function, args, done = self.first.popleft()
+            else:
+                source, queue = self.queues.popitem(last=False)     # the source whose turn it is...
+                function, args, done = queue.popleft()
+                if queue:
+                    self.queues[source] = queue                     # ...goes to the back
+            self.busy += 1
+            self.io.work(function, *args, done=lambda result, done=done: self._done(result, done))
+
+    def _done(self, result: object, done: Callable[[object], None]) -> None:
+        self.busy -= 1
+        done(result)
+        self._next()
 
 
 class Gate:
@@ -2486,20 +2541,22 @@ class Nicks:
     def taken(self, key: str) -> bool:
         return key in self.users or key in self.claiming or key in self.holds
 
-    def check(self, nick: str, session: object) -> Optional[Conn]:
-        """ProtocolError if `nick` is not to be had with `session`; else the
-        connection of the same session it replaces, if any (a reconnecting
-        user whose old connection lingers, half-open: the new one wins)."""
+    def check(self, nick: str, session: object, owner: bool = False) -> Optional[Conn]:
+        """ProtocolError if `nick` is not to be had with `session` (or as
+        its account's `owner`, who gave its password); else the connection
+        it replaces, if any (a reconnecting user whose old connection
+        lingers, half-open: the new one wins)."""
         key = name_key(nick)
         if key in self.claiming:
             raise nick_taken(nick)
         held = self.holds.get(key)
         if held is not None:
-            if not _same_session(session, held.session):
+            if not owner and not _same_session(session, held.session):
                 raise nick_taken(nick, f"{held.nick} lost their connection and it waits for them to come back")
             self.holds.pop(key)
         holder = self.users.get(key)
-        if holder is not None and not _same_session(session, holder.session):
+        if holder is not None and not _same_session(session, holder.session) and \
+                not (owner and holder.account == key):
             raise nick_taken(nick)
         return holder
 
@@ -2841,20 +2898,29 @@ class People:
     def on_password(self, conn: "Conn", frame: dict) -> None:
         """Change your account's password (the old one first)."""
         self._require(bool(conn.account), "you are not logged in to an account; /register makes one")
-        account, new = self.account(conn.account), _new_password(frame.get("new"))
+        chat, account, new = self.chat, self.account(conn.account), _new_password(frame.get("new"))
         old = frame.get("old")
+        wait, why = chat.gate.wait(conn, chat.clock, self.trusted(conn, conn.account, conn.device), conn.account)
+        if wait > 0:        # a wrong old password is a guess like any other
+            seconds = math.ceil(wait)
+            raise ProtocolError("rate-limited", _BUSY[why].format(seconds=plural(seconds, "second")),
+                                retry_after=seconds)
 
         def changed(kept: object) -> None:
             if isinstance(kept, dict):
                 self.records.put("account", conn.account, dict(self.account(conn.account) or {}, password=kept))
-                self.chat.out.send(conn, {"type": "registered", "nick": conn.nick, "mine": True, "changed": True})
+                chat.out.send(conn, {"type": "registered", "nick": conn.nick, "mine": True, "changed": True})
 
         def checked(right: object) -> None:
             if right is not True:
-                self.chat.out.send(conn, ProtocolError("login-failed", "that is not your password").frame())
-            else:
-                self.chat.off_loop(conn, hash_password, new, done=changed)
-        self.chat.off_loop(conn, password_matches, (account or {}).get("password", {}), old, done=checked)
+                chat.gate.failed(conn, chat.clock, conn.account, conn.nick)
+                chat.out.send(conn, ProtocolError("login-failed", "that is not your password").frame())
+                return
+            try:
+                chat.off_loop(conn, hash_password, new, done=changed)
+            except ProtocolError as error:
+                chat.out.send(conn, error.frame())
+        chat.off_loop(conn, password_matches, (account or {}).get("password", {}), old, done=checked)
 
     def on_op(self, conn: "Conn", frame: dict, on: bool = True) -> None:
         """Make an account the operator of a room (a server operator may)."""
@@ -3238,7 +3304,8 @@ def _duration(value: object) -> Optional[float]:
     """A ban's length from a request: seconds, or '30m', '2h', '1d'; None: until lifted."""
     if value is None:
         return None
-    seconds = parse_duration(value) if type(value) is str else float(value) if type(value) in (int, float) else None
+    seconds = parse_duration(value) if type(value) is str else \
+        float(value) if type(value) in (int, float) and abs(value) < 1e12 else None     # (10**400 is no float)
     if seconds is None or not 0 < seconds <= 10 * 365 * 86400:
         raise ProtocolError("bad-field", "a duration is like 30m, 2h or 1d (at most ten years)")
     return seconds
@@ -3366,10 +3433,12 @@ class Login:
                 if given is None:
                     raise ProtocolError("account-required", f"{self.nick} is a registered nick: log in with its"
                                                             " password")
-                if not self._turn(self.key, chat.people.trusted(conn, self.key, self.hello.get("device"))):
+                trusted = chat.people.trusted(conn, self.key, self.hello.get("device"))
+                if not self._turn(self.key, trusted):
                     return False
+                chat.hashing.run(conn.source, password_matches, record.get("password", {}), given,
+                                 done=self._verified, trusted=trusted)
                 self.hashing = True
-                chat.io.work(password_matches, record.get("password", {}), given, done=self._verified)
             if self.verified is None:
                 return False
         if not self.verified:
@@ -3394,7 +3463,7 @@ class Login:
     def _nick(self) -> bool:
         """The nick is free, or this is its owner coming back (whose old connection goes)."""
         chat, conn, hello = self.chat, self.conn, self.hello
-        replaced = chat.nicks.check(self.nick, hello.get("session"))
+        replaced = chat.nicks.check(self.nick, hello.get("session"), owner=conn.account == self.key)
         if replaced is not None:
             chat.drop(replaced, "reconnected", ProtocolError("replaced", "you connected again elsewhere"))
         conn.nick, conn.key, conn.session = self.nick, self.key, secrets.token_urlsafe(16)
@@ -3458,7 +3527,7 @@ class Chat:
         self.store: Store = store or open_store(config)
         self.relay: Relay = (relay or LocalRelay)(self)
         self.people = People(self, Records(self.store, self.relay.records))
-        self.working = 0                         # jobs handed to the loop's worker thread, not back yet
+        self.hashing = Hashing(io)               # password hashes, off the loop
         self.before_hello = {"hello": self.on_hello, "quit": self.on_quit}
         self.handlers = {
             "hello": self.on_second_hello, "msg": self.on_msg, "me": self.on_msg, "pm": self.on_pm,
@@ -3580,23 +3649,20 @@ class Chat:
             log.exception("%r: internal error handling %s", conn, shown(kind))
             self.drop(conn, "internal error", ProtocolError("internal", "the server failed on that frame"))
 
-    WORK_MAX = 8        # jobs (password hashes) waiting for the worker thread at once
-
     def off_loop(self, conn: Conn, function: Callable, *args, done: Callable[[object], None]) -> None:
-        """Run function(*args) on the worker thread for `conn`'s request; its
-        next frames wait (not read) till done(result) has answered it."""
-        if self.working >= self.WORK_MAX:
-            raise ProtocolError("rate-limited", "the server is busy checking passwords; try again in a second",
-                                retry_after=1)
-        self.working += 1
-        self.intake.hold(conn, ANSWER)
-
+        """Run function(*args) (a password hash) on the worker thread for
+        `conn`'s request, in its turn (see Hashing); its next frames wait
+        (not read) till done(result) has answered it."""
         def back(result: object) -> None:
-            self.working -= 1
             if conn.state is JOINED:
                 done(result)
             self.intake.release(conn, ANSWER)
-        self.io.work(function, *args, done=back)
+        self.intake.hold(conn, ANSWER)
+        try:
+            self.hashing.run(conn.source, function, *args, done=back)
+        except ProtocolError:
+            self.intake.release(conn, ANSWER)
+            raise
 
     def reply(self, conn: Conn, data: bytes) -> None:
         """Queue an answer to `conn`'s own request. It costs `conn` flood
@@ -3667,7 +3733,7 @@ class Chat:
         rooms = rooms or [self.rooms.lobby]
         history, missed = self.rooms.replay(rooms, since)
         if missed:
-            history, missed = self._catch_up(rooms, since, history, missed)
+            history, missed = self._catch_up(rooms, history, missed)
         start = _newest_within(history, REPLAY_MAX)
         if missed is not None:      # lines a resume cannot carry are missed too
             for line in history[:start]:
@@ -3707,21 +3773,22 @@ class Chat:
         self.people.left(conn)      # (where it is now, should it vanish)
         self.io.call_later(self.config.ping_interval, self._keepalive, conn)
 
-    def _catch_up(self, rooms: List[Room], since: dict, history: List[HistoryLine],
+    def _catch_up(self, rooms: List[Room], history: List[HistoryLine],
                   missed: Dict[str, int]) -> Tuple[List[HistoryLine], Dict[str, int]]:
         """Lines a resume (or an account coming back) missed that memory no
         longer has, from the store if it keeps them (--db); what cannot be
         had stays counted in `missed`."""
+        budget = REPLAY_MAX - sum(len(line.data) for line in history)     # what a welcome can carry
         for room in rooms:
             count = missed.get(room.name, 0)
-            if not count:
+            if not count or budget <= 0:
                 continue
+            first = next((line.seq for line in history if line.room == room.name), room.seq + 1)
             older = []
-            for payload in self.store.lines_after(room.name, since[room.name], min(count, 10000)):
+            for payload in self.store.lines_after(room.name, first - count - 1, first, budget):
                 line = json.loads(payload)
                 older.append(HistoryLine(line["id"], room.name, line["seq"], _LENGTH.pack(len(payload)) + payload))
-            first = next((line.seq for line in history if line.room == room.name), room.seq + 1)
-            older = [line for line in older if line.seq < first]
+                budget -= len(payload) + 1
             history = older + history
             missed[room.name] = count - len(older)
             if not missed[room.name]:

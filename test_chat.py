@@ -1758,6 +1758,23 @@ class DatabaseTest(HarnessTestCase):
         self.assertEqual([line["text"] for line in server.connect("newcomer").welcome["history"]],
                          [f"real {i}" for i in range(5, 10)])
 
+    def test_a_resume_reads_no_more_of_the_database_than_a_welcome_carries(self):
+        """The attack round's M5, L5: a made-up resume read 10,000 lines a room on the loop (86 ms a hello)."""
+        server = self.restart(history=5)
+        bob = server.connect("bob", flood_rate=1e6)
+        bob.send(*[{"type": "msg", "text": f"{i} " + "x" * 4000} for i in range(300)])
+        server = self.restart(server, history=5)
+        read = []
+        lines_after = server.chat.store.lines_after
+        server.chat.store.lines_after = lambda *args: read.extend(lines_after(*args)) or read
+        instance = server.chat.relay.instance
+        faker = server.connect("faker", instance=instance, since={"lobby": 0}, rooms=["lobby"])
+        self.assertLessEqual(sum(map(len, read)), chat.REPLAY_MAX)
+        self.assertEqual(len(faker.welcome["history"]) + faker.welcome["missed"]["lobby"], 300)
+        self.assertEqual(faker.welcome["history"][-1]["text"].split()[0], "299", "the newest lines")
+        huge = server.connect("huge", instance=instance, since={"lobby": 10 ** 20}, rooms=["lobby"])
+        self.assertEqual(huge.welcome["nick"], "huge")
+
     def test_a_history_file_is_taken_over_by_a_new_database(self):
         history = os.path.join(os.path.dirname(self.path), "history.jsonl")
         old = self.harness(history_file=history)
@@ -2037,6 +2054,36 @@ class PasswordSprayTest(HarnessTestCase):
         self.assertEqual(len(got_in), 30)
         self.assertLess(max(got_in.values()), 10.0, "each in within seconds")
         self.assertLess(len(checked), chat.Gate.GLOBAL_BURST + 60 + 2, "about 110 guesses checked in the minute")
+
+
+class HashingTest(unittest.TestCase):
+    """The attack round's M1, M2: 8 connections hashing wrong old passwords, or logins of one account
+    of the attacker's, kept the worker busy and every real /register was refused, a login took 2.4 s."""
+
+    class SlowWorker:
+        def __init__(self):
+            self.jobs = []
+
+        def work(self, function, *args, done):
+            self.jobs.append((args, done))
+
+        def finish(self):
+            args, done = self.jobs.pop(0)
+            done(args[0])
+
+    def test_sources_take_turns_and_one_cannot_queue_without_end(self):
+        worker, done = self.SlowWorker(), []
+        hashing = chat.Hashing(worker)
+        for i in range(chat.Hashing.IN_FLIGHT + chat.Hashing.QUEUED_MAX):
+            hashing.run("attacker", lambda x: x, f"a{i}", done=done.append)
+        with self.assertRaises(chat.ProtocolError) as refused:
+            hashing.run("attacker", lambda x: x, "one too many", done=done.append)
+        self.assertEqual(refused.exception.code, "rate-limited")
+        hashing.run("alice", lambda x: x, "alice", done=done.append)
+        hashing.run("bob", lambda x: x, "bob (her own device)", done=done.append, trusted=True)
+        while worker.jobs:
+            worker.finish()
+        self.assertEqual(done[:5], ["a0", "a1", "bob (her own device)", "a2", "alice"])
 
 
 class PasswordTest(ServerTestCase):
@@ -2333,6 +2380,12 @@ class AccountTest(CommunityTestCase):
         thief = self.peer()
         thief.send({"type": "hello", "nick": "alice"})
         self.assertEqual(thief.expect("error")["code"], "account-required", "while she is online too")
+        alice.close()       # her connection drops (her nick is held for it)...
+        again = self.login("alice", ip="198.51.100.9")      # ...and her password, from a new client, is her
+        self.assertEqual(again.welcome["nick"], "alice")
+        later = self.login("alice")         # and it replaces a connection of hers still open
+        self.assertEqual(again.closed()[-1]["code"], "replaced")
+        self.assertEqual(later.welcome["nick"], "alice")
 
     def test_the_password_is_kept_as_scrypt_with_its_own_salt(self):
         self.account("alice", "hunter22")
@@ -2357,6 +2410,11 @@ class AccountTest(CommunityTestCase):
         bob.send({"type": "nick", "nick": "alice", "password": "secret1"})      # (right after a typo: it waits)
         self.server.advance(1.0)
         self.assertEqual(bob.expect("nick")["new"], "alice")
+        bob.send({"type": "password", "old": "guess1", "new": "mine-now"})       # a wrong old one is a guess
+        self.assertEqual(bob.expect("error")["code"], "login-failed")
+        bob.send({"type": "password", "old": "guess2", "new": "mine-now"})
+        self.assertEqual(bob.expect("error")["code"], "rate-limited", "and the next waits, as at a login")
+        self.server.advance(10.0)
         bob.send({"type": "password", "old": "secret1", "new": "better2"})
         self.assertTrue(bob.expect("registered")["changed"])
         bob.send({"type": "quit"})
@@ -2589,6 +2647,11 @@ class ModerationTest(CommunityTestCase):
                          [("ban", "mallory", None, "spam")])
         self.root.send({"type": "unban", "nick": "mallory"})
         self.assertEqual(self.peer("mallory").welcome["nick"], "mallory")
+
+    def test_a_duration_too_big_for_a_float_is_refused_and_the_operator_stays(self):
+        self.root.send({"type": "ban", "nick": "mallory", "duration": 10 ** 400})
+        self.assertEqual(self.root.expect("error")["code"], "bad-field")
+        self.assertFalse(self.root.gone)
 
     def test_durations_are_spoken_as_people_say_them(self):
         self.assertEqual([chat.spoken_duration(s) for s in (0.2, 90, 600, 3594, 7260, 86399, 90000, 608400)],
