@@ -2193,6 +2193,50 @@ class Strikes:
         return count
 
 
+class FairQueue:
+    """Items waiting their turn, queued by the address they came from, and
+    taken in turn by block: round the /8s (IPv6: /16s) that have items
+    waiting, within each round its /16s (/32s), then its /24s (/48s), and
+    within one of those, oldest first. Whoever has addresses in few blocks
+    gets few turns, whatever it sends."""
+
+    LEVELS = {4: (8, 16, 24), 6: (16, 32, 48)}
+
+    def __init__(self):
+        self.root: "collections.OrderedDict[str, object]" = collections.OrderedDict()
+        self.size = 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def push(self, ip: str, item: object) -> None:
+        try:
+            address = ipaddress.ip_address(ip.split("%")[0])
+        except ValueError:
+            address = ipaddress.ip_address("0.0.0.0")
+        node, levels = self.root, self.LEVELS[address.version]
+        for prefix in levels:
+            block = str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
+            node = node.setdefault(block, collections.deque() if prefix == levels[-1] else collections.OrderedDict())
+        node.append(item)
+        self.size += 1
+
+    def pop(self) -> object:
+        """The next item in turn (IndexError if none waits)."""
+        if not self.size:
+            raise IndexError("nothing waits")
+        self.size -= 1
+        return self._take(self.root)
+
+    @staticmethod
+    def _take(node: "collections.OrderedDict[str, object]") -> object:
+        block, child = node.popitem(last=False)     # whose turn it is...
+        item = child.popleft() if isinstance(child, collections.deque) else FairQueue._take(child)
+        if child:
+            node[block] = child                     # ...goes to the back, if it has more
+        return item
+
+
 class Hashing:
     """Password hashes (tens of milliseconds each), off the loop and shared
     fairly: at most IN_FLIGHT at once with the worker thread; the rest wait
@@ -2284,9 +2328,7 @@ class Gate:
         self.by_account = Strikes(self.FORGET)     # an account's password guessed from anywhere
         self.allowance, self.refilled = float(self.GLOBAL_BURST), 0.0     # the whole server's, in strikes
         self.proven: "collections.OrderedDict[str, float]" = collections.OrderedDict()  # address -> last login
-        self.seen: "collections.OrderedDict[str, float]" = collections.OrderedDict()    # network -> first try
-        self.turns: List[tuple] = []        # heap of (network first seen, order, conn, go): tries for the allowance
-        self.order = itertools.count()
+        self.turns = FairQueue()            # (conn, go) of tries waiting for the allowance, by address block
         self.turn_timer = False             # a timer waits for the allowance's next strike
 
     # -- slots ---------------------------------------------------------------
@@ -2363,15 +2405,11 @@ class Gate:
 
     def take_turn(self, conn: Conn, go: Callable[[], None], now: float) -> None:
         """`conn`'s try waits for the server-wide allowance; go() when its turn
-        comes. Tries from networks first seen longest ago go first, so a
-        guesser spraying tries from fresh networks cannot starve people who
-        were here before it, or who try again."""
-        network = self._network(conn)
-        if network not in self.seen:
-            self.seen[network] = now
-            if len(self.seen) > 10000:
-                self.seen.popitem(last=False)
-        heapq.heappush(self.turns, (self.seen[network], next(self.order), conn, go))
+        comes. Turns go round the address blocks that have tries waiting (see
+        FairQueue): a guesser, however many tries it sends and from however
+        many networks, has the share of the blocks its addresses are in, and
+        someone from elsewhere is not kept waiting behind it."""
+        self.turns.push(conn.ip, (conn, go))
         if not self.turn_timer:
             self.turn_timer = True
             self._refill(now)
@@ -2382,7 +2420,7 @@ class Gate:
         now = self.clock()
         self._refill(now)
         while self.turns and self.allowance >= 1.0:
-            _, _, conn, go = heapq.heappop(self.turns)
+            conn, go = self.turns.pop()
             if conn in self.waiting:
                 go()        # checked now (if wrong, it spends the allowance), or queued again
         if self.turns and not self.turn_timer:
@@ -3397,11 +3435,16 @@ class Login:
             wait = math.ceil(seconds)
             raise ProtocolError("rate-limited", _BUSY[why].format(seconds=plural(wait, "second")), retry_after=wait)
         chat.gate.waiting[conn] = chat.clock + seconds
-        if why == "everywhere":
+        if why == "everywhere":         # its turn comes, or at HOLD_MAX, it is told when to try again
             chat.gate.take_turn(conn, self.go, chat.clock)
+            chat.io.call_later(Gate.HOLD_MAX - (chat.clock - self.since) + 0.001, self._still_waiting)
         else:
             chat.io.call_later(seconds, self.go)
         return False
+
+    def _still_waiting(self) -> None:
+        if self.conn in self.chat.gate.waiting and not self.running:
+            self.go()       # (its _turn says rate-limited now, unless its turn has come)
 
     def _password(self) -> bool:
         """The server's password, if it has one."""

@@ -2056,6 +2056,64 @@ class PasswordSprayTest(HarnessTestCase):
         self.assertLess(len(checked), chat.Gate.GLOBAL_BURST + 60 + 2, "about 110 guesses checked in the minute")
 
 
+    def test_a_guesser_on_networks_seen_first_starves_no_newcomer_and_nobody_waits_unanswered(self):
+        """The attack round's H3: 60 guessing connections from 400 /24s seen before anyone else;
+        newcomers with the right password had no answer for 61 s and got in after the attack ended."""
+        pool = [f"10.{i // 250}.{i % 250}.1" for i in range(400)]
+        guessers = []
+
+        def keep_guessing():
+            guessers[:] = [g for g in guessers if not g.gone]
+            while len(guessers) < 60:
+                guesser = self.server.connect(ip=random.choice(pool))
+                guesser.send({"type": "hello", "nick": "x", "password": "guess"})
+                guessers.append(guesser)
+        for ip in pool:         # every guessing network is seen before the newcomers
+            self.server.connect(ip=ip).send({"type": "hello", "nick": "x", "password": "guess"})
+            self.server.advance(0.01)
+        newcomers, answered, got_in = {}, {}, {}
+        for step in range(1500):        # 30 s
+            keep_guessing()
+            if step % 100 == 0 and len(newcomers) < 5:
+                number = len(newcomers)
+                newcomers[number] = [self.server.connect(ip=f"172.16.{number}.9"), self.server.now, self.server.now]
+                newcomers[number][0].send({"type": "hello", "nick": f"new{number}", "password": "right"})
+            for number, (client, asked, began) in newcomers.items():
+                if number in got_in or client is None:
+                    if client is None and number not in got_in and self.server.now >= asked:
+                        newcomers[number][0] = self.server.connect(ip=f"172.16.{number}.9")
+                        newcomers[number][0].send({"type": "hello", "nick": f"new{number}", "password": "right"})
+                        newcomers[number][1] = self.server.now
+                    continue
+                answer = next((f for f in client.frames() if f["type"] in ("welcome", "error")), None)
+                if answer is None:
+                    self.assertLess(self.server.now - asked, chat.Gate.HOLD_MAX + 0.5, "every try is answered")
+                    continue
+                answered[number] = True
+                if answer["type"] == "welcome":
+                    got_in[number] = self.server.now - began
+                else:
+                    self.assertEqual(answer["code"], "rate-limited")
+                    newcomers[number][0], newcomers[number][1] = None, self.server.now + answer["retry_after"]
+            self.server.advance(0.02)
+        self.assertEqual(sorted(got_in), list(range(5)), "every newcomer got in during the attack")
+        self.assertLess(max(got_in.values()), 12.0)
+
+
+class FairQueueTest(unittest.TestCase):
+    def test_turns_go_round_the_address_blocks_then_oldest_first(self):
+        queue = chat.FairQueue()
+        for i in range(100):        # a guesser: 100 tries from 100 /24s of one /8
+            queue.push(f"10.{i % 3}.{i}.1", f"guess{i}")
+        queue.push("172.16.0.9", "newcomer")
+        queue.push("2001:db8::1", "over IPv6")
+        queue.push("172.16.0.9", "newcomer again")
+        taken = [queue.pop() for _ in range(5)]
+        self.assertEqual(taken, ["guess0", "newcomer", "over IPv6", "guess1", "newcomer again"])
+        self.assertEqual(len(queue), 98)
+        self.assertEqual([queue.pop() for _ in range(3)], ["guess2", "guess3", "guess4"], "round its /16s")
+
+
 class HashingTest(unittest.TestCase):
     """The attack round's M1, M2: 8 connections hashing wrong old passwords, or logins of one account
     of the attacker's, kept the worker busy and every real /register was refused, a login took 2.4 s."""
