@@ -2095,19 +2095,19 @@ class Database(MemoryStore):
 
     def _commit(self, db: sqlite3.Connection, batches: List[tuple]) -> None:
         db.execute("BEGIN")
-        trim: Dict[str, int] = {}
+        written: Dict[str, Tuple[int, int]] = {}    # room -> the first and last seq written now
         for lines, batch, given in batches:
             db.executemany("INSERT OR REPLACE INTO lines VALUES (?, ?, ?, ?, ?)", lines)
             db.executemany("INSERT INTO seqs VALUES (?, ?) ON CONFLICT(room) DO UPDATE SET seq = MAX(seq, excluded.seq)",
                            [(room, seq) for room, seq, _, _, _ in lines])
             for room, seq, _, _, _ in lines:
-                trim[room] = seq
+                written[room] = (written.get(room, (seq, seq))[0], seq)
             for sql, rows in batch:
                 db.executemany(sql, rows)
             db.execute("INSERT OR REPLACE INTO meta VALUES ('written', ?)", (str(given),))
-        for room, seq in trim.items():      # each room keeps its newest `keep` lines
-            if seq % 100 == 0:
-                db.execute("DELETE FROM lines WHERE room = ? AND seq <= ?", (room, seq - self.keep))
+        for room, (first, last) in written.items():     # each room keeps its newest `keep` lines,
+            if last // 100 > (first - 1) // 100:        # trimmed each time its seqs pass a hundred
+                db.execute("DELETE FROM lines WHERE room = ? AND seq <= ?", (room, last - self.keep))
         db.execute("COMMIT")
 
 

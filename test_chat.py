@@ -11,6 +11,7 @@ condition (a frame, a line of output, an exit) with a timeout.
 import argparse
 import atexit
 import codecs
+import contextlib
 import errno
 import fcntl
 import fnmatch
@@ -28,6 +29,7 @@ import select
 import shutil
 import signal
 import socket
+import sqlite3
 import ssl
 import struct
 import subprocess
@@ -1774,6 +1776,18 @@ class DatabaseTest(HarnessTestCase):
         self.assertEqual(faker.welcome["history"][-1]["text"].split()[0], "299", "the newest lines")
         huge = server.connect("huge", instance=instance, since={"lobby": 10 ** 20}, rooms=["lobby"])
         self.assertEqual(huge.welcome["nick"], "huge")
+
+    def test_a_room_is_trimmed_to_db_history_however_its_lines_are_batched(self):
+        """The attack round's M6: a line, then pairs of lines, and 1501 lines were kept of --db-history 100."""
+        server = self.restart(db_history=100)
+        bob = server.connect("bob", flood_rate=1e6)
+        bob.send({"type": "msg", "text": "first"})
+        for i in range(750):        # each pair in a turn of its own: every batch ends on an odd seq
+            bob.send({"type": "msg", "text": f"a{i}"}, {"type": "msg", "text": f"b{i}"})
+        server.chat.close()
+        with contextlib.closing(sqlite3.connect(self.path)) as db:
+            kept = db.execute("SELECT COUNT(*) FROM lines WHERE room = 'lobby'").fetchone()[0]
+        self.assertLessEqual(kept, 100 + 100)
 
     def test_a_history_file_is_taken_over_by_a_new_database(self):
         history = os.path.join(os.path.dirname(self.path), "history.jsonl")
