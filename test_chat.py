@@ -1738,7 +1738,7 @@ class DatabaseTest(HarnessTestCase):
         server = self.restart(history=5)
         alice = server.connect("alice")
         alice.send({"type": "register", "password": "alicepw"}, {"type": "quit"})
-        bob = server.connect("bob", flood_rate=1e6)
+        bob = server.connect("bob")
         bob.send(*[{"type": "msg", "text": f"line {i}"} for i in range(40)])
         server = self.restart(server, history=5)
         back = server.connect("alice", account_password="alicepw")
@@ -1748,12 +1748,12 @@ class DatabaseTest(HarnessTestCase):
 
     def test_a_purge_brings_back_the_lines_the_spam_pushed_out_of_memory(self):
         server = self.restart(history=5)
-        server.connect("alice", flood_rate=1e6).send(*[{"type": "msg", "text": f"real {i}"} for i in range(10)])
+        server.connect("alice").send(*[{"type": "msg", "text": f"real {i}"} for i in range(10)])
         server = self.restart(server, history=5)        # (what is committed is what a refill can read)
         root = server.connect("root", ip="127.0.0.1")
         root.send({"type": "register", "password": "rootpw"})
         root.expect("registered")
-        server.connect("spammer", flood_rate=1e6).send(*[{"type": "msg", "text": "BUY"} for _ in range(5)])
+        server.connect("spammer").send(*[{"type": "msg", "text": "BUY"} for _ in range(5)])
         self.assertEqual([line["text"] for line in server.connect("eve").welcome["history"]], ["BUY"] * 5)
         root.send({"type": "purge", "nick": "spammer"})
         root.expect("notice")
@@ -1763,7 +1763,7 @@ class DatabaseTest(HarnessTestCase):
     def test_a_resume_reads_no_more_of_the_database_than_a_welcome_carries(self):
         """The attack round's M5, L5: a made-up resume read 10,000 lines a room on the loop (86 ms a hello)."""
         server = self.restart(history=5)
-        bob = server.connect("bob", flood_rate=1e6)
+        bob = server.connect("bob")
         bob.send(*[{"type": "msg", "text": f"{i} " + "x" * 4000} for i in range(300)])
         server = self.restart(server, history=5)
         read = []
@@ -1779,8 +1779,8 @@ class DatabaseTest(HarnessTestCase):
 
     def test_a_room_is_trimmed_to_db_history_however_its_lines_are_batched(self):
         """The attack round's M6: a line, then pairs of lines, and 1501 lines were kept of --db-history 100."""
-        server = self.restart(db_history=100)
-        bob = server.connect("bob", flood_rate=1e6)
+        server = self.restart(db_history=100, flood_rate=1e6, flood_burst=1e6)
+        bob = server.connect("bob")
         bob.send({"type": "msg", "text": "first"})
         for i in range(750):        # each pair in a turn of its own: every batch ends on an odd seq
             bob.send({"type": "msg", "text": f"a{i}"}, {"type": "msg", "text": f"b{i}"})
