@@ -707,9 +707,9 @@ class ServerConfig:
     max_rooms: int = 1000
     rooms_per_user: int = 20
     rooms_per_source: int = 0          # rooms one source (address, IPv6 /64) may have opened at once; 0: a
-                                       # tenth of max_rooms, at least rooms_per_user
-    connections_per_source: int = 0    # connections one source may hold; 0: a quarter of max_connections,
-                                       # at least 50 (an office behind one NAT)
+                                       # 50th of max_rooms, at least rooms_per_user
+    connections_per_source: int = 0    # connections one source may hold; 0: a tenth of max_connections,
+                                       # at least 20 (an office behind one NAT; more: raise it)
     redis: Optional[str] = None        # redis://HOST:PORT/DB: one chat with the other servers there
     cluster_ttl: float = 15.0          # seconds without a heartbeat before a server counts as gone
     reuse_port: bool = False           # share the port with other processes (--workers)
@@ -718,9 +718,9 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         if not self.rooms_per_source:
-            self.rooms_per_source = max(self.rooms_per_user, self.max_rooms // 10)
+            self.rooms_per_source = max(self.rooms_per_user, self.max_rooms // 50)
         if not self.connections_per_source:
-            self.connections_per_source = max(50, self.max_connections // 4)
+            self.connections_per_source = max(20, self.max_connections // 10)
 
 
 class State(enum.Enum):
@@ -775,7 +775,7 @@ class Conn:
         self.sock = sock
         self.fd = sock.fileno() if sock is not None else -1   # None: a test's connection in memory
         self.addr, self.ip = addr, ip
-        self.source = network_of(ip)    # what per-source limits count by
+        self.source = "" if _on_this_machine(ip) else network_of(ip)   # what per-source limits count by
         self.tls = False                # TLS established
         self.handshake = None           # None, or the TLS step the loop waits for
         self.shut = False               # our side of the TCP stream is closed
@@ -2293,8 +2293,11 @@ class Gate:
     for an office behind one NAT, not the whole server), and at most
     pending_per_source that have not joined; and when the server is full, a
     connection that has not joined after PREEMPT_AFTER seconds gives its
-    slot to a newcomer. So silent connections, stalled TLS handshakes, slow
-    guessers and one busy address cannot lock people out.
+    slot to a newcomer, and failing that, the source holding the most (if
+    it holds at least twice the newcomer's) gives up its newest. So silent
+    connections, stalled TLS handshakes, slow guessers and a few busy
+    addresses cannot lock people out. Connections from the server's own
+    machine (a local proxy, say) count against no source.
 
     Passwords: each wrong one is a strike against its address, its network
     (IPv4 /24, IPv6 /48) and the whole server, and is answered at once (its
@@ -2322,7 +2325,7 @@ class Gate:
         self.unjoined: "collections.OrderedDict[Conn, float]" = collections.OrderedDict()  # -> when it came
         self.pending: Dict[str, int] = collections.Counter()    # source -> connections not joined
         self.slots: Dict[str, int] = collections.Counter()      # source -> connections, joined or not
-        self.admitted: set = set()                              # the connections counted in `slots`
+        self.admitted: Dict[Conn, None] = {}                    # the connections counted in `slots`, oldest first
         self.waiting: "collections.OrderedDict[Conn, float]" = collections.OrderedDict()  # password try -> its turn
         self.by_address, self.by_network = Strikes(self.FORGET), Strikes(self.FORGET)
         self.by_account = Strikes(self.FORGET)     # an account's password guessed from anywhere
@@ -2337,24 +2340,39 @@ class Gate:
         """(refusal, None) for a newcomer that may not have a slot, or (None,
         a connection to drop to make room for it, if the server is full)."""
         source = conn.source
-        if self.slots[source] >= self.config.connections_per_source:
+        if source and self.slots[source] >= self.config.connections_per_source:
             return ProtocolError("server-full", f"{self.slots[source]} connections from your address are here"
                                                 " already, the most one address may have"), None
-        if self.pending[source] >= self.pending_per_source:
+        if source and self.pending[source] >= self.pending_per_source:
             return ProtocolError("server-full", f"{self.pending[source]} connections from your address"
                                                 " are already waiting to join; try again in a moment"), None
         victim = None
-        if connections >= self.config.max_connections:     # a try waiting its turn goes first, then the silent
-            oldest = next(iter(self.waiting.items()), None) or next(iter(self.unjoined.items()), None)
-            if oldest is None or (oldest[0] not in self.waiting and now - oldest[1] < self.PREEMPT_AFTER):
+        if connections >= self.config.max_connections:
+            victim = self._to_take_back(source, now)
+            if victim is None:
                 return ProtocolError("server-full", f"the server is full ({self.config.max_connections}"
                                                     " connections); try again later"), None
-            victim = oldest[0]
         self.unjoined[conn] = now
         self.pending[source] += 1
         self.slots[source] += 1
-        self.admitted.add(conn)
+        self.admitted[conn] = None
         return None, victim
+
+    def _to_take_back(self, source: str, now: float) -> Optional[Conn]:
+        """On a full server, the connection that gives its slot to a newcomer
+        from `source`: a try waiting its turn, else one silent too long, else
+        the newest of the source holding the most, if it holds at least twice
+        what the newcomer's does (and more than one); else none."""
+        oldest = next(iter(self.waiting), None) or next(iter(self.unjoined.items()), (None, now))[0]
+        if oldest is not None and (oldest in self.waiting or now - self.unjoined[oldest] >= self.PREEMPT_AFTER):
+            return oldest
+        counted = {held: count for held, count in self.slots.items() if held}
+        if not source or not counted:
+            return None
+        biggest = max(counted, key=counted.__getitem__)
+        if counted[biggest] < max(2, 2 * (self.slots[source] + 1)):
+            return None
+        return next(held for held in reversed(self.admitted) if held.source == biggest)
 
     def joined(self, conn: Conn) -> None:
         """`conn` joined: it no longer counts as waiting (its slot it keeps)."""
@@ -2365,6 +2383,10 @@ class Gate:
     def preempted(self, conn: Conn, now: float) -> ProtocolError:
         """What `conn`, taken back by a full server for a newcomer, is told."""
         turn = self.waiting.get(conn)
+        if conn not in self.unjoined:
+            return ProtocolError("server-full", f"the server is full, and your address has the most connections"
+                                                f" here ({self.slots[conn.source]}): this one made room for"
+                                                " someone from elsewhere")
         if turn is None:
             return ProtocolError("timeout", "the server is full and you had not said hello")
         seconds = max(1, math.ceil(turn - now))
@@ -2375,7 +2397,7 @@ class Gate:
         """`conn` is gone: its slot is free."""
         self.joined(conn)
         if conn in self.admitted:
-            self.admitted.discard(conn)
+            del self.admitted[conn]
             _uncount(self.slots, conn.source)
 
     # -- passwords -----------------------------------------------------------
@@ -2866,7 +2888,7 @@ class People:
         if conn.account or self.account(key) is not None:
             return None     # an account is judged by its account alone
         for record_key, record in self.records.items(kind):      # (on those who came after it only)
-            if record.get("source") == conn.source and record_key.startswith(scoped(room, "")) \
+            if record.get("source") and record["source"] == conn.source and record_key.startswith(scoped(room, "")) \
                     and not 0 < conn.since <= record.get("at", 0):
                 ban = Ban.of(record, now)
                 if ban is not None and ban.on_source(now):
@@ -3041,7 +3063,7 @@ class People:
         if room is None and (self.is_op_key(key) or self.is_op_key(subject)):
             raise ProtocolError("not-allowed", f"{nick} is a server operator: /deop them at the console first")
         target, now = self.chat.users.get(key), self.chat.out.ts
-        source = target.source if target is not None else (self.chat.relay.profile(key) or {}).get("source")
+        source = (target.source if target is not None else (self.chat.relay.profile(key) or {}).get("source")) or None
         until = now + duration if duration else None
         self.records.put(kind, scoped(room, subject), {
             "nick": nick, "until": until, "reason": reason, "by": _by(actor), "room": room.name if room else None,
@@ -8713,7 +8735,8 @@ class HelpFormatter(argparse.HelpFormatter):
 SERVER_OPTIONS = ("host", "port", "max_connections", "tls_cert", "history", "history_bytes", "history_file",
                   "db", "db_history", "registered_only",
                   "max_buffer", "max_payload", "flood_rate", "flood_burst", "hello_timeout", "ping_interval",
-                  "idle_timeout", "max_rooms", "nick_hold", "redis", "cluster_ttl", "reuse_port")
+                  "idle_timeout", "max_rooms", "connections_per_source", "rooms_per_source", "nick_hold", "redis",
+                  "cluster_ttl", "reuse_port")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -8771,6 +8794,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="drop clients silent this long (more than --ping-interval)")
     server.add_argument("--max-rooms", type=Number(1, 1_000_000), default=d.max_rooms, metavar="N",
                         help="rooms in use at once")
+    server.add_argument("--connections-per-source", type=Number(0, 1_000_000), default=0, metavar="N",
+                        help="connections one address (IPv6: /64) may hold; 0: a tenth of -m, at least 20"
+                             " (connections from this machine count against none)")
+    server.add_argument("--rooms-per-source", type=Number(0, 1_000_000), default=0, metavar="N",
+                        help="rooms one address may have in use; 0: a 50th of --max-rooms, at least 20")
     server.add_argument("--nick-hold", type=Number(0, 86400, kind=float, unit=seconds), default=d.nick_hold,
                         metavar="SECONDS", help="how long a lost connection's nick waits for its owner (0: not at all)")
     server.add_argument("--redis", metavar="URL", type=redis_option,

@@ -1364,12 +1364,12 @@ class RoomChurnTest(HarnessTestCase):
 
     def test_one_source_cannot_fill_the_room_table(self):
         per_source = self.server.config.rooms_per_source
-        self.assertEqual(per_source, 100, "a tenth of --max-rooms")
-        hogs = [self.peer(f"hog{i}", ip="203.0.113.66") for i in range(53)]
+        self.assertEqual(per_source, 20, "a 50th of --max-rooms, at least --rooms-per-user")
+        hogs = [self.peer(f"hog{i}", ip="203.0.113.66") for i in range(20)]
         for i, hog in enumerate(hogs):          # as measured: 53 connections x 19 joins
             hog.send(*[{"type": "join", "room": f"hog{i}-{j}"} for j in range(19)])
         refused = sum(1 for hog in hogs for f in hog.frames("error") if f["code"] == "too-many-rooms")
-        self.assertEqual(refused, 53 * 19 - per_source)
+        self.assertEqual(refused, 20 * 19 - per_source)
         user = self.peer("user", ip="192.0.2.12")
         user.send({"type": "join", "room": "team"})
         self.assertEqual(user.expect("joined")["room"], "team")
@@ -1846,7 +1846,7 @@ class SlotTest(HarnessTestCase):
         silent = [server.connect(ip=f"198.51.100.{i % 20}") for i in range(100)]
         server.advance(chat.Gate.PREEMPT_AFTER)
         for i in range(25):
-            user = server.connect(f"user{i}", ip="192.0.2.7")
+            user = server.connect(f"user{i}", ip=f"192.0.2.{i + 7}")
             self.assertEqual(user.welcome["nick"], f"user{i}")
         self.assertEqual(sum(client.gone for client in silent), 25)
         self.assertEqual(silent[0].frames()[-1]["code"], "timeout")
@@ -1860,7 +1860,7 @@ class SlotTest(HarnessTestCase):
         self.assertTrue(late.gone)
 
     def test_one_source_holds_at_most_a_tenth_of_the_slots_unjoined(self):
-        server = self.harness(max_connections=200)
+        server = self.harness(max_connections=200, connections_per_source=100)
         waiting = [server.connect(ip="198.51.100.1") for _ in range(21)]
         self.assertEqual([c.gone for c in waiting], [False] * 20 + [True])
         self.assertIn("already waiting to join", waiting[-1].expect("error")["text"])
@@ -2234,7 +2234,7 @@ class SourceSlotsTest(HarnessTestCase):
 
     def test_one_address_cannot_fill_the_server(self):
         per_source = self.server.config.connections_per_source
-        self.assertEqual(per_source, 50, "a quarter of -m, at least 50: an office behind one NAT")
+        self.assertEqual(per_source, 20, "a tenth of -m, at least 20: an office behind one NAT")
         hogs = []
         for i in range(99):
             hogs.append(self.peer(ip="203.0.113.66"))
@@ -2244,6 +2244,20 @@ class SourceSlotsTest(HarnessTestCase):
         self.assertIn("the most one address may have", hogs[-1].frames()[-1]["text"])
         for i in range(10):
             self.assertEqual(self.peer(f"user{i}", ip=f"192.0.2.{30 + i}").welcome["nick"], f"user{i}")
+
+    def test_a_few_addresses_filling_the_server_make_room_for_someone_new(self):
+        """The attack round's M9: two addresses of idle joined guests filled -m 100 for as long as they liked."""
+        hogs = [self.peer(f"hog{i}", ip=f"203.0.113.{i % 5}") for i in range(100)]
+        self.assertEqual(sum(not hog.gone for hog in hogs), 100, "five addresses fill it")
+        users = [self.peer(f"user{i}", ip=f"192.0.2.{30 + i}") for i in range(10)]
+        self.assertEqual([user.welcome["nick"] for user in users], [f"user{i}" for i in range(10)])
+        taken_back = [hog for hog in hogs if hog.gone]
+        self.assertEqual(len(taken_back), 10)
+        self.assertIn("your address has the most connections here", taken_back[0].frames("error")[-1]["text"])
+
+    def test_connections_from_the_servers_own_machine_count_against_no_source(self):
+        local = [self.peer(f"proxied{i}", ip="127.0.0.1") for i in range(60)]      # a local TLS proxy, say
+        self.assertEqual(sum(not client.gone for client in local), 60)
 
 
 class HarnessFloodTest(HarnessTestCase):
@@ -2269,7 +2283,7 @@ class RequestCostTest(HarnessTestCase):
     def populated(self, rooms=40, **config):
         server = self.harness(**{"flood_rate": 10.0, "flood_burst": 50, **config})
         for i in range(rooms):
-            server.connect(f"u{i}").send({"type": "join", "room": f"room-with-a-long-name-{i:04d}"})
+            server.connect(f"u{i}", ip=f"198.51.100.{i + 1}").send({"type": "join", "room": f"room-with-a-long-name-{i:04d}"})
         return server
 
     def test_cheap_requests_with_big_answers_are_paid_for(self):
@@ -3082,7 +3096,7 @@ class FuzzTest(HarnessTestCase):
         watcher = server.connect("watcher")
         with self.assertLogs("chat", logging.DEBUG) as logs:
             for round_ in range(200):
-                client = server.connect(f"fuzz{round_}" if rng.random() < 0.8 else None)
+                client = server.connect(f"fuzz{round_}" if rng.random() < 0.8 else None, ip=f"198.51.100.{round_ + 1}")
                 for _ in range(rng.randrange(1, 20)):
                     frame = {"type": rng.choice(self.TYPES)}
                     for field in rng.sample(self.FIELDS, rng.randrange(0, 4)):
