@@ -2659,6 +2659,7 @@ class Nicks:
 SCRYPT = {"n": 1 << 14, "r": 8, "p": 1}    # 16 MiB and about 40 ms a hash on a 2-core box
 SCRYPT_N_MAX = 1 << 20                     # a stored record asking more is not believed
 INBOX_MAX, INBOX_PER_SENDER = 100, 10      # messages kept for an account, and from any one sender
+INBOX_BYTES = 64 << 10                      # characters of text kept for an account
 PLACE_ROOMS = 20                           # rooms an account comes back to
 
 
@@ -2722,6 +2723,9 @@ class Records:
 
     def items(self, kind: str) -> List[Tuple[str, dict]]:
         return list(self.tables[kind].items())
+
+    def count(self, kind: str) -> int:
+        return len(self.tables[kind])
 
     def put(self, kind: str, key: str, value: Optional[dict]) -> None:
         """Keep (or with None, forget) a record, here and in the store."""
@@ -2829,6 +2833,7 @@ class People:
     def __init__(self, chat: "Chat", records: Records):
         self.chat, self.records, self.config = chat, records, chat.config
         self.ops = {name_key(name) for name in chat.config.ops}
+        self.registered = Strikes(86400.0)      # source -> accounts it registered today
         records.on_change = self.changed
         for name in chat.config.ops:
             if self.account(name_key(name)) is None:
@@ -2938,6 +2943,8 @@ class People:
             key = name_key(nick)
         if self.account(key) is not None:
             raise ProtocolError("bad-nick", f"{nick} is registered already")
+        if not self.is_op(conn):
+            self._may_register(conn)
         if key in self.ops and not _on_this_machine(conn.ip):     # or anyone could become the operator
             raise ProtocolError("not-allowed", f"{nick} is a server operator's name (--op): its account is made"
                                                f" at the server's console (/register {nick}) or from a client"
@@ -2948,12 +2955,26 @@ class People:
                 self.chat.out.send(conn, ProtocolError("internal", f"{nick} could not be registered").frame())
                 return
             self.records.put("account", key, {"name": nick, "password": kept, "created": self.chat.out.ts})
+            self.registered.add(conn.source, self.chat.clock)
             if key == conn.key:
                 self.logged_in(conn, key)
             log.info("%r registered %s", conn, nick)
             self.chat.out.send(conn, {"type": "registered", "nick": nick, "mine": key == conn.key,
                                       **({"device": conn.device} if key == conn.key else {})})
         self.chat.off_loop(conn, hash_password, password, done=hashed)
+
+    ACCOUNTS_PER_SOURCE = 5     # accounts one address may register in a day (the console and operators: any)
+    ACCOUNTS_MAX = 100_000      # accounts in all
+
+    def _may_register(self, conn: "Conn") -> None:
+        """Accounts cost the server for ever, and each takes a nick from
+        everyone else: a source registers a few a day, and there is a ceiling."""
+        if conn.source and self.registered.get(conn.source, self.chat.clock)[0] >= self.ACCOUNTS_PER_SOURCE:
+            raise ProtocolError("not-allowed", f"{self.ACCOUNTS_PER_SOURCE} accounts were registered from your"
+                                               " address today, the most one address may; try again tomorrow")
+        if self.records.count("account") >= self.ACCOUNTS_MAX:
+            raise ProtocolError("not-allowed", "this server has as many accounts as it keeps; an operator may"
+                                               " make one for you")
 
     def on_password(self, conn: "Conn", frame: dict) -> None:
         """Change your account's password (the old one first)."""
@@ -3283,19 +3304,21 @@ class People:
             return None
         return record
 
-    def keep_message(self, to_key: str, line: dict) -> int:
+    def keep_message(self, to_key: str, line: dict, sender: "Conn") -> int:
         """A private message for an account that is not online: kept (within
-        INBOX_MAX, and INBOX_PER_SENDER from one sender); how many are kept for it."""
-        kept = list((self.records.get("inbox", to_key) or {}).get("lines", []))
-        sender = name_key(line["from"])
-        if sum(1 for old in kept if name_key(str(old.get("from"))) == sender) >= INBOX_PER_SENDER:
+        INBOX_MAX messages and INBOX_BYTES of text, and INBOX_PER_SENDER from
+        one sender: an account, or a guest's address, whatever its nick);
+        how many are kept for it."""
+        record = self.records.get("inbox", to_key) or {}
+        kept, senders = list(record.get("lines", [])), list(record.get("senders", []))
+        who = sender.account or "@" + (sender.source or sender.ip)
+        if senders.count(who) >= INBOX_PER_SENDER:
             raise ProtocolError("no-such-user", f"{line['to']} is not here, and {INBOX_PER_SENDER} of your messages"
                                                 " already wait for them")
-        if len(kept) >= INBOX_MAX:
+        if len(kept) >= INBOX_MAX or sum(len(str(old.get("text"))) for old in kept) + len(line["text"]) > INBOX_BYTES:
             raise ProtocolError("no-such-user", f"{line['to']} is not here, and their kept messages are full")
-        kept.append(line)
-        self.records.put("inbox", to_key, {"lines": kept})
-        return len(kept)
+        self.records.put("inbox", to_key, {"lines": kept + [line], "senders": senders + [who]})
+        return len(kept) + 1
 
     def take_messages(self, conn: "Conn") -> List[dict]:
         """What was kept for `conn`'s account; it is delivered, and kept no more."""
@@ -3945,7 +3968,7 @@ class Chat:
             account = self.people.account(key)
             if account is not None:
                 line.update(to=account.get("name", to), id=self.relay.new_id())
-                kept = self.people.keep_message(key, self.out.stamp(line))
+                kept = self.people.keep_message(key, self.out.stamp(line), conn)
                 self.deliver_pm(None, conn, self.out.encode(line))
                 self.out.send(conn, {"type": "notice", "text": f"{line['to']} is not online: your message is kept"
                                      f" for them ({plural(kept, 'message')} waiting)"})

@@ -2543,6 +2543,20 @@ class AccountTest(CommunityTestCase):
         self.assertEqual(stranger.frames("welcome"), [], "another device waits for the account's turn")
         self.assertNotIn(device, json.dumps(self.server.chat.people.account("aiice")), "kept hashed")
 
+    def test_one_address_registers_a_few_accounts_a_day(self):
+        """The attack round's M3: one address made 686 accounts in 20 s, each a nick lost to its owner for good."""
+        for i in range(chat.People.ACCOUNTS_PER_SOURCE + 1):
+            squatter = self.server.connect(f"nick{i}", ip="203.0.113.5")
+            squatter.send({"type": "register", "password": "squat-pw"})
+            answer = next(f for f in squatter.received if f["type"] in ("registered", "error"))
+            squatter.send({"type": "quit"})
+        self.assertEqual(answer["code"], "not-allowed")
+        self.assertIn("try again tomorrow", answer["text"])
+        self.assertIsNone(self.server.chat.people.account(chat.name_key(f"nick{chat.People.ACCOUNTS_PER_SOURCE}")))
+        self.account("elsewhere", ip="198.51.100.5")
+        self.server.advance(86400)
+        self.account("tomorrow", ip="203.0.113.5")
+
     def test_registered_only_servers_let_operators_make_accounts(self):
         server = self.harness(ops=("root",), registered_only=True)
         guest = server.connect()
@@ -2799,6 +2813,24 @@ class PresenceTest(CommunityTestCase):
         self.assertTrue(all(f["kept"] and f["from"] == "bob" for f in kept))
         alice.send({"type": "quit"})
         self.assertEqual(self.login("alice").frames("msg"), [], "delivered once")
+
+    def test_one_sender_cannot_fill_an_inbox_under_new_nicks(self):
+        """The attack round's M4: a guest renaming every 10 messages filled an account's 100 slots."""
+        self.account("alice")
+        alice = self.login("alice")
+        alice.send({"type": "quit"})
+        mallory = self.peer("mallory", ip="203.0.113.9")
+        for i in range(30):
+            if i % 10 == 0:
+                mallory.send({"type": "nick", "nick": f"mallory{i}"})
+            mallory.send({"type": "pm", "to": "alice", "text": "x" * 4000})
+        self.assertEqual(len(mallory.frames("error")), 20)
+        friend = self.peer("friend", ip="198.51.100.3")
+        friend.send({"type": "pm", "to": "alice", "text": "a real message"})
+        self.assertIn("your message is kept", friend.expect("notice")["text"])
+        kept = self.server.chat.people.records.get("inbox", chat.name_key("alice"))
+        self.assertLessEqual(sum(len(line["text"]) for line in kept["lines"]), chat.INBOX_BYTES)
+        self.assertNotIn("203.0.113.9", json.dumps(self.login("alice").frames("msg")), "no sender's address")
 
     def test_an_account_comes_back_where_it_left_off_with_what_it_missed(self):
         self.account("alice")
