@@ -1179,11 +1179,15 @@ class Rooms:
     def restore(self, room: Room, payloads: List[bytes]) -> None:
         """Replace `room`'s history with these lines (from Redis, as they were sent)."""
         self.forget(room, len(room.history))
+        self.refill(room, payloads)
+        self.vacated(room)
+
+    def refill(self, room: Room, payloads: List[bytes]) -> None:
+        """Lines (as they were sent, oldest first) for `room`'s empty history."""
         for payload in payloads:
             line = json.loads(payload)
             self.keep(room, HistoryLine(line["id"], room.name, line["seq"], _LENGTH.pack(len(payload)) + payload))
             self.numbered(room, line["seq"])
-        self.vacated(room)
 
     def in_memory(self) -> List[bytes]:
         """Every kept line as it was sent, oldest first (to compact a history file)."""
@@ -1908,11 +1912,14 @@ class Database(MemoryStore):
     the loop's own: WAL lets them run beside the writer."""
 
     FORMAT = "chat.py-db-1"
+    ROOMS_KEPT = 10         # times --max-rooms: rooms whose lines the file keeps (their numbering it keeps always)
 
-    def __init__(self, path: str, keep: int, in_memory: int):
+    def __init__(self, path: str, keep: int, in_memory: int, rooms: int = 1000, budget: int = 32 << 20):
         super().__init__()
         self.path, self.keep, self.where = path, keep, path
-        self.in_memory = in_memory      # lines per room loaded at start (the server's --history)
+        self.in_memory = in_memory      # lines per room loaded at start (the server's --history)...
+        self.rooms, self.budget = rooms, budget     # ...of the newest `rooms`, within `budget` bytes
+        self.commits = 0
         self.import_from: Optional[str] = None      # a history file to take over, into a new database
         self.watermark = Watermark(path + ".mark")
         self.instance, self.reserved, self.given = "", 1, 0
@@ -1962,10 +1969,15 @@ class Database(MemoryStore):
                       " line numbers go on above them", self.path, plural(lost, "line"))
         self.given = written + lost
         seqs = dict(db.execute("SELECT room, seq FROM seqs"))
-        lines = []
-        for (room,) in db.execute("SELECT DISTINCT room FROM lines").fetchall():
+        if db.execute("SELECT 1 FROM active LIMIT 1").fetchone() is None:      # (a database from before it)
+            db.execute("INSERT OR REPLACE INTO active SELECT room, MAX(id) FROM lines GROUP BY room")
+        lines, budget = [], self.budget
+        for (room,) in db.execute("SELECT room FROM active ORDER BY id DESC LIMIT ?", (self.rooms,)).fetchall():
             rows = db.execute("SELECT payload FROM lines WHERE room = ? ORDER BY seq DESC LIMIT ?",
                               (room, self.in_memory)).fetchall()
+            budget -= sum(len(payload) + HISTORY_LINE_COST for (payload,) in rows)
+            if budget < 0:
+                break       # the newest rooms' lines fill memory; the others wait in the file
             lines += [(json.loads(payload), payload.encode()) for (payload,) in reversed(rows)]
         lines.sort(key=lambda line: line[0]["id"])
         for kind, key, value in db.execute("SELECT kind, key, value FROM records"):
@@ -2096,18 +2108,28 @@ class Database(MemoryStore):
     def _commit(self, db: sqlite3.Connection, batches: List[tuple]) -> None:
         db.execute("BEGIN")
         written: Dict[str, Tuple[int, int]] = {}    # room -> the first and last seq written now
+        newest: Dict[str, int] = {}                 # room -> the id of its newest line
         for lines, batch, given in batches:
             db.executemany("INSERT OR REPLACE INTO lines VALUES (?, ?, ?, ?, ?)", lines)
             db.executemany("INSERT INTO seqs VALUES (?, ?) ON CONFLICT(room) DO UPDATE SET seq = MAX(seq, excluded.seq)",
                            [(room, seq) for room, seq, _, _, _ in lines])
-            for room, seq, _, _, _ in lines:
+            for room, seq, id_, _, _ in lines:
                 written[room] = (written.get(room, (seq, seq))[0], seq)
+                newest[room] = id_
             for sql, rows in batch:
                 db.executemany(sql, rows)
             db.execute("INSERT OR REPLACE INTO meta VALUES ('written', ?)", (str(given),))
+        db.executemany("INSERT INTO active VALUES (?, ?) ON CONFLICT(room) DO UPDATE SET id = MAX(id, excluded.id)",
+                       newest.items())
         for room, (first, last) in written.items():     # each room keeps its newest `keep` lines,
             if last // 100 > (first - 1) // 100:        # trimmed each time its seqs pass a hundred
                 db.execute("DELETE FROM lines WHERE room = ? AND seq <= ?", (room, last - self.keep))
+        self.commits += 1
+        if self.commits % 100 == 0:     # the file keeps the lines of ROOMS_KEPT rooms, the last active
+            for (room,) in db.execute("SELECT room FROM active ORDER BY id DESC LIMIT -1 OFFSET ?",
+                                      (self.ROOMS_KEPT * self.rooms,)).fetchall():
+                db.execute("DELETE FROM lines WHERE room = ?", (room,))
+                db.execute("DELETE FROM active WHERE room = ?", (room,))
         db.execute("COMMIT")
 
 
@@ -2117,6 +2139,8 @@ CREATE TABLE IF NOT EXISTS lines (room TEXT NOT NULL, seq INTEGER NOT NULL, id I
                                   sender TEXT NOT NULL, payload TEXT NOT NULL, PRIMARY KEY (room, seq)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS lines_by_sender ON lines (sender);
 CREATE TABLE IF NOT EXISTS seqs (room TEXT PRIMARY KEY, seq INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS active (room TEXT PRIMARY KEY, id INTEGER NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS active_by_id ON active (id);
 CREATE TABLE IF NOT EXISTS records (kind TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL,
                                     PRIMARY KEY (kind, key)) WITHOUT ROWID;
 """
@@ -2127,7 +2151,7 @@ def open_store(config: ServerConfig) -> Store:
     if config.redis:
         return RedisStore()
     if config.db:
-        database = Database(config.db, config.db_history, config.history)
+        database = Database(config.db, config.db_history, config.history, config.max_rooms, config.history_bytes)
         database.import_from = config.history_file
         return database
     if config.history_file:
@@ -3819,6 +3843,8 @@ class Chat:
         rooms = self.rooms.rejoin(hello.get("rooms"), self.config.rooms_per_user, conn.source) or [self.rooms.lobby]
         rooms = [room for room in rooms if room is self.rooms.lobby or not self.people.banned(conn, conn.key, room)]
         rooms = rooms or [self.rooms.lobby]
+        for room in rooms:
+            self._with_its_history(room)
         history, missed = self.rooms.replay(rooms, since)
         if missed:
             history, missed = self._catch_up(rooms, history, missed)
@@ -3882,6 +3908,13 @@ class Chat:
             if not missed[room.name]:
                 del missed[room.name]
         return sorted(history), missed
+
+    def _with_its_history(self, room: Room) -> None:
+        """A room opened again with no history in memory (it was freed, or
+        pushed out by other rooms) gets its newest lines back from the store,
+        if the store keeps them (--db)."""
+        if not room.history and room.seq:
+            self.rooms.refill(room, self.store.lines_before(room.name, room.seq + 1, self.config.history))
 
     def enter(self, conn: Conn, room: Room) -> None:
         room.add(conn)
@@ -4147,6 +4180,7 @@ class Chat:
         if ban is not None:
             raise self.people.refusal(ban, f"#{name}")
         room = self.rooms.open(name, conn.source)
+        self._with_its_history(room)
         self.out.flush()
         fresh = room not in conn.rooms
         if fresh:

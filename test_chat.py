@@ -1789,6 +1789,44 @@ class DatabaseTest(HarnessTestCase):
             kept = db.execute("SELECT COUNT(*) FROM lines WHERE room = 'lobby'").fetchone()[0]
         self.assertLessEqual(kept, 100 + 100)
 
+    def test_the_file_keeps_the_lines_of_the_rooms_last_active_and_a_restart_loads_within_budget(self):
+        """The attack round's M7: 2000 throwaway rooms left 94 MB in the file, and a restart loaded all of them
+        (269 MiB against 47 MiB)."""
+        server = self.restart(max_rooms=4, flood_rate=1e6, flood_burst=1e6)
+        churner = server.connect("churner")
+        for i in range(300):        # a turn each: join, two lines, part
+            churner.send({"type": "join", "room": f"junk{i}"}, {"type": "msg", "room": f"junk{i}", "text": "x" * 2000},
+                         {"type": "msg", "room": f"junk{i}", "text": "y"}, {"type": "part", "room": f"junk{i}"})
+        server.chat.close()
+        with contextlib.closing(sqlite3.connect(self.path)) as db:
+            rooms = db.execute("SELECT COUNT(DISTINCT room) FROM lines").fetchone()[0]
+        self.assertLessEqual(rooms, chat.Database.ROOMS_KEPT * 4 + 100, "pruned every 100 commits")
+        server = self.restart(max_rooms=4, history_bytes=10_000)
+        self.assertLessEqual(server.chat.rooms.history_bytes, 10_000, "a restart loads what memory may hold")
+        self.assertEqual(len(server.chat.rooms.get("junk299").history), 2, "the newest rooms first")
+        self.assertIsNone(server.chat.rooms.get("junk0"))
+
+    def test_a_quiet_room_pushed_out_of_memory_comes_back_with_its_lines(self):
+        """The attack round's M8: 1001 addresses making a room each erased #bookclub's history in 1 s."""
+        server = self.restart(max_rooms=10)
+        reader = server.connect("reader", ip="192.0.2.50")
+        reader.send({"type": "join", "room": "bookclub"}, *[{"type": "msg", "room": "bookclub", "text": f"chapter {i}"}
+                                                              for i in range(5)], {"type": "part", "room": "bookclub"})
+
+        def in_the_file():
+            with contextlib.closing(sqlite3.connect(self.path)) as db:
+                return db.execute("SELECT COUNT(*) FROM lines WHERE room = 'bookclub'").fetchone()[0] == 5
+        wait_until(in_the_file, what="the lines committed")
+        for i in range(30):         # one room each, from 30 addresses
+            maker = server.connect(f"maker{i}", ip=f"203.0.113.{i + 1}")
+            maker.send({"type": "join", "room": f"r{i}"}, {"type": "msg", "room": f"r{i}", "text": "x"},
+                       {"type": "quit"})
+        self.assertIsNone(server.chat.rooms.get("bookclub"), "pushed out of memory")
+        reader.frames()
+        reader.send({"type": "join", "room": "bookclub"})
+        self.assertEqual([line["text"] for line in reader.expect("joined")["history"]],
+                         [f"chapter {i}" for i in range(5)])
+
     def test_a_history_file_is_taken_over_by_a_new_database(self):
         history = os.path.join(os.path.dirname(self.path), "history.jsonl")
         old = self.harness(history_file=history)
