@@ -332,7 +332,24 @@ def name_key(name: str) -> str:
 
 @functools.lru_cache(maxsize=4096)
 def _skeleton(name: str) -> str:
-    return unicodedata.normalize("NFKC", name).casefold().translate(_CONFUSABLES)
+    return _unmarked(unicodedata.normalize("NFKC", name).casefold()).translate(_STROKES).translate(_CONFUSABLES)
+
+
+def _unmarked(name: str) -> str:
+    """`name` without the accents on its Latin, Greek and Cyrillic letters
+    (`alíce`, `ǎlice` and `trōll` are `alice` and `troll`), which TR39's
+    skeleton keeps; other scripts' marks are letters' parts, and stay."""
+    decomposed, kept = unicodedata.normalize("NFD", name), []
+    for ch in decomposed:
+        if unicodedata.category(ch) == "Mn" and kept and ord(kept[-1]) < 0x0530:
+            continue
+        kept.append(ch)
+    return unicodedata.normalize("NFC", "".join(kept))
+
+
+# Latin letters drawn as another with a stroke through it, which no
+# decomposition separates: `ałice` is `alice`.
+_STROKES = str.maketrans("łđðøħŧƀɨƶǥɍɏŀƚɉ", "lddohtbizgryllj")
 
 
 # Characters the server never relays: C0 and C1 controls except tab and

@@ -1087,6 +1087,14 @@ class LookAlikeTest(HarnessTestCase):
                 self.assertIn(client.expect("error")["code"], ("nick-taken", "bad-nick"))
                 self.assertTrue(client.gone)
 
+    def test_accents_and_strokes_on_latin_letters_do_not_make_another_name(self):
+        """The attack round's L1: alíce, ałice, ǎlice while alice was online; trōll while troll was banned."""
+        for nick in ("al\u00edce", "al\u00ecce", "a\u0142ice", "al\u00efce", "\u01celice", "alic\u00e9", "ALI\u0106E"):
+            self.assertEqual(chat.name_key(nick), chat.name_key("alice"), nick)
+        self.assertEqual(chat.name_key("tr\u014dll"), chat.name_key("troll"))
+        self.assertNotEqual(chat.name_key("\u0928\u092e\u0938\u094d\u0924\u0947"),
+                            chat.name_key("\u0928\u092e\u0938\u094d\u0924"), "other scripts' marks are letters")
+
     def test_the_skeleton_is_tr39s_and_keeps_different_names_apart(self):
         self.assertEqual(chat.name_key("\u0570\u057d\u0581\u0585"), chat.name_key("hugo"), "all-Armenian hugo")
         self.assertEqual(chat.name_key("vw"), chat.name_key("wv"), "both draw as vvv")
