@@ -785,7 +785,7 @@ class Conn:
 
     __slots__ = ("sock", "fd", "addr", "ip", "source", "tls", "handshake", "shut", "events", "state", "codec",
                  "out", "queued",
-                 "nick", "key", "session", "claimed", "rooms", "account", "device", "away", "told_away", "since", "said", "echo",
+                 "nick", "key", "session", "claimed", "rooms", "account", "device", "away", "awaiting", "told_away", "since", "said", "echo",
                  "tokens", "refilled", "held", "holds", "deferred", "last_heard", "flood_noticed")
 
     def __init__(self, sock, addr: str, ip: str, max_payload: int, now: float, burst: float):
@@ -806,6 +806,7 @@ class Conn:
         self.rooms: List[Room] = []
         self.account = ""               # the account it is logged in to ("": a guest)
         self.device = ""                # and the device token it was given for it (see People.logged_in)
+        self.awaiting = 0               # its requests answered later (Chat.awaiting): frames after them wait
         self.away: Optional[str] = None     # its away text
         self.told_away: set = set()     # who was told it is away, since it went away
         self.since = self.said = 0.0    # when it joined, and when it last said something (wall clock)
@@ -3785,13 +3786,24 @@ class Chat:
         def back(result: object) -> None:
             if conn.state is JOINED:
                 done(result)
-            self.intake.release(conn, ANSWER)
-        self.intake.hold(conn, ANSWER)
+            self.answered(conn)
+        self.awaiting(conn)
         try:
             self.hashing.run(conn.source, function, *args, done=back)
         except ProtocolError:
-            self.intake.release(conn, ANSWER)
+            self.answered(conn)
             raise
+
+    def awaiting(self, conn: Conn) -> None:
+        """`conn`'s request is answered later: the frames it sent after it wait (not read) till answered()."""
+        conn.awaiting += 1
+        self.intake.hold(conn, ANSWER)
+
+    def answered(self, conn: Conn) -> None:
+        """One request awaiting() is answered; when none is left, the frames after them are taken, in order."""
+        conn.awaiting -= 1
+        if not conn.awaiting:
+            self.intake.release(conn, ANSWER)
 
     def reply(self, conn: Conn, data: bytes) -> None:
         """Queue an answer to `conn`'s own request. It costs `conn` flood
@@ -4099,7 +4111,7 @@ class Chat:
             raise ProtocolError("rate-limited", _BUSY[why].format(seconds=plural(seconds, "second")),
                                 retry_after=seconds)
         if wait > 0:        # its turn comes soon: the request waits for it (and what came after it, too)
-            self.intake.hold(conn, ANSWER)
+            self.awaiting(conn)
             self.io.call_later(wait, self._nick_again, conn, frame)
             return
 
@@ -4116,12 +4128,13 @@ class Chat:
 
     def _nick_again(self, conn: Conn, frame: dict) -> None:
         if conn.state is JOINED:
-            self.dispatch(conn, "nick", frame)
-            self.intake.release(conn, ANSWER)
+            self.dispatch(conn, "nick", frame)      # (which may await again: then the frames after wait on)
+            self.answered(conn)
 
     def _claim_nick(self, conn: Conn, new: str, key: str) -> None:
         """Rename `conn` to `new` once the relay says the nick is ours (at once, on a server alone)."""
         self.nicks.claiming[key] = conn
+        later: List[bool] = []
 
         def claimed(ok: bool) -> None:
             del self.nicks.claiming[key]
@@ -4133,10 +4146,12 @@ class Chat:
                 self._rename(conn, new)
             else:
                 self.out.send(conn, nick_taken(new).frame())
-            self.intake.release(conn, ANSWER)     # what it sent after the nick comes after the nick
+            if later:
+                self.answered(conn)     # what it sent after the nick comes after the nick
         self.relay.claim(conn, key, "", claimed)
         if key in self.nicks.claiming:      # the relay answers later: read nothing until then
-            self.intake.hold(conn, ANSWER)
+            later.append(True)
+            self.awaiting(conn)
 
     def _rename(self, conn: Conn, new: str) -> None:
         old, old_key, key = conn.nick, conn.key, name_key(new)

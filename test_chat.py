@@ -2183,11 +2183,11 @@ class HashingTest(unittest.TestCase):
             self.jobs = []
 
         def work(self, function, *args, done):
-            self.jobs.append((args, done))
+            self.jobs.append((function, args, done))
 
         def finish(self):
-            args, done = self.jobs.pop(0)
-            done(args[0])
+            function, args, done = self.jobs.pop(0)
+            done(function(*args))
 
     def test_sources_take_turns_and_one_cannot_queue_without_end(self):
         worker, done = self.SlowWorker(), []
@@ -2551,6 +2551,22 @@ class AccountTest(CommunityTestCase):
         self.assertTrue(bob.expect("registered")["changed"])
         bob.send({"type": "quit"})
         self.login("alice", "better2")
+
+    def test_what_follows_a_rename_that_waits_its_turn_comes_after_it(self):
+        """The attack round's L7: a rename re-run after its wait, then hashed, let later frames overtake it."""
+        self.account("alice")
+        watcher, bob = self.peer("watcher"), self.peer("bob")
+        worker = HashingTest.SlowWorker()
+        self.server.chat.hashing = chat.Hashing(worker)
+        bob.send({"type": "nick", "nick": "alice", "password": "typo1"})
+        self.server.turn(worker.finish)
+        self.assertEqual(bob.expect("error")["code"], "login-failed")
+        bob.send({"type": "nick", "nick": "alice", "password": "secret1"}, {"type": "msg", "text": "after"})
+        self.server.advance(1.0)        # its turn: now it is being hashed
+        self.assertEqual(watcher.frames("msg"), [], "the line waits for the rename")
+        while worker.jobs:
+            self.server.turn(worker.finish)
+        self.assertEqual(watcher.expect("msg")["from"], "alice")
 
     def test_wrong_account_passwords_are_priced_per_account_and_never_lock_out_its_owner(self):
         self.account("alice", ip="192.0.2.1")
