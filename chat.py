@@ -32,6 +32,7 @@ import contextlib
 import dataclasses
 import enum
 import errno
+import fnmatch
 import functools
 import getpass
 import hashlib
@@ -196,6 +197,7 @@ class Audience:
     bytes), to be parsed from `data` where a dialect needs it."""
 
     echo = False        # a sender gets its own room frames back (IRCv3 echo-message)
+    once = False        # someone leaving the server is told once (a `quit`), not once for each room
 
     def room_bytes(self, frame: Optional[dict], data: bytes) -> bytes:
         """A room frame as this audience reads it."""
@@ -732,6 +734,7 @@ class ServerConfig:
     reuse_port: bool = False           # share the port with other processes (--workers)
     supervisor: Optional[int] = None   # a worker's parent: if it goes, the worker goes too
     name: str = f"chat.py {VERSION}"
+    server_name: str = "chat.py"       # this server's name in IRC (--server-name): a hostname, say
 
     def __post_init__(self) -> None:
         if not self.rooms_per_source:
@@ -754,7 +757,7 @@ HELLO, AUTH, JOINED, CLOSING, CLOSED = State
 # The moves a connection may make: only down, never back.
 MOVES: Dict[State, Tuple[State, ...]] = {
     HELLO: (AUTH, CLOSING, CLOSED),
-    AUTH: (JOINED, CLOSING, CLOSED),
+    AUTH: (JOINED, HELLO, CLOSING, CLOSED),     # (back to HELLO: a hello that may try another nick)
     JOINED: (CLOSING, CLOSED),
     CLOSING: (CLOSED,),
     CLOSED: (),
@@ -785,7 +788,8 @@ class Conn:
 
     __slots__ = ("sock", "fd", "addr", "ip", "source", "tls", "handshake", "shut", "events", "state", "codec",
                  "out", "queued",
-                 "nick", "key", "session", "claimed", "rooms", "account", "device", "away", "awaiting", "told_away", "since", "said", "echo",
+                 "nick", "key", "session", "claimed", "rooms", "account", "device", "away", "awaiting",
+                 "username", "realname", "told_away", "since", "said", "echo",
                  "tokens", "refilled", "held", "holds", "deferred", "last_heard", "flood_noticed")
 
     def __init__(self, sock, addr: str, ip: str, max_payload: int, now: float, burst: float):
@@ -807,6 +811,7 @@ class Conn:
         self.account = ""               # the account it is logged in to ("": a guest)
         self.device = ""                # and the device token it was given for it (see People.logged_in)
         self.awaiting = 0               # its requests answered later (Chat.awaiting): frames after them wait
+        self.username = self.realname = ""  # what its hello says it is called besides its nick (IRC's USER)
         self.away: Optional[str] = None     # its away text
         self.told_away: set = set()     # who was told it is away, since it went away
         self.since = self.said = 0.0    # when it joined, and when it last said something (wall clock)
@@ -931,9 +936,43 @@ class Shares:
         return next(key for key, (owner, _) in self.entries.items() if owner in owners)
 
 
+class RoomModes:
+    """A room's modes, as IRC has them, while people are in it (an empty
+    room starts afresh: +nt, nobody op). Flags: i (only the invited join),
+    k (a key to join), l (a limit on members), m (only ops and voiced
+    speak), n (no lines from outside), s (secret: not listed), t (only ops
+    set the topic). Ops (o: the first one in, and whom ops make so) and
+    voiced (v) here are the room's own, by nick key; the operators an
+    account is made for good are People's (see People.is_room_op)."""
+
+    FLAGS = "iklmnst"
+    KEY_MAX = 32
+
+    def __init__(self):
+        self.flags = set("nt")
+        self.key = ""
+        self.limit = 0
+        self.ops: set = set()           # nick keys
+        self.voiced: set = set()
+        self.invited: set = set()       # nick keys let in past +i (once)
+        self.masks: Dict[str, Tuple[str, float]] = {}   # ban mask (casefolded) -> (who set it, when)
+
+    def shown(self, member: bool) -> Tuple[str, List[str]]:
+        """'+nt' and its arguments (the key only to members)."""
+        flags = "".join(sorted(self.flags))
+        args = [self.key if member else "*"] if "k" in self.flags else []
+        if "l" in self.flags:
+            args.append(str(self.limit))
+        return "+" + flags, args
+
+    def banned(self, mask: str) -> bool:
+        """Whether `mask` (nick!user@host, casefolded) matches a ban mask."""
+        return any(fnmatch.fnmatchcase(mask, pattern) for pattern in self.masks)
+
+
 class Room:
     __slots__ = ("name", "key", "maker", "opener", "members", "audiences", "remote", "roster", "arrivals",
-                 "history", "history_bytes", "seq", "base")
+                 "history", "history_bytes", "seq", "base", "modes")
 
     def __init__(self, name: str, maker: str = ""):
         self.name, self.key = name, name_key(name)
@@ -948,6 +987,7 @@ class Room:
         self.history_bytes = 0                      # what `history` costs, counted as Rooms.keep() does
         self.seq = 0        # the `seq` of the newest line said here (Rooms alone moves it, only up)
         self.base = 0       # the seq it began at: lines at or below it (if any) were said before it was forgotten
+        self.modes = RoomModes()
 
     def add(self, conn: Conn) -> None:
         self.members.add(conn)
@@ -956,6 +996,10 @@ class Room:
 
     def remove(self, conn: Conn) -> None:
         self.members.discard(conn)
+        self.modes.ops.discard(conn.key)        # (a room's own op and voice last while you are in it)
+        self.modes.voiced.discard(conn.key)
+        if not self.count():
+            self.modes = RoomModes()
         audience = self.audiences.get(conn.codec.audience)
         if audience is not None:
             audience.discard(conn)
@@ -967,6 +1011,10 @@ class Room:
     def renamed(self, conn: Conn, old_nick: str) -> None:
         self._unlist(old_nick)
         bisect.insort(self.roster, (conn.nick.casefold(), conn.nick))
+        for held in (self.modes.ops, self.modes.voiced):
+            if name_key(old_nick) in held:
+                held.discard(name_key(old_nick))
+                held.add(conn.key)
 
     def _unlist(self, nick: str) -> None:
         entry = (nick.casefold(), nick)
@@ -1480,6 +1528,9 @@ class Relay(Protocol):
     def others(self) -> List[str]:
         """The nicks on the other servers."""
 
+    def servers(self) -> List[str]:
+        """The other servers that have users now."""
+
     records: Dict[str, Dict[str, dict]]     # the records (accounts, bans...) the store had at start
 
     def profile(self, key: str) -> Optional[dict]:
@@ -1552,6 +1603,9 @@ class LocalRelay:
         pass
 
     def others(self) -> List[str]:
+        return []
+
+    def servers(self) -> List[str]:
         return []
 
     def profile(self, key: str) -> Optional[dict]:
@@ -2792,6 +2846,15 @@ class Records:
             self.tables[kind][key] = value
 
 
+_CLOAK_SECRET = secrets.token_bytes(16)
+
+
+def cloak(ip: str) -> str:
+    """What others see of an address (IRC's host): the same for the same
+    address while the server runs, and telling nothing of it."""
+    return hmac.new(_CLOAK_SECRET, ip.encode(), hashlib.sha256).hexdigest()[:12] + ".ip"
+
+
 def _device_hash(token: str) -> str:
     """What an account keeps of a device token (a leak of the records gives no tokens)."""
     return hashlib.sha256(token.encode("utf-8", "replace")).hexdigest()
@@ -2899,7 +2962,9 @@ class People:
         return conn.account in self.ops or bool(record and record.get("op"))
 
     def is_room_op(self, conn: "Conn", room: "Room") -> bool:
-        return self.is_op(conn) or bool(conn.account and self.records.get("roomop", scoped(room, conn.account)))
+        """An operator of `room`: a server operator, an account made one, or one of the room's own (+o)."""
+        return conn.key in room.modes.ops or self.is_op(conn) or \
+            bool(conn.account and self.records.get("roomop", scoped(room, conn.account)))
 
     SOURCE_BAN_MAX = 86400.0    # seconds a ban shuts out guests from the banned one's network
 
@@ -2967,7 +3032,7 @@ class People:
         return {"register": self.on_register, "password": self.on_password, "op": self.on_op,
                 "deop": self.on_deop, "kick": self.on_kick, "ban": self.on_ban, "unban": self.on_unban,
                 "bans": self.on_bans, "mute": self.on_mute, "unmute": self.on_unmute, "topic": self.on_topic,
-                "purge": self.on_purge, "away": self.on_away, "whois": self.on_whois}
+                "purge": self.on_purge, "away": self.on_away, "whois": self.on_whois, "oper": self.on_oper}
 
     def on_register(self, conn: "Conn", frame: dict) -> None:
         """Register your nick (you are logged in to it from then on), or, as
@@ -3045,6 +3110,31 @@ class People:
                 chat.out.send(conn, error.frame())
         chat.off_loop(conn, password_matches, (account or {}).get("password", {}), old, done=checked)
 
+    def on_oper(self, conn: "Conn", frame: dict) -> None:
+        """Log in to a server operator's account under the nick you have
+        (IRC's OPER NAME PASSWORD): its password, priced as any other."""
+        name, given = check_name(frame.get("name")), frame.get("password")
+        key, chat = name_key(name), self.chat
+        record = self.account(key)
+        if record is None or not self.is_op_key(key) or type(given) is not str:
+            raise ProtocolError("not-allowed", f"{name} is no server operator's account")
+        wait, why = chat.gate.wait(conn, chat.clock, self.trusted(conn, key, frame.get("device")), key)
+        if wait > 0:
+            seconds = math.ceil(wait)
+            raise ProtocolError("rate-limited", _BUSY[why].format(seconds=plural(seconds, "second")),
+                                retry_after=seconds)
+
+        def checked(right: object) -> None:
+            if right is not True:
+                chat.gate.failed(conn, chat.clock, key, name)
+                chat.out.send(conn, ProtocolError("login-failed", f"wrong password for {name}").frame())
+                return
+            chat.gate.succeeded(conn, chat.clock)
+            self.logged_in(conn, key, frame.get("device"))
+            log.info("%r logged in to the operator account %s", conn, name)
+            chat.out.send(conn, {"type": "op", "on": True})
+        chat.off_loop(conn, password_matches, record.get("password", {}), given, done=checked)
+
     def on_op(self, conn: "Conn", frame: dict, on: bool = True) -> None:
         """Make an account the operator of a room (a server operator may)."""
         room = self._room(frame)
@@ -3097,7 +3187,8 @@ class People:
         if text is None:
             self.chat.reply(conn, self.chat.out.encode_for(conn, dict(self.topic(room), type="topic")))
             return
-        self._require(self.is_room_op(conn, room), f"only an operator of #{room.name} sets its topic")
+        if "t" in room.modes.flags:
+            self._require(self.is_room_op(conn, room), f"only an operator of #{room.name} sets its topic")
         self.set_topic(conn, room, check_text(text, TOPIC_MAX).replace("\n", " ") if text != "" else "")
 
     def on_purge(self, conn: "Conn", frame: dict) -> None:
@@ -3241,6 +3332,8 @@ class People:
         target = self.chat.users.get(key)
         if target is not None:
             info = self.profile(target)
+            info["rooms"] = [room.name for room in target.rooms       # (a secret room only to its members)
+                             if "s" not in room.modes.flags or room in conn.rooms]
         else:       # (what other servers keep of their users has more in it: never their address)
             info = {field: value for field, value in (self.chat.relay.profile(key) or {}).items()
                     if field in self.PUBLIC}
@@ -3250,13 +3343,15 @@ class People:
                         account=info.get("account") or (self.account(key) or {}).get("name"))
         self.chat.reply(conn, self.chat.out.encode_for(conn, dict(info, type="whois")))
 
-    PUBLIC = ("nick", "online", "account", "rooms", "away", "since", "idle", "server", "op")   # of a profile
+    PUBLIC = ("nick", "online", "account", "rooms", "away", "since", "idle", "server", "op", "username", "host",
+              "realname")   # of a profile
 
     def profile(self, conn: "Conn") -> dict:
         """What /whois says of a user on this server (and what other servers are told): PUBLIC."""
-        return {"nick": conn.nick, "online": True, "account": self.account_name(conn), "rooms": [room.name for room in conn.rooms],
+        return {"nick": conn.nick, "online": True, "account": self.account_name(conn), "username": conn.username,
+                "host": cloak(conn.ip), "realname": conn.realname, "rooms": [room.name for room in conn.rooms],
                 "away": conn.away, "since": conn.since, "idle": round(self.chat.out.ts - conn.said),
-                "server": self.config.name, "op": self.is_op(conn)}
+                "server": self.config.server_name, "op": self.is_op(conn)}
 
     # -- acts ----------------------------------------------------------------
 
@@ -3274,7 +3369,7 @@ class People:
         why = f"{'kicked' if act == 'kick' else 'banned'} by {by}" + (f": {reason}" if reason else "")
         if room is not None:
             if room in conn.rooms:
-                self.chat.leave_room(conn, room, why)
+                self.chat.leave_room(conn, room, why, "kick", by=by, message=reason)
             return
         fields = {}
         if act == "ban":
@@ -3449,8 +3544,23 @@ def nick_taken(nick: str, why: str = "") -> ProtocolError:
     return ProtocolError("nick-taken", f"the nick {nick} is taken" + (f": {why}" if why else ""))
 
 
-def leave_frame(nick: str, reason: str, room: Room) -> dict:
-    return {"type": "leave", "nick": nick, "reason": reason, "users": room.count(), "room": room.name}
+def leave_frame(nick: str, reason: str, room: Room, how: str = "quit", **more: str) -> dict:
+    """Someone left `room`, `how`: "quit" (the server: `reason` says why),
+    "part" or "kick" (this room; `by`, and `message`, their own words)."""
+    return {"type": "leave", "nick": nick, "reason": reason, "users": room.count(), "room": room.name,
+            "how": how, **{field: value for field, value in more.items() if value}}
+
+
+REALNAME_MAX = 100      # characters of a hello's realname
+WHOWAS_MAX = 1000       # who left, kept for `whowas`
+
+
+def _username(given: object, nick: str) -> str:
+    """A hello's username (IRC's USER) if it is a plain one (ASCII letters,
+    digits, `_ - .`, at most 16), else one made from the nick."""
+    name = given if type(given) is str else nick
+    plain = "".join(ch for ch in unicodedata.normalize("NFKD", name) if ch.isascii() and (ch.isalnum() or ch in "_-."))
+    return plain[:16] or "user"
 
 
 def _same_session(given: object, session: Optional[str]) -> bool:
@@ -3459,17 +3569,22 @@ def _same_session(given: object, session: Optional[str]) -> bool:
 
 class Login:
     """One connection's way in, from its hello to its welcome: the steps in
-    `steps`, in turn (the server's password, the account's, bans, the nick,
-    its claim). A step may finish later (a password try waiting for its
-    turn, a hash computed off the loop, a nick claim Redis decides);
-    meanwhile the connection is in AUTH and not read (held for ANSWER), and
-    the step runs again when it may go on. A step refuses by raising
-    ProtocolError: the connection is told why and closed."""
+    `steps`, in turn (the names, the server's password, the account's,
+    bans, the nick, its claim). A step may finish later (a password try
+    waiting for its turn, a hash computed off the loop, a nick claim Redis
+    decides); meanwhile the connection is in AUTH and not read (held for
+    ANSWER), and the step runs again when it may go on. A step refuses by
+    raising ProtocolError: the connection is told why and closed, but a
+    hello with `retry` (an IRC client's, whose user may pick another nick)
+    refused for its nick goes back to HELLO and may say hello again."""
+
+    RETRIES = ("nick-taken", "bad-nick", "account-required", "login-failed")     # (with `retry`: see go())
 
     def __init__(self, chat: "Chat", conn: Conn, hello: dict):
         self.chat, self.conn, self.hello = chat, conn, hello
         self.nick = self.key = ""
-        self.steps: List[Callable[[], bool]] = [self._password, self._account, self._ban, self._nick, self._claim]
+        self.steps: List[Callable[[], bool]] = [self._names, self._password, self._account, self._ban, self._nick,
+                                                self._claim]
         self.since: Optional[float] = None     # when a password try began to wait for its turn
         self.hashing = False        # the account's password is being checked (off the loop)
         self.verified: Optional[bool] = None   # and whether it was right
@@ -3478,15 +3593,19 @@ class Login:
         self.running = False
 
     def start(self) -> None:
-        try:
-            self.nick = check_name(self.hello.get("nick"))
-        except ProtocolError as error:
-            self.chat.drop(self.conn, f"refused: {error.text}", error)
-            return
-        self.key = name_key(self.nick)
         self.chat.move(self.conn, AUTH)
         self.chat.intake.hold(self.conn, ANSWER)
         self.go()
+
+    def _names(self) -> bool:
+        """The nick (the rules of names), and the names besides it (IRC's USER): kept, or made up, never refused."""
+        self.nick = check_name(self.hello.get("nick"))
+        self.key = name_key(self.nick)
+        self.conn.username = _username(self.hello.get("username"), self.nick)
+        realname = self.hello.get("realname")
+        self.conn.realname = clean_text(realname)[:REALNAME_MAX].replace("\n", " ").strip() \
+            if type(realname) is str else ""
+        return True
 
     def go(self) -> None:
         """Run the steps from the first not done, up to one that finishes later."""
@@ -3502,7 +3621,12 @@ class Login:
                 self.steps.pop(0)
                 self.since = None
         except ProtocolError as error:
-            chat.drop(conn, f"refused: {error.text}", error)
+            if self.hello.get("retry") is True and error.code in self.RETRIES and conn.state is AUTH:
+                chat.out.send(conn, dict(error.frame(), of="hello"))    # it may say hello again
+                chat.move(conn, HELLO)
+                chat.intake.release(conn, ANSWER)
+            else:
+                chat.drop(conn, f"refused: {error.text}", error)
         finally:
             self.running = False
 
@@ -3658,11 +3782,13 @@ class Chat:
         self.relay: Relay = (relay or LocalRelay)(self)
         self.people = People(self, Records(self.store, self.relay.records))
         self.hashing = Hashing(io)               # password hashes, off the loop
+        self.departed: collections.deque = collections.deque(maxlen=WHOWAS_MAX)   # who left, newest first
         self.before_hello = {"hello": self.on_hello, "quit": self.on_quit}
         self.handlers = {
             "hello": self.on_second_hello, "msg": self.on_msg, "me": self.on_msg, "pm": self.on_pm,
             "nick": self.on_nick, "who": self.on_who, "ping": self.on_ping, "pong": self.on_pong,
             "quit": self.on_quit, "join": self.on_join, "part": self.on_part, "rooms": self.on_rooms,
+            "mode": self.on_mode, "invite": self.on_invite, "whowas": self.on_whowas, "lusers": self.on_lusers,
             **self.people.handlers(),
         }
 
@@ -3865,13 +3991,14 @@ class Chat:
         conn.since = conn.said = self.out.ts
         conn.echo = type(hello.get("protocol")) is int and hello["protocol"] >= 3
         since = hello.get("since") if hello.get("instance") == self.relay.instance else None
-        place = self.people.place(conn) if not hello.get("session") else None
+        nowhere = hello.get("rooms") == []      # it starts in no room (an IRC client: it joins its own)
+        place = self.people.place(conn) if not hello.get("session") and not nowhere else None
         if place is not None:       # an account comes back where it left off
             hello = dict(hello, rooms=place["rooms"])
             since = place.get("seen") if place.get("instance") in (None, self.relay.instance) else None
         rooms = self.rooms.rejoin(hello.get("rooms"), self.config.rooms_per_user, conn.source) or [self.rooms.lobby]
         rooms = [room for room in rooms if room is self.rooms.lobby or not self.people.banned(conn, conn.key, room)]
-        rooms = rooms or [self.rooms.lobby]
+        rooms = [] if nowhere else rooms or [self.rooms.lobby]
         for room in rooms:
             self._with_its_history(room)
         history, missed = self.rooms.replay(rooms, since)
@@ -3885,9 +4012,9 @@ class Chat:
             history = history[start:]
         for room in rooms:
             self.enter(conn, room)
-        welcome = {"type": "welcome", "nick": conn.nick, "users": rooms[0].nicks(),
+        welcome = {"type": "welcome", "nick": conn.nick, "users": rooms[0].nicks() if rooms else [],
                    "server": self.config.name, "protocol": PROTOCOL, "max_payload": self.config.max_payload,
-                   "max_text": TEXT_MAX, "rooms": [room.name for room in rooms], "room": rooms[0].name,
+                   "max_text": TEXT_MAX, "rooms": [room.name for room in rooms], "room": rooms[0].name if rooms else None,
                    "instance": self.relay.instance, "session": conn.session,
                    "ping_interval": self.config.ping_interval, "idle_timeout": self.config.idle_timeout,
                    "seq": {room.name: room.seq for room in rooms},   # resume points for rooms with no lines
@@ -3974,15 +4101,29 @@ class Chat:
             return
         del self.users[conn.key]
         self.people.left(conn)
+        self.departed.appendleft({"nick": conn.nick, "username": conn.username, "host": cloak(conn.ip),
+                                  "realname": conn.realname, "server": self.config.server_name, "at": self.out.ts})
         if hold and self.config.nick_hold > 0:
             self.nicks.hold(conn)
         else:       # first, so that other servers count the rooms without them
             self.relay.release(conn.key)
         for room in conn.rooms:
             room.remove(conn)
-            self._event(room, leave_frame(conn.nick, reason, room))
+            self.out.to_room(room, leave_frame(conn.nick, reason, room))
             self.rooms.vacated(room)
+        if conn.rooms:
+            self.relay.event([room.name for room in conn.rooms], {"type": "leave", "nick": conn.nick,
+                                                                   "reason": reason, "how": "quit"})
+        self._gone(conn.nick, conn.rooms, reason)
         log.info("%r left: %s (%s)", conn, shown(reason, 160), plural(len(self.users), "user"))
+
+    def _gone(self, nick: str, rooms: List[Room], reason: str) -> None:
+        """Someone left the server from `rooms`: told once (not once a room)
+        to those who read it so (IRC's QUIT), after the rooms' leaves."""
+        readers = {member for room in rooms for audience, members in room.audiences.items()
+                   if audience.once for member in members}
+        if readers:
+            self.out.send_each(readers, {"type": "quit", "nick": nick, "reason": reason})
 
     def on_quit(self, conn: Conn, frame: dict) -> None:
         reason = frame.get("reason")
@@ -3994,12 +4135,19 @@ class Chat:
     # -- chat lines ----------------------------------------------------------
 
     def on_msg(self, conn: Conn, frame: dict) -> None:
-        """A `msg`, or a `me` (an action: "* nick waves")."""
-        room = self.room_of(conn, frame.get("room"))
+        """A `msg`, or a `me` (an action: "* nick waves"); `notice`: one not
+        to be answered automatically (IRC's NOTICE). A room without +n takes
+        lines from outside it; one with +m, from its ops and voiced only."""
+        room = self._room_to_speak_in(conn, frame.get("room"))
         line = {"type": "msg", "from": conn.nick, "text": check_text(frame.get("text")), "room": room.name}
         if frame["type"] == "me":
             line["action"] = True
+        if frame.get("notice") is True:
+            line["notice"] = True
         self.people.unmuted(conn, room)
+        if "m" in room.modes.flags and conn.key not in room.modes.voiced and not self.people.is_room_op(conn, room):
+            raise ProtocolError("moderated", f"#{room.name} is moderated: only its operators and those they"
+                                             " give a voice speak")
         conn.said = self.out.ts
         self.relay.post(room, conn, line)   # numbered, it comes back through deliver_line()
 
@@ -4022,6 +4170,9 @@ class Chat:
             self.people.unmuted(conn, None)
         target = self.users.get(key)
         line = {"type": "msg", "from": conn.nick, "to": target.nick if target else to, "text": text}
+        for flag in ("action", "notice"):       # (an action, as `me` is; one not to be answered)
+            if frame.get(flag) is True:
+                line[flag] = True
         conn.said = self.out.ts
         if self.relay.pm(conn, key, line):      # numbered and delivered by the relay (through Redis)
             self._tell_away(conn, key, (self.relay.profile(key) or {}).get("away"))
@@ -4067,6 +4218,15 @@ class Chat:
             return list(conn.rooms)
         return [room for room in self.rooms if key in room.remote]
 
+    def _room_to_speak_in(self, conn: Conn, name: object) -> Room:
+        try:
+            return self.room_of(conn, name)
+        except ProtocolError as error:
+            room = self.rooms.get(name) if error.code == "not-in-room" and type(name) is str else None
+            if room is None or "n" in room.modes.flags:
+                raise
+            return room
+
     def room_of(self, conn: Conn, name: object) -> Room:
         """The room a line is for: the one named, or the lobby for clients
         that know nothing of rooms."""
@@ -4075,8 +4235,10 @@ class Chat:
                 return self.rooms.lobby
             raise ProtocolError("not-in-room", "you are not in #lobby; say which room")
         room = self.rooms.get(check_room(name))
-        if room is None or room not in conn.rooms:
-            raise ProtocolError("not-in-room", f"you are not in #{check_room(name)}")
+        if room is None or not room.count():
+            raise ProtocolError("no-such-room", f"there is no room #{check_room(name)}")
+        if room not in conn.rooms:
+            raise ProtocolError("not-in-room", f"you are not in #{room.name}")
         return room
 
     # -- everything else -----------------------------------------------------
@@ -4181,11 +4343,27 @@ class Chat:
             room = self.rooms.get(check_room(name))
             if room is None:
                 raise ProtocolError("no-such-room", f"there is no room #{check_room(name)}")
-            reply = {"type": "who", "room": room.name, "users": room.nicks()}
+            reply = {"type": "who", "room": room.name, "users": room.nicks(), "ops": self.ops_of(room),
+                     "voiced": [member.nick for member in room.members if member.key in room.modes.voiced]}
         away = {nick: text for nick, text in ((n, self.away_of(n)) for n in reply["users"]) if text}
         if away:
             reply["away"] = away
+        if frame.get("full") is True:       # who each one is (IRC's WHO)
+            reply["people"] = [self.person(nick) for nick in reply["users"]]
+            self.reply(conn, self.out.encode_for(conn, reply, "people"))
+            return
         self.reply(conn, self.out.encode_for(conn, reply, "users"))
+
+    def ops_of(self, room: Room) -> List[str]:
+        """The operators of `room` among its members here."""
+        return [member.nick for member in room.members if self.people.is_room_op(member, room)]
+
+    def person(self, nick: str) -> dict:
+        """Who a user here or on another server is, as `who` with `full` tells it."""
+        conn = self.users.get(name_key(nick))
+        profile = self.people.profile(conn) if conn is not None else (self.relay.profile(name_key(nick)) or {})
+        return dict({field: profile.get(field) for field in ("username", "host", "realname", "away", "account",
+                                                             "server", "op")}, nick=nick)
 
     def away_of(self, nick: str) -> Optional[str]:
         """The away text of a user here or on another server."""
@@ -4193,6 +4371,22 @@ class Chat:
         if conn is not None:
             return conn.away
         return (self.relay.profile(name_key(nick)) or {}).get("away")
+
+    def on_whowas(self, conn: Conn, frame: dict) -> None:
+        """Who had a nick before (the newest `count`, or 10), as they left."""
+        nick, count = check_name(frame.get("nick")), frame.get("count")
+        count = count if type(count) is int and 0 < count <= 10 else 10
+        key = name_key(nick)
+        entries = [dict(entry) for entry in self.departed if name_key(entry["nick"]) == key][:count]
+        self.reply(conn, self.out.encode_for(conn, {"type": "whowas", "nick": nick, "entries": entries}))
+
+    def on_lusers(self, conn: Conn, frame: dict) -> None:
+        """How many are here: users (on every server), on this server, not joined yet; servers; rooms."""
+        others = self.relay.others()
+        self.reply(conn, self.out.encode_for(conn, {
+            "type": "lusers", "users": len(self.users) + len(others), "here": len(self.users),
+            "unjoined": len(self.conns) - len(self.users), "servers": 1 + len(self.relay.servers()),
+            "rooms": sum(1 for room in self.rooms if room.count())}))
 
     def on_ping(self, conn: Conn, frame: dict) -> None:
         data = self.out.encode_for(conn, dict(frame, type="pong"))
@@ -4211,17 +4405,22 @@ class Chat:
         ban = self.people.banned(conn, conn.key, existing or name_key(name))    # (a room not open now too)
         if ban is not None:
             raise self.people.refusal(ban, f"#{name}")
+        if existing is not None and existing not in conn.rooms and existing.count() and not self.people.is_op(conn):
+            self._may_enter(conn, existing, frame.get("key"))
         room = self.rooms.open(name, conn.source)
         self._with_its_history(room)
         self.out.flush()
         fresh = room not in conn.rooms
         if fresh:
             self.enter(conn, room)
+            if room.count() == 1 and room is not self.rooms.lobby:
+                room.modes.ops.add(conn.key)        # who opens a room is its operator while there
             self.relay.presence(conn)
             self.people.left(conn)
         history = list(room.history)
         joined = {"type": "joined", "room": room.name, "users": room.nicks(), "seq": room.seq,
-                  "op": self.people.is_room_op(conn, room)}
+                  "op": self.people.is_room_op(conn, room), "ops": self.ops_of(room),
+                  "voiced": [member.nick for member in room.members if member.key in room.modes.voiced]}
         topic = self.people.topic(room)["text"]
         if topic:
             joined["topic"] = topic
@@ -4231,24 +4430,179 @@ class Chat:
         if fresh:
             self._announce_join(conn, room)
 
-    def on_part(self, conn: Conn, frame: dict) -> None:
-        self.leave_room(conn, self.room_of(conn, frame.get("room")), "parted")
+    def _may_enter(self, conn: Conn, room: Room, key: object) -> None:
+        """ProtocolError unless `room`'s modes let `conn` in: its ban masks,
+        +i (unless invited), +k (with the key), +l (while there is room)."""
+        modes = room.modes
+        if modes.banned(self.mask_of(conn)):
+            raise ProtocolError("banned", f"you are banned from #{room.name}")
+        if "i" in modes.flags and conn.key not in modes.invited:
+            raise ProtocolError("invite-only", f"#{room.name} is for those invited only: ask one of its operators")
+        if "k" in modes.flags and not (type(key) is str and hmac.compare_digest(key.encode(), modes.key.encode())):
+            raise ProtocolError("bad-key", f"#{room.name} needs its key to join")
+        if "l" in modes.flags and room.count() >= modes.limit:
+            raise ProtocolError("room-full", f"#{room.name} is full ({plural(modes.limit, 'member')})")
+        modes.invited.discard(conn.key)
 
-    def leave_room(self, conn: Conn, room: Room, reason: str) -> None:
-        """`conn` leaves `room` (it parted, or was kicked or banned from it: `reason`)."""
+    def mask_of(self, conn: Conn) -> str:
+        """nick!user@host, casefolded, as ban masks are matched."""
+        return f"{conn.nick}!{conn.username}@{cloak(conn.ip)}".casefold()
+
+    def on_part(self, conn: Conn, frame: dict) -> None:
+        room, message = self.room_of(conn, frame.get("room")), frame.get("reason")
+        message = clean_text(message)[:REASON_MAX].replace("\n", " ").strip() if type(message) is str else ""
+        if message and self.people.muted(conn, None) is not None:
+            message = ""        # (or it would be said to the room after all)
+        self.leave_room(conn, room, f"parted: {message}" if message else "parted", "part", message=message)
+
+    def leave_room(self, conn: Conn, room: Room, reason: str, how: str = "part", by: str = "",
+                   message: str = "") -> None:
+        """`conn` leaves `room`: it parted, or was kicked or banned from it
+        (`how`, `by` whom; `reason` says it all, `message` is their words)."""
         room.remove(conn)
         conn.rooms.remove(room)
         self.relay.presence(conn)
         self.people.left(conn)
-        self._event(room, leave_frame(conn.nick, reason, room))
+        self._event(room, leave_frame(conn.nick, reason, room, how, by=by, message=message))
         self.rooms.vacated(room)
-        parted = {"type": "parted", "room": room.name}
+        parted = {"type": "parted", "room": room.name, "how": how}
         if reason != "parted":
-            parted["reason"] = reason
+            parted.update(reason=reason, **({"by": by} if by else {}), **({"message": message} if message else {}))
         self.out.send(conn, parted)
 
+    # -- room modes and invitations --------------------------------------------
+
+    def on_mode(self, conn: Conn, frame: dict) -> None:
+        """A room's modes (see RoomModes). Without `modes`: what they are.
+        With `modes` ("+k-l", their arguments in `args`): changed by the
+        room's operators, and what changed told to the room (`mode`); "+b"
+        alone lists its ban masks. What cannot be changed is refused after
+        the rest is done."""
+        room, changes, args = self._open_room(frame.get("room")), frame.get("modes"), frame.get("args", [])
+        if changes is None:
+            modes, shown = room.modes.shown(room in conn.rooms)
+            self.reply(conn, self.out.encode_for(conn, {"type": "modes", "room": room.name, "modes": modes,
+                                                        "args": shown}))
+            return
+        if type(changes) is not str or len(changes) > 40 or type(args) is not list or len(args) > 12 \
+                or not all(type(arg) is str and len(arg) <= 200 for arg in args):
+            raise ProtocolError("bad-field", "modes are like \"+k\" with \"args\": [\"key\"] (at most 12)")
+        if changes.strip("+") == "b" and not args:
+            masks = [{"mask": mask, "by": by, "at": at} for mask, (by, at) in room.modes.masks.items()]
+            self.reply(conn, self.out.encode_for(conn, {"type": "banlist", "room": room.name, "masks": masks}))
+            return
+        if not self.people.is_room_op(conn, room):
+            raise ProtocolError("not-allowed", f"only an operator of #{room.name} changes its modes")
+        applied, applied_args, refused = self._change_modes(conn, room, changes, list(args))
+        if applied:
+            self.out.to_room(room, {"type": "mode", "room": room.name, "by": conn.nick, "modes": applied,
+                                    "args": applied_args})
+        if refused is not None:
+            raise refused
+
+    def _change_modes(self, conn: Conn, room: Room, changes: str,
+                      args: List[str]) -> Tuple[str, List[str], Optional[ProtocolError]]:
+        """Apply `changes`; what changed ("+o-k", its arguments), and the first refusal, if any."""
+        modes, sign, written, applied, applied_args = room.modes, "+", "", "", []
+        refused: Optional[ProtocolError] = None
+        for mode in changes:
+            if mode in "+-":
+                sign = mode
+                continue
+            try:
+                arg = self._change_mode(conn, room, modes, sign == "+", mode, args)
+            except ProtocolError as error:
+                refused = refused or error
+                continue
+            if arg is not None:
+                applied += ("" if sign == written else sign) + mode
+                written = sign
+                applied_args += [arg] if arg else []
+        return applied, applied_args, refused
+
+    def _change_mode(self, conn: Conn, room: Room, modes: RoomModes, on: bool, mode: str,
+                     args: List[str]) -> Optional[str]:
+        """One mode set (`on`) or unset: its argument as told ("" if none),
+        or None when nothing changed."""
+        if mode in "ov":
+            nick = args.pop(0) if args else None
+            target = self.users.get(name_key(nick)) if type(nick) is str else None
+            if target is None or room not in target.rooms:
+                raise ProtocolError("no-such-user", f"{shown(nick or '')} is not in #{room.name}")
+            held = modes.ops if mode == "o" else modes.voiced
+            if (target.key in held) == on:
+                return None
+            (held.add if on else held.discard)(target.key)
+            return target.nick
+        if mode == "k":
+            key = args.pop(0) if args and (on or args) else ""
+            if on and (not 0 < len(key) <= RoomModes.KEY_MAX or not key.isprintable() or " " in key or "," in key):
+                raise ProtocolError("bad-field", f"a room's key is 1-{RoomModes.KEY_MAX} characters, no spaces"
+                                                 " or commas")
+            if not on and "k" not in modes.flags:
+                return None
+            modes.key = key if on else ""
+            (modes.flags.add if on else modes.flags.discard)("k")
+            return key if on else "*"
+        if mode == "l":
+            if on:
+                limit = args.pop(0) if args else ""
+                if not limit.isdigit() or not 0 < int(limit) <= 1_000_000:
+                    raise ProtocolError("bad-field", "a room's limit is a number of members, 1 or more")
+                modes.limit = int(limit)
+                modes.flags.add("l")
+                return limit
+            if "l" not in modes.flags:
+                return None
+            modes.flags.discard("l")
+            return ""
+        if mode == "b":
+            mask = args.pop(0) if args else ""
+            mask = (mask if "!" in mask or "@" in mask else f"{mask}!*@*").casefold()
+            if not 3 < len(mask) <= 100 or not mask.isprintable() or " " in mask:
+                raise ProtocolError("bad-field", "a ban mask is like nick!user@host, * for any")
+            if on == (mask in modes.masks) or (on and len(modes.masks) >= 100):
+                return None
+            if on:
+                modes.masks[mask] = (conn.nick, self.out.ts)
+            else:
+                del modes.masks[mask]
+            return mask
+        if mode in RoomModes.FLAGS:
+            if (mode in modes.flags) == on:
+                return None
+            (modes.flags.add if on else modes.flags.discard)(mode)
+            return ""
+        raise ProtocolError("bad-field", f"there is no mode {shown(mode)}; modes: b i k l m n o s t v")
+
+    def on_invite(self, conn: Conn, frame: dict) -> None:
+        """Invite someone here into a room you are in (one with +i: as its operator); they may join past +i."""
+        nick, room = check_name(frame.get("nick")), self._open_room(frame.get("room"))
+        if room not in conn.rooms:
+            raise ProtocolError("not-in-room", f"you are not in #{room.name}")
+        if "i" in room.modes.flags and not self.people.is_room_op(conn, room):
+            raise ProtocolError("not-allowed", f"only an operator of #{room.name} invites people into it")
+        target = self.users.get(name_key(nick))
+        if target is None:
+            raise ProtocolError("no-such-user", f"nobody on this server is called {nick}")
+        if room in target.rooms:
+            raise ProtocolError("already-in-room", f"{target.nick} is in #{room.name} already")
+        if len(room.modes.invited) >= 1000:
+            room.modes.invited.pop()
+        room.modes.invited.add(target.key)
+        self.out.send(target, {"type": "invited", "room": room.name, "by": conn.nick})
+        self.reply(conn, self.out.encode_for(conn, {"type": "inviting", "nick": target.nick, "room": room.name}))
+
+    def _open_room(self, name: object) -> Room:
+        """The room `name` names, if anyone is in it; else ProtocolError('no-such-room')."""
+        room = self.rooms.get(check_room(name))
+        if room is None or not room.count():
+            raise ProtocolError("no-such-room", f"there is no room #{check_room(name)}")
+        return room
+
     def on_rooms(self, conn: Conn, frame: dict) -> None:
-        listing = self.rooms.listing()
+        listing = [entry for entry in self.rooms.listing()       # (a secret room only to its members)
+                   if "s" not in self.rooms.get(entry["name"]).modes.flags or self.rooms.get(entry["name"]) in conn.rooms]
         for entry in listing:       # (the rooms' topics, where they have one)
             topic = self.people.topic(self.rooms.get(entry["name"]))["text"]
             if topic:
@@ -4290,9 +4644,11 @@ class Chat:
         """A notice to this server's members of `room`."""
         self.out.to_room(room, {"type": "notice", "room": room.name, "text": text})
 
-    def remote_left(self, room: Room, nick: str, reason: str) -> None:
-        """A user of another server left `room` (its server went away): told to the members here."""
-        self.out.to_room(room, leave_frame(nick, reason, room))
+    def remote_left(self, rooms: List[Room], nick: str, reason: str) -> None:
+        """A user of another server left `rooms` (its server went away): told to the members here."""
+        for room in rooms:
+            self.out.to_room(room, leave_frame(nick, reason, room))
+        self._gone(nick, rooms, reason)
 
     def deliver_event(self, rooms: Optional[List[str]], frame: dict) -> None:
         """An event from another server: to everyone here (None), or to the
@@ -4302,8 +4658,11 @@ class Chat:
         if rooms is None:
             self.out.send_each(self.users.values(), frame)
         elif frame["type"] in ("join", "leave"):
-            for room in filter(None, map(self.rooms.get, rooms)):
+            here = list(filter(None, map(self.rooms.get, rooms)))
+            for room in here:
                 self.out.to_room(room, dict(frame, room=room.name, users=room.count()))
+            if frame["type"] == "leave" and frame.get("how") == "quit":
+                self._gone(str(frame.get("nick")), here, str(frame.get("reason")))
         elif frame["type"] in ("notice", "topic"):
             for room in filter(None, map(self.rooms.get, rooms)):
                 self.out.to_room(room, frame)
@@ -5351,10 +5710,12 @@ class Elsewhere:
         user = self.users.pop(key, None)
         if user is None:
             return
-        for room in filter(None, map(self.chat.rooms.get, user.rooms)):
+        rooms = list(filter(None, map(self.chat.rooms.get, user.rooms)))
+        for room in rooms:
             room.remote.pop(key, None)
-            if announce and key not in self.chat.users:
-                self.chat.remote_left(room, user.nick, announce)
+        if announce and key not in self.chat.users:
+            self.chat.remote_left(rooms, user.nick, announce)
+        for room in rooms:
             self.chat.rooms.vacated(room)
 
     def remove_servers(self, gone: Callable[[str], bool], announce: str) -> None:
@@ -5664,6 +6025,9 @@ class Cluster:
 
     def others(self) -> List[str]:
         return [user.nick for user in self.elsewhere.users.values()]
+
+    def servers(self) -> List[str]:
+        return sorted({user.sid for user in self.elsewhere.users.values()})
 
     def fetch_presence(self, key: str) -> None:
         """Learn from Redis who has the nick `key` elsewhere (if anyone)."""

@@ -2830,6 +2830,137 @@ class ModerationTest(CommunityTestCase):
         self.assertEqual([line["text"] for line in latecomer.welcome["history"]], ["real talk"])
 
 
+class RoomModesTest(CommunityTestCase):
+    """Issue 22: IRC's channel modes are the core's, so they hold for both dialects."""
+
+    def setUp(self):
+        super().setUp()
+        self.op, self.other = self.peer("opener", ip="192.0.2.10"), self.peer("other", ip="192.0.2.11")
+        self.op.send({"type": "join", "room": "dev"})
+        self.assertTrue(self.op.expect("joined")["op"], "who opens a room is its operator")
+
+    def mode(self, modes, *args, client=None):
+        (client or self.op).send({"type": "mode", "room": "dev", "modes": modes, "args": list(args)})
+
+    def test_modes_are_told_and_asked(self):
+        self.op.send({"type": "mode", "room": "dev"})
+        self.assertEqual(self.op.expect("modes")["modes"], "+nt")
+        self.mode("+kl-t", "beer", "5")
+        changed = self.op.expect("mode")
+        self.assertEqual((changed["modes"], changed["args"], changed["by"]), ("+kl-t", ["beer", "5"], "opener"))
+        self.other.send({"type": "mode", "room": "dev"})
+        self.assertEqual(self.other.expect("modes")["args"], ["*", "5"], "the key only to members")
+        self.mode("+m", client=self.other)
+        self.assertEqual(self.other.expect("error")["code"], "not-allowed")
+
+    def test_key_limit_invite_and_bans_keep_people_out(self):
+        self.mode("+k", "beer")
+        self.other.send({"type": "join", "room": "dev"}, {"type": "join", "room": "dev", "key": "bees"})
+        self.assertEqual([f["code"] for f in self.other.frames("error")], ["bad-key", "bad-key"])
+        self.other.send({"type": "join", "room": "dev", "key": "beer"})
+        self.assertEqual(self.other.expect("joined")["room"], "dev")
+        self.mode("+l", "2")
+        third = self.peer("third", ip="192.0.2.12")
+        third.send({"type": "join", "room": "dev", "key": "beer"})
+        self.assertEqual(third.expect("error")["code"], "room-full")
+        self.mode("-lk+i")
+        third.send({"type": "join", "room": "dev"})
+        self.assertEqual(third.expect("error")["code"], "invite-only")
+        self.op.send({"type": "invite", "nick": "third", "room": "dev"})
+        self.assertEqual(self.op.expect("inviting")["nick"], "third")
+        self.assertEqual(third.expect("invited")["by"], "opener")
+        third.send({"type": "join", "room": "dev"})
+        self.assertEqual(third.expect("joined")["room"], "dev")
+        self.mode("-i+b", "FOURTH!*@*")
+        fourth = self.peer("Fourth", ip="192.0.2.13")
+        fourth.send({"type": "join", "room": "dev"})
+        self.assertEqual(fourth.expect("error")["code"], "banned")
+        self.op.send({"type": "mode", "room": "dev", "modes": "+b"})
+        self.assertEqual([m["mask"] for m in self.op.expect("banlist")["masks"]], ["fourth!*@*"])
+
+    def test_moderated_and_no_external_and_voice(self):
+        self.other.send({"type": "msg", "room": "dev", "text": "from outside"})
+        self.assertEqual(self.other.expect("error")["code"], "not-in-room", "+n: no lines from outside")
+        self.mode("-n")
+        self.other.send({"type": "msg", "room": "dev", "text": "from outside"})
+        self.assertEqual(self.op.expect("msg")["text"], "from outside")
+        self.other.send({"type": "join", "room": "dev"})
+        self.mode("+m")
+        self.other.send({"type": "msg", "room": "dev", "text": "may I?"})
+        self.assertEqual(self.other.expect("error")["code"], "moderated")
+        self.mode("+v", "other")
+        self.other.send({"type": "msg", "room": "dev", "text": "now I may"})
+        self.assertEqual(self.op.expect("msg", text="now I may")["from"], "other")
+        self.other.send({"type": "who", "room": "dev"})
+        who = self.other.expect("who")
+        self.assertEqual((who["ops"], who["voiced"]), (["opener"], ["other"]))
+
+    def test_ops_given_and_lost_with_the_room_and_topics_by_anyone_without_t(self):
+        self.other.send({"type": "join", "room": "dev"}, {"type": "topic", "room": "dev", "text": "mine"})
+        self.assertEqual(self.other.expect("error")["code"], "not-allowed", "+t")
+        self.mode("-t")
+        self.other.send({"type": "topic", "room": "dev", "text": "mine"})
+        self.assertEqual(self.op.expect("topic")["text"], "mine")
+        self.mode("+o", "other")
+        self.other.send({"type": "kick", "nick": "opener", "room": "dev", "reason": "coup"})
+        left = self.op.expect("parted")
+        self.assertEqual((left["how"], left["by"], left["message"]), ("kick", "other", "coup"))
+        self.other.send({"type": "part", "room": "dev", "reason": "bye all"})
+        self.op.send({"type": "join", "room": "dev"})
+        self.assertTrue(self.op.expect("joined")["op"], "an empty room starts afresh")
+
+    def test_secret_rooms_are_listed_to_their_members_only(self):
+        self.mode("+s")
+        self.other.send({"type": "rooms"})
+        self.assertNotIn("dev", [r["name"] for r in self.other.expect("rooms")["rooms"]])
+        self.op.send({"type": "rooms"})
+        self.assertIn("dev", [r["name"] for r in self.op.expect("rooms")["rooms"]])
+        self.other.send({"type": "whois", "nick": "opener"})
+        self.assertEqual(self.other.expect("whois")["rooms"], ["lobby"])
+
+    def test_bad_modes_are_refused_after_the_good_ones(self):
+        self.mode("+zm")
+        self.assertEqual(self.op.expect("mode")["modes"], "+m")
+        self.assertEqual(self.op.expect("error")["code"], "bad-field")
+        self.mode("+o", "nobody")
+        self.assertEqual(self.op.expect("error")["code"], "no-such-user")
+        self.mode("+k", "has spaces")
+        self.assertEqual(self.op.expect("error")["code"], "bad-field")
+
+
+class WhoAndWhoWasTest(CommunityTestCase):
+    def test_whowas_lusers_who_full_and_part_messages(self):
+        watcher = self.peer("watcher")
+        leaver = self.peer(ip="198.51.100.7")
+        leaver.send({"type": "hello", "nick": "leaver", "username": "lv\x1b[2J", "realname": "Lee Ver\nx"})
+        leaver.expect("welcome")
+        watcher.send({"type": "who", "room": "lobby", "full": True})
+        person = next(p for p in watcher.expect("who")["people"] if p["nick"] == "leaver")
+        self.assertEqual((person["username"], person["realname"]), ("lv2J", "Lee Ver x"))
+        self.assertTrue(person["host"].endswith(".ip") and "198.51" not in person["host"], "a cloak")
+        watcher.send({"type": "lusers"})
+        self.assertEqual(watcher.expect("lusers")["users"], 2)
+        leaver.send({"type": "join", "room": "dev"}, {"type": "part", "room": "dev", "reason": "lunch"})
+        leaver.send({"type": "quit", "reason": "gone"})
+        lobby_leave = watcher.expect("leave", nick="leaver")
+        self.assertEqual((lobby_leave["how"], lobby_leave["reason"]), ("quit", "quit: gone"))
+        watcher.send({"type": "whowas", "nick": "LEAVER"})
+        entry = watcher.expect("whowas")["entries"][0]
+        self.assertEqual((entry["nick"], entry["username"]), ("leaver", "lv2J"))
+
+    def test_oper_logs_in_to_an_operators_account(self):
+        server = self.harness(ops=("boss",))
+        self.account("boss", "bosspw", ip="127.0.0.1", server=server)
+        someone = server.connect("someone", ip="198.51.100.8")
+        someone.send({"type": "oper", "name": "boss", "password": "nope"})
+        self.assertEqual(someone.expect("error")["code"], "login-failed")
+        server.advance(10)
+        someone.send({"type": "oper", "name": "boss", "password": "bosspw"})
+        self.assertTrue(someone.expect("op")["on"])
+        someone.send({"type": "oper", "name": "someone", "password": "x"})
+        self.assertEqual(someone.expect("error")["code"], "not-allowed")
+
+
 class PresenceTest(CommunityTestCase):
     def test_away_is_shown_and_a_pm_sender_hears_it_once(self):
         alice, bob = self.peer("alice"), self.peer("bob")
@@ -3091,7 +3222,7 @@ class BadInputTest(BadInputChecks, HarnessTestCase):
             ("over-long nick", chat.encode({"type": "nick", "nick": "n" * 33}), "bad-nick", False),
             ("second hello", chat.encode({"type": "hello", "nick": "again"}), "already-joined", False),
             ("room that does not exist", chat.encode({"type": "msg", "text": "x", "room": "nope"}),
-             "not-in-room", False),
+             "no-such-room", False),
         ]
         for name, data, code, closes in cases:
             with self.subTest(name):
