@@ -239,6 +239,10 @@ class FrameCodec:
         """A frame (stamped) for this connection alone; `fit`: see encode_fitted()."""
         return encode_fitted(frame, fit) if fit else encode(frame)
 
+    def farewell(self, reason: str) -> bytes:
+        """What the connection is sent last, as the server closes it (why)."""
+        return b""
+
     def with_history(self, frame: dict, lines: List["HistoryLine"]) -> bytes:
         """`frame` (a welcome or joined) with `lines` as its "history". The
         lines are kept as they were sent, so they are spliced in, not encoded
@@ -789,7 +793,7 @@ class Conn:
     __slots__ = ("sock", "fd", "addr", "ip", "source", "tls", "handshake", "shut", "events", "state", "codec",
                  "out", "queued",
                  "nick", "key", "session", "claimed", "rooms", "account", "device", "away", "awaiting",
-                 "username", "realname", "told_away", "since", "said", "echo",
+                 "username", "realname", "label", "verified", "heard", "told_away", "since", "said", "echo",
                  "tokens", "refilled", "held", "holds", "deferred", "last_heard", "flood_noticed")
 
     def __init__(self, sock, addr: str, ip: str, max_payload: int, now: float, burst: float):
@@ -812,6 +816,9 @@ class Conn:
         self.device = ""                # and the device token it was given for it (see People.logged_in)
         self.awaiting = 0               # its requests answered later (Chat.awaiting): frames after them wait
         self.username = self.realname = ""  # what its hello says it is called besides its nick (IRC's USER)
+        self.label: Optional[str] = None    # the `label` of the request being handled: echoed in its answers
+        self.verified = ""              # an account whose password it gave before its hello (IRC's SASL)
+        self.heard = False              # its first bytes came (and told its dialect)
         self.away: Optional[str] = None     # its away text
         self.told_away: set = set()     # who was told it is away, since it went away
         self.since = self.said = 0.0    # when it joined, and when it last said something (wall clock)
@@ -1331,7 +1338,9 @@ class Output:
         return encode(self.stamp(frame))
 
     def encode_for(self, conn: Conn, frame: dict, fit: str = "") -> bytes:
-        """`frame` stamped, as `conn` reads it; `fit`: see encode_fitted()."""
+        """`frame` stamped, as `conn` reads it (with the label of the request it answers); `fit`: see encode_fitted()."""
+        if conn.label is not None:
+            frame["label"] = conn.label
         return conn.codec.encode(self.stamp(frame), fit)
 
     def with_history(self, conn: Conn, frame: dict, lines: List[HistoryLine]) -> bytes:
@@ -2624,7 +2633,7 @@ class Intake:
                 if frame is None:
                     return
             conn.last_heard = self.clock
-            if conn.state is JOINED and not self._take_token(conn):
+            if (conn.state is JOINED or frame.get("type") != "hello") and not self._take_token(conn):
                 conn.held = frame
                 self._hold_for_flood(conn)
                 return
@@ -3110,6 +3119,31 @@ class People:
                 chat.out.send(conn, error.frame())
         chat.off_loop(conn, password_matches, (account or {}).get("password", {}), old, done=checked)
 
+    def on_authenticate(self, conn: "Conn", frame: dict) -> None:
+        """Before hello: an account's password (`name`, `password`), so the
+        hello that follows is that account's (IRC's SASL PLAIN); answered by
+        `authenticated`, priced as a login."""
+        name, given = check_name(frame.get("name")), frame.get("password")
+        key, chat = name_key(name), self.chat
+        record = self.account(key)
+        if record is None or type(given) is not str:
+            raise ProtocolError("login-failed", f"{name} has no account")
+        wait, why = chat.gate.wait(conn, chat.clock, self.trusted(conn, key, frame.get("device")), key)
+        if wait > 0:
+            seconds = math.ceil(wait)
+            raise ProtocolError("rate-limited", _BUSY[why].format(seconds=plural(seconds, "second")),
+                                retry_after=seconds)
+
+        def checked(right: object) -> None:
+            if right is not True:
+                chat.gate.failed(conn, chat.clock, key, name)
+                chat.out.send(conn, ProtocolError("login-failed", f"wrong password for {name}").frame())
+                return
+            chat.gate.succeeded(conn, chat.clock)
+            conn.verified = key
+            chat.out.send(conn, {"type": "authenticated", "account": record.get("name", name)})
+        chat.off_loop(conn, password_matches, record.get("password", {}), given, done=checked)
+
     def on_oper(self, conn: "Conn", frame: dict) -> None:
         """Log in to a server operator's account under the nick you have
         (IRC's OPER NAME PASSWORD): its password, priced as any other."""
@@ -3552,6 +3586,7 @@ def leave_frame(nick: str, reason: str, room: Room, how: str = "quit", **more: s
 
 
 REALNAME_MAX = 100      # characters of a hello's realname
+LABEL_MAX = 100         # characters of a request's label
 WHOWAS_MAX = 1000       # who left, kept for `whowas`
 
 
@@ -3676,11 +3711,16 @@ class Login:
         """A registered nick is its account's: its password, checked off the loop."""
         chat, conn = self.chat, self.conn
         record = chat.people.account(self.key)
+        if record is None and conn.verified:
+            chat.people.logged_in(conn, conn.verified, self.hello.get("device"))    # (its SASL account)
+            return True
         if record is None:
             if chat.config.registered_only:
                 raise ProtocolError("registered-only", "only registered nicks may join this server; an operator"
                                                        " makes accounts")
             return True
+        if self.verified is None and conn.verified == self.key:
+            self.verified = True        # its password was given before (see People.on_authenticate)
         if self.verified is None:
             if not self.hashing:
                 given = self.hello.get("account_password")
@@ -3783,7 +3823,9 @@ class Chat:
         self.people = People(self, Records(self.store, self.relay.records))
         self.hashing = Hashing(io)               # password hashes, off the loop
         self.departed: collections.deque = collections.deque(maxlen=WHOWAS_MAX)   # who left, newest first
-        self.before_hello = {"hello": self.on_hello, "quit": self.on_quit}
+        self.before_hello = {"hello": self.on_hello, "quit": self.on_quit, "ping": self.on_ping,
+                             "authenticate": self.people.on_authenticate}
+        self.irc_audiences: Dict[frozenset, IrcAudience] = {}   # by the capabilities that change how lines read
         self.handlers = {
             "hello": self.on_second_hello, "msg": self.on_msg, "me": self.on_msg, "pm": self.on_pm,
             "nick": self.on_nick, "who": self.on_who, "ping": self.on_ping, "pong": self.on_pong,
@@ -3831,8 +3873,34 @@ class Chat:
         if conn.state is HELLO and not conn.codec.buffered and data[:1] == b"\x16":
             self.drop(conn, "sent a TLS handshake, but this server has no --tls-cert")
             return
+        if conn.state is HELLO and not conn.heard and bytes(data[:1]).isalpha():
+            self.speaks_irc(conn)       # a frame begins with 00; an IRC line with a command word
+        conn.heard = True
         conn.codec.feed(data)
         self.intake.process(conn)
+
+    def speaks_irc(self, conn: Conn) -> None:
+        """`conn` speaks IRC (its first bytes said so, or it came to --irc-port)."""
+        conn.codec = IrcCodec(self.config, conn.ip, self.irc_audience)
+
+    def irc_audience(self, caps: frozenset) -> IrcAudience:
+        """The audience of IRC clients reading lines with `caps` (one for each set)."""
+        if caps not in self.irc_audiences:
+            self.irc_audiences[caps] = IrcAudience(caps, self.config.server_name, self.ident)
+        return self.irc_audiences[caps]
+
+    def ident(self, nick: str) -> str:
+        """nick!user@host of a user here, on another server, or gone lately (as IRC prefixes lines)."""
+        conn = self.users.get(name_key(nick))
+        if conn is not None:
+            return f"{conn.nick}!{conn.username}@{cloak(conn.ip)}"
+        profile = self.relay.profile(name_key(nick))
+        if profile:
+            return f"{nick}!{profile.get('username') or 'user'}@{profile.get('host') or 'hidden'}"
+        for entry in itertools.islice(self.departed, 50):
+            if entry["nick"] == nick:
+                return f"{nick}!{entry['username']}@{entry['host']}"
+        return f"{nick}!user@{self.config.server_name}"
 
     def end_turn(self) -> List[Conn]:
         """The turn's events are handled: fan out, keep history within its
@@ -3885,6 +3953,16 @@ class Chat:
     # -- handling a frame ----------------------------------------------------
 
     def dispatch(self, conn: Conn, kind: str, frame: dict) -> None:
+        """Handle one request; its direct answers (and refusal) carry its
+        `label`, if it has one (a short string)."""
+        label = frame.get("label")
+        conn.label = label if type(label) is str and len(label) <= LABEL_MAX else None
+        try:
+            self._dispatch(conn, kind, frame)
+        finally:
+            conn.label = None
+
+    def _dispatch(self, conn: Conn, kind: str, frame: dict) -> None:
         if conn.state is HELLO:
             handler = self.before_hello.get(kind)
             if handler is None:
@@ -3910,7 +3988,7 @@ class Chat:
         `conn`'s request, in its turn (see Hashing); its next frames wait
         (not read) till done(result) has answered it."""
         def back(result: object) -> None:
-            if conn.state is JOINED:
+            if conn.state in (HELLO, JOINED):
                 done(result)
             self.answered(conn)
         self.awaiting(conn)
@@ -3945,6 +4023,9 @@ class Chat:
             return
         if error is not None:
             self.out.send(conn, error.frame())
+        farewell = conn.codec.farewell(reason)
+        if farewell:
+            self.out.send_data(conn, farewell)
         # Dropped for being slow or silent, a client reconnects: its nick waits for it.
         self._leave(conn, reason, hold=error is not None and error.code in ("too-slow", "timeout"))
         self.move(conn, CLOSING)
@@ -3989,7 +4070,7 @@ class Chat:
         self.gate.joined(conn)
         self.users[conn.key] = conn
         conn.since = conn.said = self.out.ts
-        conn.echo = type(hello.get("protocol")) is int and hello["protocol"] >= 3
+        conn.echo = type(hello.get("protocol")) is int and hello["protocol"] >= 3 and hello.get("echo") is not False
         since = hello.get("since") if hello.get("instance") == self.relay.instance else None
         nowhere = hello.get("rooms") == []      # it starts in no room (an IRC client: it joins its own)
         place = self.people.place(conn) if not hello.get("session") and not nowhere else None
@@ -4081,7 +4162,8 @@ class Chat:
         if room.count() == 1 and not resumed:   # a newcomer has nothing pending: no flush needed
             kept = (f"the last {plural(self.config.history, 'line')} said here are shown to whoever joins"
                     " later" if self.config.history else "nothing said here is kept for whoever joins later")
-            self.out.first(conn, {"type": "notice", "room": room.name, "text": f"you are alone in #{room.name}; {kept}"})
+            self.out.first(conn, {"type": "notice", "room": room.name, "text": f"you are alone in #{room.name}; {kept}",
+                                  "alone": True})
         # Announced even when this server sees nobody else: in a cluster its
         # view of the other servers' members may be a moment behind.
         self._event(room, {"type": "join", "nick": conn.nick, "users": room.count(), "room": room.name},
@@ -4209,7 +4291,8 @@ class Chat:
         if type(away) is str and conn.key not in told:
             told.add(conn.key)
             nick = target.nick if target is not None else (self.relay.profile(key) or {}).get("nick", key)
-            self.out.send(conn, {"type": "notice", "text": f"{nick} is away: {away}"})
+            self.out.send(conn, {"type": "notice", "text": f"{nick} is away: {away}",
+                                 "away": {"nick": nick, "text": away}})
 
     def rooms_of(self, key: Optional[str]) -> List[Room]:
         """The rooms the user `key` is in, here or on another server."""
@@ -4344,7 +4427,8 @@ class Chat:
             if room is None:
                 raise ProtocolError("no-such-room", f"there is no room #{check_room(name)}")
             reply = {"type": "who", "room": room.name, "users": room.nicks(), "ops": self.ops_of(room),
-                     "voiced": [member.nick for member in room.members if member.key in room.modes.voiced]}
+                     "voiced": [member.nick for member in room.members if member.key in room.modes.voiced],
+                     "secret": "s" in room.modes.flags}
         away = {nick: text for nick, text in ((n, self.away_of(n)) for n in reply["users"]) if text}
         if away:
             reply["away"] = away
@@ -4421,9 +4505,11 @@ class Chat:
         joined = {"type": "joined", "room": room.name, "users": room.nicks(), "seq": room.seq,
                   "op": self.people.is_room_op(conn, room), "ops": self.ops_of(room),
                   "voiced": [member.nick for member in room.members if member.key in room.modes.voiced]}
-        topic = self.people.topic(room)["text"]
-        if topic:
-            joined["topic"] = topic
+        topic = self.people.topic(room)
+        if topic["text"]:
+            joined.update(topic=topic["text"], topic_by=topic["by"], topic_at=topic["at"])
+        if "s" in room.modes.flags:
+            joined["secret"] = True
         if _newest_within(history, REPLAY_MAX):
             joined["truncated"] = True
         self.reply(conn, self.out.with_history(conn, joined, history))
@@ -4485,7 +4571,7 @@ class Chat:
                                                         "args": shown}))
             return
         if type(changes) is not str or len(changes) > 40 or type(args) is not list or len(args) > 12 \
-                or not all(type(arg) is str and len(arg) <= 200 for arg in args):
+                or not all(type(arg) is str and len(arg) <= 512 for arg in args):
             raise ProtocolError("bad-field", "modes are like \"+k\" with \"args\": [\"key\"] (at most 12)")
         if changes.strip("+") == "b" and not args:
             masks = [{"mask": mask, "by": by, "at": at} for mask, (by, at) in room.modes.masks.items()]
@@ -4538,7 +4624,7 @@ class Chat:
             key = args.pop(0) if args and (on or args) else ""
             if on and (not 0 < len(key) <= RoomModes.KEY_MAX or not key.isprintable() or " " in key or "," in key):
                 raise ProtocolError("bad-field", f"a room's key is 1-{RoomModes.KEY_MAX} characters, no spaces"
-                                                 " or commas")
+                                                 " or commas", mode="k")
             if not on and "k" not in modes.flags:
                 return None
             modes.key = key if on else ""
@@ -4548,7 +4634,7 @@ class Chat:
             if on:
                 limit = args.pop(0) if args else ""
                 if not limit.isdigit() or not 0 < int(limit) <= 1_000_000:
-                    raise ProtocolError("bad-field", "a room's limit is a number of members, 1 or more")
+                    raise ProtocolError("bad-field", "a room's limit is a number of members, 1 or more", mode="l")
                 modes.limit = int(limit)
                 modes.flags.add("l")
                 return limit
@@ -4560,7 +4646,7 @@ class Chat:
             mask = args.pop(0) if args else ""
             mask = (mask if "!" in mask or "@" in mask else f"{mask}!*@*").casefold()
             if not 3 < len(mask) <= 100 or not mask.isprintable() or " " in mask:
-                raise ProtocolError("bad-field", "a ban mask is like nick!user@host, * for any")
+                raise ProtocolError("bad-field", "a ban mask is like nick!user@host, * for any", mode="b")
             if on == (mask in modes.masks) or (on and len(modes.masks) >= 100):
                 return None
             if on:
@@ -4573,7 +4659,7 @@ class Chat:
                 return None
             (modes.flags.add if on else modes.flags.discard)(mode)
             return ""
-        raise ProtocolError("bad-field", f"there is no mode {shown(mode)}; modes: b i k l m n o s t v")
+        raise ProtocolError("bad-mode", f"there is no mode {shown(mode)}; modes: b i k l m n o s t v", mode=mode)
 
     def on_invite(self, conn: Conn, frame: dict) -> None:
         """Invite someone here into a room you are in (one with +i: as its operator); they may join past +i."""
@@ -4701,6 +4787,810 @@ class Chat:
             return False
         self.people.enforce("kick", key, "the operator", reason, None)
         return True
+
+
+# ---------------------------------------------------------------------------
+# 4h. IRC: the same chat in a second dialect, on the same port
+# ---------------------------------------------------------------------------
+#
+# A connection whose first byte is a letter speaks IRC (a frame starts with
+# its length's 00 byte): it gets an IrcCodec. Its lines become the core's
+# requests, each labelled "COMMAND target" so that the answers (which carry
+# the label: see Chat.dispatch) are drawn as that command's replies; the
+# core's frames become IRC lines. Rooms are channels, lines are PRIVMSGs,
+# actions CTCP ACTION, a pm a PRIVMSG to a nick, server notices NOTICEs.
+# What only IRC has (CAP, SASL, MOTD, VERSION...) the codec answers itself,
+# through a `ping` (label "RAW") whose `pong` carries its lines: so every
+# answer comes in order with the rest, and is priced as a request.
+
+IRC_LINE_MAX = 512          # bytes of a line, CRLF included, tags aside (RFC 1459)
+IRC_TAGS_MAX = 8191         # bytes of a client's message tags (IRCv3)
+IRC_EARLY_MAX = 64          # lines a client may send before it is registered
+IRC_TARGETS = 4             # targets of one PRIVMSG, NOTICE, JOIN, PART, NAMES (TARGMAX)
+IRC_CAPS = ("echo-message", "message-tags", "multi-prefix", "sasl", "server-time", "userhost-in-names")
+IRC_READING_CAPS = frozenset({"echo-message", "message-tags", "server-time"})   # how room lines read
+IRC_COMMANDS_BEFORE = {"CAP", "NICK", "USER", "PASS", "AUTHENTICATE", "PING", "PONG", "QUIT"}
+_IRC_FORMATTING = re.compile(r"\x03(?:\d{1,2}(?:,\d{1,2})?)?|\x04(?:[0-9a-fA-F]{6}(?:,[0-9a-fA-F]{6})?)?"
+                             r"|[\x02\x0f\x11\x16\x1d\x1e\x1f]")
+
+
+def irc_split(line: str) -> Tuple[str, List[str]]:
+    """An IRC line (no tags, no CRLF) as its command (upper case) and parameters."""
+    if line.startswith(":"):        # a prefix from a client means nothing
+        line = line.partition(" ")[2]
+    head, _, trailing = line.partition(" :")
+    params = head.split()
+    if not params:
+        return "", []
+    if _:
+        params.append(trailing)
+    return params[0].upper(), params[1:]
+
+
+def irc_text(text: str) -> str:
+    """What an IRC client's text is in the chat: its colours and formatting codes gone."""
+    return _IRC_FORMATTING.sub("", text)
+
+
+def irc_pieces(text: str, budget: int) -> List[str]:
+    """`text` as IRC lines of at most `budget` bytes each: one per line of
+    it, long ones cut between words where they can be (never inside a
+    character); nothing is lost but the spaces a cut falls on."""
+    pieces = []
+    for line in text.split("\n"):
+        data = line.encode("utf-8")
+        while len(data) > budget:
+            cut = data.rfind(b" ", 0, budget + 1)
+            if cut <= budget // 2:       # no space in the second half: cut inside the word
+                cut = budget
+                while cut and (data[cut] & 0xC0) == 0x80:      # not inside a character's bytes
+                    cut -= 1
+            pieces.append(data[:cut].decode("utf-8"))
+            data = data[cut:].lstrip(b" ") if data[cut:cut + 1] == b" " else data[cut:]
+        pieces.append(data.decode("utf-8") or " ")
+    return pieces
+
+
+def irc_line(*words: str, trailing: Optional[str] = None, tags: str = "") -> bytes:
+    """One IRC line: `words`, then `trailing` (which may hold spaces), CRLF."""
+    line = " ".join(words)
+    if trailing is not None:
+        line += " :" + trailing
+    return (f"@{tags} " if tags else "").encode() + line.encode("utf-8") + b"\r\n"
+
+
+class IrcAudience(Audience):
+    """IRC clients with the same reading capabilities: a room's frames read
+    as the same lines for all of them (see Output)."""
+
+    once = True         # someone leaving the server is one QUIT, not one per channel
+
+    def __init__(self, caps: frozenset, server: str, ident: Callable[[str], str]):
+        self.caps, self.server, self.ident = caps, server, ident
+        self.echo = "echo-message" in caps
+
+    def room_bytes(self, frame: Optional[dict], data: bytes) -> bytes:
+        return self.render(frame if frame is not None else json.loads(data[4:]))
+
+    def shared(self, frame: dict) -> Optional[bytes]:
+        if frame.get("type") in ("nick", "quit", "mode", "topic", "join", "leave") or \
+                (frame.get("type") == "notice" and "away" not in frame):
+            return self.render(frame)
+        return None     # (addressed to each one: encoded for each)
+
+    def tags(self, frame: dict) -> str:
+        """The message tags `frame` gets: its time, its id."""
+        tags = []
+        if "server-time" in self.caps and type(frame.get("ts")) in (int, float):
+            tags.append("time=" + time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(frame["ts"]))
+                        + f".{int(frame['ts'] * 1000) % 1000:03d}Z")
+        if "message-tags" in self.caps and type(frame.get("id")) is int:
+            tags.append(f"msgid={frame['id']}")
+        return ";".join(tags)
+
+    def render(self, frame: dict, me: str = "") -> bytes:
+        """A frame for a room, or for everyone (or for `me`), as IRC lines."""
+        kind, tags = frame.get("type"), self.tags(frame)
+        room = f"#{frame.get('room')}"
+        if kind == "msg":
+            return self.said(frame, room if "room" in frame else me, tags)
+        who = self.ident(str(frame.get("nick", "")))
+        if kind == "join":
+            return irc_line(f":{who}", "JOIN", room, tags=tags)
+        if kind == "leave":
+            if frame.get("how") == "kick":
+                kicker = str(frame.get("by", ""))
+                return irc_line(f":{self.ident(kicker)}", "KICK", room, str(frame["nick"]),
+                                trailing=frame.get("message") or kicker, tags=tags)
+            if frame.get("how") == "part":
+                return irc_line(f":{who}", "PART", room, trailing=frame.get("message") or None, tags=tags)
+            return b""      # one QUIT follows (see Chat._gone)
+        if kind == "quit":
+            return irc_line(f":{who}", "QUIT", trailing=str(frame.get("reason", "")), tags=tags)
+        if kind == "nick":
+            old, new = str(frame.get("old")), str(frame.get("new"))
+            return irc_line(f":{old}!{self.ident(new).partition('!')[2]}", "NICK", trailing=new, tags=tags)
+        if kind == "topic":
+            return irc_line(f":{self.ident(str(frame.get('by')))}", "TOPIC", room, trailing=str(frame.get("text")),
+                            tags=tags)
+        if kind == "mode":
+            return irc_line(f":{self.ident(str(frame.get('by')))}", "MODE", room, str(frame.get("modes")),
+                            *map(str, frame.get("args", [])), tags=tags)
+        if kind == "notice":
+            target = room if "room" in frame else me or "*"
+            text = str(frame.get("text", ""))
+            return b"".join(irc_line(f":{self.server}", "NOTICE", target, trailing=piece, tags=tags)
+                            for piece in irc_pieces(text, 400))
+        return b""
+
+    def said(self, frame: dict, target: str, tags: str) -> bytes:
+        """A chat line as PRIVMSGs (or NOTICEs): several if long, or of several lines."""
+        prefix = f":{self.ident(str(frame.get('from')))}"
+        command = "NOTICE" if frame.get("notice") else "PRIVMSG"
+        action = frame.get("action") is True
+        room = frame.get("room")
+        target = f"#{room}" if room is not None else target
+        budget = IRC_LINE_MAX - 2 - len(f"{prefix} {command} {target} :".encode()) - (9 if action else 0)
+        return b"".join(irc_line(prefix, command, target, trailing=f"\x01ACTION {piece}\x01" if action else piece,
+                                 tags=tags)
+                        for piece in irc_pieces(str(frame.get("text", "")), budget))
+
+
+class IrcCodec:
+    """A connection speaking IRC (RFC 1459 and 2812, with IRCv3's CAP,
+    SASL PLAIN, server-time, echo-message, message-tags, multi-prefix and
+    userhost-in-names): lines in, requests out (see next()); frames in,
+    lines out (see encode()). Registration (NICK, USER, PASS, CAP, SASL)
+    is the codec's until it says hello for the user."""
+
+    def __init__(self, config: "ServerConfig", ip: str, audience_for: Callable[[frozenset], IrcAudience]):
+        self.config, self.server = config, config.server_name
+        self.host, self.audience_for = cloak(ip), audience_for
+        self.audience = audience_for(frozenset())
+        self.buffer = bytearray()
+        self.nick = ""                  # as the server knows it ("" until welcome)
+        self.asked_nick = ""            # the NICK it sent
+        self.username = self.realname = ""
+        self.password: Optional[str] = None     # PASS
+        self.caps: set = set()
+        self.negotiating = False        # between CAP LS/REQ and CAP END
+        self.sasl: Optional[str] = None     # "PLAIN" while its credentials are awaited
+        self.sasl_data = ""
+        self.registered = False
+        self.hello_sent = False
+        self.early = 0                  # lines before registration
+        self.motd: Optional[str] = None
+        self.pending: collections.deque = collections.deque()     # requests a line made beyond its first
+        self.away: List[bool] = []      # AWAY requests in flight: whether each set a text (for 306 or 305)
+
+    # -- lines in ------------------------------------------------------------
+
+    @property
+    def buffered(self) -> int:
+        return len(self.buffer)
+
+    def feed(self, data: bytes) -> None:
+        self.buffer += data
+
+    def next(self) -> Optional[dict]:
+        """The next request its lines make (None until more come; ProtocolError
+        if it sends what cannot be IRC: a line past every limit)."""
+        while True:
+            if self.pending:
+                return self.pending.popleft()
+            end = self.buffer.find(b"\n")
+            if end < 0:
+                if len(self.buffer) > IRC_TAGS_MAX + IRC_LINE_MAX:
+                    raise ProtocolError("frame-too-large", f"a line over {IRC_TAGS_MAX + IRC_LINE_MAX} bytes")
+                return None
+            raw = bytes(self.buffer[:end]).rstrip(b"\r")
+            del self.buffer[:end + 1]
+            request = self.line(raw)
+            if request is not None:
+                return request
+
+    def line(self, raw: bytes) -> Optional[dict]:
+        """One line from the client: the request it makes, if any."""
+        if raw.startswith(b"@"):        # its tags: only their size matters (and TAGMSG is not relayed)
+            tags, _, raw = raw.partition(b" ")
+            if len(tags) > IRC_TAGS_MAX:
+                return self.raw(self.numeric("417", trailing="Input line was too long"))
+        if not raw.strip():
+            return None
+        if len(raw) > IRC_LINE_MAX - 2:
+            return self.raw(self.numeric("417", trailing="Input line was too long"))
+        if b"\x00" in raw:
+            return self.raw(self.notice("a line with a NUL byte was not taken"))
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return self.raw(irc_line(f":{self.server}", "FAIL", "*", "INVALID_UTF8",
+                                     trailing="a line that is not UTF-8 was not taken (this server is UTF8ONLY)"))
+        command, params = irc_split(text)
+        if not command:
+            return None
+        if not self.registered:
+            self.early += 1
+            if self.early > IRC_EARLY_MAX:
+                raise ProtocolError("bad-frame", "too many lines before registering")
+            if command not in IRC_COMMANDS_BEFORE:
+                return self.raw(self.numeric("451", trailing="You have not registered"))
+        handler = getattr(self, f"irc_{command.lower()}", None)
+        if handler is None:
+            return self.raw(self.numeric("421", command, trailing="Unknown command"))
+        return handler(params)
+
+    def raw(self, *lines: bytes) -> dict:
+        """A request that answers with `lines` (see the section's comment)."""
+        return {"type": "ping", "label": "RAW", "irc": b"".join(lines).decode("utf-8")}
+
+    def needs(self, command: str, params: List[str], count: int) -> Optional[dict]:
+        """None if `params` has `count`, else the 461 answer."""
+        if len(params) >= count and all(params[:count]):
+            return None
+        return self.raw(self.numeric("461", command, trailing="Not enough parameters"))
+
+    # -- registration --------------------------------------------------------
+
+    def irc_cap(self, params: List[str]) -> Optional[dict]:
+        sub = params[0].upper() if params else ""
+        if sub == "LS":
+            self.negotiating = not self.registered
+            return self.raw(self.cap("LS", " ".join("sasl=PLAIN" if cap == "sasl" else cap for cap in IRC_CAPS)))
+        if sub == "LIST":
+            return self.raw(self.cap("LIST", " ".join(sorted(self.caps))))
+        if sub == "REQ":
+            self.negotiating = not self.registered
+            asked = params[1].split() if len(params) > 1 else []
+            wanted = {cap.lstrip("-") for cap in asked}
+            if not wanted <= set(IRC_CAPS) or (self.registered and wanted & IRC_READING_CAPS):
+                return self.raw(self.cap("NAK", " ".join(asked)))
+            for cap in asked:
+                (self.caps.discard if cap.startswith("-") else self.caps.add)(cap.lstrip("-"))
+            return self.raw(self.cap("ACK", " ".join(asked)))
+        if sub == "END":
+            self.negotiating = False
+            return self.hello()
+        return self.raw(self.numeric("410", sub or "*", trailing="Invalid CAP command"))
+
+    def cap(self, sub: str, caps: str) -> bytes:
+        return irc_line(f":{self.server}", "CAP", self.nick or "*", sub, trailing=caps)
+
+    def irc_pass(self, params: List[str]) -> Optional[dict]:
+        if self.registered:
+            return self.raw(self.numeric("462", trailing="You may not reregister"))
+        self.password = params[0] if params else ""
+        return None
+
+    def irc_user(self, params: List[str]) -> Optional[dict]:
+        if self.registered:
+            return self.raw(self.numeric("462", trailing="You may not reregister"))
+        missing = self.needs("USER", params, 4)
+        if missing is not None:
+            return missing
+        self.username, self.realname = params[0], irc_text(params[3])
+        return self.hello()
+
+    def irc_nick(self, params: List[str]) -> Optional[dict]:
+        if not params or not params[0]:
+            return self.raw(self.numeric("431", trailing="No nickname given"))
+        if not self.registered:
+            self.asked_nick = params[0]
+            return self.hello()
+        return {"type": "nick", "nick": params[0], "label": f"NICK {params[0]}"}
+
+    def irc_authenticate(self, params: List[str]) -> Optional[dict]:
+        """SASL PLAIN: the account's password, checked before registration ends."""
+        arg = params[0] if params else ""
+        if self.registered:
+            return self.raw(self.numeric("907", trailing="You have already authenticated"))
+        if arg == "*":
+            self.sasl = None
+            return self.raw(self.numeric("906", trailing="SASL authentication aborted"))
+        if self.sasl is None:
+            if arg.upper() != "PLAIN":
+                return self.raw(self.numeric("908", "PLAIN", trailing="are available SASL mechanisms"),
+                                self.numeric("904", trailing="SASL authentication failed"))
+            self.sasl, self.sasl_data = "PLAIN", ""
+            return self.raw(irc_line("AUTHENTICATE", "+"))
+        self.sasl_data += "" if arg == "+" else arg
+        if len(arg) == 400 and len(self.sasl_data) < 1600:
+            return None     # more to come
+        self.sasl = None
+        try:
+            _, name, password = base64.b64decode(self.sasl_data, validate=True).decode("utf-8").split("\x00")
+        except (ValueError, UnicodeDecodeError):
+            return self.raw(self.numeric("904", trailing="SASL authentication failed"))
+        return {"type": "authenticate", "name": name, "password": password, "label": "AUTHENTICATE"}
+
+    def hello(self) -> Optional[dict]:
+        """The hello for the user, once NICK and USER came and CAP is done."""
+        if self.registered or self.hello_sent or self.negotiating or not (self.asked_nick and self.username):
+            return None
+        self.hello_sent = True
+        self.audience = self.audience_for(frozenset(self.caps & IRC_READING_CAPS))
+        hello = {"type": "hello", "nick": self.asked_nick, "username": self.username, "realname": self.realname,
+                 "rooms": [], "protocol": PROTOCOL, "retry": True, "echo": "echo-message" in self.caps,
+                 "label": "HELLO"}
+        if self.password is not None:
+            hello["password"] = self.password
+        return hello
+
+    # -- everyday commands ---------------------------------------------------
+
+    def irc_ping(self, params: List[str]) -> Optional[dict]:
+        token = params[0] if params else ""
+        if not self.registered:         # (before hello the core answers nothing but hello)
+            return self.raw(irc_line(f":{self.server}", "PONG", self.server, trailing=token))
+        return {"type": "ping", "label": "PING", "token": token}
+
+    def irc_pong(self, params: List[str]) -> Optional[dict]:
+        return {"type": "pong"} if self.registered else None
+
+    def irc_quit(self, params: List[str]) -> Optional[dict]:
+        return {"type": "quit", **({"reason": irc_text(params[0])} if params and params[0] else {})}
+
+    def irc_privmsg(self, params: List[str], notice: bool = False) -> Optional[dict]:
+        command = "NOTICE" if notice else "PRIVMSG"
+        if not params:
+            return None if notice else self.raw(self.numeric("411", trailing=f"No recipient given ({command})"))
+        if len(params) < 2 or not params[1]:
+            return None if notice else self.raw(self.numeric("412", trailing="No text to send"))
+        text, action = irc_text(params[1]), False
+        if text.startswith("\x01"):             # CTCP: ACTION is /me, the rest is not relayed
+            body = text.strip("\x01")
+            if not body.upper().startswith("ACTION "):
+                return None
+            text, action = body[7:], True
+        if not text.strip():
+            return None if notice else self.raw(self.numeric("412", trailing="No text to send"))
+        requests = []
+        for target in params[0].split(",")[:IRC_TARGETS]:
+            label = f"{command} {target}"
+            if target.startswith("#"):
+                request = {"type": "me" if action else "msg", "room": target[1:], "text": text, "label": label}
+            else:
+                request = {"type": "pm", "to": target, "text": text, "label": label,
+                           **({"action": True} if action else {})}
+            if notice:
+                request["notice"] = True
+            requests.append(request)
+        return self.batch(requests)
+
+    def irc_notice(self, params: List[str]) -> Optional[dict]:
+        return self.irc_privmsg(params, notice=True)
+
+    def batch(self, requests: List[dict]) -> Optional[dict]:
+        """Several requests from one line: the first now, the others queued as lines of their own."""
+        if not requests:
+            return None
+        for request in requests[1:]:
+            self.pending.append(request)
+        return requests[0]
+
+    def irc_join(self, params: List[str]) -> Optional[dict]:
+        missing = self.needs("JOIN", params, 1)
+        if missing is not None:
+            return missing
+        keys = params[1].split(",") if len(params) > 1 else []
+        requests = []
+        for i, target in enumerate(params[0].split(",")[:IRC_TARGETS]):
+            if not target.startswith("#"):
+                requests.append(self.raw(self.numeric("403", target, trailing="No such channel")))
+                continue
+            request = {"type": "join", "room": target[1:], "label": f"JOIN {target}"}
+            if i < len(keys) and keys[i]:
+                request["key"] = keys[i]
+            requests.append(request)
+        return self.batch(requests)
+
+    def irc_part(self, params: List[str]) -> Optional[dict]:
+        missing = self.needs("PART", params, 1)
+        if missing is not None:
+            return missing
+        reason = {"reason": irc_text(params[1])} if len(params) > 1 and params[1] else {}
+        return self.batch([{"type": "part", "room": target.lstrip("#"), "label": f"PART {target}", **reason}
+                           for target in params[0].split(",")[:IRC_TARGETS]])
+
+    def irc_topic(self, params: List[str]) -> Optional[dict]:
+        missing = self.needs("TOPIC", params, 1)
+        if missing is not None:
+            return missing
+        request = {"type": "topic", "room": params[0].lstrip("#"), "label": f"TOPIC {params[0]}"}
+        if len(params) > 1:
+            request["text"] = irc_text(params[1])
+        return request
+
+    def irc_names(self, params: List[str]) -> Optional[dict]:
+        if not params or not params[0].startswith("#"):
+            return self.raw(self.numeric("366", params[0] if params else "*", trailing="End of /NAMES list"))
+        return {"type": "who", "room": params[0][1:], "label": f"NAMES {params[0]}"}
+
+    def irc_who(self, params: List[str]) -> Optional[dict]:
+        mask = params[0] if params else "*"
+        request = {"type": "who", "full": True, "label": f"WHO {mask}"}
+        if mask.startswith("#"):
+            request["room"] = mask[1:]
+        return request
+
+    def irc_whois(self, params: List[str]) -> Optional[dict]:
+        missing = self.needs("WHOIS", params, 1)
+        if missing is not None:
+            return missing
+        nick = params[-1].split(",")[0]
+        return {"type": "whois", "nick": nick, "label": f"WHOIS {nick}"}
+
+    def irc_whowas(self, params: List[str]) -> Optional[dict]:
+        missing = self.needs("WHOWAS", params, 1)
+        if missing is not None:
+            return missing
+        count = int(params[1]) if len(params) > 1 and params[1].lstrip("-").isdigit() else 0
+        return {"type": "whowas", "nick": params[0], "count": count if count > 0 else 10,
+                "label": f"WHOWAS {params[0]}"}
+
+    def irc_ison(self, params: List[str]) -> Optional[dict]:
+        return {"type": "who", "label": "ISON " + " ".join(" ".join(params).split()[:32])}
+
+    def irc_userhost(self, params: List[str]) -> Optional[dict]:
+        return {"type": "who", "full": True, "label": "USERHOST " + " ".join(params[:5])}
+
+    def irc_list(self, params: List[str]) -> Optional[dict]:
+        return {"type": "rooms", "label": "LIST " + (params[0] if params else "")}
+
+    def irc_lusers(self, params: List[str]) -> Optional[dict]:
+        return {"type": "lusers", "label": "LUSERS"}
+
+    def irc_away(self, params: List[str]) -> Optional[dict]:
+        text = irc_text(params[0]) if params and params[0] else ""
+        self.away.append(bool(text))
+        return {"type": "away", "label": "AWAY", **({"text": text} if text else {})}
+
+    def irc_mode(self, params: List[str]) -> Optional[dict]:
+        missing = self.needs("MODE", params, 1)
+        if missing is not None:
+            return missing
+        target = params[0]
+        if not target.startswith("#"):      # a user's modes: none that mean anything here
+            if name_key(target) != name_key(self.nick):
+                return self.raw(self.numeric("502", trailing="Cannot change mode for other users"))
+            return self.raw(self.numeric("221", "+i")) if len(params) == 1 else None
+        request = {"type": "mode", "room": target[1:], "label": f"MODE {target}"}
+        if len(params) > 1:
+            request.update(modes=params[1], args=params[2:])
+        return request
+
+    def irc_kick(self, params: List[str]) -> Optional[dict]:
+        """KICK #a NICK, KICK #a N1,N2, KICK #a,#b N1,N2 (each channel its nick)."""
+        missing = self.needs("KICK", params, 2)
+        if missing is not None:
+            return missing
+        reason = {"reason": irc_text(params[2])} if len(params) > 2 and params[2] else {}
+        rooms, nicks = params[0].split(",")[:IRC_TARGETS], params[1].split(",")[:IRC_TARGETS]
+        pairs = zip(rooms, nicks) if len(rooms) == len(nicks) else ((rooms[0], nick) for nick in nicks)
+        return self.batch([{"type": "kick", "room": room.lstrip("#"), "nick": nick,
+                            "label": f"KICK {room} {nick}", **reason} for room, nick in pairs])
+
+    def irc_invite(self, params: List[str]) -> Optional[dict]:
+        missing = self.needs("INVITE", params, 2)
+        if missing is not None:
+            return missing
+        return {"type": "invite", "nick": params[0], "room": params[1].lstrip("#"), "label": f"INVITE {params[1]}"}
+
+    def irc_oper(self, params: List[str]) -> Optional[dict]:
+        missing = self.needs("OPER", params, 2)
+        if missing is not None:
+            return missing
+        return {"type": "oper", "name": params[0], "password": params[1], "label": "OPER"}
+
+    def irc_motd(self, params: List[str]) -> Optional[dict]:
+        return self.raw(*self.motd_lines())
+
+    def irc_version(self, params: List[str]) -> Optional[dict]:
+        return self.raw(self.numeric("351", f"chat.py-{VERSION}", self.server, trailing="https-free: see README.md"))
+
+    def irc_time(self, params: List[str]) -> Optional[dict]:
+        return self.raw(self.numeric("391", self.server, trailing=time.strftime("%A %B %d %Y -- %H:%M:%S %z")))
+
+    def irc_info(self, params: List[str]) -> Optional[dict]:
+        return self.raw(self.numeric("371", trailing=f"chat.py {VERSION}: one file, the standard library only"),
+                        self.numeric("374", trailing="End of /INFO list"))
+
+    def irc_links(self, params: List[str]) -> Optional[dict]:
+        return self.raw(self.numeric("364", self.server, self.server, trailing="0 chat.py"),
+                        self.numeric("365", "*", trailing="End of /LINKS list"))
+
+    def irc_admin(self, params: List[str]) -> Optional[dict]:
+        return self.raw(self.numeric("256", self.server, trailing="Administrative info"),
+                        self.numeric("257", trailing="chat.py"), self.numeric("258", trailing="its operator"),
+                        self.numeric("259", trailing="ask at the server's console"))
+
+    def irc_tagmsg(self, params: List[str]) -> Optional[dict]:
+        return None         # (typing notifications and the like: not relayed)
+
+    # -- frames out ----------------------------------------------------------
+
+    def numeric(self, code: str, *params: str, trailing: Optional[str] = None) -> bytes:
+        return irc_line(f":{self.server}", code, self.nick or "*", *params, trailing=trailing)
+
+    def notice(self, text: str) -> bytes:
+        return b"".join(irc_line(f":{self.server}", "NOTICE", self.nick or "*", trailing=piece)
+                        for piece in irc_pieces(text, 400))
+
+    def me(self) -> str:
+        return f"{self.nick}!{_username(self.username, self.nick)}@{self.host}"
+
+    def encode(self, frame: dict, fit: str = "") -> bytes:
+        """A frame for this connection, as IRC lines (b"": nothing to say)."""
+        renderer = getattr(self, f"on_{frame.get('type')}", None)
+        return renderer(frame) if renderer is not None else self.audience.render(frame, self.nick)
+
+    def with_history(self, frame: dict, lines: List["HistoryLine"]) -> bytes:
+        """A welcome or joined, then (to a client that reads times) the room's recent lines."""
+        head = self.encode(frame)
+        if "server-time" not in self.audience.caps or not lines:
+            return head
+        return head + b"".join(self.audience.render(json.loads(line.data[4:])) for line in lines)
+
+    def farewell(self, reason: str) -> bytes:
+        return irc_line("ERROR", trailing=f"Closing link: {self.host} ({reason})")
+
+    def on_pong(self, frame: dict) -> bytes:
+        if frame.get("label") == "RAW":
+            return str(frame.get("irc", "")).encode("utf-8")
+        if frame.get("label") == "PING":
+            return irc_line(f":{self.server}", "PONG", self.server, trailing=str(frame.get("token", "")))
+        return b""
+
+    def on_ping(self, frame: dict) -> bytes:
+        return irc_line("PING", trailing=self.server)
+
+    def on_welcome(self, frame: dict) -> bytes:
+        self.registered, self.nick = True, str(frame.get("nick"))
+        self.motd = frame.get("motd") if type(frame.get("motd")) is str else None
+        c = self.config
+        support = ["AWAYLEN=%d" % REASON_MAX, "CASEMAPPING=rfc8265", "CHANLIMIT=#:%d" % c.rooms_per_user,
+                   "CHANMODES=b,k,l,imnst", "CHANNELLEN=%d" % (NAME_MAX + 1), "CHANTYPES=#", "ELIST=",
+                   "KICKLEN=%d" % REASON_MAX, "MODES=12", "NETWORK=chat.py", "NICKLEN=%d" % NAME_MAX,
+                   "PREFIX=(ov)@+", "TARGMAX=JOIN:%d,KICK:%d,NAMES:1,NOTICE:%d,PART:%d,PRIVMSG:%d,WHOIS:1"
+                   % ((IRC_TARGETS,) * 5), "TOPICLEN=%d" % TOPIC_MAX, "UTF8ONLY"]
+        lines = [self.numeric("001", trailing=f"Welcome to chat.py, {self.me()}"),
+                 self.numeric("002", trailing=f"Your host is {self.server}, running chat.py {VERSION}"),
+                 self.numeric("003", trailing="This server is up"),
+                 self.numeric("004", self.server, f"chat.py-{VERSION}", "iow", "biklmnostv", "bklov"),
+                 self.numeric("005", *support, trailing="are supported by this server")]
+        return b"".join(lines + self.motd_lines())
+
+    def motd_lines(self) -> List[bytes]:
+        if not self.motd:
+            return [self.numeric("422", trailing="MOTD File is missing")]
+        return [self.numeric("375", trailing=f"- {self.server} Message of the day -")] + \
+            [self.numeric("372", trailing=f"- {piece}") for piece in irc_pieces(self.motd, 400)] + \
+            [self.numeric("376", trailing="End of /MOTD command.")]
+
+    def on_authenticated(self, frame: dict) -> bytes:
+        account = str(frame.get("account"))
+        return self.numeric("900", f"{self.asked_nick}!{self.username or '*'}@{self.host}", account,
+                            trailing=f"You are now logged in as {account}") + \
+            self.numeric("903", trailing="SASL authentication successful")
+
+    def on_joined(self, frame: dict) -> bytes:
+        room = f"#{frame['room']}"
+        lines = [irc_line(f":{self.me()}", "JOIN", room)]
+        if frame.get("topic"):
+            lines.append(self.numeric("332", room, trailing=str(frame["topic"])))
+            if frame.get("topic_by"):
+                lines.append(self.numeric("333", room, str(frame["topic_by"]), str(int(frame.get("topic_at") or 0))))
+        lines += self.names(room, frame, frame.get("secret") is True)
+        return b"".join(lines)
+
+    def names(self, room: str, frame: dict, secret: bool = False) -> List[bytes]:
+        """353 and 366 for a room's members (`frame`: a joined or who)."""
+        ops, voiced = set(frame.get("ops") or []), set(frame.get("voiced") or [])
+        multi = "multi-prefix" in self.caps
+
+        def shown(nick: str) -> str:
+            prefix = ("@" if nick in ops else "") + ("+" if nick in voiced else "")
+            return (prefix if multi else prefix[:1]) + nick
+        names = [shown(nick) for nick in frame.get("users") or []]
+        lines, row = [], []
+        for name in names:
+            if len(" ".join(row + [name])) > 400:
+                lines.append(self.numeric("353", "@" if secret else "=", room, trailing=" ".join(row)))
+                row = []
+            row.append(name)
+        if row:
+            lines.append(self.numeric("353", "@" if secret else "=", room, trailing=" ".join(row)))
+        return lines + [self.numeric("366", room, trailing="End of /NAMES list")]
+
+    def on_parted(self, frame: dict) -> bytes:
+        room = f"#{frame.get('room')}"
+        if frame.get("how") == "kick":
+            kicker = str(frame.get("by", ""))
+            return irc_line(f":{self.audience.ident(kicker)}", "KICK", room, self.nick,
+                            trailing=frame.get("message") or kicker)
+        return irc_line(f":{self.me()}", "PART", room, trailing=frame.get("message") or None)
+
+    def on_who(self, frame: dict) -> bytes:
+        command, _, target = str(frame.get("label", "")).partition(" ")
+        users = [str(nick) for nick in frame.get("users") or []]
+        if command == "NAMES":
+            return b"".join(self.names(target, frame, frame.get("secret") is True))
+        if command == "ISON":
+            online = {name_key(nick): nick for nick in users}
+            return self.numeric("303", trailing=" ".join(online[name_key(n)] for n in target.split()
+                                                         if name_key(n) in online))
+        people = {name_key(str(p.get("nick"))): p for p in frame.get("people") or [] if isinstance(p, dict)}
+        if command == "USERHOST":
+            replies = [f"{p['nick']}{'*' if p.get('op') else ''}={'-' if p.get('away') else '+'}{p.get('username')}"
+                       f"@{p.get('host')}" for p in (people.get(name_key(n)) for n in target.split()) if p]
+            return self.numeric("302", trailing=" ".join(replies))
+        room = f"#{frame['room']}" if "room" in frame else "*"
+        ops, voiced = set(frame.get("ops") or []), set(frame.get("voiced") or [])
+        if target in ("*", "0", "") or target.startswith("#"):
+            matching = list(people.values())
+        else:       # a nick, or a mask of nicks
+            matching = [p for key, p in people.items() if fnmatch.fnmatchcase(key, name_key(target))]
+        lines = [self.numeric("352", room, str(p.get("username") or "user"), str(p.get("host") or "hidden"),
+                              str(p.get("server") or self.server), str(p["nick"]),
+                              ("G" if p.get("away") else "H") + ("*" if p.get("op") else "")
+                              + ("@" if p["nick"] in ops else "+" if p["nick"] in voiced else ""),
+                              trailing=f"0 {p.get('realname') or p['nick']}") for p in matching]
+        return b"".join(lines + [self.numeric("315", target or "*", trailing="End of /WHO list")])
+
+    def on_whois(self, frame: dict) -> bytes:
+        nick = str(frame.get("nick"))
+        if not frame.get("online"):
+            return self.numeric("401", nick, trailing="No such nick/channel") + \
+                self.numeric("318", nick, trailing="End of /WHOIS list")
+        lines = [self.numeric("311", nick, str(frame.get("username") or "user"), str(frame.get("host") or "hidden"),
+                              "*", trailing=str(frame.get("realname") or nick))]
+        rooms = [f"#{room}" for room in frame.get("rooms") or []]
+        if rooms:
+            lines.append(self.numeric("319", nick, trailing=" ".join(rooms)))
+        lines.append(self.numeric("312", nick, str(frame.get("server") or self.server), trailing="chat.py"))
+        if frame.get("away"):
+            lines.append(self.numeric("301", nick, trailing=str(frame["away"])))
+        if frame.get("op"):
+            lines.append(self.numeric("313", nick, trailing="is a server operator"))
+        if frame.get("account"):
+            lines.append(self.numeric("330", nick, str(frame["account"]), trailing="is logged in as"))
+        if type(frame.get("idle")) is int and type(frame.get("since")) in (int, float):
+            lines.append(self.numeric("317", nick, str(frame["idle"]), str(int(frame["since"])),
+                                      trailing="seconds idle, signon time"))
+        return b"".join(lines + [self.numeric("318", nick, trailing="End of /WHOIS list")])
+
+    def on_whowas(self, frame: dict) -> bytes:
+        nick = str(frame.get("nick"))
+        lines = []
+        for entry in frame.get("entries") or []:
+            lines.append(self.numeric("314", str(entry.get("nick")), str(entry.get("username")),
+                                      str(entry.get("host")), "*", trailing=str(entry.get("realname") or nick)))
+            lines.append(self.numeric("312", str(entry.get("nick")), str(entry.get("server")),
+                                      trailing=time.strftime("%a %b %d %H:%M:%S %Y", time.gmtime(entry.get("at", 0)))))
+        if not lines:
+            lines.append(self.numeric("406", nick, trailing="There was no such nickname"))
+        return b"".join(lines + [self.numeric("369", nick, trailing="End of WHOWAS")])
+
+    def on_rooms(self, frame: dict) -> bytes:
+        wanted = {name.lstrip("#").casefold() for name in str(frame.get("label", "")).partition(" ")[2].split(",")
+                  if name}
+        lines = [self.numeric("321", "Channel", trailing="Users  Name")]
+        for room in frame.get("rooms") or []:      # (an empty #lobby is no channel to IRC)
+            if room.get("users") and (not wanted or str(room.get("name")).casefold() in wanted):
+                lines.append(self.numeric("322", f"#{room.get('name')}", str(room.get("users")),
+                                          trailing=str(room.get("topic", ""))))
+        return b"".join(lines + [self.numeric("323", trailing="End of /LIST")])
+
+    def on_lusers(self, frame: dict) -> bytes:
+        users, here, servers = frame.get("users", 0), frame.get("here", 0), frame.get("servers", 1)
+        return b"".join([
+            self.numeric("251", trailing=f"There are {users} users and 0 invisible on {servers} servers"),
+            self.numeric("253", str(frame.get("unjoined", 0)), trailing="unknown connection(s)"),
+            self.numeric("254", str(frame.get("rooms", 0)), trailing="channels formed"),
+            self.numeric("255", trailing=f"I have {here} clients and {servers - 1} servers")])
+
+    def on_topic(self, frame: dict) -> bytes:
+        if not str(frame.get("label", "")).startswith("TOPIC"):
+            return self.audience.render(frame)      # (a topic set: as the room reads it)
+        room = f"#{frame.get('room')}"
+        if not frame.get("text"):
+            return self.numeric("331", room, trailing="No topic is set")
+        lines = [self.numeric("332", room, trailing=str(frame["text"]))]
+        if frame.get("by"):
+            lines.append(self.numeric("333", room, str(frame["by"]), str(int(frame.get("at") or 0))))
+        return b"".join(lines)
+
+    def on_modes(self, frame: dict) -> bytes:
+        return self.numeric("324", f"#{frame.get('room')}", str(frame.get("modes")), *map(str, frame.get("args", [])))
+
+    def on_banlist(self, frame: dict) -> bytes:
+        room = f"#{frame.get('room')}"
+        return b"".join([self.numeric("367", room, str(m.get("mask")), str(m.get("by")), str(int(m.get("at") or 0)))
+                         for m in frame.get("masks") or []] + [self.numeric("368", room, trailing="End of ban list")])
+
+    def on_invited(self, frame: dict) -> bytes:
+        return irc_line(f":{self.audience.ident(str(frame.get('by')))}", "INVITE", self.nick, f"#{frame.get('room')}")
+
+    def on_inviting(self, frame: dict) -> bytes:
+        return self.numeric("341", str(frame.get("nick")), f"#{frame.get('room')}")
+
+    def on_op(self, frame: dict) -> bytes:
+        if frame.get("room") is not None:
+            return irc_line(f":{self.server}", "MODE", f"#{frame['room']}", "+o" if frame.get("on") else "-o",
+                            self.nick)
+        return self.numeric("381", trailing="You are now an IRC operator") if frame.get("on") else b""
+
+    def on_notice(self, frame: dict) -> bytes:
+        if frame.get("alone"):
+            return b""      # (an IRC client shows the names: it needs no "you are alone")
+        away = frame.get("away")
+        if isinstance(away, dict):
+            return self.numeric("301", str(away.get("nick")), trailing=str(away.get("text")))
+        if frame.get("label") == "AWAY" and self.away:
+            return self.numeric("306", trailing="You have been marked as being away") if self.away.pop(0) else \
+                self.numeric("305", trailing="You are no longer marked as being away")
+        return self.audience.render(frame, self.nick)
+
+    def on_msg(self, frame: dict) -> bytes:
+        return self.audience.said(frame, self.nick, self.audience.tags(frame))
+
+    def on_registered(self, frame: dict) -> bytes:
+        return self.notice("your password is changed" if frame.get("changed") else
+                           f"{frame.get('nick')} is registered")
+
+    def on_bans(self, frame: dict) -> bytes:
+        return self.notice("in force: " + ("; ".join(_ban_text(ban) for ban in frame.get("bans") or [])
+                                           or "none"))
+
+    def on_bye(self, frame: dict) -> bytes:
+        return irc_line("ERROR", trailing=f"Closing link: {self.host} ({frame.get('reason')})")
+
+    def on_error(self, frame: dict) -> bytes:
+        """A refusal as the numeric the command that asked expects."""
+        code, text = str(frame.get("code")), str(frame.get("text"))
+        command, _, target = str(frame.get("label", "")).partition(" ")
+        if command == "NOTICE":
+            return b""      # never an automatic answer to a NOTICE
+        if command == "HELLO":
+            self.hello_sent = False     # (its user may give another NICK)
+            nick = self.asked_nick
+            numeric = {"nick-taken": "433", "bad-nick": "432", "account-required": "433",
+                       "login-failed": "904", "auth-failed": "464", "banned": "465"}.get(code)
+            return self.numeric(numeric, nick, trailing=text) if numeric else self.notice(text)
+        if command == "AUTHENTICATE":
+            return self.numeric("904", trailing=f"SASL authentication failed: {text}")
+        numeric = _IRC_ERRORS.get((command, code)) or _IRC_ERRORS.get(("", code))
+        if command == "MODE" and type(frame.get("mode")) is str:
+            mode = frame["mode"]
+            if code == "bad-mode":
+                return self.numeric("472", mode, trailing="is an unknown mode char to me")
+            return self.numeric("696", target, mode, "*", trailing=text)
+        if numeric == "366":
+            return self.numeric("366", target, trailing="End of /NAMES list")
+        if numeric == "315":
+            return self.numeric("315", target, trailing="End of /WHO list")
+        if numeric in ("401", "406"):
+            nick = target.split()[-1] if target else "*"
+            end = {"WHOIS": "318", "WHOWAS": "369"}.get(command)
+            return self.numeric(numeric, nick, trailing=text) + \
+                (self.numeric(end, nick, trailing="End") if end else b"")
+        if numeric is not None:
+            return self.numeric(numeric, *target.split()[:2], trailing=text)
+        return self.notice(f"{text} ({code})")
+
+
+# How a refusal reads in IRC, by (command, code); ("", code) for any command.
+_IRC_ERRORS = {
+    ("", "no-such-user"): "401", ("WHOWAS", "no-such-user"): "406", ("MODE", "no-such-user"): "441",
+    ("KICK", "no-such-user"): "441", ("", "no-such-room"): "403", ("NAMES", "no-such-room"): "366",
+    ("WHO", "no-such-room"): "315", ("PRIVMSG", "not-in-room"): "404", ("", "not-in-room"): "442",
+    ("PRIVMSG", "moderated"): "404", ("PRIVMSG", "muted"): "404", ("", "not-allowed"): "482",
+    ("OPER", "not-allowed"): "491", ("NICK", "not-allowed"): "432", ("OPER", "login-failed"): "464",
+    ("NICK", "login-failed"): "464", ("NICK", "nick-taken"): "433", ("NICK", "bad-nick"): "432",
+    ("NICK", "account-required"): "433", ("", "bad-key"): "475", ("", "room-full"): "471",
+    ("", "invite-only"): "473", ("JOIN", "banned"): "474", ("", "already-in-room"): "443",
+    ("", "too-many-rooms"): "405", ("", "bad-room"): "479", ("MODE", "bad-field"): "472",
+}
 
 
 # ---------------------------------------------------------------------------
@@ -9189,7 +10079,14 @@ SERVER_OPTIONS = ("host", "port", "max_connections", "tls_cert", "history", "his
                   "db", "db_history", "registered_only",
                   "max_buffer", "max_payload", "flood_rate", "flood_burst", "hello_timeout", "ping_interval",
                   "idle_timeout", "max_rooms", "connections_per_source", "rooms_per_source", "nick_hold", "redis",
-                  "cluster_ttl", "reuse_port")
+                  "cluster_ttl", "reuse_port", "server_name")
+
+
+def server_name_option(text: str) -> str:
+    """A server's name for IRC: letters, digits, '.', '-', at most 63."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.-]{0,62}", text):
+        raise argparse.ArgumentTypeError("a server name is letters, digits, '.' and '-' (a hostname, say)")
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -9247,6 +10144,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="drop clients silent this long (more than --ping-interval)")
     server.add_argument("--max-rooms", type=Number(1, 1_000_000), default=d.max_rooms, metavar="N",
                         help="rooms in use at once")
+    server.add_argument("--server-name", type=server_name_option, default=d.server_name, metavar="NAME",
+                        help="this server's name to IRC clients (a hostname, say)")
     server.add_argument("--connections-per-source", type=Number(0, 1_000_000), default=0, metavar="N",
                         help="connections one address (IPv6: /64) may hold; 0: a tenth of -m, at least 20"
                              " (connections from this machine count against none)")
