@@ -1059,6 +1059,7 @@ class Rooms:
         self.config = config
         self.table: Dict[str, Room] = {}            # name key -> room
         self.dormant = Shares(config.max_rooms)     # name key -> its Room, by maker
+        self.purged: collections.deque = collections.deque(maxlen=100)  # (sender key, room key or "") purged lately
         self.retired = Shares(10 * config.max_rooms)    # name key of a freed room -> its seq, by maker
         self.in_use: Dict[str, int] = collections.Counter()    # maker -> its rooms in use
         self.floor = 0                              # no room whose seq is forgotten ever went past this
@@ -1232,15 +1233,14 @@ class Rooms:
         (`older`: the store's lines_before) they had pushed out; how many
         were taken out here."""
         removed = 0
+        self.purged.append((sender, room.key if room is not None else ""))
         for where in [room] if room is not None else list(self.table.values()):
             kept = [line.data[4:] for line in where.history if _sender_key(line.data[4:]) != sender]
             if len(kept) == len(where.history):
                 continue
             removed += len(where.history) - len(kept)
             first = json.loads(kept[0])["seq"] if kept else where.seq + 1
-            before = [payload for payload in older(where.name, first, self.config.history)
-                      if _sender_key(payload) != sender]
-            self.restore(where, (before + kept)[-self.config.history:])
+            self.restore(where, (older(where.name, first, self.config.history) + kept)[-self.config.history:])
         return removed
 
     def snapshot(self) -> "Snapshot":
@@ -1256,8 +1256,13 @@ class Rooms:
         self.vacated(room)
 
     def refill(self, room: Room, payloads: List[bytes]) -> None:
-        """Lines (as they were sent, oldest first) for `room`'s empty history."""
+        """Lines (as they were sent, oldest first) for `room`'s empty history
+        (but those of senders purged lately: the store may not have let them
+        go yet)."""
+        purged = {sender for sender, where in self.purged if where in ("", room.key)}
         for payload in payloads:
+            if purged and _sender_key(payload) in purged:
+                continue
             line = json.loads(payload)
             self.keep(room, HistoryLine(line["id"], room.name, line["seq"], _LENGTH.pack(len(payload)) + payload))
             self.numbered(room, line["seq"])
@@ -1582,7 +1587,7 @@ class LocalRelay:
         line["id"], line["seq"] = self.new_id(), self.chat.rooms.next_seq(room)
         data = self.chat.out.encode(line)
         self.chat.deliver_line(room, sender, data, line["id"], line["seq"], line=line)
-        self.store.line(data[4:], line)
+        self.store.line(data[4:], line, room.maker)
 
     def new_id(self) -> int:
         """The next id, reserved in the store well before it is given."""
@@ -1656,8 +1661,9 @@ class Store(Protocol):
     def load(self) -> Saved:
         """What it holds (nothing, the first time); from then on it is written to."""
 
-    def line(self, payload: bytes, line: dict) -> None:
-        """A room line, numbered: its payload as it was sent, and the line itself."""
+    def line(self, payload: bytes, line: dict, maker: str = "") -> None:
+        """A room line, numbered: its payload as it was sent, the line itself,
+        and who made its room (the source whose rooms go first when too many are kept)."""
 
     def reserve(self, next_id: int) -> None:
         """Ids below `next_id` may be given from now on, never again after a restart."""
@@ -1707,7 +1713,7 @@ class MemoryStore:
     def load(self) -> Saved:
         return Saved(secrets.token_hex(8), 1, [], {}, 0, 0, self.records)
 
-    def line(self, payload: bytes, line: dict) -> None:
+    def line(self, payload: bytes, line: dict, maker: str = "") -> None:
         pass
 
     def reserve(self, next_id: int) -> None:
@@ -1903,7 +1909,7 @@ class HistoryFile(MemoryStore):
         self._pending.clear()
         self._pending_lines = 0
 
-    def line(self, payload: bytes, line: dict) -> None:
+    def line(self, payload: bytes, line: dict, maker: str = "") -> None:
         self._pending.append(payload)
         self._pending_lines += 1
         self.given += 1
@@ -2001,6 +2007,7 @@ class Database(MemoryStore):
         self.in_memory = in_memory      # lines per room loaded at start (the server's --history)...
         self.rooms, self.budget = rooms, budget     # ...of the newest `rooms`, within `budget` bytes
         self.commits = 0
+        self.makers: Dict[str, str] = {}    # room -> who made it, for this turn's lines
         self.import_from: Optional[str] = None      # a history file to take over, into a new database
         self.watermark = Watermark(path + ".mark")
         self.instance, self.reserved, self.given = "", 1, 0
@@ -2051,7 +2058,7 @@ class Database(MemoryStore):
         self.given = written + lost
         seqs = dict(db.execute("SELECT room, seq FROM seqs"))
         if db.execute("SELECT 1 FROM active LIMIT 1").fetchone() is None:      # (a database from before it)
-            db.execute("INSERT OR REPLACE INTO active SELECT room, MAX(id) FROM lines GROUP BY room")
+            db.execute("INSERT OR REPLACE INTO active SELECT room, MAX(id), '' FROM lines GROUP BY room")
         lines, budget = [], self.budget
         for (room,) in db.execute("SELECT room FROM active ORDER BY id DESC LIMIT ?", (self.rooms,)).fetchall():
             rows = db.execute("SELECT payload FROM lines WHERE room = ? ORDER BY seq DESC LIMIT ?",
@@ -2092,8 +2099,9 @@ class Database(MemoryStore):
 
     # -- what a turn adds (the loop's thread) --------------------------------
 
-    def line(self, payload: bytes, line: dict) -> None:
+    def line(self, payload: bytes, line: dict, maker: str = "") -> None:
         self.lines.append((line["room"], line["seq"], line["id"], name_key(line["from"]), payload.decode("utf-8")))
+        self.makers[line["room"]] = maker
         self.given += 1
 
     def reserve(self, next_id: int) -> None:
@@ -2119,8 +2127,11 @@ class Database(MemoryStore):
             return False
         if self.lines:
             self.watermark.write(self.instance, self.given, self.reserved)
+            newest = {room: (room, id_, self.makers.get(room, "")) for room, _, id_, _, _ in self.lines}
+            self.batch.append(("INSERT INTO active VALUES (?, ?, ?) ON CONFLICT(room) DO UPDATE SET"
+                               " id = MAX(id, excluded.id)", list(newest.values())))
         self.queue.put((self.lines, self.batch, self.given))
-        self.lines, self.batch = [], []
+        self.lines, self.batch, self.makers = [], [], {}
         return False
 
     def lines_after(self, room: str, seq: int, before: int, budget: int) -> List[bytes]:
@@ -2189,29 +2200,39 @@ class Database(MemoryStore):
     def _commit(self, db: sqlite3.Connection, batches: List[tuple]) -> None:
         db.execute("BEGIN")
         written: Dict[str, Tuple[int, int]] = {}    # room -> the first and last seq written now
-        newest: Dict[str, int] = {}                 # room -> the id of its newest line
         for lines, batch, given in batches:
             db.executemany("INSERT OR REPLACE INTO lines VALUES (?, ?, ?, ?, ?)", lines)
             db.executemany("INSERT INTO seqs VALUES (?, ?) ON CONFLICT(room) DO UPDATE SET seq = MAX(seq, excluded.seq)",
                            [(room, seq) for room, seq, _, _, _ in lines])
-            for room, seq, id_, _, _ in lines:
+            for room, seq, _, _, _ in lines:
                 written[room] = (written.get(room, (seq, seq))[0], seq)
-                newest[room] = id_
             for sql, rows in batch:
                 db.executemany(sql, rows)
             db.execute("INSERT OR REPLACE INTO meta VALUES ('written', ?)", (str(given),))
-        db.executemany("INSERT INTO active VALUES (?, ?) ON CONFLICT(room) DO UPDATE SET id = MAX(id, excluded.id)",
-                       newest.items())
         for room, (first, last) in written.items():     # each room keeps its newest `keep` lines,
             if last // 100 > (first - 1) // 100:        # trimmed each time its seqs pass a hundred
                 db.execute("DELETE FROM lines WHERE room = ? AND seq <= ?", (room, last - self.keep))
         self.commits += 1
-        if self.commits % 100 == 0:     # the file keeps the lines of ROOMS_KEPT rooms, the last active
-            for (room,) in db.execute("SELECT room FROM active ORDER BY id DESC LIMIT -1 OFFSET ?",
-                                      (self.ROOMS_KEPT * self.rooms,)).fetchall():
+        if self.commits % 100 == 0:
+            self._keep_rooms(db)
+        db.execute("COMMIT")
+
+    def _keep_rooms(self, db: sqlite3.Connection) -> None:
+        """The file keeps the lines of ROOMS_KEPT x --max-rooms rooms; past
+        that, the source that made the most gives up its quietest first (as
+        the rooms in memory do: see Shares), so one source's throwaway rooms
+        never push out anyone else's."""
+        limit = self.ROOMS_KEPT * self.rooms
+        (count,) = db.execute("SELECT COUNT(*) FROM active").fetchone()
+        while count > limit:
+            maker, held = db.execute("SELECT maker, COUNT(*) AS held FROM active GROUP BY maker"
+                                     " ORDER BY held DESC LIMIT 1").fetchone()
+            rooms = db.execute("SELECT room FROM active WHERE maker = ? ORDER BY id LIMIT ?",
+                               (maker, min(count - limit, max(1, held // 2)))).fetchall()
+            for (room,) in rooms:
                 db.execute("DELETE FROM lines WHERE room = ?", (room,))
                 db.execute("DELETE FROM active WHERE room = ?", (room,))
-        db.execute("COMMIT")
+            count -= len(rooms)
 
 
 _SCHEMA = """
@@ -2220,7 +2241,8 @@ CREATE TABLE IF NOT EXISTS lines (room TEXT NOT NULL, seq INTEGER NOT NULL, id I
                                   sender TEXT NOT NULL, payload TEXT NOT NULL, PRIMARY KEY (room, seq)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS lines_by_sender ON lines (sender);
 CREATE TABLE IF NOT EXISTS seqs (room TEXT PRIMARY KEY, seq INTEGER NOT NULL) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS active (room TEXT PRIMARY KEY, id INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS active (room TEXT PRIMARY KEY, id INTEGER NOT NULL, maker TEXT NOT NULL DEFAULT '')
+    WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS active_by_id ON active (id);
 CREATE TABLE IF NOT EXISTS records (kind TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL,
                                     PRIMARY KEY (kind, key)) WITHOUT ROWID;
@@ -2319,6 +2341,8 @@ class FairQueue:
             address = ipaddress.ip_address(ip.split("%")[0])
         except ValueError:
             address = ipaddress.ip_address("0.0.0.0")
+        if address.version == 6 and address.ipv4_mapped:
+            address = address.ipv4_mapped
         node, levels = self.root, self.LEVELS[address.version]
         for prefix in levels:
             block = str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
@@ -2342,13 +2366,17 @@ class FairQueue:
         return item
 
 
+TRUST_NONE, TRUST_HOME, TRUST_DEVICE = 0, 1, 2     # how far a password try is trusted (see Gate.wait)
+
+
 class Hashing:
     """Password hashes (tens of milliseconds each), off the loop and shared
     fairly: at most IN_FLIGHT at once with the worker thread; the rest wait
     in a queue per source, served in turn, so a source flooding logins or
-    password changes waits behind its own jobs, never ahead of anyone else's
-    (and those from a trusted device or network go first). A source with
-    QUEUED_MAX jobs waiting is refused: `rate-limited`."""
+    password changes waits behind its own jobs, never ahead of anyone
+    else's, trusted or not. A source with QUEUED_MAX jobs waiting is
+    refused: `rate-limited`. (Connections from the server's own machine,
+    behind a local proxy, each count as a source of their own here.)"""
 
     IN_FLIGHT = 2
     QUEUED_MAX = 4
@@ -2357,30 +2385,21 @@ class Hashing:
         self.io = io
         self.busy = 0
         self.queues: "collections.OrderedDict[str, collections.deque]" = collections.OrderedDict()  # source -> jobs
-        self.first: collections.deque = collections.deque()     # trusted jobs
 
-    def run(self, source: str, function: Callable, *args, done: Callable[[object], None],
-            trusted: bool = False) -> None:
-        job = (function, args, done)
-        if trusted:
-            self.first.append(job)
-        else:
-            queue = self.queues.setdefault(source, collections.deque())
-            if len(queue) >= self.QUEUED_MAX:
-                raise ProtocolError("rate-limited", "the server is busy checking your passwords; try again"
-                                                    " in a second", retry_after=1)
-            queue.append(job)
+    def run(self, conn: "Conn", function: Callable, *args, done: Callable[[object], None]) -> None:
+        queue = self.queues.setdefault(conn.source or conn.addr, collections.deque())
+        if len(queue) >= self.QUEUED_MAX:
+            raise ProtocolError("rate-limited", "the server is busy checking your passwords; try again"
+                                                " in a second", retry_after=1)
+        queue.append((function, args, done))
         self._next()
 
     def _next(self) -> None:
-        while self.busy < self.IN_FLIGHT and (self.first or self.queues):
-            if self.first:
-                function, args, done = self.first.popleft()
-            else:
-                source, queue = self.queues.popitem(last=False)     # the source whose turn it is...
-                function, args, done = queue.popleft()
-                if queue:
-                    self.queues[source] = queue                     # ...goes to the back
+        while self.busy < self.IN_FLIGHT and self.queues:
+            source, queue = self.queues.popitem(last=False)     # the source whose turn it is...
+            function, args, done = queue.popleft()
+            if queue:
+                self.queues[source] = queue                     # ...goes to the back
             self.busy += 1
             self.io.work(function, *args, done=lambda result, done=done: self._done(result, done))
 
@@ -2507,19 +2526,26 @@ class Gate:
 
     # -- passwords -----------------------------------------------------------
 
-    def wait(self, conn: Conn, now: float, trusted: bool = False, account: str = "") -> Tuple[float, str]:
+    def wait(self, conn: Conn, now: float, trust: int = TRUST_NONE, account: str = "") -> Tuple[float, str]:
         """Seconds before `conn` may have a password checked (0: now), and
         whose strikes it waits for: its address's, its network's, the whole
         server's, or (`account`: a try at an account's password) that
-        account's. `trusted`: a session coming back, or an account's own
-        network, which wait for neither the server nor the account."""
+        account's. With `trust` TRUST_HOME (a session coming back, an
+        account's own network) it waits for neither the server nor the
+        account; with TRUST_DEVICE (a device the account logged in on) for
+        nobody. Connections from the server's own machine (behind a local
+        proxy: everyone's address) wait for no address's or network's strikes."""
+        if trust >= TRUST_DEVICE:
+            return 0.0, ""
+        trusted = trust >= TRUST_HOME
         delay, waits = self.config.auth_delay, [(0.0, "")]
-        count, last = self.by_address.get(conn.ip, now)
-        if count:
-            waits.append((last + min(delay * 2 ** (count - 1), self.MAX_PENALTY) - now, "your address"))
-        count, last = self.by_network.get(self._network(conn), now)
-        if count >= 4:
-            waits.append((last + min(delay * 2 ** (count // 4 - 1), self.MAX_PENALTY) - now, "your network"))
+        if conn.source:
+            count, last = self.by_address.get(conn.ip, now)
+            if count:
+                waits.append((last + min(delay * 2 ** (count - 1), self.MAX_PENALTY) - now, "your address"))
+            count, last = self.by_network.get(self._network(conn), now)
+            if count >= 4:
+                waits.append((last + min(delay * 2 ** (count // 4 - 1), self.MAX_PENALTY) - now, "your network"))
         if account and not trusted:
             count, last = self.by_account.get(account, now)
             if count >= 3:
@@ -2870,11 +2896,13 @@ def _device_hash(token: str) -> str:
 
 
 def _on_this_machine(ip: str) -> bool:
-    """A connection from the server's own machine (loopback)."""
+    """A connection from the server's own machine (loopback; on a dual-stack
+    listener, ::ffff:127.0.0.1 too)."""
     try:
-        return ipaddress.ip_address(ip.split("%")[0]).is_loopback
+        address = ipaddress.ip_address(ip.split("%")[0])
     except ValueError:
         return False
+    return (address.ipv4_mapped or address).is_loopback if address.version == 6 else address.is_loopback
 
 
 def scoped(room: Union["Room", str, None], key: str) -> str:
@@ -3097,7 +3125,8 @@ class People:
         self._require(bool(conn.account), "you are not logged in to an account; /register makes one")
         chat, account, new = self.chat, self.account(conn.account), _new_password(frame.get("new"))
         old = frame.get("old")
-        wait, why = chat.gate.wait(conn, chat.clock, self.trusted(conn, conn.account, conn.device), conn.account)
+        # (a session left open is no proof of who types in it: its device does not count here)
+        wait, why = chat.gate.wait(conn, chat.clock, self.trusted(conn, conn.account, None), conn.account)
         if wait > 0:        # a wrong old password is a guess like any other
             seconds = math.ceil(wait)
             raise ProtocolError("rate-limited", _BUSY[why].format(seconds=plural(seconds, "second")),
@@ -3439,14 +3468,16 @@ class People:
 
     DEVICES_MAX = 10        # device tokens an account keeps (its newest logins)
 
-    def trusted(self, conn: "Conn", key: str, device: object) -> bool:
-        """Whether a try at the account `key`'s password waits for none of
-        the account's strikes: it comes from a network the account logged in
-        from, or with the device token a login was given (OWASP's "device
-        cookies": strangers' guesses cannot lock the owner out)."""
+    def trusted(self, conn: "Conn", key: str, device: object) -> int:
+        """How far a try at the account `key`'s password is trusted (see
+        Gate.wait): with the device token a login of the account was given
+        (OWASP's "device cookies"), it waits for nobody's strikes, so
+        strangers' guesses cannot lock the owner out; from a network the
+        account logged in from, for neither the account's nor the server's."""
         record = self.account(key) or {}
-        return self.chat.gate.network(conn) in record.get("from", ()) or \
-            (type(device) is str and _device_hash(device) in record.get("devices", ()))
+        if type(device) is str and _device_hash(device) in record.get("devices", ()):
+            return TRUST_DEVICE
+        return TRUST_HOME if self.chat.gate.network(conn) in record.get("from", ()) else TRUST_NONE
 
     def logged_in(self, conn: "Conn", key: str, device: object = None) -> None:
         """`conn` gave the right password for the account `key`: it is logged
@@ -3665,14 +3696,15 @@ class Login:
         finally:
             self.running = False
 
-    def _turn(self, account: str = "", trusted: bool = False) -> bool:
+    def _turn(self, account: str = "", trust: int = TRUST_NONE) -> bool:
         """Whether a password may be checked now. If its source (or the
         account) is still paying for wrong ones, it waits for its turn on its
         connection and this step runs again then; past Gate.HOLD_MAX it is
         refused with `retry_after`."""
         chat, conn = self.chat, self.conn
-        trusted = trusted or chat.nicks.returning(self.nick, self.hello.get("session"))
-        seconds, why = chat.gate.wait(conn, chat.clock, trusted, account)
+        if chat.nicks.returning(self.nick, self.hello.get("session")):
+            trust = max(trust, TRUST_HOME)
+        seconds, why = chat.gate.wait(conn, chat.clock, trust, account)
         chat.gate.waiting.pop(conn, None)
         if seconds <= 0:
             return True
@@ -3727,11 +3759,9 @@ class Login:
                 if given is None:
                     raise ProtocolError("account-required", f"{self.nick} is a registered nick: log in with its"
                                                             " password")
-                trusted = chat.people.trusted(conn, self.key, self.hello.get("device"))
-                if not self._turn(self.key, trusted):
+                if not self._turn(self.key, chat.people.trusted(conn, self.key, self.hello.get("device"))):
                     return False
-                chat.hashing.run(conn.source, password_matches, record.get("password", {}), given,
-                                 done=self._verified, trusted=trusted)
+                chat.hashing.run(conn, password_matches, record.get("password", {}), given, done=self._verified)
                 self.hashing = True
             if self.verified is None:
                 return False
@@ -3993,7 +4023,7 @@ class Chat:
             self.answered(conn)
         self.awaiting(conn)
         try:
-            self.hashing.run(conn.source, function, *args, done=back)
+            self.hashing.run(conn, function, *args, done=back)
         except ProtocolError:
             self.answered(conn)
             raise

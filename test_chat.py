@@ -1850,6 +1850,9 @@ class DatabaseTest(HarnessTestCase):
         root.expect("notice")
         self.assertEqual([line["text"] for line in server.connect("newcomer").welcome["history"]],
                          [f"real {i}" for i in range(5, 10)])
+        server.connect("spam2").send({"type": "msg", "text": "MORE"})
+        root.send({"type": "purge", "nick": "spam2"})       # right after: the file may not have let the first go
+        self.assertNotIn("BUY", [line["text"] for line in server.connect("later").welcome["history"]])
 
     def test_a_resume_reads_no_more_of_the_database_than_a_welcome_carries(self):
         """The attack round's M5, L5: a made-up resume read 10,000 lines a room on the loop (86 ms a hello)."""
@@ -1884,7 +1887,10 @@ class DatabaseTest(HarnessTestCase):
         """The attack round's M7: 2000 throwaway rooms left 94 MB in the file, and a restart loaded all of them
         (269 MiB against 47 MiB)."""
         server = self.restart(max_rooms=4, flood_rate=1e6, flood_burst=1e6)
-        churner = server.connect("churner")
+        reader = server.connect("reader", ip="192.0.2.50")
+        reader.send({"type": "join", "room": "bookclub"}, {"type": "msg", "room": "bookclub", "text": "chapter 1"},
+                    {"type": "part", "room": "bookclub"})
+        churner = server.connect("churner", ip="203.0.113.9")
         for i in range(300):        # a turn each: join, two lines, part
             churner.send({"type": "join", "room": f"junk{i}"}, {"type": "msg", "room": f"junk{i}", "text": "x" * 2000},
                          {"type": "msg", "room": f"junk{i}", "text": "y"}, {"type": "part", "room": f"junk{i}"})
@@ -1892,6 +1898,9 @@ class DatabaseTest(HarnessTestCase):
         with contextlib.closing(sqlite3.connect(self.path)) as db:
             rooms = db.execute("SELECT COUNT(DISTINCT room) FROM lines").fetchone()[0]
         self.assertLessEqual(rooms, chat.Database.ROOMS_KEPT * 4 + 100, "pruned every 100 commits")
+        with contextlib.closing(sqlite3.connect(self.path)) as db:
+            self.assertEqual(db.execute("SELECT COUNT(*) FROM lines WHERE room = 'bookclub'").fetchone()[0], 1,
+                             "the churner's rooms went, not someone else's quiet one (helper-7's finding)")
         server = self.restart(max_rooms=4, history_bytes=10_000)
         self.assertLessEqual(server.chat.rooms.history_bytes, 10_000, "a restart loads what memory may hold")
         self.assertEqual(len(server.chat.rooms.get("junk299").history), 2, "the newest rooms first")
@@ -2273,18 +2282,23 @@ class HashingTest(unittest.TestCase):
             done(function(*args))
 
     def test_sources_take_turns_and_one_cannot_queue_without_end(self):
+        """And helper-7's: an attacker's logins to its own account, trusted from its home network, went
+        first and starved every other hash (25.8 s of CPU in 25 s, /register unanswered)."""
         worker, done = self.SlowWorker(), []
         hashing = chat.Hashing(worker)
+        conn = lambda ip, port=1: chat.Conn(None, f"{ip}:{port}", ip, 65536, 0.0, 10)
+        attacker = conn("203.0.113.9")
         for i in range(chat.Hashing.IN_FLIGHT + chat.Hashing.QUEUED_MAX):
-            hashing.run("attacker", lambda x: x, f"a{i}", done=done.append)
+            hashing.run(attacker, lambda x: x, f"a{i}", done=done.append)
         with self.assertRaises(chat.ProtocolError) as refused:
-            hashing.run("attacker", lambda x: x, "one too many", done=done.append)
+            hashing.run(attacker, lambda x: x, "one too many", done=done.append)
         self.assertEqual(refused.exception.code, "rate-limited")
-        hashing.run("alice", lambda x: x, "alice", done=done.append)
-        hashing.run("bob", lambda x: x, "bob (her own device)", done=done.append, trusted=True)
+        hashing.run(conn("192.0.2.1"), lambda x: x, "alice", done=done.append)
+        for port in range(2, 8):        # behind a local proxy: each connection a source of its own
+            hashing.run(conn("127.0.0.1", port), lambda x: x, f"proxied{port}", done=done.append)
         while worker.jobs:
             worker.finish()
-        self.assertEqual(done[:5], ["a0", "a1", "bob (her own device)", "a2", "alice"])
+        self.assertEqual(done[:5], ["a0", "a1", "a2", "alice", "proxied2"])
 
 
 class PasswordTest(ServerTestCase):
@@ -2701,6 +2715,31 @@ class AccountTest(CommunityTestCase):
         self.account("elsewhere", ip="198.51.100.5")
         self.server.advance(86400)
         self.account("tomorrow", ip="203.0.113.5")
+
+    def test_neither_a_local_proxys_guesser_nor_a_neighbours_locks_out_a_device(self):
+        """helper-7's: behind a local proxy, 5 wrong guesses made everyone wait; 20 from alice's /24
+        kept her out, though she came with her device token."""
+        home = self.server.connect("alice", ip="198.51.100.5")
+        home.send({"type": "register", "password": "secret1"})
+        device = home.expect("registered")["device"]
+        home.send({"type": "quit"})
+        self.account("mallory", ip="127.0.0.1")
+        for i in range(5):      # through the proxy: every guess is 127.0.0.1's
+            guess = self.server.connect(ip="127.0.0.1")
+            guess.send({"type": "hello", "nick": "mallory", "account_password": f"guess{i}"})
+            self.server.advance(0.05)
+        for i in range(20):     # and from alice's own /24
+            guess = self.server.connect(ip=f"198.51.100.{100 + i}")
+            guess.send({"type": "hello", "nick": "mallory", "account_password": f"guess{i}"})
+            self.server.advance(0.05)
+        for ip in ("127.0.0.1", "198.51.100.5", "::ffff:127.0.0.1"):
+            with self.subTest(ip=ip):
+                again = self.server.connect(ip=ip)
+                again.send({"type": "hello", "nick": "alice", "account_password": "secret1", "device": device})
+                self.assertEqual(again.expect("welcome")["nick"], "alice", "at once, with her device")
+                again.send({"type": "quit"})
+        guest = self.server.connect("someone", ip="127.0.0.1")
+        self.assertEqual(guest.welcome["nick"], "someone")
 
     def test_registered_only_servers_let_operators_make_accounts(self):
         server = self.harness(ops=("root",), registered_only=True)
