@@ -739,6 +739,7 @@ class ServerConfig:
     supervisor: Optional[int] = None   # a worker's parent: if it goes, the worker goes too
     name: str = f"chat.py {VERSION}"
     server_name: str = "chat.py"       # this server's name in IRC (--server-name): a hostname, say
+    irc_port: Optional[int] = None     # a second port where every connection speaks IRC (--irc-port)
 
     def __post_init__(self) -> None:
         if not self.rooms_per_source:
@@ -3881,13 +3882,17 @@ class Chat:
         """Whether the loop should read from `conn` now (not while frames of it wait for their turn)."""
         return not conn.deferred
 
-    def open(self, conn: Conn) -> bool:
-        """A new connection. False if it may not have a slot (see Gate; it
-        then gets `server-full` and is closed; nobody else notices)."""
+    def open(self, conn: Conn, irc: bool = False) -> bool:
+        """A new connection (`irc`: it came to --irc-port). False if it may
+        not have a slot (see Gate; it then gets `server-full` and is closed;
+        nobody else notices)."""
+        if irc:
+            self.speaks_irc(conn)
         refusal, victim = self.gate.admit(conn, len(self.conns), self.clock)
         if refusal is not None:
             log.warning("%s refused: %s", conn.addr, refusal.text)
             self.out.first(conn, refusal.frame())
+            self.out.queue(conn, conn.codec.farewell(refusal.text))
             self.move(conn, CLOSING)
             self.io.close_soon(conn)
             return False
@@ -3903,8 +3908,13 @@ class Chat:
         if conn.state is HELLO and not conn.codec.buffered and data[:1] == b"\x16":
             self.drop(conn, "sent a TLS handshake, but this server has no --tls-cert")
             return
-        if conn.state is HELLO and not conn.heard and bytes(data[:1]).isalpha():
-            self.speaks_irc(conn)       # a frame begins with 00; an IRC line with a command word
+        if not conn.heard:
+            first = bytes(data[:1])
+            if isinstance(conn.codec, FrameCodec) and first.isalpha():
+                self.speaks_irc(conn)       # a frame begins with 00; an IRC line with a command word
+            elif isinstance(conn.codec, IrcCodec) and first == b"\x00":
+                self.drop(conn, "sent a frame to the IRC port (frames go to the main port, -p)")
+                return
         conn.heard = True
         conn.codec.feed(data)
         self.intake.process(conn)
@@ -5700,23 +5710,39 @@ class ServerLoop:
         for s in (self._wake_r, self._wake_w):
             s.setblocking(False)
         self.watch(self._wake_r, selectors.EVENT_READ, self._on_wake)
-        self.listener = self._listen(config.host, config.port)
+        # Each listening socket, and whether what comes to it speaks IRC from its first byte (--irc-port).
+        self.listeners: Dict[socket.socket, bool] = {}
+        self._listen(config.host, config.port, irc=False)
+        if config.irc_port is not None:
+            self._listen(config.host, config.irc_port, irc=True)
         self.accepting = True
-        self.address = self.listener.getsockname()[:2]
+        main, irc = self._ordered()
+        self.address = main.getsockname()[:2]
+        self.irc_address = irc.getsockname()[:2] if irc is not None else None
         self.chat = Chat(config, self, self._relay)
         self.chat.tick(self.now, time.time())
         if config.supervisor is not None:
             self.call_later(1.0, self._check_supervisor)
 
-    def _listen(self, host: str, port: int) -> socket.socket:
+    def _listen(self, host: str, port: int, irc: bool) -> None:
         family, _, _, _, address = socket.getaddrinfo(
             host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
         dualstack = family == socket.AF_INET6 and host in ("::", "") and socket.has_dualstack_ipv6()
-        listener = socket.create_server(address, family=family, backlog=1024, dualstack_ipv6=dualstack,
-                                        reuse_port=self.config.reuse_port)
+        try:
+            listener = socket.create_server(address, family=family, backlog=1024, dualstack_ipv6=dualstack,
+                                            reuse_port=self.config.reuse_port)
+        except OSError as error:
+            for opened in self.listeners:
+                opened.close()
+            raise CannotListen(error.errno, error.strerror, "--irc-port" if irc else "-p") from None
         listener.setblocking(False)
-        self.watch(listener, selectors.EVENT_READ, self._on_accept)
-        return listener
+        self.watch(listener, selectors.EVENT_READ, functools.partial(self._on_accept, listener))
+        self.listeners[listener] = irc
+
+    def _ordered(self) -> Tuple[socket.socket, Optional[socket.socket]]:
+        """The main listener and the --irc-port one (None without it)."""
+        main = next(listener for listener, irc in self.listeners.items() if not irc)
+        return main, next((listener for listener, irc in self.listeners.items() if irc), None)
 
     def _relay(self, chat: Chat) -> Relay:
         """The relay the config asks for: a Redis cluster, or this server on its own."""
@@ -5823,7 +5849,8 @@ class ServerLoop:
             for conn in list(self.open):
                 self._close(conn, "server stopped")
             self.selector.close()
-            self.listener.close()
+            for listener in self.listeners:
+                listener.close()
             if threading.current_thread() is threading.main_thread():
                 signal.set_wakeup_fd(-1)    # before the socket it names is closed (see catch_signals)
             self._wake_r.close()
@@ -5914,10 +5941,10 @@ class ServerLoop:
 
     # -- accepting -----------------------------------------------------------
 
-    def _on_accept(self, mask: int) -> None:
+    def _on_accept(self, listener: socket.socket, mask: int) -> None:
         for _ in range(ACCEPTS_PER_TURN):
             try:
-                sock, address = self.listener.accept()
+                sock, address = listener.accept()
             except _WOULD_BLOCK:
                 return
             except OSError as error:
@@ -5929,19 +5956,21 @@ class ServerLoop:
                     self.call_later(1.0, self._resume_accepting)
                     return
                 continue    # e.g. ECONNABORTED: that client gave up; others may wait
-            self._adopt(sock, address)
+            self._adopt(sock, address, self.listeners[listener])
 
     def _stop_accepting(self) -> None:
         if self.accepting:
-            self.unwatch(self.listener)
+            for listener in self.listeners:
+                self.unwatch(listener)
             self.accepting = False
 
     def _resume_accepting(self) -> None:
         if not self.stopping and not self.accepting:
-            self.watch(self.listener, selectors.EVENT_READ, self._on_accept)
+            for listener in self.listeners:
+                self.watch(listener, selectors.EVENT_READ, functools.partial(self._on_accept, listener))
             self.accepting = True
 
-    def _adopt(self, sock: socket.socket, address: tuple) -> None:
+    def _adopt(self, sock: socket.socket, address: tuple, irc: bool) -> None:
         sock.setblocking(False)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # we batch writes ourselves
@@ -5953,7 +5982,7 @@ class ServerLoop:
         if self.tls:
             conn.handshake = "peek"
         self.open.add(conn)
-        if self.chat.open(conn):
+        if self.chat.open(conn, irc):
             self.update_interest(conn)
 
     # -- reading and writing -------------------------------------------------
@@ -9845,7 +9874,9 @@ def run_server(args: argparse.Namespace) -> int:
     try:
         loop = ServerLoop(config)
     except OSError as error:
-        log.error("%s", cannot_listen(config.host, config.port, error))
+        option = error.option if isinstance(error, CannotListen) else "-p"
+        log.error("%s", cannot_listen(config.host, config.irc_port if option == "--irc-port" else config.port,
+                                      error, option))
         return 1
     loop.catch_signals()
     host, port = loop.address
@@ -9854,6 +9885,8 @@ def run_server(args: argparse.Namespace) -> int:
                f"{'TLS' if config.tls_cert else 'plaintext'}{', password' if config.password is not None else ''}"
                f"{f', linked through {RedisUrl.parse(config.redis)}' if config.redis else ''})")
     _announce(started)
+    if loop.irc_address is not None:
+        _announce(f"IRC only on port {loop.irc_address[1]}" + (" (TLS)" if config.tls_cert else ""))
     if config.tls_cert:
         _announce("TLS certificate fingerprint: " + " or ".join(fingerprint_forms(
             certificate_fingerprint(config.tls_cert))))
@@ -9892,12 +9925,20 @@ def _same_terminal() -> bool:
         return sys.stdout.isatty() and sys.stderr.isatty()
 
 
-def cannot_listen(host: str, port: int, error: OSError) -> str:
+class CannotListen(OSError):
+    """A port the server cannot bind, and the option that chose it."""
+
+    def __init__(self, code: int, text: str, option: str) -> None:
+        super().__init__(code, text)
+        self.option = option
+
+
+def cannot_listen(host: str, port: int, error: OSError, option: str = "-p") -> str:
     """One line for an operator whose server cannot bind, with what to do."""
     where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     if error.errno == errno.EADDRINUSE:
         return (f"cannot listen on {where}: the port is in use (another server, or a connection that"
-                " closed within the last minute); choose another with -p")
+                f" closed within the last minute); choose another with {option}")
     if error.errno == errno.EACCES:
         return f"cannot listen on {where}: permission denied (ports below 1024 need privileges)"
     if error.errno == errno.EADDRNOTAVAIL:
@@ -10109,7 +10150,7 @@ SERVER_OPTIONS = ("host", "port", "max_connections", "tls_cert", "history", "his
                   "db", "db_history", "registered_only",
                   "max_buffer", "max_payload", "flood_rate", "flood_burst", "hello_timeout", "ping_interval",
                   "idle_timeout", "max_rooms", "connections_per_source", "rooms_per_source", "nick_hold", "redis",
-                  "cluster_ttl", "reuse_port", "server_name")
+                  "cluster_ttl", "reuse_port", "server_name", "irc_port")
 
 
 def server_name_option(text: str) -> str:
@@ -10174,6 +10215,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="drop clients silent this long (more than --ping-interval)")
     server.add_argument("--max-rooms", type=Number(1, 1_000_000), default=d.max_rooms, metavar="N",
                         help="rooms in use at once")
+    server.add_argument("--irc-port", type=Number(0, 65535), metavar="PORT",
+                        help="also listen on this port for IRC only (6667, say; -p serves IRC too)")
     server.add_argument("--server-name", type=server_name_option, default=d.server_name, metavar="NAME",
                         help="this server's name to IRC clients (a hostname, say)")
     server.add_argument("--connections-per-source", type=Number(0, 1_000_000), default=0, metavar="N",

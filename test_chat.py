@@ -10,6 +10,7 @@ condition (a frame, a line of output, an exit) with a timeout.
 """
 import argparse
 import atexit
+import base64
 import codecs
 import contextlib
 import errno
@@ -461,6 +462,56 @@ class ServerThread:
     def stop(self):
         self.loop.stop()
         self.thread.join(TIMEOUT)
+
+
+class IrcPeer:
+    """An IRC client on a blocking socket (plain or TLS): lines in and out."""
+
+    def __init__(self, port, nick=None, sock=None, password=None):
+        self.sock = sock or socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+        self.sock.settimeout(TIMEOUT)
+        self.buffer = b""
+        if nick is not None:
+            self.send(*[f"PASS {password}"] * (password is not None), f"NICK {nick}", f"USER {nick} 0 * :{nick}")
+            self.welcome = self.expect("001")
+
+    def send(self, *lines):
+        self.sock.sendall(b"".join(line.encode() + b"\r\n" for line in lines))
+
+    def next(self, timeout=TIMEOUT):
+        """The next line (PINGs answered); AssertionError on timeout or when the server closes."""
+        deadline = time.monotonic() + timeout
+        while True:
+            raw, sep, rest = self.buffer.partition(b"\r\n")
+            if sep:
+                self.buffer = rest
+                line = IrcLine(raw.decode("utf-8"))
+                if line.command == "PING":
+                    self.send(f"PONG :{line.params[-1]}")
+                    continue
+                return line
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError("no line arrived in time")
+            self.sock.settimeout(left)
+            try:
+                data = self.sock.recv(65536)
+            except socket.timeout:
+                raise AssertionError("no line arrived in time") from None
+            if not data:
+                raise AssertionError(f"the server closed the connection ({self.buffer!r} left)")
+            self.buffer += data
+
+    def expect(self, command, timeout=TIMEOUT):
+        """Skip lines until one with `command` arrives."""
+        deadline = time.monotonic() + timeout
+        while True:
+            line = self.next(deadline - time.monotonic())
+            if line.command == command:
+                return line
+
+    def close(self):
+        self.sock.close()
 
 
 class Peer:
@@ -3165,7 +3216,7 @@ class PresenceTest(CommunityTestCase):
 
 
 # ---------------------------------------------------------------------------
-# 4f. Chat: the protocol's rules
+# 4g. Chat: the protocol's rules
 # ---------------------------------------------------------------------------
 
 class SessionTest(HarnessTestCase):
@@ -3484,6 +3535,303 @@ class InternalErrorTest(HarnessTestCase):
 
 
 # ---------------------------------------------------------------------------
+# 4h. IRC: the same chat in a second dialect
+# ---------------------------------------------------------------------------
+
+def names_of(line):
+    """The nicks of a 353 (NAMES) line, prefixes kept."""
+    return line.params[-1].split()
+
+
+class IrcRegistrationTest(HarnessTestCase):
+    """What an IRC client sees from CAP LS to its 001, and what it may not do before."""
+
+    def test_a_client_registers_and_is_told_what_the_server_is(self):
+        alice = self.server.irc()
+        alice.send("CAP LS 302", "NICK alice", "USER al 0 * :Alice A")
+        caps = alice.expect("CAP")
+        self.assertEqual(caps.params[:2], ["*", "LS"])
+        for cap in ("server-time", "echo-message", "message-tags", "multi-prefix", "sasl"):
+            self.assertIn(cap, caps.params[-1])
+        self.assertEqual(alice.frames("001"), [], "no welcome while CAP is negotiated")
+        alice.send("CAP REQ :server-time multi-prefix", "CAP END")
+        self.assertEqual(alice.expect("CAP").params[1:], ["ACK", "server-time multi-prefix"])
+        self.assertEqual(alice.expect("001").params[0], "alice")
+        isupport = " ".join(" ".join(line.params) for line in alice.frames("005"))
+        for token in ("CHANTYPES=#", f"NICKLEN={chat.NAME_MAX}", "CASEMAPPING=rfc8265", "UTF8ONLY", "TARGMAX="):
+            self.assertIn(token, isupport)
+        # A frame client sees the IRC user like any other, with the username and realname it gave.
+        bob = self.peer("bob")
+        bob.send({"type": "whois", "nick": "alice"})
+        whois = bob.expect("whois")
+        self.assertEqual((whois["nick"], whois.get("realname")), ("alice", "Alice A"))
+
+    def test_without_cap_the_client_is_welcomed_on_nick_and_user(self):
+        alice = self.server.irc()
+        alice.send("NICK alice", "USER al 0 * :Alice")
+        self.assertEqual(alice.expect("001").params[0], "alice")
+        alice.expect("422")     # no --motd: said so, as IRC says it
+
+    def test_a_taken_nick_or_a_look_alike_gets_433_and_the_client_may_try_another(self):
+        self.peer("alice")
+        irc = self.server.irc()
+        irc.send("NICK alice", "USER a 0 * :A")
+        self.assertEqual(irc.expect("433").params[1], "alice")
+        irc.send("NICK al\u00edce")     # alíce: a look-alike
+        irc.expect("433")
+        irc.send("NICK alice_")
+        self.assertEqual(irc.expect("001").params[0], "alice_")
+
+    def test_a_bad_nick_gets_432(self):
+        irc = self.server.irc()
+        irc.send("NICK #nope", "USER a 0 * :A")
+        irc.expect("432")
+        irc.send("NICK fine")
+        irc.expect("001")
+
+    def test_commands_before_registering_get_451_and_no_more_than_a_few_lines_are_taken(self):
+        irc = self.server.irc()
+        irc.send("JOIN #early")
+        irc.expect("451")
+        self.assertIsNone(self.server.chat.rooms.get("early"))
+        irc.send(*["CAP LS"] * chat.IRC_EARLY_MAX)
+        self.assertTrue(irc.gone)
+
+    def test_the_server_password_is_pass(self):
+        server = self.harness(password="s3cret")
+        wrong = server.irc()
+        wrong.send("PASS nope", "NICK bob", "USER b 0 * :B")
+        wrong.expect("464")
+        self.assertEqual(wrong.frames("001"), [])
+        right = server.irc()
+        right.send("PASS s3cret", "NICK alice", "USER a 0 * :A")
+        server.advance(chat.ServerConfig.auth_delay)     # a try after a wrong one waits its turn, then is let in
+        self.assertEqual(right.expect("001").params[0], "alice")
+
+    def test_user_twice_gets_462(self):
+        alice = self.server.irc("alice")
+        alice.send("USER again 0 * :Again")
+        alice.expect("462")
+
+    def test_an_account_logs_in_with_sasl_plain(self):
+        owner = self.peer("alice")
+        owner.send({"type": "register", "password": "alicepw"}, {"type": "quit"})
+        self.server.advance(1)
+        irc = self.server.irc()
+        token = base64.b64encode(b"alice\0alice\0alicepw").decode()
+        irc.send("CAP LS 302", "CAP REQ :sasl", "NICK alice", "USER a 0 * :A", "AUTHENTICATE PLAIN")
+        self.assertEqual(irc.expect("AUTHENTICATE").params, ["+"])
+        irc.send(f"AUTHENTICATE {token}")
+        self.assertIn("alice", irc.expect("900").params)
+        irc.expect("903")
+        irc.send("CAP END")
+        self.assertEqual(irc.expect("001").params[0], "alice")
+
+    def test_a_wrong_sasl_password_gets_904_and_the_nick_stays_its_owners(self):
+        owner = self.peer("alice")
+        owner.send({"type": "register", "password": "alicepw"}, {"type": "quit"})
+        self.server.advance(1)
+        irc = self.server.irc()
+        token = base64.b64encode(b"alice\0alice\0guess").decode()
+        irc.send("CAP LS 302", "CAP REQ :sasl", "NICK alice", "USER a 0 * :A", "AUTHENTICATE PLAIN",
+                 f"AUTHENTICATE {token}")
+        self.server.advance(30)     # a wrong password is answered late
+        irc.expect("904")
+        irc.send("CAP END")
+        self.server.advance(30)
+        self.assertNotIn("001", [line.command for line in irc.frames()])
+        self.assertNotEqual(self.server.chat.users.get("alice"), irc.conn)
+
+
+class IrcChatTest(HarnessTestCase):
+    """IRC users and frame users in the same rooms, each seeing the other right."""
+
+    def setUp(self):
+        super().setUp()
+        self.bob = self.peer("bob")
+        self.alice = self.server.irc("alice")
+        self.alice.send("JOIN #lobby")
+        self.alice.expect("366")
+        self.bob.frames()
+
+    def test_join_shows_the_topic_the_names_then_history_with_server_time(self):
+        self.bob.send({"type": "join", "room": "team"}, {"type": "topic", "room": "team", "text": "plans"},
+                      {"type": "msg", "room": "team", "text": "said before"})
+        carol = self.server.irc("carol", caps=["server-time"])
+        carol.send("JOIN #team")
+        self.assertEqual(carol.expect("JOIN").params, ["#team"])
+        self.assertEqual(carol.expect("332").params[-1], "plans")
+        self.assertEqual(sorted(names_of(carol.expect("353"))), ["@bob", "carol"])
+        carol.expect("366")
+        said = carol.expect("PRIVMSG")
+        self.assertEqual(said.params, ["#team", "said before"])
+        self.assertTrue(said.startswith("@time=20"), said)
+
+    def test_lines_cross_both_ways(self):
+        self.alice.send("PRIVMSG #lobby :hello \x02bold\x02 \x0304red\x03 world")
+        msg = self.bob.expect("msg")
+        self.assertEqual((msg["from"], msg["text"]), ("alice", "hello bold red world"))
+        self.bob.send({"type": "msg", "text": "hi irc"})
+        line = self.alice.expect("PRIVMSG")
+        self.assertEqual(line.params, ["#lobby", "hi irc"])
+        self.assertTrue(line.parts[1].startswith("bob!"))
+
+    def test_actions_are_ctcp_action_and_other_ctcp_goes_nowhere(self):
+        self.alice.send("PRIVMSG #lobby :\x01ACTION waves\x01", "PRIVMSG #lobby :\x01VERSION\x01",
+                        "PRIVMSG bob :\x01PING 123\x01")
+        me = self.bob.expect("msg")
+        self.assertEqual((me["text"], me.get("action")), ("waves", True))
+        self.assertEqual(self.bob.frames("msg"), [])
+        self.bob.send({"type": "me", "text": "nods"})
+        self.assertEqual(self.alice.expect("PRIVMSG").params, ["#lobby", "\x01ACTION nods\x01"])
+
+    def test_pms_cross_both_ways_and_a_missing_nick_is_401(self):
+        self.alice.send("PRIVMSG bob :psst")
+        pm = self.bob.expect("msg")
+        self.assertEqual((pm["from"], pm["to"], pm["text"]), ("alice", "bob", "psst"))
+        self.bob.send({"type": "pm", "to": "alice", "text": "yes?"})
+        self.assertEqual(self.alice.expect("PRIVMSG").params, ["alice", "yes?"])
+        self.alice.send("PRIVMSG nobody :hi")
+        self.assertEqual(self.alice.expect("401").params[1], "nobody")
+
+    def test_a_notice_is_never_answered_with_an_error(self):
+        self.alice.send("NOTICE nobody :hi", "NOTICE #nowhere :hi", "NOTICE", "PING sync")
+        self.assertEqual([line.command for line in self.alice.frames()], ["PONG"])
+        self.alice.send("NOTICE bob :fyi")
+        self.assertEqual(self.bob.expect("msg", notice=True)["text"], "fyi")
+
+    def test_a_long_chat_line_reaches_irc_as_several_privmsgs_nothing_lost(self):
+        carol = self.server.irc("carol", caps=["server-time", "message-tags"])
+        carol.send("JOIN #lobby")
+        carol.expect("366")
+        words = [f"wörd{i}✓" for i in range(300)]
+        self.bob.send({"type": "msg", "text": " ".join(words[:150]) + "\n" + " ".join(words[150:])})
+        for client in (self.alice, carol):
+            lines = client.frames("PRIVMSG")
+            self.assertGreater(len(lines), 4)
+            for line in lines:
+                self.assertLessEqual(len(line.partition(" ")[2] if line.startswith("@") else line) + 2, 512)
+            self.assertEqual(" ".join(line.params[-1] for line in lines).split(), words)
+
+    def test_names_and_who_list_both_worlds_and_who_lists_irc_users(self):
+        self.alice.send("NAMES #lobby")
+        self.assertEqual(sorted(names_of(self.alice.expect("353"))), ["alice", "bob"])
+        self.alice.send("WHO #lobby")
+        whos = [line.params[5] for line in self.alice.frames("352")]
+        self.assertEqual(sorted(whos), ["alice", "bob"])
+        self.bob.send({"type": "who"})
+        self.assertEqual(sorted(self.bob.expect("who")["users"]), ["alice", "bob"])
+        self.bob.send({"type": "rooms"})
+        self.assertEqual(self.bob.expect("rooms")["rooms"][0]["users"], 2)
+
+    def test_join_part_nick_and_quit_are_the_irc_events(self):
+        carol = self.peer("carol")
+        self.assertEqual(self.alice.expect("JOIN").parts[1].split("!")[0], "carol")
+        carol.send({"type": "nick", "nick": "caroline"})
+        nick = self.alice.expect("NICK")
+        self.assertEqual((nick.parts[1].split("!")[0], nick.params), ("carol", ["caroline"]))
+        carol.send({"type": "part", "room": "lobby"})
+        self.assertEqual(self.alice.expect("PART").params[0], "#lobby")
+        self.alice.send("NICK alicia")
+        self.assertEqual(self.bob.expect("nick", old="alice")["new"], "alicia")
+        self.alice.send("QUIT :off to lunch")
+        leave = self.bob.expect("leave")
+        self.assertEqual((leave["nick"], leave["how"]), ("alicia", "quit"))
+        self.assertIn("off to lunch", leave["reason"])
+        self.assertTrue(self.alice.closed()[-1].startswith("ERROR"))
+
+    def test_someone_leaving_two_shared_rooms_is_one_quit(self):
+        carol = self.server.irc("carol")
+        carol.send("JOIN #lobby,#dev")
+        self.alice.send("JOIN #dev")
+        self.alice.expect("366")
+        self.alice.frames()
+        carol.send("QUIT :bye")
+        self.assertEqual(len(self.alice.frames("QUIT")), 1)
+
+    def test_bad_lines_get_a_clear_answer_and_harm_nobody(self):
+        self.alice.send_raw(b"PRIVMSG #lobby :caf\xe9\r\n")
+        self.assertEqual(self.alice.expect("FAIL").params[:2], ["*", "INVALID_UTF8"])
+        self.alice.send_raw(b"PRIVMSG #lobby :a\x00b\r\n")
+        self.assertIn("NUL", self.alice.expect("NOTICE").params[-1])
+        self.alice.send("PRIVMSG #lobby :" + "x" * 600)
+        self.alice.expect("417")
+        self.alice.send("FROBNICATE now")
+        self.assertEqual(self.alice.expect("421").params[1], "FROBNICATE")
+        self.alice.send("PRIVMSG #lobby :still here")
+        self.assertEqual([f["text"] for f in self.bob.frames("msg")], ["still here"])
+
+    def test_missing_parameters_and_rooms_get_their_numerics(self):
+        self.bob.send({"type": "join", "room": "dev"})
+        self.alice.send("JOIN", "PART #dev", "PART #nowhere", "TOPIC #nowhere", "KICK #lobby")
+        self.assertEqual([line.command for line in self.alice.frames()], ["461", "442", "403", "403", "461"])
+
+    def test_topic_away_ison_and_userhost(self):
+        self.alice.send("TOPIC #lobby :release friday")
+        self.alice.expect("482")    # #lobby's topic is the server operators' (+t)
+        self.bob.send({"type": "join", "room": "team"})
+        self.alice.send("JOIN #team", "TOPIC #team :release friday")
+        self.assertEqual(self.alice.expect("482").params[1], "#team")   # bob opened #team: its operator
+        self.bob.send({"type": "topic", "room": "team", "text": "release friday"})
+        self.assertEqual(self.alice.expect("TOPIC").params, ["#team", "release friday"])
+        self.bob.send({"type": "away", "text": "at lunch"})
+        self.alice.send("PRIVMSG bob :there?")
+        self.assertEqual(self.alice.expect("301").params[-1], "at lunch")
+        self.alice.send("ISON bob nobody alice", "USERHOST bob")
+        self.assertEqual(self.alice.expect("303").params[-1].split(), ["bob", "alice"])
+        self.assertTrue(self.alice.expect("302").params[-1].startswith("bob=-"))
+
+    def test_the_opener_is_op_and_modes_are_the_rooms_rules(self):
+        self.alice.send("JOIN #ops")
+        self.assertIn("@alice", names_of(self.alice.expect("353")))
+        self.alice.send("MODE #ops +m")
+        self.assertEqual(self.alice.expect("MODE").params[:2], ["#ops", "+m"])
+        self.bob.send({"type": "join", "room": "ops"}, {"type": "msg", "room": "ops", "text": "hi"})
+        self.assertEqual(self.bob.expect("error")["code"], "moderated")
+        self.alice.send("MODE #ops +v bob")
+        self.alice.expect("MODE")
+        self.bob.send({"type": "msg", "room": "ops", "text": "hi"})
+        self.assertEqual(self.alice.expect("PRIVMSG").params, ["#ops", "hi"])
+        self.alice.send("KICK #ops bob :enough")
+        kicked = self.bob.expect("parted", room="ops")
+        self.assertEqual((kicked["how"], kicked["by"]), ("kick", "alice"))
+
+    def test_a_frame_users_lines_are_encoded_once_for_all_irc_readers_alike(self):
+        carol = self.server.irc("carol")
+        carol.send("JOIN #lobby")
+        carol.expect("366")
+        self.bob.send({"type": "msg", "text": "once"})
+        self.assertEqual(self.alice.frames("PRIVMSG"), carol.frames("PRIVMSG"))
+
+    def test_irc_users_are_priced_per_command_like_anyone(self):
+        server = self.harness(flood_burst=20, flood_rate=1)
+        alice = server.irc("alice")
+        alice.send("JOIN #lobby")
+        bob = server.connect("bob")
+        alice.send(*[f"PRIVMSG #lobby :{i}" for i in range(200)])
+        self.assertLess(len(bob.frames("msg")), 40)
+
+
+class IrcLineTest(unittest.TestCase):
+    def test_pieces_cut_between_words_and_never_inside_a_character(self):
+        self.assertEqual(chat.irc_pieces("a b", 10), ["a b"])
+        self.assertEqual(chat.irc_pieces("one\ntwo", 10), ["one", "two"])
+        self.assertEqual(chat.irc_pieces("hello world again", 12), ["hello world", "again"])
+        pieces = chat.irc_pieces("é" * 20, 7)
+        self.assertTrue(all(len(piece.encode()) <= 7 for piece in pieces))
+        self.assertEqual("".join(pieces), "é" * 20)
+        self.assertEqual(chat.irc_pieces("", 10), [" "])
+
+    def test_formatting_codes_are_taken_out(self):
+        self.assertEqual(chat.irc_text("\x02b\x02 \x0312,4c\x03 \x1di\x1d \x04ff0000x\x0f"), "b c i x")
+
+    def test_lines_split_into_command_and_params(self):
+        self.assertEqual(chat.irc_split(":pre privmsg #a :hi there"), ("PRIVMSG", ["#a", "hi there"]))
+        self.assertEqual(chat.irc_split("NICK  bob"), ("NICK", ["bob"]))
+        self.assertEqual(chat.irc_split("   "), ("", []))
+
+
+# ---------------------------------------------------------------------------
 # 5. Server loop: sockets, TLS, timers, signals
 # ---------------------------------------------------------------------------
 
@@ -3622,6 +3970,72 @@ class ResourceLimitTest(unittest.TestCase):
         peers[0].close()
 
 
+class IrcWireTest(ServerTestCase):
+    """IRC on real sockets: on the frames' port and on --irc-port, beside frame clients."""
+    config = {"irc_port": 0}
+
+    def irc(self, nick=None, port=None, **options):
+        peer = IrcPeer(port or self.port, nick, **options)
+        self.addCleanup(peer.close)
+        return peer
+
+    def test_irc_and_frame_clients_share_the_port_and_the_room(self):
+        bob = self.peer("bob")
+        alice = self.irc("alice")
+        alice.send("JOIN #lobby")
+        alice.expect("366")
+        self.assertEqual(bob.expect("join")["nick"], "alice")
+        alice.send("PRIVMSG #lobby :" + "from irc " * 10)
+        self.assertEqual(bob.expect("msg")["text"], "from irc " * 10)
+        bob.send({"type": "msg", "text": "é" * 1000})     # 2,000 bytes: 5 lines
+        bob.send({"type": "msg", "text": "end"})
+        pieces = []
+        while not pieces or pieces[-1] != "end":
+            pieces.append(alice.expect("PRIVMSG").params[-1])
+        self.assertEqual(("".join(pieces[:-1]), len(pieces)), ("é" * 1000, 6))
+
+    def test_the_irc_port_speaks_only_irc(self):
+        irc_port = self.server.loop.irc_address[1]
+        alice = self.irc("alice", port=irc_port)
+        bob = self.peer("bob")
+        alice.send("JOIN #lobby", "PRIVMSG #lobby :on 6667")
+        self.assertEqual(bob.expect("msg")["text"], "on 6667")
+        frames = socket.create_connection(("127.0.0.1", irc_port), timeout=TIMEOUT)
+        self.addCleanup(frames.close)
+        frames.sendall(chat.encode({"type": "hello", "nick": "carol"}))    # told, in IRC, where frames go
+        told = b""
+        while not told.endswith(b"\r\n"):
+            data = frames.recv(4096)
+            self.assertTrue(data, f"closed after {told!r}")
+            told += data
+        self.assertTrue(told.startswith(b"ERROR :") and b"-p" in told, told)
+        self.assertNotIn("carol", self.server.call(lambda: list(self.server.loop.chat.users)))
+
+    def test_bytes_that_are_neither_get_a_clear_answer(self):
+        raw = socket.create_connection(("127.0.0.1", self.port), timeout=TIMEOUT)
+        self.addCleanup(raw.close)
+        raw.sendall(b"\xff\xfe garbage\r\n")
+        decoder = chat.FrameDecoder(chat.MAX_SERVER_PAYLOAD)
+        while (frame := decoder.next_frame()) is None:
+            data = raw.recv(4096)
+            self.assertTrue(data, "closed without a word")
+            decoder.feed(data)
+        self.assertEqual(frame["type"], "error")
+
+
+class IrcServerPasswordTest(ServerTestCase):
+    config = {"password": "s3cret"}
+
+    def test_pass_lets_an_irc_client_in_and_a_wrong_one_is_464(self):
+        wrong = IrcPeer(self.port)
+        self.addCleanup(wrong.close)
+        wrong.send("PASS nope", "NICK mallory", "USER m 0 * :M")
+        wrong.expect("464")
+        alice = IrcPeer(self.port, "alice", password="s3cret")
+        self.addCleanup(alice.close)
+        self.assertEqual(alice.welcome.params[0], "alice")
+
+
 class TlsTest(unittest.TestCase):
     def setUp(self):
         self.files = TlsFiles(self)
@@ -3643,6 +4057,17 @@ class TlsTest(unittest.TestCase):
         self.assertEqual(alice.expect("msg")["text"], "secret hello")
         alice.send({"type": "msg", "text": "x" * 4000})     # several TLS records at once
         bob.wait_line("<alice> x{4000}")
+
+    def test_irc_over_tls_on_the_same_port(self):
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        raw = socket.create_connection(("127.0.0.1", self.port), timeout=TIMEOUT)
+        alice = IrcPeer(self.port, "alice", sock=context.wrap_socket(raw))
+        self.addCleanup(alice.close)
+        bob = tls_peer(self.port, "bob")
+        self.addCleanup(bob.close)
+        alice.send("JOIN #lobby", "PRIVMSG #lobby :sealed")
+        self.assertEqual(bob.expect("msg")["text"], "sealed")
 
     def test_a_wrong_pin_is_refused_loudly(self):
         other = chat.certificate_fingerprint(self.files.other_cert)
@@ -3863,6 +4288,25 @@ class ClusterTest(ClusterSetup, unittest.TestCase):
             self.assertEqual(peer.expect("who")["users"], ["alice", "bob", "carol"])
         bob.send({"type": "quit"})
         self.assertEqual(alice.expect("leave", nick="bob")["users"], 2)
+
+    def test_irc_users_on_either_server_are_in_one_chat(self):
+        alice = IrcPeer(self.a.port, "alice")
+        self.addCleanup(alice.close)
+        bob = self.peer(self.b, "bob")
+        carol = IrcPeer(self.b.port, "carol")
+        self.addCleanup(carol.close)
+        alice.send("JOIN #lobby")
+        bob.expect("join", nick="alice")
+        carol.send("JOIN #lobby")
+        self.assertEqual(sorted(names_of(carol.expect("353"))), ["alice", "bob", "carol"])
+        alice.send("PRIVMSG #lobby :across", "PRIVMSG bob :just you")
+        self.assertEqual(carol.expect("PRIVMSG").params, ["#lobby", "across"])
+        self.assertEqual([bob.expect("msg")["text"] for _ in range(2)], ["across", "just you"])
+        alice.send("NICK alicia")
+        self.assertEqual(carol.expect("NICK").params, ["alicia"])
+        alice.send("QUIT :gone")
+        quit_line = carol.expect("QUIT")
+        self.assertEqual(quit_line.parts[1].split("!")[0], "alicia")
 
     def test_rooms_used_on_another_server_do_not_fill_this_ones_table(self):
         small = self.server(max_rooms=4)
