@@ -5152,8 +5152,8 @@ class IrcCodec:
         hello = {"type": "hello", "nick": self.asked_nick, "username": self.username, "realname": self.realname,
                  "rooms": [], "protocol": PROTOCOL, "retry": True, "echo": "echo-message" in self.caps,
                  "label": "HELLO"}
-        if self.password is not None:
-            hello["password"] = self.password
+        if self.password is not None:   # the server's password; on a server with none, the nick's account's
+            hello["password" if self.config.password is not None else "account_password"] = self.password
         return hello
 
     # -- everyday commands ---------------------------------------------------
@@ -5294,10 +5294,22 @@ class IrcCodec:
             if name_key(target) != name_key(self.nick):
                 return self.raw(self.numeric("502", trailing="Cannot change mode for other users"))
             return self.raw(self.numeric("221", "+i")) if len(params) == 1 else None
+        if len(params) > 1 and params[1] in ("q", "+q", "-q"):
+            return self.quiet(target, params[1], params[2:])
         request = {"type": "mode", "room": target[1:], "label": f"MODE {target}"}
         if len(params) > 1:
             request.update(modes=params[1], args=params[2:])
         return request
+
+    def quiet(self, target: str, mode: str, nicks: List[str]) -> Optional[dict]:
+        """+q NICK mutes someone in the room (as Solanum's quiets do), -q lifts
+        it; q alone lists the room's mutes. (A mask's nick is what counts.)"""
+        room = target[1:]
+        if not nicks:
+            return {"type": "bans", "room": room, "label": f"MODE {target} q"}
+        kind = "unmute" if mode == "-q" else "mute"
+        return self.batch([{"type": kind, "room": room, "nick": nick.partition("!")[0], "label": f"MODE {target}"}
+                           for nick in nicks[:IRC_TARGETS]])
 
     def irc_kick(self, params: List[str]) -> Optional[dict]:
         """KICK #a NICK, KICK #a N1,N2, KICK #a,#b N1,N2 (each channel its nick)."""
@@ -5389,14 +5401,14 @@ class IrcCodec:
         self.motd = frame.get("motd") if type(frame.get("motd")) is str else None
         c = self.config
         support = ["AWAYLEN=%d" % REASON_MAX, "CASEMAPPING=rfc8265", "CHANLIMIT=#:%d" % c.rooms_per_user,
-                   "CHANMODES=b,k,l,imnst", "CHANNELLEN=%d" % (NAME_MAX + 1), "CHANTYPES=#", "ELIST=",
+                   "CHANMODES=bq,k,l,imnst", "CHANNELLEN=%d" % (NAME_MAX + 1), "CHANTYPES=#", "ELIST=",
                    "KICKLEN=%d" % REASON_MAX, "MODES=12", "NETWORK=chat.py", "NICKLEN=%d" % NAME_MAX,
                    "PREFIX=(ov)@+", "TARGMAX=JOIN:%d,KICK:%d,NAMES:1,NOTICE:%d,PART:%d,PRIVMSG:%d,WHOIS:1"
                    % ((IRC_TARGETS,) * 5), "TOPICLEN=%d" % TOPIC_MAX, "UTF8ONLY"]
         lines = [self.numeric("001", trailing=f"Welcome to chat.py, {self.me()}"),
                  self.numeric("002", trailing=f"Your host is {self.server}, running chat.py {VERSION}"),
                  self.numeric("003", trailing="This server is up"),
-                 self.numeric("004", self.server, f"chat.py-{VERSION}", "iow", "biklmnostv", "bklov"),
+                 self.numeric("004", self.server, f"chat.py-{VERSION}", "iow", "biklmnoqstv", "bklovq"),
                  self.numeric("005", *support, trailing="are supported by this server")]
         return b"".join(lines + self.motd_lines())
 
@@ -5579,6 +5591,13 @@ class IrcCodec:
                            f"{frame.get('nick')} is registered")
 
     def on_bans(self, frame: dict) -> bytes:
+        label = str(frame.get("label", ""))
+        if label.startswith("MODE "):       # MODE #room q: the room's quiet list
+            room = label.split()[1]
+            return b"".join([self.numeric("728", room, "q", f"{ban.get('nick')}!*@*", str(ban.get("by")),
+                                          str(int(ban.get("at") or 0)))
+                             for ban in frame.get("bans") or [] if ban.get("kind") == "mute"] +
+                            [self.numeric("729", room, "q", trailing="End of channel quiet list")])
         return self.notice("in force: " + ("; ".join(_ban_text(ban) for ban in frame.get("bans") or [])
                                            or "none"))
 
@@ -9885,6 +9904,10 @@ def run_server(args: argparse.Namespace) -> int:
                f"{'TLS' if config.tls_cert else 'plaintext'}{', password' if config.password is not None else ''}"
                f"{f', linked through {RedisUrl.parse(config.redis)}' if config.redis else ''})")
     _announce(started)
+    if not (config.db or config.redis):
+        log.info("accounts, bans, mutes, topics and kept messages live in memory until this server stops%s;"
+                 " --db FILE keeps them", " (--history-file keeps the history)" if config.history_file else
+                 " (and so does the history)")
     if loop.irc_address is not None:
         _announce(f"IRC only on port {loop.irc_address[1]}" + (" (TLS)" if config.tls_cert else ""))
     if config.tls_cert:

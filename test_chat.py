@@ -3627,6 +3627,16 @@ class IrcRegistrationTest(HarnessTestCase):
         irc.send("CAP END")
         self.assertEqual(irc.expect("001").params[0], "alice")
 
+    def test_on_a_server_with_no_password_pass_is_the_accounts(self):
+        owner = self.peer("alice")
+        owner.send({"type": "register", "password": "alicepw"}, {"type": "quit"})
+        self.server.advance(1)
+        irc = self.server.irc()
+        irc.send("NICK alice", "USER a 0 * :A")
+        irc.expect("433")       # registered: not without its password
+        irc = self.server.irc("alice", password="alicepw")
+        self.assertEqual(irc.welcome.params[0], "alice")
+
     def test_a_wrong_sasl_password_gets_904_and_the_nick_stays_its_owners(self):
         owner = self.peer("alice")
         owner.send({"type": "register", "password": "alicepw"}, {"type": "quit"})
@@ -3792,6 +3802,14 @@ class IrcChatTest(HarnessTestCase):
         self.alice.expect("MODE")
         self.bob.send({"type": "msg", "room": "ops", "text": "hi"})
         self.assertEqual(self.alice.expect("PRIVMSG").params, ["#ops", "hi"])
+        self.alice.send("MODE #ops +q bob")       # a quiet: bob is muted in #ops
+        self.assertIn("muted bob", self.alice.expect("NOTICE").params[-1])
+        self.bob.send({"type": "msg", "room": "ops", "text": "hush"})
+        self.assertEqual(self.bob.expect("error")["code"], "muted")
+        self.alice.send("MODE #ops q")
+        self.assertEqual(self.alice.expect("728").params[1:4], ["#ops", "q", "bob!*@*"])
+        self.alice.send("MODE #ops -q bob")
+        self.alice.expect("NOTICE")
         self.alice.send("KICK #ops bob :enough")
         kicked = self.bob.expect("parted", room="ops")
         self.assertEqual((kicked["how"], kicked["by"]), ("kick", "alice"))
