@@ -32,7 +32,6 @@ import contextlib
 import dataclasses
 import enum
 import errno
-import fnmatch
 import functools
 import getpass
 import hashlib
@@ -325,6 +324,26 @@ def check_room(name: object) -> str:
     if type(name) is str and name.startswith("#"):
         name = name[1:]
     return check_name(name, "room")
+
+
+def mask_matches(text: str, mask: str) -> bool:
+    """Whether `text` matches an IRC mask: `*` any run of characters, `?`
+    any one, the rest itself. In time linear in their sizes' product (a
+    regex, as fnmatch makes, backtracks exponentially on Python 3.8 with
+    masks like *a*a*a*a*b, and treats [ ] as classes)."""
+    t = m = 0
+    star, resume = -1, 0        # the last * seen in the mask, and where in text it took up to
+    while t < len(text):
+        if m < len(mask) and (mask[m] == "?" or mask[m] == text[t]):
+            t, m = t + 1, m + 1
+        elif m < len(mask) and mask[m] == "*":
+            star, resume, m = m, t, m + 1
+        elif star >= 0:         # let that * take one character more, and go on from there
+            resume += 1
+            t, m = resume, star + 1
+        else:
+            return False
+    return all(c == "*" for c in mask[m:])
 
 
 def name_key(name: str) -> str:
@@ -964,6 +983,7 @@ class RoomModes:
         self.voiced: set = set()
         self.invited: set = set()       # nick keys let in past +i (once)
         self.masks: Dict[str, Tuple[str, float]] = {}   # ban mask (casefolded) -> (who set it, when)
+        self.created = 0.0              # when its first member came
 
     def shown(self, member: bool) -> Tuple[str, List[str]]:
         """'+nt' and its arguments (the key only to members)."""
@@ -975,7 +995,7 @@ class RoomModes:
 
     def banned(self, mask: str) -> bool:
         """Whether `mask` (nick!user@host, casefolded) matches a ban mask."""
-        return any(fnmatch.fnmatchcase(mask, pattern) for pattern in self.masks)
+        return any(mask_matches(mask, pattern) for pattern in self.masks)
 
 
 class Room:
@@ -3195,8 +3215,7 @@ class People:
                 return
             chat.gate.succeeded(conn, chat.clock)
             self.logged_in(conn, key, frame.get("device"))
-            log.info("%r logged in to the operator account %s", conn, name)
-            chat.out.send(conn, {"type": "op", "on": True})
+            log.info("%r logged in to the operator account %s", conn, name)     # (logged_in said `op`)
         chat.off_loop(conn, password_matches, record.get("password", {}), given, done=checked)
 
     def on_op(self, conn: "Conn", frame: dict, on: bool = True) -> None:
@@ -3218,7 +3237,10 @@ class People:
         else:
             self._require(room is not None and self.is_room_op(conn, room), "only an operator kicks people" if
                           room is None else f"only an operator of #{room.name} kicks people from it")
-        self.enforce("kick", name_key(nick), conn.nick, _reason(frame.get("reason")), room)
+        key = name_key(nick)
+        if key not in self.chat.users and not self.chat.relay.profile(key):
+            raise ProtocolError("no-such-user", f"nobody here is called {shown(nick)}", nick=nick)
+        self.enforce("kick", key, conn.nick, _reason(frame.get("reason")), room)
 
     def on_ban(self, conn: "Conn", frame: dict, kind: str = "ban") -> None:
         """Ban (or mute) someone for a while or until lifted: from the room as
@@ -3396,8 +3418,10 @@ class People:
         target = self.chat.users.get(key)
         if target is not None:
             info = self.profile(target)
-            info["rooms"] = [room.name for room in target.rooms       # (a secret room only to its members)
-                             if "s" not in room.modes.flags or room in conn.rooms]
+            rooms = [room for room in target.rooms       # (a secret room only to its members)
+                     if "s" not in room.modes.flags or room in conn.rooms]
+            info["rooms"] = [room.name for room in rooms]
+            info["room_op"] = [room.name for room in rooms if self.is_room_op(target, room)]
         else:       # (what other servers keep of their users has more in it: never their address)
             info = {field: value for field, value in (self.chat.relay.profile(key) or {}).items()
                     if field in self.PUBLIC}
@@ -4027,9 +4051,15 @@ class Chat:
         """Run function(*args) (a password hash) on the worker thread for
         `conn`'s request, in its turn (see Hashing); its next frames wait
         (not read) till done(result) has answered it."""
+        label = conn.label
+
         def back(result: object) -> None:
             if conn.state in (HELLO, JOINED):
-                done(result)
+                conn.label = label      # the answer, given later, still names its request
+                try:
+                    done(result)
+                finally:
+                    conn.label = None
             self.answered(conn)
         self.awaiting(conn)
         try:
@@ -4537,8 +4567,10 @@ class Chat:
         fresh = room not in conn.rooms
         if fresh:
             self.enter(conn, room)
-            if room.count() == 1 and room is not self.rooms.lobby:
-                room.modes.ops.add(conn.key)        # who opens a room is its operator while there
+            if room.count() == 1:
+                room.modes.created = self.out.ts        # (IRC tells when a channel began: 329)
+                if room is not self.rooms.lobby:
+                    room.modes.ops.add(conn.key)        # who opens a room is its operator while there
             self.relay.presence(conn)
             self.people.left(conn)
         history = list(room.history)
@@ -4608,7 +4640,7 @@ class Chat:
         if changes is None:
             modes, shown = room.modes.shown(room in conn.rooms)
             self.reply(conn, self.out.encode_for(conn, {"type": "modes", "room": room.name, "modes": modes,
-                                                        "args": shown}))
+                                                        "args": shown, "created": room.modes.created}))
             return
         if type(changes) is not str or len(changes) > 40 or type(args) is not list or len(args) > 12 \
                 or not all(type(arg) is str and len(arg) <= 512 for arg in args):
@@ -4653,8 +4685,11 @@ class Chat:
         if mode in "ov":
             nick = args.pop(0) if args else None
             target = self.users.get(name_key(nick)) if type(nick) is str else None
-            if target is None or room not in target.rooms:
-                raise ProtocolError("no-such-user", f"{shown(nick or '')} is not in #{room.name}")
+            if target is None:
+                raise ProtocolError("no-such-user", f"nobody here is called {shown(nick or '')}", nick=nick)
+            if room not in target.rooms:
+                raise ProtocolError("no-such-user", f"{target.nick} is not in #{room.name}", nick=target.nick,
+                                    elsewhere=True)
             held = modes.ops if mode == "o" else modes.voiced
             if (target.key in held) == on:
                 return None
@@ -4844,7 +4879,7 @@ class Chat:
 # answer comes in order with the rest, and is priced as a request.
 
 IRC_LINE_MAX = 512          # bytes of a line, CRLF included, tags aside (RFC 1459)
-IRC_TAGS_MAX = 8191         # bytes of a client's message tags (IRCv3)
+IRC_TAGS_MAX = 4094         # bytes of a client's message tags, '@' and ' ' aside (IRCv3: the client-only share)
 IRC_EARLY_MAX = 64          # lines a client may send before it is registered
 IRC_TARGETS = 4             # targets of one PRIVMSG, NOTICE, JOIN, PART, NAMES (TARGMAX)
 IRC_CAPS = ("echo-message", "message-tags", "multi-prefix", "sasl", "server-time", "userhost-in-names")
@@ -5033,7 +5068,7 @@ class IrcCodec:
         """One line from the client: the request it makes, if any."""
         if raw.startswith(b"@"):        # its tags: only their size matters (and TAGMSG is not relayed)
             tags, _, raw = raw.partition(b" ")
-            if len(tags) > IRC_TAGS_MAX:
+            if len(tags) > IRC_TAGS_MAX + 1:
                 return self.raw(self.numeric("417", trailing="Input line was too long"))
         if not raw.strip():
             return None
@@ -5076,7 +5111,9 @@ class IrcCodec:
         sub = params[0].upper() if params else ""
         if sub == "LS":
             self.negotiating = not self.registered
-            return self.raw(self.cap("LS", " ".join("sasl=PLAIN" if cap == "sasl" else cap for cap in IRC_CAPS)))
+            values = len(params) > 1 and params[1].isdigit() and int(params[1]) >= 302     # (3.2 has cap values)
+            return self.raw(self.cap("LS", " ".join("sasl=PLAIN" if cap == "sasl" and values else cap
+                                                     for cap in IRC_CAPS)))
         if sub == "LIST":
             return self.raw(self.cap("LIST", " ".join(sorted(self.caps))))
         if sub == "REQ":
@@ -5159,7 +5196,10 @@ class IrcCodec:
     # -- everyday commands ---------------------------------------------------
 
     def irc_ping(self, params: List[str]) -> Optional[dict]:
-        token = params[0] if params else ""
+        missing = self.needs("PING", params, 1)
+        if missing is not None:
+            return missing
+        token = params[0]
         if not self.registered:         # (before hello the core answers nothing but hello)
             return self.raw(irc_line(f":{self.server}", "PONG", self.server, trailing=token))
         return {"type": "ping", "label": "PING", "token": token}
@@ -5322,11 +5362,20 @@ class IrcCodec:
         return self.batch([{"type": "kick", "room": room.lstrip("#"), "nick": nick,
                             "label": f"KICK {room} {nick}", **reason} for room, nick in pairs])
 
+    def irc_kill(self, params: List[str]) -> Optional[dict]:
+        """KILL NICK [REASON]: a server operator puts someone out of the server (a kick with no room)."""
+        missing = self.needs("KILL", params, 1)
+        if missing is not None:
+            return missing
+        reason = {"reason": irc_text(params[1])} if len(params) > 1 and params[1] else {}
+        return {"type": "kick", "nick": params[0], "label": f"KILL {params[0]}", **reason}
+
     def irc_invite(self, params: List[str]) -> Optional[dict]:
         missing = self.needs("INVITE", params, 2)
         if missing is not None:
             return missing
-        return {"type": "invite", "nick": params[0], "room": params[1].lstrip("#"), "label": f"INVITE {params[1]}"}
+        return {"type": "invite", "nick": params[0], "room": params[1].lstrip("#"),
+                "label": f"INVITE {params[0]} {params[1]}"}
 
     def irc_oper(self, params: List[str]) -> Optional[dict]:
         missing = self.needs("OPER", params, 2)
@@ -5409,7 +5458,8 @@ class IrcCodec:
                  self.numeric("002", trailing=f"Your host is {self.server}, running chat.py {VERSION}"),
                  self.numeric("003", trailing="This server is up"),
                  self.numeric("004", self.server, f"chat.py-{VERSION}", "iow", "biklmnoqstv", "bklovq"),
-                 self.numeric("005", *support, trailing="are supported by this server")]
+                 *(self.numeric("005", *support[i:i + 12], trailing="are supported by this server")
+                   for i in range(0, len(support), 12))]     # (at most 13 tokens a line)
         return b"".join(lines + self.motd_lines())
 
     def motd_lines(self) -> List[bytes]:
@@ -5438,12 +5488,7 @@ class IrcCodec:
     def names(self, room: str, frame: dict, secret: bool = False) -> List[bytes]:
         """353 and 366 for a room's members (`frame`: a joined or who)."""
         ops, voiced = set(frame.get("ops") or []), set(frame.get("voiced") or [])
-        multi = "multi-prefix" in self.caps
-
-        def shown(nick: str) -> str:
-            prefix = ("@" if nick in ops else "") + ("+" if nick in voiced else "")
-            return (prefix if multi else prefix[:1]) + nick
-        names = [shown(nick) for nick in frame.get("users") or []]
+        names = [self.prefixes(nick in ops, nick in voiced) + nick for nick in frame.get("users") or []]
         lines, row = [], []
         for name in names:
             if len(" ".join(row + [name])) > 400:
@@ -5453,6 +5498,11 @@ class IrcCodec:
         if row:
             lines.append(self.numeric("353", "@" if secret else "=", room, trailing=" ".join(row)))
         return lines + [self.numeric("366", room, trailing="End of /NAMES list")]
+
+    def prefixes(self, op: bool, voiced: bool) -> str:
+        """@ and + as the client reads them: both with multi-prefix, else the highest."""
+        prefix = ("@" if op else "") + ("+" if voiced else "")
+        return prefix if "multi-prefix" in self.caps else prefix[:1]
 
     def on_parted(self, frame: dict) -> bytes:
         room = f"#{frame.get('room')}"
@@ -5481,11 +5531,12 @@ class IrcCodec:
         if target in ("*", "0", "") or target.startswith("#"):
             matching = list(people.values())
         else:       # a nick, or a mask of nicks
-            matching = [p for key, p in people.items() if fnmatch.fnmatchcase(key, name_key(target))]
+            pattern = name_key(target)
+            matching = [p for key, p in people.items() if mask_matches(key, pattern)]
         lines = [self.numeric("352", room, str(p.get("username") or "user"), str(p.get("host") or "hidden"),
                               str(p.get("server") or self.server), str(p["nick"]),
                               ("G" if p.get("away") else "H") + ("*" if p.get("op") else "")
-                              + ("@" if p["nick"] in ops else "+" if p["nick"] in voiced else ""),
+                              + self.prefixes(p["nick"] in ops, p["nick"] in voiced),
                               trailing=f"0 {p.get('realname') or p['nick']}") for p in matching]
         return b"".join(lines + [self.numeric("315", target or "*", trailing="End of /WHO list")])
 
@@ -5496,7 +5547,8 @@ class IrcCodec:
                 self.numeric("318", nick, trailing="End of /WHOIS list")
         lines = [self.numeric("311", nick, str(frame.get("username") or "user"), str(frame.get("host") or "hidden"),
                               "*", trailing=str(frame.get("realname") or nick))]
-        rooms = [f"#{room}" for room in frame.get("rooms") or []]
+        ops = set(frame.get("room_op") or [])
+        rooms = [("@" if room in ops else "") + f"#{room}" for room in frame.get("rooms") or []]
         if rooms:
             lines.append(self.numeric("319", nick, trailing=" ".join(rooms)))
         lines.append(self.numeric("312", nick, str(frame.get("server") or self.server), trailing="chat.py"))
@@ -5539,7 +5591,9 @@ class IrcCodec:
             self.numeric("251", trailing=f"There are {users} users and 0 invisible on {servers} servers"),
             self.numeric("253", str(frame.get("unjoined", 0)), trailing="unknown connection(s)"),
             self.numeric("254", str(frame.get("rooms", 0)), trailing="channels formed"),
-            self.numeric("255", trailing=f"I have {here} clients and {servers - 1} servers")])
+            self.numeric("255", trailing=f"I have {here} clients and {servers - 1} servers"),
+            self.numeric("265", str(here), str(here), trailing=f"Current local users {here}, max {here}"),
+            self.numeric("266", str(users), str(users), trailing=f"Current global users {users}, max {users}")])
 
     def on_topic(self, frame: dict) -> bytes:
         if not str(frame.get("label", "")).startswith("TOPIC"):
@@ -5553,7 +5607,9 @@ class IrcCodec:
         return b"".join(lines)
 
     def on_modes(self, frame: dict) -> bytes:
-        return self.numeric("324", f"#{frame.get('room')}", str(frame.get("modes")), *map(str, frame.get("args", [])))
+        room = f"#{frame.get('room')}"
+        return self.numeric("324", room, str(frame.get("modes")), *map(str, frame.get("args", []))) + \
+            (self.numeric("329", room, str(int(frame["created"]))) if frame.get("created") else b"")
 
     def on_banlist(self, frame: dict) -> bytes:
         room = f"#{frame.get('room')}"
@@ -5570,7 +5626,10 @@ class IrcCodec:
         if frame.get("room") is not None:
             return irc_line(f":{self.server}", "MODE", f"#{frame['room']}", "+o" if frame.get("on") else "-o",
                             self.nick)
-        return self.numeric("381", trailing="You are now an IRC operator") if frame.get("on") else b""
+        if not frame.get("on"):
+            return irc_line(f":{self.nick}", "MODE", self.nick, trailing="-o")
+        return self.numeric("381", trailing="You are now an IRC operator") + \
+            irc_line(f":{self.nick}", "MODE", self.nick, trailing="+o")
 
     def on_notice(self, frame: dict) -> bytes:
         if frame.get("alone"):
@@ -5584,7 +5643,8 @@ class IrcCodec:
         return self.audience.render(frame, self.nick)
 
     def on_msg(self, frame: dict) -> bytes:
-        return self.audience.said(frame, self.nick, self.audience.tags(frame))
+        to = frame.get("to")        # a pm: to me, or my own echoed back (echo-message) to whom I sent it
+        return self.audience.said(frame, to if type(to) is str else self.nick, self.audience.tags(frame))
 
     def on_registered(self, frame: dict) -> bytes:
         return self.notice("your password is changed" if frame.get("changed") else
@@ -5619,6 +5679,11 @@ class IrcCodec:
         if command == "AUTHENTICATE":
             return self.numeric("904", trailing=f"SASL authentication failed: {text}")
         numeric = _IRC_ERRORS.get((command, code)) or _IRC_ERRORS.get(("", code))
+        if code == "no-such-user" and type(frame.get("nick")) is str:     # (who it was about, said)
+            nick = frame["nick"]
+            if frame.get("elsewhere"):      # they are here, but not in that room
+                return self.numeric("441", nick, target.split()[0] if target else "*", trailing=text)
+            return self.numeric("401", nick, trailing=text)
         if command == "MODE" and type(frame.get("mode")) is str:
             mode = frame["mode"]
             if code == "bad-mode":
@@ -5640,11 +5705,11 @@ class IrcCodec:
 
 # How a refusal reads in IRC, by (command, code); ("", code) for any command.
 _IRC_ERRORS = {
-    ("", "no-such-user"): "401", ("WHOWAS", "no-such-user"): "406", ("MODE", "no-such-user"): "441",
+    ("", "no-such-user"): "401", ("WHOWAS", "no-such-user"): "406", ("MODE", "no-such-user"): "401",
     ("KICK", "no-such-user"): "441", ("", "no-such-room"): "403", ("NAMES", "no-such-room"): "366",
     ("WHO", "no-such-room"): "315", ("PRIVMSG", "not-in-room"): "404", ("", "not-in-room"): "442",
     ("PRIVMSG", "moderated"): "404", ("PRIVMSG", "muted"): "404", ("", "not-allowed"): "482",
-    ("OPER", "not-allowed"): "491", ("NICK", "not-allowed"): "432", ("OPER", "login-failed"): "464",
+    ("OPER", "not-allowed"): "491", ("KILL", "not-allowed"): "481", ("NICK", "not-allowed"): "432", ("OPER", "login-failed"): "464",
     ("NICK", "login-failed"): "464", ("NICK", "nick-taken"): "433", ("NICK", "bad-nick"): "432",
     ("NICK", "account-required"): "433", ("", "bad-key"): "475", ("", "room-full"): "471",
     ("", "invite-only"): "473", ("JOIN", "banned"): "474", ("", "already-in-room"): "443",

@@ -3821,6 +3821,26 @@ class IrcChatTest(HarnessTestCase):
         self.bob.send({"type": "msg", "text": "once"})
         self.assertEqual(self.alice.frames("PRIVMSG"), carol.frames("PRIVMSG"))
 
+    def test_oper_kill_and_an_echoed_pm_says_whom_it_went_to(self):
+        server = self.harness(ops=("root",))
+        root = server.connect("root", ip="127.0.0.1")
+        root.send({"type": "register", "password": "rootpw"}, {"type": "quit"})
+        alice, bob = server.irc("alice", caps=["echo-message"]), server.irc("bob")
+        alice.send("KILL bob :spam")
+        alice.expect("481")
+        alice.send("OPER root wrong")
+        alice.expect("464")
+        server.advance(30)
+        alice.send("OPER root rootpw")
+        server.advance(1)
+        alice.expect("381")
+        self.assertEqual(alice.expect("MODE").params, ["alice", "+o"])
+        alice.send("PRIVMSG bob :last words")
+        self.assertEqual(alice.expect("PRIVMSG").params, ["bob", "last words"])     # the echo
+        alice.send("KILL bob :spam", "KILL nobody")
+        self.assertTrue(bob.gone)
+        self.assertEqual(alice.expect("401").params[1], "nobody")
+
     def test_irc_users_are_priced_per_command_like_anyone(self):
         server = self.harness(flood_burst=20, flood_rate=1)
         alice = server.irc("alice")
@@ -3831,6 +3851,17 @@ class IrcChatTest(HarnessTestCase):
 
 
 class IrcLineTest(unittest.TestCase):
+    def test_masks_match_as_irc_has_them_in_linear_time(self):
+        self.assertTrue(chat.mask_matches("bob!user@host", "bob!*@*"))
+        self.assertTrue(chat.mask_matches("bob", "b?b"))
+        self.assertFalse(chat.mask_matches("bob", "[b]ob"))     # brackets are themselves, no class
+        self.assertTrue(chat.mask_matches("[b]ob", "[b]ob"))
+        self.assertFalse(chat.mask_matches("alice", "*a*a*b"))
+        started = time.process_time()
+        for _ in range(100):
+            self.assertFalse(chat.mask_matches("a" * 32, "*a" * 40 + "b"))  # backtracking would take years
+        self.assertLess(time.process_time() - started, 1.0)
+
     def test_pieces_cut_between_words_and_never_inside_a_character(self):
         self.assertEqual(chat.irc_pieces("a b", 10), ["a b"])
         self.assertEqual(chat.irc_pieces("one\ntwo", 10), ["one", "two"])
