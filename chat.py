@@ -3690,7 +3690,7 @@ class Login:
 
     def _names(self) -> bool:
         """The nick (the rules of names), and the names besides it (IRC's USER): kept, or made up, never refused."""
-        self.nick = check_name(self.hello.get("nick"))
+        self.nick = self.chat.check_nick(self.hello.get("nick"))
         self.key = name_key(self.nick)
         self.conn.username = _username(self.hello.get("username"), self.nick)
         realname = self.hello.get("realname")
@@ -4104,6 +4104,8 @@ class Chat:
     # -- timers --------------------------------------------------------------
 
     def _hello_deadline(self, conn: Conn) -> None:
+        if conn.state is AUTH:      # its hello is being answered: if that ends in a refusal it may retry, in time
+            self.io.call_later(1.0, self._hello_deadline, conn)
         if conn.state is HELLO:
             self.drop(conn, f"no hello within {self.config.hello_timeout:g}s",
                       ProtocolError("timeout", "no hello in time"))
@@ -4148,7 +4150,7 @@ class Chat:
             hello = dict(hello, rooms=place["rooms"])
             since = place.get("seen") if place.get("instance") in (None, self.relay.instance) else None
         rooms = self.rooms.rejoin(hello.get("rooms"), self.config.rooms_per_user, conn.source) or [self.rooms.lobby]
-        rooms = [room for room in rooms if room is self.rooms.lobby or not self.people.banned(conn, conn.key, room)]
+        rooms, refused = self._may_rejoin(conn, rooms)
         rooms = [] if nowhere else rooms or [self.rooms.lobby]
         for room in rooms:
             self._with_its_history(room)
@@ -4189,6 +4191,8 @@ class Chat:
                                           " talking with the people on this server only"})
         for line in self.people.take_messages(conn):     # private messages kept while it was away
             self.out.first(conn, dict(line, kept=True))
+        for error in refused:       # the rooms it named and may not be in now
+            self.out.first(conn, error.frame())
         for room in rooms:
             self._announce_join(conn, room, resumed=missed is not None)
         self.people.left(conn)      # (where it is now, should it vanish)
@@ -4396,8 +4400,19 @@ class Chat:
 
     # -- everything else -----------------------------------------------------
 
+    # Names nobody may take, so nobody can pass for the server or its services.
+    RESERVED = frozenset(map(name_key, ("server", "nickserv", "chanserv", "memoserv", "operserv", "saslserv",
+                                        "hostserv", "botserv", "services")))
+
+    def check_nick(self, value: object) -> str:
+        """A nick someone asks for: the rules of names, and none that passes for the server (or its services)."""
+        nick = check_name(value)
+        if name_key(nick) in self.RESERVED or name_key(nick) == name_key(self.config.server_name[:NAME_MAX]):
+            raise ProtocolError("bad-nick", f"{nick} is the server's own name: choose another")
+        return nick
+
     def on_nick(self, conn: Conn, frame: dict) -> None:
-        new = check_name(frame.get("nick"))
+        new = self.check_nick(frame.get("nick"))
         key = name_key(new)
         self.people.unmuted(conn, None, "your nick stays as it is")     # (a new nick is announced everywhere)
         if key != conn.key and self.nicks.taken(key):
@@ -4490,8 +4505,7 @@ class Chat:
     def on_who(self, conn: Conn, frame: dict) -> None:
         name = frame.get("room")
         if name is None:
-            everyone = [c.nick for c in self.users.values()] + self.relay.others()
-            reply = {"type": "who", "users": sorted(everyone, key=str.casefold)}
+            reply = {"type": "who", "users": sorted(self._everyone(conn, frame), key=str.casefold)}
         else:
             room = self.rooms.get(check_room(name))
             if room is None:
@@ -4507,6 +4521,25 @@ class Chat:
             self.reply(conn, self.out.encode_for(conn, reply, "people"))
             return
         self.reply(conn, self.out.encode_for(conn, reply, "users"))
+
+    WHO_SCANNED_PER_TOKEN = 100     # users a `who` with a mask looks at for one flood token
+
+    def _everyone(self, conn: Conn, frame: dict) -> List[str]:
+        """The nicks a server-wide `who` asks for: `nicks` (at most 32: found
+        one by one), or those matching `mask` (an IRC mask; each one looked
+        at costs), or everyone."""
+        nicks, mask = frame.get("nicks"), frame.get("mask")
+        if type(nicks) is list:
+            keys = {name_key(nick) for nick in nicks[:32] if type(nick) is str and len(nick) <= NAME_MAX * 4}
+            found = [self.users[key].nick if key in self.users else (self.relay.profile(key) or {}).get("nick")
+                     for key in keys]
+            return [nick for nick in found if type(nick) is str]
+        everyone = [c.nick for c in self.users.values()] + self.relay.others()
+        if type(mask) is str:
+            conn.tokens -= len(everyone) / self.WHO_SCANNED_PER_TOKEN
+            pattern = name_key(mask[:100])
+            everyone = [nick for nick in everyone if mask_matches(name_key(nick), pattern)]
+        return everyone
 
     def ops_of(self, room: Room) -> List[str]:
         """The operators of `room` among its members here."""
@@ -4587,6 +4620,24 @@ class Chat:
         self.reply(conn, self.out.with_history(conn, joined, history))
         if fresh:
             self._announce_join(conn, room)
+
+    def _may_rejoin(self, conn: Conn, rooms: List[Room]) -> Tuple[List[Room], List[ProtocolError]]:
+        """Of the rooms a hello names, those `conn` may enter as a join would
+        let it, and why each other one is refused (said after the welcome)."""
+        allowed, refused = [], []
+        for room in rooms:
+            try:
+                if room is not self.rooms.lobby:
+                    ban = self.people.banned(conn, conn.key, room)
+                    if ban is not None:
+                        raise self.people.refusal(ban, f"#{room.name}")
+                    if room.count() and not self.people.is_op(conn):
+                        self._may_enter(conn, room, None)
+                allowed.append(room)
+            except ProtocolError as error:
+                error.fields["room"] = room.name
+                refused.append(error)
+        return allowed, refused
 
     def _may_enter(self, conn: Conn, room: Room, key: object) -> None:
         """ProtocolError unless `room`'s modes let `conn` in: its ban masks,
@@ -4697,7 +4748,8 @@ class Chat:
             return target.nick
         if mode == "k":
             key = args.pop(0) if args and (on or args) else ""
-            if on and (not 0 < len(key) <= RoomModes.KEY_MAX or not key.isprintable() or " " in key or "," in key):
+            if on and (not 0 < len(key) <= RoomModes.KEY_MAX or not key.isprintable() or " " in key or "," in key
+                       or key.startswith(":")):     # (a leading ':' would end an IRC line's words)
                 raise ProtocolError("bad-field", f"a room's key is 1-{RoomModes.KEY_MAX} characters, no spaces"
                                                  " or commas", mode="k")
             if not on and "k" not in modes.flags:
@@ -4720,7 +4772,7 @@ class Chat:
         if mode == "b":
             mask = args.pop(0) if args else ""
             mask = (mask if "!" in mask or "@" in mask else f"{mask}!*@*").casefold()
-            if not 3 < len(mask) <= 100 or not mask.isprintable() or " " in mask:
+            if not 3 < len(mask) <= 100 or not mask.isprintable() or " " in mask or mask.startswith(":"):
                 raise ProtocolError("bad-field", "a ban mask is like nick!user@host, * for any", mode="b")
             if on == (mask in modes.masks) or (on and len(modes.masks) >= 100):
                 return None
@@ -4894,7 +4946,7 @@ def irc_split(line: str) -> Tuple[str, List[str]]:
     if line.startswith(":"):        # a prefix from a client means nothing
         line = line.partition(" ")[2]
     head, _, trailing = line.partition(" :")
-    params = head.split()
+    params = [param for param in head.split(" ") if param]      # (on spaces only: a tab is part of a word)
     if not params:
         return "", []
     if _:
@@ -5288,9 +5340,11 @@ class IrcCodec:
 
     def irc_who(self, params: List[str]) -> Optional[dict]:
         mask = params[0] if params else "*"
-        request = {"type": "who", "full": True, "label": f"WHO {mask}"}
+        request = {"type": "who", "full": True, "label": f"WHO {mask[:50]}"}
         if mask.startswith("#"):
             request["room"] = mask[1:]
+        elif mask not in ("*", "0"):
+            request["mask"] = mask
         return request
 
     def irc_whois(self, params: List[str]) -> Optional[dict]:
@@ -5309,10 +5363,10 @@ class IrcCodec:
                 "label": f"WHOWAS {params[0]}"}
 
     def irc_ison(self, params: List[str]) -> Optional[dict]:
-        return {"type": "who", "label": "ISON " + " ".join(" ".join(params).split()[:32])}
+        return {"type": "who", "nicks": " ".join(params).split()[:32], "label": "ISON"}
 
     def irc_userhost(self, params: List[str]) -> Optional[dict]:
-        return {"type": "who", "full": True, "label": "USERHOST " + " ".join(params[:5])}
+        return {"type": "who", "full": True, "nicks": params[:5], "label": "USERHOST"}
 
     def irc_list(self, params: List[str]) -> Optional[dict]:
         return {"type": "rooms", "label": "LIST " + (params[0] if params else "")}
@@ -5517,22 +5571,15 @@ class IrcCodec:
         users = [str(nick) for nick in frame.get("users") or []]
         if command == "NAMES":
             return b"".join(self.names(target, frame, frame.get("secret") is True))
-        if command == "ISON":
-            online = {name_key(nick): nick for nick in users}
-            return self.numeric("303", trailing=" ".join(online[name_key(n)] for n in target.split()
-                                                         if name_key(n) in online))
-        people = {name_key(str(p.get("nick"))): p for p in frame.get("people") or [] if isinstance(p, dict)}
+        if command == "ISON":       # (the server found the nicks asked for: those online)
+            return self.numeric("303", trailing=" ".join(users))
+        matching = [p for p in frame.get("people") or [] if isinstance(p, dict)]    # (the server matched them)
         if command == "USERHOST":
             replies = [f"{p['nick']}{'*' if p.get('op') else ''}={'-' if p.get('away') else '+'}{p.get('username')}"
-                       f"@{p.get('host')}" for p in (people.get(name_key(n)) for n in target.split()) if p]
+                       f"@{p.get('host')}" for p in matching]
             return self.numeric("302", trailing=" ".join(replies))
         room = f"#{frame['room']}" if "room" in frame else "*"
         ops, voiced = set(frame.get("ops") or []), set(frame.get("voiced") or [])
-        if target in ("*", "0", "") or target.startswith("#"):
-            matching = list(people.values())
-        else:       # a nick, or a mask of nicks
-            pattern = name_key(target)
-            matching = [p for key, p in people.items() if mask_matches(key, pattern)]
         lines = [self.numeric("352", room, str(p.get("username") or "user"), str(p.get("host") or "hidden"),
                               str(p.get("server") or self.server), str(p["nick"]),
                               ("G" if p.get("away") else "H") + ("*" if p.get("op") else "")
@@ -6177,6 +6224,8 @@ class ServerLoop:
                 return
             if first != b"\x16":
                 conn.handshake = None
+                if first.isalpha() and isinstance(conn.codec, FrameCodec):
+                    self.chat.speaks_irc(conn)      # (so it is told in IRC)
                 self.chat.drop(conn, "plaintext client on a TLS server",
                                ProtocolError("tls-required", "this server requires TLS: connect with --tls"))
                 self._write(conn)

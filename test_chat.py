@@ -3608,6 +3608,15 @@ class IrcRegistrationTest(HarnessTestCase):
         server.advance(chat.ServerConfig.auth_delay)     # a try after a wrong one waits its turn, then is let in
         self.assertEqual(right.expect("001").params[0], "alice")
 
+    def test_nobody_takes_the_servers_name_or_a_services_name(self):
+        for nick in ("chat.py", "NickServ", "ch\u0430t.py"):
+            irc = self.server.irc()
+            irc.send(f"NICK {nick}", "USER a 0 * :A")
+            irc.expect("432")
+        alice = self.peer("alice")
+        alice.send({"type": "nick", "nick": "ChanServ"})
+        self.assertEqual(alice.expect("error")["code"], "bad-nick")
+
     def test_user_twice_gets_462(self):
         alice = self.server.irc("alice")
         alice.send("USER again 0 * :Again")
@@ -3788,7 +3797,7 @@ class IrcChatTest(HarnessTestCase):
         self.alice.send("PRIVMSG bob :there?")
         self.assertEqual(self.alice.expect("301").params[-1], "at lunch")
         self.alice.send("ISON bob nobody alice", "USERHOST bob")
-        self.assertEqual(self.alice.expect("303").params[-1].split(), ["bob", "alice"])
+        self.assertEqual(self.alice.expect("303").params[-1].split(), ["alice", "bob"])
         self.assertTrue(self.alice.expect("302").params[-1].startswith("bob=-"))
 
     def test_the_opener_is_op_and_modes_are_the_rooms_rules(self):
@@ -3840,6 +3849,18 @@ class IrcChatTest(HarnessTestCase):
         alice.send("KILL bob :spam", "KILL nobody")
         self.assertTrue(bob.gone)
         self.assertEqual(alice.expect("401").params[1], "nobody")
+
+    def test_a_who_mask_costs_by_the_users_it_looks_at(self):
+        server = self.harness(flood_burst=20, flood_rate=1, max_connections=400)
+        for i in range(300):
+            server.connect(f"user{i}", ip=f"10.0.{i // 200}.{i % 200 + 1}")
+        alice = server.irc("alice")
+        alice.send(*["WHO nomatch*"] * 10, "PING done")
+        self.assertLess(len(alice.frames("315")), 10)       # three tokens a look at 300: slowed
+        alice.send("WHO user29?")
+        server.advance(30)
+        self.assertEqual(sorted(line.params[5] for line in alice.frames("352")),
+                         [f"user29{i}" for i in range(10)])
 
     def test_irc_users_are_priced_per_command_like_anyone(self):
         server = self.harness(flood_burst=20, flood_rate=1)
@@ -4117,6 +4138,13 @@ class TlsTest(unittest.TestCase):
         self.addCleanup(bob.close)
         alice.send("JOIN #lobby", "PRIVMSG #lobby :sealed")
         self.assertEqual(bob.expect("msg")["text"], "sealed")
+
+    def test_a_plaintext_irc_client_is_told_in_irc_that_tls_is_needed(self):
+        irc = IrcPeer(self.port)
+        self.addCleanup(irc.close)
+        irc.send("NICK alice", "USER a 0 * :A")
+        self.assertIn("requires TLS", irc.expect("NOTICE").params[-1])
+        self.assertIn("TLS", irc.expect("ERROR").params[-1])
 
     def test_a_wrong_pin_is_refused_loudly(self):
         other = chat.certificate_fingerprint(self.files.other_cert)
