@@ -803,14 +803,14 @@ class Conn:
         self.addr, self.ip = addr, ip
         self.source = "" if _on_this_machine(ip) else network_of(ip)   # what per-source limits count by
         self.tls = False                # TLS established
-        self.handshake = None           # None, or the TLS step the loop waits for
+        self.handshake: Optional[str] = None    # None, or the TLS step the loop waits for
         self.shut = False               # our side of the TCP stream is closed
         self.events = 0                 # what the selector watches for
         self.state = HELLO
-        self.codec = FrameCodec(max_payload)    # the dialect it speaks
+        self.codec: Union[FrameCodec, IrcCodec] = FrameCodec(max_payload)    # the dialect it speaks
         self.out: List[bytes] = []
         self.queued = 0
-        self.nick = self.key = self.session = None
+        self.nick = self.key = self.session = ""    # "" until its hello is welcomed (Login.welcome)
         self.claimed = 0.0              # when it got its nick (wall clock): the earlier claim wins
         self.rooms: List[Room] = []
         self.account = ""               # the account it is logged in to ("": a guest)
