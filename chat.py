@@ -62,7 +62,7 @@ import threading
 import time
 import unicodedata
 import urllib.parse
-from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Protocol, Tuple, Union
+from typing import Callable, Dict, Generic, Iterable, List, NamedTuple, Optional, Protocol, Tuple, TypeVar, Union, overload
 
 VERSION = "1.0"
 DEFAULT_HOST = "127.0.0.1"
@@ -886,7 +886,10 @@ def _uncount(counter: Dict[str, int], key: str) -> None:
         del counter[key]
 
 
-class Shares:
+V = TypeVar("V")    # what a Shares holds
+
+
+class Shares(Generic[V]):
     """Entries (a dict, oldest first) held for owners (a source: an address
     or an IPv6 /64), at most `limit` in all. Past the limit, the owner who
     holds the most gives up its oldest entry (of those who hold as many,
@@ -898,7 +901,7 @@ class Shares:
 
     def __init__(self, limit: int, first_come: bool = False):
         self.limit, self.first_come = limit, first_come
-        self.entries: "collections.OrderedDict[str, Tuple[str, object]]" = collections.OrderedDict()  # -> (owner, value)
+        self.entries: "collections.OrderedDict[str, Tuple[str, V]]" = collections.OrderedDict()  # -> (owner, value)
         self.counts: Dict[str, int] = collections.Counter()    # owner -> entries held
 
     def __len__(self) -> int:
@@ -907,24 +910,29 @@ class Shares:
     def __contains__(self, key: str) -> bool:
         return key in self.entries
 
-    def get(self, key: str, default=None):
+    def get(self, key: str, default: Optional[V] = None) -> Optional[V]:
         entry = self.entries.get(key)
         return default if entry is None else entry[1]
 
-    def put(self, key: str, owner: str, value: object = None) -> List[Tuple[str, object]]:
+    def put(self, key: str, owner: str, value: V) -> List[Tuple[str, V]]:
         """Hold `value` under `key` for `owner` (as the newest); returns the (key, value) pushed out."""
         self.pop(key)
         self.entries[key] = (owner, value)
         self.counts[owner] += 1
         if self.first_come and len(self.entries) > self.limit and self.counts[owner] == max(self.counts.values()):
-            return [(key, self.pop(key))]
+            return [(key, self.pop(key, value))]     # (it is there: `value`)
         pushed = []
         while len(self.entries) > self.limit:
             victim = self._victim()
-            pushed.append((victim, self.pop(victim)))
+            pushed.append((victim, self.entries[victim][1]))
+            self.pop(victim)
         return pushed
 
-    def pop(self, key: str, default=None):
+    @overload
+    def pop(self, key: str) -> Optional[V]: ...
+    @overload
+    def pop(self, key: str, default: V) -> V: ...
+    def pop(self, key: str, default: Optional[V] = None) -> Optional[V]:
         entry = self.entries.pop(key, None)
         if entry is None:
             return default
@@ -1059,9 +1067,9 @@ class Rooms:
     def __init__(self, config: ServerConfig):
         self.config = config
         self.table: Dict[str, Room] = {}            # name key -> room
-        self.dormant = Shares(config.max_rooms)     # name key -> its Room, by maker
+        self.dormant: Shares[Room] = Shares(config.max_rooms)     # name key -> its Room, by maker
         self.purged: collections.deque = collections.deque(maxlen=100)  # (sender key, room key or "") purged lately
-        self.retired = Shares(10 * config.max_rooms)    # name key of a freed room -> its seq, by maker
+        self.retired: Shares[int] = Shares(10 * config.max_rooms)    # name key of a freed room -> its seq, by maker
         self.in_use: Dict[str, int] = collections.Counter()    # maker -> its rooms in use
         self.floor = 0                              # no room whose seq is forgotten ever went past this
         self.history_bytes = 0                      # all rooms' history, as keep() counts it
@@ -1178,7 +1186,10 @@ class Rooms:
             return
         target = self.config.history_bytes * 7 // 8
         while self.history_bytes > target and self.dormant:
-            self._free(self.dormant.get(self.dormant.oldest()))
+            oldest = self.dormant.oldest()
+            room = self.dormant.get(oldest) if oldest is not None else None
+            assert room is not None         # dormant is not empty, so it has an oldest room
+            self._free(room)
         heap = [(-room.history_bytes, room.key, room) for room in self.table.values() if room.history]
         heapq.heapify(heap)
         while self.history_bytes > target and heap:
@@ -2728,7 +2739,7 @@ class Nicks:
         self.chat = chat
         self.users: Dict[str, Conn] = {}         # nick key -> joined connection
         self.claiming: Dict[str, Conn] = {}      # nick key -> connection waiting for the relay's answer
-        self.holds = Shares(chat.config.max_connections, first_come=True)  # nick key -> Hold of its lost owner, by source
+        self.holds: Shares[Hold] = Shares(chat.config.max_connections, first_come=True)  # nick key -> Hold of its lost owner, by source
 
     def taken(self, key: str) -> bool:
         return key in self.users or key in self.claiming or key in self.holds
