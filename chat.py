@@ -777,6 +777,8 @@ REPLY_BYTES_PER_TOKEN = 4096   # after hello every frame costs a flood token, an
 FANOUT_BUDGET = 64 << 20    # bytes one turn may queue for all recipients together: bounds a turn's
                             # work (the recipients share the bytes, so not its memory), and so latency
 
+Chunk = Union[bytes, memoryview]    # queued output: bytes, or the unsent tail of some (see _consume)
+
 
 class Conn:
     """One client connection: the socket side and the session side, each
@@ -808,7 +810,7 @@ class Conn:
         self.events = 0                 # what the selector watches for
         self.state = HELLO
         self.codec: Union[FrameCodec, IrcCodec] = FrameCodec(max_payload)    # the dialect it speaks
-        self.out: List[bytes] = []
+        self.out: List[Chunk] = []
         self.queued = 0
         self.nick = self.key = self.session = ""    # "" until its hello is welcomed (Login.welcome)
         self.claimed = 0.0              # when it got its nick (wall clock): the earlier claim wins
@@ -1301,7 +1303,7 @@ def _newest_within(lines: List[HistoryLine], budget: int) -> int:
 # ---------------------------------------------------------------------------
 # 4b. Output: what the core sends, batched per loop turn
 
-def _consume(chunks: List[bytes], sent: int) -> None:
+def _consume(chunks: List[Chunk], sent: int) -> None:
     """Drop the first `sent` bytes from `chunks` (whole chunks, then a slice)."""
     whole = 0
     for chunk in chunks:
@@ -5658,7 +5660,7 @@ _HAVE_SENDMSG = hasattr(socket.socket, "sendmsg")
 _WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
-def _head(chunks: List[bytes], skip: int, limit: int) -> bytes:
+def _head(chunks: List[Chunk], skip: int, limit: int) -> Chunk:
     """About `limit` bytes from the front of `chunks`, after the first `skip`."""
     for index, chunk in enumerate(chunks):
         if skip < len(chunk):
