@@ -62,7 +62,11 @@ import threading
 import time
 import unicodedata
 import urllib.parse
-from typing import Callable, Dict, Generic, Iterable, List, NamedTuple, Optional, Protocol, Tuple, TypeVar, Union, overload
+from typing import (TYPE_CHECKING, Any, Callable, Collection, Dict, Generic, Iterable, List, NamedTuple, Optional, Protocol,
+                    Tuple, TypeVar, Union, overload)
+
+if TYPE_CHECKING:   # for annotations alone (typing has TypeGuard from 3.10 only; chat.py runs on 3.8)
+    from typing_extensions import TypeGuard
 
 VERSION = "1.0"
 DEFAULT_HOST = "127.0.0.1"
@@ -345,7 +349,8 @@ def _unmarked(name: str) -> str:
     """`name` without the accents on its Latin, Greek and Cyrillic letters
     (`alíce`, `ǎlice` and `trōll` are `alice` and `troll`), which TR39's
     skeleton keeps; other scripts' marks are letters' parts, and stay."""
-    decomposed, kept = unicodedata.normalize("NFD", name), []
+    decomposed = unicodedata.normalize("NFD", name)
+    kept: List[str] = []
     for ch in decomposed:
         if unicodedata.category(ch) == "Mn" and kept and ord(kept[-1]) < 0x0530:
             continue
@@ -966,7 +971,7 @@ class RoomModes:
     FLAGS = "iklmnst"
     KEY_MAX = 32
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.flags = set("nt")
         self.key = ""
         self.limit = 0
@@ -1483,6 +1488,7 @@ class Output:
         """Queue `datas` (a run of `room`'s frames, batch[start:...], as one
         audience reads them) for `members`. The hot path: per recipient, a
         set lookup and appending a shared bytes object."""
+        senders: Collection[Conn]   # whose own lines these are (a tuple or a set)
         if len(run) == 1:
             senders, blob = (run[0][1],), datas[0]
         else:
@@ -2283,12 +2289,12 @@ def _json_or_none(raw: bytes) -> object:
         return None
 
 
-def _is_history_header(obj: object) -> bool:
+def _is_history_header(obj: object) -> TypeGuard[dict]:
     return (isinstance(obj, dict) and type(obj.get("instance")) is str and obj.get("format") == 1
             and type(obj.get("ids", 1)) is int)
 
 
-def _is_history_line(obj: object) -> bool:
+def _is_history_line(obj: object) -> TypeGuard[dict]:
     return (isinstance(obj, dict) and obj.get("type") == "msg" and type(obj.get("id")) is int
             and type(obj.get("seq")) is int and type(obj.get("room")) is str
             and type(obj.get("text")) is str and type(obj.get("from")) is str)
@@ -2343,8 +2349,8 @@ class FairQueue:
 
     LEVELS = {4: (8, 16, 24), 6: (16, 32, 48)}
 
-    def __init__(self):
-        self.root: "collections.OrderedDict[str, object]" = collections.OrderedDict()
+    def __init__(self) -> None:
+        self.root: "collections.OrderedDict[str, Union[collections.OrderedDict, collections.deque]]" = collections.OrderedDict()
         self.size = 0
 
     def __len__(self) -> int:
@@ -2357,7 +2363,8 @@ class FairQueue:
             address = ipaddress.ip_address("0.0.0.0")
         if address.version == 6 and address.ipv4_mapped:
             address = address.ipv4_mapped
-        node, levels = self.root, self.LEVELS[address.version]
+        levels = self.LEVELS[address.version]
+        node: Any = self.root   # an OrderedDict a level down each prefix, a deque at the last
         for prefix in levels:
             block = str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
             node = node.setdefault(block, collections.deque() if prefix == levels[-1] else collections.OrderedDict())
@@ -2372,7 +2379,7 @@ class FairQueue:
         return self._take(self.root)
 
     @staticmethod
-    def _take(node: "collections.OrderedDict[str, object]") -> object:
+    def _take(node: "collections.OrderedDict[str, Union[collections.OrderedDict, collections.deque]]") -> object:
         block, child = node.popitem(last=False)     # whose turn it is...
         item = child.popleft() if isinstance(child, collections.deque) else FairQueue._take(child)
         if child:
@@ -6180,7 +6187,7 @@ class RespParser:
     """Turns Redis's byte stream into replies: str for +OK, int, bytes (or
     None) for bulk strings, lists for arrays, RespError for errors."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._buf = bytearray()
 
     def feed(self, data: bytes) -> None:
