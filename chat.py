@@ -894,6 +894,7 @@ def _uncount(counter: Dict[str, int], key: str) -> None:
 
 
 V = TypeVar("V")    # what a Shares holds
+T = TypeVar("T")    # what a FairQueue holds
 
 
 class Shares(Generic[V]):
@@ -2340,7 +2341,7 @@ class Strikes:
         return count
 
 
-class FairQueue:
+class FairQueue(Generic[T]):
     """Items waiting their turn, queued by the address they came from, and
     taken in turn by block: round the /8s (IPv6: /16s) that have items
     waiting, within each round its /16s (/32s), then its /24s (/48s), and
@@ -2356,7 +2357,7 @@ class FairQueue:
     def __len__(self) -> int:
         return self.size
 
-    def push(self, ip: str, item: object) -> None:
+    def push(self, ip: str, item: T) -> None:
         try:
             address = ipaddress.ip_address(ip.split("%")[0])
         except ValueError:
@@ -2371,7 +2372,7 @@ class FairQueue:
         node.append(item)
         self.size += 1
 
-    def pop(self) -> object:
+    def pop(self) -> T:
         """The next item in turn (IndexError if none waits)."""
         if not self.size:
             raise IndexError("nothing waits")
@@ -2379,7 +2380,7 @@ class FairQueue:
         return self._take(self.root)
 
     @staticmethod
-    def _take(node: "collections.OrderedDict[str, Union[collections.OrderedDict, collections.deque]]") -> object:
+    def _take(node: "collections.OrderedDict[str, Union[collections.OrderedDict, collections.deque]]") -> T:
         block, child = node.popitem(last=False)     # whose turn it is...
         item = child.popleft() if isinstance(child, collections.deque) else FairQueue._take(child)
         if child:
@@ -2405,7 +2406,8 @@ class Hashing:
     def __init__(self, io: "ServerIO"):
         self.io = io
         self.busy = 0
-        self.queues: "collections.OrderedDict[str, collections.deque]" = collections.OrderedDict()  # source -> jobs
+        self.queues: "collections.OrderedDict[str, collections.deque[Tuple[Callable, tuple, Callable[[object], None]]]]" = \
+            collections.OrderedDict()   # source -> jobs (function, args, done)
 
     def run(self, conn: "Conn", function: Callable, *args, done: Callable[[object], None]) -> None:
         queue = self.queues.setdefault(conn.source or conn.addr, collections.deque())
@@ -2422,7 +2424,7 @@ class Hashing:
             if queue:
                 self.queues[source] = queue                     # ...goes to the back
             self.busy += 1
-            self.io.work(function, *args, done=lambda result, done=done: self._done(result, done))
+            self.io.work(function, *args, done=functools.partial(self._done, done=done))
 
     def _done(self, result: object, done: Callable[[object], None]) -> None:
         self.busy -= 1
@@ -2476,7 +2478,7 @@ class Gate:
         self.by_account = Strikes(self.FORGET)     # an account's password guessed from anywhere
         self.allowance, self.refilled = float(self.GLOBAL_BURST), 0.0     # the whole server's, in strikes
         self.proven: "collections.OrderedDict[str, float]" = collections.OrderedDict()  # address -> last login
-        self.turns = FairQueue()            # (conn, go) of tries waiting for the allowance, by address block
+        self.turns: FairQueue[Tuple[Conn, Callable[[], None]]] = FairQueue()    # (conn, go) of tries waiting for the allowance, by address block
         self.turn_timer = False             # a timer waits for the allowance's next strike
 
     # -- slots ---------------------------------------------------------------
