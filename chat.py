@@ -144,6 +144,11 @@ def _holds_lone_surrogate(value: object) -> bool:
     return False
 
 
+def _is_number(value: object) -> TypeGuard[float]:
+    """A JSON number: an int or a float, never a bool (an int to isinstance)."""
+    return type(value) in (int, float)
+
+
 class FrameDecoder:
     """Reassembles frames from a byte stream, however TCP split or merged it.
 
@@ -2958,7 +2963,7 @@ class Ban(NamedTuple):
         if not isinstance(record, dict):
             return None
         until = record.get("until")
-        if type(until) in (int, float) and until <= now:
+        if _is_number(until) and until <= now:
             return None
         until = until if type(until) in (int, float) else None
         source_until = record.get("source_until", until)
@@ -3613,7 +3618,7 @@ def _duration(value: object) -> Optional[float]:
     if value is None:
         return None
     seconds = parse_duration(value) if type(value) is str else \
-        float(value) if type(value) in (int, float) and abs(value) < 1e12 else None     # (10**400 is no float)
+        float(value) if _is_number(value) and abs(value) < 1e12 else None     # (10**400 is no float)
     if seconds is None or not 0 < seconds <= 10 * 365 * 86400:
         raise ProtocolError("bad-field", "a duration is like 30m, 2h or 1d (at most ten years)")
     return seconds
@@ -8152,7 +8157,7 @@ def _leave_text(frame: dict) -> str:
 def local_time(ts: object, form: str) -> str:
     """A Unix time from the server as the local clock says it (strftime
     `form`); '?' for what is no time (a hostile server's 1e300 or NaN)."""
-    if type(ts) not in (int, float) or not 0 <= ts < 1e11:     # (NaN fails both)
+    if not _is_number(ts) or not 0 <= ts < 1e11:     # (NaN fails both)
         return "?"
     return time.strftime(form, time.localtime(ts))
 
@@ -8989,7 +8994,7 @@ def _token(value: object) -> Optional[str]:
 
 def _number(value: object, low: float, high: float, default: float, kind: type = float):
     """A number from the server within [low, high] (clamped); `default` if it is not a finite number."""
-    if type(value) not in (int, float) or value != value or value in (float("inf"), float("-inf")):
+    if not _is_number(value) or value != value or value in (float("inf"), float("-inf")):
         return kind(default)
     return kind(min(max(value, low), high))
 
