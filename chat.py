@@ -3658,7 +3658,9 @@ def _username(given: object, nick: str) -> str:
 
 
 def _same_session(given: object, session: Optional[str]) -> bool:
-    return type(given) is str and bool(session) and hmac.compare_digest(given.encode(), session.encode())
+    if type(given) is not str or not session:
+        return False
+    return hmac.compare_digest(given.encode(), session.encode())
 
 
 class Login:
