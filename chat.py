@@ -3883,10 +3883,11 @@ class Chat:
         self.people = People(self, Records(self.store, self.relay.records))
         self.hashing = Hashing(io)               # password hashes, off the loop
         self.departed: collections.deque = collections.deque(maxlen=WHOWAS_MAX)   # who left, newest first
-        self.before_hello = {"hello": self.on_hello, "quit": self.on_quit, "ping": self.on_ping,
-                             "authenticate": self.people.on_authenticate}
+        self.before_hello: Dict[str, Callable[[Conn, dict], None]] = {
+            "hello": self.on_hello, "quit": self.on_quit, "ping": self.on_ping,
+            "authenticate": self.people.on_authenticate}
         self.irc_audiences: Dict[frozenset, IrcAudience] = {}   # by the capabilities that change how lines read
-        self.handlers = {
+        self.handlers: Dict[str, Callable[[Conn, dict], None]] = {
             "hello": self.on_second_hello, "msg": self.on_msg, "me": self.on_msg, "pm": self.on_pm,
             "nick": self.on_nick, "who": self.on_who, "ping": self.on_ping, "pong": self.on_pong,
             "quit": self.on_quit, "join": self.on_join, "part": self.on_part, "rooms": self.on_rooms,
