@@ -4187,8 +4187,8 @@ class Chat:
             self.out.first(conn, {
                 "type": "notice", "text": "the link to the other servers is down; for now you are"
                                           " talking with the people on this server only"})
-        for line in self.people.take_messages(conn):     # private messages kept while it was away
-            self.out.first(conn, dict(line, kept=True))
+        for message in self.people.take_messages(conn):     # private messages kept while it was away
+            self.out.first(conn, dict(message, kept=True))
         for room in rooms:
             self._announce_join(conn, room, resumed=missed is not None)
         self.people.left(conn)      # (where it is now, should it vanish)
