@@ -4757,12 +4757,16 @@ class Chat:
         return room
 
     def on_rooms(self, conn: Conn, frame: dict) -> None:
-        listing = [entry for entry in self.rooms.listing()       # (a secret room only to its members)
-                   if "s" not in self.rooms.get(entry["name"]).modes.flags or self.rooms.get(entry["name"]) in conn.rooms]
-        for entry in listing:       # (the rooms' topics, where they have one)
-            topic = self.people.topic(self.rooms.get(entry["name"]))["text"]
-            if topic:
+        listing = []
+        for entry in self.rooms.listing():
+            room = self.rooms.get(entry["name"])
+            assert room is not None     # (listing() names rooms in the table)
+            if "s" in room.modes.flags and room not in conn.rooms:
+                continue                # a secret room only to its members
+            topic = self.people.topic(room)["text"]
+            if topic:                   # (the rooms' topics, where they have one)
                 entry["topic"] = topic
+            listing.append(entry)
         self.reply(conn, self.out.encode_for(conn, {"type": "rooms", "rooms": listing}, "rooms"))
 
     def _event(self, room: Room, frame: dict, sender: Optional[Conn] = None) -> None:
