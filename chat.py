@@ -4291,7 +4291,7 @@ class Chat:
         to be answered automatically (IRC's NOTICE). A room without +n takes
         lines from outside it; one with +m, from its ops and voiced only."""
         room = self._room_to_speak_in(conn, frame.get("room"))
-        line = {"type": "msg", "from": conn.nick, "text": check_text(frame.get("text")), "room": room.name}
+        line: dict = {"type": "msg", "from": conn.nick, "text": check_text(frame.get("text")), "room": room.name}
         if frame["type"] == "me":
             line["action"] = True
         if frame.get("notice") is True:
@@ -4491,7 +4491,7 @@ class Chat:
         name = frame.get("room")
         if name is None:
             everyone = [c.nick for c in self.users.values()] + self.relay.others()
-            reply = {"type": "who", "users": sorted(everyone, key=str.casefold)}
+            reply: dict = {"type": "who", "users": sorted(everyone, key=str.casefold)}
         else:
             room = self.rooms.get(check_room(name))
             if room is None:
@@ -5222,7 +5222,7 @@ class IrcCodec:
         for target in params[0].split(",")[:IRC_TARGETS]:
             label = f"{command} {target}"
             if target.startswith("#"):
-                request = {"type": "me" if action else "msg", "room": target[1:], "text": text, "label": label}
+                request: dict = {"type": "me" if action else "msg", "room": target[1:], "text": text, "label": label}
             else:
                 request = {"type": "pm", "to": target, "text": text, "label": label,
                            **({"action": True} if action else {})}
@@ -5328,7 +5328,7 @@ class IrcCodec:
             if name_key(target) != name_key(self.nick):
                 return self.raw(self.numeric("502", trailing="Cannot change mode for other users"))
             return self.raw(self.numeric("221", "+i")) if len(params) == 1 else None
-        request = {"type": "mode", "room": target[1:], "label": f"MODE {target}"}
+        request: dict = {"type": "mode", "room": target[1:], "label": f"MODE {target}"}
         if len(params) > 1:
             request.update(modes=params[1], args=params[2:])
         return request
@@ -5466,7 +5466,8 @@ class IrcCodec:
             prefix = ("@" if nick in ops else "") + ("+" if nick in voiced else "")
             return (prefix if multi else prefix[:1]) + nick
         names = [shown(nick) for nick in frame.get("users") or []]
-        lines, row = [], []
+        lines: List[bytes] = []
+        row: List[str] = []
         for name in names:
             if len(" ".join(row + [name])) > 400:
                 lines.append(self.numeric("353", "@" if secret else "=", room, trailing=" ".join(row)))
