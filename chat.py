@@ -5699,7 +5699,7 @@ def _head(chunks: List[Chunk], skip: int, limit: int) -> Chunk:
     return taken[0] if len(taken) == 1 else b"".join(taken)
 
 
-def server_tls_context(cert: str, key: str) -> ssl.SSLContext:
+def server_tls_context(cert: str, key: Optional[str]) -> ssl.SSLContext:    # key None: it is in `cert`
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(cert, key)
@@ -9870,7 +9870,8 @@ def check_server(config: ServerConfig) -> None:
     anything; StartupError says what is wrong."""
     if config.tls_cert:
         _readable(config.tls_cert, "the TLS certificate")
-        _readable(config.tls_key, "the TLS key")
+        if config.tls_key:      # (None: the key is in the certificate file, as load_cert_chain takes it)
+            _readable(config.tls_key, "the TLS key")
         try:
             server_tls_context(config.tls_cert, config.tls_key)
         except (ssl.SSLError, OSError) as error:
