@@ -5815,8 +5815,10 @@ class ServerLoop:
 
     def _work_forever(self) -> None:
         """The loop's one worker thread: what it is given, in order, each result back to the loop."""
+        worker = self._worker
+        assert worker is not None   # work() makes it before it starts this thread
         while True:
-            function, args, done = self._worker.get()
+            function, args, done = worker.get()
             try:
                 result = function(*args)
             except Exception as error:      # handed to `done`, which decides
@@ -6132,6 +6134,7 @@ class ServerLoop:
                                ProtocolError("tls-required", "this server requires TLS: connect with --tls"))
                 self._write(conn)
                 return
+            assert self.tls is not None     # (a connection peeks only on a TLS server: see _on_accept)
             conn.sock = self.tls.wrap_socket(conn.sock, server_side=True, do_handshake_on_connect=False)
         try:
             conn.sock.do_handshake()
