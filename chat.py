@@ -6319,7 +6319,7 @@ class RedisLink:
         self.callbacks: collections.deque = collections.deque()   # (reply callback, when it was asked)
         self.parser = RespParser()
         self.backoff = 0.5
-        self.address = None
+        self.address: Optional[tuple] = None    # Redis's, as getaddrinfo gives it
 
     def start(self) -> None:
         try:
@@ -6332,9 +6332,9 @@ class RedisLink:
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         self.sock.setblocking(False)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        error = self.sock.connect_ex(self.address)
-        if error not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
-            self.fail(f"cannot connect: {os.strerror(error)}")
+        code = self.sock.connect_ex(self.address)
+        if code not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
+            self.fail(f"cannot connect: {os.strerror(code)}")
             return
         self.loop.watch(self.sock, selectors.EVENT_WRITE, self._on_event)
         self.loop.call_later(self.CONNECT_TIMEOUT, self._connect_deadline, self.sock)
@@ -6352,6 +6352,7 @@ class RedisLink:
         """Write what is queued (once per loop turn)."""
         if not self.up or not self.out:
             return
+        assert self.sock is not None    # (up: connected)
         try:
             sent = self.sock.send(self.out)
             del self.out[:sent]
@@ -6385,6 +6386,7 @@ class RedisLink:
             self.fail("internal error")
 
     def _handle(self, mask: int) -> None:
+        assert self.sock is not None    # (_on_event checked)
         if not self.up:
             error = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if error:
