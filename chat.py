@@ -9969,7 +9969,7 @@ def _same_terminal() -> bool:
 class CannotListen(OSError):
     """A port the server cannot bind, and the option that chose it."""
 
-    def __init__(self, code: int, text: str, option: str) -> None:
+    def __init__(self, code: Optional[int], text: Optional[str], option: str) -> None:   # (as OSError has them)
         super().__init__(code, text)
         self.option = option
 
