@@ -7947,6 +7947,10 @@ def operator_commands(loop: ServerLoop, show: Callable[[str], None],
         else:
             show(f"#{check_room(room)}: {people.topic(people.room(room))['text'] or '(no topic)'}")
 
+    def help_list() -> None:
+        for line in table.help_lines(columns()):
+            show(line)
+
     table = CommandTable([
         Command("say", "TEXT", "send a notice to everyone", say),
         Command("who", "", "list rooms and who is in them", who),
@@ -7969,7 +7973,7 @@ def operator_commands(loop: ServerLoop, show: Callable[[str], None],
         Command("password", "NAME", "give an account a new password (made up and shown)",
                 guarded(lambda name: people.set_password(name, show))),
         Command("shutdown", "", "say bye to everyone and stop the server", lambda: loop.stop("/shutdown")),
-        Command("help", "", "show this list", lambda: [show(line) for line in table.help_lines(columns())]),
+        Command("help", "", "show this list", help_list),
     ])
     return table
 
