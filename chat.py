@@ -7404,7 +7404,7 @@ class LineEditor:
         """Typed keys in: (the lines entered, None for end of input (Ctrl-D
         on an empty line); what to write to the terminal)."""
         lines: List[Optional[str]] = []
-        out = []
+        out: List[str] = []
         text, self.pending = self.pending + text, ""
         i = 0
         while i < len(text):
@@ -7647,7 +7647,7 @@ class Console:
         self.wake_r, self.wake_w = socket.socketpair()
         self.wake_r.setblocking(False)
         self._lock = threading.Lock()
-        self._saved_tty = None
+        self._saved_tty: Optional[list] = None     # the terminal's mode before raw mode (termios)
         self._entered: collections.deque = collections.deque()    # lines the editor gave, not yet taken
         self.started = False
         self.at_prompt = False      # (TERM=dumb) the cursor is after the prompt, where the user types
@@ -8052,7 +8052,7 @@ def render(frame: dict, view: View) -> Optional[str]:
     Rows after the first (the text's own lines, and with view.width, the
     rows it wraps to) are indented under the text, so no text can pass for
     a line of its own."""
-    renderer = _RENDERERS.get(frame.get("type"))
+    renderer = _RENDERERS.get(frame.get("type", ""))
     shown = renderer(frame, view) if renderer is not None else None
     if shown is None:
         return None
