@@ -9288,6 +9288,7 @@ class ChatClient:
             raise ClientExit(EXIT_OK)
 
     def on_welcome(self, frame: dict, reconnected: bool) -> None:
+        assert self.link is not None    # (login() took the welcome on it)
         session = self.session
         resumed, history, missed = session.welcome(frame, reconnected)
         self.keep_devices()
@@ -9362,6 +9363,7 @@ class ChatClient:
             time.sleep(seconds)     # nothing else to do yet: the user waits to be let in
 
     def flush_outbox(self) -> None:
+        assert self.link is not None    # (converse() runs connected)
         waiting, self.outbox = self.outbox, []
         for frame in waiting:
             self.link.send(frame)
@@ -9385,6 +9387,7 @@ class ChatClient:
                     self.note(exit_.message, "31" if exit_.code else "0")
                 return exit_.code
             except ConnectionLost as lost:
+                assert self.link is not None    # (it is what was lost)
                 self.link.close()
                 self.link, self.welcomed = None, False
                 final = self.session.last_error in _FINAL_ERRORS
@@ -9400,6 +9403,7 @@ class ChatClient:
         """Relay between keyboard and server until the connection ends."""
         self.flush_outbox()
         link = self.link
+        assert link is not None     # (login() or reconnect() connected)
         for frame in link.frames():     # what arrived together with the welcome
             self.handle_frame(frame)
         while True:
@@ -9447,6 +9451,7 @@ class ChatClient:
         """Everything is sent: wait briefly for the server to close (so errors
         about our last lines are shown), then leave."""
         link = self.link
+        assert link is not None     # (converse() runs connected)
         deadline = time.monotonic() + 2.0
         try:
             while time.monotonic() < deadline:
