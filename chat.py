@@ -8425,8 +8425,10 @@ class TlsOptions(NamedTuple):
                                         f" ({getattr(error, 'reason', None) or error})"
                                         " - is the server using TLS (--tls-cert)?") from None
         if not self.cafile:
+            der = tls_sock.getpeercert(binary_form=True)
+            assert der is not None      # (None only before the handshake, which is done)
             try:
-                self.check(fingerprint(tls_sock.getpeercert(binary_form=True)), f"{host}:{port}")
+                self.check(fingerprint(der), f"{host}:{port}")
             except ClientExit:
                 tls_sock.close()
                 raise
