@@ -8559,7 +8559,8 @@ class Session:
         self.seen: Dict[str, int] = {}      # room -> seq of the newest line seen there: where a resume starts
         self.sent: Dict[str, int] = {}      # room -> own lines sent since `seen` last moved on
         self.provisional: Dict[tuple, None] = {}    # lines shown before they were numbered (`local`), by _said()
-        self.instance = self.session = None
+        self.instance: Optional[str] = None     # the server's, and our session there, from the welcome
+        self.session: Optional[str] = None
         self.max_text = TEXT_MAX
         self.ping_interval, self.idle_timeout = ServerConfig.ping_interval, ServerConfig.idle_timeout
         self.last_error = ""
@@ -8611,7 +8612,7 @@ class Session:
         self.members = {}
         self._add_members(frame.get("room"), frame.get("users"))
         history, back = _lines(frame.get("history")), frame.get("back") is True    # back: where our account left
-        missed = frame.get("missed") if (resumed or back) and isinstance(frame.get("missed"), dict) else {}
+        missed = frame["missed"] if (resumed or back) and isinstance(frame.get("missed"), dict) else {}
         missed = {valid_room(room): count for room, count in missed.items() if valid_room(room) and _count_of(count)}
         if resumed:     # your own lines were shown as you typed them, and the ones not kept were seen
             for room in list(missed):
@@ -9316,7 +9317,7 @@ class ChatClient:
             self.note(f"you are {session.nick} in {where}" + ("" if others == "on your own so far" else f" {others}")
                       + (" (logged in to your account)" if frame.get("account") else "") + "."
                       + (" Type /help for commands." if self.console.interactive else ""), "0")
-            topics = frame.get("topics") if isinstance(frame.get("topics"), dict) else {}
+            topics = frame["topics"] if isinstance(frame.get("topics"), dict) else {}
             for room in session.rooms:
                 if type(topics.get(room)) is str:
                     self.show_frame({"type": "topic", "room": room, "text": topics[room]})
