@@ -6730,7 +6730,7 @@ class Flight(NamedTuple):
     shown: bool         # already delivered here, provisionally (Redis was slow)
 
 
-def _said(room: str, line: dict) -> tuple:
+def _said(room: object, line: dict) -> tuple:    # (room: as a server sent it, for _plain_said to check)
     """What tells a line apart when its id is not known yet."""
     return room, line.get("from"), line.get("ts"), line.get("text")
 
@@ -8317,7 +8317,7 @@ class Link:
 
     def frames(self) -> List[dict]:
         """Frames already received and buffered (e.g. behind the welcome)."""
-        frames = []
+        frames: List[dict] = []
         while True:
             frame = self._next()
             if frame is None:
@@ -8632,7 +8632,7 @@ class Session:
                                     max(ServerConfig.idle_timeout, 2.5 * self.ping_interval))
         return resumed, self._history(history, resumed or back), missed
 
-    def refused(self, frame: dict, where: str, can_ask: bool) -> object:
+    def refused(self, frame: dict, where: str, can_ask: bool) -> Union[Retry, Ask, GiveUp]:
         """A login's answer that is not a welcome: Retry, Ask or GiveUp. A
         taken nick tries NICK_2, NICK_3...; a password the server wants is
         asked for (where `can_ask`: a terminal, not while reconnecting), a
@@ -8810,7 +8810,7 @@ class Session:
         """Typed text for the current room; long text is split to fit the server's limit."""
         if self.room is None:
             return [Note("you are in no room, so nothing was sent; /join one", "31")]
-        out = []
+        out: list = []
         for start in range(0, len(text), self.max_text):
             part = text[start:start + self.max_text]
             self.sent[self.room] = self.sent.get(self.room, 0) + 1
