@@ -63,7 +63,7 @@ import time
 import unicodedata
 import urllib.parse
 from typing import (TYPE_CHECKING, Any, Callable, Collection, Dict, Generic, Iterable, List, NamedTuple, Optional, Protocol,
-                    Tuple, TypeVar, Union, overload)
+                    Sequence, Tuple, TypeVar, Union, overload)
 
 if TYPE_CHECKING:   # for annotations alone (typing has TypeGuard from 3.10 only; chat.py runs on 3.8)
     from typing_extensions import TypeGuard
@@ -9684,6 +9684,7 @@ def _start_bench_server(max_connections: int):
     command = [sys.executable, os.path.abspath(__file__), "server", "-p", "0", "-m", str(max_connections)]
     server = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                               stderr=subprocess.DEVNULL, text=True)
+    assert server.stdout is not None    # (stdout=PIPE)
     for line in server.stdout:
         match = re.search(r"listening on \[?([^\]\s]+?)\]?:(\d+)", line)
         if match:
@@ -9735,7 +9736,9 @@ def _bench(host: str, port: int, args: argparse.Namespace) -> int:
     return EXIT_OK if delivered >= expected else EXIT_LOST
 
 
-def _bench_pump(selector, clients, quiet_for, latencies, senders=(), args=None, expected=0, started=0.0):
+def _bench_pump(selector: selectors.BaseSelector, clients: List[BenchClient], quiet_for: float,
+                latencies: Optional[List[float]], senders: Sequence[BenchClient] = (),
+                args: Optional[argparse.Namespace] = None, expected: int = 0, started: float = 0.0) -> float:
     """Send and receive until everything expected arrived or nothing arrives
     for `quiet_for` seconds; returns when the last delivery came."""
     last = time.monotonic()
@@ -9746,6 +9749,7 @@ def _bench_pump(selector, clients, quiet_for, latencies, senders=(), args=None, 
     while True:
         now = time.monotonic()
         if senders:
+            assert args is not None     # (senders come with the args that say what they send)
             due = total if not args.rate else min(total, int(args.rate * (now - started)) + 1)
             while queued < due:
                 sender = senders[queued % len(senders)]
