@@ -9932,8 +9932,8 @@ def run_server(args: argparse.Namespace) -> int:
         loop = ServerLoop(config)
     except OSError as error:
         option = error.option if isinstance(error, CannotListen) else "-p"
-        log.error("%s", cannot_listen(config.host, config.irc_port if option == "--irc-port" else config.port,
-                                      error, option))
+        port = config.irc_port if option == "--irc-port" and config.irc_port is not None else config.port
+        log.error("%s", cannot_listen(config.host, port, error, option))
         return 1
     loop.catch_signals()
     host, port = loop.address
