@@ -10077,7 +10077,7 @@ class Supervisor:
         if not self.stopping:
             self.start(number)
 
-    def stop(self, *_) -> None:
+    def stop(self, *_signal) -> None:     # (a signal handler's signum and frame)
         self.stopping = True
         for _, process, _ in self.workers.values():
             if process.poll() is None:
