@@ -10184,6 +10184,8 @@ def fingerprint_forms(canonical: str) -> Tuple[str, str]:
 class Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line that says where to read more."""
 
+    subcommands: Dict[str, argparse.ArgumentParser]     # the top parser's, by command (build_parser)
+
     def error(self, message: str):
         self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
@@ -10217,7 +10219,7 @@ def server_name_option(text: str) -> str:
     return text
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> Parser:
     d, seconds = ServerConfig, "seconds"
     parser = Parser(prog="chat.py", formatter_class=HelpFormatter,
                     description="A terminal chat: one server relays lines between many clients.",
@@ -10357,7 +10359,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+def check_args(parser: Parser, args: argparse.Namespace) -> None:
     """What no single option's type can say: options that need or exclude each other."""
     fail = parser.subcommands[args.command].error
     if args.command == "server":
