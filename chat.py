@@ -62,8 +62,8 @@ import threading
 import time
 import unicodedata
 import urllib.parse
-from typing import (TYPE_CHECKING, Any, Callable, Collection, Dict, Generic, Iterable, List, NamedTuple, Optional, Protocol,
-                    Sequence, Tuple, TypeVar, Union, overload)
+from typing import (TYPE_CHECKING, Any, Callable, Collection, Dict, Generic, Iterable, List, NamedTuple, Optional,
+                    Protocol, Sequence, Tuple, TypeVar, Union, overload)
 
 if TYPE_CHECKING:   # for annotations alone (typing has TypeGuard from 3.10 only; chat.py runs on 3.8)
     from typing_extensions import TypeGuard
@@ -2356,7 +2356,8 @@ class FairQueue(Generic[T]):
     LEVELS = {4: (8, 16, 24), 6: (16, 32, 48)}
 
     def __init__(self) -> None:
-        self.root: "collections.OrderedDict[str, Union[collections.OrderedDict, collections.deque]]" = collections.OrderedDict()
+        self.root: "collections.OrderedDict[str, Union[collections.OrderedDict, collections.deque]]" = \
+            collections.OrderedDict()
         self.size = 0
 
     def __len__(self) -> int:
@@ -2483,7 +2484,8 @@ class Gate:
         self.by_account = Strikes(self.FORGET)     # an account's password guessed from anywhere
         self.allowance, self.refilled = float(self.GLOBAL_BURST), 0.0     # the whole server's, in strikes
         self.proven: "collections.OrderedDict[str, float]" = collections.OrderedDict()  # address -> last login
-        self.turns: FairQueue[Tuple[Conn, Callable[[], None]]] = FairQueue()    # (conn, go) of tries waiting for the allowance, by address block
+        # (conn, go) of tries waiting for the allowance, by address block:
+        self.turns: FairQueue[Tuple[Conn, Callable[[], None]]] = FairQueue()
         self.turn_timer = False             # a timer waits for the allowance's next strike
 
     # -- slots ---------------------------------------------------------------
@@ -2755,7 +2757,8 @@ class Nicks:
         self.chat = chat
         self.users: Dict[str, Conn] = {}         # nick key -> joined connection
         self.claiming: Dict[str, Conn] = {}      # nick key -> connection waiting for the relay's answer
-        self.holds: Shares[Hold] = Shares(chat.config.max_connections, first_come=True)  # nick key -> Hold of its lost owner, by source
+        # nick key -> Hold of its lost owner, by source:
+        self.holds: Shares[Hold] = Shares(chat.config.max_connections, first_come=True)
 
     def taken(self, key: str) -> bool:
         return key in self.users or key in self.claiming or key in self.holds
