@@ -61,7 +61,11 @@ import threading
 import time
 import unicodedata
 import urllib.parse
-from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Protocol, Tuple, Union
+from typing import (TYPE_CHECKING, Any, Callable, Collection, Dict, Generic, Iterable, List, NamedTuple, Optional,
+                    Protocol, Sequence, Tuple, TypeVar, Union, overload)
+
+if TYPE_CHECKING:   # for annotations alone (typing has TypeGuard from 3.10 only; chat.py runs on 3.8)
+    from typing_extensions import TypeGuard
 
 VERSION = "1.0"
 DEFAULT_HOST = "127.0.0.1"
@@ -137,6 +141,11 @@ def _holds_lone_surrogate(value: object) -> bool:
         elif type(value) is list:
             stack.extend(value)
     return False
+
+
+def _is_number(value: object) -> TypeGuard[float]:
+    """A JSON number: an int or a float, never a bool (an int to isinstance)."""
+    return type(value) in (int, float)
 
 
 class FrameDecoder:
@@ -364,7 +373,8 @@ def _unmarked(name: str) -> str:
     """`name` without the accents on its Latin, Greek and Cyrillic letters
     (`alíce`, `ǎlice` and `trōll` are `alice` and `troll`), which TR39's
     skeleton keeps; other scripts' marks are letters' parts, and stay."""
-    decomposed, kept = unicodedata.normalize("NFD", name), []
+    decomposed = unicodedata.normalize("NFD", name)
+    kept: List[str] = []
     for ch in decomposed:
         if unicodedata.category(ch) == "Mn" and kept and ord(kept[-1]) < 0x0530:
             continue
@@ -796,6 +806,8 @@ REPLY_BYTES_PER_TOKEN = 4096   # after hello every frame costs a flood token, an
 FANOUT_BUDGET = 64 << 20    # bytes one turn may queue for all recipients together: bounds a turn's
                             # work (the recipients share the bytes, so not its memory), and so latency
 
+Chunk = Union[bytes, memoryview]    # queued output: bytes, or the unsent tail of some (see _consume)
+
 
 class Conn:
     """One client connection: the socket side and the session side, each
@@ -822,14 +834,14 @@ class Conn:
         self.addr, self.ip = addr, ip
         self.source = "" if _on_this_machine(ip) else network_of(ip)   # what per-source limits count by
         self.tls = False                # TLS established
-        self.handshake = None           # None, or the TLS step the loop waits for
+        self.handshake: Optional[str] = None    # None, or the TLS step the loop waits for
         self.shut = False               # our side of the TCP stream is closed
         self.events = 0                 # what the selector watches for
         self.state = HELLO
-        self.codec = FrameCodec(max_payload)    # the dialect it speaks
-        self.out: List[bytes] = []
+        self.codec: Union[FrameCodec, IrcCodec] = FrameCodec(max_payload)    # the dialect it speaks
+        self.out: List[Chunk] = []
         self.queued = 0
-        self.nick = self.key = self.session = None
+        self.nick = self.key = self.session = ""    # "" until its hello is welcomed (Login.welcome)
         self.claimed = 0.0              # when it got its nick (wall clock): the earlier claim wins
         self.rooms: List[Room] = []
         self.account = ""               # the account it is logged in to ("": a guest)
@@ -905,7 +917,11 @@ def _uncount(counter: Dict[str, int], key: str) -> None:
         del counter[key]
 
 
-class Shares:
+V = TypeVar("V")    # what a Shares holds
+T = TypeVar("T")    # what a FairQueue holds
+
+
+class Shares(Generic[V]):
     """Entries (a dict, oldest first) held for owners (a source: an address
     or an IPv6 /64), at most `limit` in all. Past the limit, the owner who
     holds the most gives up its oldest entry (of those who hold as many,
@@ -917,7 +933,7 @@ class Shares:
 
     def __init__(self, limit: int, first_come: bool = False):
         self.limit, self.first_come = limit, first_come
-        self.entries: "collections.OrderedDict[str, Tuple[str, object]]" = collections.OrderedDict()  # -> (owner, value)
+        self.entries: "collections.OrderedDict[str, Tuple[str, V]]" = collections.OrderedDict()  # -> (owner, value)
         self.counts: Dict[str, int] = collections.Counter()    # owner -> entries held
 
     def __len__(self) -> int:
@@ -926,24 +942,29 @@ class Shares:
     def __contains__(self, key: str) -> bool:
         return key in self.entries
 
-    def get(self, key: str, default=None):
+    def get(self, key: str, default: Optional[V] = None) -> Optional[V]:
         entry = self.entries.get(key)
         return default if entry is None else entry[1]
 
-    def put(self, key: str, owner: str, value: object = None) -> List[Tuple[str, object]]:
+    def put(self, key: str, owner: str, value: V) -> List[Tuple[str, V]]:
         """Hold `value` under `key` for `owner` (as the newest); returns the (key, value) pushed out."""
         self.pop(key)
         self.entries[key] = (owner, value)
         self.counts[owner] += 1
         if self.first_come and len(self.entries) > self.limit and self.counts[owner] == max(self.counts.values()):
-            return [(key, self.pop(key))]
+            return [(key, self.pop(key, value))]     # (it is there: `value`)
         pushed = []
         while len(self.entries) > self.limit:
             victim = self._victim()
-            pushed.append((victim, self.pop(victim)))
+            pushed.append((victim, self.entries[victim][1]))
+            self.pop(victim)
         return pushed
 
-    def pop(self, key: str, default=None):
+    @overload
+    def pop(self, key: str) -> Optional[V]: ...
+    @overload
+    def pop(self, key: str, default: V) -> V: ...
+    def pop(self, key: str, default: Optional[V] = None) -> Optional[V]:
         entry = self.entries.pop(key, None)
         if entry is None:
             return default
@@ -975,7 +996,7 @@ class RoomModes:
     FLAGS = "iklmnst"
     KEY_MAX = 32
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.flags = set("nt")
         self.key = ""
         self.limit = 0
@@ -1079,9 +1100,9 @@ class Rooms:
     def __init__(self, config: ServerConfig):
         self.config = config
         self.table: Dict[str, Room] = {}            # name key -> room
-        self.dormant = Shares(config.max_rooms)     # name key -> its Room, by maker
+        self.dormant: Shares[Room] = Shares(config.max_rooms)     # name key -> its Room, by maker
         self.purged: collections.deque = collections.deque(maxlen=100)  # (sender key, room key or "") purged lately
-        self.retired = Shares(10 * config.max_rooms)    # name key of a freed room -> its seq, by maker
+        self.retired: Shares[int] = Shares(10 * config.max_rooms)    # name key of a freed room -> its seq, by maker
         self.in_use: Dict[str, int] = collections.Counter()    # maker -> its rooms in use
         self.floor = 0                              # no room whose seq is forgotten ever went past this
         self.history_bytes = 0                      # all rooms' history, as keep() counts it
@@ -1198,7 +1219,10 @@ class Rooms:
             return
         target = self.config.history_bytes * 7 // 8
         while self.history_bytes > target and self.dormant:
-            self._free(self.dormant.get(self.dormant.oldest()))
+            oldest = self.dormant.oldest()
+            room = self.dormant.get(oldest) if oldest is not None else None
+            assert room is not None         # dormant is not empty, so it has an oldest room
+            self._free(room)
         heap = [(-room.history_bytes, room.key, room) for room in self.table.values() if room.history]
         heapq.heapify(heap)
         while self.history_bytes > target and heap:
@@ -1310,7 +1334,7 @@ def _newest_within(lines: List[HistoryLine], budget: int) -> int:
 # ---------------------------------------------------------------------------
 # 4b. Output: what the core sends, batched per loop turn
 
-def _consume(chunks: List[bytes], sent: int) -> None:
+def _consume(chunks: List[Chunk], sent: int) -> None:
     """Drop the first `sent` bytes from `chunks` (whole chunks, then a slice)."""
     whole = 0
     for chunk in chunks:
@@ -1490,6 +1514,7 @@ class Output:
         """Queue `datas` (a run of `room`'s frames, batch[start:...], as one
         audience reads them) for `members`. The hot path: per recipient, a
         set lookup and appending a shared bytes object."""
+        senders: Collection[Conn]   # whose own lines these are (a tuple or a set)
         if len(run) == 1:
             senders, blob = (run[0][1],), datas[0]
         else:
@@ -2290,12 +2315,12 @@ def _json_or_none(raw: bytes) -> object:
         return None
 
 
-def _is_history_header(obj: object) -> bool:
+def _is_history_header(obj: object) -> TypeGuard[dict]:
     return (isinstance(obj, dict) and type(obj.get("instance")) is str and obj.get("format") == 1
             and type(obj.get("ids", 1)) is int)
 
 
-def _is_history_line(obj: object) -> bool:
+def _is_history_line(obj: object) -> TypeGuard[dict]:
     return (isinstance(obj, dict) and obj.get("type") == "msg" and type(obj.get("id")) is int
             and type(obj.get("seq")) is int and type(obj.get("room")) is str
             and type(obj.get("text")) is str and type(obj.get("from")) is str)
@@ -2341,7 +2366,7 @@ class Strikes:
         return count
 
 
-class FairQueue:
+class FairQueue(Generic[T]):
     """Items waiting their turn, queued by the address they came from, and
     taken in turn by block: round the /8s (IPv6: /16s) that have items
     waiting, within each round its /16s (/32s), then its /24s (/48s), and
@@ -2350,28 +2375,30 @@ class FairQueue:
 
     LEVELS = {4: (8, 16, 24), 6: (16, 32, 48)}
 
-    def __init__(self):
-        self.root: "collections.OrderedDict[str, object]" = collections.OrderedDict()
+    def __init__(self) -> None:
+        self.root: "collections.OrderedDict[str, Union[collections.OrderedDict, collections.deque]]" = \
+            collections.OrderedDict()
         self.size = 0
 
     def __len__(self) -> int:
         return self.size
 
-    def push(self, ip: str, item: object) -> None:
+    def push(self, ip: str, item: T) -> None:
         try:
             address = ipaddress.ip_address(ip.split("%")[0])
         except ValueError:
             address = ipaddress.ip_address("0.0.0.0")
         if address.version == 6 and address.ipv4_mapped:
             address = address.ipv4_mapped
-        node, levels = self.root, self.LEVELS[address.version]
+        levels = self.LEVELS[address.version]
+        node: Any = self.root   # an OrderedDict a level down each prefix, a deque at the last
         for prefix in levels:
             block = str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
             node = node.setdefault(block, collections.deque() if prefix == levels[-1] else collections.OrderedDict())
         node.append(item)
         self.size += 1
 
-    def pop(self) -> object:
+    def pop(self) -> T:
         """The next item in turn (IndexError if none waits)."""
         if not self.size:
             raise IndexError("nothing waits")
@@ -2379,7 +2406,7 @@ class FairQueue:
         return self._take(self.root)
 
     @staticmethod
-    def _take(node: "collections.OrderedDict[str, object]") -> object:
+    def _take(node: "collections.OrderedDict[str, Union[collections.OrderedDict, collections.deque]]") -> T:
         block, child = node.popitem(last=False)     # whose turn it is...
         item = child.popleft() if isinstance(child, collections.deque) else FairQueue._take(child)
         if child:
@@ -2405,7 +2432,8 @@ class Hashing:
     def __init__(self, io: "ServerIO"):
         self.io = io
         self.busy = 0
-        self.queues: "collections.OrderedDict[str, collections.deque]" = collections.OrderedDict()  # source -> jobs
+        self.queues: "collections.OrderedDict[str, collections.deque[Tuple[Callable, tuple, Callable[[object], None]]]]" = \
+            collections.OrderedDict()   # source -> jobs (function, args, done)
 
     def run(self, conn: "Conn", function: Callable, *args, done: Callable[[object], None]) -> None:
         queue = self.queues.setdefault(conn.source or conn.addr, collections.deque())
@@ -2422,7 +2450,7 @@ class Hashing:
             if queue:
                 self.queues[source] = queue                     # ...goes to the back
             self.busy += 1
-            self.io.work(function, *args, done=lambda result, done=done: self._done(result, done))
+            self.io.work(function, *args, done=functools.partial(self._done, done=done))
 
     def _done(self, result: object, done: Callable[[object], None]) -> None:
         self.busy -= 1
@@ -2476,7 +2504,8 @@ class Gate:
         self.by_account = Strikes(self.FORGET)     # an account's password guessed from anywhere
         self.allowance, self.refilled = float(self.GLOBAL_BURST), 0.0     # the whole server's, in strikes
         self.proven: "collections.OrderedDict[str, float]" = collections.OrderedDict()  # address -> last login
-        self.turns = FairQueue()            # (conn, go) of tries waiting for the allowance, by address block
+        # (conn, go) of tries waiting for the allowance, by address block:
+        self.turns: FairQueue[Tuple[Conn, Callable[[], None]]] = FairQueue()
         self.turn_timer = False             # a timer waits for the allowance's next strike
 
     # -- slots ---------------------------------------------------------------
@@ -2748,7 +2777,8 @@ class Nicks:
         self.chat = chat
         self.users: Dict[str, Conn] = {}         # nick key -> joined connection
         self.claiming: Dict[str, Conn] = {}      # nick key -> connection waiting for the relay's answer
-        self.holds = Shares(chat.config.max_connections, first_come=True)  # nick key -> Hold of its lost owner, by source
+        # nick key -> Hold of its lost owner, by source:
+        self.holds: Shares[Hold] = Shares(chat.config.max_connections, first_come=True)
 
     def taken(self, key: str) -> bool:
         return key in self.users or key in self.claiming or key in self.holds
@@ -2956,7 +2986,7 @@ class Ban(NamedTuple):
         if not isinstance(record, dict):
             return None
         until = record.get("until")
-        if type(until) in (int, float) and until <= now:
+        if _is_number(until) and until <= now:
             return None
         until = until if type(until) in (int, float) else None
         source_until = record.get("source_until", until)
@@ -3615,7 +3645,7 @@ def _duration(value: object) -> Optional[float]:
     if value is None:
         return None
     seconds = parse_duration(value) if type(value) is str else \
-        float(value) if type(value) in (int, float) and abs(value) < 1e12 else None     # (10**400 is no float)
+        float(value) if _is_number(value) and abs(value) < 1e12 else None     # (10**400 is no float)
     if seconds is None or not 0 < seconds <= 10 * 365 * 86400:
         raise ProtocolError("bad-field", "a duration is like 30m, 2h or 1d (at most ten years)")
     return seconds
@@ -3655,7 +3685,9 @@ def _username(given: object, nick: str) -> str:
 
 
 def _same_session(given: object, session: Optional[str]) -> bool:
-    return type(given) is str and bool(session) and hmac.compare_digest(given.encode(), session.encode())
+    if type(given) is not str or not session:
+        return False
+    return hmac.compare_digest(given.encode(), session.encode())
 
 
 class Login:
@@ -3878,10 +3910,11 @@ class Chat:
         self.people = People(self, Records(self.store, self.relay.records))
         self.hashing = Hashing(io)               # password hashes, off the loop
         self.departed: collections.deque = collections.deque(maxlen=WHOWAS_MAX)   # who left, newest first
-        self.before_hello = {"hello": self.on_hello, "quit": self.on_quit, "ping": self.on_ping,
-                             "authenticate": self.people.on_authenticate}
+        self.before_hello: Dict[str, Callable[[Conn, dict], None]] = {
+            "hello": self.on_hello, "quit": self.on_quit, "ping": self.on_ping,
+            "authenticate": self.people.on_authenticate}
         self.irc_audiences: Dict[frozenset, IrcAudience] = {}   # by the capabilities that change how lines read
-        self.handlers = {
+        self.handlers: Dict[str, Callable[[Conn, dict], None]] = {
             "hello": self.on_second_hello, "msg": self.on_msg, "me": self.on_msg, "pm": self.on_pm,
             "nick": self.on_nick, "who": self.on_who, "ping": self.on_ping, "pong": self.on_pong,
             "quit": self.on_quit, "join": self.on_join, "part": self.on_part, "rooms": self.on_rooms,
@@ -4189,8 +4222,8 @@ class Chat:
             self.out.first(conn, {
                 "type": "notice", "text": "the link to the other servers is down; for now you are"
                                           " talking with the people on this server only"})
-        for line in self.people.take_messages(conn):     # private messages kept while it was away
-            self.out.first(conn, dict(line, kept=True))
+        for message in self.people.take_messages(conn):     # private messages kept while it was away
+            self.out.first(conn, dict(message, kept=True))
         for error in refused:       # the rooms it named and may not be in now
             self.out.first(conn, error.frame())
         for room in rooms:
@@ -4295,7 +4328,7 @@ class Chat:
         to be answered automatically (IRC's NOTICE). A room without +n takes
         lines from outside it; one with +m, from its ops and voiced only."""
         room = self._room_to_speak_in(conn, frame.get("room"))
-        line = {"type": "msg", "from": conn.nick, "text": check_text(frame.get("text")), "room": room.name}
+        line: dict = {"type": "msg", "from": conn.nick, "text": check_text(frame.get("text")), "room": room.name}
         if frame["type"] == "me":
             line["action"] = True
         if frame.get("notice") is True:
@@ -4505,7 +4538,7 @@ class Chat:
     def on_who(self, conn: Conn, frame: dict) -> None:
         name = frame.get("room")
         if name is None:
-            reply = {"type": "who", "users": sorted(self._everyone(conn, frame), key=str.casefold)}
+            reply: dict = {"type": "who", "users": sorted(self._everyone(conn, frame), key=str.casefold)}
         else:
             room = self.rooms.get(check_room(name))
             if room is None:
@@ -4814,12 +4847,16 @@ class Chat:
         return room
 
     def on_rooms(self, conn: Conn, frame: dict) -> None:
-        listing = [entry for entry in self.rooms.listing()       # (a secret room only to its members)
-                   if "s" not in self.rooms.get(entry["name"]).modes.flags or self.rooms.get(entry["name"]) in conn.rooms]
-        for entry in listing:       # (the rooms' topics, where they have one)
-            topic = self.people.topic(self.rooms.get(entry["name"]))["text"]
-            if topic:
+        listing = []
+        for entry in self.rooms.listing():
+            room = self.rooms.get(entry["name"])
+            assert room is not None     # (listing() names rooms in the table)
+            if "s" in room.modes.flags and room not in conn.rooms:
+                continue                # a secret room only to its members
+            topic = self.people.topic(room)["text"]
+            if topic:                   # (the rooms' topics, where they have one)
                 entry["topic"] = topic
+            listing.append(entry)
         self.reply(conn, self.out.encode_for(conn, {"type": "rooms", "rooms": listing}, "rooms"))
 
     def _event(self, room: Room, frame: dict, sender: Optional[Conn] = None) -> None:
@@ -5280,7 +5317,7 @@ class IrcCodec:
         for target in params[0].split(",")[:IRC_TARGETS]:
             label = f"{command} {target}"
             if target.startswith("#"):
-                request = {"type": "me" if action else "msg", "room": target[1:], "text": text, "label": label}
+                request: dict = {"type": "me" if action else "msg", "room": target[1:], "text": text, "label": label}
             else:
                 request = {"type": "pm", "to": target, "text": text, "label": label,
                            **({"action": True} if action else {})}
@@ -5390,7 +5427,7 @@ class IrcCodec:
             return self.raw(self.numeric("221", "+i")) if len(params) == 1 else None
         if len(params) > 1 and params[1] in ("q", "+q", "-q"):
             return self.quiet(target, params[1], params[2:])
-        request = {"type": "mode", "room": target[1:], "label": f"MODE {target}"}
+        request: dict = {"type": "mode", "room": target[1:], "label": f"MODE {target}"}
         if len(params) > 1:
             request.update(modes=params[1], args=params[2:])
         return request
@@ -5543,7 +5580,8 @@ class IrcCodec:
         """353 and 366 for a room's members (`frame`: a joined or who)."""
         ops, voiced = set(frame.get("ops") or []), set(frame.get("voiced") or [])
         names = [self.prefixes(nick in ops, nick in voiced) + nick for nick in frame.get("users") or []]
-        lines, row = [], []
+        lines: List[bytes] = []
+        row: List[str] = []
         for name in names:
             if len(" ".join(row + [name])) > 400:
                 lines.append(self.numeric("353", "@" if secret else "=", room, trailing=" ".join(row)))
@@ -5778,7 +5816,7 @@ _HAVE_SENDMSG = hasattr(socket.socket, "sendmsg")
 _WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
-def _head(chunks: List[bytes], skip: int, limit: int) -> bytes:
+def _head(chunks: List[Chunk], skip: int, limit: int) -> Chunk:
     """About `limit` bytes from the front of `chunks`, after the first `skip`."""
     for index, chunk in enumerate(chunks):
         if skip < len(chunk):
@@ -5795,7 +5833,7 @@ def _head(chunks: List[bytes], skip: int, limit: int) -> bytes:
     return taken[0] if len(taken) == 1 else b"".join(taken)
 
 
-def server_tls_context(cert: str, key: str) -> ssl.SSLContext:
+def server_tls_context(cert: str, key: Optional[str]) -> ssl.SSLContext:    # key None: it is in `cert`
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(cert, key)
@@ -5911,8 +5949,10 @@ class ServerLoop:
 
     def _work_forever(self) -> None:
         """The loop's one worker thread: what it is given, in order, each result back to the loop."""
+        worker = self._worker
+        assert worker is not None   # work() makes it before it starts this thread
         while True:
-            function, args, done = self._worker.get()
+            function, args, done = worker.get()
             try:
                 result = function(*args)
             except Exception as error:      # handed to `done`, which decides
@@ -6230,6 +6270,7 @@ class ServerLoop:
                                ProtocolError("tls-required", "this server requires TLS: connect with --tls"))
                 self._write(conn)
                 return
+            assert self.tls is not None     # (a connection peeks only on a TLS server: see _on_accept)
             conn.sock = self.tls.wrap_socket(conn.sock, server_side=True, do_handshake_on_connect=False)
         try:
             conn.sock.do_handshake()
@@ -6300,7 +6341,7 @@ class RespParser:
     """Turns Redis's byte stream into replies: str for +OK, int, bytes (or
     None) for bulk strings, lists for arrays, RespError for errors."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._buf = bytearray()
 
     def feed(self, data: bytes) -> None:
@@ -6414,7 +6455,7 @@ class RedisLink:
         self.callbacks: collections.deque = collections.deque()   # (reply callback, when it was asked)
         self.parser = RespParser()
         self.backoff = 0.5
-        self.address = None
+        self.address: Optional[tuple] = None    # Redis's, as getaddrinfo gives it
 
     def start(self) -> None:
         try:
@@ -6427,9 +6468,9 @@ class RedisLink:
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         self.sock.setblocking(False)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        error = self.sock.connect_ex(self.address)
-        if error not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
-            self.fail(f"cannot connect: {os.strerror(error)}")
+        code = self.sock.connect_ex(self.address)
+        if code not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
+            self.fail(f"cannot connect: {os.strerror(code)}")
             return
         self.loop.watch(self.sock, selectors.EVENT_WRITE, self._on_event)
         self.loop.call_later(self.CONNECT_TIMEOUT, self._connect_deadline, self.sock)
@@ -6447,6 +6488,7 @@ class RedisLink:
         """Write what is queued (once per loop turn)."""
         if not self.up or not self.out:
             return
+        assert self.sock is not None    # (up: connected)
         try:
             sent = self.sock.send(self.out)
             del self.out[:sent]
@@ -6480,6 +6522,7 @@ class RedisLink:
             self.fail("internal error")
 
     def _handle(self, mask: int) -> None:
+        assert self.sock is not None    # (_on_event checked)
         if not self.up:
             error = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if error:
@@ -6823,7 +6866,7 @@ class Flight(NamedTuple):
     shown: bool         # already delivered here, provisionally (Redis was slow)
 
 
-def _said(room: str, line: dict) -> tuple:
+def _said(room: object, line: dict) -> tuple:    # (room: as a server sent it, for _plain_said to check)
     """What tells a line apart when its id is not known yet."""
     return room, line.get("from"), line.get("ts"), line.get("text")
 
@@ -7497,7 +7540,7 @@ class LineEditor:
         """Typed keys in: (the lines entered, None for end of input (Ctrl-D
         on an empty line); what to write to the terminal)."""
         lines: List[Optional[str]] = []
-        out = []
+        out: List[str] = []
         text, self.pending = self.pending + text, ""
         i = 0
         while i < len(text):
@@ -7740,7 +7783,7 @@ class Console:
         self.wake_r, self.wake_w = socket.socketpair()
         self.wake_r.setblocking(False)
         self._lock = threading.Lock()
-        self._saved_tty = None
+        self._saved_tty: Optional[list] = None     # the terminal's mode before raw mode (termios)
         self._entered: collections.deque = collections.deque()    # lines the editor gave, not yet taken
         self.started = False
         self.at_prompt = False      # (TERM=dumb) the cursor is after the prompt, where the user types
@@ -8040,6 +8083,10 @@ def operator_commands(loop: ServerLoop, show: Callable[[str], None],
         else:
             show(f"#{check_room(room)}: {people.topic(people.room(room))['text'] or '(no topic)'}")
 
+    def help_list() -> None:
+        for line in table.help_lines(columns()):
+            show(line)
+
     table = CommandTable([
         Command("say", "TEXT", "send a notice to everyone", say),
         Command("who", "", "list rooms and who is in them", who),
@@ -8062,7 +8109,7 @@ def operator_commands(loop: ServerLoop, show: Callable[[str], None],
         Command("password", "NAME", "give an account a new password (made up and shown)",
                 guarded(lambda name: people.set_password(name, show))),
         Command("shutdown", "", "say bye to everyone and stop the server", lambda: loop.stop("/shutdown")),
-        Command("help", "", "show this list", lambda: [show(line) for line in table.help_lines(columns())]),
+        Command("help", "", "show this list", help_list),
     ])
     return table
 
@@ -8141,7 +8188,7 @@ def render(frame: dict, view: View) -> Optional[str]:
     Rows after the first (the text's own lines, and with view.width, the
     rows it wraps to) are indented under the text, so no text can pass for
     a line of its own."""
-    renderer = _RENDERERS.get(frame.get("type"))
+    renderer = _RENDERERS.get(frame.get("type", ""))
     shown = renderer(frame, view) if renderer is not None else None
     if shown is None:
         return None
@@ -8263,7 +8310,7 @@ def _leave_text(frame: dict) -> str:
 def local_time(ts: object, form: str) -> str:
     """A Unix time from the server as the local clock says it (strftime
     `form`); '?' for what is no time (a hostile server's 1e300 or NaN)."""
-    if type(ts) not in (int, float) or not 0 <= ts < 1e11:     # (NaN fails both)
+    if not _is_number(ts) or not 0 <= ts < 1e11:     # (NaN fails both)
         return "?"
     return time.strftime(form, time.localtime(ts))
 
@@ -8406,7 +8453,7 @@ class Link:
 
     def frames(self) -> List[dict]:
         """Frames already received and buffered (e.g. behind the welcome)."""
-        frames = []
+        frames: List[dict] = []
         while True:
             frame = self._next()
             if frame is None:
@@ -8514,8 +8561,10 @@ class TlsOptions(NamedTuple):
                                         f" ({getattr(error, 'reason', None) or error})"
                                         " - is the server using TLS (--tls-cert)?") from None
         if not self.cafile:
+            der = tls_sock.getpeercert(binary_form=True)
+            assert der is not None      # (None only before the handshake, which is done)
             try:
-                self.check(fingerprint(tls_sock.getpeercert(binary_form=True)), f"{host}:{port}")
+                self.check(fingerprint(der), f"{host}:{port}")
             except ClientExit:
                 tls_sock.close()
                 raise
@@ -8646,7 +8695,8 @@ class Session:
         self.seen: Dict[str, int] = {}      # room -> seq of the newest line seen there: where a resume starts
         self.sent: Dict[str, int] = {}      # room -> own lines sent since `seen` last moved on
         self.provisional: Dict[tuple, None] = {}    # lines shown before they were numbered (`local`), by _said()
-        self.instance = self.session = None
+        self.instance: Optional[str] = None     # the server's, and our session there, from the welcome
+        self.session: Optional[str] = None
         self.max_text = TEXT_MAX
         self.ping_interval, self.idle_timeout = ServerConfig.ping_interval, ServerConfig.idle_timeout
         self.last_error = ""
@@ -8698,7 +8748,7 @@ class Session:
         self.members = {}
         self._add_members(frame.get("room"), frame.get("users"))
         history, back = _lines(frame.get("history")), frame.get("back") is True    # back: where our account left
-        missed = frame.get("missed") if (resumed or back) and isinstance(frame.get("missed"), dict) else {}
+        missed = frame["missed"] if (resumed or back) and isinstance(frame.get("missed"), dict) else {}
         missed = {valid_room(room): count for room, count in missed.items() if valid_room(room) and _count_of(count)}
         if resumed:     # your own lines were shown as you typed them, and the ones not kept were seen
             for room in list(missed):
@@ -8718,7 +8768,7 @@ class Session:
                                     max(ServerConfig.idle_timeout, 2.5 * self.ping_interval))
         return resumed, self._history(history, resumed or back), missed
 
-    def refused(self, frame: dict, where: str, can_ask: bool) -> object:
+    def refused(self, frame: dict, where: str, can_ask: bool) -> Union[Retry, Ask, GiveUp]:
         """A login's answer that is not a welcome: Retry, Ask or GiveUp. A
         taken nick tries NICK_2, NICK_3...; a password the server wants is
         asked for (where `can_ask`: a terminal, not while reconnecting), a
@@ -8896,7 +8946,7 @@ class Session:
         """Typed text for the current room; long text is split to fit the server's limit."""
         if self.room is None:
             return [Note("you are in no room, so nothing was sent; /join one", "31")]
-        out = []
+        out: list = []
         for start in range(0, len(text), self.max_text):
             part = text[start:start + self.max_text]
             self.sent[self.room] = self.sent.get(self.room, 0) + 1
@@ -9100,7 +9150,7 @@ def _token(value: object) -> Optional[str]:
 
 def _number(value: object, low: float, high: float, default: float, kind: type = float):
     """A number from the server within [low, high] (clamped); `default` if it is not a finite number."""
-    if type(value) not in (int, float) or value != value or value in (float("inf"), float("-inf")):
+    if not _is_number(value) or value != value or value in (float("inf"), float("-inf")):
         return kind(default)
     return kind(min(max(value, low), high))
 
@@ -9377,6 +9427,7 @@ class ChatClient:
             raise ClientExit(EXIT_OK)
 
     def on_welcome(self, frame: dict, reconnected: bool) -> None:
+        assert self.link is not None    # (login() took the welcome on it)
         session = self.session
         resumed, history, missed = session.welcome(frame, reconnected)
         self.keep_devices()
@@ -9402,7 +9453,7 @@ class ChatClient:
             self.note(f"you are {session.nick} in {where}" + ("" if others == "on your own so far" else f" {others}")
                       + (" (logged in to your account)" if frame.get("account") else "") + "."
                       + (" Type /help for commands." if self.console.interactive else ""), "0")
-            topics = frame.get("topics") if isinstance(frame.get("topics"), dict) else {}
+            topics = frame["topics"] if isinstance(frame.get("topics"), dict) else {}
             for room in session.rooms:
                 if type(topics.get(room)) is str:
                     self.show_frame({"type": "topic", "room": room, "text": topics[room]})
@@ -9451,6 +9502,7 @@ class ChatClient:
             time.sleep(seconds)     # nothing else to do yet: the user waits to be let in
 
     def flush_outbox(self) -> None:
+        assert self.link is not None    # (converse() runs connected)
         waiting, self.outbox = self.outbox, []
         for frame in waiting:
             self.link.send(frame)
@@ -9474,6 +9526,7 @@ class ChatClient:
                     self.note(exit_.message, "31" if exit_.code else "0")
                 return exit_.code
             except ConnectionLost as lost:
+                assert self.link is not None    # (it is what was lost)
                 self.link.close()
                 self.link, self.welcomed = None, False
                 final = self.session.last_error in _FINAL_ERRORS
@@ -9489,6 +9542,7 @@ class ChatClient:
         """Relay between keyboard and server until the connection ends."""
         self.flush_outbox()
         link = self.link
+        assert link is not None     # (login() or reconnect() connected)
         for frame in link.frames():     # what arrived together with the welcome
             self.handle_frame(frame)
         while True:
@@ -9536,6 +9590,7 @@ class ChatClient:
         """Everything is sent: wait briefly for the server to close (so errors
         about our last lines are shown), then leave."""
         link = self.link
+        assert link is not None     # (converse() runs connected)
         deadline = time.monotonic() + 2.0
         try:
             while time.monotonic() < deadline:
@@ -9765,6 +9820,7 @@ def _start_bench_server(max_connections: int):
     command = [sys.executable, os.path.abspath(__file__), "server", "-p", "0", "-m", str(max_connections)]
     server = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                               stderr=subprocess.DEVNULL, text=True)
+    assert server.stdout is not None    # (stdout=PIPE)
     for line in server.stdout:
         match = re.search(r"listening on \[?([^\]\s]+?)\]?:(\d+)", line)
         if match:
@@ -9816,7 +9872,9 @@ def _bench(host: str, port: int, args: argparse.Namespace) -> int:
     return EXIT_OK if delivered >= expected else EXIT_LOST
 
 
-def _bench_pump(selector, clients, quiet_for, latencies, senders=(), args=None, expected=0, started=0.0):
+def _bench_pump(selector: selectors.BaseSelector, clients: List[BenchClient], quiet_for: float,
+                latencies: Optional[List[float]], senders: Sequence[BenchClient] = (),
+                args: Optional[argparse.Namespace] = None, expected: int = 0, started: float = 0.0) -> float:
     """Send and receive until everything expected arrived or nothing arrives
     for `quiet_for` seconds; returns when the last delivery came."""
     last = time.monotonic()
@@ -9827,6 +9885,7 @@ def _bench_pump(selector, clients, quiet_for, latencies, senders=(), args=None, 
     while True:
         now = time.monotonic()
         if senders:
+            assert args is not None     # (senders come with the args that say what they send)
             due = total if not args.rate else min(total, int(args.rate * (now - started)) + 1)
             while queued < due:
                 sender = senders[queued % len(senders)]
@@ -9968,7 +10027,8 @@ def check_server(config: ServerConfig) -> None:
     anything; StartupError says what is wrong."""
     if config.tls_cert:
         _readable(config.tls_cert, "the TLS certificate")
-        _readable(config.tls_key, "the TLS key")
+        if config.tls_key:      # (None: the key is in the certificate file, as load_cert_chain takes it)
+            _readable(config.tls_key, "the TLS key")
         try:
             server_tls_context(config.tls_cert, config.tls_key)
         except (ssl.SSLError, OSError) as error:
@@ -10008,8 +10068,8 @@ def run_server(args: argparse.Namespace) -> int:
         loop = ServerLoop(config)
     except OSError as error:
         option = error.option if isinstance(error, CannotListen) else "-p"
-        log.error("%s", cannot_listen(config.host, config.irc_port if option == "--irc-port" else config.port,
-                                      error, option))
+        port = config.irc_port if option == "--irc-port" and config.irc_port is not None else config.port
+        log.error("%s", cannot_listen(config.host, port, error, option))
         return 1
     loop.catch_signals()
     host, port = loop.address
@@ -10065,7 +10125,7 @@ def _same_terminal() -> bool:
 class CannotListen(OSError):
     """A port the server cannot bind, and the option that chose it."""
 
-    def __init__(self, code: int, text: str, option: str) -> None:
+    def __init__(self, code: Optional[int], text: Optional[str], option: str) -> None:   # (as OSError has them)
         super().__init__(code, text)
         self.option = option
 
@@ -10157,7 +10217,7 @@ class Supervisor:
         if not self.stopping:
             self.start(number)
 
-    def stop(self, *_) -> None:
+    def stop(self, *_signal) -> None:     # (a signal handler's signum and frame)
         self.stopping = True
         for _, process, _ in self.workers.values():
             if process.poll() is None:
@@ -10264,6 +10324,8 @@ def fingerprint_forms(canonical: str) -> Tuple[str, str]:
 class Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line that says where to read more."""
 
+    subcommands: Dict[str, argparse.ArgumentParser]     # the top parser's, by command (build_parser)
+
     def error(self, message: str):
         self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
@@ -10297,7 +10359,7 @@ def server_name_option(text: str) -> str:
     return text
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> Parser:
     d, seconds = ServerConfig, "seconds"
     parser = Parser(prog="chat.py", formatter_class=HelpFormatter,
                     description="A terminal chat: one server relays lines between many clients.",
@@ -10437,7 +10499,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+def check_args(parser: Parser, args: argparse.Namespace) -> None:
     """What no single option's type can say: options that need or exclude each other."""
     fail = parser.subcommands[args.command].error
     if args.command == "server":
