@@ -464,6 +464,21 @@ class ServerThread:
         self.thread.join(TIMEOUT)
 
 
+def recv_before(sock, deadline, what):
+    """What `sock` has to read by `deadline`; AssertionError on timeout or when the server closes."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise AssertionError(f"no {what} arrived in time")
+    sock.settimeout(left)
+    try:
+        data = sock.recv(65536)
+    except socket.timeout:
+        raise AssertionError(f"no {what} arrived in time") from None
+    if not data:
+        raise AssertionError("the server closed the connection")
+    return data
+
+
 class IrcPeer:
     """An IRC client on a blocking socket (plain or TLS): lines in and out."""
 
@@ -490,17 +505,7 @@ class IrcPeer:
                     self.send(f"PONG :{line.params[-1]}")
                     continue
                 return line
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError("no line arrived in time")
-            self.sock.settimeout(left)
-            try:
-                data = self.sock.recv(65536)
-            except socket.timeout:
-                raise AssertionError("no line arrived in time") from None
-            if not data:
-                raise AssertionError(f"the server closed the connection ({self.buffer!r} left)")
-            self.buffer += data
+            self.buffer += recv_before(self.sock, deadline, "line")
 
     def expect(self, command, timeout=TIMEOUT):
         """Skip lines until one with `command` arrives."""
@@ -543,17 +548,7 @@ class Peer:
                 continue
             if frame is not None:
                 return frame
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError("no frame arrived in time")
-            self.sock.settimeout(left)
-            try:
-                data = self.sock.recv(65536)
-            except socket.timeout:
-                raise AssertionError("no frame arrived in time") from None
-            if not data:
-                raise AssertionError("the server closed the connection")
-            self.decoder.feed(data)
+            self.decoder.feed(recv_before(self.sock, deadline, "frame"))
 
     def expect(self, kind, timeout=TIMEOUT, **fields):
         """Skip frames until one of type `kind` (with `fields`) arrives."""
@@ -3617,15 +3612,19 @@ class IrcRegistrationTest(HarnessTestCase):
         alice.send({"type": "nick", "nick": "ChanServ"})
         self.assertEqual(alice.expect("error")["code"], "bad-nick")
 
+    def register_offline(self, nick, password):
+        """`nick` is an account whose owner is not connected."""
+        owner = self.peer(nick)
+        owner.send({"type": "register", "password": password}, {"type": "quit"})
+        self.server.advance(1)
+
     def test_user_twice_gets_462(self):
         alice = self.server.irc("alice")
         alice.send("USER again 0 * :Again")
         alice.expect("462")
 
     def test_an_account_logs_in_with_sasl_plain(self):
-        owner = self.peer("alice")
-        owner.send({"type": "register", "password": "alicepw"}, {"type": "quit"})
-        self.server.advance(1)
+        self.register_offline("alice", "alicepw")
         irc = self.server.irc()
         token = base64.b64encode(b"alice\0alice\0alicepw").decode()
         irc.send("CAP LS 302", "CAP REQ :sasl", "NICK alice", "USER a 0 * :A", "AUTHENTICATE PLAIN")
@@ -3637,9 +3636,7 @@ class IrcRegistrationTest(HarnessTestCase):
         self.assertEqual(irc.expect("001").params[0], "alice")
 
     def test_on_a_server_with_no_password_pass_is_the_accounts(self):
-        owner = self.peer("alice")
-        owner.send({"type": "register", "password": "alicepw"}, {"type": "quit"})
-        self.server.advance(1)
+        self.register_offline("alice", "alicepw")
         irc = self.server.irc()
         irc.send("NICK alice", "USER a 0 * :A")
         irc.expect("433")       # registered: not without its password
@@ -3647,9 +3644,7 @@ class IrcRegistrationTest(HarnessTestCase):
         self.assertEqual(irc.welcome.params[0], "alice")
 
     def test_a_wrong_sasl_password_gets_904_and_the_nick_stays_its_owners(self):
-        owner = self.peer("alice")
-        owner.send({"type": "register", "password": "alicepw"}, {"type": "quit"})
-        self.server.advance(1)
+        self.register_offline("alice", "alicepw")
         irc = self.server.irc()
         token = base64.b64encode(b"alice\0alice\0guess").decode()
         irc.send("CAP LS 302", "CAP REQ :sasl", "NICK alice", "USER a 0 * :A", "AUTHENTICATE PLAIN",
