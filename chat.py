@@ -3910,6 +3910,7 @@ class Chat:
         self.people = People(self, Records(self.store, self.relay.records))
         self.hashing = Hashing(io)               # password hashes, off the loop
         self.departed: collections.deque = collections.deque(maxlen=WHOWAS_MAX)   # who left, newest first
+        self.peak_here = self.peak_users = 0    # the most users seen at once, here and on every server
         self.before_hello: Dict[str, Callable[[Conn, dict], None]] = {
             "hello": self.on_hello, "quit": self.on_quit, "ping": self.on_ping,
             "authenticate": self.people.on_authenticate}
@@ -4174,6 +4175,7 @@ class Chat:
         self.move(conn, JOINED)
         self.gate.joined(conn)
         self.users[conn.key] = conn
+        self.peak_here = max(self.peak_here, len(self.users))
         conn.since = conn.said = self.out.ts
         conn.echo = type(hello.get("protocol")) is int and hello["protocol"] >= 3 and hello.get("echo") is not False
         since = hello.get("since") if hello.get("instance") == self.relay.instance else None
@@ -4602,9 +4604,11 @@ class Chat:
 
     def on_lusers(self, conn: Conn, frame: dict) -> None:
         """How many are here: users (on every server), on this server, not joined yet; servers; rooms."""
-        others = self.relay.others()
+        users = len(self.users) + len(self.relay.others())
+        self.peak_users = max(self.peak_users, users, self.peak_here)    # (others are counted when asked)
         self.reply(conn, self.out.encode_for(conn, {
-            "type": "lusers", "users": len(self.users) + len(others), "here": len(self.users),
+            "type": "lusers", "users": users, "here": len(self.users),
+            "max_users": self.peak_users, "max_here": self.peak_here,
             "unjoined": len(self.conns) - len(self.users), "servers": 1 + len(self.relay.servers()),
             "rooms": sum(1 for room in self.rooms if room.count())}))
 
@@ -4830,7 +4834,7 @@ class Chat:
             raise ProtocolError("not-allowed", f"only an operator of #{room.name} invites people into it")
         target = self.users.get(name_key(nick))
         if target is None:
-            raise ProtocolError("no-such-user", f"nobody on this server is called {nick}")
+            raise ProtocolError("no-such-user", f"nobody on this server is called {nick}", nick=nick)
         if room in target.rooms:
             raise ProtocolError("already-in-room", f"{target.nick} is in #{room.name} already")
         if len(room.modes.invited) >= 1000:
@@ -5672,13 +5676,15 @@ class IrcCodec:
 
     def on_lusers(self, frame: dict) -> bytes:
         users, here, servers = frame.get("users", 0), frame.get("here", 0), frame.get("servers", 1)
+        max_users, max_here = frame.get("max_users", users), frame.get("max_here", here)
         return b"".join([
             self.numeric("251", trailing=f"There are {users} users and 0 invisible on {servers} servers"),
             self.numeric("253", str(frame.get("unjoined", 0)), trailing="unknown connection(s)"),
             self.numeric("254", str(frame.get("rooms", 0)), trailing="channels formed"),
             self.numeric("255", trailing=f"I have {here} clients and {servers - 1} servers"),
-            self.numeric("265", str(here), str(here), trailing=f"Current local users {here}, max {here}"),
-            self.numeric("266", str(users), str(users), trailing=f"Current global users {users}, max {users}")])
+            self.numeric("265", str(here), str(max_here), trailing=f"Current local users {here}, max {max_here}"),
+            self.numeric("266", str(users), str(max_users),
+                         trailing=f"Current global users {users}, max {max_users}")])
 
     def on_topic(self, frame: dict) -> bytes:
         if not str(frame.get("label", "")).startswith("TOPIC"):
@@ -5784,8 +5790,18 @@ class IrcCodec:
             return self.numeric(numeric, nick, trailing=text) + \
                 (self.numeric(end, nick, trailing="End") if end else b"")
         if numeric is not None:
-            return self.numeric(numeric, *target.split()[:2], trailing=text)
+            return self.numeric(numeric, *self._error_params(numeric, target.split()[:2]), trailing=text)
         return self.notice(f"{text} ({code})")
+
+    @staticmethod
+    def _error_params(numeric: str, words: List[str]) -> List[str]:
+        """A numeric's parameters from its request's label: a refusal about a
+        channel names the channel alone (482 to "INVITE bob #a" is "#a"), and
+        443 names who is on it and where."""
+        channels = [word for word in words if word.startswith("#")]
+        if numeric == "443" or not channels:
+            return words
+        return channels[:1]
 
 
 # How a refusal reads in IRC, by (command, code); ("", code) for any command.

@@ -3108,6 +3108,10 @@ class WhoAndWhoWasTest(CommunityTestCase):
         self.assertTrue(person["host"].endswith(".ip") and "198.51" not in person["host"], "a cloak")
         watcher.send({"type": "lusers"})
         self.assertEqual(watcher.expect("lusers")["users"], 2)
+        self.peer("brief").send({"type": "quit"})
+        watcher.send({"type": "lusers"})
+        counts = watcher.expect("lusers")
+        self.assertEqual((counts["here"], counts["max_here"], counts["max_users"]), (2, 3, 3))
         leaver.send({"type": "join", "room": "dev"}, {"type": "part", "room": "dev", "reason": "lunch"})
         leaver.send({"type": "quit", "reason": "gone"})
         lobby_leave = watcher.expect("leave", nick="leaver")
@@ -3779,6 +3783,18 @@ class IrcChatTest(HarnessTestCase):
         self.bob.send({"type": "join", "room": "dev"})
         self.alice.send("JOIN", "PART #dev", "PART #nowhere", "TOPIC #nowhere", "KICK #lobby")
         self.assertEqual([line.command for line in self.alice.frames()], ["461", "442", "403", "403", "461"])
+
+    def test_an_invite_refused_names_the_channel_and_443_who_is_there(self):
+        self.bob.send({"type": "join", "room": "dev"}, {"type": "mode", "room": "dev", "modes": "+i"})
+        self.alice.send("INVITE bob #dev")
+        self.assertEqual(self.alice.expect("442").params[:2], ["alice", "#dev"])
+        self.bob.send({"type": "mode", "room": "dev", "modes": "-i"})
+        self.alice.send("JOIN #dev", "INVITE carol #dev", "INVITE bob #dev")
+        self.assertEqual(self.alice.expect("401").params[:2], ["alice", "carol"])
+        self.assertEqual(self.alice.expect("443").params[:3], ["alice", "bob", "#dev"])
+        self.bob.send({"type": "mode", "room": "dev", "modes": "+i"})
+        self.alice.send("INVITE carol #dev")
+        self.assertEqual(self.alice.expect("482").params[:2], ["alice", "#dev"])
 
     def test_topic_away_ison_and_userhost(self):
         self.alice.send("TOPIC #lobby :release friday")
