@@ -1002,7 +1002,7 @@ class RoomModes:
         self.limit = 0
         self.ops: set = set()           # nick keys
         self.voiced: set = set()
-        self.invited: set = set()       # nick keys let in past +i (once)
+        self.invited: set = set()       # sessions let in past +i (once): the person asked, under any nick
         self.masks: Dict[str, Tuple[str, float]] = {}   # ban mask (casefolded) -> (who set it, when)
         self.created = 0.0              # when its first member came
 
@@ -3208,11 +3208,8 @@ class People:
         record = self.account(key)
         if record is None or type(given) is not str:
             raise ProtocolError("login-failed", f"{name} has no account")
-        wait, why = chat.gate.wait(conn, chat.clock, self.trusted(conn, key, frame.get("device")), key)
-        if wait > 0:
-            seconds = math.ceil(wait)
-            raise ProtocolError("rate-limited", _BUSY[why].format(seconds=plural(seconds, "second")),
-                                retry_after=seconds)
+        if not chat.password_turn(conn, key, frame, "authenticate"):
+            return
 
         def checked(right: object) -> None:
             if right is not True:
@@ -3232,11 +3229,8 @@ class People:
         record = self.account(key)
         if record is None or not self.is_op_key(key) or type(given) is not str:
             raise ProtocolError("not-allowed", f"{name} is no server operator's account")
-        wait, why = chat.gate.wait(conn, chat.clock, self.trusted(conn, key, frame.get("device")), key)
-        if wait > 0:
-            seconds = math.ceil(wait)
-            raise ProtocolError("rate-limited", _BUSY[why].format(seconds=plural(seconds, "second")),
-                                retry_after=seconds)
+        if not chat.password_turn(conn, key, frame, "oper"):
+            return
 
         def checked(right: object) -> None:
             if right is not True:
@@ -3267,6 +3261,7 @@ class People:
         else:
             self._require(room is not None and self.is_room_op(conn, room), "only an operator kicks people" if
                           room is None else f"only an operator of #{room.name} kicks people from it")
+            self._not_above(conn, nick)
         key = name_key(nick)
         if key not in self.chat.users and not self.chat.relay.profile(key):
             raise ProtocolError("no-such-user", f"nobody here is called {shown(nick)}", nick=nick)
@@ -3277,6 +3272,7 @@ class People:
         its operator (`room`), from the server as a server operator."""
         room, nick = self._room(frame), check_name(frame.get("nick"))
         self._may_act(conn, room, f"{kind} people")
+        self._not_above(conn, nick)
         self.ban(conn, kind, nick, room, _duration(frame.get("duration")), _reason(frame.get("reason")))
 
     def on_mute(self, conn: "Conn", frame: dict) -> None:
@@ -3316,13 +3312,18 @@ class People:
     # -- the acts (for an operator's client, or the console: `actor` None) ---
 
     def make_room_op(self, actor: Optional["Conn"], nick: str, room: "Room", on: bool) -> None:
-        if self.account(name_key(nick)) is None:
+        """`nick`'s account (whoever is `nick` now: an account under another
+        nick too) operates `room` from now on, or no longer."""
+        key = self.subject(nick)
+        if self.account(key) is None:
             raise ProtocolError("no-such-account", f"{nick} has no account: only an account can operate a room")
-        self.records.put("roomop", scoped(room, name_key(nick)),
+        self.records.put("roomop", scoped(room, key),
                          {"nick": nick, "room": room.name, "by": _by(actor)} if on else None)
-        self.announce(actor, room, f"{_by(actor)} made {nick} an operator of #{room.name}" if on else
-                      f"{_by(actor)} took operator rights in #{room.name} from {nick}")
         target = self.chat.users.get(name_key(nick))
+        change = {"type": "mode", "by": _by(actor), "modes": "+o" if on else "-o", "args": [nick]}
+        self.announce(actor, room, f"{_by(actor)} made {nick} an operator of #{room.name}" if on else
+                      f"{_by(actor)} took operator rights in #{room.name} from {nick}",
+                      event=change if target is not None and room in target.rooms else None)  # (NAMES change)
         if target is not None:
             self.chat.out.send(target, {"type": "op", "room": room.name, "on": on})
 
@@ -3497,14 +3498,16 @@ class People:
         log.info("%r %s", conn, why)
         self.chat.drop(conn, why, ProtocolError("kicked" if act == "kick" else "banned", why, **fields))
 
-    def announce(self, actor: Optional["Conn"], room: Optional["Room"], text: str, about: str = "") -> None:
+    def announce(self, actor: Optional["Conn"], room: Optional["Room"], text: str, about: str = "",
+                 event: Optional[dict] = None) -> None:
         """An act told in the room it concerns (or the rooms of the one it is
-        about), on every server; and to whoever did it, in any case."""
+        about), on every server, as a notice or as `event` (a mode change a
+        client applies); and to whoever did it, in any case."""
         rooms = [room] if room is not None else self.chat.rooms_of(about) if about else []
         for where in rooms:
-            notice = {"type": "notice", "room": where.name, "text": text}
-            self.chat.out.to_room(where, notice)
-            self.chat.relay.event([where.name], notice)
+            told = dict(event or {"type": "notice", "text": text}, room=where.name)
+            self.chat.out.to_room(where, told)
+            self.chat.relay.event([where.name], told)
         if actor is not None and not any(actor in where.members for where in rooms):
             self.chat.out.send(actor, {"type": "notice", "text": text})
         log.info("%s", text)
@@ -3614,6 +3617,11 @@ class People:
         else:
             self._require(self.is_room_op(conn, room), f"only an operator of #{room.name} may {what} there")
 
+    def _not_above(self, conn: "Conn", nick: str) -> None:
+        """A room's operator acts on the room's people, never on a server operator."""
+        if not self.is_op(conn) and self.is_op_key(self.subject(nick)):
+            raise ProtocolError("not-allowed", f"{nick} is a server operator: only another may act on them")
+
     @staticmethod
     def _require(allowed: bool, why: str) -> None:
         if not allowed:
@@ -3672,7 +3680,7 @@ def leave_frame(nick: str, reason: str, room: Room, how: str = "quit", **more: s
 
 
 REALNAME_MAX = 100      # characters of a hello's realname
-LABEL_MAX = 100         # characters of a request's label
+LABEL_MAX = 512         # characters of a request's label (IRC's are its command and targets: a line's at most)
 WHOWAS_MAX = 1000       # who left, kept for `whowas`
 
 
@@ -3988,7 +3996,10 @@ class Chat:
         return self.irc_audiences[caps]
 
     def ident(self, nick: str) -> str:
-        """nick!user@host of a user here, on another server, or gone lately (as IRC prefixes lines)."""
+        """nick!user@host of a user here, on another server, or gone lately
+        (as IRC prefixes lines); the server's name for the console's acts."""
+        if not nick or " " in nick:     # ("the operator": no nick can have a space)
+            return self.config.server_name
         conn = self.users.get(name_key(nick))
         if conn is not None:
             return f"{conn.nick}!{conn.username}@{cloak(conn.ip)}"
@@ -4470,14 +4481,7 @@ class Chat:
         given = frame.get("password")       # a registered nick: its password too
         if given is None:
             raise ProtocolError("account-required", f"{new} is a registered nick: /nick {new} PASSWORD")
-        wait, why = self.gate.wait(conn, self.clock, self.people.trusted(conn, key, frame.get("device")), key)
-        if wait > Gate.HOLD_MAX:
-            seconds = math.ceil(wait)
-            raise ProtocolError("rate-limited", _BUSY[why].format(seconds=plural(seconds, "second")),
-                                retry_after=seconds)
-        if wait > 0:        # its turn comes soon: the request waits for it (and what came after it, too)
-            self.awaiting(conn)
-            self.io.call_later(wait, self._nick_again, conn, frame)
+        if not self.password_turn(conn, key, frame, "nick"):
             return
 
         def verified(right: object) -> None:
@@ -4491,9 +4495,26 @@ class Chat:
                 self.out.send(conn, nick_taken(new).frame())
         self.off_loop(conn, password_matches, record.get("password", {}), given, done=verified)
 
-    def _nick_again(self, conn: Conn, frame: dict) -> None:
-        if conn.state is JOINED:
-            self.dispatch(conn, "nick", frame)      # (which may await again: then the frames after wait on)
+    def password_turn(self, conn: Conn, account: str, frame: dict, kind: str) -> bool:
+        """Whether the password in `conn`'s request (`kind`, for `account`)
+        may be checked now. If its source or the account is still paying for
+        wrong ones, the request waits on its connection for its turn, up to
+        Gate.HOLD_MAX (and what came after it waits too), and is handled
+        again then; longer is `rate-limited`, with `retry_after`."""
+        trust = self.people.trusted(conn, account, frame.get("device"))
+        wait, why = self.gate.wait(conn, self.clock, trust, account)
+        if wait > Gate.HOLD_MAX:
+            seconds = math.ceil(wait)
+            raise ProtocolError("rate-limited", _BUSY[why].format(seconds=plural(seconds, "second")),
+                                retry_after=seconds)
+        if wait > 0:
+            self.awaiting(conn)
+            self.io.call_later(wait, self._again, conn, conn.state, kind, frame)
+        return wait <= 0
+
+    def _again(self, conn: Conn, state: State, kind: str, frame: dict) -> None:
+        if conn.state is state:     # (not gone meanwhile)
+            self.dispatch(conn, kind, frame)    # (which may wait again: then the frames after it wait on)
             self.answered(conn)
 
     def _claim_nick(self, conn: Conn, new: str, key: str) -> None:
@@ -4682,13 +4703,13 @@ class Chat:
         modes = room.modes
         if modes.banned(self.mask_of(conn)):
             raise ProtocolError("banned", f"you are banned from #{room.name}")
-        if "i" in modes.flags and conn.key not in modes.invited:
+        if "i" in modes.flags and conn.session not in modes.invited:
             raise ProtocolError("invite-only", f"#{room.name} is for those invited only: ask one of its operators")
         if "k" in modes.flags and not (type(key) is str and hmac.compare_digest(key.encode(), modes.key.encode())):
             raise ProtocolError("bad-key", f"#{room.name} needs its key to join")
         if "l" in modes.flags and room.count() >= modes.limit:
             raise ProtocolError("room-full", f"#{room.name} is full ({plural(modes.limit, 'member')})")
-        modes.invited.discard(conn.key)
+        modes.invited.discard(conn.session)
 
     def mask_of(self, conn: Conn) -> str:
         """nick!user@host, casefolded, as ban masks are matched."""
@@ -4839,7 +4860,7 @@ class Chat:
             raise ProtocolError("already-in-room", f"{target.nick} is in #{room.name} already")
         if len(room.modes.invited) >= 1000:
             room.modes.invited.pop()
-        room.modes.invited.add(target.key)
+        room.modes.invited.add(target.session)
         self.out.send(target, {"type": "invited", "room": room.name, "by": conn.nick})
         self.reply(conn, self.out.encode_for(conn, {"type": "inviting", "nick": target.nick, "room": room.name}))
 
@@ -5428,13 +5449,20 @@ class IrcCodec:
         if not target.startswith("#"):      # a user's modes: none that mean anything here
             if name_key(target) != name_key(self.nick):
                 return self.raw(self.numeric("502", trailing="Cannot change mode for other users"))
-            return self.raw(self.numeric("221", "+i")) if len(params) == 1 else None
+            unknown = set(params[1] if len(params) > 1 else "") - set("+-iow")
+            return self.raw(self.numeric("501", trailing="Unknown MODE flag") if unknown else
+                            self.numeric("221", "+i"))      # (a change of i, o or w: what they stay)
         if len(params) > 1 and params[1] in ("q", "+q", "-q"):
             return self.quiet(target, params[1], params[2:])
+        if len(params) == 2 and params[1].lstrip("+") in self.EMPTY_LISTS:     # (none kept: the end of the list)
+            code, what = self.EMPTY_LISTS[params[1].lstrip("+")]
+            return self.raw(self.numeric(code, target, trailing=f"End of channel {what} list"))
         request: dict = {"type": "mode", "room": target[1:], "label": f"MODE {target}"}
         if len(params) > 1:
             request.update(modes=params[1], args=params[2:])
         return request
+
+    EMPTY_LISTS = {"e": ("349", "exception"), "I": ("347", "invite")}     # list modes asked for, by numeric
 
     def quiet(self, target: str, mode: str, nicks: List[str]) -> Optional[dict]:
         """+q NICK mutes someone in the room (as Solanum's quiets do), -q lifts
@@ -5565,18 +5593,16 @@ class IrcCodec:
             [self.numeric("376", trailing="End of /MOTD command.")]
 
     def on_authenticated(self, frame: dict) -> bytes:
-        account = str(frame.get("account"))
-        return self.numeric("900", f"{self.asked_nick}!{self.username or '*'}@{self.host}", account,
-                            trailing=f"You are now logged in as {account}") + \
-            self.numeric("903", trailing="SASL authentication successful")
+        account, nick = str(frame.get("account")), self.nick or self.asked_nick or "*"     # (before welcome too)
+        return irc_line(f":{self.server}", "900", nick, f"{nick}!{self.username or '*'}@{self.host}", account,
+                        trailing=f"You are now logged in as {account}") + \
+            irc_line(f":{self.server}", "903", nick, trailing="SASL authentication successful")
 
     def on_joined(self, frame: dict) -> bytes:
         room = f"#{frame['room']}"
         lines = [irc_line(f":{self.me()}", "JOIN", room)]
         if frame.get("topic"):
-            lines.append(self.numeric("332", room, trailing=str(frame["topic"])))
-            if frame.get("topic_by"):
-                lines.append(self.numeric("333", room, str(frame["topic_by"]), str(int(frame.get("topic_at") or 0))))
+            lines += self.topic_lines(room, frame["topic"], frame.get("topic_by"), frame.get("topic_at"))
         lines += self.names(room, frame, frame.get("secret") is True)
         return b"".join(lines)
 
@@ -5692,10 +5718,15 @@ class IrcCodec:
         room = f"#{frame.get('room')}"
         if not frame.get("text"):
             return self.numeric("331", room, trailing="No topic is set")
-        lines = [self.numeric("332", room, trailing=str(frame["text"]))]
-        if frame.get("by"):
-            lines.append(self.numeric("333", room, str(frame["by"]), str(int(frame.get("at") or 0))))
-        return b"".join(lines)
+        return b"".join(self.topic_lines(room, frame["text"], frame.get("by"), frame.get("at")))
+
+    def topic_lines(self, room: str, text: object, by: object, at: object) -> List[bytes]:
+        """332, and 333 naming who set it as nick!user@host (as clients show it) and when."""
+        lines = [self.numeric("332", room, trailing=str(text))]
+        if by:
+            when = int(at) if _is_number(at) else 0
+            lines.append(self.numeric("333", room, self.audience.ident(str(by)), str(when)))
+        return lines
 
     def on_modes(self, frame: dict) -> bytes:
         room = f"#{frame.get('room')}"
@@ -5715,8 +5746,7 @@ class IrcCodec:
 
     def on_op(self, frame: dict) -> bytes:
         if frame.get("room") is not None:
-            return irc_line(f":{self.server}", "MODE", f"#{frame['room']}", "+o" if frame.get("on") else "-o",
-                            self.nick)
+            return b""      # (a member is told by the room's MODE; to others a channel's MODE means nothing)
         if not frame.get("on"):
             return irc_line(f":{self.nick}", "MODE", self.nick, trailing="-o")
         return self.numeric("381", trailing="You are now an IRC operator") + \
@@ -8285,6 +8315,8 @@ def _render_msg(frame: dict, view: View) -> Shown:
     mine = name_key(sender) == name_key(view.me)
     color = "1;32" if mine else nick_color(sender)
     named = not mine and mentions(text, view.me)
+    if frame.get("notice") is True:     # (an IRC NOTICE: told apart as IRC clients show one)
+        return Shown(f"-{sender}-" if frame.get("to") is None else f"[notice from {sender}]", text, color)
     if frame.get("action"):
         return Shown(f"* {sender}" if view.color or not named else f"!* {sender}", text, color, "1" if named else color)
     if frame.get("to") is not None:
@@ -8373,17 +8405,33 @@ _RENDERERS: Dict[str, Callable[[dict, View], Optional[Shown]]] = {
                                                 or " none")),
     "op": lambda f, v: _event(f"you are {'now' if f.get('on') else 'no longer'} an operator of "
                               + (f"#{_field(f, 'room')}" if f.get("room") else "this server")),
+    "mode": lambda f, v: _event(_mode_text(f)),
+    "invited": lambda f, v: _event(f"{_field(f, 'by')} invites you to #{_field(f, 'room')}"
+                                   f" (/join #{_field(f, 'room')})"),
 }
+
+
+def _mode_text(frame: dict) -> str:
+    """A room's mode change as words where it has some (an operator made or unmade), else as IRC writes it."""
+    by, room, modes = _field(frame, "by"), _field(frame, "room"), _field(frame, "modes")
+    args = [printable(arg) for arg in frame.get("args") or [] if type(arg) is str] \
+        if type(frame.get("args")) is list else []
+    if modes in ("+o", "-o") and len(args) == 1:
+        return f"{by} made {args[0]} an operator of #{room}" if modes == "+o" else \
+            f"{by} took operator rights in #{room} from {args[0]}"
+    return f"{by} set {' '.join([modes] + args)} on #{room}"
 
 
 def _whois_text(frame: dict) -> str:
     nick = _field(frame, "nick")
     if not frame.get("online"):
         return f"{nick} is not online" + (" (a registered nick)" if frame.get("account") else "")
-    said = [f"{nick}: " + ("an account" if frame.get("account") else "a guest")
-            + (", a server operator" if frame.get("op") else "")]
+    account = _field(frame, "account")
+    said = [f"{nick}: " + ((f"logged in as {account}" if name_key(account) != name_key(nick) else "an account")
+                           if account else "a guest") + (", a server operator" if frame.get("op") else "")]
     if type(frame.get("rooms")) is list:
-        said.append("in " + ", ".join(f"#{printable(r)}" for r in frame["rooms"] if type(r) is str))
+        rooms = [f"#{printable(r)}" for r in frame["rooms"] if type(r) is str]
+        said.append("in " + ", ".join(rooms) if rooms else "in no room")
     if type(frame.get("idle")) in (int, float):
         said.append(f"idle {spoken_duration(_number(frame['idle'], 1, 1e10, 1))}")
     if type(frame.get("since")) in (int, float):
@@ -8696,7 +8744,6 @@ class Session:
         self.protocol = 0           # the server's (welcome says it)
         self.op = False             # a server operator
         self.account = False        # logged in to an account (the welcome and `registered` say)
-        self.room_ops: set = set()  # the rooms (keys) we operate
         self.ignored: Dict[str, str] = {}   # nick key -> nick: nothing from them is shown
         self.devices: Dict[str, str] = {}   # account key -> the device token the server gave our login to it
         self.rooms_asked = False    # the rooms list was asked for, quietly (for Tab after /join)
@@ -8759,7 +8806,6 @@ class Session:
         self.op = frame.get("op") is True
         self.account = type(frame.get("account")) is str
         self._took_device(frame)
-        self.room_ops = set()
         self.joining.clear()
         self.members = {}
         self._add_members(frame.get("room"), frame.get("users"))
@@ -8849,8 +8895,6 @@ class Session:
         self.members[name_key(room)] = {}
         self._add_members(room, frame.get("users"))
         self._saw(room, frame.get("seq"))
-        if frame.get("op") is True:
-            self.room_ops.add(name_key(room))
         here = "; your lines go here now" if self.room == room else ""
         company = _company(frame.get("users"), self.nick)
         company = "" if company == "on your own so far" else f" {company}"     # (the server says you are alone)
@@ -8930,8 +8974,8 @@ class Session:
     def on_op(self, frame: dict) -> list:
         room = valid_room(frame.get("room"))
         if room is not None:
-            (self.room_ops.add if frame.get("on") is True else self.room_ops.discard)(name_key(room))
-        elif frame.get("room") is None:     # the whole server's
+            return [] if room in self.rooms else [frame]    # (a room we are in shows its mode change)
+        if frame.get("room") is None:     # the whole server's
             self.op = frame.get("on") is True
         return [frame]
 

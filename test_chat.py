@@ -2950,8 +2950,12 @@ class ModerationTest(CommunityTestCase):
         carol, dave = self.login("carol"), self.peer("dave", ip="198.51.100.8")
         for client in (self.root, carol, dave):
             client.send({"type": "join", "room": "dev"})
-        self.root.send({"type": "op", "nick": "carol", "room": "dev"})
-        self.assertIn("made carol an operator of #dev", carol.expect("notice")["text"])
+        carol.send({"type": "nick", "nick": "caroline"})    # (her account is still carol's)
+        self.root.send({"type": "op", "nick": "caroline", "room": "dev"})
+        change = dave.expect("mode")    # (as IRC clients update their names list)
+        self.assertEqual((change["by"], change["modes"], change["args"]), ("root", "+o", ["caroline"]))
+        self.assertTrue(carol.expect("op", room="dev")["on"])
+        carol.send({"type": "nick", "nick": "carol"})
         carol.send({"type": "topic", "room": "dev", "text": "release on friday"})
         self.assertEqual(dave.expect("topic")["text"], "release on friday")
         carol.send({"type": "kick", "nick": "dave", "room": "dev", "reason": "off topic"})
@@ -2963,6 +2967,9 @@ class ModerationTest(CommunityTestCase):
         self.assertEqual((error["code"], error["of"]), ("banned", "join"), "an error says what it answers")
         carol.send({"type": "kick", "nick": "dave", "room": "lobby"})
         self.assertEqual(carol.expect("error")["code"], "not-allowed")
+        for act in ("kick", "ban", "mute"):     # a room's operator is no server operator's
+            carol.send({"type": act, "nick": "root", "room": "dev"})
+            self.assertIn("root is a server operator", carol.expect("error", code="not-allowed")["text"])
         newcomer = self.peer("erin")
         newcomer.send({"type": "join", "room": "dev"})
         self.assertEqual(newcomer.expect("joined")["topic"], "release on friday")
@@ -3037,8 +3044,13 @@ class RoomModesTest(CommunityTestCase):
         self.op.send({"type": "invite", "nick": "third", "room": "dev"})
         self.assertEqual(self.op.expect("inviting")["nick"], "third")
         self.assertEqual(third.expect("invited")["by"], "opener")
-        third.send({"type": "join", "room": "dev"})
-        self.assertEqual(third.expect("joined")["room"], "dev")
+        third.send({"type": "quit"})      # an invitation is the person's, not the nick's
+        taker = self.peer("third", ip="192.0.2.14")
+        taker.send({"type": "join", "room": "dev"})
+        self.assertEqual(taker.expect("error")["code"], "invite-only")
+        self.op.send({"type": "invite", "nick": "third", "room": "dev"})
+        taker.send({"type": "nick", "nick": "thirdly"}, {"type": "join", "room": "dev"})
+        self.assertEqual(taker.expect("joined")["room"], "dev")
         self.mode("-i+b", "FOURTH!*@*")
         fourth = self.peer("Fourth", ip="192.0.2.13")
         fourth.send({"type": "join", "room": "dev"})
@@ -3634,8 +3646,22 @@ class IrcRegistrationTest(HarnessTestCase):
         irc.send("CAP LS 302", "CAP REQ :sasl", "NICK alice", "USER a 0 * :A", "AUTHENTICATE PLAIN")
         self.assertEqual(irc.expect("AUTHENTICATE").params, ["+"])
         irc.send(f"AUTHENTICATE {token}")
-        self.assertIn("alice", irc.expect("900").params)
-        irc.expect("903")
+        logged_in = irc.expect("900").params
+        self.assertEqual((logged_in[0], logged_in[1].split("@")[0], logged_in[2]), ("alice", "alice!a", "alice"))
+        self.assertEqual(irc.expect("903").params[0], "alice")
+        irc.send("CAP END")
+        self.assertEqual(irc.expect("001").params[0], "alice")
+
+    def test_sasl_after_a_typo_waits_its_turn_and_is_let_in(self):
+        self.register_offline("alice", "alicepw")
+        irc = self.server.irc()
+        irc.send("CAP LS 302", "CAP REQ :sasl", "NICK alice", "USER a 0 * :A")
+        for password in ("alicepx", "alicepw"):     # (the right one right after the typo)
+            token = base64.b64encode(f"alice\0alice\0{password}".encode()).decode()
+            irc.send("AUTHENTICATE PLAIN", f"AUTHENTICATE {token}")
+        self.server.advance(5)
+        self.assertEqual([line.command for line in irc.frames() if line.command in ("904", "900", "903")],
+                         ["904", "900", "903"], "a typo costs a wait, never the right password")
         irc.send("CAP END")
         self.assertEqual(irc.expect("001").params[0], "alice")
 
@@ -3795,6 +3821,15 @@ class IrcChatTest(HarnessTestCase):
         self.bob.send({"type": "mode", "room": "dev", "modes": "+i"})
         self.alice.send("INVITE carol #dev")
         self.assertEqual(self.alice.expect("482").params[:2], ["alice", "#dev"])
+
+    def test_a_topics_setter_list_modes_and_user_modes(self):
+        self.bob.send({"type": "join", "room": "team"}, {"type": "topic", "room": "team", "text": "plans"})
+        self.alice.send("JOIN #team")
+        self.assertEqual(self.alice.expect("333").params[2], self.server.chat.ident("bob"), "nick!user@host")
+        self.alice.expect("366")
+        self.alice.send("MODE #team e", "MODE #team +I", "MODE alice +i", "MODE alice +Z")
+        self.assertEqual([(line.command, line.params[1]) for line in self.alice.frames()],
+                         [("349", "#team"), ("347", "#team"), ("221", "+i"), ("501", "Unknown MODE flag")])
 
     def test_topic_away_ison_and_userhost(self):
         self.alice.send("TOPIC #lobby :release friday")
@@ -5089,6 +5124,16 @@ class RenderTest(unittest.TestCase):
             ({"type": "nick", "old": "bob", "new": "rob"}, "-- bob is now known as rob"),
             ({"type": "error", "code": "no-such-user", "text": "nobody"}, "!!! nobody (no-such-user)"),
             ({"type": "bye", "reason": "maintenance"}, "*** the server is going away: maintenance"),
+            ({"type": "mode", "room": "dev", "by": "bob", "modes": "+o", "args": ["carol"]},
+             "-- bob made carol an operator of #dev"),
+            ({"type": "mode", "room": "dev", "by": "bob", "modes": "+mk", "args": ["sesame"]},
+             "-- bob set +mk sesame on #dev"),
+            ({"type": "invited", "room": "dev", "by": "bob"}, "-- bob invites you to #dev (/join #dev)"),
+            ({"type": "whois", "nick": "bob", "online": True, "account": "robert", "rooms": []},
+             "-- bob: logged in as robert; in no room"),
+            ({"type": "whois", "nick": "bob", "online": True, "account": None, "rooms": ["dev"]},
+             "-- bob: a guest; in #dev"),
+            ({"type": "msg", "from": "bob", "text": "build is green", "notice": True}, "-bob- build is green"),
             ({"type": "pong"}, None),
             ({"type": "from-the-future"}, None),
         ]
@@ -5297,7 +5342,8 @@ class HostileServerTest(unittest.TestCase):
     def test_no_frame_of_any_type_with_any_hostile_value_crashes_the_renderer(self):
         view = chat.View(me="alice", color=True, timestamps=True, rooms=True, width=40)
         fields = ("ts", "until", "since", "idle", "users", "retry_after", "text", "from", "nick", "room", "reason",
-                  "rooms", "bans", "away", "history", "topic", "by", "online", "account", "code", "old", "new")
+                  "rooms", "bans", "away", "history", "topic", "by", "online", "account", "code", "old", "new",
+                  "modes", "args")
         values = (1e300, -1e300, float("nan"), float("inf"), -1, 10 ** 40, True, None, "\x1b[2J", [1, {}], {"a": 1},
                   [{"until": 1e300, "since": float("nan"), "users": 10 ** 40, "name": 5}])
         for kind in chat._RENDERERS:
@@ -6110,7 +6156,7 @@ class ReadmeTest(unittest.TestCase):
         server = Harness()
         client_sends = set(server.chat.handlers) | set(server.chat.before_hello)
         server_sends = {"welcome", "msg", "join", "leave", "nick", "who", "joined", "parted", "rooms", "notice",
-                        "error", "ping", "pong", "bye", "registered", "topic", "whois", "bans", "op"}
+                        "error", "ping", "pong", "bye", "registered", "topic", "whois", "bans", "op", "mode", "invited"}
         self.assertEqual(set(chat._RENDERERS) - server_sends, set(), "the client renders no other type")
         for kind in client_sends | server_sends:
             with self.subTest(kind):
