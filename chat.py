@@ -3365,7 +3365,8 @@ class People:
                      and name_key(str(record.get("nick"))) == name_key(nick)), None)
 
     def bans(self, room: Optional["Room"]) -> List[dict]:
-        """The bans and mutes in force (of `room`; None: all)."""
+        """The bans and mutes in force (of `room`; None: all), and the rooms'
+        ban masks (IRC's +b: they last while the room has members)."""
         now, listed = self.chat.out.ts, []
         for kind in ("ban", "mute"):
             for key, record in self.records.items(kind):
@@ -3373,6 +3374,9 @@ class People:
                 if ban is not None and (room is None or key.startswith(scoped(room, ""))):
                     listed.append({"kind": kind, "nick": ban.nick, "until": ban.until, "reason": ban.reason,
                                    "by": ban.by, "room": ban.room})
+        for where in [room] if room is not None else self.chat.rooms:
+            listed += [{"kind": "mask", "nick": mask, "until": None, "by": by, "at": at, "room": where.name}
+                       for mask, (by, at) in where.modes.masks.items()]
         return listed
 
     def set_topic(self, actor: Optional["Conn"], room: "Room", text: str) -> None:
@@ -8448,6 +8452,8 @@ def _ban_text(ban: dict) -> str:
     when = local_time(until, "until %Y-%m-%d %H:%M") if type(until) in (int, float) else "until lifted"
     where = f" in #{_field(ban, 'room')}" if ban.get("room") else ""
     why = f": {_field(ban, 'reason')}" if ban.get("reason") else ""
+    if ban.get("kind") == "mask":       # (IRC's +b)
+        when = "(a mask, until the room empties)"
     return f"{_field(ban, 'nick')} {'muted' if ban.get('kind') == 'mute' else 'banned'}{where} {when} by {_field(ban, 'by')}{why}"
 
 

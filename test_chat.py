@@ -3057,6 +3057,10 @@ class RoomModesTest(CommunityTestCase):
         self.assertEqual(fourth.expect("error")["code"], "banned")
         self.op.send({"type": "mode", "room": "dev", "modes": "+b"})
         self.assertEqual([m["mask"] for m in self.op.expect("banlist")["masks"]], ["fourth!*@*"])
+        self.op.send({"type": "bans", "room": "dev"})     # (a client's /bans shows them too)
+        listed = self.op.expect("bans")["bans"]
+        self.assertEqual(chat._ban_text(listed[0]), "fourth!*@* banned in #dev (a mask, until the room empties)"
+                                                    " by opener")
 
     def test_moderated_and_no_external_and_voice(self):
         self.other.send({"type": "msg", "room": "dev", "text": "from outside"})
