@@ -3920,18 +3920,18 @@ class Chat:
         self.store: Store = store or open_store(config)
         self.relay: Relay = (relay or LocalRelay)(self)
         self.people = People(self, Records(self.store, self.relay.records))
+        self.directory = Directory(self)
         self.hashing = Hashing(io)               # password hashes, off the loop
-        self.departed: collections.deque = collections.deque(maxlen=WHOWAS_MAX)   # who left, newest first
-        self.peak_here = self.peak_users = 0    # the most users seen at once, here and on every server
         self.before_hello: Dict[str, Callable[[Conn, dict], None]] = {
             "hello": self.on_hello, "quit": self.on_quit, "ping": self.on_ping,
             "authenticate": self.people.on_authenticate}
         self.irc_audiences: Dict[frozenset, IrcAudience] = {}   # by the capabilities that change how lines read
         self.handlers: Dict[str, Callable[[Conn, dict], None]] = {
             "hello": self.on_second_hello, "msg": self.on_msg, "me": self.on_msg, "pm": self.on_pm,
-            "nick": self.on_nick, "who": self.on_who, "ping": self.on_ping, "pong": self.on_pong,
-            "quit": self.on_quit, "join": self.on_join, "part": self.on_part, "rooms": self.on_rooms,
-            "mode": self.on_mode, "invite": self.on_invite, "whowas": self.on_whowas, "lusers": self.on_lusers,
+            "nick": self.on_nick, "ping": self.on_ping, "pong": self.on_pong, "quit": self.on_quit,
+            "join": self.on_join, "part": self.on_part, "mode": self.on_mode, "invite": self.on_invite,
+            "who": self.directory.on_who, "rooms": self.directory.on_rooms, "whowas": self.directory.on_whowas,
+            "lusers": self.directory.on_lusers,
             **self.people.handlers(),
         }
 
@@ -3996,24 +3996,8 @@ class Chat:
     def irc_audience(self, caps: frozenset) -> IrcAudience:
         """The audience of IRC clients reading lines with `caps` (one for each set)."""
         if caps not in self.irc_audiences:
-            self.irc_audiences[caps] = IrcAudience(caps, self.config.server_name, self.ident)
+            self.irc_audiences[caps] = IrcAudience(caps, self.config.server_name, self.directory.ident)
         return self.irc_audiences[caps]
-
-    def ident(self, nick: str) -> str:
-        """nick!user@host of a user here, on another server, or gone lately
-        (as IRC prefixes lines); the server's name for the console's acts."""
-        if not nick or " " in nick:     # ("the operator": no nick can have a space)
-            return self.config.server_name
-        conn = self.users.get(name_key(nick))
-        if conn is not None:
-            return f"{conn.nick}!{conn.username}@{cloak(conn.ip)}"
-        profile = self.relay.profile(name_key(nick))
-        if profile:
-            return f"{nick}!{profile.get('username') or 'user'}@{profile.get('host') or 'hidden'}"
-        for entry in itertools.islice(self.departed, 50):
-            if entry["nick"] == nick:
-                return f"{nick}!{entry['username']}@{entry['host']}"
-        return f"{nick}!user@{self.config.server_name}"
 
     def end_turn(self) -> List[Conn]:
         """The turn's events are handled: fan out, keep history within its
@@ -4190,7 +4174,7 @@ class Chat:
         self.move(conn, JOINED)
         self.gate.joined(conn)
         self.users[conn.key] = conn
-        self.peak_here = max(self.peak_here, len(self.users))
+        self.directory.arrived()
         conn.since = conn.said = self.out.ts
         conn.echo = type(hello.get("protocol")) is int and hello["protocol"] >= 3 and hello.get("echo") is not False
         since = hello.get("since") if hello.get("instance") == self.relay.instance else None
@@ -4307,8 +4291,7 @@ class Chat:
             return
         del self.users[conn.key]
         self.people.left(conn)
-        self.departed.appendleft({"nick": conn.nick, "username": conn.username, "host": cloak(conn.ip),
-                                  "realname": conn.realname, "server": self.config.server_name, "at": self.out.ts})
+        self.directory.left(conn)
         if hold and self.config.nick_hold > 0:
             self.nicks.hold(conn)
         else:       # first, so that other servers count the rooms without them
@@ -4543,6 +4526,10 @@ class Chat:
             later.append(True)
             self.awaiting(conn)
 
+    def _neighbours(self, conn: Conn) -> set:
+        """Everyone who shares a room with `conn`, and `conn` itself."""
+        return {conn}.union(*(room.members for room in conn.rooms))
+
     def _rename(self, conn: Conn, new: str) -> None:
         old, old_key, key = conn.nick, conn.key, name_key(new)
         del self.users[conn.key]
@@ -4557,85 +4544,6 @@ class Chat:
             self.relay.release(old_key)
         self.relay.presence(conn)
         self.relay.event([room.name for room in conn.rooms], event)
-
-    def _neighbours(self, conn: Conn) -> set:
-        """Everyone who shares a room with `conn`, and `conn` itself."""
-        return {conn}.union(*(room.members for room in conn.rooms))
-
-    def on_who(self, conn: Conn, frame: dict) -> None:
-        name = frame.get("room")
-        if name is None:
-            reply: dict = {"type": "who", "users": sorted(self._everyone(conn, frame), key=str.casefold)}
-        else:
-            room = self.rooms.get(check_room(name))
-            if room is None:
-                raise ProtocolError("no-such-room", f"there is no room #{check_room(name)}")
-            reply = {"type": "who", "room": room.name, "users": room.nicks(), "ops": self.ops_of(room),
-                     "voiced": [member.nick for member in room.members if member.key in room.modes.voiced],
-                     "secret": "s" in room.modes.flags}
-        away = {nick: text for nick, text in ((n, self.away_of(n)) for n in reply["users"]) if text}
-        if away:
-            reply["away"] = away
-        if frame.get("full") is True:       # who each one is (IRC's WHO)
-            reply["people"] = [self.person(nick) for nick in reply["users"]]
-            self.reply(conn, self.out.encode_for(conn, reply, "people"))
-            return
-        self.reply(conn, self.out.encode_for(conn, reply, "users"))
-
-    WHO_SCANNED_PER_TOKEN = 100     # users a `who` with a mask looks at for one flood token
-
-    def _everyone(self, conn: Conn, frame: dict) -> List[str]:
-        """The nicks a server-wide `who` asks for: `nicks` (at most 32: found
-        one by one), or those matching `mask` (an IRC mask; each one looked
-        at costs), or everyone."""
-        nicks, mask = frame.get("nicks"), frame.get("mask")
-        if type(nicks) is list:
-            keys = {name_key(nick) for nick in nicks[:32] if type(nick) is str and len(nick) <= NAME_MAX * 4}
-            found = [self.users[key].nick if key in self.users else (self.relay.profile(key) or {}).get("nick")
-                     for key in keys]
-            return [nick for nick in found if type(nick) is str]
-        everyone = [c.nick for c in self.users.values()] + self.relay.others()
-        if type(mask) is str:
-            conn.tokens -= len(everyone) / self.WHO_SCANNED_PER_TOKEN
-            pattern = name_key(mask[:100])
-            everyone = [nick for nick in everyone if mask_matches(name_key(nick), pattern)]
-        return everyone
-
-    def ops_of(self, room: Room) -> List[str]:
-        """The operators of `room` among its members here."""
-        return [member.nick for member in room.members if self.people.is_room_op(member, room)]
-
-    def person(self, nick: str) -> dict:
-        """Who a user here or on another server is, as `who` with `full` tells it."""
-        conn = self.users.get(name_key(nick))
-        profile = self.people.profile(conn) if conn is not None else (self.relay.profile(name_key(nick)) or {})
-        return dict({field: profile.get(field) for field in ("username", "host", "realname", "away", "account",
-                                                             "server", "op")}, nick=nick)
-
-    def away_of(self, nick: str) -> Optional[str]:
-        """The away text of a user here or on another server."""
-        conn = self.users.get(name_key(nick))
-        if conn is not None:
-            return conn.away
-        return (self.relay.profile(name_key(nick)) or {}).get("away")
-
-    def on_whowas(self, conn: Conn, frame: dict) -> None:
-        """Who had a nick before (the newest `count`, or 10), as they left."""
-        nick, count = check_name(frame.get("nick")), frame.get("count")
-        count = count if type(count) is int and 0 < count <= 10 else 10
-        key = name_key(nick)
-        entries = [dict(entry) for entry in self.departed if name_key(entry["nick"]) == key][:count]
-        self.reply(conn, self.out.encode_for(conn, {"type": "whowas", "nick": nick, "entries": entries}))
-
-    def on_lusers(self, conn: Conn, frame: dict) -> None:
-        """How many are here: users (on every server), on this server, not joined yet; servers; rooms."""
-        users = len(self.users) + len(self.relay.others())
-        self.peak_users = max(self.peak_users, users, self.peak_here)    # (others are counted when asked)
-        self.reply(conn, self.out.encode_for(conn, {
-            "type": "lusers", "users": users, "here": len(self.users),
-            "max_users": self.peak_users, "max_here": self.peak_here,
-            "unjoined": len(self.conns) - len(self.users), "servers": 1 + len(self.relay.servers()),
-            "rooms": sum(1 for room in self.rooms if room.count())}))
 
     def on_ping(self, conn: Conn, frame: dict) -> None:
         data = self.out.encode_for(conn, dict(frame, type="pong"))
@@ -4670,7 +4578,7 @@ class Chat:
             self.people.left(conn)
         history = list(room.history)
         joined = {"type": "joined", "room": room.name, "users": room.nicks(), "seq": room.seq,
-                  "op": self.people.is_room_op(conn, room), "ops": self.ops_of(room),
+                  "op": self.people.is_room_op(conn, room), "ops": self.directory.ops_of(room),
                   "voiced": [member.nick for member in room.members if member.key in room.modes.voiced]}
         topic = self.people.topic(room)
         if topic["text"]:
@@ -4875,19 +4783,6 @@ class Chat:
             raise ProtocolError("no-such-room", f"there is no room #{check_room(name)}")
         return room
 
-    def on_rooms(self, conn: Conn, frame: dict) -> None:
-        listing = []
-        for entry in self.rooms.listing():
-            room = self.rooms.get(entry["name"])
-            assert room is not None     # (listing() names rooms in the table)
-            if "s" in room.modes.flags and room not in conn.rooms:
-                continue                # a secret room only to its members
-            topic = self.people.topic(room)["text"]
-            if topic:                   # (the rooms' topics, where they have one)
-                entry["topic"] = topic
-            listing.append(entry)
-        self.reply(conn, self.out.encode_for(conn, {"type": "rooms", "rooms": listing}, "rooms"))
-
     def _event(self, room: Room, frame: dict, sender: Optional[Conn] = None) -> None:
         """A join or leave: this server's members of `room` now, the others' through the relay."""
         self.out.to_room(room, frame, sender)
@@ -4980,6 +4875,129 @@ class Chat:
             return False
         self.people.enforce("kick", key, "the operator", reason, None)
         return True
+
+class Directory:
+    """Who is here and who was: the answers to who, whowas, lusers and rooms, and how a user is named
+    to IRC (nick!user@host). It asks the users, rooms and relay; it owns only the memory of who left."""
+
+    def __init__(self, chat: Chat) -> None:
+        self.chat = chat
+        self.departed: collections.deque = collections.deque(maxlen=WHOWAS_MAX)   # who left, newest first
+        self.peak_here = self.peak_users = 0    # the most users seen at once, here and on every server
+
+    def arrived(self) -> None:
+        """A user joined the server (counted for LUSERS' "max")."""
+        self.peak_here = max(self.peak_here, len(self.chat.users))
+
+    def left(self, conn: Conn) -> None:
+        """A user left the server: as WHOWAS tells it."""
+        self.departed.appendleft({"nick": conn.nick, "username": conn.username, "host": cloak(conn.ip),
+                                  "realname": conn.realname, "server": self.chat.config.server_name,
+                                  "at": self.chat.out.ts})
+
+    def ident(self, nick: str) -> str:
+        """nick!user@host of a user here, on another server, or gone lately
+        (as IRC prefixes lines); the server's name for the console's acts."""
+        if not nick or " " in nick:     # ("the operator": no nick can have a space)
+            return self.chat.config.server_name
+        conn = self.chat.users.get(name_key(nick))
+        if conn is not None:
+            return f"{conn.nick}!{conn.username}@{cloak(conn.ip)}"
+        profile = self.chat.relay.profile(name_key(nick))
+        if profile:
+            return f"{nick}!{profile.get('username') or 'user'}@{profile.get('host') or 'hidden'}"
+        for entry in itertools.islice(self.departed, 50):
+            if entry["nick"] == nick:
+                return f"{nick}!{entry['username']}@{entry['host']}"
+        return f"{nick}!user@{self.chat.config.server_name}"
+
+    def on_who(self, conn: Conn, frame: dict) -> None:
+        name = frame.get("room")
+        if name is None:
+            reply: dict = {"type": "who", "users": sorted(self._everyone(conn, frame), key=str.casefold)}
+        else:
+            room = self.chat.rooms.get(check_room(name))
+            if room is None:
+                raise ProtocolError("no-such-room", f"there is no room #{check_room(name)}")
+            reply = {"type": "who", "room": room.name, "users": room.nicks(), "ops": self.ops_of(room),
+                     "voiced": [member.nick for member in room.members if member.key in room.modes.voiced],
+                     "secret": "s" in room.modes.flags}
+        away = {nick: text for nick, text in ((n, self.away_of(n)) for n in reply["users"]) if text}
+        if away:
+            reply["away"] = away
+        if frame.get("full") is True:       # who each one is (IRC's WHO)
+            reply["people"] = [self.person(nick) for nick in reply["users"]]
+            self.chat.reply(conn, self.chat.out.encode_for(conn, reply, "people"))
+            return
+        self.chat.reply(conn, self.chat.out.encode_for(conn, reply, "users"))
+
+    WHO_SCANNED_PER_TOKEN = 100     # users a `who` with a mask looks at for one flood token
+
+    def _everyone(self, conn: Conn, frame: dict) -> List[str]:
+        """The nicks a server-wide `who` asks for: `nicks` (at most 32: found
+        one by one), or those matching `mask` (an IRC mask; each one looked
+        at costs), or everyone."""
+        nicks, mask = frame.get("nicks"), frame.get("mask")
+        if type(nicks) is list:
+            keys = {name_key(nick) for nick in nicks[:32] if type(nick) is str and len(nick) <= NAME_MAX * 4}
+            found = [self.chat.users[key].nick if key in self.chat.users else (self.chat.relay.profile(key) or {}).get("nick")
+                     for key in keys]
+            return [nick for nick in found if type(nick) is str]
+        everyone = [c.nick for c in self.chat.users.values()] + self.chat.relay.others()
+        if type(mask) is str:
+            conn.tokens -= len(everyone) / self.WHO_SCANNED_PER_TOKEN
+            pattern = name_key(mask[:100])
+            everyone = [nick for nick in everyone if mask_matches(name_key(nick), pattern)]
+        return everyone
+
+    def ops_of(self, room: Room) -> List[str]:
+        """The operators of `room` among its members here."""
+        return [member.nick for member in room.members if self.chat.people.is_room_op(member, room)]
+
+    def person(self, nick: str) -> dict:
+        """Who a user here or on another server is, as `who` with `full` tells it."""
+        conn = self.chat.users.get(name_key(nick))
+        profile = self.chat.people.profile(conn) if conn is not None else (self.chat.relay.profile(name_key(nick)) or {})
+        return dict({field: profile.get(field) for field in ("username", "host", "realname", "away", "account",
+                                                             "server", "op")}, nick=nick)
+
+    def away_of(self, nick: str) -> Optional[str]:
+        """The away text of a user here or on another server."""
+        conn = self.chat.users.get(name_key(nick))
+        if conn is not None:
+            return conn.away
+        return (self.chat.relay.profile(name_key(nick)) or {}).get("away")
+
+    def on_whowas(self, conn: Conn, frame: dict) -> None:
+        """Who had a nick before (the newest `count`, or 10), as they left."""
+        nick, count = check_name(frame.get("nick")), frame.get("count")
+        count = count if type(count) is int and 0 < count <= 10 else 10
+        key = name_key(nick)
+        entries = [dict(entry) for entry in self.departed if name_key(entry["nick"]) == key][:count]
+        self.chat.reply(conn, self.chat.out.encode_for(conn, {"type": "whowas", "nick": nick, "entries": entries}))
+
+    def on_lusers(self, conn: Conn, frame: dict) -> None:
+        """How many are here: users (on every server), on this server, not joined yet; servers; rooms."""
+        users = len(self.chat.users) + len(self.chat.relay.others())
+        self.peak_users = max(self.peak_users, users, self.peak_here)    # (others are counted when asked)
+        self.chat.reply(conn, self.chat.out.encode_for(conn, {
+            "type": "lusers", "users": users, "here": len(self.chat.users),
+            "max_users": self.peak_users, "max_here": self.peak_here,
+            "unjoined": len(self.chat.conns) - len(self.chat.users), "servers": 1 + len(self.chat.relay.servers()),
+            "rooms": sum(1 for room in self.chat.rooms if room.count())}))
+
+    def on_rooms(self, conn: Conn, frame: dict) -> None:
+        listing = []
+        for entry in self.chat.rooms.listing():
+            room = self.chat.rooms.get(entry["name"])
+            assert room is not None     # (listing() names rooms in the table)
+            if "s" in room.modes.flags and room not in conn.rooms:
+                continue                # a secret room only to its members
+            topic = self.chat.people.topic(room)["text"]
+            if topic:                   # (the rooms' topics, where they have one)
+                entry["topic"] = topic
+            listing.append(entry)
+        self.chat.reply(conn, self.chat.out.encode_for(conn, {"type": "rooms", "rooms": listing}, "rooms"))
 
 
 # ---------------------------------------------------------------------------

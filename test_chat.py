@@ -3829,7 +3829,7 @@ class IrcChatTest(HarnessTestCase):
     def test_a_topics_setter_list_modes_and_user_modes(self):
         self.bob.send({"type": "join", "room": "team"}, {"type": "topic", "room": "team", "text": "plans"})
         self.alice.send("JOIN #team")
-        self.assertEqual(self.alice.expect("333").params[2], self.server.chat.ident("bob"), "nick!user@host")
+        self.assertEqual(self.alice.expect("333").params[2], self.server.chat.directory.ident("bob"), "nick!user@host")
         self.alice.expect("366")
         self.alice.send("MODE #team e", "MODE #team +I", "MODE alice +i", "MODE alice +Z")
         self.assertEqual([(line.command, line.params[1]) for line in self.alice.frames()],
