@@ -1018,6 +1018,71 @@ class RoomModes:
         """Whether `mask` (nick!user@host, casefolded) matches a ban mask."""
         return any(mask_matches(mask, pattern) for pattern in self.masks)
 
+    def change(self, on: bool, mode: str, args: List[str], member: Callable[[Optional[str]], Tuple[str, str]],
+               by: str, now: float) -> Optional[str]:
+        """Set (`on`) or unset one mode, taking its argument from the front of
+        `args`: the argument as told ("" if none), or None when nothing
+        changed; ProtocolError if it cannot be. `member` finds the room's
+        member a nick names (for o and v), `by` and `now` say who set a ban mask."""
+        if mode in "ov":
+            key, nick = member(args.pop(0) if args else None)
+            held = self.ops if mode == "o" else self.voiced
+            if (key in held) == on:
+                return None
+            (held.add if on else held.discard)(key)
+            return nick
+        if mode == "k":
+            return self._key(on, args.pop(0) if args else "")
+        if mode == "l":
+            return self._limit(args.pop(0) if args else "") if on else self._flag(False, "l")
+        if mode == "b":
+            return self._mask(on, args.pop(0) if args else "", by, now)
+        if mode in self.FLAGS:
+            return self._flag(on, mode)
+        raise ProtocolError("bad-mode", f"there is no mode {shown(mode)}; modes: b i k l m n o s t v", mode=mode)
+
+    def _flag(self, on: bool, mode: str) -> Optional[str]:
+        if (mode in self.flags) == on:
+            return None
+        (self.flags.add if on else self.flags.discard)(mode)
+        return ""
+
+    def _key(self, on: bool, key: str) -> Optional[str]:
+        if on and (not 0 < len(key) <= self.KEY_MAX or not key.isprintable() or " " in key or "," in key
+                   or key.startswith(":")):     # (a leading ':' would end an IRC line's words)
+            raise ProtocolError("bad-field", f"a room's key is 1-{self.KEY_MAX} characters, no spaces or commas",
+                                mode="k")
+        if not on and "k" not in self.flags:
+            return None
+        self.key = key if on else ""
+        self._flag(on, "k")
+        return key if on else "*"
+
+    def _limit(self, limit: str) -> str:
+        if not limit.isdigit() or not 0 < int(limit) <= 1_000_000:
+            raise ProtocolError("bad-field", "a room's limit is a number of members, 1 or more", mode="l")
+        self.limit = int(limit)
+        self.flags.add("l")
+        return limit
+
+    def _mask(self, on: bool, mask: str, by: str, now: float) -> Optional[str]:
+        mask = (mask if "!" in mask or "@" in mask else f"{mask}!*@*").casefold()
+        if not 3 < len(mask) <= 100 or not mask.isprintable() or " " in mask or mask.startswith(":"):
+            raise ProtocolError("bad-field", "a ban mask is like nick!user@host, * for any", mode="b")
+        if on == (mask in self.masks) or (on and len(self.masks) >= 100):
+            return None
+        if on:
+            self.masks[mask] = (by, now)
+        else:
+            del self.masks[mask]
+        return mask
+
+    def invite(self, session: str) -> None:
+        """Let the holder of `session` in past +i, once (the oldest invitations go past 1,000)."""
+        if len(self.invited) >= 1000:
+            self.invited.pop()
+        self.invited.add(session)
+
 
 class Room:
     __slots__ = ("name", "key", "maker", "opener", "members", "audiences", "remote", "roster", "arrivals",
@@ -3921,6 +3986,7 @@ class Chat:
         self.relay: Relay = (relay or LocalRelay)(self)
         self.people = People(self, Records(self.store, self.relay.records))
         self.directory = Directory(self)
+        self.room_modes = RoomModeRules(self)
         self.hashing = Hashing(io)               # password hashes, off the loop
         self.before_hello: Dict[str, Callable[[Conn, dict], None]] = {
             "hello": self.on_hello, "quit": self.on_quit, "ping": self.on_ping,
@@ -3929,9 +3995,8 @@ class Chat:
         self.handlers: Dict[str, Callable[[Conn, dict], None]] = {
             "hello": self.on_second_hello, "msg": self.on_msg, "me": self.on_msg, "pm": self.on_pm,
             "nick": self.on_nick, "ping": self.on_ping, "pong": self.on_pong, "quit": self.on_quit,
-            "join": self.on_join, "part": self.on_part, "mode": self.on_mode, "invite": self.on_invite,
-            "who": self.directory.on_who, "rooms": self.directory.on_rooms, "whowas": self.directory.on_whowas,
-            "lusers": self.directory.on_lusers,
+            "join": self.on_join, "part": self.on_part, "who": self.directory.on_who, "rooms": self.directory.on_rooms, "whowas": self.directory.on_whowas,
+            "lusers": self.directory.on_lusers, "mode": self.room_modes.on_mode, "invite": self.room_modes.on_invite,
             **self.people.handlers(),
         }
 
@@ -4563,7 +4628,7 @@ class Chat:
         if ban is not None:
             raise self.people.refusal(ban, f"#{name}")
         if existing is not None and existing not in conn.rooms and existing.count() and not self.people.is_op(conn):
-            self._may_enter(conn, existing, frame.get("key"))
+            self.room_modes.may_enter(conn, existing, frame.get("key"))
         room = self.rooms.open(name, conn.source)
         self._with_its_history(room)
         self.out.flush()
@@ -4602,30 +4667,12 @@ class Chat:
                     if ban is not None:
                         raise self.people.refusal(ban, f"#{room.name}")
                     if room.count() and not self.people.is_op(conn):
-                        self._may_enter(conn, room, None)
+                        self.room_modes.may_enter(conn, room, None)
                 allowed.append(room)
             except ProtocolError as error:
                 error.fields["room"] = room.name
                 refused.append(error)
         return allowed, refused
-
-    def _may_enter(self, conn: Conn, room: Room, key: object) -> None:
-        """ProtocolError unless `room`'s modes let `conn` in: its ban masks,
-        +i (unless invited), +k (with the key), +l (while there is room)."""
-        modes = room.modes
-        if modes.banned(self.mask_of(conn)):
-            raise ProtocolError("banned", f"you are banned from #{room.name}")
-        if "i" in modes.flags and conn.session not in modes.invited:
-            raise ProtocolError("invite-only", f"#{room.name} is for those invited only: ask one of its operators")
-        if "k" in modes.flags and not (type(key) is str and hmac.compare_digest(key.encode(), modes.key.encode())):
-            raise ProtocolError("bad-key", f"#{room.name} needs its key to join")
-        if "l" in modes.flags and room.count() >= modes.limit:
-            raise ProtocolError("room-full", f"#{room.name} is full ({plural(modes.limit, 'member')})")
-        modes.invited.discard(conn.session)
-
-    def mask_of(self, conn: Conn) -> str:
-        """nick!user@host, casefolded, as ban masks are matched."""
-        return f"{conn.nick}!{conn.username}@{cloak(conn.ip)}".casefold()
 
     def on_part(self, conn: Conn, frame: dict) -> None:
         room, message = self.room_of(conn, frame.get("room")), frame.get("reason")
@@ -4648,140 +4695,6 @@ class Chat:
         if reason != "parted":
             parted.update(reason=reason, **({"by": by} if by else {}), **({"message": message} if message else {}))
         self.out.send(conn, parted)
-
-    # -- room modes and invitations --------------------------------------------
-
-    def on_mode(self, conn: Conn, frame: dict) -> None:
-        """A room's modes (see RoomModes). Without `modes`: what they are.
-        With `modes` ("+k-l", their arguments in `args`): changed by the
-        room's operators, and what changed told to the room (`mode`); "+b"
-        alone lists its ban masks. What cannot be changed is refused after
-        the rest is done."""
-        room, changes, args = self._open_room(frame.get("room")), frame.get("modes"), frame.get("args", [])
-        if changes is None:
-            modes, shown = room.modes.shown(room in conn.rooms)
-            self.reply(conn, self.out.encode_for(conn, {"type": "modes", "room": room.name, "modes": modes,
-                                                        "args": shown, "created": room.modes.created}))
-            return
-        if type(changes) is not str or len(changes) > 40 or type(args) is not list or len(args) > 12 \
-                or not all(type(arg) is str and len(arg) <= 512 for arg in args):
-            raise ProtocolError("bad-field", "modes are like \"+k\" with \"args\": [\"key\"] (at most 12)")
-        if changes.strip("+") == "b" and not args:
-            masks = [{"mask": mask, "by": by, "at": at} for mask, (by, at) in room.modes.masks.items()]
-            self.reply(conn, self.out.encode_for(conn, {"type": "banlist", "room": room.name, "masks": masks}))
-            return
-        if not self.people.is_room_op(conn, room):
-            raise ProtocolError("not-allowed", f"only an operator of #{room.name} changes its modes")
-        applied, applied_args, refused = self._change_modes(conn, room, changes, list(args))
-        if applied:
-            self.out.to_room(room, {"type": "mode", "room": room.name, "by": conn.nick, "modes": applied,
-                                    "args": applied_args})
-        if refused is not None:
-            raise refused
-
-    def _change_modes(self, conn: Conn, room: Room, changes: str,
-                      args: List[str]) -> Tuple[str, List[str], Optional[ProtocolError]]:
-        """Apply `changes`; what changed ("+o-k", its arguments), and the first refusal, if any."""
-        modes, sign, written, applied, applied_args = room.modes, "+", "", "", []
-        refused: Optional[ProtocolError] = None
-        for mode in changes:
-            if mode in "+-":
-                sign = mode
-                continue
-            try:
-                arg = self._change_mode(conn, room, modes, sign == "+", mode, args)
-            except ProtocolError as error:
-                refused = refused or error
-                continue
-            if arg is not None:
-                applied += ("" if sign == written else sign) + mode
-                written = sign
-                applied_args += [arg] if arg else []
-        return applied, applied_args, refused
-
-    def _change_mode(self, conn: Conn, room: Room, modes: RoomModes, on: bool, mode: str,
-                     args: List[str]) -> Optional[str]:
-        """One mode set (`on`) or unset: its argument as told ("" if none),
-        or None when nothing changed."""
-        if mode in "ov":
-            nick = args.pop(0) if args else None
-            target = self.users.get(name_key(nick)) if type(nick) is str else None
-            if target is None:
-                raise ProtocolError("no-such-user", f"nobody here is called {shown(nick or '')}", nick=nick)
-            if room not in target.rooms:
-                raise ProtocolError("no-such-user", f"{target.nick} is not in #{room.name}", nick=target.nick,
-                                    elsewhere=True)
-            held = modes.ops if mode == "o" else modes.voiced
-            if (target.key in held) == on:
-                return None
-            (held.add if on else held.discard)(target.key)
-            return target.nick
-        if mode == "k":
-            key = args.pop(0) if args and (on or args) else ""
-            if on and (not 0 < len(key) <= RoomModes.KEY_MAX or not key.isprintable() or " " in key or "," in key
-                       or key.startswith(":")):     # (a leading ':' would end an IRC line's words)
-                raise ProtocolError("bad-field", f"a room's key is 1-{RoomModes.KEY_MAX} characters, no spaces"
-                                                 " or commas", mode="k")
-            if not on and "k" not in modes.flags:
-                return None
-            modes.key = key if on else ""
-            (modes.flags.add if on else modes.flags.discard)("k")
-            return key if on else "*"
-        if mode == "l":
-            if on:
-                limit = args.pop(0) if args else ""
-                if not limit.isdigit() or not 0 < int(limit) <= 1_000_000:
-                    raise ProtocolError("bad-field", "a room's limit is a number of members, 1 or more", mode="l")
-                modes.limit = int(limit)
-                modes.flags.add("l")
-                return limit
-            if "l" not in modes.flags:
-                return None
-            modes.flags.discard("l")
-            return ""
-        if mode == "b":
-            mask = args.pop(0) if args else ""
-            mask = (mask if "!" in mask or "@" in mask else f"{mask}!*@*").casefold()
-            if not 3 < len(mask) <= 100 or not mask.isprintable() or " " in mask or mask.startswith(":"):
-                raise ProtocolError("bad-field", "a ban mask is like nick!user@host, * for any", mode="b")
-            if on == (mask in modes.masks) or (on and len(modes.masks) >= 100):
-                return None
-            if on:
-                modes.masks[mask] = (conn.nick, self.out.ts)
-            else:
-                del modes.masks[mask]
-            return mask
-        if mode in RoomModes.FLAGS:
-            if (mode in modes.flags) == on:
-                return None
-            (modes.flags.add if on else modes.flags.discard)(mode)
-            return ""
-        raise ProtocolError("bad-mode", f"there is no mode {shown(mode)}; modes: b i k l m n o s t v", mode=mode)
-
-    def on_invite(self, conn: Conn, frame: dict) -> None:
-        """Invite someone here into a room you are in (one with +i: as its operator); they may join past +i."""
-        nick, room = check_name(frame.get("nick")), self._open_room(frame.get("room"))
-        if room not in conn.rooms:
-            raise ProtocolError("not-in-room", f"you are not in #{room.name}")
-        if "i" in room.modes.flags and not self.people.is_room_op(conn, room):
-            raise ProtocolError("not-allowed", f"only an operator of #{room.name} invites people into it")
-        target = self.users.get(name_key(nick))
-        if target is None:
-            raise ProtocolError("no-such-user", f"nobody on this server is called {nick}", nick=nick)
-        if room in target.rooms:
-            raise ProtocolError("already-in-room", f"{target.nick} is in #{room.name} already")
-        if len(room.modes.invited) >= 1000:
-            room.modes.invited.pop()
-        room.modes.invited.add(target.session)
-        self.out.send(target, {"type": "invited", "room": room.name, "by": conn.nick})
-        self.reply(conn, self.out.encode_for(conn, {"type": "inviting", "nick": target.nick, "room": room.name}))
-
-    def _open_room(self, name: object) -> Room:
-        """The room `name` names, if anyone is in it; else ProtocolError('no-such-room')."""
-        room = self.rooms.get(check_room(name))
-        if room is None or not room.count():
-            raise ProtocolError("no-such-room", f"there is no room #{check_room(name)}")
-        return room
 
     def _event(self, room: Room, frame: dict, sender: Optional[Conn] = None) -> None:
         """A join or leave: this server's members of `room` now, the others' through the relay."""
@@ -4875,6 +4788,113 @@ class Chat:
             return False
         self.people.enforce("kick", key, "the operator", reason, None)
         return True
+
+class RoomModeRules:
+    """Room modes as IRC has them (see RoomModes): the requests that read and change them
+    and invite people, and whether a room's modes let someone in."""
+
+    def __init__(self, chat: Chat) -> None:
+        self.chat = chat
+
+    def may_enter(self, conn: Conn, room: Room, key: object) -> None:
+        """ProtocolError unless `room`'s modes let `conn` in: its ban masks,
+        +i (unless invited), +k (with the key), +l (while there is room)."""
+        modes = room.modes
+        if modes.banned(self.mask_of(conn)):
+            raise ProtocolError("banned", f"you are banned from #{room.name}")
+        if "i" in modes.flags and conn.session not in modes.invited:
+            raise ProtocolError("invite-only", f"#{room.name} is for those invited only: ask one of its operators")
+        if "k" in modes.flags and not (type(key) is str and hmac.compare_digest(key.encode(), modes.key.encode())):
+            raise ProtocolError("bad-key", f"#{room.name} needs its key to join")
+        if "l" in modes.flags and room.count() >= modes.limit:
+            raise ProtocolError("room-full", f"#{room.name} is full ({plural(modes.limit, 'member')})")
+        modes.invited.discard(conn.session)
+
+    def mask_of(self, conn: Conn) -> str:
+        """nick!user@host, casefolded, as ban masks are matched."""
+        return f"{conn.nick}!{conn.username}@{cloak(conn.ip)}".casefold()
+
+    def on_mode(self, conn: Conn, frame: dict) -> None:
+        """A room's modes (see RoomModes). Without `modes`: what they are.
+        With `modes` ("+k-l", their arguments in `args`): changed by the
+        room's operators, and what changed told to the room (`mode`); "+b"
+        alone lists its ban masks. What cannot be changed is refused after
+        the rest is done."""
+        room, changes, args = self._open_room(frame.get("room")), frame.get("modes"), frame.get("args", [])
+        if changes is None:
+            modes, shown = room.modes.shown(room in conn.rooms)
+            self.chat.reply(conn, self.chat.out.encode_for(conn, {"type": "modes", "room": room.name, "modes": modes,
+                                                        "args": shown, "created": room.modes.created}))
+            return
+        if type(changes) is not str or len(changes) > 40 or type(args) is not list or len(args) > 12 \
+                or not all(type(arg) is str and len(arg) <= 512 for arg in args):
+            raise ProtocolError("bad-field", "modes are like \"+k\" with \"args\": [\"key\"] (at most 12)")
+        if changes.strip("+") == "b" and not args:
+            masks = [{"mask": mask, "by": by, "at": at} for mask, (by, at) in room.modes.masks.items()]
+            self.chat.reply(conn, self.chat.out.encode_for(conn, {"type": "banlist", "room": room.name, "masks": masks}))
+            return
+        if not self.chat.people.is_room_op(conn, room):
+            raise ProtocolError("not-allowed", f"only an operator of #{room.name} changes its modes")
+        applied, applied_args, refused = self._change_modes(conn, room, changes, list(args))
+        if applied:
+            self.chat.out.to_room(room, {"type": "mode", "room": room.name, "by": conn.nick, "modes": applied,
+                                    "args": applied_args})
+        if refused is not None:
+            raise refused
+
+    def _change_modes(self, conn: Conn, room: Room, changes: str,
+                      args: List[str]) -> Tuple[str, List[str], Optional[ProtocolError]]:
+        """Apply `changes`; what changed ("+o-k", its arguments), and the first refusal, if any."""
+        modes, sign, written, applied, applied_args = room.modes, "+", "", "", []
+        refused: Optional[ProtocolError] = None
+        for mode in changes:
+            if mode in "+-":
+                sign = mode
+                continue
+            try:
+                arg = modes.change(sign == "+", mode, args, functools.partial(self._member, room),
+                                   conn.nick, self.chat.out.ts)
+            except ProtocolError as error:
+                refused = refused or error
+                continue
+            if arg is not None:
+                applied += ("" if sign == written else sign) + mode
+                written = sign
+                applied_args += [arg] if arg else []
+        return applied, applied_args, refused
+
+    def _member(self, room: Room, nick: Optional[str]) -> Tuple[str, str]:
+        """The key and nick of `room`'s member `nick` (for +o, +v); else ProtocolError."""
+        target = self.chat.users.get(name_key(nick)) if type(nick) is str else None
+        if target is None:
+            raise ProtocolError("no-such-user", f"nobody here is called {shown(nick or '')}", nick=nick)
+        if room not in target.rooms:
+            raise ProtocolError("no-such-user", f"{target.nick} is not in #{room.name}", nick=target.nick,
+                                elsewhere=True)
+        return target.key, target.nick
+
+    def on_invite(self, conn: Conn, frame: dict) -> None:
+        """Invite someone here into a room you are in (one with +i: as its operator); they may join past +i."""
+        nick, room = check_name(frame.get("nick")), self._open_room(frame.get("room"))
+        if room not in conn.rooms:
+            raise ProtocolError("not-in-room", f"you are not in #{room.name}")
+        if "i" in room.modes.flags and not self.chat.people.is_room_op(conn, room):
+            raise ProtocolError("not-allowed", f"only an operator of #{room.name} invites people into it")
+        target = self.chat.users.get(name_key(nick))
+        if target is None:
+            raise ProtocolError("no-such-user", f"nobody on this server is called {nick}", nick=nick)
+        if room in target.rooms:
+            raise ProtocolError("already-in-room", f"{target.nick} is in #{room.name} already")
+        room.modes.invite(target.session)
+        self.chat.out.send(target, {"type": "invited", "room": room.name, "by": conn.nick})
+        self.chat.reply(conn, self.chat.out.encode_for(conn, {"type": "inviting", "nick": target.nick, "room": room.name}))
+
+    def _open_room(self, name: object) -> Room:
+        """The room `name` names, if anyone is in it; else ProtocolError('no-such-room')."""
+        room = self.chat.rooms.get(check_room(name))
+        if room is None or not room.count():
+            raise ProtocolError("no-such-room", f"there is no room #{check_room(name)}")
+        return room
 
 class Directory:
     """Who is here and who was: the answers to who, whowas, lusers and rooms, and how a user is named
