@@ -3799,7 +3799,7 @@ class Login:
 
     def _names(self) -> bool:
         """The nick (the rules of names), and the names besides it (IRC's USER): kept, or made up, never refused."""
-        self.nick = self.chat.check_nick(self.hello.get("nick"))
+        self.nick = self.chat.renames.check_nick(self.hello.get("nick"))
         self.key = name_key(self.nick)
         self.conn.username = _username(self.hello.get("username"), self.nick)
         realname = self.hello.get("realname")
@@ -3987,6 +3987,7 @@ class Chat:
         self.people = People(self, Records(self.store, self.relay.records))
         self.directory = Directory(self)
         self.room_modes = RoomModeRules(self)
+        self.renames = Renames(self)
         self.hashing = Hashing(io)               # password hashes, off the loop
         self.before_hello: Dict[str, Callable[[Conn, dict], None]] = {
             "hello": self.on_hello, "quit": self.on_quit, "ping": self.on_ping,
@@ -3994,7 +3995,7 @@ class Chat:
         self.irc_audiences: Dict[frozenset, IrcAudience] = {}   # by the capabilities that change how lines read
         self.handlers: Dict[str, Callable[[Conn, dict], None]] = {
             "hello": self.on_second_hello, "msg": self.on_msg, "me": self.on_msg, "pm": self.on_pm,
-            "nick": self.on_nick, "ping": self.on_ping, "pong": self.on_pong, "quit": self.on_quit,
+            "nick": self.renames.on_nick, "ping": self.on_ping, "pong": self.on_pong, "quit": self.on_quit,
             "join": self.on_join, "part": self.on_part, "who": self.directory.on_who, "rooms": self.directory.on_rooms, "whowas": self.directory.on_whowas,
             "lusers": self.directory.on_lusers, "mode": self.room_modes.on_mode, "invite": self.room_modes.on_invite,
             **self.people.handlers(),
@@ -4498,55 +4499,6 @@ class Chat:
 
     # -- everything else -----------------------------------------------------
 
-    # Names nobody may take, so nobody can pass for the server or its services.
-    RESERVED = frozenset(map(name_key, ("server", "nickserv", "chanserv", "memoserv", "operserv", "saslserv",
-                                        "hostserv", "botserv", "services")))
-
-    def check_nick(self, value: object) -> str:
-        """A nick someone asks for: the rules of names, and none that passes for the server (or its services)."""
-        nick = check_name(value)
-        if name_key(nick) in self.RESERVED or name_key(nick) == name_key(self.config.server_name[:NAME_MAX]):
-            raise ProtocolError("bad-nick", f"{nick} is the server's own name: choose another")
-        return nick
-
-    def on_nick(self, conn: Conn, frame: dict) -> None:
-        new = self.check_nick(frame.get("nick"))
-        key = name_key(new)
-        self.people.unmuted(conn, None, "your nick stays as it is")     # (a new nick is announced everywhere)
-        if key != conn.key and self.nicks.taken(key):
-            raise nick_taken(new)
-        if new == conn.nick:
-            return
-        if key == conn.key:     # the same nick, written differently: nothing to claim
-            self._rename(conn, new)
-            return
-        ban = self.people.banned(conn, key)
-        if ban is not None and not ban.shared:      # (its network's bans let this one in)
-            raise ProtocolError("not-allowed", f"{new} is banned {ban.until_text(self.out.ts)}")
-        record = self.people.account(key)
-        if record is None and self.config.registered_only:
-            raise ProtocolError("not-allowed", "on this server every nick is an account's: you may take only"
-                                               " your own (/nick NAME PASSWORD)")
-        if record is None or key == conn.account:
-            self._claim_nick(conn, new, key)
-            return
-        given = frame.get("password")       # a registered nick: its password too
-        if given is None:
-            raise ProtocolError("account-required", f"{new} is a registered nick: /nick {new} PASSWORD")
-        if not self.password_turn(conn, key, frame, "nick"):
-            return
-
-        def verified(right: object) -> None:
-            if right is not True:
-                self.gate.failed(conn, self.clock, key, new)
-                self.out.send(conn, ProtocolError("login-failed", f"wrong password for {new}").frame())
-            elif not self.nicks.taken(key):
-                self.people.logged_in(conn, key, frame.get("device"))
-                self._claim_nick(conn, new, key)
-            else:
-                self.out.send(conn, nick_taken(new).frame())
-        self.off_loop(conn, password_matches, record.get("password", {}), given, done=verified)
-
     def password_turn(self, conn: Conn, account: str, frame: dict, kind: str) -> bool:
         """Whether the password in `conn`'s request (`kind`, for `account`)
         may be checked now. If its source or the account is still paying for
@@ -4568,47 +4520,6 @@ class Chat:
         if conn.state is state:     # (not gone meanwhile)
             self.dispatch(conn, kind, frame)    # (which may wait again: then the frames after it wait on)
             self.answered(conn)
-
-    def _claim_nick(self, conn: Conn, new: str, key: str) -> None:
-        """Rename `conn` to `new` once the relay says the nick is ours (at once, on a server alone)."""
-        self.nicks.claiming[key] = conn
-        later: List[bool] = []
-
-        def claimed(ok: bool) -> None:
-            del self.nicks.claiming[key]
-            if conn.state is not JOINED:
-                if ok:
-                    self.relay.release(key)
-                return
-            if ok:
-                self._rename(conn, new)
-            else:
-                self.out.send(conn, nick_taken(new).frame())
-            if later:
-                self.answered(conn)     # what it sent after the nick comes after the nick
-        self.relay.claim(conn, key, "", claimed)
-        if key in self.nicks.claiming:      # the relay answers later: read nothing until then
-            later.append(True)
-            self.awaiting(conn)
-
-    def _neighbours(self, conn: Conn) -> set:
-        """Everyone who shares a room with `conn`, and `conn` itself."""
-        return {conn}.union(*(room.members for room in conn.rooms))
-
-    def _rename(self, conn: Conn, new: str) -> None:
-        old, old_key, key = conn.nick, conn.key, name_key(new)
-        del self.users[conn.key]
-        conn.nick, conn.key, conn.claimed = new, key, self.out.ts
-        self.users[key] = conn
-        for room in conn.rooms:
-            room.renamed(conn, old)
-        log.info("%s is now known as %s", old, new)
-        event = {"type": "nick", "old": old, "new": new}
-        self.out.send_each(self._neighbours(conn), event)
-        if old_key != key:
-            self.relay.release(old_key)
-        self.relay.presence(conn)
-        self.relay.event([room.name for room in conn.rooms], event)
 
     def on_ping(self, conn: Conn, frame: dict) -> None:
         data = self.out.encode_for(conn, dict(frame, type="pong"))
@@ -4788,6 +4699,103 @@ class Chat:
             return False
         self.people.enforce("kick", key, "the operator", reason, None)
         return True
+
+class Renames:
+    """Nicks asked for: the rules a new nick must pass, and renaming (its claim through the relay;
+    a registered nick's password, taking its turn; the event to everyone who shares a room)."""
+
+    # Names nobody may take, so nobody can pass for the server or its services.
+    RESERVED = frozenset(map(name_key, ("server", "nickserv", "chanserv", "memoserv", "operserv", "saslserv",
+                                        "hostserv", "botserv", "services")))
+
+    def __init__(self, chat: Chat) -> None:
+        self.chat = chat
+
+    def check_nick(self, value: object) -> str:
+        """A nick someone asks for: the rules of names, and none that passes for the server (or its services)."""
+        nick = check_name(value)
+        if name_key(nick) in self.RESERVED or name_key(nick) == name_key(self.chat.config.server_name[:NAME_MAX]):
+            raise ProtocolError("bad-nick", f"{nick} is the server's own name: choose another")
+        return nick
+
+    def on_nick(self, conn: Conn, frame: dict) -> None:
+        new = self.check_nick(frame.get("nick"))
+        key = name_key(new)
+        self.chat.people.unmuted(conn, None, "your nick stays as it is")     # (a new nick is announced everywhere)
+        if key != conn.key and self.chat.nicks.taken(key):
+            raise nick_taken(new)
+        if new == conn.nick:
+            return
+        if key == conn.key:     # the same nick, written differently: nothing to claim
+            self._rename(conn, new)
+            return
+        ban = self.chat.people.banned(conn, key)
+        if ban is not None and not ban.shared:      # (its network's bans let this one in)
+            raise ProtocolError("not-allowed", f"{new} is banned {ban.until_text(self.chat.out.ts)}")
+        record = self.chat.people.account(key)
+        if record is None and self.chat.config.registered_only:
+            raise ProtocolError("not-allowed", "on this server every nick is an account's: you may take only"
+                                               " your own (/nick NAME PASSWORD)")
+        if record is None or key == conn.account:
+            self._claim_nick(conn, new, key)
+            return
+        given = frame.get("password")       # a registered nick: its password too
+        if given is None:
+            raise ProtocolError("account-required", f"{new} is a registered nick: /nick {new} PASSWORD")
+        if not self.chat.password_turn(conn, key, frame, "nick"):
+            return
+
+        def verified(right: object) -> None:
+            if right is not True:
+                self.chat.gate.failed(conn, self.chat.clock, key, new)
+                self.chat.out.send(conn, ProtocolError("login-failed", f"wrong password for {new}").frame())
+            elif not self.chat.nicks.taken(key):
+                self.chat.people.logged_in(conn, key, frame.get("device"))
+                self._claim_nick(conn, new, key)
+            else:
+                self.chat.out.send(conn, nick_taken(new).frame())
+        self.chat.off_loop(conn, password_matches, record.get("password", {}), given, done=verified)
+
+    def _claim_nick(self, conn: Conn, new: str, key: str) -> None:
+        """Rename `conn` to `new` once the relay says the nick is ours (at once, on a server alone)."""
+        self.chat.nicks.claiming[key] = conn
+        later: List[bool] = []
+
+        def claimed(ok: bool) -> None:
+            del self.chat.nicks.claiming[key]
+            if conn.state is not JOINED:
+                if ok:
+                    self.chat.relay.release(key)
+                return
+            if ok:
+                self._rename(conn, new)
+            else:
+                self.chat.out.send(conn, nick_taken(new).frame())
+            if later:
+                self.chat.answered(conn)     # what it sent after the nick comes after the nick
+        self.chat.relay.claim(conn, key, "", claimed)
+        if key in self.chat.nicks.claiming:      # the relay answers later: read nothing until then
+            later.append(True)
+            self.chat.awaiting(conn)
+
+    def _neighbours(self, conn: Conn) -> set:
+        """Everyone who shares a room with `conn`, and `conn` itself."""
+        return {conn}.union(*(room.members for room in conn.rooms))
+
+    def _rename(self, conn: Conn, new: str) -> None:
+        old, old_key, key = conn.nick, conn.key, name_key(new)
+        del self.chat.users[conn.key]
+        conn.nick, conn.key, conn.claimed = new, key, self.chat.out.ts
+        self.chat.users[key] = conn
+        for room in conn.rooms:
+            room.renamed(conn, old)
+        log.info("%s is now known as %s", old, new)
+        event = {"type": "nick", "old": old, "new": new}
+        self.chat.out.send_each(self._neighbours(conn), event)
+        if old_key != key:
+            self.chat.relay.release(old_key)
+        self.chat.relay.presence(conn)
+        self.chat.relay.event([room.name for room in conn.rooms], event)
 
 class RoomModeRules:
     """Room modes as IRC has them (see RoomModes): the requests that read and change them
