@@ -11,8 +11,10 @@ One file, standard library only. It reads top to bottom:
   3. Command tables: slash commands for the client and the operator console;
      the same table writes /help.
   4. The server's core: its state and rules, with no socket and no clock
-     (rooms, output, relays, the gate, intake, nicks, and Chat itself). It
-     turns bytes from connections into bytes queued for connections.
+     (rooms, output, relays and stores, the gate, intake, nicks, people,
+     Chat and its parts: arrivals, renames, room modes, the directory; then
+     IRC, a second dialect). It turns bytes from connections into bytes
+     queued for connections.
   5. Server loop: one thread, one selector. Accepts, reads, writes, TLS
      handshakes, timers, signals. It only moves bytes.
   6. Cluster (optional): several servers as one chat through Redis, with a
@@ -3814,7 +3816,7 @@ class Login:
         try:
             while conn.state is AUTH:
                 if not self.steps:
-                    chat.welcome(conn, self.hello)
+                    chat.arrivals.welcome(conn, self.hello)
                     return
                 if not self.steps[0]():
                     return
@@ -3988,6 +3990,7 @@ class Chat:
         self.directory = Directory(self)
         self.room_modes = RoomModeRules(self)
         self.renames = Renames(self)
+        self.arrivals = Arrivals(self)
         self.hashing = Hashing(io)               # password hashes, off the loop
         self.before_hello: Dict[str, Callable[[Conn, dict], None]] = {
             "hello": self.on_hello, "quit": self.on_quit, "ping": self.on_ping,
@@ -3996,8 +3999,9 @@ class Chat:
         self.handlers: Dict[str, Callable[[Conn, dict], None]] = {
             "hello": self.on_second_hello, "msg": self.on_msg, "me": self.on_msg, "pm": self.on_pm,
             "nick": self.renames.on_nick, "ping": self.on_ping, "pong": self.on_pong, "quit": self.on_quit,
-            "join": self.on_join, "part": self.on_part, "who": self.directory.on_who, "rooms": self.directory.on_rooms, "whowas": self.directory.on_whowas,
-            "lusers": self.directory.on_lusers, "mode": self.room_modes.on_mode, "invite": self.room_modes.on_invite,
+            "join": self.arrivals.on_join, "part": self.on_part, "mode": self.room_modes.on_mode,
+            "invite": self.room_modes.on_invite, "who": self.directory.on_who, "rooms": self.directory.on_rooms,
+            "whowas": self.directory.on_whowas, "lusers": self.directory.on_lusers,
             **self.people.handlers(),
         }
 
@@ -4209,7 +4213,7 @@ class Chat:
             self.drop(conn, f"no hello within {self.config.hello_timeout:g}s",
                       ProtocolError("timeout", "no hello in time"))
 
-    def _keepalive(self, conn: Conn) -> None:
+    def keepalive(self, conn: Conn) -> None:
         """Ping a client silent for ping_interval; drop it when silent for
         idle_timeout (a vanished peer never answers, half-open or not)."""
         if conn.state is not JOINED:
@@ -4224,124 +4228,12 @@ class Chat:
             delay = config.idle_timeout - silent
         else:
             delay = config.ping_interval - silent
-        self.io.call_later(delay, self._keepalive, conn)
+        self.io.call_later(delay, self.keepalive, conn)
 
     # -- joining -------------------------------------------------------------
 
     def on_hello(self, conn: Conn, frame: dict) -> None:
         Login(self, conn, frame).start()
-
-    def welcome(self, conn: Conn, hello: dict) -> None:
-        """`conn` is in (see Login): in its rooms, told so, and read again."""
-        self._welcome(conn, hello)
-        self.intake.release(conn, ANSWER)      # frames that came after its hello come next
-
-    def _welcome(self, conn: Conn, hello: dict) -> None:
-        self.move(conn, JOINED)
-        self.gate.joined(conn)
-        self.users[conn.key] = conn
-        self.directory.arrived()
-        conn.since = conn.said = self.out.ts
-        conn.echo = type(hello.get("protocol")) is int and hello["protocol"] >= 3 and hello.get("echo") is not False
-        since = hello.get("since") if hello.get("instance") == self.relay.instance else None
-        nowhere = hello.get("rooms") == []      # it starts in no room (an IRC client: it joins its own)
-        place = self.people.place(conn) if not hello.get("session") and not nowhere else None
-        if place is not None:       # an account comes back where it left off
-            hello = dict(hello, rooms=place["rooms"])
-            since = place.get("seen") if place.get("instance") in (None, self.relay.instance) else None
-        rooms = self.rooms.rejoin(hello.get("rooms"), self.config.rooms_per_user, conn.source) or [self.rooms.lobby]
-        rooms, refused = self._may_rejoin(conn, rooms)
-        rooms = [] if nowhere else rooms or [self.rooms.lobby]
-        for room in rooms:
-            self._with_its_history(room)
-        history, missed = self.rooms.replay(rooms, since)
-        if missed:
-            history, missed = self._catch_up(rooms, history, missed)
-        start = _newest_within(history, REPLAY_MAX)
-        if missed is not None:      # lines a resume cannot carry are missed too
-            for line in history[:start]:
-                missed[line.room] = missed.get(line.room, 0) + 1
-        if start:
-            history = history[start:]
-        for room in rooms:
-            self.enter(conn, room)
-        welcome = {"type": "welcome", "nick": conn.nick, "users": rooms[0].nicks() if rooms else [],
-                   "server": self.config.name, "protocol": PROTOCOL, "max_payload": self.config.max_payload,
-                   "max_text": TEXT_MAX, "rooms": [room.name for room in rooms], "room": rooms[0].name if rooms else None,
-                   "instance": self.relay.instance, "session": conn.session,
-                   "ping_interval": self.config.ping_interval, "idle_timeout": self.config.idle_timeout,
-                   "seq": {room.name: room.seq for room in rooms},   # resume points for rooms with no lines
-                   "account": self.people.account_name(conn), "op": self.people.is_op(conn),
-                   "device": conn.device or None,
-                   "topics": self.people.topics(rooms)}
-        if self.config.motd:
-            welcome["motd"] = self.config.motd
-        if missed is not None:
-            welcome["missed"] = missed
-            if place is not None:
-                welcome["back"] = True      # these are lines said since this account left
-        if start:
-            welcome["truncated"] = True
-        self.relay.presence(conn)
-        self.out.queue(conn, self.out.with_history(conn, welcome, history))
-        log.info("%r joined (%s)", conn, plural(len(self.users), "user"))
-        if not self.relay.up:
-            self.out.first(conn, {
-                "type": "notice", "text": "the link to the other servers is down; for now you are"
-                                          " talking with the people on this server only"})
-        for message in self.people.take_messages(conn):     # private messages kept while it was away
-            self.out.first(conn, dict(message, kept=True))
-        for error in refused:       # the rooms it named and may not be in now
-            self.out.first(conn, error.frame())
-        for room in rooms:
-            self._announce_join(conn, room, resumed=missed is not None)
-        self.people.left(conn)      # (where it is now, should it vanish)
-        self.io.call_later(self.config.ping_interval, self._keepalive, conn)
-
-    def _catch_up(self, rooms: List[Room], history: List[HistoryLine],
-                  missed: Dict[str, int]) -> Tuple[List[HistoryLine], Dict[str, int]]:
-        """Lines a resume (or an account coming back) missed that memory no
-        longer has, from the store if it keeps them (--db); what cannot be
-        had stays counted in `missed`."""
-        budget = REPLAY_MAX - sum(len(line.data) for line in history)     # what a welcome can carry
-        for room in rooms:
-            count = missed.get(room.name, 0)
-            if not count or budget <= 0:
-                continue
-            first = next((line.seq for line in history if line.room == room.name), room.seq + 1)
-            older = []
-            for payload in self.store.lines_after(room.name, first - count - 1, first, budget):
-                line = json.loads(payload)
-                older.append(HistoryLine(line["id"], room.name, line["seq"], _LENGTH.pack(len(payload)) + payload))
-                budget -= len(payload) + 1
-            history = older + history
-            missed[room.name] = count - len(older)
-            if not missed[room.name]:
-                del missed[room.name]
-        return sorted(history), missed
-
-    def _with_its_history(self, room: Room) -> None:
-        """A room opened again with no history in memory (it was freed, or
-        pushed out by other rooms) gets its newest lines back from the store,
-        if the store keeps them (--db)."""
-        if not room.history and room.seq:
-            self.rooms.refill(room, self.store.lines_before(room.name, room.seq + 1, self.config.history))
-
-    def enter(self, conn: Conn, room: Room) -> None:
-        room.add(conn)
-        conn.rooms.append(room)
-        self.out.arrive(conn, room)
-
-    def _announce_join(self, conn: Conn, room: Room, resumed: bool = False) -> None:
-        if room.count() == 1 and not resumed:   # a newcomer has nothing pending: no flush needed
-            kept = (f"the last {plural(self.config.history, 'line')} said here are shown to whoever joins"
-                    " later" if self.config.history else "nothing said here is kept for whoever joins later")
-            self.out.first(conn, {"type": "notice", "room": room.name, "text": f"you are alone in #{room.name}; {kept}",
-                                  "alone": True})
-        # Announced even when this server sees nobody else: in a cluster its
-        # view of the other servers' members may be a moment behind.
-        self._event(room, {"type": "join", "nick": conn.nick, "users": room.count(), "room": room.name},
-                    sender=conn)
 
     def on_second_hello(self, conn: Conn, frame: dict) -> None:
         raise ProtocolError("already-joined", f"you are already here as {conn.nick}")
@@ -4530,61 +4422,6 @@ class Chat:
     def on_pong(self, conn: Conn, frame: dict) -> None:
         pass    # its arrival already counted as a sign of life
 
-    def on_join(self, conn: Conn, frame: dict) -> None:
-        name = check_room(frame.get("room"))
-        existing = self.rooms.get(name)
-        if existing not in conn.rooms and len(conn.rooms) >= self.config.rooms_per_user:
-            raise ProtocolError("too-many-rooms", f"you are in {len(conn.rooms)} rooms already")
-        ban = self.people.banned(conn, conn.key, existing or name_key(name))    # (a room not open now too)
-        if ban is not None:
-            raise self.people.refusal(ban, f"#{name}")
-        if existing is not None and existing not in conn.rooms and existing.count() and not self.people.is_op(conn):
-            self.room_modes.may_enter(conn, existing, frame.get("key"))
-        room = self.rooms.open(name, conn.source)
-        self._with_its_history(room)
-        self.out.flush()
-        fresh = room not in conn.rooms
-        if fresh:
-            self.enter(conn, room)
-            if room.count() == 1:
-                room.modes.created = self.out.ts        # (IRC tells when a channel began: 329)
-                if room is not self.rooms.lobby:
-                    room.modes.ops.add(conn.key)        # who opens a room is its operator while there
-            self.relay.presence(conn)
-            self.people.left(conn)
-        history = list(room.history)
-        joined = {"type": "joined", "room": room.name, "users": room.nicks(), "seq": room.seq,
-                  "op": self.people.is_room_op(conn, room), "ops": self.directory.ops_of(room),
-                  "voiced": [member.nick for member in room.members if member.key in room.modes.voiced]}
-        topic = self.people.topic(room)
-        if topic["text"]:
-            joined.update(topic=topic["text"], topic_by=topic["by"], topic_at=topic["at"])
-        if "s" in room.modes.flags:
-            joined["secret"] = True
-        if _newest_within(history, REPLAY_MAX):
-            joined["truncated"] = True
-        self.reply(conn, self.out.with_history(conn, joined, history))
-        if fresh:
-            self._announce_join(conn, room)
-
-    def _may_rejoin(self, conn: Conn, rooms: List[Room]) -> Tuple[List[Room], List[ProtocolError]]:
-        """Of the rooms a hello names, those `conn` may enter as a join would
-        let it, and why each other one is refused (said after the welcome)."""
-        allowed, refused = [], []
-        for room in rooms:
-            try:
-                if room is not self.rooms.lobby:
-                    ban = self.people.banned(conn, conn.key, room)
-                    if ban is not None:
-                        raise self.people.refusal(ban, f"#{room.name}")
-                    if room.count() and not self.people.is_op(conn):
-                        self.room_modes.may_enter(conn, room, None)
-                allowed.append(room)
-            except ProtocolError as error:
-                error.fields["room"] = room.name
-                refused.append(error)
-        return allowed, refused
-
     def on_part(self, conn: Conn, frame: dict) -> None:
         room, message = self.room_of(conn, frame.get("room")), frame.get("reason")
         message = clean_text(message)[:REASON_MAX].replace("\n", " ").strip() if type(message) is str else ""
@@ -4600,14 +4437,14 @@ class Chat:
         conn.rooms.remove(room)
         self.relay.presence(conn)
         self.people.left(conn)
-        self._event(room, leave_frame(conn.nick, reason, room, how, by=by, message=message))
+        self.room_event(room, leave_frame(conn.nick, reason, room, how, by=by, message=message))
         self.rooms.vacated(room)
         parted = {"type": "parted", "room": room.name, "how": how}
         if reason != "parted":
             parted.update(reason=reason, **({"by": by} if by else {}), **({"message": message} if message else {}))
         self.out.send(conn, parted)
 
-    def _event(self, room: Room, frame: dict, sender: Optional[Conn] = None) -> None:
+    def room_event(self, room: Room, frame: dict, sender: Optional[Conn] = None) -> None:
         """A join or leave: this server's members of `room` now, the others' through the relay."""
         self.out.to_room(room, frame, sender)
         self.relay.event([room.name], frame)
@@ -4699,6 +4536,180 @@ class Chat:
             return False
         self.people.enforce("kick", key, "the operator", reason, None)
         return True
+
+class Arrivals:
+    """A user's way into rooms: the welcome (their rooms, what was said there since
+    they left, what they missed) once Login lets them in, and joining a room later."""
+
+    def __init__(self, chat: Chat) -> None:
+        self.chat = chat
+
+    def welcome(self, conn: Conn, hello: dict) -> None:
+        """`conn` is in (see Login): in its rooms, told so, and read again."""
+        self._welcome(conn, hello)
+        self.chat.intake.release(conn, ANSWER)      # frames that came after its hello come next
+
+    def _welcome(self, conn: Conn, hello: dict) -> None:
+        self.chat.move(conn, JOINED)
+        self.chat.gate.joined(conn)
+        self.chat.users[conn.key] = conn
+        self.chat.directory.arrived()
+        conn.since = conn.said = self.chat.out.ts
+        conn.echo = type(hello.get("protocol")) is int and hello["protocol"] >= 3 and hello.get("echo") is not False
+        since = hello.get("since") if hello.get("instance") == self.chat.relay.instance else None
+        nowhere = hello.get("rooms") == []      # it starts in no room (an IRC client: it joins its own)
+        place = self.chat.people.place(conn) if not hello.get("session") and not nowhere else None
+        if place is not None:       # an account comes back where it left off
+            hello = dict(hello, rooms=place["rooms"])
+            since = place.get("seen") if place.get("instance") in (None, self.chat.relay.instance) else None
+        rooms = self.chat.rooms.rejoin(hello.get("rooms"), self.chat.config.rooms_per_user, conn.source) or [self.chat.rooms.lobby]
+        rooms, refused = self._may_rejoin(conn, rooms)
+        rooms = [] if nowhere else rooms or [self.chat.rooms.lobby]
+        for room in rooms:
+            self._with_its_history(room)
+        history, missed = self.chat.rooms.replay(rooms, since)
+        if missed:
+            history, missed = self._catch_up(rooms, history, missed)
+        start = _newest_within(history, REPLAY_MAX)
+        if missed is not None:      # lines a resume cannot carry are missed too
+            for line in history[:start]:
+                missed[line.room] = missed.get(line.room, 0) + 1
+        if start:
+            history = history[start:]
+        for room in rooms:
+            self.enter(conn, room)
+        welcome = {"type": "welcome", "nick": conn.nick, "users": rooms[0].nicks() if rooms else [],
+                   "server": self.chat.config.name, "protocol": PROTOCOL, "max_payload": self.chat.config.max_payload,
+                   "max_text": TEXT_MAX, "rooms": [room.name for room in rooms], "room": rooms[0].name if rooms else None,
+                   "instance": self.chat.relay.instance, "session": conn.session,
+                   "ping_interval": self.chat.config.ping_interval, "idle_timeout": self.chat.config.idle_timeout,
+                   "seq": {room.name: room.seq for room in rooms},   # resume points for rooms with no lines
+                   "account": self.chat.people.account_name(conn), "op": self.chat.people.is_op(conn),
+                   "device": conn.device or None,
+                   "topics": self.chat.people.topics(rooms)}
+        if self.chat.config.motd:
+            welcome["motd"] = self.chat.config.motd
+        if missed is not None:
+            welcome["missed"] = missed
+            if place is not None:
+                welcome["back"] = True      # these are lines said since this account left
+        if start:
+            welcome["truncated"] = True
+        self.chat.relay.presence(conn)
+        self.chat.out.queue(conn, self.chat.out.with_history(conn, welcome, history))
+        log.info("%r joined (%s)", conn, plural(len(self.chat.users), "user"))
+        if not self.chat.relay.up:
+            self.chat.out.first(conn, {
+                "type": "notice", "text": "the link to the other servers is down; for now you are"
+                                          " talking with the people on this server only"})
+        for message in self.chat.people.take_messages(conn):     # private messages kept while it was away
+            self.chat.out.first(conn, dict(message, kept=True))
+        for error in refused:       # the rooms it named and may not be in now
+            self.chat.out.first(conn, error.frame())
+        for room in rooms:
+            self._announce_join(conn, room, resumed=missed is not None)
+        self.chat.people.left(conn)      # (where it is now, should it vanish)
+        self.chat.io.call_later(self.chat.config.ping_interval, self.chat.keepalive, conn)
+
+    def _catch_up(self, rooms: List[Room], history: List[HistoryLine],
+                  missed: Dict[str, int]) -> Tuple[List[HistoryLine], Dict[str, int]]:
+        """Lines a resume (or an account coming back) missed that memory no
+        longer has, from the store if it keeps them (--db); what cannot be
+        had stays counted in `missed`."""
+        budget = REPLAY_MAX - sum(len(line.data) for line in history)     # what a welcome can carry
+        for room in rooms:
+            count = missed.get(room.name, 0)
+            if not count or budget <= 0:
+                continue
+            first = next((line.seq for line in history if line.room == room.name), room.seq + 1)
+            older = []
+            for payload in self.chat.store.lines_after(room.name, first - count - 1, first, budget):
+                line = json.loads(payload)
+                older.append(HistoryLine(line["id"], room.name, line["seq"], _LENGTH.pack(len(payload)) + payload))
+                budget -= len(payload) + 1
+            history = older + history
+            missed[room.name] = count - len(older)
+            if not missed[room.name]:
+                del missed[room.name]
+        return sorted(history), missed
+
+    def _with_its_history(self, room: Room) -> None:
+        """A room opened again with no history in memory (it was freed, or
+        pushed out by other rooms) gets its newest lines back from the store,
+        if the store keeps them (--db)."""
+        if not room.history and room.seq:
+            self.chat.rooms.refill(room, self.chat.store.lines_before(room.name, room.seq + 1, self.chat.config.history))
+
+    def enter(self, conn: Conn, room: Room) -> None:
+        room.add(conn)
+        conn.rooms.append(room)
+        self.chat.out.arrive(conn, room)
+
+    def _announce_join(self, conn: Conn, room: Room, resumed: bool = False) -> None:
+        if room.count() == 1 and not resumed:   # a newcomer has nothing pending: no flush needed
+            kept = (f"the last {plural(self.chat.config.history, 'line')} said here are shown to whoever joins"
+                    " later" if self.chat.config.history else "nothing said here is kept for whoever joins later")
+            self.chat.out.first(conn, {"type": "notice", "room": room.name, "text": f"you are alone in #{room.name}; {kept}",
+                                  "alone": True})
+        # Announced even when this server sees nobody else: in a cluster its
+        # view of the other servers' members may be a moment behind.
+        self.chat.room_event(room, {"type": "join", "nick": conn.nick, "users": room.count(), "room": room.name},
+                    sender=conn)
+
+    def on_join(self, conn: Conn, frame: dict) -> None:
+        name = check_room(frame.get("room"))
+        existing = self.chat.rooms.get(name)
+        if existing not in conn.rooms and len(conn.rooms) >= self.chat.config.rooms_per_user:
+            raise ProtocolError("too-many-rooms", f"you are in {len(conn.rooms)} rooms already")
+        ban = self.chat.people.banned(conn, conn.key, existing or name_key(name))    # (a room not open now too)
+        if ban is not None:
+            raise self.chat.people.refusal(ban, f"#{name}")
+        if existing is not None and existing not in conn.rooms and existing.count() and not self.chat.people.is_op(conn):
+            self.chat.room_modes.may_enter(conn, existing, frame.get("key"))
+        room = self.chat.rooms.open(name, conn.source)
+        self._with_its_history(room)
+        self.chat.out.flush()
+        fresh = room not in conn.rooms
+        if fresh:
+            self.enter(conn, room)
+            if room.count() == 1:
+                room.modes.created = self.chat.out.ts        # (IRC tells when a channel began: 329)
+                if room is not self.chat.rooms.lobby:
+                    room.modes.ops.add(conn.key)        # who opens a room is its operator while there
+            self.chat.relay.presence(conn)
+            self.chat.people.left(conn)
+        history = list(room.history)
+        joined = {"type": "joined", "room": room.name, "users": room.nicks(), "seq": room.seq,
+                  "op": self.chat.people.is_room_op(conn, room), "ops": self.chat.directory.ops_of(room),
+                  "voiced": [member.nick for member in room.members if member.key in room.modes.voiced]}
+        topic = self.chat.people.topic(room)
+        if topic["text"]:
+            joined.update(topic=topic["text"], topic_by=topic["by"], topic_at=topic["at"])
+        if "s" in room.modes.flags:
+            joined["secret"] = True
+        if _newest_within(history, REPLAY_MAX):
+            joined["truncated"] = True
+        self.chat.reply(conn, self.chat.out.with_history(conn, joined, history))
+        if fresh:
+            self._announce_join(conn, room)
+
+    def _may_rejoin(self, conn: Conn, rooms: List[Room]) -> Tuple[List[Room], List[ProtocolError]]:
+        """Of the rooms a hello names, those `conn` may enter as a join would
+        let it, and why each other one is refused (said after the welcome)."""
+        allowed, refused = [], []
+        for room in rooms:
+            try:
+                if room is not self.chat.rooms.lobby:
+                    ban = self.chat.people.banned(conn, conn.key, room)
+                    if ban is not None:
+                        raise self.chat.people.refusal(ban, f"#{room.name}")
+                    if room.count() and not self.chat.people.is_op(conn):
+                        self.chat.room_modes.may_enter(conn, room, None)
+                allowed.append(room)
+            except ProtocolError as error:
+                error.fields["room"] = room.name
+                refused.append(error)
+        return allowed, refused
 
 class Renames:
     """Nicks asked for: the rules a new nick must pass, and renaming (its claim through the relay;
