@@ -3991,13 +3991,14 @@ class Chat:
         self.room_modes = RoomModeRules(self)
         self.renames = Renames(self)
         self.arrivals = Arrivals(self)
+        self.talk = Talk(self)
         self.hashing = Hashing(io)               # password hashes, off the loop
         self.before_hello: Dict[str, Callable[[Conn, dict], None]] = {
             "hello": self.on_hello, "quit": self.on_quit, "ping": self.on_ping,
             "authenticate": self.people.on_authenticate}
         self.irc_audiences: Dict[frozenset, IrcAudience] = {}   # by the capabilities that change how lines read
         self.handlers: Dict[str, Callable[[Conn, dict], None]] = {
-            "hello": self.on_second_hello, "msg": self.on_msg, "me": self.on_msg, "pm": self.on_pm,
+            "hello": self.on_second_hello, "msg": self.talk.on_msg, "me": self.talk.on_msg, "pm": self.talk.on_pm,
             "nick": self.renames.on_nick, "ping": self.on_ping, "pong": self.on_pong, "quit": self.on_quit,
             "join": self.arrivals.on_join, "part": self.on_part, "mode": self.room_modes.on_mode,
             "invite": self.room_modes.on_invite, "who": self.directory.on_who, "rooms": self.directory.on_rooms,
@@ -4281,23 +4282,6 @@ class Chat:
 
     # -- chat lines ----------------------------------------------------------
 
-    def on_msg(self, conn: Conn, frame: dict) -> None:
-        """A `msg`, or a `me` (an action: "* nick waves"); `notice`: one not
-        to be answered automatically (IRC's NOTICE). A room without +n takes
-        lines from outside it; one with +m, from its ops and voiced only."""
-        room = self._room_to_speak_in(conn, frame.get("room"))
-        line: dict = {"type": "msg", "from": conn.nick, "text": check_text(frame.get("text")), "room": room.name}
-        if frame["type"] == "me":
-            line["action"] = True
-        if frame.get("notice") is True:
-            line["notice"] = True
-        self.people.unmuted(conn, room)
-        if "m" in room.modes.flags and conn.key not in room.modes.voiced and not self.people.is_room_op(conn, room):
-            raise ProtocolError("moderated", f"#{room.name} is moderated: only its operators and those they"
-                                             " give a voice speak")
-        conn.said = self.out.ts
-        self.relay.post(room, conn, line)   # numbered, it comes back through deliver_line()
-
     def deliver_line(self, room: Room, sender: Optional[Conn], data: bytes, id: int, seq: Optional[int],
                      keep: bool = True, fan_out: bool = True, line: Optional[dict] = None) -> None:
         """A numbered line (`data`, as encoded; `line` itself if at hand) goes
@@ -4308,39 +4292,6 @@ class Chat:
         if fan_out:
             self.out.to_room_data(room, data, sender, line)
 
-    def on_pm(self, conn: Conn, frame: dict) -> None:
-        """A private message: to its target, wherever it is; kept for an
-        account that is not online; the sender hears once that someone is away."""
-        to, text = frame.get("to"), check_text(frame.get("text"))
-        key = name_key(to) if type(to) is str else ""
-        if not self.people.is_op_key(key):      # the muted may still write to an operator, to appeal
-            self.people.unmuted(conn, None)
-        target = self.users.get(key)
-        line = {"type": "msg", "from": conn.nick, "to": target.nick if target else to, "text": text}
-        for flag in ("action", "notice"):       # (an action, as `me` is; one not to be answered)
-            if frame.get(flag) is True:
-                line[flag] = True
-        conn.said = self.out.ts
-        if self.relay.pm(conn, key, line):      # numbered and delivered by the relay (through Redis)
-            self._tell_away(conn, key, (self.relay.profile(key) or {}).get("away"))
-            return
-        if target is None:
-            account = self.people.account(key)
-            if account is not None:
-                line.update(to=account.get("name", to), id=self.relay.new_id())
-                kept = self.people.keep_message(key, self.out.stamp(line), conn)
-                self.deliver_pm(None, conn, self.out.encode(line))
-                self.out.send(conn, {"type": "notice", "text": f"{line['to']} is not online: your message is kept"
-                                     f" for them ({plural(kept, 'message')} waiting)"})
-                return
-            if self.nicks.away(key):
-                raise ProtocolError("no-such-user", f"{self.nicks.away(key)} lost their connection and may be"
-                                                    " back in a moment; nothing was sent")
-            raise ProtocolError("no-such-user", f"nobody here is called {shown(to)}")
-        line["id"] = self.relay.new_id()
-        self.deliver_pm(target, conn, self.out.encode(line))
-        self._tell_away(conn, key, target.away)
-
     def deliver_pm(self, target: Optional[Conn], sender: Optional[Conn], data: bytes) -> None:
         """A numbered private message (as a JSON frame) to its target here,
         and back to its sender here if it asked for its own (protocol 3)."""
@@ -4349,31 +4300,12 @@ class Chat:
                 self.out.send_data(conn, data if conn.codec.audience is FRAMES else
                                    conn.codec.encode(json.loads(data[4:])))
 
-    def _tell_away(self, conn: Conn, key: str, away: object) -> None:
-        """Who sends a private message to someone away is told so, once (until they are back and away again)."""
-        target = self.users.get(key)
-        told = target.told_away if target is not None else set()
-        if type(away) is str and conn.key not in told:
-            told.add(conn.key)
-            nick = target.nick if target is not None else (self.relay.profile(key) or {}).get("nick", key)
-            self.out.send(conn, {"type": "notice", "text": f"{nick} is away: {away}",
-                                 "away": {"nick": nick, "text": away}})
-
     def rooms_of(self, key: Optional[str]) -> List[Room]:
         """The rooms the user `key` is in, here or on another server."""
         conn = self.users.get(key or "")
         if conn is not None:
             return list(conn.rooms)
         return [room for room in self.rooms if key in room.remote]
-
-    def _room_to_speak_in(self, conn: Conn, name: object) -> Room:
-        try:
-            return self.room_of(conn, name)
-        except ProtocolError as error:
-            room = self.rooms.get(name) if error.code == "not-in-room" and type(name) is str else None
-            if room is None or "n" in room.modes.flags:
-                raise
-            return room
 
     def room_of(self, conn: Conn, name: object) -> Room:
         """The room a line is for: the one named, or the lobby for clients
@@ -4536,6 +4468,82 @@ class Chat:
             return False
         self.people.enforce("kick", key, "the operator", reason, None)
         return True
+
+class Talk:
+    """What someone says: a line to a room they may speak in, a private message to
+    someone here, elsewhere or offline (kept for their account), and the away text told back once."""
+
+    def __init__(self, chat: Chat) -> None:
+        self.chat = chat
+
+    def on_msg(self, conn: Conn, frame: dict) -> None:
+        """A `msg`, or a `me` (an action: "* nick waves"); `notice`: one not
+        to be answered automatically (IRC's NOTICE). A room without +n takes
+        lines from outside it; one with +m, from its ops and voiced only."""
+        room = self._room_to_speak_in(conn, frame.get("room"))
+        line: dict = {"type": "msg", "from": conn.nick, "text": check_text(frame.get("text")), "room": room.name}
+        if frame["type"] == "me":
+            line["action"] = True
+        if frame.get("notice") is True:
+            line["notice"] = True
+        self.chat.people.unmuted(conn, room)
+        if "m" in room.modes.flags and conn.key not in room.modes.voiced and not self.chat.people.is_room_op(conn, room):
+            raise ProtocolError("moderated", f"#{room.name} is moderated: only its operators and those they"
+                                             " give a voice speak")
+        conn.said = self.chat.out.ts
+        self.chat.relay.post(room, conn, line)   # numbered, it comes back through deliver_line()
+
+    def on_pm(self, conn: Conn, frame: dict) -> None:
+        """A private message: to its target, wherever it is; kept for an
+        account that is not online; the sender hears once that someone is away."""
+        to, text = frame.get("to"), check_text(frame.get("text"))
+        key = name_key(to) if type(to) is str else ""
+        if not self.chat.people.is_op_key(key):      # the muted may still write to an operator, to appeal
+            self.chat.people.unmuted(conn, None)
+        target = self.chat.users.get(key)
+        line = {"type": "msg", "from": conn.nick, "to": target.nick if target else to, "text": text}
+        for flag in ("action", "notice"):       # (an action, as `me` is; one not to be answered)
+            if frame.get(flag) is True:
+                line[flag] = True
+        conn.said = self.chat.out.ts
+        if self.chat.relay.pm(conn, key, line):      # numbered and delivered by the relay (through Redis)
+            self._tell_away(conn, key, (self.chat.relay.profile(key) or {}).get("away"))
+            return
+        if target is None:
+            account = self.chat.people.account(key)
+            if account is not None:
+                line.update(to=account.get("name", to), id=self.chat.relay.new_id())
+                kept = self.chat.people.keep_message(key, self.chat.out.stamp(line), conn)
+                self.chat.deliver_pm(None, conn, self.chat.out.encode(line))
+                self.chat.out.send(conn, {"type": "notice", "text": f"{line['to']} is not online: your message is kept"
+                                     f" for them ({plural(kept, 'message')} waiting)"})
+                return
+            if self.chat.nicks.away(key):
+                raise ProtocolError("no-such-user", f"{self.chat.nicks.away(key)} lost their connection and may be"
+                                                    " back in a moment; nothing was sent")
+            raise ProtocolError("no-such-user", f"nobody here is called {shown(to)}")
+        line["id"] = self.chat.relay.new_id()
+        self.chat.deliver_pm(target, conn, self.chat.out.encode(line))
+        self._tell_away(conn, key, target.away)
+
+    def _tell_away(self, conn: Conn, key: str, away: object) -> None:
+        """Who sends a private message to someone away is told so, once (until they are back and away again)."""
+        target = self.chat.users.get(key)
+        told = target.told_away if target is not None else set()
+        if type(away) is str and conn.key not in told:
+            told.add(conn.key)
+            nick = target.nick if target is not None else (self.chat.relay.profile(key) or {}).get("nick", key)
+            self.chat.out.send(conn, {"type": "notice", "text": f"{nick} is away: {away}",
+                                 "away": {"nick": nick, "text": away}})
+
+    def _room_to_speak_in(self, conn: Conn, name: object) -> Room:
+        try:
+            return self.chat.room_of(conn, name)
+        except ProtocolError as error:
+            room = self.chat.rooms.get(name) if error.code == "not-in-room" and type(name) is str else None
+            if room is None or "n" in room.modes.flags:
+                raise
+            return room
 
 class Arrivals:
     """A user's way into rooms: the welcome (their rooms, what was said there since
