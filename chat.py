@@ -5198,7 +5198,7 @@ class IrcCodec:
     """A connection speaking IRC (RFC 1459 and 2812, with IRCv3's CAP,
     SASL PLAIN, server-time, echo-message, message-tags, multi-prefix and
     userhost-in-names): lines in, requests out (see next()); frames in,
-    lines out (see encode()). Registration (NICK, USER, PASS, CAP, SASL)
+    lines out (see encode(), and IrcReplies for each frame). Registration (NICK, USER, PASS, CAP, SASL)
     is the codec's until it says hello for the user."""
 
     def __init__(self, config: "ServerConfig", ip: str, audience_for: Callable[[frozenset], IrcAudience]):
@@ -5220,6 +5220,7 @@ class IrcCodec:
         self.motd: Optional[str] = None
         self.pending: collections.deque = collections.deque()     # requests a line made beyond its first
         self.away: List[bool] = []      # AWAY requests in flight: whether each set a text (for 306 or 305)
+        self.replies = IrcReplies(self)
 
     # -- lines in ------------------------------------------------------------
 
@@ -5576,7 +5577,7 @@ class IrcCodec:
         return {"type": "oper", "name": params[0], "password": params[1], "label": "OPER"}
 
     def irc_motd(self, params: List[str]) -> Optional[dict]:
-        return self.raw(*self.motd_lines())
+        return self.raw(*self.replies.motd_lines())
 
     def irc_version(self, params: List[str]) -> Optional[dict]:
         return self.raw(self.numeric("351", f"chat.py-{VERSION}", self.server, trailing="https-free: see README.md"))
@@ -5612,9 +5613,20 @@ class IrcCodec:
     def me(self) -> str:
         return f"{self.nick}!{_username(self.username, self.nick)}@{self.host}"
 
+    def welcomed(self, frame: dict) -> None:
+        self.registered, self.nick = True, str(frame.get("nick"))
+        self.motd = frame.get("motd") if type(frame.get("motd")) is str else None
+
+    def hello_refused(self) -> None:
+        self.hello_sent = False
+
+    def away_answered(self) -> bool:
+        """Whether the AWAY now answered set a text (they are answered in order)."""
+        return self.away.pop(0)
+
     def encode(self, frame: dict, fit: str = "") -> bytes:
         """A frame for this connection, as IRC lines (b"": nothing to say)."""
-        renderer = getattr(self, f"on_{frame.get('type')}", None)
+        renderer = getattr(self.replies, f"on_{frame.get('type')}", None)
         return renderer(frame) if renderer is not None else self.audience.render(frame, self.nick)
 
     def with_history(self, frame: dict, lines: List["HistoryLine"]) -> bytes:
@@ -5627,6 +5639,15 @@ class IrcCodec:
     def farewell(self, reason: str) -> bytes:
         return irc_line("ERROR", trailing=f"Closing link: {self.host} ({reason})")
 
+class IrcReplies:
+    """What an IRC connection is told: each frame the core sends it, as the lines and
+    numerics IRC clients expect (see IrcCodec.encode). A refusal reads as the numeric its
+    command expects, found from the request's label."""
+
+    def __init__(self, codec: IrcCodec) -> None:
+        self.codec, self.config, self.server = codec, codec.config, codec.server
+        self.numeric, self.notice, self.me = codec.numeric, codec.notice, codec.me    # (as the codec writes them)
+
     def on_pong(self, frame: dict) -> bytes:
         if frame.get("label") == "RAW":
             return str(frame.get("irc", "")).encode("utf-8")
@@ -5638,8 +5659,7 @@ class IrcCodec:
         return irc_line("PING", trailing=self.server)
 
     def on_welcome(self, frame: dict) -> bytes:
-        self.registered, self.nick = True, str(frame.get("nick"))
-        self.motd = frame.get("motd") if type(frame.get("motd")) is str else None
+        self.codec.welcomed(frame)
         c = self.config
         support = ["AWAYLEN=%d" % REASON_MAX, "CASEMAPPING=rfc8265", "CHANLIMIT=#:%d" % c.rooms_per_user,
                    "CHANMODES=bq,k,l,imnst", "CHANNELLEN=%d" % (NAME_MAX + 1), "CHANTYPES=#", "ELIST=",
@@ -5655,15 +5675,16 @@ class IrcCodec:
         return b"".join(lines + self.motd_lines())
 
     def motd_lines(self) -> List[bytes]:
-        if not self.motd:
+        if not self.codec.motd:
             return [self.numeric("422", trailing="MOTD File is missing")]
         return [self.numeric("375", trailing=f"- {self.server} Message of the day -")] + \
-            [self.numeric("372", trailing=f"- {piece}") for piece in irc_pieces(self.motd, 400)] + \
+            [self.numeric("372", trailing=f"- {piece}") for piece in irc_pieces(self.codec.motd, 400)] + \
             [self.numeric("376", trailing="End of /MOTD command.")]
 
     def on_authenticated(self, frame: dict) -> bytes:
-        account, nick = str(frame.get("account")), self.nick or self.asked_nick or "*"     # (before welcome too)
-        return irc_line(f":{self.server}", "900", nick, f"{nick}!{self.username or '*'}@{self.host}", account,
+        codec, account = self.codec, str(frame.get("account"))
+        nick = codec.nick or codec.asked_nick or "*"     # (before welcome too)
+        return irc_line(f":{self.server}", "900", nick, f"{nick}!{codec.username or '*'}@{codec.host}", account,
                         trailing=f"You are now logged in as {account}") + \
             irc_line(f":{self.server}", "903", nick, trailing="SASL authentication successful")
 
@@ -5693,13 +5714,13 @@ class IrcCodec:
     def prefixes(self, op: bool, voiced: bool) -> str:
         """@ and + as the client reads them: both with multi-prefix, else the highest."""
         prefix = ("@" if op else "") + ("+" if voiced else "")
-        return prefix if "multi-prefix" in self.caps else prefix[:1]
+        return prefix if "multi-prefix" in self.codec.caps else prefix[:1]
 
     def on_parted(self, frame: dict) -> bytes:
         room = f"#{frame.get('room')}"
         if frame.get("how") == "kick":
             kicker = str(frame.get("by", ""))
-            return irc_line(f":{self.audience.ident(kicker)}", "KICK", room, self.nick,
+            return irc_line(f":{self.codec.audience.ident(kicker)}", "KICK", room, self.codec.nick,
                             trailing=frame.get("message") or kicker)
         return irc_line(f":{self.me()}", "PART", room, trailing=frame.get("message") or None)
 
@@ -5783,7 +5804,7 @@ class IrcCodec:
 
     def on_topic(self, frame: dict) -> bytes:
         if not str(frame.get("label", "")).startswith("TOPIC"):
-            return self.audience.render(frame)      # (a topic set: as the room reads it)
+            return self.codec.audience.render(frame)      # (a topic set: as the room reads it)
         room = f"#{frame.get('room')}"
         if not frame.get("text"):
             return self.numeric("331", room, trailing="No topic is set")
@@ -5794,7 +5815,7 @@ class IrcCodec:
         lines = [self.numeric("332", room, trailing=str(text))]
         if by:
             when = int(at) if _is_number(at) else 0
-            lines.append(self.numeric("333", room, self.audience.ident(str(by)), str(when)))
+            lines.append(self.numeric("333", room, self.codec.audience.ident(str(by)), str(when)))
         return lines
 
     def on_modes(self, frame: dict) -> bytes:
@@ -5808,7 +5829,8 @@ class IrcCodec:
                          for m in frame.get("masks") or []] + [self.numeric("368", room, trailing="End of ban list")])
 
     def on_invited(self, frame: dict) -> bytes:
-        return irc_line(f":{self.audience.ident(str(frame.get('by')))}", "INVITE", self.nick, f"#{frame.get('room')}")
+        by = self.codec.audience.ident(str(frame.get("by")))
+        return irc_line(f":{by}", "INVITE", self.codec.nick, f"#{frame.get('room')}")
 
     def on_inviting(self, frame: dict) -> bytes:
         return self.numeric("341", str(frame.get("nick")), f"#{frame.get('room')}")
@@ -5817,9 +5839,9 @@ class IrcCodec:
         if frame.get("room") is not None:
             return b""      # (a member is told by the room's MODE; to others a channel's MODE means nothing)
         if not frame.get("on"):
-            return irc_line(f":{self.nick}", "MODE", self.nick, trailing="-o")
+            return irc_line(f":{self.codec.nick}", "MODE", self.codec.nick, trailing="-o")
         return self.numeric("381", trailing="You are now an IRC operator") + \
-            irc_line(f":{self.nick}", "MODE", self.nick, trailing="+o")
+            irc_line(f":{self.codec.nick}", "MODE", self.codec.nick, trailing="+o")
 
     def on_notice(self, frame: dict) -> bytes:
         if frame.get("alone"):
@@ -5827,14 +5849,15 @@ class IrcCodec:
         away = frame.get("away")
         if isinstance(away, dict):
             return self.numeric("301", str(away.get("nick")), trailing=str(away.get("text")))
-        if frame.get("label") == "AWAY" and self.away:
-            return self.numeric("306", trailing="You have been marked as being away") if self.away.pop(0) else \
-                self.numeric("305", trailing="You are no longer marked as being away")
-        return self.audience.render(frame, self.nick)
+        if frame.get("label") == "AWAY" and self.codec.away:
+            return self.numeric("306", trailing="You have been marked as being away") if self.codec.away_answered() \
+                else self.numeric("305", trailing="You are no longer marked as being away")
+        return self.codec.audience.render(frame, self.codec.nick)
 
     def on_msg(self, frame: dict) -> bytes:
         to = frame.get("to")        # a pm: to me, or my own echoed back (echo-message) to whom I sent it
-        return self.audience.said(frame, to if type(to) is str else self.nick, self.audience.tags(frame))
+        audience = self.codec.audience
+        return audience.said(frame, to if type(to) is str else self.codec.nick, audience.tags(frame))
 
     def on_registered(self, frame: dict) -> bytes:
         return self.notice("your password is changed" if frame.get("changed") else
@@ -5852,7 +5875,7 @@ class IrcCodec:
                                            or "none"))
 
     def on_bye(self, frame: dict) -> bytes:
-        return irc_line("ERROR", trailing=f"Closing link: {self.host} ({frame.get('reason')})")
+        return irc_line("ERROR", trailing=f"Closing link: {self.codec.host} ({frame.get('reason')})")
 
     def on_error(self, frame: dict) -> bytes:
         """A refusal as the numeric the command that asked expects."""
@@ -5861,8 +5884,8 @@ class IrcCodec:
         if command == "NOTICE":
             return b""      # never an automatic answer to a NOTICE
         if command == "HELLO":
-            self.hello_sent = False     # (its user may give another NICK)
-            nick = self.asked_nick
+            self.codec.hello_refused()      # (its user may give another NICK)
+            nick = self.codec.asked_nick
             numeric = {"nick-taken": "433", "bad-nick": "432", "account-required": "433",
                        "login-failed": "904", "auth-failed": "464", "banned": "465"}.get(code)
             return self.numeric(numeric, nick, trailing=text) if numeric else self.notice(text)
@@ -5901,7 +5924,6 @@ class IrcCodec:
         if numeric == "443" or not channels:
             return words
         return channels[:1]
-
 
 # How a refusal reads in IRC, by (command, code); ("", code) for any command.
 _IRC_ERRORS = {
