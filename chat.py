@@ -3084,8 +3084,8 @@ class People:
       (look-alikes too); and guests from the network they were on (their
       IPv4 address, their IPv6 /64) for a day at most, as addresses are
       shared and change hands. An account is never shut out by a network.
-      Bans and mutes end on time; every act is announced in the rooms
-      concerned and logged.
+      Bans and mutes end on time. People keeps them and says whom they
+      shut out; the acts that make them are Moderation's.
     - Away texts, /whois, topics, messages kept for an account that is not
       online, and where each account left off (its rooms, and the last line
       it had in each), so it comes back there."""
@@ -3184,10 +3184,8 @@ class People:
     # -- the requests ----------------------------------------------------------
 
     def handlers(self) -> Dict[str, Callable[["Conn", dict], None]]:
-        return {"register": self.on_register, "password": self.on_password, "op": self.on_op,
-                "deop": self.on_deop, "kick": self.on_kick, "ban": self.on_ban, "unban": self.on_unban,
-                "bans": self.on_bans, "mute": self.on_mute, "unmute": self.on_unmute, "topic": self.on_topic,
-                "purge": self.on_purge, "away": self.on_away, "whois": self.on_whois, "oper": self.on_oper}
+        return {"register": self.on_register, "password": self.on_password, "away": self.on_away,
+                "whois": self.on_whois, "oper": self.on_oper}
 
     def on_register(self, conn: "Conn", frame: dict) -> None:
         """Register your nick (you are logged in to it from then on), or, as
@@ -3200,7 +3198,7 @@ class People:
                 raise ProtocolError("bad-field", f"you are logged in to {conn.account} already;"
                                                  " /password changes its password")
         else:
-            self._require(self.is_op(conn), "only a server operator registers other people's nicks")
+            _require(self.is_op(conn), "only a server operator registers other people's nicks")
             nick = check_name(nick)
             key = name_key(nick)
         if self.account(key) is not None:
@@ -3240,7 +3238,7 @@ class People:
 
     def on_password(self, conn: "Conn", frame: dict) -> None:
         """Change your account's password (the old one first)."""
-        self._require(bool(conn.account), "you are not logged in to an account; /register makes one")
+        _require(bool(conn.account), "you are not logged in to an account; /register makes one")
         chat, account, new = self.chat, self.account(conn.account), _new_password(frame.get("new"))
         old = frame.get("old")
         # (a session left open is no proof of who types in it: its device does not count here)
@@ -3309,158 +3307,7 @@ class People:
             log.info("%r logged in to the operator account %s", conn, name)     # (logged_in said `op`)
         chat.off_loop(conn, password_matches, record.get("password", {}), given, done=checked)
 
-    def on_op(self, conn: "Conn", frame: dict, on: bool = True) -> None:
-        """Make an account the operator of a room (a server operator may)."""
-        room = self._room(frame)
-        if room is None:
-            raise ProtocolError("not-allowed", "only the server's console makes server operators (/op NAME there)")
-        self._require(self.is_op(conn), "only a server operator makes room operators")
-        self.make_room_op(conn, check_name(frame.get("nick")), room, on)
-
-    def on_deop(self, conn: "Conn", frame: dict) -> None:
-        self.on_op(conn, frame, on=False)
-
-    def on_kick(self, conn: "Conn", frame: dict) -> None:
-        """A server operator disconnects someone; a room operator puts them out of the room."""
-        room, nick = self._room(frame), check_name(frame.get("nick"))
-        if self.is_op(conn):
-            room = None if frame.get("room") is None else room
-        else:
-            self._require(room is not None and self.is_room_op(conn, room), "only an operator kicks people" if
-                          room is None else f"only an operator of #{room.name} kicks people from it")
-            self._not_above(conn, nick)
-        key = name_key(nick)
-        if key not in self.chat.users and not self.chat.relay.profile(key):
-            raise ProtocolError("no-such-user", f"nobody here is called {shown(nick)}", nick=nick)
-        self.enforce("kick", key, conn.nick, _reason(frame.get("reason")), room)
-
-    def on_ban(self, conn: "Conn", frame: dict, kind: str = "ban") -> None:
-        """Ban (or mute) someone for a while or until lifted: from the room as
-        its operator (`room`), from the server as a server operator."""
-        room, nick = self._room(frame), check_name(frame.get("nick"))
-        self._may_act(conn, room, f"{kind} people")
-        self._not_above(conn, nick)
-        self.ban(conn, kind, nick, room, _duration(frame.get("duration")), _reason(frame.get("reason")))
-
-    def on_mute(self, conn: "Conn", frame: dict) -> None:
-        self.on_ban(conn, frame, "mute")
-
-    def on_unban(self, conn: "Conn", frame: dict, kind: str = "ban") -> None:
-        room, nick = self._room(frame), check_name(frame.get("nick"))
-        self._may_act(conn, room, f"{kind} people")
-        self.lift(conn, kind, nick, room)
-
-    def on_unmute(self, conn: "Conn", frame: dict) -> None:
-        self.on_unban(conn, frame, "mute")
-
-    def on_bans(self, conn: "Conn", frame: dict) -> None:
-        """The bans and mutes in force (in a room, for its operators; all, for server operators)."""
-        room = self._room(frame)
-        self._may_act(conn, room, "see the bans and mutes")
-        self.chat.reply(conn, self.chat.out.encode_for(conn, {"type": "bans", "bans": self.bans(room)}, "bans"))
-
-    def on_topic(self, conn: "Conn", frame: dict) -> None:
-        """The room's topic; with `text`, set it (its operators may)."""
-        room = self.chat.room_of(conn, frame.get("room"))
-        text = frame.get("text")
-        if text is None:
-            self.chat.reply(conn, self.chat.out.encode_for(conn, dict(self.topic(room), type="topic")))
-            return
-        if "t" in room.modes.flags:
-            self._require(self.is_room_op(conn, room), f"only an operator of #{room.name} sets its topic")
-        self.set_topic(conn, room, check_text(text, TOPIC_MAX).replace("\n", " ") if text != "" else "")
-
-    def on_purge(self, conn: "Conn", frame: dict) -> None:
-        """Remove someone's lines from the kept history (a room's, for its operator)."""
-        room, nick = self._room(frame), check_name(frame.get("nick"))
-        self._may_act(conn, room, "take people's lines out of the history")
-        self.purge(conn, nick, room)
-
     # -- the acts (for an operator's client, or the console: `actor` None) ---
-
-    def make_room_op(self, actor: Optional["Conn"], nick: str, room: "Room", on: bool) -> None:
-        """`nick`'s account (whoever is `nick` now: an account under another
-        nick too) operates `room` from now on, or no longer."""
-        key = self.subject(nick)
-        if self.account(key) is None:
-            raise ProtocolError("no-such-account", f"{nick} has no account: only an account can operate a room")
-        self.records.put("roomop", scoped(room, key),
-                         {"nick": nick, "room": room.name, "by": _by(actor)} if on else None)
-        target = self.chat.users.get(name_key(nick))
-        change = {"type": "mode", "by": _by(actor), "modes": "+o" if on else "-o", "args": [nick]}
-        self.announce(actor, room, f"{_by(actor)} made {nick} an operator of #{room.name}" if on else
-                      f"{_by(actor)} took operator rights in #{room.name} from {nick}",
-                      event=change if target is not None and room in target.rooms else None)  # (NAMES change)
-        if target is not None:
-            self.chat.out.send(target, {"type": "op", "room": room.name, "on": on})
-
-    def ban(self, actor: Optional["Conn"], kind: str, nick: str, room: Optional["Room"],
-            duration: Optional[float], reason: str) -> None:
-        """A ban or mute on `nick`: kept, announced, and (a ban) put into effect wherever they are."""
-        key, subject = name_key(nick), self.subject(nick)
-        if room is None and (self.is_op_key(key) or self.is_op_key(subject)):
-            raise ProtocolError("not-allowed", f"{nick} is a server operator: /deop them at the console first")
-        target, now = self.chat.users.get(key), self.chat.out.ts
-        source = (target.source if target is not None else (self.chat.relay.profile(key) or {}).get("source")) or None
-        until = now + duration if duration else None
-        self.records.put(kind, scoped(room, subject), {
-            "nick": nick, "until": until, "reason": reason, "by": _by(actor), "room": room.name if room else None,
-            "source": source, "source_until": min(until or math.inf, now + self.SOURCE_BAN_MAX), "at": now})
-        what = "banned" if kind == "ban" else "muted"
-        self.announce(actor, room, f"{_by(actor)} {what} {nick}"
-                      + (f" from #{room.name}" if room and kind == "ban" else f" in #{room.name}" if room else "")
-                      + (f" for {spoken_duration(duration)}" if duration else "") + (f": {reason}" if reason else ""),
-                      about=key)
-        if kind == "ban":
-            self.enforce("ban", key, _by(actor), reason, room)
-
-    def lift(self, actor: Optional["Conn"], kind: str, nick: str, room: Optional["Room"]) -> None:
-        filed = self._filed(kind, nick, room)
-        if filed is None:
-            raise ProtocolError("no-such-user", f"{nick} is not {'banned' if kind == 'ban' else 'muted'}"
-                                                + (f" in #{room.name}" if room else ""))
-        self.records.put(kind, filed, None)
-        self.announce(actor, room, f"{_by(actor)} lifted the {kind} on {nick}", about=name_key(nick))
-
-    def _filed(self, kind: str, nick: str, room: Optional["Room"]) -> Optional[str]:
-        """The record key of the ban or mute an operator calls `nick` (their
-        account's, their nick's, or one the nick was banned as), if any."""
-        for key in (scoped(room, self.subject(nick)), scoped(room, name_key(nick))):
-            if self.records.get(kind, key) is not None:
-                return key
-        return next((key for key, record in self.records.items(kind) if key.startswith(scoped(room, ""))
-                     and name_key(str(record.get("nick"))) == name_key(nick)), None)
-
-    def bans(self, room: Optional["Room"]) -> List[dict]:
-        """The bans and mutes in force (of `room`; None: all), and the rooms'
-        ban masks (IRC's +b: they last while the room has members)."""
-        now, listed = self.chat.out.ts, []
-        for kind in ("ban", "mute"):
-            for key, record in self.records.items(kind):
-                ban = Ban.of(record, now)
-                if ban is not None and (room is None or key.startswith(scoped(room, ""))):
-                    listed.append({"kind": kind, "nick": ban.nick, "until": ban.until, "reason": ban.reason,
-                                   "by": ban.by, "room": ban.room})
-        for where in [room] if room is not None else self.chat.rooms:
-            listed += [{"kind": "mask", "nick": mask, "until": None, "by": by, "at": at, "room": where.name}
-                       for mask, (by, at) in where.modes.masks.items()]
-        return listed
-
-    def set_topic(self, actor: Optional["Conn"], room: "Room", text: str) -> None:
-        self.records.put("topic", room.key, {"room": room.name, "text": text, "by": _by(actor),
-                                             "at": self.chat.out.ts} if text else None)
-        log.info("%s set the topic of #%s: %s", _by(actor), room.name, shown(text, 100))
-        event = {"type": "topic", "room": room.name, "text": text, "by": _by(actor)}
-        self.chat.out.to_room(room, event)
-        self.chat.relay.event([room.name], event)
-
-    def purge(self, actor: Optional["Conn"], nick: str, room: Optional["Room"]) -> None:
-        store = self.chat.store
-        removed = self.chat.rooms.purge(name_key(nick), room, store.lines_before)
-        store.purge(name_key(nick), room.name if room else None)
-        log.info("%s removed %s's lines from the history (%s of the lines in memory)", _by(actor), nick,
-                 plural(removed, "line"))
-        self.announce(actor, room, f"{_by(actor)} removed {nick}'s lines from the history")
 
     # -- the console's own acts ----------------------------------------------
 
@@ -3544,44 +3391,6 @@ class People:
                 "server": self.config.server_name, "op": self.is_op(conn)}
 
     # -- acts ----------------------------------------------------------------
-
-    def enforce(self, act: str, key: str, by: str, reason: str, room: Optional["Room"]) -> None:
-        """Put a kick or ban on `key` into effect wherever they are: here, or
-        (through the relay) on the server that has them."""
-        target = self.chat.users.get(key)
-        if target is not None:
-            self.apply(act, target, by, reason, room)
-        else:
-            self.chat.relay.act(act, key, by, reason, room.name if room else None)
-
-    def apply(self, act: str, conn: "Conn", by: str, reason: str, room: Optional["Room"]) -> None:
-        """A kick or ban on `conn`, here: out of the server (told why, and till when), or out of `room`."""
-        why = f"{'kicked' if act == 'kick' else 'banned'} by {by}" + (f": {reason}" if reason else "")
-        if room is not None:
-            if room in conn.rooms:
-                self.chat.leave_room(conn, room, why, "kick", by=by, message=reason)
-            return
-        fields = {}
-        if act == "ban":
-            ban = self.banned(conn, conn.key)
-            fields = {"until": ban.until} if ban is not None and ban.until else {}
-            why += f" ({ban.until_text(self.chat.out.ts)})" if ban is not None else ""
-        log.info("%r %s", conn, why)
-        self.chat.drop(conn, why, ProtocolError("kicked" if act == "kick" else "banned", why, **fields))
-
-    def announce(self, actor: Optional["Conn"], room: Optional["Room"], text: str, about: str = "",
-                 event: Optional[dict] = None) -> None:
-        """An act told in the room it concerns (or the rooms of the one it is
-        about), on every server, as a notice or as `event` (a mode change a
-        client applies); and to whoever did it, in any case."""
-        rooms = [room] if room is not None else self.chat.rooms_of(about) if about else []
-        for where in rooms:
-            told = dict(event or {"type": "notice", "text": text}, room=where.name)
-            self.chat.out.to_room(where, told)
-            self.chat.relay.event([where.name], told)
-        if actor is not None and not any(actor in where.members for where in rooms):
-            self.chat.out.send(actor, {"type": "notice", "text": text})
-        log.info("%s", text)
 
     def changed(self, kind: str, key: str, value: Optional[dict]) -> None:
         """A record another server changed (nothing to do here yet: acts come as acts)."""
@@ -3672,6 +3481,208 @@ class People:
             raise ProtocolError("no-such-room", f"there is no room #{check_room(name)}")
         return room
 
+class Moderation:
+    """What operators do (from their own client, or the console: `actor` None): kick,
+    ban and mute (and lift them), topics, purges, room operators; each act announced in the rooms
+    it concerns, logged, and put into effect wherever its target is (through the relay)."""
+
+    def __init__(self, chat: "Chat", people: People) -> None:
+        self.chat, self.people = chat, people
+
+    def handlers(self) -> Dict[str, Callable[["Conn", dict], None]]:
+        return {"op": self.on_op, "deop": self.on_deop, "kick": self.on_kick, "ban": self.on_ban,
+                "unban": self.on_unban, "bans": self.on_bans, "mute": self.on_mute, "unmute": self.on_unmute,
+                "topic": self.on_topic, "purge": self.on_purge}
+
+    def on_op(self, conn: "Conn", frame: dict, on: bool = True) -> None:
+        """Make an account the operator of a room (a server operator may)."""
+        room = self._room(frame)
+        if room is None:
+            raise ProtocolError("not-allowed", "only the server's console makes server operators (/op NAME there)")
+        _require(self.people.is_op(conn), "only a server operator makes room operators")
+        self.make_room_op(conn, check_name(frame.get("nick")), room, on)
+
+    def on_deop(self, conn: "Conn", frame: dict) -> None:
+        self.on_op(conn, frame, on=False)
+
+    def on_kick(self, conn: "Conn", frame: dict) -> None:
+        """A server operator disconnects someone; a room operator puts them out of the room."""
+        room, nick = self._room(frame), check_name(frame.get("nick"))
+        if self.people.is_op(conn):
+            room = None if frame.get("room") is None else room
+        else:
+            _require(room is not None and self.people.is_room_op(conn, room), "only an operator kicks people" if
+                          room is None else f"only an operator of #{room.name} kicks people from it")
+            self._not_above(conn, nick)
+        key = name_key(nick)
+        if key not in self.chat.users and not self.chat.relay.profile(key):
+            raise ProtocolError("no-such-user", f"nobody here is called {shown(nick)}", nick=nick)
+        self.enforce("kick", key, conn.nick, _reason(frame.get("reason")), room)
+
+    def on_ban(self, conn: "Conn", frame: dict, kind: str = "ban") -> None:
+        """Ban (or mute) someone for a while or until lifted: from the room as
+        its operator (`room`), from the server as a server operator."""
+        room, nick = self._room(frame), check_name(frame.get("nick"))
+        self._may_act(conn, room, f"{kind} people")
+        self._not_above(conn, nick)
+        self.ban(conn, kind, nick, room, _duration(frame.get("duration")), _reason(frame.get("reason")))
+
+    def on_mute(self, conn: "Conn", frame: dict) -> None:
+        self.on_ban(conn, frame, "mute")
+
+    def on_unban(self, conn: "Conn", frame: dict, kind: str = "ban") -> None:
+        room, nick = self._room(frame), check_name(frame.get("nick"))
+        self._may_act(conn, room, f"{kind} people")
+        self.lift(conn, kind, nick, room)
+
+    def on_unmute(self, conn: "Conn", frame: dict) -> None:
+        self.on_unban(conn, frame, "mute")
+
+    def on_bans(self, conn: "Conn", frame: dict) -> None:
+        """The bans and mutes in force (in a room, for its operators; all, for server operators)."""
+        room = self._room(frame)
+        self._may_act(conn, room, "see the bans and mutes")
+        self.chat.reply(conn, self.chat.out.encode_for(conn, {"type": "bans", "bans": self.bans(room)}, "bans"))
+
+    def on_topic(self, conn: "Conn", frame: dict) -> None:
+        """The room's topic; with `text`, set it (its operators may)."""
+        room = self.chat.room_of(conn, frame.get("room"))
+        text = frame.get("text")
+        if text is None:
+            self.chat.reply(conn, self.chat.out.encode_for(conn, dict(self.people.topic(room), type="topic")))
+            return
+        if "t" in room.modes.flags:
+            _require(self.people.is_room_op(conn, room), f"only an operator of #{room.name} sets its topic")
+        self.set_topic(conn, room, check_text(text, TOPIC_MAX).replace("\n", " ") if text != "" else "")
+
+    def on_purge(self, conn: "Conn", frame: dict) -> None:
+        """Remove someone's lines from the kept history (a room's, for its operator)."""
+        room, nick = self._room(frame), check_name(frame.get("nick"))
+        self._may_act(conn, room, "take people's lines out of the history")
+        self.purge(conn, nick, room)
+
+    def make_room_op(self, actor: Optional["Conn"], nick: str, room: "Room", on: bool) -> None:
+        """`nick`'s account (whoever is `nick` now: an account under another
+        nick too) operates `room` from now on, or no longer."""
+        key = self.people.subject(nick)
+        if self.people.account(key) is None:
+            raise ProtocolError("no-such-account", f"{nick} has no account: only an account can operate a room")
+        self.people.records.put("roomop", scoped(room, key),
+                         {"nick": nick, "room": room.name, "by": _by(actor)} if on else None)
+        target = self.chat.users.get(name_key(nick))
+        change = {"type": "mode", "by": _by(actor), "modes": "+o" if on else "-o", "args": [nick]}
+        self.announce(actor, room, f"{_by(actor)} made {nick} an operator of #{room.name}" if on else
+                      f"{_by(actor)} took operator rights in #{room.name} from {nick}",
+                      event=change if target is not None and room in target.rooms else None)  # (NAMES change)
+        if target is not None:
+            self.chat.out.send(target, {"type": "op", "room": room.name, "on": on})
+
+    def ban(self, actor: Optional["Conn"], kind: str, nick: str, room: Optional["Room"],
+            duration: Optional[float], reason: str) -> None:
+        """A ban or mute on `nick`: kept, announced, and (a ban) put into effect wherever they are."""
+        key, subject = name_key(nick), self.people.subject(nick)
+        if room is None and (self.people.is_op_key(key) or self.people.is_op_key(subject)):
+            raise ProtocolError("not-allowed", f"{nick} is a server operator: /deop them at the console first")
+        target, now = self.chat.users.get(key), self.chat.out.ts
+        source = (target.source if target is not None else (self.chat.relay.profile(key) or {}).get("source")) or None
+        until = now + duration if duration else None
+        self.people.records.put(kind, scoped(room, subject), {
+            "nick": nick, "until": until, "reason": reason, "by": _by(actor), "room": room.name if room else None,
+            "source": source, "source_until": min(until or math.inf, now + People.SOURCE_BAN_MAX), "at": now})
+        what = "banned" if kind == "ban" else "muted"
+        self.announce(actor, room, f"{_by(actor)} {what} {nick}"
+                      + (f" from #{room.name}" if room and kind == "ban" else f" in #{room.name}" if room else "")
+                      + (f" for {spoken_duration(duration)}" if duration else "") + (f": {reason}" if reason else ""),
+                      about=key)
+        if kind == "ban":
+            self.enforce("ban", key, _by(actor), reason, room)
+
+    def lift(self, actor: Optional["Conn"], kind: str, nick: str, room: Optional["Room"]) -> None:
+        filed = self._filed(kind, nick, room)
+        if filed is None:
+            raise ProtocolError("no-such-user", f"{nick} is not {'banned' if kind == 'ban' else 'muted'}"
+                                                + (f" in #{room.name}" if room else ""))
+        self.people.records.put(kind, filed, None)
+        self.announce(actor, room, f"{_by(actor)} lifted the {kind} on {nick}", about=name_key(nick))
+
+    def _filed(self, kind: str, nick: str, room: Optional["Room"]) -> Optional[str]:
+        """The record key of the ban or mute an operator calls `nick` (their
+        account's, their nick's, or one the nick was banned as), if any."""
+        for key in (scoped(room, self.people.subject(nick)), scoped(room, name_key(nick))):
+            if self.people.records.get(kind, key) is not None:
+                return key
+        return next((key for key, record in self.people.records.items(kind) if key.startswith(scoped(room, ""))
+                     and name_key(str(record.get("nick"))) == name_key(nick)), None)
+
+    def bans(self, room: Optional["Room"]) -> List[dict]:
+        """The bans and mutes in force (of `room`; None: all), and the rooms'
+        ban masks (IRC's +b: they last while the room has members)."""
+        now, listed = self.chat.out.ts, []
+        for kind in ("ban", "mute"):
+            for key, record in self.people.records.items(kind):
+                ban = Ban.of(record, now)
+                if ban is not None and (room is None or key.startswith(scoped(room, ""))):
+                    listed.append({"kind": kind, "nick": ban.nick, "until": ban.until, "reason": ban.reason,
+                                   "by": ban.by, "room": ban.room})
+        for where in [room] if room is not None else self.chat.rooms:
+            listed += [{"kind": "mask", "nick": mask, "until": None, "by": by, "at": at, "room": where.name}
+                       for mask, (by, at) in where.modes.masks.items()]
+        return listed
+
+    def set_topic(self, actor: Optional["Conn"], room: "Room", text: str) -> None:
+        self.people.records.put("topic", room.key, {"room": room.name, "text": text, "by": _by(actor),
+                                             "at": self.chat.out.ts} if text else None)
+        log.info("%s set the topic of #%s: %s", _by(actor), room.name, shown(text, 100))
+        event = {"type": "topic", "room": room.name, "text": text, "by": _by(actor)}
+        self.chat.out.to_room(room, event)
+        self.chat.relay.event([room.name], event)
+
+    def purge(self, actor: Optional["Conn"], nick: str, room: Optional["Room"]) -> None:
+        store = self.chat.store
+        removed = self.chat.rooms.purge(name_key(nick), room, store.lines_before)
+        store.purge(name_key(nick), room.name if room else None)
+        log.info("%s removed %s's lines from the history (%s of the lines in memory)", _by(actor), nick,
+                 plural(removed, "line"))
+        self.announce(actor, room, f"{_by(actor)} removed {nick}'s lines from the history")
+
+    def enforce(self, act: str, key: str, by: str, reason: str, room: Optional["Room"]) -> None:
+        """Put a kick or ban on `key` into effect wherever they are: here, or
+        (through the relay) on the server that has them."""
+        target = self.chat.users.get(key)
+        if target is not None:
+            self.apply(act, target, by, reason, room)
+        else:
+            self.chat.relay.act(act, key, by, reason, room.name if room else None)
+
+    def apply(self, act: str, conn: "Conn", by: str, reason: str, room: Optional["Room"]) -> None:
+        """A kick or ban on `conn`, here: out of the server (told why, and till when), or out of `room`."""
+        why = f"{'kicked' if act == 'kick' else 'banned'} by {by}" + (f": {reason}" if reason else "")
+        if room is not None:
+            if room in conn.rooms:
+                self.chat.leave_room(conn, room, why, "kick", by=by, message=reason)
+            return
+        fields = {}
+        if act == "ban":
+            ban = self.people.banned(conn, conn.key)
+            fields = {"until": ban.until} if ban is not None and ban.until else {}
+            why += f" ({ban.until_text(self.chat.out.ts)})" if ban is not None else ""
+        log.info("%r %s", conn, why)
+        self.chat.drop(conn, why, ProtocolError("kicked" if act == "kick" else "banned", why, **fields))
+
+    def announce(self, actor: Optional["Conn"], room: Optional["Room"], text: str, about: str = "",
+                 event: Optional[dict] = None) -> None:
+        """An act told in the room it concerns (or the rooms of the one it is
+        about), on every server, as a notice or as `event` (a mode change a
+        client applies); and to whoever did it, in any case."""
+        rooms = [room] if room is not None else self.chat.rooms_of(about) if about else []
+        for where in rooms:
+            told = dict(event or {"type": "notice", "text": text}, room=where.name)
+            self.chat.out.to_room(where, told)
+            self.chat.relay.event([where.name], told)
+        if actor is not None and not any(actor in where.members for where in rooms):
+            self.chat.out.send(actor, {"type": "notice", "text": text})
+        log.info("%s", text)
+
     def _room(self, frame: dict) -> Optional["Room"]:
         """The room a request acts in, or None (server-wide)."""
         name = frame.get("room")
@@ -3684,19 +3695,18 @@ class People:
 
     def _may_act(self, conn: "Conn", room: Optional["Room"], what: str) -> None:
         if room is None:
-            self._require(self.is_op(conn), f"only a server operator may {what} on the whole server")
+            _require(self.people.is_op(conn), f"only a server operator may {what} on the whole server")
         else:
-            self._require(self.is_room_op(conn, room), f"only an operator of #{room.name} may {what} there")
+            _require(self.people.is_room_op(conn, room), f"only an operator of #{room.name} may {what} there")
 
     def _not_above(self, conn: "Conn", nick: str) -> None:
         """A room's operator acts on the room's people, never on a server operator."""
-        if not self.is_op(conn) and self.is_op_key(self.subject(nick)):
+        if not self.people.is_op(conn) and self.people.is_op_key(self.people.subject(nick)):
             raise ProtocolError("not-allowed", f"{nick} is a server operator: only another may act on them")
 
-    @staticmethod
-    def _require(allowed: bool, why: str) -> None:
-        if not allowed:
-            raise ProtocolError("not-allowed", why)
+def _require(allowed: bool, why: str) -> None:
+    if not allowed:
+        raise ProtocolError("not-allowed", why)
 
 
 def _by(actor: Optional["Conn"]) -> str:
@@ -3987,6 +3997,7 @@ class Chat:
         self.store: Store = store or open_store(config)
         self.relay: Relay = (relay or LocalRelay)(self)
         self.people = People(self, Records(self.store, self.relay.records))
+        self.moderation = Moderation(self, self.people)
         self.directory = Directory(self)
         self.room_modes = RoomModeRules(self)
         self.renames = Renames(self)
@@ -4003,7 +4014,7 @@ class Chat:
             "join": self.arrivals.on_join, "part": self.on_part, "mode": self.room_modes.on_mode,
             "invite": self.room_modes.on_invite, "who": self.directory.on_who, "rooms": self.directory.on_rooms,
             "whowas": self.directory.on_whowas, "lusers": self.directory.on_lusers,
-            **self.people.handlers(),
+            **self.people.handlers(), **self.moderation.handlers(),
         }
 
     # -- the loop's calls ----------------------------------------------------
@@ -4441,7 +4452,7 @@ class Chat:
         """Another server's operator kicks or bans a user of this server."""
         conn = self.users.get(key)
         if conn is not None:
-            self.people.apply(act, conn, by, reason, self.rooms.get(room) if room else None)
+            self.moderation.apply(act, conn, by, reason, self.rooms.get(room) if room else None)
 
     def record_changed(self, kind: str, key: str, value: Optional[dict]) -> None:
         """Another server changed a record (an account, a ban, a topic...)."""
@@ -4466,7 +4477,7 @@ class Chat:
         key = name_key(nick)
         if key not in self.users and self.relay.profile(key) is None:
             return False
-        self.people.enforce("kick", key, "the operator", reason, None)
+        self.moderation.enforce("kick", key, "the operator", reason, None)
         return True
 
 class Talk:
@@ -8179,7 +8190,7 @@ def operator_commands(loop: ServerLoop, show: Callable[[str], None],
     acts as a server operator's client has them (as "the operator"), and
     those only the console may: making server operators and accounts."""
     chat = loop.chat
-    people = chat.people
+    people, moderation = chat.people, chat.moderation
 
     def guarded(act: Callable) -> Callable:
         """An act whose refusal (no such account, room...) is shown, not raised."""
@@ -8211,12 +8222,12 @@ def operator_commands(loop: ServerLoop, show: Callable[[str], None],
         duration, _, reason = rest.partition(" ")
         if parse_duration(duration) is None:
             duration, reason = "", rest
-        people.ban(None, kind, check_name(nick), None, _duration(duration or None), _reason(reason))
+        moderation.ban(None, kind, check_name(nick), None, _duration(duration or None), _reason(reason))
 
     def topic(room: str, text: str = "") -> None:
         if text:
             text = "" if text == CLEAR_TOPIC else check_text(text, TOPIC_MAX).replace("\n", " ")
-            people.set_topic(None, people.room(room), text)
+            moderation.set_topic(None, people.room(room), text)
         else:
             show(f"#{check_room(room)}: {people.topic(people.room(room))['text'] or '(no topic)'}")
 
@@ -8230,15 +8241,15 @@ def operator_commands(loop: ServerLoop, show: Callable[[str], None],
         Command("kick", "NICK [REASON]", "disconnect someone, on whatever server they are", guarded(kick)),
         Command("ban", "NICK [DURATION] [REASON]", "ban someone from the server (30m, 2h, 1d; none: until lifted)",
                 guarded(lambda nick, *rest: ban("ban", nick, " ".join(rest)))),
-        Command("unban", "NICK", "lift a ban", guarded(lambda nick: people.lift(None, "ban", check_name(nick), None))),
+        Command("unban", "NICK", "lift a ban", guarded(lambda nick: moderation.lift(None, "ban", check_name(nick), None))),
         Command("mute", "NICK [DURATION] [REASON]", "they may read, not speak",
                 guarded(lambda nick, *rest: ban("mute", nick, " ".join(rest)))),
-        Command("unmute", "NICK", "lift a mute", guarded(lambda nick: people.lift(None, "mute", check_name(nick), None))),
+        Command("unmute", "NICK", "lift a mute", guarded(lambda nick: moderation.lift(None, "mute", check_name(nick), None))),
         Command("bans", "", "the bans and mutes in force",
-                lambda: show("in force:" + ("".join("\n" + _ban_text(ban) for ban in people.bans(None)) or " none"))),
+                lambda: show("in force:" + ("".join("\n" + _ban_text(ban) for ban in moderation.bans(None)) or " none"))),
         Command("topic", "ROOM [TEXT]", f"show a room's topic, or set it ({CLEAR_TOPIC} clears it)", guarded(topic)),
         Command("purge", "NICK", "take someone's lines out of the kept history",
-                guarded(lambda nick: people.purge(None, check_name(nick), None))),
+                guarded(lambda nick: moderation.purge(None, check_name(nick), None))),
         Command("op", "NAME", "make an account a server operator", guarded(lambda name: show(people.set_server_op(name, True)))),
         Command("deop", "NAME", "take that back", guarded(lambda name: show(people.set_server_op(name, False)))),
         Command("register", "NAME", "make an account (its password is made up and shown)",
