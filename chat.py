@@ -5673,7 +5673,8 @@ class IrcReplies:
         self.codec.welcomed(frame)
         c = self.config
         support = ["AWAYLEN=%d" % REASON_MAX, "CASEMAPPING=rfc8265", "CHANLIMIT=#:%d" % c.rooms_per_user,
-                   "CHANMODES=bq,k,l,imnst", "CHANNELLEN=%d" % (NAME_MAX + 1), "CHANTYPES=#", "ELIST=",
+                   "CHANMODES=bq,k,l,imnst", "CHANNELLEN=%d" % (NAME_MAX + 1), "CHANTYPES=#",
+                   "CLIENTTAGDENY=*", "ELIST=",
                    "KICKLEN=%d" % REASON_MAX, "MODES=12", "NETWORK=chat.py", "NICKLEN=%d" % NAME_MAX,
                    "PREFIX=(ov)@+", "TARGMAX=JOIN:%d,KICK:%d,NAMES:1,NOTICE:%d,PART:%d,PRIVMSG:%d,WHOIS:1"
                    % ((IRC_TARGETS,) * 5), "TOPICLEN=%d" % TOPIC_MAX, "UTF8ONLY"]

@@ -3573,7 +3573,8 @@ class IrcRegistrationTest(HarnessTestCase):
         self.assertEqual(alice.expect("CAP").params[1:], ["ACK", "server-time multi-prefix"])
         self.assertEqual(alice.expect("001").params[0], "alice")
         isupport = " ".join(" ".join(line.params) for line in alice.frames("005"))
-        for token in ("CHANTYPES=#", f"NICKLEN={chat.NAME_MAX}", "CASEMAPPING=rfc8265", "UTF8ONLY", "TARGMAX="):
+        for token in ("CHANTYPES=#", f"NICKLEN={chat.NAME_MAX}", "CASEMAPPING=rfc8265", "UTF8ONLY", "TARGMAX=",
+                      "CLIENTTAGDENY=*"):    # (client-only tags are not relayed: said, as IRCv3 asks)
             self.assertIn(token, isupport)
         # A frame client sees the IRC user like any other, with the username and realname it gave.
         bob = self.peer("bob")
